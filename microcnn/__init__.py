@@ -1,0 +1,31 @@
+"""microcnn: a compact Numba-backed CNN engine and quantization workbench.
+
+Importing microcnn compiles nothing: Numba kernels compile (or load from cache) on first call.
+"""
+
+from .errors import DataNotFoundError, DownloadError, FileFormatError, InputError, MicrocnnError
+from .io import load_model, save_model
+from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
+from .lenet import lenet
+from .network import Sequential
+
+__version__ = "0.1.0"
+
+
+def load(path):
+    """Load a self-describing model file (FP32 or quantized)."""
+    return load_model(path)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the parallel Numba kernels (benchmarks pin this to 1 by default)."""
+    import numba
+
+    numba.set_num_threads(int(n))
+
+
+__all__ = [
+    "AvgPool2d", "Conv2d", "DataNotFoundError", "DownloadError", "FileFormatError", "Flatten",
+    "InputError", "Linear", "MaxPool2d", "MicrocnnError", "ReLU", "Sequential", "Sigmoid", "Softmax",
+    "lenet", "load", "load_model", "save_model", "set_num_threads", "__version__",
+]

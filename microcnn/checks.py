@@ -1,0 +1,49 @@
+"""Validation of image batches handed to the public API (predict, calibrate, train)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+
+
+def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndarray:
+    """Return ``x`` as a C-contiguous float32 (N, C, H, W) batch, or raise ``InputError``.
+
+    Accepted: float arrays (cast to float32), and uint8 arrays, which are scaled by 1/255 as MNIST
+    pixels are. Other integer and boolean dtypes are refused because their scale is ambiguous.
+    A single image may be given as (H, W) when C is 1, or as (C, H, W). Non-contiguous and
+    Fortran-ordered arrays are copied to C order, so results do not depend on memory layout.
+    """
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise InputError(f"{name}: expected an array, found {type(x).__name__} ({exc})") from None
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / np.float32(255.0)
+    elif np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32, copy=False)
+    else:
+        raise InputError(
+            f"{name}: expected float32 (or uint8 pixels 0..255), found dtype {x.dtype}"
+        )
+    if chw is not None:
+        c, h, w = chw
+        if x.ndim == 2 and c == 1:
+            x = x[None, None]
+        elif x.ndim == 3 and x.shape == tuple(chw):
+            x = x[None]
+        if x.ndim != 4 or x.shape[1:] != tuple(chw):
+            raise InputError(f"{name}: expected shape (N, {c}, {h}, {w}), found {x.shape}")
+    elif x.ndim != 4:
+        raise InputError(f"{name}: expected a 4-D (N, C, H, W) array, found shape {x.shape}")
+    if x.shape[0] == 0:
+        raise InputError(f"{name}: expected at least one image, found an empty batch {x.shape}")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = int(np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))[0])
+        raise InputError(
+            f"{name}: expected finite values, found {int(bad.sum())} NaN/Inf (first in image {first})"
+        )
+    return np.ascontiguousarray(x)

@@ -1,0 +1,236 @@
+"""Model files.
+
+Two formats:
+
+* ``.raw`` -- the bare format other LeNet tools exchange: little-endian float32, layers in network
+  order, each layer's weight then bias, PyTorch layouts (Conv2d [out][in][kh][kw], Linear
+  [out][in]), nothing else. The network's architecture must be known to read it.
+* ``.safetensors`` -- self-describing: a little-endian u64 header length, a JSON header naming every
+  tensor's dtype, shape and byte range, then the raw bytes. microcnn stores the architecture and
+  metadata in the header's ``__metadata__``. It is compatible with the ``safetensors`` package but
+  needs no dependency, and like that package it never executes anything from the file.
+
+Every reader checks sizes against the file before allocating, and every writer is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FileFormatError
+from .fileutil import atomic_open
+
+FORMAT_NAME = "microcnn"
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_FILE_BYTES = 4 * 1024**3
+
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+           "I8": "i1", "U8": "u1", "BOOL": "?"}
+_DTYPE_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def _file_size(path, what: str) -> int:
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    if size > MAX_FILE_BYTES:
+        raise FileFormatError(path, f"{what} is implausibly large", f"<= {MAX_FILE_BYTES} bytes",
+                              f"{size} bytes")
+    return size
+
+
+def _check_finite(path, name: str, arr: np.ndarray) -> None:
+    # Non-finite weights make every prediction NaN; refusing at load time names the culprit.
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        n_bad = int((~np.isfinite(arr)).sum())
+        raise FileFormatError(path, f"tensor {name} holds {n_bad} NaN/Inf values",
+                              "finite weights", f"{n_bad} non-finite")
+
+
+# -- .raw ------------------------------------------------------------------------------------------
+def save_raw(net, path) -> None:
+    with atomic_open(path, "wb") as f:
+        for p in net.parameters():
+            f.write(np.ascontiguousarray(p.data, dtype="<f4").tobytes())
+
+
+def load_raw(net, path) -> None:
+    """Fill ``net``'s parameters from a ``.raw`` file; the size must match exactly, NaN/Inf is refused."""
+    named = net.named_parameters()
+    expected = sum(p.data.size for _, p in named) * 4
+    size = _file_size(path, "weight file")
+    if size != expected:
+        raise FileFormatError(path, "weight file size does not match the network",
+                              f"{expected} bytes ({expected // 4} float32 parameters)",
+                              f"{size} bytes" + (f" ({size / 4:g} floats)" if size % 4 == 0 else ""))
+    flat = np.fromfile(path, dtype="<f4")
+    if flat.size * 4 != expected:  # the file changed between stat and read
+        raise FileFormatError(path, "weight file changed while reading", f"{expected} bytes",
+                              f"{flat.size * 4} bytes")
+    state, offset = {}, 0
+    for name, p in named:
+        chunk = flat[offset:offset + p.data.size].reshape(p.data.shape)
+        _check_finite(path, name, chunk)
+        state[name] = chunk
+        offset += p.data.size
+    net.load_state_dict(state, source=str(path))
+
+
+# -- safetensors -------------------------------------------------------------------------------------
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    header, offset, blobs = {}, 0, []
+    for name, arr in tensors.items():
+        arr = np.asarray(arr)
+        code = _DTYPE_CODES.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+        if code is None:
+            raise FileFormatError(path, f"cannot store tensor {name}", "a numeric dtype", arr.dtype)
+        blob = np.ascontiguousarray(arr, dtype=_DTYPES[code]).tobytes()
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # 8-byte alignment of the data, as the reference writer does
+    with atomic_open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+
+
+def _refuse_foreign(path, first: bytes) -> None:
+    if first[:1] == b"\x80" or first[:2] in (b"PK", b"\x1f\x8b"):
+        kind = {b"\x80": "a pickle", b"PK": "a zip archive (torch.save/npz)",
+                b"\x1f\x8b": "gzip data"}.get(first[:1] if first[:1] == b"\x80" else first[:2])
+        raise FileFormatError(path, f"this is {kind}, not a safetensors model; microcnn never unpickles "
+                              "(convert PyTorch weights with microcnn.compare or save them as .raw)",
+                              "safetensors header", f"leading bytes {first[:8]!r}")
+
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    """Return (tensors, metadata) after validating every offset, shape and dtype against the file."""
+    size = _file_size(path, "model file")
+    with open(path, "rb") as f:
+        first = f.read(8)
+        if len(first) < 8:
+            raise FileFormatError(path, "file too short for a safetensors header", ">= 8 bytes",
+                                  f"{len(first)} bytes")
+        _refuse_foreign(path, first)
+        (n,) = struct.unpack("<Q", first)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise FileFormatError(path, "header length exceeds the file",
+                                  f"<= {min(size - 8, MAX_HEADER_BYTES)} bytes", f"{n} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FileFormatError(path, f"header is not valid JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise FileFormatError(path, "header is not a JSON object", "object", type(header).__name__)
+        metadata = header.pop("__metadata__", {}) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise FileFormatError(path, "__metadata__ must map strings to strings")
+        buffer_len = size - 8 - n
+        entries = []
+        for name, e in header.items():
+            entries.append((_validated_entry(path, name, e, buffer_len), name))
+        entries.sort()
+        end = 0
+        for (begin, stop, _, _), name in entries:
+            if begin != end:
+                raise FileFormatError(path, f"tensor {name} does not follow the previous one",
+                                      f"offset {end}", f"offset {begin}")
+            end = stop
+        if end != buffer_len:
+            raise FileFormatError(path, "data section size does not match the header",
+                                  f"{end} bytes", f"{buffer_len} bytes")
+        data = f.read(buffer_len)
+    if len(data) != buffer_len:
+        raise FileFormatError(path, "file changed while reading", f"{buffer_len} bytes", f"{len(data)}")
+    tensors = {}
+    for (begin, stop, dtype, shape), name in entries:
+        tensors[name] = np.frombuffer(data, dtype=dtype, count=(stop - begin) // dtype.itemsize,
+                                      offset=begin).reshape(shape).copy()
+    return tensors, metadata
+
+
+def _validated_entry(path, name, e, buffer_len):
+    if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+        raise FileFormatError(path, f"tensor {name}: entry must have dtype, shape, data_offsets",
+                              found=str(e)[:120])
+    if e["dtype"] not in _DTYPES:
+        raise FileFormatError(path, f"tensor {name}: unknown dtype", sorted(_DTYPES), e["dtype"])
+    shape, offs = e["shape"], e["data_offsets"]
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
+        raise FileFormatError(path, f"tensor {name}: bad shape", "list of non-negative ints", shape)
+    if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
+            and 0 <= offs[0] <= offs[1] <= buffer_len):
+        raise FileFormatError(path, f"tensor {name}: data_offsets outside the data section",
+                              f"0 <= begin <= end <= {buffer_len}", offs)
+    dtype = np.dtype(_DTYPES[e["dtype"]])
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize  # Python ints: no overflow
+    if need != offs[1] - offs[0]:
+        raise FileFormatError(path, f"tensor {name}: shape {shape} {e['dtype']} does not fit its bytes",
+                              f"{need} bytes", f"{offs[1] - offs[0]} bytes")
+    return offs[0], offs[1], dtype, tuple(shape)
+
+
+def save_model(net, path, metadata: dict | None = None) -> None:
+    """Save an FP32 network with its architecture so ``load_model`` can rebuild it alone."""
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "fp32",
+            "architecture": json.dumps(net.config())}
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    write_safetensors(path, net.state_dict(), meta)
+
+
+def _architecture(path, metadata) -> dict:
+    if metadata.get("format") != FORMAT_NAME:
+        raise FileFormatError(path, "not a microcnn model (no architecture in __metadata__)",
+                              f"format={FORMAT_NAME}", metadata.get("format"))
+    try:
+        return json.loads(metadata["architecture"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise FileFormatError(path, f"architecture metadata missing or invalid ({exc})") from None
+
+
+def read_model_state(path, expected: dict | None = None) -> dict:
+    """FP32 weights of a self-describing file, checked against an expected architecture if given."""
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("kind", "fp32") != "fp32":
+        raise FileFormatError(path, "expected FP32 weights", "kind=fp32", f"kind={metadata.get('kind')}")
+    arch = _architecture(path, metadata) if metadata else None
+    if expected is not None and arch is not None and arch["layers"] != expected["layers"]:
+        raise FileFormatError(path, "architecture differs from the network being loaded",
+                              [c["type"] for c in expected["layers"]], [c["type"] for c in arch["layers"]])
+    for name, arr in tensors.items():
+        _check_finite(path, name, arr)
+    return tensors
+
+
+def load_model(path):
+    """Rebuild a network (FP32, quantized or storage-compressed) from a self-describing file."""
+    from .network import Sequential
+
+    path = Path(path)
+    if path.suffix == ".raw":
+        raise FileFormatError(path, "a .raw file has no architecture; build the network and call "
+                              "net.load(path) (e.g. microcnn.lenet(weights=path))")
+    tensors, metadata = read_safetensors(path)
+    arch = _architecture(path, metadata)
+    kind = metadata.get("kind", "fp32")
+    if kind != "fp32":
+        from .quant.serialize import load_from_tensors
+
+        return load_from_tensors(tensors, metadata, arch, path)
+    net = Sequential.from_config(arch)
+    for name, arr in tensors.items():
+        _check_finite(path, name, arr)
+    net.load_state_dict(tensors, source=str(path))
+    return net

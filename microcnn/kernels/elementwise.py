@@ -1,0 +1,102 @@
+"""Activation kernels on flat float32 buffers (callers pass ``a.reshape(-1)`` of contiguous arrays)."""
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def relu(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        v = x[i]
+        out[i] = v if v > 0 else np.float32(0.0)
+    return out
+
+
+@njit(cache=True)
+def relu_inplace(x):
+    for i in range(x.size):
+        if x[i] < 0:
+            x[i] = 0
+    return x
+
+
+@njit(cache=True)
+def relu_backward(dy, y):
+    dx = np.empty_like(dy)
+    for i in range(dy.size):
+        dx[i] = dy[i] if y[i] > 0 else np.float32(0.0)
+    return dx
+
+
+@njit(cache=True)
+def sigmoid(x):
+    # Branch on the sign so exp never overflows: 1/(1+e^-x) for x>=0, e^x/(1+e^x) otherwise.
+    out = np.empty_like(x)
+    for i in range(x.size):
+        v = x[i]
+        if v >= 0:
+            out[i] = 1.0 / (1.0 + np.exp(-v))
+        else:
+            e = np.exp(v)
+            out[i] = e / (1.0 + e)
+    return out
+
+
+@njit(cache=True)
+def sigmoid_backward(dy, y):
+    dx = np.empty_like(dy)
+    for i in range(dy.size):
+        dx[i] = dy[i] * y[i] * (1 - y[i])
+    return dx
+
+
+@njit(cache=True)
+def softmax_rows(x):
+    """Softmax over the last axis of a 2-D array, max-shifted so exp never overflows."""
+    n, k = x.shape
+    out = np.empty_like(x)
+    for i in range(n):
+        m = x[i, 0]
+        for j in range(1, k):
+            m = max(m, x[i, j])
+        s = np.float32(0.0)
+        for j in range(k):
+            e = np.exp(x[i, j] - m)
+            out[i, j] = e
+            s += e
+        inv = np.float32(1.0) / s
+        for j in range(k):
+            out[i, j] *= inv
+    return out
+
+
+@njit(cache=True)
+def log_softmax_rows(x):
+    n, k = x.shape
+    out = np.empty_like(x)
+    for i in range(n):
+        m = x[i, 0]
+        for j in range(1, k):
+            m = max(m, x[i, j])
+        s = np.float32(0.0)
+        for j in range(k):
+            s += np.exp(x[i, j] - m)
+        lse = m + np.log(s)
+        for j in range(k):
+            out[i, j] = x[i, j] - lse
+    return out
+
+
+@njit(cache=True)
+def softmax_rows_backward(dy, y):
+    """Gradient through softmax: dx = y * (dy - sum(dy*y)) row by row."""
+    n, k = y.shape
+    dx = np.empty_like(dy)
+    for i in range(n):
+        dot = np.float32(0.0)
+        for j in range(k):
+            dot += dy[i, j] * y[i, j]
+        for j in range(k):
+            dx[i, j] = y[i, j] * (dy[i, j] - dot)
+    return dx

@@ -1,0 +1,249 @@
+"""Layers: parameters plus a forward pass that calls kernels.
+
+Each layer has two forward paths. ``forward(ndarray)`` is inference on plain float32 NCHW arrays
+and is what ``predict`` uses. ``forward_tensor(Tensor)`` records the op on the autograd tape for
+training. ``layer(x)`` picks the path from the argument's type, as ``nn.Module.__call__`` would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import autograd as ag
+from .autograd import Tensor
+from .errors import InputError
+from .kernels import elementwise, pool
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int | np.integer) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(p, int | np.integer) for p in pair):
+        raise InputError(f"{name}: expected an int or a pair of ints, found {v!r}")
+    return int(pair[0]), int(pair[1])
+
+
+class Layer:
+    """Base class. Subclasses set ``forward`` and ``forward_tensor``; parametrised ones ``parameters``."""
+
+    def __call__(self, x):
+        return self.forward_tensor(x) if isinstance(x, Tensor) else self.forward(x)
+
+    def parameters(self) -> list[Tensor]:
+        return []
+
+    def config(self) -> dict:
+        """The constructor arguments, enough to rebuild the layer (weights are stored apart)."""
+        return {}
+
+    def output_shape(self, shape: tuple) -> tuple:
+        """Shape of one sample's output given one sample's input shape (no batch axis)."""
+        return shape
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v}" for k, v in self.config().items())
+        return f"{self.type}({args})"
+
+
+def _uniform_init(rng, shape, fan_in) -> np.ndarray:
+    # PyTorch's default (kaiming_uniform with a=sqrt(5)) reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+class Conv2d(Layer):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 algorithm="auto", rng=None):
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
+            raise InputError(
+                f"Conv2d: expected kernel_size>=1, stride>=1, padding>=0, found "
+                f"{self.kernel_size}, {self.stride}, {self.padding}"
+            )
+        rng = rng if rng is not None else np.random.default_rng(0)
+        kh, kw = self.kernel_size
+        fan_in = self.in_channels * kh * kw
+        self.weight = Tensor(_uniform_init(rng, (out_channels, in_channels, kh, kw), fan_in), True)
+        self.bias = Tensor(_uniform_init(rng, (out_channels,), fan_in), True) if bias else None
+        self.algorithm = algorithm
+        self.conv_state: dict = {}  # prepared weights and the algorithm actually used
+
+    def parameters(self):
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def config(self):
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    kernel_size=list(self.kernel_size), stride=list(self.stride),
+                    padding=list(self.padding), bias=self.bias is not None)
+
+    def _bias_array(self) -> np.ndarray:
+        if self.bias is not None:
+            return self.bias.data
+        return np.zeros(self.out_channels, np.float32)
+
+    def output_shape(self, chw):
+        c, h, w = chw
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return self.out_channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+    def _check_input(self, x):
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise InputError(
+                f"{self!r}: expected input (N, {self.in_channels}, H, W), found {tuple(x.shape)}"
+            )
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        if x.shape[2] + 2 * ph < kh or x.shape[3] + 2 * pw < kw:
+            raise InputError(f"{self!r}: input {tuple(x.shape)} is smaller than the kernel")
+
+    def forward(self, x):
+        from .convolution import conv2d_forward
+
+        self._check_input(x)
+        return conv2d_forward(x, self.weight.data, self._bias_array(), self.stride, self.padding,
+                              self.algorithm, self.conv_state, self.weight.version)
+
+    def forward_tensor(self, x):
+        self._check_input(x.data)
+        return ag.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class Linear(Layer):
+    def __init__(self, in_features, out_features, bias=True, rng=None):
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.weight = Tensor(_uniform_init(rng, (out_features, in_features), in_features), True)
+        self.bias = Tensor(_uniform_init(rng, (out_features,), in_features), True) if bias else None
+
+    def parameters(self):
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def config(self):
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    bias=self.bias is not None)
+
+    def output_shape(self, shape):
+        return (self.out_features,)
+
+    def _check_input(self, x):
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise InputError(f"{self!r}: expected input (N, {self.in_features}), found {tuple(x.shape)}")
+
+    def forward(self, x):
+        from .kernels.gemm import linear_forward
+
+        self._check_input(x)
+        b = self.bias.data if self.bias is not None else np.zeros(self.out_features, np.float32)
+        return linear_forward(x, self.weight.data, b)
+
+    def forward_tensor(self, x):
+        self._check_input(x.data)
+        return ag.linear(x, self.weight, self.bias)
+
+
+class ReLU(Layer):
+    def forward(self, x):
+        return elementwise.relu(x.reshape(-1)).reshape(x.shape)
+
+    def forward_tensor(self, x):
+        return ag.relu(x)
+
+
+class Sigmoid(Layer):
+    def forward(self, x):
+        return elementwise.sigmoid(x.reshape(-1)).reshape(x.shape)
+
+    def forward_tensor(self, x):
+        return ag.sigmoid(x)
+
+
+class _Pool2d(Layer):
+    def __init__(self, kernel_size, stride=None):
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride if stride is not None else kernel_size, "stride")
+        if min(self.kernel_size) < 1 or min(self.stride) < 1:
+            raise InputError(f"{self.type}: expected kernel_size>=1 and stride>=1, found "
+                             f"{self.kernel_size}, {self.stride}")
+
+    def config(self):
+        return dict(kernel_size=list(self.kernel_size), stride=list(self.stride))
+
+    def output_shape(self, chw):
+        c, h, w = chw
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        return c, pool.pooled_size(h, kh, sh), pool.pooled_size(w, kw, sw)
+
+    def _check_input(self, x):
+        if x.ndim != 4 or x.shape[2] < self.kernel_size[0] or x.shape[3] < self.kernel_size[1]:
+            raise InputError(f"{self!r}: expected input (N, C, H>={self.kernel_size[0]}, "
+                             f"W>={self.kernel_size[1]}), found {tuple(x.shape)}")
+
+
+class MaxPool2d(_Pool2d):
+    def forward(self, x):
+        self._check_input(x)
+        return pool.maxpool2d(x, *self.kernel_size, *self.stride)
+
+    def forward_tensor(self, x):
+        self._check_input(x.data)
+        return ag.max_pool2d(x, self.kernel_size, self.stride)
+
+
+class AvgPool2d(_Pool2d):
+    def forward(self, x):
+        self._check_input(x)
+        return pool.avgpool2d(x, *self.kernel_size, *self.stride)
+
+    def forward_tensor(self, x):
+        self._check_input(x.data)
+        return ag.avg_pool2d(x, self.kernel_size, self.stride)
+
+
+class Flatten(Layer):
+    def forward(self, x):
+        return x.reshape(x.shape[0], -1)
+
+    def forward_tensor(self, x):
+        return ag.flatten(x)
+
+    def output_shape(self, chw):
+        return (int(np.prod(chw)),)
+
+
+class Softmax(Layer):
+    """Softmax over the class axis of (N, K) scores."""
+
+    def _check_input(self, x):
+        if x.ndim != 2:
+            raise InputError(f"Softmax: expected (N, K) scores, found shape {tuple(x.shape)}")
+
+    def forward(self, x):
+        self._check_input(x)
+        return elementwise.softmax_rows(np.ascontiguousarray(x))
+
+    def forward_tensor(self, x):
+        self._check_input(x.data)
+        return ag.softmax(x)
+
+
+LAYER_TYPES = {cls.__name__: cls for cls in
+               (Conv2d, Linear, ReLU, Sigmoid, MaxPool2d, AvgPool2d, Flatten, Softmax)}
+
+
+def layer_from_config(cfg: dict) -> Layer:
+    """Rebuild a layer from ``{"type": name, **config()}``; unknown types or arguments are refused."""
+    kind = cfg.get("type")
+    if kind not in LAYER_TYPES:
+        raise InputError(f"unknown layer type {kind!r}; expected one of {sorted(LAYER_TYPES)}")
+    args = {k: v for k, v in cfg.items() if k != "type"}
+    try:
+        return LAYER_TYPES[kind](**args)
+    except TypeError as exc:
+        raise InputError(f"bad arguments for {kind}: {args} ({exc})") from None

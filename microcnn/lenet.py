@@ -1,0 +1,43 @@
+"""LeNet-5 as in DESIGN.md, and where its bundled weights live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataNotFoundError
+from .layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Softmax
+from .network import Sequential
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+BUNDLED_RAW = DATA_DIR / "lenet.raw"
+BUNDLED_MODEL = DATA_DIR / "lenet.safetensors"
+
+
+def lenet(weights=None, algorithm: str = "auto", seed: int = 0) -> Sequential:
+    """LeNet-5: Conv(1→6,5,pad 2) ReLU MaxPool2 Conv(6→16,5) ReLU MaxPool2 Conv(16→120,5) ReLU
+    Flatten Linear(120→84) ReLU Linear(84→10) Softmax; 61,706 parameters.
+
+    ``weights``: None (seeded random init), ``"bundled"`` (the trained weights shipped in data/),
+    or a path to a ``.raw`` or ``.safetensors`` file.
+    """
+    rng = np.random.default_rng(seed)
+    net = Sequential(
+        Conv2d(1, 6, 5, padding=2, algorithm=algorithm, rng=rng), ReLU(), MaxPool2d(2),
+        Conv2d(6, 16, 5, algorithm=algorithm, rng=rng), ReLU(), MaxPool2d(2),
+        Conv2d(16, 120, 5, algorithm=algorithm, rng=rng), ReLU(),
+        Flatten(),
+        Linear(120, 84, rng=rng), ReLU(),
+        Linear(84, 10, rng=rng),
+        Softmax(),
+        input_shape=(1, 28, 28),
+    )
+    if weights is None:
+        return net
+    if isinstance(weights, str) and weights == "bundled":
+        if not BUNDLED_RAW.exists():
+            raise DataNotFoundError(f"bundled LeNet-5 weights not found at {BUNDLED_RAW}; "
+                                    "train them with `microcnn train --out data/lenet.raw`")
+        weights = BUNDLED_RAW
+    return net.load(weights)

@@ -1,0 +1,236 @@
+"""Sequential: an ordered list of layers with batched inference, tracing and state dicts."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .autograd import Tensor
+from .checks import as_image_batch
+from .errors import InputError
+from .layers import Conv2d, Layer, Softmax, layer_from_config
+
+_SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
+                "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
+
+
+@dataclass
+class LayerTrace:
+    index: int
+    name: str
+    type: str
+    output: np.ndarray
+    seconds: float
+
+
+def layer_names(layers) -> list[str]:
+    """Readable names numbered per kind (conv1, relu1, pool1, ..., fc1), as the reference tool prints."""
+    counts: dict[str, int] = {}
+    names = []
+    for layer in layers:
+        short = _SHORT_NAMES.get(layer.type, layer.type.lower())
+        counts[short] = counts.get(short, 0) + 1
+        names.append(f"{short}{counts[short]}")
+    for short in ("flatten", "softmax"):  # singletons read better without a number
+        if counts.get(short) == 1:
+            names[names.index(f"{short}1")] = short
+    return names
+
+
+class Sequential:
+    def __init__(self, *layers: Layer, input_shape: tuple | None = None):
+        for layer in layers:
+            if not isinstance(layer, Layer):
+                raise InputError(f"Sequential: expected Layer objects, found {type(layer).__name__}")
+        self.layers = list(layers)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.names = layer_names(self.layers)
+        self.training = False
+
+    # -- container -----------------------------------------------------------------------------
+    def __len__(self):
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __repr__(self):
+        body = "\n".join(f"  ({i}) {n}: {layer!r}" for i, (n, layer) in
+                         enumerate(zip(self.names, self.layers, strict=True)))
+        return f"Sequential(input_shape={self.input_shape},\n{body}\n)"
+
+    # -- forward passes ------------------------------------------------------------------------
+    def __call__(self, x):
+        if isinstance(x, Tensor):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        return self.forward(x)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    @property
+    def body(self) -> list[Layer]:
+        """The layers before a trailing Softmax: what produces logits."""
+        if self.layers and isinstance(self.layers[-1], Softmax):
+            return self.layers[:-1]
+        return self.layers
+
+    def logits(self, x):
+        """Scores before the final Softmax; accepts ndarrays (inference) or Tensors (training)."""
+        for layer in self.body:
+            x = layer(x)
+        return x
+
+    def check_input(self, x, name: str = "images") -> np.ndarray:
+        return as_image_batch(x, self.input_shape, name=name)
+
+    def predict(self, x, batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        """Class probabilities for a batch of images (validated, processed in chunks)."""
+        x = self.check_input(x)
+        if batch_size < 1:
+            raise InputError(f"batch_size: expected >= 1, found {batch_size}")
+        if len(x) <= batch_size:
+            return self.forward(x)
+        starts = range(0, len(x), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="predict", unit="batch")
+        return np.concatenate([self.forward(x[s:s + batch_size]) for s in starts])
+
+    def predict_classes(self, x, batch_size: int = 256) -> np.ndarray:
+        return self.predict(x, batch_size).argmax(axis=1)
+
+    def accuracy(self, images, labels, batch_size: int = 256, progress: bool = False) -> float:
+        labels = np.asarray(labels)
+        pred = self.predict(images, batch_size, progress=progress).argmax(axis=1)
+        if pred.shape != labels.shape:
+            raise InputError(f"labels: expected shape {pred.shape}, found {labels.shape}")
+        return float((pred == labels).mean())
+
+    def trace(self, x) -> list[LayerTrace]:
+        """Run the network once, keeping every layer's output and wall time."""
+        x = self.check_input(x)
+        records = []
+        for i, (name, layer) in enumerate(zip(self.names, self.layers, strict=True)):
+            t0 = time.perf_counter()
+            x = layer.forward(x)
+            records.append(LayerTrace(i, name, layer.type, x, time.perf_counter() - t0))
+        return records
+
+    # -- parameters and state ------------------------------------------------------------------
+    def named_parameters(self) -> list[tuple[str, Tensor]]:
+        out = []
+        for i, layer in enumerate(self.layers):
+            for pname, p in zip(("weight", "bias"), layer.parameters(), strict=False):
+                out.append((f"{i}.{pname}", p))
+        return out
+
+    def parameters(self) -> list[Tensor]:
+        return [p for _, p in self.named_parameters()]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.data.size for p in self.parameters())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the model stores: its float32 weights and biases."""
+        return sum(p.data.nbytes for p in self.parameters())
+
+    def state_dict(self) -> OrderedDict:
+        return OrderedDict((k, p.data.copy()) for k, p in self.named_parameters())
+
+    def load_state_dict(self, state, strict: bool = True, source: str = "state_dict") -> None:
+        """Copy arrays into the parameters after checking every name and shape first (all or nothing)."""
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            raise InputError(f"{source}: keys do not match the network (missing {missing}, "
+                             f"unexpected {unexpected})")
+        staged = {}
+        for k, p in params.items():
+            if k not in state:
+                continue
+            arr = np.asarray(state[k])
+            if arr.shape != p.data.shape:
+                raise InputError(f"{source}: {k} expected shape {p.data.shape}, found {arr.shape}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise InputError(f"{source}: {k} expected a float array, found dtype {arr.dtype}")
+            staged[k] = arr
+        for k, arr in staged.items():
+            params[k].data[...] = arr
+            params[k].version += 1
+
+    def set_conv_algorithm(self, algorithm: str) -> Sequential:
+        from .convolution import ALGORITHMS
+
+        if algorithm != "auto" and algorithm not in ALGORITHMS:
+            raise InputError(f"algorithm: expected 'auto' or one of {ALGORITHMS}, found {algorithm!r}")
+        for layer in self.layers:
+            if isinstance(layer, Conv2d):
+                layer.algorithm = algorithm
+                layer.conv_state.clear()
+        return self
+
+    def train(self, mode: bool = True) -> Sequential:
+        self.training = mode
+        return self
+
+    def eval(self) -> Sequential:
+        return self.train(False)
+
+    # -- architecture and files ------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"input_shape": list(self.input_shape) if self.input_shape else None,
+                "layers": [{"type": layer.type, **layer.config()} for layer in self.layers]}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Sequential:
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("layers"), list):
+            raise InputError(f"architecture: expected {{'layers': [...]}}, found {str(cfg)[:200]}")
+        layers = []
+        for c in cfg["layers"]:
+            if not isinstance(c, dict):
+                raise InputError(f"architecture: expected a layer object, found {str(c)[:100]}")
+            layers.append(layer_from_config(c))
+        return cls(*layers, input_shape=cfg.get("input_shape"))
+
+    def summary(self):
+        """A table of layers: name, type, output shape, parameter count."""
+        import pandas as pd
+
+        rows, shape = [], self.input_shape
+        for name, layer in zip(self.names, self.layers, strict=True):
+            shape = layer.output_shape(shape) if shape is not None else None
+            rows.append({"Layer": name, "Type": layer.type, "Output Shape": shape,
+                         "Parameters": sum(p.data.size for p in layer.parameters())})
+        return pd.DataFrame(rows)
+
+    def save(self, path) -> None:
+        """Save weights: ``.raw`` writes the bare reference format, anything else a self-describing file."""
+        from . import io
+
+        (io.save_raw if Path(path).suffix == ".raw" else io.save_model)(self, path)
+
+    def load(self, path) -> Sequential:
+        """Load weights into this network from a ``.raw`` or self-describing file."""
+        from . import io
+
+        if Path(path).suffix == ".raw":
+            io.load_raw(self, path)
+        else:
+            self.load_state_dict(io.read_model_state(path, expected=self.config()), source=str(path))
+        return self
