@@ -104,9 +104,9 @@ class Conv2d(Layer):
             raise InputError(f"{self!r}: input {tuple(x.shape)} is smaller than the kernel")
 
     def forward(self, x):
+        self._check_input(x)
         from .convolution import conv2d_forward
 
-        self._check_input(x)
         return conv2d_forward(x, self.weight.data, self._bias_array(), self.stride, self.padding,
                               self.algorithm, self.conv_state, self.weight.version)
 
@@ -137,9 +137,9 @@ class Linear(Layer):
             raise InputError(f"{self!r}: expected input (N, {self.in_features}), found {tuple(x.shape)}")
 
     def forward(self, x):
+        self._check_input(x)
         from .kernels.gemm import linear_forward
 
-        self._check_input(x)
         b = self.bias.data if self.bias is not None else np.zeros(self.out_features, np.float32)
         return linear_forward(x, self.weight.data, b)
 
