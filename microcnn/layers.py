@@ -7,6 +7,7 @@ training. ``layer(x)`` picks the path from the argument's type, as ``nn.Module._
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -17,8 +18,18 @@ from .errors import InputError
 from .kernels import elementwise, pool
 
 
+def _count(v, name: str) -> int:
+    """A positive integer size. Checked before any allocation: sizes may come from a model file."""
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+        raise InputError(f"{name}: expected a positive integer, found {v!r}")
+    return int(v)
+
+
 def _pair(v, name: str) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int | np.integer) else tuple(v)
+    try:
+        pair = (v, v) if isinstance(v, int | np.integer) else tuple(v)
+    except TypeError:  # not iterable: None, a float, ...
+        pair = ()
     if len(pair) != 2 or not all(isinstance(p, int | np.integer) for p in pair):
         raise InputError(f"{name}: expected an int or a pair of ints, found {v!r}")
     return int(pair[0]), int(pair[1])
@@ -59,7 +70,8 @@ def _uniform_init(rng, shape, fan_in) -> np.ndarray:
 class Conv2d(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  algorithm="auto", rng=None):
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.in_channels = _count(in_channels, "Conv2d in_channels")
+        self.out_channels = _count(out_channels, "Conv2d out_channels")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
@@ -117,7 +129,8 @@ class Conv2d(Layer):
 
 class Linear(Layer):
     def __init__(self, in_features, out_features, bias=True, rng=None):
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = _count(in_features, "Linear in_features")
+        self.out_features = _count(out_features, "Linear out_features")
         rng = rng if rng is not None else np.random.default_rng(0)
         self.weight = Tensor(_uniform_init(rng, (out_features, in_features), in_features), True)
         self.bias = Tensor(_uniform_init(rng, (out_features,), in_features), True) if bias else None
@@ -149,7 +162,11 @@ class Linear(Layer):
 
 
 class ReLU(Layer):
-    def forward(self, x):
+    def forward(self, x, inplace: bool = False):
+        """``inplace`` overwrites ``x``: Sequential uses it on intermediates it owns, never on user input."""
+        if inplace and x.flags.c_contiguous:
+            elementwise.relu_inplace(x.reshape(-1))
+            return x
         return elementwise.relu(x.reshape(-1)).reshape(x.shape)
 
     def forward_tensor(self, x):
@@ -187,9 +204,10 @@ class _Pool2d(Layer):
 
 
 class MaxPool2d(_Pool2d):
-    def forward(self, x):
+    def forward(self, x, relu: bool = False):
+        """``relu=True`` computes MaxPool(ReLU(x)) in one pass (exact: max and relu commute)."""
         self._check_input(x)
-        return pool.maxpool2d(x, *self.kernel_size, *self.stride)
+        return pool.maxpool2d(x, *self.kernel_size, *self.stride, floor=0 if relu else None)
 
     def forward_tensor(self, x):
         self._check_input(x.data)
@@ -237,13 +255,50 @@ LAYER_TYPES = {cls.__name__: cls for cls in
                (Conv2d, Linear, ReLU, Sigmoid, MaxPool2d, AvgPool2d, Flatten, Softmax)}
 
 
+# Constructor arguments that say how this process computes, not what the layer is: never read from a file.
+_RUNTIME_ARGS = ("rng", "algorithm")
+
+
+def _class_and_args(cfg) -> tuple[type, dict]:
+    kind = cfg.get("type") if isinstance(cfg, dict) else None
+    if not isinstance(kind, str) or kind not in LAYER_TYPES:
+        raise InputError(f"unknown layer type {kind!r}; expected one of {sorted(LAYER_TYPES)}")
+    cls = LAYER_TYPES[kind]
+    args = {k: v for k, v in cfg.items() if k != "type"}
+    unknown = sorted((set(args) - set(inspect.signature(cls).parameters)) | (set(args) & set(_RUNTIME_ARGS)))
+    if unknown:
+        raise InputError(f"bad arguments for {kind}: {args} (unexpected {unknown})")
+    return cls, args
+
+
 def layer_from_config(cfg: dict) -> Layer:
     """Rebuild a layer from ``{"type": name, **config()}``; unknown types or arguments are refused."""
-    kind = cfg.get("type")
-    if kind not in LAYER_TYPES:
-        raise InputError(f"unknown layer type {kind!r}; expected one of {sorted(LAYER_TYPES)}")
-    args = {k: v for k, v in cfg.items() if k != "type"}
+    cls, args = _class_and_args(cfg)
     try:
-        return LAYER_TYPES[kind](**args)
+        return cls(**args)
     except TypeError as exc:
-        raise InputError(f"bad arguments for {kind}: {args} ({exc})") from None
+        raise InputError(f"bad arguments for {cls.__name__}: {args} ({exc})") from None
+
+
+def parameter_shapes(cfg: dict) -> list[tuple[int, ...]]:
+    """Shapes of the parameters ``layer_from_config(cfg)`` would create, in ``parameters()`` order,
+    found without allocating them: loaders compare them with a file's contents before building."""
+    cls, args = _class_and_args(cfg)
+    if cls not in (Conv2d, Linear):
+        return []
+    try:
+        a = inspect.signature(cls).bind(**args)
+    except TypeError as exc:
+        raise InputError(f"bad arguments for {cls.__name__}: {args} ({exc})") from None
+    a.apply_defaults()
+    a = a.arguments
+    if cls is Conv2d:
+        out = _count(a["out_channels"], "Conv2d out_channels")
+        weight = (out, _count(a["in_channels"], "Conv2d in_channels"),
+                  *_pair(a["kernel_size"], "kernel_size"))
+    else:
+        out = _count(a["out_features"], "Linear out_features")
+        weight = (out, _count(a["in_features"], "Linear in_features"))
+    if min(weight) < 1:
+        raise InputError(f"{cls.__name__}: expected kernel_size >= 1, found {weight[2:]}")
+    return [weight, (out,)] if a["bias"] else [weight]

@@ -12,7 +12,7 @@ import numpy as np
 from .autograd import Tensor
 from .checks import as_image_batch
 from .errors import InputError
-from .layers import Conv2d, Layer, Softmax, layer_from_config
+from .layers import Conv2d, Flatten, Layer, MaxPool2d, ReLU, Softmax, layer_from_config
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
@@ -47,7 +47,14 @@ class Sequential:
             if not isinstance(layer, Layer):
                 raise InputError(f"Sequential: expected Layer objects, found {type(layer).__name__}")
         self.layers = list(layers)
-        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        if input_shape is not None:
+            shape = tuple(input_shape) if isinstance(input_shape, list | tuple) else ()
+            if len(shape) != 3 or not all(isinstance(d, int | np.integer) and not isinstance(d, bool)
+                                          and d >= 1 for d in shape):
+                raise InputError(f"input_shape: expected None or (C, H, W) positive integers, "
+                                 f"found {input_shape!r}")
+            input_shape = tuple(int(d) for d in shape)
+        self.input_shape = input_shape
         self.names = layer_names(self.layers)
         self.training = False
 
@@ -75,8 +82,18 @@ class Sequential:
         return self.forward(x)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        for layer in self.layers:
-            x = layer.forward(x)
+        """Inference. Two exact rewrites save memory passes: ReLU followed by MaxPool2d runs as one
+        pooling pass with a floor of 0, and other ReLUs overwrite intermediates in place."""
+        layers, i, owned = self.layers, 0, False
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, ReLU) and i + 1 < len(layers) and isinstance(layers[i + 1], MaxPool2d):
+                x, i = layers[i + 1].forward(x, relu=True), i + 2
+            elif isinstance(layer, ReLU):
+                x, i = layer.forward(x, inplace=owned), i + 1
+            else:
+                x, i = layer.forward(x), i + 1
+            owned = owned or not isinstance(layer, Flatten)  # Flatten returns a view of its input
         return x
 
     @property
@@ -97,17 +114,27 @@ class Sequential:
 
     def predict(self, x, batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Class probabilities for a batch of images (validated, processed in chunks)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise InputError(f"batch_size: expected an integer >= 1, found {batch_size!r}")
         x = self.check_input(x)
-        if batch_size < 1:
-            raise InputError(f"batch_size: expected >= 1, found {batch_size}")
         if len(x) <= batch_size:
-            return self.forward(x)
-        starts = range(0, len(x), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
+            out = self.forward(x)
+        else:
+            starts = range(0, len(x), batch_size)
+            if progress:
+                from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="predict", unit="batch")
-        return np.concatenate([self.forward(x[s:s + batch_size]) for s in starts])
+                starts = tqdm(starts, desc="predict", unit="batch")
+            out = np.concatenate([self.forward(x[s:s + batch_size]) for s in starts])
+        finite = np.isfinite(out).reshape(len(out), -1).all(axis=1)
+        if not finite.all():
+            # Finite weights and inputs give NaN only through float32 overflow (|x| of ~1e37 and more).
+            first = int(np.flatnonzero(~finite)[0])
+            raise InputError(f"images: the network's outputs overflowed to NaN/Inf for "
+                             f"{int((~finite).sum())} images (first: image {first}, largest |input| "
+                             f"{float(np.abs(x).max()):g}); scale inputs like the training data "
+                             "(MNIST pixels: 0..1)")
+        return out
 
     def predict_classes(self, x, batch_size: int = 256) -> np.ndarray:
         return self.predict(x, batch_size).argmax(axis=1)
@@ -175,10 +202,11 @@ class Sequential:
             params[k].version += 1
 
     def set_conv_algorithm(self, algorithm: str) -> Sequential:
-        from .convolution import ALGORITHMS
+        from .convolution import ALGORITHM_VARIANTS, ALGORITHMS
 
-        if algorithm != "auto" and algorithm not in ALGORITHMS:
-            raise InputError(f"algorithm: expected 'auto' or one of {ALGORITHMS}, found {algorithm!r}")
+        names = ("auto", *ALGORITHMS, *ALGORITHM_VARIANTS)
+        if algorithm not in names:
+            raise InputError(f"algorithm: expected one of {names}, found {algorithm!r}")
         for layer in self.layers:
             if isinstance(layer, Conv2d):
                 layer.algorithm = algorithm

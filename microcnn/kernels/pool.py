@@ -1,5 +1,6 @@
 """Pooling kernels, NCHW, no padding. Max pooling is dtype-generic so the integer path reuses it."""
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -8,22 +9,52 @@ def pooled_size(size: int, k: int, s: int) -> int:
     return (size - k) // s + 1
 
 
-@njit(cache=True, parallel=True)
-def maxpool2d(x, kh, kw, sh, sw):
-    n, c, h, w = x.shape
-    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-    out = np.empty((n, c, oh, ow), dtype=x.dtype)
-    for i in prange(n):
+@njit(cache=True)
+def _maxpool_images(x, out, kh, kw, sh, sw, floor, n0, n1):
+    """Max pooling of images n0..n1-1, never below ``floor`` (a fused ReLU when floor is 0)."""
+    c, oh, ow = out.shape[1], out.shape[2], out.shape[3]
+    for i in range(n0, n1):
         for ch in range(c):
+            if kh == 2 and kw == 2 and sh == 2 and sw == 2:  # LeNet's case, unrolled
+                for oy in range(oh):
+                    for ox in range(ow):
+                        a = max(x[i, ch, 2 * oy, 2 * ox], x[i, ch, 2 * oy, 2 * ox + 1])
+                        b = max(x[i, ch, 2 * oy + 1, 2 * ox], x[i, ch, 2 * oy + 1, 2 * ox + 1])
+                        out[i, ch, oy, ox] = max(max(a, b), floor)
+                continue
             for oy in range(oh):
                 for ox in range(ow):
-                    m = x[i, ch, oy * sh, ox * sw]
+                    m = floor
                     for ky in range(kh):
                         for kx in range(kw):
-                            v = x[i, ch, oy * sh + ky, ox * sw + kx]
-                            if v > m:
-                                m = v
+                            m = max(m, x[i, ch, oy * sh + ky, ox * sw + kx])
                     out[i, ch, oy, ox] = m
+
+
+@njit(cache=True, parallel=True)
+def _maxpool_parallel(x, out, kh, kw, sh, sw, floor, nchunks):
+    n = x.shape[0]
+    for t in prange(nchunks):
+        _maxpool_images(x, out, kh, kw, sh, sw, floor, t * n // nchunks, (t + 1) * n // nchunks)
+
+
+def maxpool2d(x, kh, kw, sh, sw, floor=None):
+    """Max pooling of an NCHW array of any numeric dtype (the integer path reuses it).
+
+    ``floor`` clamps from below: ``floor=0`` computes ``relu`` then ``maxpool`` in one pass, which is
+    exact because max and relu commute. Batches of at least 32 images are split over Numba's
+    threads; smaller ones run serially to keep the per-call cost low.
+    """
+    n, c, h, w = x.shape
+    out = np.empty((n, c, pooled_size(h, kh, sh), pooled_size(w, kw, sw)), dtype=x.dtype)
+    if floor is None:
+        floor = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    floor = x.dtype.type(floor)
+    threads = numba.get_num_threads()
+    if n >= 32 and threads > 1:
+        _maxpool_parallel(x, out, kh, kw, sh, sw, floor, threads)
+    else:
+        _maxpool_images(x, out, kh, kw, sh, sw, floor, 0, n)
     return out
 
 

@@ -1,0 +1,581 @@
+"""FP32 2-D convolution (cross-correlation, as in PyTorch) by four algorithms.
+
+All entry points take x (N, C, H, W) float32, w (O, C, KH, KW) float32, b (O,) float32, C-contiguous,
+and return y (N, O, OH, OW) float32 with OH = (H + 2*ph - KH) // sh + 1 (likewise OW).
+
+naive     ``conv2d_naive``: seven nested loops, one multiply-add at a time, float32 accumulation.
+          The reference every other algorithm is measured against.
+im2col    ``conv2d_im2col`` / ``im2col_runner``: ``y (O, pixels) = w.reshape(O, K) @ cols (K, pixels)``
+          with our GEMM kernel (``gemm._gemm_acc``) on a group of images at a time (~2000 columns:
+          each GEMM pass has a fixed set-up cost). Columns are ordered (output row, image, output
+          column). For vertical stride 1 the patch matrix is implicit: only the KW horizontal shifts
+          of the images are written (buffer R, C*KW rows) and the GEMM reads patch row (c, kh, kw)
+          as the window of R row (c, kw) that starts kh output rows in -- 1/KH of the im2col
+          traffic and no wasted multiply-adds. Vertical stride > 1 writes the patch matrix. A 1x1
+          output whose kernel covers the whole unpadded input (LeNet's conv3) is a dense layer:
+          dot products on ``x.reshape(N, K)`` itself. ``im2col`` (any dtype) is the public,
+          explicit patch matrix for other kernels (the INT8 path).
+winograd  ``winograd_weights`` + ``conv2d_winograd``: F(m x m, r x r) minimal filtering, stride 1.
+fft       ``fft_weights`` + ``conv2d_fft``: pointwise products of 2-D real FFTs (numpy.fft).
+
+Winograd and FFT prepare the weights once (the caller caches them); see their docstrings for the
+accuracy and cost trade-offs. The ``*_runner`` functions fix everything that depends only on the
+input shape, so repeated calls (batch-1 latency) cost one kernel dispatch. The ``*_parallel``
+drivers split the batch over threads with ``prange``; they are used (and compiled) only when Numba
+has more than one thread and the batch has at least four groups.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ..errors import InputError
+from .gemm import _gemm_acc, linear_forward, sgemm
+
+
+def output_size(size: int, k: int, s: int, p: int) -> int:
+    return (size + 2 * p - k) // s + 1
+
+
+# -- naive -------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def conv2d_naive(x, w, b, sh, sw, ph, pw):
+    """Direct convolution: the textbook loops, any stride and zero padding. The reference."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    oh = (h + 2 * ph - kh) // sh + 1
+    ow = (wd + 2 * pw - kw) // sw + 1
+    y = np.empty((n, o, oh, ow), np.float32)
+    for i in range(n):
+        for f in range(o):
+            for r in range(oh):
+                for q in range(ow):
+                    acc = b[f]
+                    for ch in range(c):
+                        for u in range(kh):
+                            iy = r * sh + u - ph
+                            if iy < 0 or iy >= h:
+                                continue
+                            for v in range(kw):
+                                ix = q * sw + v - pw
+                                if 0 <= ix < wd:
+                                    acc += w[f, ch, u, v] * x[i, ch, iy, ix]
+                    y[i, f, r, q] = acc
+    return y
+
+
+# -- im2col ------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _pad_into(x, i, ph, pw, buf):
+    """Copy image i of x into the interior of buf (C, H + 2ph, W + 2pw); the border is left as is."""
+    c, h, wd = x.shape[1], x.shape[2], x.shape[3]
+    for ch in range(c):
+        for r in range(h):
+            d = buf[ch, r + ph, pw : pw + wd]
+            s = x[i, ch, r]
+            for q in range(wd):
+                d[q] = s[q]
+
+
+@njit(cache=True)
+def _im2col_fill(src, kh, kw, sh, sw, oh, ow, dst, col0, rstride):
+    """dst[(c*kh + u)*kw + v, col0 + r*rstride + q] = src[c, r*sh + u, q*sw + v] for one (padded)
+    image src (C, Hp, Wp), r < oh, q < ow. Any dtype; dst must have src's dtype."""
+    c = src.shape[0]
+    for ch in range(c):
+        for u in range(kh):
+            for v in range(kw):
+                row = dst[(ch * kh + u) * kw + v]
+                for r in range(oh):
+                    d = row[col0 + r * rstride : col0 + r * rstride + ow]
+                    if sw == 1:
+                        s = src[ch, r * sh + u, v : v + ow]
+                        for q in range(ow):
+                            d[q] = s[q]
+                    else:
+                        s_row = src[ch, r * sh + u]
+                        for q in range(ow):
+                            d[q] = s_row[q * sw + v]
+
+
+@njit(cache=True)
+def _shifted_rows_fill(x, i, kw, sw, ph, pw, ow, dst, col0, rstride):
+    """dst[c*kw + v, col0 + (r + ph)*rstride + q] = x[i, c, r, q*sw + v - pw] for the positions that
+    fall inside the image: the kw horizontal shifts of image i, written without a padded copy.
+    Positions in the padding are never written, so a zero-initialised dst keeps them zero."""
+    c, h, wd = x.shape[1], x.shape[2], x.shape[3]
+    for ch in range(c):
+        for v in range(kw):
+            row = dst[ch * kw + v]
+            q_lo = max(0, (pw - v + sw - 1) // sw)
+            q_hi = min(ow, (wd - 1 + pw - v) // sw + 1)
+            if q_hi <= q_lo:
+                continue
+            nq = q_hi - q_lo
+            x0 = q_lo * sw + v - pw
+            for r in range(h):
+                start = col0 + (r + ph) * rstride + q_lo
+                d = row[start : start + nq]
+                if sw == 1:
+                    s = x[i, ch, r, x0 : x0 + nq]
+                    for q in range(nq):
+                        d[q] = s[q]
+                else:
+                    s_row = x[i, ch, r]
+                    for q in range(nq):
+                        d[q] = s_row[x0 + q * sw]
+
+
+@njit(cache=True)
+def im2col(x, kh, kw, sh, sw, ph, pw, pad_value=0):
+    """Patch matrix of a batch, for any dtype (float32, int8, uint8, ...).
+
+    Layout: ``cols`` has shape (C*KH*KW, N*OH*OW) and ``x.dtype``;
+    ``cols[(c*KH + u)*KW + v, (n*OH + r)*OW + q] = xpad[n, c, r*sh + u, q*sw + v]``, where xpad is x
+    padded by ``pad_value`` (0 for float; a quantized input passes its zero point). Rows follow
+    ``w.reshape(O, C*KH*KW)``, so ``(w.reshape(O, -1) @ cols).reshape(O, N, OH, OW)`` transposed to
+    (N, O, OH, OW) is the convolution.
+    """
+    n, c, h, wd = x.shape
+    oh = (h + 2 * ph - kh) // sh + 1
+    ow = (wd + 2 * pw - kw) // sw + 1
+    cols = np.empty((c * kh * kw, n * oh * ow), x.dtype)
+    buf = np.full((c, h + 2 * ph, wd + 2 * pw), pad_value, x.dtype)
+    for i in range(n):
+        _pad_into(x, i, ph, pw, buf)
+        _im2col_fill(buf, kh, kw, sh, sw, oh, ow, cols, i * oh * ow, ow)
+    return cols
+
+
+# Images per GEMM in conv2d_im2col: enough to give each GEMM pass ~2000 columns (a pass has a
+# fixed set-up cost), few enough that the patch buffer stays in L2.
+_TARGET_COLUMNS = 2048
+_MAX_PATCH_FLOATS = 1 << 16
+
+
+def im2col_group_size(c, kh, kw, h, wd, sh, sw, ph, pw) -> int:
+    oh, ow = output_size(h, kh, sh, ph), output_size(wd, kw, sw, pw)
+    per_image = c * kw * (h + 2 * ph) * ow if sh == 1 else c * kh * kw * oh * ow
+    return int(max(1, min(_TARGET_COLUMNS // (oh * ow), _MAX_PATCH_FLOATS // per_image)))
+
+
+@njit(cache=True)
+def _im2col_gemm_images(x, w2, b, kh, kw, sh, sw, ph, pw, y, n0, n1, group):
+    """y[n] = conv(x[n]) + b for n0 <= n < n1, one GEMM per group of images.
+
+    Columns are ordered (output row r, image g, output column q), so for stride 1 the patch-matrix
+    row (c, u, v) is one contiguous window, starting at input row u, of the buffer R whose row
+    (c, v) holds the v-shifted padded images in the same (row, image, column) order.
+    """
+    c, h, wd = x.shape[1], x.shape[2], x.shape[3]
+    o = w2.shape[0]
+    hp, wp = h + 2 * ph, wd + 2 * pw
+    oh, ow = y.shape[2], y.shape[3]
+    k = c * kh * kw
+    g_max = min(group, n1 - n0)
+    rstride = g_max * ow
+    ncol = oh * rstride
+    direct = g_max == 1 and ncol % 8 == 0  # one image per GEMM: its columns are y[n]'s own layout
+    # Otherwise the GEMM runs on whole vectors (a scalar tail costs ~10%): the extra columns of acc
+    # read finite data (zeros past the end) from the patch buffer and are never copied out.
+    ncol_run = ncol if direct else (ncol + 7) // 8 * 8
+    rows = np.empty(k, np.int64)
+    offs = np.empty(k, np.int64)
+    implicit = sh == 1
+    if implicit:
+        cols = np.zeros((c * kw, hp * rstride + ncol_run - ncol), np.float32)
+        for ch in range(c):
+            for u in range(kh):
+                for v in range(kw):
+                    rows[(ch * kh + u) * kw + v] = ch * kw + v
+                    offs[(ch * kh + u) * kw + v] = u * rstride
+    else:
+        cols = np.zeros((k, ncol_run), np.float32)
+        for t in range(k):
+            rows[t] = t
+            offs[t] = 0
+    acc = np.empty((o, 0 if direct else ncol_run), np.float32)
+    padded = ph > 0 or pw > 0
+    buf = np.zeros((c, hp, wp), np.float32)
+    for g0 in range(n0, n1, g_max):
+        gn = min(g_max, n1 - g0)
+        for g in range(gn):
+            if implicit:
+                _shifted_rows_fill(x, g0 + g, kw, sw, ph, pw, ow, cols, g * ow, rstride)
+            elif padded:
+                _pad_into(x, g0 + g, ph, pw, buf)
+                _im2col_fill(buf, kh, kw, sh, sw, oh, ow, cols, g * ow, rstride)
+            else:
+                _im2col_fill(x[g0 + g], kh, kw, sh, sw, oh, ow, cols, g * ow, rstride)
+        out = y[g0].reshape(o, ncol) if direct else acc
+        for f in range(o):
+            orow = out[f]
+            bf = b[f]
+            for t in range(ncol_run):
+                orow[t] = bf
+        _gemm_acc(w2, cols, rows, offs, 0, out, 0, ncol_run, 0, k)
+        if direct:
+            continue
+        for g in range(gn):
+            for f in range(o):
+                for r in range(oh):
+                    src_row = acc[f, r * rstride + g * ow : r * rstride + g * ow + ow]
+                    dst_row = y[g0 + g, f, r]
+                    for q in range(ow):
+                        dst_row[q] = src_row[q]
+
+
+@njit(cache=True, parallel=True)
+def _im2col_gemm_parallel(x, w2, b, kh, kw, sh, sw, ph, pw, y, group, nchunks):
+    n = x.shape[0]
+    for t in prange(nchunks):
+        lo, hi = t * n // nchunks, (t + 1) * n // nchunks
+        _im2col_gemm_images(x, w2, b, kh, kw, sh, sw, ph, pw, y, lo, hi, group)
+
+
+def _use_parallel(n: int, group: int) -> bool:
+    # Only batches with at least two groups per thread are split; get_num_threads costs ~1 us.
+    return n >= 4 * group and numba.get_num_threads() > 1
+
+
+def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0):
+    """A function ``run(x, b) -> y`` for inputs of shape (any N, C, H, W) = x_shape[1:], with the
+    weight layout and blocking decided once, so a repeated call costs one kernel dispatch."""
+    _, c, h, wd = x_shape
+    o, _, kh, kw = w.shape
+    oh, ow = output_size(h, kh, sh, ph), output_size(wd, kw, sw, pw)
+    k = c * kh * kw
+    w2 = np.ascontiguousarray(w.reshape(o, k))
+    if oh == 1 and ow == 1 and kh == h and kw == wd and ph == 0 and pw == 0:
+        # The patch matrix is x itself: a dense layer.
+        return lambda x, b: linear_forward(x.reshape(x.shape[0], k), w2, b).reshape(x.shape[0], o, 1, 1)
+    if oh * ow < 8:
+        # Too few pixels per image for a vector loop: one GEMM over the whole batch's columns.
+        def run_small(x, b):
+            cols = im2col(x, kh, kw, sh, sw, ph, pw, 0)
+            y = sgemm(w2, cols).reshape(o, x.shape[0], oh, ow).transpose(1, 0, 2, 3)
+            return np.ascontiguousarray(y + b.reshape(1, o, 1, 1))
+
+        return run_small
+    group = im2col_group_size(c, kh, kw, h, wd, sh, sw, ph, pw)
+
+    def run(x, b):
+        n = x.shape[0]
+        y = np.empty((n, o, oh, ow), np.float32)
+        if _use_parallel(n, group):
+            _im2col_gemm_parallel(x, w2, b, kh, kw, sh, sw, ph, pw, y, group, numba.get_num_threads())
+        else:
+            _im2col_gemm_images(x, w2, b, kh, kw, sh, sw, ph, pw, y, 0, n, group)
+        return y
+
+    return run
+
+
+def conv2d_im2col(x, w, b, sh=1, sw=1, ph=0, pw=0):
+    """Convolution as GEMMs with our blocked kernel (see the module docstring for the layouts)."""
+    return im2col_runner(x.shape, w, sh, sw, ph, pw)(x, b)
+
+
+def conv2d(x, w, b, stride=(1, 1), padding=(0, 0)):
+    """The default FP32 convolution (im2col + our GEMM), any stride and padding."""
+    return conv2d_im2col(x, w, b, stride[0], stride[1], padding[0], padding[1])
+
+
+# -- Winograd ----------------------------------------------------------------------------------
+
+# Interpolation points (plus the point at infinity) for each tile size alpha = m + r - 1.
+_WINOGRAD_POINTS = {
+    4: (0.0, 1.0, -1.0),
+    6: (0.0, 1.0, -1.0, 2.0, -2.0),
+    8: (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5),
+}
+WINOGRAD_VARIANTS = ((2, 3), (4, 3), (2, 5), (4, 5))  # (m, r): F(m x m, r x r)
+
+
+def winograd_matrices(m: int, r: int):
+    """Toom-Cook matrices (AT (m, a), G (a, r), BT (a, a)) in float64 for F(m, r), a = m + r - 1.
+
+    With V the Vandermonde matrix of the points (row of infinity = leading coefficient), the 1-D
+    correlation y_i = sum_k g_k d_{i+k} equals AT @ ((G @ g) * (BT @ d)) with AT = V_m^T, G = V_r,
+    BT = V^-T (transpose of linear convolution computed by evaluate-multiply-interpolate).
+    """
+    if (m, r) not in WINOGRAD_VARIANTS:
+        raise InputError(f"Winograd F({m}x{m},{r}x{r}) is not provided; choose from {WINOGRAD_VARIANTS}")
+    a = m + r - 1
+    pts = _WINOGRAD_POINTS[a]
+
+    def vander(cols):
+        v = np.zeros((a, cols))
+        for j, p in enumerate(pts):
+            v[j] = p ** np.arange(cols)
+        v[a - 1, cols - 1] = 1.0  # the point at infinity picks the leading coefficient
+        return v
+
+    at, g, bt = vander(m).T.copy(), vander(r), np.linalg.inv(vander(a)).T.copy()
+    # Rescale each row of BT so its smallest non-zero entry is +-1 (the entries become small
+    # integers or halves, exact in float32) and move the factor into G, which is applied in float64.
+    scale = np.array([np.abs(row[row != 0]).min() for row in bt])
+    return at, g * scale[:, None], bt / scale[:, None]
+
+
+def winograd_weights(w, m: int) -> np.ndarray:
+    """U (a*a, O, C) float32 = G g G^T for every (o, c) filter g; computed once per layer.
+
+    The transform runs in float64 and is rounded once, so U adds no error beyond float32 storage.
+    """
+    o, c, kh, kw = w.shape
+    if kh != kw:
+        raise InputError(f"Winograd needs a square kernel, found {kh}x{kw}")
+    _, g, _ = winograd_matrices(m, kh)
+    a = m + kh - 1
+    u = np.einsum("ai,ocij,bj->aboc", g, np.asarray(w, np.float64), g)
+    return np.ascontiguousarray(u.reshape(a * a, o, c), dtype=np.float32)
+
+
+# Floats of transform buffers per Winograd group: ~1 MiB, so a group's working set stays in L2.
+_WINOGRAD_BUDGET = 1 << 18
+
+
+def winograd_group_size(c, o, h, wd, ph, pw, m, r) -> int:
+    a = m + r - 1
+    tiles = -(-(h + 2 * ph - r + 1) // m) * -(-(wd + 2 * pw - r + 1) // m)
+    per_column = a * a * (2 * c + o) + m * a * o
+    return int(max(1, _WINOGRAD_BUDGET // (per_column * tiles)))
+
+
+@njit(cache=True)
+def _axpy(dst, coef, src):
+    for t in range(dst.size):
+        dst[t] += coef * src[t]
+
+
+@njit(cache=True)
+def _winograd_images(x, u, b, ph, pw, m, at, bt, y, n0, n1, group):
+    """y[n0:n1] by F(m x m, r x r), ``group`` images at a time.
+
+    Every tile of every image in a group is one column (image-major, then tile row, tile column),
+    so each step of the transforms is an axpy over all C (or O) x columns values:
+      D[i, j] (C, cols)  = the (zero-padded) input pixel at tile offset (i, j)
+      V[e, f]            = sum_ij BT[e, i] BT[f, j] D[i, j]      (two passes, zeros of BT skipped)
+      M[e, f] (O, cols)  = U[e, f] @ V[e, f]                       (our GEMM kernel)
+      y[.., i, j]        = sum_ef AT[i, e] AT[j, f] M[e, f] + b    (two passes, then scattered)
+    """
+    c = x.shape[1]
+    o = u.shape[1]
+    a = bt.shape[0]
+    oh, ow = y.shape[2], y.shape[3]
+    th, tw = (oh + m - 1) // m, (ow + m - 1) // m
+    ntile = th * tw
+    g_max = min(group, n1 - n0)
+    ncol = g_max * ntile
+    d = np.zeros((a, a, c, ncol), np.float32)
+    tmp = np.empty((a, a, c, ncol), np.float32)
+    mm = np.empty((a * a, o, ncol), np.float32)
+    z = np.empty((m, a, o, ncol), np.float32)
+    out = np.empty((o, ncol), np.float32)
+    v = d.reshape(a * a, c, ncol)  # V overwrites D, which is dead after the first pass
+    hq, wq = th * m + a - m, tw * m + a - m  # the padded input the tiles cover
+    buf = np.zeros((c, hq, wq), np.float32)
+    tile_start = np.empty(ntile, np.int64)  # flat offset of each tile's top-left pixel in buf[c]
+    for ty in range(th):
+        for tx in range(tw):
+            tile_start[ty * tw + tx] = ty * m * wq + tx * m
+    rows = np.arange(c)
+    offs = np.zeros(c, np.int64)
+    for g0 in range(n0, n1, g_max):
+        gn = min(g_max, n1 - g0)
+        for g in range(gn):
+            _pad_into(x, g0 + g, ph, pw, buf)
+            for ch in range(c):
+                plane = buf[ch].reshape(hq * wq)
+                for i in range(a):
+                    for j in range(a):
+                        src = plane[i * wq + j :]
+                        dst = d[i, j, ch, g * ntile : (g + 1) * ntile]
+                        for t in range(ntile):
+                            dst[t] = src[tile_start[t]]
+        for e in range(a):
+            for j in range(a):
+                acc = tmp[e, j].reshape(c * ncol)
+                acc[:] = 0.0
+                for i in range(a):
+                    if bt[e, i] != 0.0:
+                        _axpy(acc, bt[e, i], d[i, j].reshape(c * ncol))
+        for e in range(a):
+            for f in range(a):
+                acc = v[e * a + f].reshape(c * ncol)
+                acc[:] = 0.0
+                for j in range(a):
+                    if bt[f, j] != 0.0:
+                        _axpy(acc, bt[f, j], tmp[e, j].reshape(c * ncol))
+        mm[:] = 0.0
+        for e in range(a * a):
+            _gemm_acc(u[e], v[e], rows, offs, 0, mm[e], 0, ncol, 0, c)
+        for i in range(m):
+            for f in range(a):
+                acc = z[i, f].reshape(o * ncol)
+                acc[:] = 0.0
+                for e in range(a):
+                    if at[i, e] != 0.0:
+                        _axpy(acc, at[i, e], mm[e * a + f].reshape(o * ncol))
+        for i in range(m):
+            for j in range(m):
+                for ch in range(o):
+                    out[ch, :] = b[ch]
+                for f in range(a):
+                    if at[j, f] != 0.0:
+                        _axpy(out.reshape(o * ncol), at[j, f], z[i, f].reshape(o * ncol))
+                n_tx = min(tw, (ow - 1 - j) // m + 1)  # tiles whose column j is inside y
+                n_ty = min(th, (oh - 1 - i) // m + 1)
+                for g in range(gn):
+                    for ch in range(o):
+                        for ty in range(n_ty):
+                            seg = out[ch, (g * th + ty) * tw : (g * th + ty) * tw + tw]
+                            dst_row = y[g0 + g, ch, ty * m + i]
+                            for tx in range(n_tx):
+                                dst_row[j + tx * m] = seg[tx]
+
+
+@njit(cache=True, parallel=True)
+def _winograd_parallel(x, u, b, ph, pw, m, at, bt, y, group, nchunks):
+    n = x.shape[0]
+    for t in prange(nchunks):
+        _winograd_images(x, u, b, ph, pw, m, at, bt, y, t * n // nchunks, (t + 1) * n // nchunks, group)
+
+
+_WINOGRAD_F32 = {}
+
+
+def winograd_runner(x_shape, u, ph, pw, m, r):
+    """``run(x, b) -> y`` for Winograd F(m x m, r x r) on inputs shaped like x_shape (any N), with
+    weights ``u`` from ``winograd_weights``."""
+    mats = _WINOGRAD_F32.get((m, r))
+    if mats is None:
+        at64, _, bt64 = winograd_matrices(m, r)
+        mats = _WINOGRAD_F32[(m, r)] = (at64.astype(np.float32), bt64.astype(np.float32))
+    at, bt = mats
+    _, c, h, wd = x_shape
+    a = m + r - 1
+    if u.ndim != 3 or u.shape[0] != a * a or u.shape[2] != c:
+        raise InputError(f"Winograd weights of shape {u.shape} do not fit F({m}x{m},{r}x{r}) on {c} channels")
+    o = u.shape[1]
+    oh, ow = h + 2 * ph - r + 1, wd + 2 * pw - r + 1
+    group = winograd_group_size(c, o, h, wd, ph, pw, m, r)
+
+    def run(x, b):
+        n = x.shape[0]
+        y = np.empty((n, o, oh, ow), np.float32)
+        if _use_parallel(n, group):
+            _winograd_parallel(x, u, b, ph, pw, m, at, bt, y, group, numba.get_num_threads())
+        else:
+            _winograd_images(x, u, b, ph, pw, m, at, bt, y, 0, n, group)
+        return y
+
+    return run
+
+
+def conv2d_winograd(x, u, b, ph, pw, m, r):
+    """Stride-1 convolution by Winograd F(m x m, r x r) with weights prepared by ``winograd_weights``.
+
+    Variants: F(2x2,3x3) and F(4x4,3x3) for 3x3 kernels, F(2x2,5x5) and F(4x4,5x5) for 5x5 kernels.
+    Multiplications per output and input channel: r*r direct vs (m+r-1)^2/m^2 here (3x3: 9 -> 4 or
+    2.25; 5x5: 25 -> 9 or 4), paid for with the input/output transforms, which only amortise over
+    many channels -- LeNet's 1 and 6 input channels leave most of that gain in the transforms.
+
+    Accuracy (float32 data, float64 weight transform, BT rescaled to small exact integers), as
+    max |error| / max |y| against a float64 direct convolution on random data: F(2x2,3x3) ~1e-7,
+    F(2x2,5x5) and F(4x4,3x3) ~1e-6, F(4x4,5x5) ~5e-6 to 1e-5. F(4x4,5x5) needs the points +-1/2 in
+    its 8x8 tiles; its input transform has entries up to 10 and the output transform sums 64 terms,
+    so rounding is amplified most there. It uses 6.25x fewer multiplies than direct for 5x5 kernels
+    but is the least accurate choice: prefer F(2x2,5x5) when exactness matters (quantization
+    studies, argmax agreement). Tests hold F(2x2,*) to 1e-5 and F(4x4,*) to 5e-5 relative.
+    """
+    return winograd_runner(x.shape, u, ph, pw, m, r)(x, b)
+
+
+# -- FFT ---------------------------------------------------------------------------------------
+
+
+def fft_weights(w, shape) -> np.ndarray:
+    """conj(rfft2(w)) on the padded-input grid ``shape`` (Hp, Wp), as (O, C, Hp*(Wp//2 + 1))
+    complex64; computed once per layer and input size."""
+    o, c = w.shape[:2]
+    wf = np.conj(np.fft.rfft2(np.asarray(w, np.float32), s=shape))  # (O, C, Hp, Wp//2 + 1)
+    return np.ascontiguousarray(wf.reshape(o, c, -1), dtype=np.complex64)
+
+
+@njit(cache=True, fastmath={"contract"})
+def _spectral_products(xf, wf, yf):
+    """yf[n, o, :] = sum_c xf[n, c, :] * wf[o, c, :] (complex64; frequencies innermost).
+
+    A Numba loop rather than a batched BLAS matmul: the matmul is faster on one idle core but
+    OpenBLAS's own threads ignore ``numba.set_num_threads`` and stall badly on a busy machine."""
+    n, c, nf = xf.shape
+    o = wf.shape[0]
+    for i in range(n):
+        for f in range(o):
+            acc = yf[i, f]
+            for t in range(nf):
+                acc[t] = 0
+            for ch in range(c):
+                xr = xf[i, ch]
+                wr = wf[f, ch]
+                for t in range(nf):
+                    acc[t] += xr[t] * wr[t]
+
+
+def fft_runner(x_shape, wf, kh, kw, sh=1, sw=1, ph=0, pw=0):
+    """``run(x, b) -> y`` by FFT for inputs shaped like x_shape (any N); see ``conv2d_fft``."""
+    _, c, h, wd = x_shape
+    hp, wp = h + 2 * ph, wd + 2 * pw
+    nf = hp * (wp // 2 + 1)
+    o = wf.shape[0]
+    if wf.shape != (o, c, nf):
+        raise InputError(f"FFT weights of shape {wf.shape} do not fit input {tuple(x_shape)}; "
+                         f"expected {(o, c, nf)}")
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+
+    def run(x, b):
+        n = x.shape[0]
+        if ph or pw:
+            x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        xf = np.fft.rfft2(x).reshape(n, c, nf)  # complex64: numpy.fft keeps single precision
+        yf = np.empty((n, o, nf), np.complex64)
+        _spectral_products(xf, wf, yf)
+        full = np.fft.irfft2(yf.reshape(n, o, hp, wp // 2 + 1), s=(hp, wp))  # (N, O, Hp, Wp)
+        y = full[:, :, : (oh - 1) * sh + 1 : sh, : (ow - 1) * sw + 1 : sw] + b.reshape(1, o, 1, 1)
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+    return run
+
+
+def conv2d_fft(x, wf, b, kh, kw, sh=1, sw=1, ph=0, pw=0):
+    """Convolution through the convolution theorem, using weights from ``fft_weights``.
+
+    Steps: zero-pad x to (Hp, Wp) = (H + 2ph, W + 2pw); X = rfft2(x) per (n, c) plane;
+    Y[n, o, f] = sum_c X[n, c, f] * conj(W[o, c, f]) (``_spectral_products``); y = irfft2(Y).
+    Correlation on the periodic Hp x Wp grid equals the plain one for output positions
+    0..Hp-KH, so no extra padding is needed. Stride > 1: the stride-1 result is
+    subsampled, which wastes sh*sw - 1 of every sh*sw outputs (correct, documented, not fast).
+
+    Cost: per image, C forward and O inverse transforms of Hp*Wp points (~2.5 Hp*Wp*log2(Hp*Wp)
+    flops each, whatever the kernel size) plus 4*Hp*(Wp/2+1) real multiply-adds per (c, o) pair,
+    against KH*KW*OH*OW per pair for direct convolution. The FFT pays off only when KH*KW is large
+    compared with log2(Hp*Wp) and C, O are large enough to amortise the transforms. For LeNet:
+    conv1 (32x32 grid) 2176 vs 19600 multiply-adds per pair, but 7 transforms of 1024 points per
+    image for 6 pairs; conv2 (14x14 grid) 448 vs 2500 per pair plus 22 transforms; conv3 (5x5
+    grid, 1x1 output) 60 vs 25 per pair plus 136 transforms. numpy's FFT also costs a few
+    microseconds per small plane (call overhead dominates at 14x14 and 5x5: the 16000 or 120000
+    inverse transforms per 1000 images take ~50-70 ms), so FFT is by far the slowest algorithm
+    here -- slower than naive on conv2 and conv3.
+
+    Accuracy: float32 FFTs give errors ~ eps * log2(Hp*Wp) * sum|x||w|, i.e. max |error| within
+    ~1e-5 of max |y| on LeNet-size inputs (measured ~1e-6).
+    """
+    return fft_runner(x.shape, wf, kh, kw, sh, sw, ph, pw)(x, b)

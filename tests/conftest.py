@@ -1,0 +1,33 @@
+"""Shared fixtures. The data directory defaults to the shared MNIST folder beside the checkout,
+which is where CI's fresh clone finds it; MICROCNN_DATA overrides it."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
+if "MICROCNN_DATA" not in os.environ and _SHARED_MNIST.is_dir():
+    os.environ["MICROCNN_DATA"] = str(_SHARED_MNIST)
+
+
+@pytest.fixture(scope="session")
+def mnist_test():
+    from microcnn.datasets import load_mnist
+
+    return load_mnist("test", download=False)
+
+
+@pytest.fixture(scope="session")
+def mnist_train():
+    from microcnn.datasets import load_mnist
+
+    return load_mnist("train", download=False)
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    import microcnn
+
+    return microcnn.lenet(weights="bundled")
