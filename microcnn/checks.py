@@ -23,7 +23,8 @@ def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndar
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / np.float32(255.0)
     elif np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, refused below
+            x = x.astype(np.float32, copy=False)
     else:
         raise InputError(
             f"{name}: expected float32 (or uint8 pixels 0..255), found dtype {x.dtype}"
@@ -40,10 +41,13 @@ def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndar
         raise InputError(f"{name}: expected a 4-D (N, C, H, W) array, found shape {x.shape}")
     if x.shape[0] == 0:
         raise InputError(f"{name}: expected at least one image, found an empty batch {x.shape}")
+    if np.isfinite(x).all():
+        return np.ascontiguousarray(x)
     bad = ~np.isfinite(x)
     if bad.any():
         first = int(np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))[0])
         raise InputError(
-            f"{name}: expected finite values, found {int(bad.sum())} NaN/Inf (first in image {first})"
+            f"{name}: expected finite float32 values, found {int(bad.sum())} NaN/Inf or beyond float32's "
+            f"range (first in image {first})"
         )
     return np.ascontiguousarray(x)

@@ -14,8 +14,10 @@ import numpy as np
 
 from . import autograd as ag
 from .autograd import Tensor
+from .convolution import conv2d_forward
 from .errors import InputError
 from .kernels import elementwise, pool
+from .kernels.gemm import linear_forward
 
 
 def _count(v, name: str) -> int:
@@ -30,8 +32,9 @@ def _pair(v, name: str) -> tuple[int, int]:
         pair = (v, v) if isinstance(v, int | np.integer) else tuple(v)
     except TypeError:  # not iterable: None, a float, ...
         pair = ()
-    if len(pair) != 2 or not all(isinstance(p, int | np.integer) for p in pair):
-        raise InputError(f"{name}: expected an int or a pair of ints, found {v!r}")
+    # The bound keeps values inside the kernels' integer types (a file may say 10**30).
+    if len(pair) != 2 or not all(isinstance(p, int | np.integer) and abs(p) < 2**31 for p in pair):
+        raise InputError(f"{name}: expected an int or a pair of ints (|value| < 2**31), found {v!r}")
     return int(pair[0]), int(pair[1])
 
 
@@ -117,8 +120,6 @@ class Conv2d(Layer):
 
     def forward(self, x):
         self._check_input(x)
-        from .convolution import conv2d_forward
-
         return conv2d_forward(x, self.weight.data, self._bias_array(), self.stride, self.padding,
                               self.algorithm, self.conv_state, self.weight.version)
 
@@ -151,8 +152,6 @@ class Linear(Layer):
 
     def forward(self, x):
         self._check_input(x)
-        from .kernels.gemm import linear_forward
-
         b = self.bias.data if self.bias is not None else np.zeros(self.out_features, np.float32)
         return linear_forward(x, self.weight.data, b)
 

@@ -50,9 +50,8 @@ def maxpool2d(x, kh, kw, sh, sw, floor=None):
     if floor is None:
         floor = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
     floor = x.dtype.type(floor)
-    threads = numba.get_num_threads()
-    if n >= 32 and threads > 1:
-        _maxpool_parallel(x, out, kh, kw, sh, sw, floor, threads)
+    if n >= 32 and numba.get_num_threads() > 1:
+        _maxpool_parallel(x, out, kh, kw, sh, sw, floor, numba.get_num_threads())
     else:
         _maxpool_images(x, out, kh, kw, sh, sw, floor, 0, n)
     return out
