@@ -7,6 +7,13 @@ import numpy as np
 from .errors import InputError
 
 
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (sizes, batch sizes, epochs), or InputError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise InputError(f"{name}: expected an integer >= {minimum}, found {value!r}")
+    return int(value)
+
+
 def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndarray:
     """Return ``x`` as a C-contiguous float32 (N, C, H, W) batch, or raise ``InputError``.
 

@@ -128,6 +128,9 @@ def cmd_bench(args) -> int:
 def cmd_quantize(args) -> int:
     from .quant import calibrate, quantize
 
+    out_dir = Path(args.out).resolve().parent
+    if not out_dir.is_dir() or Path(args.out).is_dir():  # report a bad path before calibrating
+        raise MicrocnnError(f"--out: expected a file path in an existing directory, found {args.out}")
     net = _load_model(args.model)
     cal = calibrate(net, _calibration_images(args, args.calibration), method=args.method)
     bits = args.bits
@@ -242,7 +245,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (MicrocnnError, FileNotFoundError) as exc:
+    except (MicrocnnError, OSError) as exc:  # bad input or an unusable path: one line, no traceback
         print(f"microcnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import DataNotFoundError, DownloadError, FileFormatError, InputError
-from .fileutil import atomic_open
+from .fileutil import atomic_open, regular_file_size
 
 __all__ = [
     "ASCII_RAMP",
@@ -179,6 +179,7 @@ def read_idx(path, *, max_bytes: int = DEFAULT_MAX_IDX_BYTES) -> np.ndarray:
     headers declaring more than ``max_bytes`` are refused outright.
     """
     path = Path(path)
+    regular_file_size(path, "IDX file")
     with open(path, "rb") as raw:
         if raw.read(2) != _GZIP_MAGIC:
             raw.seek(0)

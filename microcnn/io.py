@@ -16,19 +16,21 @@ Every reader checks sizes against the file before allocating, and every writer i
 from __future__ import annotations
 
 import json
-import os
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from .errors import FileFormatError
-from .fileutil import atomic_open
+from .errors import FileFormatError, InputError
+from .fileutil import atomic_open, regular_file_size
 
 FORMAT_NAME = "microcnn"
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_FILE_BYTES = 4 * 1024**3
+MAX_TENSOR_NDIM = 32  # NumPy 1.x's limit; more is a corrupt header, not a tensor
+MAX_ACTIVATION_ELEMENTS = 2**26  # per image, for a file's architecture; LeNet-5's largest is 4,704
 
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
            "I8": "i1", "U8": "u1", "BOOL": "?"}
@@ -36,10 +38,7 @@ _DTYPE_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
 def _file_size(path, what: str) -> int:
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found") from None
+    size = regular_file_size(path, what)
     if size > MAX_FILE_BYTES:
         raise FileFormatError(path, f"{what} is implausibly large", f"<= {MAX_FILE_BYTES} bytes",
                               f"{size} bytes")
@@ -54,8 +53,17 @@ def _check_finite(path, name: str, arr: np.ndarray) -> None:
                               "finite weights", f"{n_bad} non-finite")
 
 
+def _refuse_nonfinite_save(net, path) -> None:
+    # Every loader refuses NaN/Inf weights, so writing them would replace a good file with a dead one.
+    for name, p in net.named_parameters():
+        if not np.isfinite(p.data).all():
+            raise InputError(f"{path}: not saved: parameter {name} holds {int((~np.isfinite(p.data)).sum())} "
+                             "NaN/Inf values (diverged training?); nothing was written")
+
+
 # -- .raw ------------------------------------------------------------------------------------------
 def save_raw(net, path) -> None:
+    _refuse_nonfinite_save(net, path)
     with atomic_open(path, "wb") as f:
         for p in net.parameters():
             f.write(np.ascontiguousarray(p.data, dtype="<f4").tobytes())
@@ -107,6 +115,11 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None
 
 
 def _refuse_foreign(path, first: bytes) -> None:
+    """Name a pickle, zip or gzip file from its first 9 bytes. Called only once they failed as a
+    safetensors header: a header length may itself begin with 0x80 or "PK" (128 + 256k, 0x4B50 +
+    65536k bytes), but a safetensors header then opens its JSON with "{"."""
+    if first[8:9] == b"{":
+        return
     if first[:1] == b"\x80" or first[:2] in (b"PK", b"\x1f\x8b"):
         kind = {b"\x80": "a pickle", b"PK": "a zip archive (torch.save/npz)",
                 b"\x1f\x8b": "gzip data"}.get(first[:1] if first[:1] == b"\x80" else first[:2])
@@ -123,15 +136,18 @@ def read_safetensors(path) -> tuple[dict, dict]:
         if len(first) < 8:
             raise FileFormatError(path, "file too short for a safetensors header", ">= 8 bytes",
                                   f"{len(first)} bytes")
-        _refuse_foreign(path, first)
         (n,) = struct.unpack("<Q", first)
         if n > min(size - 8, MAX_HEADER_BYTES):
+            _refuse_foreign(path, first + f.read(1))
             raise FileFormatError(path, "header length exceeds the file",
                                   f"<= {min(size - 8, MAX_HEADER_BYTES)} bytes", f"{n} bytes")
+        head = f.read(n)
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FileFormatError(path, f"header is not valid JSON ({exc})") from None
+            header = json.loads(head)
+        except (ValueError, RecursionError) as exc:  # also bad UTF-8, nesting, 5000-digit numbers
+            _refuse_foreign(path, first + head[:1])
+            raise FileFormatError(path, f"header is not valid JSON ({type(exc).__name__}: "
+                                  f"{str(exc)[:100]})") from None
         if not isinstance(header, dict):
             raise FileFormatError(path, "header is not a JSON object", "object", type(header).__name__)
         metadata = header.pop("__metadata__", {}) or {}
@@ -165,17 +181,23 @@ def _validated_entry(path, name, e, buffer_len):
     if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
         raise FileFormatError(path, f"tensor {name}: entry must have dtype, shape, data_offsets",
                               found=str(e)[:120])
-    if e["dtype"] not in _DTYPES:
-        raise FileFormatError(path, f"tensor {name}: unknown dtype", sorted(_DTYPES), e["dtype"])
+    if not isinstance(e["dtype"], str) or e["dtype"] not in _DTYPES:
+        raise FileFormatError(path, f"tensor {name}: unknown dtype", sorted(_DTYPES), str(e["dtype"])[:40])
     shape, offs = e["shape"], e["data_offsets"]
-    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
-        raise FileFormatError(path, f"tensor {name}: bad shape", "list of non-negative ints", shape)
+    if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_NDIM
+            and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
+        raise FileFormatError(path, f"tensor {name}: bad shape",
+                              f"list of at most {MAX_TENSOR_NDIM} non-negative ints", str(shape)[:120])
+    # A zero-length axis makes the tensor empty, yet NumPy still refuses an absurd product of the others.
+    if math.prod(max(d, 1) for d in shape) > MAX_FILE_BYTES:
+        raise FileFormatError(path, f"tensor {name}: bad shape", f"at most {MAX_FILE_BYTES} elements "
+                              "over the non-zero axes", shape)
     if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
             and 0 <= offs[0] <= offs[1] <= buffer_len):
         raise FileFormatError(path, f"tensor {name}: data_offsets outside the data section",
                               f"0 <= begin <= end <= {buffer_len}", offs)
     dtype = np.dtype(_DTYPES[e["dtype"]])
-    need = int(np.prod(shape, dtype=object)) * dtype.itemsize  # Python ints: no overflow
+    need = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if need != offs[1] - offs[0]:
         raise FileFormatError(path, f"tensor {name}: shape {shape} {e['dtype']} does not fit its bytes",
                               f"{need} bytes", f"{offs[1] - offs[0]} bytes")
@@ -184,6 +206,7 @@ def _validated_entry(path, name, e, buffer_len):
 
 def save_model(net, path, metadata: dict | None = None) -> None:
     """Save an FP32 network with its architecture so ``load_model`` can rebuild it alone."""
+    _refuse_nonfinite_save(net, path)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "fp32",
             "architecture": json.dumps(net.config())}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
@@ -195,9 +218,75 @@ def _architecture(path, metadata) -> dict:
         raise FileFormatError(path, "not a microcnn model (no architecture in __metadata__)",
                               f"format={FORMAT_NAME}", metadata.get("format"))
     try:
-        return json.loads(metadata["architecture"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise FileFormatError(path, f"architecture metadata missing or invalid ({exc})") from None
+        arch = json.loads(metadata["architecture"])
+    except (KeyError, ValueError, RecursionError) as exc:
+        raise FileFormatError(path, f"architecture metadata missing or invalid ({type(exc).__name__}: "
+                              f"{str(exc)[:100]})") from None
+    if not (isinstance(arch, dict) and isinstance(arch.get("layers"), list)
+            and all(isinstance(c, dict) for c in arch["layers"])):
+        raise FileFormatError(path, "architecture metadata malformed", '{"layers": [{...}, ...]}',
+                              metadata["architecture"][:120])
+    return arch
+
+
+def _declared_parameters(path, arch) -> dict:
+    """name -> shape of every parameter the architecture declares, computed without allocating any."""
+    from .layers import parameter_shapes
+
+    declared = {}
+    for i, cfg in enumerate(arch["layers"]):
+        try:
+            shapes = parameter_shapes(cfg)
+        except InputError as exc:
+            raise FileFormatError(path, f"architecture layer {i} is invalid ({exc})") from None
+        declared.update((f"{i}.{pname}", shape) for pname, shape in zip(("weight", "bias"), shapes,
+                                                                         strict=False))
+    return declared
+
+
+def _check_declared_sizes(path, arch, tensors: dict, kind: str) -> None:
+    """Refuse an architecture the file's tensors cannot back, before any layer allocates its weights
+    (a forged ``Linear(10**9, 10**9)`` would otherwise ask for gigabytes)."""
+    declared = _declared_parameters(path, arch)
+    if kind == "fp32":
+        found = {name: arr.shape for name, arr in tensors.items()}
+        if found != declared:
+            bad = sorted(set(found) ^ set(declared)) or [k for k in declared if found[k] != declared[k]]
+            name = bad[0]
+            raise FileFormatError(path, f"tensors do not match the architecture (first: {name})",
+                                  declared.get(name, "no such tensor"), found.get(name, "missing"))
+        return
+    # Other kinds store every parameter in at least 4 bits (packed int4 weights, wider biases).
+    count, stored = sum(math.prod(s) for s in declared.values()), sum(a.nbytes for a in tensors.values())
+    if count > 2 * stored:
+        raise FileFormatError(path, "architecture declares more parameters than the file can hold",
+                              f"<= {2 * stored} (4 bits each in {stored} bytes)", f"{count} parameters")
+
+
+def _check_activation_sizes(path, net) -> None:
+    """With an input shape declared, run each layer's own input check on shapes alone (a zero-stride
+    view allocates nothing): an inconsistent architecture fails at load time naming the file, and
+    absurd sizes are refused (a forged padding of 10**5 would make predict ask for terabytes)."""
+    from .layers import Conv2d
+
+    shape = net.input_shape
+    if shape is None:
+        return
+    for i, layer in enumerate(net.layers):
+        try:
+            if hasattr(layer, "_check_input"):
+                layer._check_input(np.broadcast_to(np.float32(0), (1, *shape)))
+            sizes = [math.prod(shape), math.prod(layer.output_shape(shape))]
+        except InputError as exc:
+            raise FileFormatError(path, f"architecture layer {i} ({layer.type}) does not fit its input "
+                                  f"{shape} ({exc})") from None
+        if isinstance(layer, Conv2d):  # the zero-padded copy of the input
+            sizes.append(shape[0] * (shape[1] + 2 * layer.padding[0]) * (shape[2] + 2 * layer.padding[1]))
+        if max(sizes) > MAX_ACTIVATION_ELEMENTS:
+            raise FileFormatError(path, f"architecture layer {i} ({layer.type}) needs implausibly large "
+                                  "activations", f"<= {MAX_ACTIVATION_ELEMENTS} values per image",
+                                  max(sizes))
+        shape = layer.output_shape(shape)
 
 
 def read_model_state(path, expected: dict | None = None) -> dict:
@@ -208,7 +297,8 @@ def read_model_state(path, expected: dict | None = None) -> dict:
     arch = _architecture(path, metadata) if metadata else None
     if expected is not None and arch is not None and arch["layers"] != expected["layers"]:
         raise FileFormatError(path, "architecture differs from the network being loaded",
-                              [c["type"] for c in expected["layers"]], [c["type"] for c in arch["layers"]])
+                              [c["type"] for c in expected["layers"]],
+                              [c.get("type") for c in arch["layers"]])
     for name, arr in tensors.items():
         _check_finite(path, name, arr)
     return tensors
@@ -226,10 +316,18 @@ def load_model(path):
     arch = _architecture(path, metadata)
     kind = metadata.get("kind", "fp32")
     if kind != "fp32":
-        from .quant.serialize import load_from_tensors
+        from .quant.serialize import KIND_CALIBRATION, load_from_tensors
 
+        if kind == KIND_CALIBRATION:  # refused with advice, before anything is built
+            return load_from_tensors(tensors, metadata, arch, path)
+    _check_declared_sizes(path, arch, tensors, kind)
+    try:  # every kind is rebuilt from this architecture: it must build (allocation is bounded above)
+        net = Sequential.from_config(arch)
+    except InputError as exc:
+        raise FileFormatError(path, f"architecture is invalid ({exc})") from None
+    _check_activation_sizes(path, net)
+    if kind != "fp32":
         return load_from_tensors(tensors, metadata, arch, path)
-    net = Sequential.from_config(arch)
     for name, arr in tensors.items():
         _check_finite(path, name, arr)
     net.load_state_dict(tensors, source=str(path))

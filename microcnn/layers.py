@@ -14,17 +14,11 @@ import numpy as np
 
 from . import autograd as ag
 from .autograd import Tensor
+from .checks import check_count
 from .convolution import conv2d_forward
 from .errors import InputError
 from .kernels import elementwise, pool
 from .kernels.gemm import linear_forward
-
-
-def _count(v, name: str) -> int:
-    """A positive integer size. Checked before any allocation: sizes may come from a model file."""
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-        raise InputError(f"{name}: expected a positive integer, found {v!r}")
-    return int(v)
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -73,8 +67,8 @@ def _uniform_init(rng, shape, fan_in) -> np.ndarray:
 class Conv2d(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  algorithm="auto", rng=None):
-        self.in_channels = _count(in_channels, "Conv2d in_channels")
-        self.out_channels = _count(out_channels, "Conv2d out_channels")
+        self.in_channels = check_count("Conv2d in_channels", in_channels)
+        self.out_channels = check_count("Conv2d out_channels", out_channels)
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
@@ -130,8 +124,8 @@ class Conv2d(Layer):
 
 class Linear(Layer):
     def __init__(self, in_features, out_features, bias=True, rng=None):
-        self.in_features = _count(in_features, "Linear in_features")
-        self.out_features = _count(out_features, "Linear out_features")
+        self.in_features = check_count("Linear in_features", in_features)
+        self.out_features = check_count("Linear out_features", out_features)
         rng = rng if rng is not None else np.random.default_rng(0)
         self.weight = Tensor(_uniform_init(rng, (out_features, in_features), in_features), True)
         self.bias = Tensor(_uniform_init(rng, (out_features,), in_features), True) if bias else None
@@ -292,12 +286,12 @@ def parameter_shapes(cfg: dict) -> list[tuple[int, ...]]:
     a.apply_defaults()
     a = a.arguments
     if cls is Conv2d:
-        out = _count(a["out_channels"], "Conv2d out_channels")
-        weight = (out, _count(a["in_channels"], "Conv2d in_channels"),
+        out = check_count("Conv2d out_channels", a["out_channels"])
+        weight = (out, check_count("Conv2d in_channels", a["in_channels"]),
                   *_pair(a["kernel_size"], "kernel_size"))
     else:
-        out = _count(a["out_features"], "Linear out_features")
-        weight = (out, _count(a["in_features"], "Linear in_features"))
+        out = check_count("Linear out_features", a["out_features"])
+        weight = (out, check_count("Linear in_features", a["in_features"]))
     if min(weight) < 1:
         raise InputError(f"{cls.__name__}: expected kernel_size >= 1, found {weight[2:]}")
     return [weight, (out,)] if a["bias"] else [weight]

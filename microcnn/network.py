@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .autograd import Tensor
-from .checks import as_image_batch
+from .checks import as_image_batch, check_count
 from .errors import InputError
 from .layers import Conv2d, Flatten, Layer, MaxPool2d, ReLU, Softmax, layer_from_config
 
@@ -114,8 +114,7 @@ class Sequential:
 
     def predict(self, x, batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Class probabilities for a batch of images (validated, processed in chunks)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-            raise InputError(f"batch_size: expected an integer >= 1, found {batch_size!r}")
+        check_count("batch_size", batch_size)
         x = self.check_input(x)
         if len(x) <= batch_size:
             out = self.forward(x)
