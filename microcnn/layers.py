@@ -66,7 +66,7 @@ def _uniform_init(rng, shape, fan_in) -> np.ndarray:
 
 class Conv2d(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 algorithm="auto", rng=None):
+                 algorithm="im2col", rng=None):
         self.in_channels = check_count("Conv2d in_channels", in_channels)
         self.out_channels = check_count("Conv2d out_channels", out_channels)
         self.kernel_size = _pair(kernel_size, "kernel_size")

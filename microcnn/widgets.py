@@ -1,0 +1,579 @@
+"""Interactive exploration of predictions: plain functions, and ipywidgets glue over them.
+
+Everything a widget shows is computed by a plain function of its inputs (``prediction_panel``,
+``probability_figure``, ``feature_maps_figure``, ``misclassified``, ``preprocess_drawing``, and the
+callbacks ``on_index_change``, ``on_layer_change``, ``on_misclassified_change``,
+``on_drawing_change``). Tests call those directly, because a notebook replay never moves a slider.
+``explorer`` and ``drawing_pad`` only wire widgets to them; ipywidgets and anywidget are imported
+there, so importing this module needs neither.
+
+A "model" is anything with ``predict(x) -> (N, 10)`` class probabilities: an FP32 ``Sequential`` or
+a quantized network. Feature maps need ``trace(x)`` (``Sequential`` has it).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .checks import as_image_batch
+from .datasets import _box_weights
+from .errors import InputError
+
+IMAGE_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
+
+# MNIST's own preprocessing (LeCun et al.): the digit's bounding box is scaled so its longer side is
+# 20 px, then placed in a 28x28 field with its centre of mass at the centre. Measured on the MNIST
+# test set, the mean centre of mass sits at pixel index (14.0, 14.0).
+DIGIT_BOX = 20
+FIELD = 28
+FIELD_CENTRE = 14.0
+# A canvas whose strongest stroke differs from the background by less than this (on a 0..1 scale,
+# ~25/255) holds no drawing: preprocess_drawing returns None rather than magnifying noise.
+EMPTY_CONTRAST = 0.1
+# Pixels below this fraction of the peak ink are anti-aliasing haze and do not widen the bounding box.
+BOX_INK = 0.05
+
+
+# ------------------------------------------------------------------------------------ predictions
+def _one_image(image) -> np.ndarray:
+    x = as_image_batch(image, IMAGE_SHAPE, name="image")
+    if len(x) != 1:
+        raise InputError(f"image: expected one image, found a batch of {len(x)}")
+    return x
+
+
+def _check_models(models) -> dict:
+    if not isinstance(models, dict) or not models:
+        found = "an empty dict" if isinstance(models, dict) else type(models).__name__
+        raise InputError(f"models: expected a non-empty dict name -> model, found {found}")
+    for name, model in models.items():
+        if not callable(getattr(model, "predict", None)):
+            raise InputError(f"models[{name!r}]: expected an object with .predict(x), "
+                             f"found {type(model).__name__}")
+    return models
+
+
+def _probabilities(name, model, x) -> np.ndarray:
+    probs = np.asarray(model.predict(x), dtype=np.float64)
+    if probs.shape != (len(x), NUM_CLASSES):
+        raise InputError(f"models[{name!r}].predict: expected probabilities of shape "
+                         f"({len(x)}, {NUM_CLASSES}), found {probs.shape}")
+    return probs
+
+
+def prediction_panel(models: dict, image) -> pd.DataFrame:
+    """Class probabilities of one image under every model: rows are classes 0-9 (index ``Class``),
+    columns the model names in the dict's order. ``image``: (28, 28), (1, 28, 28) or (1, 1, 28, 28)."""
+    x = _one_image(image)
+    columns = {name: _probabilities(name, model, x)[0] for name, model in _check_models(models).items()}
+    panel = pd.DataFrame(columns, index=pd.RangeIndex(NUM_CLASSES, name="Class"))
+    panel.columns.name = "Model"
+    return panel
+
+
+def prediction_summary(panel: pd.DataFrame, label: int | None = None) -> str:
+    """One line per panel: each model's predicted class and its probability, e.g.
+    ``label 7 | FP32: 7 (99.8%) | INT8: 7 (99.7%)``."""
+    parts = [] if label is None else [f"label {int(label)}"]
+    for name in panel.columns:
+        k = int(panel[name].to_numpy().argmax())
+        parts.append(f"{name}: {k} ({100 * panel[name].iloc[k]:.1f}%)")
+    return " | ".join(parts)
+
+
+def probability_figure(panel: pd.DataFrame, label: int | None = None, title: str | None = None,
+                       figsize=(6.4, 2.6)) -> Figure:
+    """Grouped bars: for each class, one bar per model (the panel's columns) side by side.
+    The true ``label``, when given, is marked on the class axis."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    classes = panel.index.to_numpy()
+    width = 0.8 / max(1, panel.shape[1])
+    for j, name in enumerate(panel.columns):
+        offset = (j - (panel.shape[1] - 1) / 2) * width
+        ax.bar(classes + offset, panel[name].to_numpy(), width, label=str(name))
+    ax.set_xticks(classes)
+    ax.set_xlabel("class")
+    ax.set_ylabel("probability")
+    ax.set_ylim(0, 1.05)
+    if label is not None:
+        ax.get_xticklabels()[int(label)].set_fontweight("bold")
+        ax.axvspan(label - 0.45, label + 0.45, color="0.9", zorder=0)
+    # Outside the axes: inside, it would hide the tall bars of the low classes.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    ax.set_title(title if title is not None else
+                 ("" if label is None else f"true label {int(label)} (shaded)"), fontsize="medium")
+    return fig
+
+
+def figure_png(fig: Figure, dpi: int = 80) -> bytes:
+    """PNG bytes of a figure, for ``ipywidgets.Image`` (no pyplot state, nothing left open)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------ feature maps
+def layer_choices(net) -> list[str]:
+    """Layer names ``feature_maps_figure`` accepts, in network order (conv1, relu1, pool1, ...)."""
+    return list(net.names)
+
+
+def _find_record(records, layer):
+    for rec in records:
+        if layer == rec.name or (isinstance(layer, int | np.integer) and layer == rec.index):
+            return rec
+    raise InputError(f"layer: expected one of {[r.name for r in records]} or an index "
+                     f"0..{len(records) - 1}, found {layer!r}")
+
+
+def feature_maps_figure(net, image, layer, max_maps: int = 16, cmap: str = "viridis") -> Figure:
+    """The output of ``layer`` (name like ``"conv1"`` or index) for one image, from ``net.trace``.
+
+    Spatial outputs (C, H, W) show up to ``max_maps`` channels as a grid of images sharing one
+    colour scale; flat outputs (F,) and 1x1 maps (F, 1, 1) show as bars, one per unit.
+    """
+    if max_maps < 1:
+        raise InputError(f"max_maps: expected >= 1, found {max_maps}")
+    record = _find_record(net.trace(_one_image(image)), layer)
+    out = record.output[0]
+    heading = f"{record.name} ({record.type}) output, shape {tuple(out.shape)}"
+    if out.ndim == 3 and out.shape[1:] == (1, 1):  # 1x1 maps read better as one bar per channel
+        out = out.reshape(-1)
+    if out.ndim == 1:
+        fig = Figure(figsize=(6.4, 2.4), layout="constrained")
+        ax = fig.add_subplot()
+        ax.bar(np.arange(out.size), out, width=0.9)
+        ax.set_xlabel("unit")
+        ax.set_ylabel("activation")
+        ax.set_title(heading, fontsize="medium")
+        return fig
+    shown = min(max_maps, out.shape[0])
+    cols = min(shown, 8)
+    rows = -(-shown // cols)
+    # A fixed layout: constrained layout would more than double the render time of a slider step.
+    width, height = 1.1 * cols + 1.0, 1.1 * rows + 0.7
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.35 / width, right=1 - 0.95 / width, bottom=0.3 / height,
+                        top=1 - 0.55 / height, wspace=0.1, hspace=0.3)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    lo, hi = float(out[:shown].min()), float(out[:shown].max())
+    image_artist = None
+    for k, ax in enumerate(axes.flat):
+        if k >= shown:
+            ax.set_axis_off()
+            continue
+        image_artist = ax.imshow(out[k], cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1)
+        ax.set_title(f"ch {k}", fontsize="x-small")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[-1, 0].set_xlabel("x (px)", fontsize="small")
+    axes[-1, 0].set_ylabel("y (px)", fontsize="small")
+    bar_axes = fig.add_axes((1 - 0.8 / width, 0.3 / height, 0.12 / width, 1 - 0.85 / height))
+    fig.colorbar(image_artist, cax=bar_axes, label="activation")
+    more = f", first {shown} of {out.shape[0]} channels" if shown < out.shape[0] else ""
+    fig.suptitle(heading + more, fontsize="medium")
+    return fig
+
+
+# ------------------------------------------------------------------------------------ misclassified
+def misclassified(model, images, labels, predicted=None) -> np.ndarray:
+    """Indices (ascending, int64) of the images whose predicted class differs from the label.
+    ``predicted``: class predictions already at hand, to skip running the model again."""
+    labels = np.asarray(labels)
+    if predicted is None:
+        predicted = _probabilities("model", model, as_image_batch(images, IMAGE_SHAPE)).argmax(1)
+    predicted = np.asarray(predicted)
+    if labels.shape != predicted.shape or labels.ndim != 1:
+        raise InputError(f"labels: expected shape {predicted.shape}, found {labels.shape}")
+    return np.flatnonzero(predicted != labels).astype(np.int64)
+
+
+def page_count(n_items: int, per_page: int) -> int:
+    """Pages needed to show ``n_items`` thumbnails ``per_page`` at a time (at least one, maybe empty)."""
+    if per_page < 1:
+        raise InputError(f"per_page: expected >= 1, found {per_page}")
+    return max(1, -(-n_items // per_page))
+
+
+def misclassified_figure(images, labels, predicted, indices, page: int = 0, per_page: int = 12) -> Figure:
+    """A page of the misclassified-digit browser: thumbnails titled ``#index label→predicted``."""
+    indices = np.asarray(indices, dtype=np.int64)
+    pages = page_count(len(indices), per_page)
+    if not 0 <= page < pages:
+        raise InputError(f"page: expected 0..{pages - 1}, found {page}")
+    chosen = indices[page * per_page:(page + 1) * per_page]
+    cols = min(per_page, 6)
+    rows = -(-per_page // cols)
+    width, height = 1.2 * cols, 1.35 * rows + 0.4
+    fig = Figure(figsize=(width, height))  # fixed layout, for speed (see feature_maps_figure)
+    fig.subplots_adjust(left=0.05, right=0.95, bottom=0.05 / height, top=1 - 0.6 / height, hspace=0.35)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, chosen, strict=False):
+        ax.imshow(np.asarray(images[i]).reshape(FIELD, FIELD), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"#{i} {labels[i]}→{predicted[i]}", fontsize="x-small")
+    fig.suptitle(f"misclassified {len(indices)}: page {page + 1}/{pages} (label→predicted)",
+                 fontsize="medium")
+    return fig
+
+
+# ------------------------------------------------------------------------------------ drawings
+def _canvas_gray(canvas) -> np.ndarray:
+    """A canvas as float64 (H, W) grey levels in [0, 1]; RGBA is composited over a background that
+    contrasts with the strokes (white under dark strokes, black under light ones)."""
+    a = np.asarray(canvas)
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)) or min(a.shape[:2]) < 1:
+        raise InputError(f"canvas: expected (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, found shape "
+                         f"{a.shape}")
+    if a.dtype == np.uint8:
+        a = a.astype(np.float64) / 255.0
+    elif np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise InputError(f"canvas: float pixels must be finite, found {int((~np.isfinite(a)).sum())} "
+                             "NaN/Inf")
+        if a.min() < 0.0 or a.max() > 1.0:
+            raise InputError(f"canvas: float pixels must lie in [0, 1], found range [{a.min()}, {a.max()}]")
+    else:
+        raise InputError(f"canvas: expected uint8 (0..255) or float (0..1) pixels, found dtype {a.dtype}")
+    if a.ndim == 2:
+        return a
+    if a.shape[2] == 1:
+        return a[..., 0]
+    luma = a[..., :3] @ np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights
+    if a.shape[2] == 3:
+        return luma
+    alpha = a[..., 3]
+    if alpha.sum() == 0.0:
+        return np.zeros_like(luma)
+    stroke_luma = float((alpha * luma).sum() / alpha.sum())
+    background = 1.0 if stroke_luma < 0.5 else 0.0
+    return alpha * luma + (1.0 - alpha) * background
+
+
+def preprocess_drawing(canvas) -> np.ndarray | None:
+    """A drawing on a canvas of any size turned into an MNIST-like input: float32 (1, 1, 28, 28).
+
+    ``canvas``: (H, W) grey, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA; uint8 0..255 or float 0..1.
+    Steps, as MNIST was made: grey levels; the background is the median grey (a digit covers less
+    than half the canvas) and if it is light the image is inverted, since MNIST strokes are bright
+    on black; ink = contrast to the background, scaled so the strongest stroke is 1; crop to the
+    bounding box of the ink; area-average resize so the longer side is 20 px, keeping the aspect
+    ratio; paste into a 28x28 field with the centre of mass at pixel (14, 14) (shifted by whole
+    pixels, and clamped so no ink leaves the field). Values lie in [0, 1].
+
+    Returns ``None`` for an empty canvas: one whose strongest stroke contrasts with the background
+    by less than ``EMPTY_CONTRAST`` (a blank, uniformly filled or nearly blank canvas).
+    """
+    gray = _canvas_gray(canvas)
+    background = float(np.median(gray))
+    ink = (background - gray) if background > 0.5 else (gray - background)
+    ink = np.clip(ink, 0.0, None)
+    peak = float(ink.max())
+    if peak < EMPTY_CONTRAST:
+        return None
+    ink /= peak
+    rows = np.flatnonzero((ink >= BOX_INK).any(axis=1))
+    cols = np.flatnonzero((ink >= BOX_INK).any(axis=0))
+    crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    h, w = crop.shape
+    scale = DIGIT_BOX / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    small = _box_weights(new_h, h) @ crop @ _box_weights(new_w, w).T
+    mass = small.sum()
+    cy = float((small.sum(axis=1) * np.arange(new_h)).sum() / mass)
+    cx = float((small.sum(axis=0) * np.arange(new_w)).sum() / mass)
+    top = int(np.clip(np.floor(FIELD_CENTRE - cy + 0.5), 0, FIELD - new_h))
+    left = int(np.clip(np.floor(FIELD_CENTRE - cx + 0.5), 0, FIELD - new_w))
+    out = np.zeros((1, 1, FIELD, FIELD), np.float32)
+    out[0, 0, top:top + new_h, left:left + new_w] = np.clip(small, 0.0, 1.0)
+    return out
+
+
+def pixels_to_canvas(pixels: bytes, width: int, height: int) -> np.ndarray:
+    """Grey uint8 bytes sent by the drawing canvas (row-major) as an (height, width) array."""
+    data = np.frombuffer(bytes(pixels), dtype=np.uint8)
+    if data.size != width * height:
+        raise InputError(f"pixels: expected {width}x{height} = {width * height} bytes, found {data.size}")
+    return data.reshape(height, width)
+
+
+# ------------------------------------------------------------------------------------ callbacks
+@dataclass
+class ExplorerState:
+    """What the explorer's callbacks read: models, the test images, and per-model predictions."""
+
+    models: dict
+    images: np.ndarray
+    labels: np.ndarray
+    net: object  # the model with .trace whose feature maps are shown
+    predicted: dict = field(default_factory=dict)  # name -> predicted classes of every image
+    wrong: dict = field(default_factory=dict)  # name -> misclassified indices
+    layer: str = ""
+
+
+def explorer_state(models: dict, images, labels, net=None) -> ExplorerState:
+    """Predict every image once with every model, so moving a slider only renders."""
+    models = _check_models(models)
+    images = as_image_batch(images, IMAGE_SHAPE)
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),):
+        raise InputError(f"labels: expected shape ({len(images)},), found {labels.shape}")
+    if net is None:
+        net = next((m for m in models.values() if hasattr(m, "trace")), None)
+        if net is None:
+            raise InputError("models: none has .trace(x) for feature maps; pass net= explicitly")
+    predicted = {name: _probabilities(name, m, images).argmax(1) for name, m in models.items()}
+    wrong = {name: misclassified(None, images, labels, predicted=p) for name, p in predicted.items()}
+    return ExplorerState(models, images, labels, net, predicted, wrong, layer=layer_choices(net)[0])
+
+
+def _check_index(state: ExplorerState, index) -> int:
+    if not isinstance(index, int | np.integer) or not 0 <= index < len(state.images):
+        raise InputError(f"index: expected an int in 0..{len(state.images) - 1}, found {index!r}")
+    return int(index)
+
+
+def on_index_change(state: ExplorerState, index: int) -> dict:
+    """Slider moved to test image ``index``: its probability panel, a summary line, the bars and the
+    feature maps of the current layer (both as PNG bytes)."""
+    index = _check_index(state, index)
+    image, label = state.images[index], int(state.labels[index])
+    panel = prediction_panel(state.models, image)
+    return {
+        "index": index,
+        "panel": panel,
+        "summary": f"test image {index}: " + prediction_summary(panel, label),
+        "probabilities_png": figure_png(probability_figure(panel, label)),
+        "feature_maps_png": figure_png(feature_maps_figure(state.net, image, state.layer)),
+    }
+
+
+def on_layer_change(state: ExplorerState, index: int, layer: str) -> bytes:
+    """Layer dropdown changed: remember the layer and return its feature maps as PNG bytes."""
+    index = _check_index(state, index)
+    png = figure_png(feature_maps_figure(state.net, state.images[index], layer))
+    state.layer = layer
+    return png
+
+
+def on_misclassified_change(state: ExplorerState, model: str, page: int, per_page: int = 12) -> dict:
+    """Misclassified browser: the page of ``model``'s mistakes as PNG bytes, how many pages there are,
+    and the first index on the page (the explorer jumps its slider there)."""
+    if model not in state.wrong:
+        raise InputError(f"model: expected one of {list(state.wrong)}, found {model!r}")
+    wrong = state.wrong[model]
+    pages = page_count(len(wrong), per_page)
+    fig = misclassified_figure(state.images, state.labels, state.predicted[model], wrong, page, per_page)
+    first = int(wrong[page * per_page]) if len(wrong) else None
+    return {"png": figure_png(fig), "pages": pages, "count": len(wrong), "first_index": first}
+
+
+def on_drawing_change(models: dict, pixels: bytes, width: int, height: int) -> dict:
+    """Canvas changed: preprocess the drawing and predict it. ``text`` says the prediction (or asks for
+    a drawing when the canvas is empty); ``panel`` and the PNGs are None for an empty canvas."""
+    image = preprocess_drawing(pixels_to_canvas(pixels, width, height)) if len(pixels) else None
+    if image is None:
+        return {"text": "Prediction: none (draw a digit)", "panel": None, "image": None,
+                "probabilities_png": None, "input_png": None}
+    panel = prediction_panel(models, image)
+    first = panel.columns[0]
+    k = int(panel[first].to_numpy().argmax())
+    return {"text": f"Prediction: {k} ({prediction_summary(panel)})", "panel": panel, "image": image,
+            "probabilities_png": figure_png(probability_figure(panel, figsize=(5.2, 2.4))),
+            "input_png": figure_png(_input_figure(image))}
+
+
+def _input_figure(image) -> Figure:
+    fig = Figure(figsize=(1.8, 1.9), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(image.reshape(FIELD, FIELD), cmap="gray", vmin=0, vmax=1)
+    ax.set_title("network input (28×28)", fontsize="x-small")
+    ax.set_xlabel("x (px)", fontsize="x-small")
+    ax.set_ylabel("y (px)", fontsize="x-small")
+    ax.tick_params(labelsize="xx-small")
+    return fig
+
+
+# ------------------------------------------------------------------------------------ widget glue
+def _show_png(image_widget, data: bytes | None) -> None:
+    """Show PNG bytes at their own pixel width (a flex box would otherwise stretch and blur them)."""
+    image_widget.value = data or b""
+    image_widget.width = str(int.from_bytes(data[16:20], "big")) if data else ""
+
+
+def explorer(models: dict, images, labels, net=None):
+    """The test-set explorer: a slider over ``images`` with every model's probabilities side by side,
+    a layer dropdown for feature maps, and a misclassified-digit browser that jumps the slider."""
+    import ipywidgets as w
+
+    state = explorer_state(models, images, labels, net=net)
+    slider = w.IntSlider(0, 0, len(state.images) - 1, description="test image",
+                         continuous_update=False, layout=w.Layout(width="60%"))
+    summary = w.HTML().add_class("microcnn-summary")
+    table = w.HTML()
+    bars, maps, grid = w.Image(format="png"), w.Image(format="png"), w.Image(format="png")
+    layer = w.Dropdown(options=layer_choices(state.net), value=state.layer, description="layer")
+    wrong_model = w.Dropdown(options=list(state.wrong), description="mistakes of")
+    page = w.IntSlider(0, 0, 0, description="page")
+    count = w.HTML()
+
+    def show_index(change=None):
+        out = on_index_change(state, slider.value)
+        summary.value = f"<b>{out['summary']}</b>"
+        table.value = out["panel"].to_html(float_format="{:.4f}".format)
+        _show_png(bars, out["probabilities_png"])
+        _show_png(maps, out["feature_maps_png"])
+
+    def show_layer(change):
+        _show_png(maps, on_layer_change(state, slider.value, change["new"]))
+
+    updating = []  # set while show_mistakes adjusts the page slider, whose change would re-enter it
+
+    def show_mistakes(change=None):
+        if updating:
+            return
+        updating.append(True)
+        try:
+            model = wrong_model.value
+            last = page_count(len(state.wrong[model]), 12) - 1
+            out = on_misclassified_change(state, model, min(page.value, last))
+            page.max, page.value = last, min(page.value, last)
+            _show_png(grid, out["png"])
+            count.value = f"{out['count']} of {len(state.images)} misclassified"
+            if out["first_index"] is not None and change is not None:
+                slider.value = out["first_index"]
+        finally:
+            updating.clear()
+
+    slider.observe(show_index, "value")
+    layer.observe(show_layer, "value")
+    wrong_model.observe(show_mistakes, "value")
+    page.observe(show_mistakes, "value")
+    show_index()
+    show_mistakes()
+    tabs = w.Tab([w.VBox([layer, maps]), w.VBox([w.HBox([wrong_model, page, count]), grid])])
+    tabs.set_title(0, "feature maps")
+    tabs.set_title(1, "misclassified")
+    # flex-start: a stretched row would scale the bar chart to the table's height and blur it
+    return w.VBox([slider, summary, w.HBox([bars, table], layout=w.Layout(align_items="flex-start")), tabs])
+
+
+_CANVAS_ESM = """
+export default {
+  render({ model, el }) {
+    const width = model.get("width"), height = model.get("height");
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    canvas.className = "microcnn-canvas";
+    canvas.style.cssText = `width:${width}px;height:${height}px;cursor:crosshair;touch-action:none;` +
+      "border:1px solid #888;display:block";
+    const ctx = canvas.getContext("2d", { willReadFrequently: true });
+    const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, width, height); };
+    clear();
+    let drawing = false, last = null, timer = null;
+    // Bright strokes on black, as in MNIST; one grey byte per pixel goes to Python.
+    const send = () => {
+      timer = null;
+      const rgba = ctx.getImageData(0, 0, width, height).data;
+      const grey = new Uint8Array(width * height);
+      for (let i = 0; i < grey.length; i++) grey[i] = rgba[4 * i];
+      model.set("pixels", new DataView(grey.buffer));
+      model.save_changes();
+    };
+    const at = (e) => {
+      const r = canvas.getBoundingClientRect();
+      return [(e.clientX - r.left) * width / r.width, (e.clientY - r.top) * height / r.height];
+    };
+    const line = (a, b) => {
+      ctx.strokeStyle = "#fff";
+      ctx.lineWidth = model.get("stroke_width");
+      ctx.lineCap = "round";
+      ctx.lineJoin = "round";
+      ctx.beginPath();
+      ctx.moveTo(a[0], a[1]);
+      ctx.lineTo(b[0], b[1]);
+      ctx.stroke();
+    };
+    canvas.addEventListener("pointerdown", (e) => {
+      drawing = true;
+      last = at(e);
+      line(last, last);
+      canvas.setPointerCapture(e.pointerId);
+      e.preventDefault();
+    });
+    canvas.addEventListener("pointermove", (e) => {
+      if (!drawing) return;
+      const p = at(e);
+      line(last, p);
+      last = p;
+      if (timer === null) timer = setTimeout(send, 150);  // live, but not on every mouse event
+    });
+    const finish = () => {
+      if (!drawing) return;
+      drawing = false;
+      if (timer !== null) clearTimeout(timer);
+      send();
+    };
+    canvas.addEventListener("pointerup", finish);
+    canvas.addEventListener("pointercancel", finish);
+    const button = document.createElement("button");
+    button.textContent = "Clear";
+    button.className = "microcnn-clear";
+    button.onclick = () => { clear(); send(); };
+    el.append(canvas, button);
+  }
+};
+"""
+
+
+def _canvas_class():
+    global _DrawingCanvas
+    if _DrawingCanvas is None:
+        import anywidget
+        import traitlets
+
+        class DrawingCanvas(anywidget.AnyWidget):
+            """A mouse drawing surface; ``pixels`` holds its grey levels, row-major uint8."""
+
+            _esm = _CANVAS_ESM
+            width = traitlets.Int(280).tag(sync=True)
+            height = traitlets.Int(280).tag(sync=True)
+            stroke_width = traitlets.Int(22).tag(sync=True)
+            # The front end sends a DataView, which arrives as a memoryview: store plain bytes.
+            pixels = traitlets.Bytes(b"").tag(sync=True, from_json=lambda v, _w: bytes(v or b""))
+
+        _DrawingCanvas = DrawingCanvas
+    return _DrawingCanvas
+
+
+_DrawingCanvas = None
+
+
+def drawing_pad(models: dict, size: int = 280, stroke_width: int = 22):
+    """A canvas to draw a digit on with the mouse; every model's prediction updates while drawing.
+    A 22 px pen on a 280 px canvas gives strokes as thick as MNIST's once scaled to 28x28."""
+    import ipywidgets as w
+
+    models = _check_models(models)
+    canvas = _canvas_class()(width=size, height=size, stroke_width=stroke_width)
+    text = w.HTML("Prediction: none (draw a digit)").add_class("microcnn-drawing-prediction")
+    bars, seen = w.Image(format="png"), w.Image(format="png")
+
+    def update(change):
+        out = on_drawing_change(models, change["new"], canvas.width, canvas.height)
+        text.value = out["text"]
+        _show_png(bars, out["probabilities_png"])
+        _show_png(seen, out["input_png"])
+
+    canvas.observe(update, "pixels")
+    return w.HBox([canvas, w.VBox([text, bars, seen], layout=w.Layout(align_items="flex-start"))])
