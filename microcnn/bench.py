@@ -215,7 +215,7 @@ def run(args) -> dict:
 
         table = compare_table(net, images, labels, calibration_images=_calibration_images(
             args, args.calibration), threads=args.threads, repeats=args.repeats,
-            systems=args.compare)
+            systems=args.compare, method=args.method)
         say("\nComparison:\n" + format_table(table, ".3f"))
         report["compare"] = _records(table, {"System": "system", "Precision": "precision",
                                              "Time (ms)": "time_ms", "Per Image (us)": "per_image_us",
