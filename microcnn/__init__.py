@@ -17,6 +17,18 @@ def load(path):
     return load_model(path)
 
 
+_QUANT_API = ("calibrate", "quantize", "compress")
+
+
+def __getattr__(name):
+    # The quantization API is re-exported lazily so `import microcnn` stays light.
+    if name in _QUANT_API:
+        from . import quant
+
+        return getattr(quant, name)
+    raise AttributeError(f"module 'microcnn' has no attribute {name!r}")
+
+
 def set_num_threads(n: int) -> None:
     """Threads used by the parallel Numba kernels (benchmarks pin this to 1 by default)."""
     import numba
@@ -26,6 +38,6 @@ def set_num_threads(n: int) -> None:
 
 __all__ = [
     "AvgPool2d", "Conv2d", "DataNotFoundError", "DownloadError", "FileFormatError", "Flatten",
-    "InputError", "Linear", "MaxPool2d", "MicrocnnError", "ReLU", "Sequential", "Sigmoid", "Softmax",
+    "InputError", "Linear", "calibrate", "compress", "quantize", "MaxPool2d", "MicrocnnError", "ReLU", "Sequential", "Sigmoid", "Softmax",
     "lenet", "load", "load_model", "save_model", "set_num_threads", "__version__",
 ]
