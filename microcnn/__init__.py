@@ -38,6 +38,7 @@ def set_num_threads(n: int) -> None:
 
 __all__ = [
     "AvgPool2d", "Conv2d", "DataNotFoundError", "DownloadError", "FileFormatError", "Flatten",
-    "InputError", "Linear", "calibrate", "compress", "quantize", "MaxPool2d", "MicrocnnError", "ReLU", "Sequential", "Sigmoid", "Softmax",
-    "lenet", "load", "load_model", "save_model", "set_num_threads", "__version__",
+    "InputError", "Linear", "MaxPool2d", "MicrocnnError", "ReLU", "Sequential", "Sigmoid",
+    "Softmax", "__version__", "calibrate", "compress", "lenet", "load", "load_model", "quantize",
+    "save_model", "set_num_threads",
 ]
