@@ -1,0 +1,135 @@
+"""Calibration: run sample images through the FP32 network and let one observer per activation tensor
+(the network input and every layer's output) collect statistics."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+
+from ..errors import InputError
+from .observers import OBSERVERS, Observer, make_observer
+from .params import ActQuant, check_bits
+
+INPUT = "input"  # name of the network-input tensor; layer outputs use the layer names (conv1, relu1, ...)
+
+
+class Calibration:
+    """Per-tensor observers of one network, plus the calibration images (bias correction reuses them).
+
+    ``range(name, bits)`` and ``act_quant(name, bits)`` give the clipping range / quantization of a
+    tensor for a bit width; ranges are cached per (tensor, bits)."""
+
+    def __init__(self, method: str, observers: OrderedDict, architecture: dict, images: np.ndarray,
+                 seed: int = 0):
+        self.method = method
+        self.observers = observers
+        self.architecture = architecture
+        self.images = images
+        self.seed = seed
+        self._ranges: dict = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.observers)
+
+    @property
+    def samples(self) -> int:
+        return len(self.images)
+
+    def observer(self, name: str) -> Observer:
+        if name not in self.observers:
+            raise InputError(f"calibration has no tensor {name!r}; it has {self.names}")
+        return self.observers[name]
+
+    def range(self, name: str, bits: int = 8) -> tuple[float, float]:
+        bits = check_bits(bits)
+        key = (name, bits)
+        if key not in self._ranges:
+            self._ranges[key] = self.observer(name).range(bits)
+        return self._ranges[key]
+
+    def act_quant(self, name: str, bits: int = 8) -> ActQuant:
+        lo, hi = self.range(name, bits)
+        return ActQuant.from_range(lo, hi, bits, name=f"calibrated range of {name}")
+
+    def check_network(self, net) -> None:
+        """InputError unless this calibration was made on a network of ``net``'s architecture."""
+        if self.architecture.get("layers") != net.config().get("layers"):
+            raise InputError(f"calibration was made for another architecture "
+                             f"({_layer_types(self.architecture)}) than the network "
+                             f"({_layer_types(net.config())})")
+
+    def table(self, bits: int = 8):
+        """One row per tensor: observed min/max, the chosen range at ``bits`` and the resulting scale."""
+        import pandas as pd
+
+        rows = []
+        for name, obs in self.observers.items():
+            lo, hi = self.range(name, bits)
+            q = self.act_quant(name, bits)
+            rows.append({"Tensor": name, "Observer": obs.kind, "Min": obs.min_val, "Max": obs.max_val,
+                         "Range Lo": lo, "Range Hi": hi, "Scale": q.scale, "Zero Point": q.zero_point})
+        return pd.DataFrame(rows)
+
+    def save(self, path) -> None:
+        from .serialize import save_calibration
+
+        save_calibration(self, path)
+
+    @staticmethod
+    def load(path, net=None) -> Calibration:
+        from .serialize import load_calibration
+
+        return load_calibration(path, net)
+
+    def __repr__(self):
+        return f"Calibration(method={self.method!r}, samples={self.samples}, tensors={len(self.observers)})"
+
+
+def _layer_types(arch: dict) -> list:
+    return [c.get("type") for c in arch.get("layers", [])]
+
+
+def calibrate(net, images, method: str = "mse", samples: int = 100, progress: bool = True, seed: int = 0,
+              batch_size: int = 10, **observer_options) -> Calibration:
+    """Collect activation statistics of ``net`` on up to ``samples`` of ``images``.
+
+    ``images`` must not be the evaluation set (use the training split). When there are more images than
+    ``samples``, a seeded random subset is taken. Layers run one at a time on batches of ``batch_size``
+    (the unit of the moving-average observer). ``method``: "mse" | "minmax" | "ema" | "percentile" |
+    "entropy"; ``observer_options`` go to the observer (e.g. ``percentile=99.9``, ``bins=2048``).
+    """
+    from ..network import Sequential
+
+    if not isinstance(net, Sequential):
+        raise InputError(f"net: expected a microcnn Sequential, found {type(net).__name__}")
+    if method not in OBSERVERS:
+        raise InputError(f"method: expected one of {sorted(OBSERVERS)}, found {method!r}")
+    if not isinstance(samples, int | np.integer) or samples < 1:
+        raise InputError(f"samples: expected a positive integer, found {samples!r}")
+    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise InputError(f"batch_size: expected a positive integer, found {batch_size!r}")
+    x = net.check_input(images, name="calibration images")
+    if len(x) > samples:
+        pick = np.sort(np.random.default_rng(seed).choice(len(x), size=samples, replace=False))
+        x = x[pick]
+    lo, hi = float(x.min()), float(x.max())
+    if lo == hi:
+        raise InputError(f"calibration images: all {len(x)} images are constant (every value {lo:g}); "
+                         "a zero range gives no quantization scale: calibrate on real samples")
+    tensors = [INPUT, *net.names]
+    observers = OrderedDict((t, make_observer(method, t, **observer_options)) for t in tensors)
+    starts = range(0, len(x), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"calibrate ({method})", unit="batch")
+    for s in starts:
+        a = x[s:s + batch_size]
+        observers[INPUT].observe(a)
+        for name, layer in zip(net.names, net.layers, strict=True):
+            a = layer.forward(a)
+            observers[name].observe(a)
+    return Calibration(method, observers, json.loads(json.dumps(net.config())), x.copy(), seed)

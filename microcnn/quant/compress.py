@@ -1,0 +1,116 @@
+"""Storage-only compression: weights kept on disk (and in ``nbytes``) as int8 (per-channel symmetric,
+float32 scales, float32 biases) or float16; after loading, the network computes in FP32 on the
+decompressed weights. Smaller files, no integer kernels, accuracy close to FP32."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FileFormatError, InputError
+from ..network import Sequential
+from .quantize import quantize_weight
+
+FORMATS = ("int8", "fp16")
+
+
+class CompressedModel:
+    """A Sequential whose stored form is compressed. Inference (``predict``, ``accuracy``, ``trace``,
+    ...) is the decompressed FP32 network's; ``nbytes`` and ``save`` are the compressed form's."""
+
+    def __init__(self, stored: dict, fmt: str, network: Sequential):
+        self.stored = stored  # tensor name -> stored array
+        self.format = fmt
+        self.network = network
+
+    def __getattr__(self, name):  # predict, predict_classes, accuracy, trace, logits, names, ...
+        if name in ("network", "stored", "format"):
+            raise AttributeError(name)
+        return getattr(self.network, name)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.stored.values())
+
+    @property
+    def kind(self) -> str:
+        return f"compressed-{self.format}"
+
+    def save(self, path) -> None:
+        from ..io import FORMAT_NAME, FORMAT_VERSION, write_safetensors
+
+        write_safetensors(path, self.stored, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                                              "kind": self.kind, "architecture": _arch_json(self.network)})
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, kind: str, arch: dict, path) -> CompressedModel:
+        fmt = kind.split("-", 1)[1]
+        net = Sequential.from_config(arch)
+        expected = _expected(net, fmt)
+        if set(tensors) != set(expected):
+            raise FileFormatError(path, "tensors do not match the architecture", sorted(expected),
+                                  sorted(tensors))
+        for name, (dtype, shape) in expected.items():
+            arr = tensors[name]
+            if arr.dtype != dtype or arr.shape != shape:
+                raise FileFormatError(path, f"tensor {name} has the wrong dtype or shape",
+                                      f"{dtype} {shape}", f"{arr.dtype} {arr.shape}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise FileFormatError(path, f"tensor {name} holds NaN/Inf", "finite values", "non-finite")
+        _decompress_into(net, tensors, fmt)
+        return cls(dict(tensors), fmt, net)
+
+    def __repr__(self):
+        return f"CompressedModel({self.format}, {self.nbytes} bytes)"
+
+
+def _arch_json(net) -> str:
+    import json
+
+    return json.dumps(net.config())
+
+
+def _expected(net, fmt) -> dict:
+    out = {}
+    for name, p in net.named_parameters():
+        if fmt == "fp16":
+            out[name] = (np.dtype(np.float16), p.data.shape)
+        elif name.endswith(".weight"):
+            out[name] = (np.dtype(np.int8), p.data.shape)
+            out[name + "_scale"] = (np.dtype(np.float32), (p.data.shape[0],))
+        else:
+            out[name] = (np.dtype(np.float32), p.data.shape)
+    return out
+
+
+def _decompress_into(net, stored, fmt) -> None:
+    state = {}
+    for name, _ in net.named_parameters():
+        arr = stored[name]
+        if fmt == "int8" and name.endswith(".weight"):
+            scale = stored[name + "_scale"].astype(np.float32)
+            arr = arr.astype(np.float32) * scale.reshape((-1,) + (1,) * (arr.ndim - 1))
+        state[name] = arr.astype(np.float32)
+    net.load_state_dict(state, source="compressed model")
+
+
+def compress(net, fmt: str = "int8", weight_clipping: str = "mse") -> CompressedModel:
+    """Compress ``net``'s stored weights: "int8" (per-channel symmetric int8 weights + float32 scales,
+    float32 biases) or "fp16" (every parameter as float16). The returned model computes in FP32."""
+    if not isinstance(net, Sequential):
+        raise InputError(f"net: expected a microcnn Sequential, found {type(net).__name__}")
+    if fmt not in FORMATS:
+        raise InputError(f"fmt: expected one of {FORMATS}, found {fmt!r}")
+    stored = {}
+    for name, p in net.named_parameters():
+        if fmt == "fp16":
+            stored[name] = p.data.astype(np.float16)
+            if not np.isfinite(stored[name]).all():
+                raise InputError(f"{name}: values beyond float16's range (max |w| {np.abs(p.data).max():g})")
+        elif name.endswith(".weight"):
+            q, scale = quantize_weight(p.data, 8, per_channel=True, clipping=weight_clipping)
+            stored[name], stored[name + "_scale"] = q, scale
+        else:
+            stored[name] = p.data.astype(np.float32)
+    copy = Sequential.from_config(net.config())
+    _decompress_into(copy, stored, fmt)
+    return CompressedModel(stored, fmt, copy)

@@ -1,0 +1,312 @@
+"""Quantized layers ("stages") of a QuantizedSequential. Each stage maps its input domain (float32, or
+an activation in a uint8 container described by an ``ActQuant``) to its output domain and says which
+layers of the FP32 network it implements, so traces line up with the original layer names.
+
+Stages store exactly the arrays in ``tensors()``; that is what ``nbytes`` counts and what the model file
+holds. Everything else (requantization multipliers, clamp bounds) is derived on construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+from ..kernels import integer as ki
+from ..kernels import pool
+from .params import ActQuant, fixed_point_multiplier
+
+REQUANT_MODES = {"fixedpoint": ki.MODE_FIXEDPOINT, "float": ki.MODE_FLOAT}
+ACC_LIMIT = 2**31 - 1
+
+
+class Stage:
+    kind = "stage"
+    stores_act = False  # whether out_act is stored by this stage (else inherited from the input)
+
+    def __init__(self, layers: tuple = (), in_act: ActQuant | None = None, out_act: ActQuant | None = None):
+        self.layers = tuple(int(i) for i in layers)
+        self.in_act = in_act
+        self.out_act = out_act
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def tensors(self) -> dict:
+        """Arrays this stage stores, by short name."""
+        if self.stores_act and self.out_act is not None:
+            return _act_tensors(self.out_act)
+        return {}
+
+    def spec(self) -> dict:
+        """JSON description (everything but the arrays)."""
+        return {"kind": self.kind, "layers": list(self.layers)}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.tensors().values())
+
+    @property
+    def precision(self) -> str:
+        return "-"
+
+    def dequantize(self, y: np.ndarray) -> np.ndarray:
+        """This stage's output as float32 real values."""
+        if self.out_act is None:
+            return y
+        return ki.dequantize_u8(y.reshape(-1), self.out_act.scale, self.out_act.zero_point).reshape(y.shape)
+
+
+def _act_tensors(act: ActQuant) -> dict:
+    return {"out_scale": np.array([act.scale], np.float32),
+            "out_zero_point": np.array([act.zero_point], np.uint8)}
+
+
+class QuantizeStage(Stage):
+    """float32 -> uint8 at the network input (or after an FP32 layer)."""
+
+    kind = "quantize"
+    stores_act = True
+
+    def __init__(self, act: ActQuant):
+        super().__init__((), None, act)
+
+    def run(self, x):
+        a = self.out_act
+        return ki.quantize_u8(x.reshape(-1), a.scale, a.zero_point, a.qmax).reshape(x.shape)
+
+    def spec(self):
+        return {**super().spec(), "bits": self.out_act.bits}
+
+    @property
+    def precision(self):
+        return f"A{self.out_act.bits}"
+
+
+class DequantizeStage(Stage):
+    """uint8 -> float32 before an FP32 layer (or at the end of a network that ends on integers)."""
+
+    kind = "dequantize"
+
+    def __init__(self, act: ActQuant):
+        super().__init__((), act, None)
+
+    def run(self, x):
+        a = self.in_act
+        return ki.dequantize_u8(x.reshape(-1), a.scale, a.zero_point).reshape(x.shape)
+
+
+class QWeighted(Stage):
+    """Shared part of QConv2d and QLinear: integer weights, per-channel scales, int32 bias, the fused
+    ReLU clamp and the requantization parameters. ``out_act`` None means float output (logits)."""
+
+    stores_act = True
+
+    def __init__(self, layers, weight_q: np.ndarray, weight_bits: int, weight_scale, bias_q, in_act: ActQuant,
+                 out_act: ActQuant | None, relu: bool, requant: str = "fixedpoint"):
+        super().__init__(layers, in_act, out_act)
+        if weight_bits not in (4, 8):
+            raise InputError(f"weight bits: expected 4 or 8, found {weight_bits}")
+        if requant not in REQUANT_MODES:
+            raise InputError(f"requant: expected one of {sorted(REQUANT_MODES)}, found {requant!r}")
+        weight_q = np.asarray(weight_q)
+        lo_w, hi_w = -(1 << (weight_bits - 1)), (1 << (weight_bits - 1)) - 1
+        if weight_q.size and (weight_q.min() < lo_w or weight_q.max() > hi_w):
+            raise InputError(f"weights: {weight_bits}-bit values must lie in {lo_w}..{hi_w}")
+        self.weight_shape = tuple(weight_q.shape)
+        self.weight_bits = weight_bits
+        flat = np.ascontiguousarray(weight_q, np.int8).reshape(-1)
+        self.weight_bytes = ki.pack_int4(flat) if weight_bits == 4 else flat.view(np.uint8)
+        self.weight_scale = np.ascontiguousarray(weight_scale, np.float32)
+        self.bias_q = np.ascontiguousarray(bias_q, np.int32)
+        self.relu = bool(relu)
+        self.requant = requant
+        n_out = self.weight_shape[0]
+        if self.weight_scale.shape not in ((n_out,), (1,)) or self.bias_q.shape != (n_out,):
+            raise InputError(f"weight_scale and bias: expected shapes ({n_out},) or (1,), and ({n_out},), "
+                             f"found {self.weight_scale.shape} and {self.bias_q.shape}")
+        if not (np.isfinite(self.weight_scale).all() and (self.weight_scale > 0).all()):
+            raise InputError("weight_scale: expected positive finite scales")
+        self._check_accumulator()
+        channel_scale = np.broadcast_to(self.weight_scale, (n_out,)).astype(np.float64)  # per tensor: (1,)
+        acc_scale = np.float64(in_act.scale) * channel_scale
+        self.acc_scale = acc_scale.astype(np.float32)  # real value of one accumulator unit, per channel
+        if out_act is None:
+            # Real-valued output straight from the accumulators; the ReLU clamps them at 0.
+            self.mode = ki.MODE_DEQUANT
+            self.fmult = self.acc_scale
+            self.m0 = np.zeros(n_out, np.int32)
+            self.shift = np.ones(n_out, np.int32)
+            self.zp, self.lo, self.hi = 0, (0 if relu else -ACC_LIMIT - 1), ACC_LIMIT
+        else:
+            mult = acc_scale / out_act.scale
+            self.mode = REQUANT_MODES[requant]
+            self.m0, self.shift = fixed_point_multiplier(mult)
+            self.fmult = mult.astype(np.float32)
+            self.zp = out_act.zero_point
+            self.lo = max(0, out_act.zero_point) if relu else 0
+            self.hi = out_act.qmax
+
+    @property
+    def reduction(self) -> int:
+        return int(np.prod(self.weight_shape[1:]))
+
+    def _check_accumulator(self):
+        # Worst case |acc| = |bias| + K * max|x - zp| * max|w|; it must fit int32 with no wrap-around.
+        worst = (int(np.abs(self.bias_q.astype(np.int64)).max(initial=0))
+                 + self.reduction * ((1 << self.in_act.bits) - 1) * (1 << (self.weight_bits - 1)))
+        if worst > ACC_LIMIT:
+            raise InputError(f"layer {self.layers}: worst-case accumulator {worst} exceeds int32 "
+                             f"(K={self.reduction}, {self.in_act.bits}-bit activations)")
+
+    @property
+    def weight_values(self) -> np.ndarray:
+        """The signed integer weights (unpacked), shape ``weight_shape``."""
+        n = int(np.prod(self.weight_shape))
+        return ki.unpack_weights(self.weight_bytes, self.weight_bits, n).reshape(self.weight_shape)
+
+    def tensors(self):
+        stored = self.weight_bytes if self.weight_bits == 4 else self.weight_bytes.view(np.int8).reshape(
+            self.weight_shape)
+        out = {"weight": stored, "weight_scale": self.weight_scale, "bias": self.bias_q}
+        if self.out_act is not None:
+            out.update(_act_tensors(self.out_act))
+        return out
+
+    def spec(self):
+        return {**super().spec(), "weight_bits": self.weight_bits, "weight_shape": list(self.weight_shape),
+                "relu": self.relu, "requant": self.requant, "act_bits": self.in_act.bits,
+                "float_output": self.out_act is None}
+
+    @property
+    def precision(self):
+        return f"W{self.weight_bits}A{self.in_act.bits}"
+
+    def run(self, x):
+        return self._run(x, self.mode, self.fmult, self.lo, self.hi)
+
+    def preactivation(self, x) -> np.ndarray:
+        """Real value of the integer accumulators (bias included, no clamp); bias correction uses it."""
+        return self._run(x, ki.MODE_DEQUANT, self.acc_scale, -ACC_LIMIT - 1, ACC_LIMIT)
+
+    @staticmethod
+    def _outputs(shape, mode):
+        if mode == ki.MODE_DEQUANT:
+            return np.empty((0,) * len(shape), np.uint8), np.empty(shape, np.float32)
+        return np.empty(shape, np.uint8), np.empty((0,) * len(shape), np.float32)
+
+
+class QConv2d(QWeighted):
+    """Quantized convolution; ``relu`` fuses a following ReLU (a clamp) and ``pool`` = (kernel, stride)
+    a following MaxPool2d (taken on the accumulators, before the monotonic requantization)."""
+
+    kind = "qconv2d"
+
+    def __init__(self, layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu,
+                 stride=(1, 1), padding=(0, 0), pool=None, requant="fixedpoint"):
+        super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant)
+        if len(self.weight_shape) != 4:
+            raise InputError(f"conv weight: expected (O, C, KH, KW), found {self.weight_shape}")
+        self.stride = tuple(int(s) for s in stride)
+        self.padding = tuple(int(p) for p in padding)
+        self.pool = None if pool is None else (tuple(int(k) for k in pool[0]), tuple(int(s) for s in pool[1]))
+
+    def spec(self):
+        return {**super().spec(), "stride": list(self.stride), "padding": list(self.padding),
+                "pool": None if self.pool is None else [list(self.pool[0]), list(self.pool[1])]}
+
+    def _run(self, x, mode, fmult, lo, hi):
+        n, c, h, w = x.shape
+        o, _, kh, kw = self.weight_shape
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        if self.pool is None and (kh, kw) == (h, w) and (ph, pw) == (0, 0):
+            # One output position per image: a dense layer over the flattened input, which the linear
+            # kernel runs along the batch instead of along the (single) positions.
+            q, f = self._outputs((n, o), mode)
+            ki.qlinear(x.reshape(n, -1), self.in_act.zero_point, self.weight_bytes, self.weight_bits,
+                       self.bias_q, self.m0, self.shift, fmult, mode, self.zp, lo, hi, q, f)
+            return (f if mode == ki.MODE_DEQUANT else q).reshape(n, o, 1, 1)
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        pool = (1, 1, 1, 1) if self.pool is None else (*self.pool[0], *self.pool[1])
+        oh, ow = (oh - pool[0]) // pool[2] + 1, (ow - pool[1]) // pool[3] + 1
+        q, f = self._outputs((n, o, oh, ow), mode)
+        ki.qconv2d(x, self.in_act.zero_point, self.weight_bytes, self.weight_bits, (kh, kw), self.stride,
+                   self.padding, pool, self.bias_q, self.m0, self.shift, fmult, mode, self.zp, lo, hi, q, f)
+        return f if mode == ki.MODE_DEQUANT else q
+
+
+class QLinear(QWeighted):
+    kind = "qlinear"
+
+    def __init__(self, layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu,
+                 requant="fixedpoint"):
+        super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant)
+        if len(self.weight_shape) != 2:
+            raise InputError(f"linear weight: expected (O, F), found {self.weight_shape}")
+
+    def _run(self, x, mode, fmult, lo, hi):
+        q, f = self._outputs((x.shape[0], self.weight_shape[0]), mode)
+        ki.qlinear(x, self.in_act.zero_point, self.weight_bytes, self.weight_bits, self.bias_q, self.m0,
+                   self.shift, fmult, mode, self.zp, lo, hi, q, f)
+        return f if mode == ki.MODE_DEQUANT else q
+
+
+class QMaxPool2d(Stage):
+    """Max pooling directly on the integers: quantization is monotonic, so it commutes with max."""
+
+    kind = "qmaxpool2d"
+
+    def __init__(self, layers, act: ActQuant, kernel_size, stride):
+        super().__init__(layers, act, act)
+        self.kernel_size = tuple(int(k) for k in kernel_size)
+        self.stride = tuple(int(s) for s in stride)
+
+    def run(self, x):
+        return pool.maxpool2d(x, *self.kernel_size, *self.stride)
+
+    def spec(self):
+        return {**super().spec(), "kernel_size": list(self.kernel_size), "stride": list(self.stride)}
+
+
+class QReLU(Stage):
+    """An unfused ReLU on integers: a clamp at the zero point."""
+
+    kind = "qrelu"
+
+    def __init__(self, layers, act: ActQuant):
+        super().__init__(layers, act, act)
+
+    def run(self, x):
+        return np.maximum(x, np.uint8(self.in_act.zero_point))
+
+
+class FlattenStage(Stage):
+    """Flatten is a reshape in either domain: free."""
+
+    kind = "flatten"
+
+    def __init__(self, layers, act: ActQuant | None):
+        super().__init__(layers, act, act)
+
+    def run(self, x):
+        return x.reshape(x.shape[0], -1)
+
+
+class FloatStage(Stage):
+    """An FP32 layer running as in the FP32 network (Softmax, Sigmoid, AvgPool, or a layer mixed
+    precision keeps in FP32). Stores its float32 parameters, if any."""
+
+    kind = "float"
+
+    def __init__(self, layers, layer):
+        super().__init__(layers, None, None)
+        self.layer = layer
+
+    def run(self, x):
+        return self.layer.forward(x)
+
+    def tensors(self):
+        return {pname: p.data for pname, p in zip(("weight", "bias"), self.layer.parameters(), strict=False)}
+
+    @property
+    def precision(self):
+        return "FP32" if self.layer.parameters() else "-"

@@ -1,0 +1,113 @@
+"""QuantizedSequential: a chain of quantized stages with the FP32 Sequential's inference API."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from ..errors import InputError
+from ..network import LayerTrace, Sequential
+from .qlayers import FloatStage, QWeighted, Stage
+
+
+class QuantizedSequential:
+    """Integer inference of a Sequential. ``predict``, ``predict_classes``, ``accuracy`` and
+    ``check_input`` are the FP32 network's own (same validation and batching); ``trace`` returns one
+    record per FP32 layer, in the same order and with the same names, outputs as real (float32) values.
+
+    ``architecture`` is the FP32 network's config; ``settings`` records how it was quantized.
+    """
+
+    predict = Sequential.predict
+    predict_classes = Sequential.predict_classes
+    accuracy = Sequential.accuracy
+    check_input = Sequential.check_input
+
+    def __init__(self, stages: list[Stage], architecture: dict, settings: dict | None = None):
+        self.stages = list(stages)
+        self.architecture = json.loads(json.dumps(architecture))
+        self.settings = dict(settings or {})
+        reference = Sequential.from_config(self.architecture)  # names and types only
+        self.names = reference.names
+        self.types = [layer.type for layer in reference.layers]
+        self.input_shape = reference.input_shape
+        covered = [i for s in self.stages for i in s.layers]
+        if covered != list(range(len(self.names))):
+            raise InputError(f"stages must cover layers 0..{len(self.names) - 1} in order, found {covered}")
+
+    def __len__(self):
+        return len(self.stages)
+
+    def __repr__(self):
+        body = "\n".join(f"  ({i}) {s.kind} {self._stage_name(s)} {s.precision}"
+                         for i, s in enumerate(self.stages))
+        return f"QuantizedSequential(\n{body}\n)"
+
+    def _stage_name(self, stage: Stage) -> str:
+        return "+".join(self.names[i] for i in stage.layers) or stage.kind
+
+    # -- inference -----------------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for stage in self.stages:
+            x = stage.run(x)
+        return x
+
+    def _ends_in_softmax(self) -> bool:
+        last = self.stages[-1]
+        return isinstance(last, FloatStage) and last.layer.type == "Softmax"
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        stages = self.stages[:-1] if self._ends_in_softmax() else self.stages
+        for stage in stages:
+            x = stage.run(x)
+        return x
+
+    def trace(self, x) -> list[LayerTrace]:
+        """Run once, keeping each FP32 layer's output (dequantized) and time. A fused ReLU repeats its
+        convolution's output with 0 s; (de)quantization time goes to the next layer (the last at the end)."""
+        x = self.check_input(x)
+        records, pending = [], 0.0
+        for stage in self.stages:
+            t0 = time.perf_counter()
+            x = stage.run(x)
+            seconds = time.perf_counter() - t0
+            if not stage.layers:
+                pending += seconds
+                continue
+            real = stage.dequantize(x)
+            for j, i in enumerate(stage.layers):
+                records.append(LayerTrace(i, self.names[i], self.types[i], real,
+                                          seconds + pending if j == 0 else 0.0))
+            pending = 0.0
+        records[-1].seconds += pending
+        return records
+
+    # -- memory and description ------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: integer weights (packed for 4 bits), scales, zero points, biases, and the
+        float32 parameters of layers kept in FP32."""
+        return sum(s.nbytes for s in self.stages)
+
+    def layer_precisions(self) -> dict:
+        """FP32-layer name -> "W8A8" / "W4A4" / "FP32" for the layers with weights."""
+        out = {}
+        for s in self.stages:
+            if isinstance(s, QWeighted | FloatStage) and s.precision != "-":
+                out[self.names[s.layers[0]]] = s.precision
+        return out
+
+    def summary(self):
+        """One row per stage: Layer(s), Stage, Precision, Bytes."""
+        import pandas as pd
+
+        return pd.DataFrame([{"Layer": self._stage_name(s), "Stage": s.kind, "Precision": s.precision,
+                              "Bytes": s.nbytes} for s in self.stages])
+
+    def save(self, path) -> None:
+        """Write a self-describing file that ``microcnn.load`` reads back."""
+        from .serialize import save_quantized
+
+        save_quantized(self, path)
