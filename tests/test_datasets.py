@@ -45,7 +45,7 @@ T10K_CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 def _shared_mnist_dir() -> Path | None:
-    for candidate in (os.environ.get("MICROCNN_DATA"), "/work/shared/datasets/mnist"):
+    for candidate in (os.environ.get("MICROCNN_DATA"),):  # conftest defaults it to ../shared
         if candidate:
             directory = Path(candidate) if Path(candidate).name == "mnist" else Path(candidate) / "mnist"
             if (directory / "t10k-images-idx3-ubyte.gz").is_file():
@@ -59,17 +59,7 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_SYSTEM_DIRS = dict(datasets.SYSTEM_DIRS)  # before the autouse fixture empties it
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """No real env var, cwd, cache or system folder leaks into a test; the decode cache starts empty."""
-    monkeypatch.delenv("MICROCNN_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-    monkeypatch.setattr(datasets, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": ()})
-    datasets.clear_cache()
-    yield
-    datasets.clear_cache()
+pytestmark = pytest.mark.usefixtures("isolated_datasets")
 
 
 def _raw_idx(code: int, shape, payload: bytes) -> bytes:

@@ -68,16 +68,7 @@ def dead_url():
     return f"http://127.0.0.1:{port}/mnist/"
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.delenv("MICROCNN_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-    monkeypatch.setattr(datasets, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": ()})
-    datasets.clear_cache()
-    yield
-    datasets.clear_cache()
+pytestmark = pytest.mark.usefixtures("isolated_datasets")
 
 
 @pytest.fixture
