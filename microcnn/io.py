@@ -272,6 +272,9 @@ def _check_activation_sizes(path, net) -> None:
     shape = net.input_shape
     if shape is None:
         return
+    if math.prod(shape) > MAX_ACTIVATION_ELEMENTS:  # before any NumPy view of that shape is made
+        raise FileFormatError(path, "architecture input_shape is implausibly large",
+                              f"<= {MAX_ACTIVATION_ELEMENTS} values per image", list(shape))
     for i, layer in enumerate(net.layers):
         try:
             if hasattr(layer, "_check_input"):

@@ -7,6 +7,7 @@ training. ``layer(x)`` picks the path from the argument's type, as ``nn.Module._
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -252,13 +253,18 @@ LAYER_TYPES = {cls.__name__: cls for cls in
 _RUNTIME_ARGS = ("rng", "algorithm")
 
 
+@functools.cache
+def _init_parameters(cls) -> frozenset:
+    return frozenset(inspect.signature(cls).parameters)
+
+
 def _class_and_args(cfg) -> tuple[type, dict]:
     kind = cfg.get("type") if isinstance(cfg, dict) else None
     if not isinstance(kind, str) or kind not in LAYER_TYPES:
         raise InputError(f"unknown layer type {kind!r}; expected one of {sorted(LAYER_TYPES)}")
     cls = LAYER_TYPES[kind]
     args = {k: v for k, v in cfg.items() if k != "type"}
-    unknown = sorted((set(args) - set(inspect.signature(cls).parameters)) | (set(args) & set(_RUNTIME_ARGS)))
+    unknown = sorted((set(args) - _init_parameters(cls)) | (set(args) & set(_RUNTIME_ARGS)))
     if unknown:
         raise InputError(f"bad arguments for {kind}: {args} (unexpected {unknown})")
     return cls, args

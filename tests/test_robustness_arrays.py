@@ -18,7 +18,7 @@ from microcnn.errors import InputError
 from microcnn.kernels import integer as ki
 from microcnn.quant import calibrate, quantize
 from microcnn.quant.params import ActQuant, fixed_point_multiplier
-from microcnn.quant.qlayers import ACC_LIMIT, QConv2d, QLinear
+from microcnn.quant.qlayers import ACC_LIMIT, QConv2d, QLinear, QMaxPool2d
 from microcnn.train import fit, mlp
 from tests.test_quant_kernels import conv_acc_ref, packed, requant_ref
 
@@ -279,6 +279,9 @@ def _kmax(weight_bits, act_bits, bias=0):
     return (ACC_LIMIT - bias) // (((1 << act_bits) - 1) * (1 << (weight_bits - 1)))
 
 
+NO_CLAMP = (-ACC_LIMIT - 1, ACC_LIMIT)  # (lo, hi) that leave every int32 accumulator as it is
+
+
 def _run_qconv(x, zp_in, wq, wbits, bias, stride, padding, mode, m0, shift, fmult, zp, lo, hi):
     n, o = len(x), len(wq)
     kh, kw = wq.shape[2:]
@@ -325,10 +328,11 @@ def test_qconv2d_worst_case_operands_do_not_overflow_int32(geometry, extreme):
     if padding == (0, 0):
         assert abs(int(acc[0, 0, 0, 0])) == ACC_LIMIT  # the very edge of int32
     # Real output of the accumulators (scale 1): float32(acc), so a wrap-around (off by 2**32) shows.
+    # MODE_DEQUANT clamps the accumulators to [lo, hi] (a fused ReLU is lo = 0): the full int32 range here.
     ones = np.ones(3, np.float32)
     unused_m0, unused_shift = np.zeros(3, np.int32), np.ones(3, np.int32)
     got = _run_qconv(x, zp_in, wq, wbits, bias, stride, padding, ki.MODE_DEQUANT, unused_m0, unused_shift,
-                     ones, 0, 0, 0)
+                     ones, 0, *NO_CLAMP)
     np.testing.assert_array_equal(got, acc.astype(np.float32))
     # Requantized by 2**-24 around zero point 128: the top bits, through the integer epilogue.
     m0, shift = fixed_point_multiplier(np.full(3, 2.0**-24))
@@ -350,7 +354,7 @@ def test_qconv2d_mixed_sign_extremes_are_bit_exact(wbits, abits):
         acc = conv_acc_ref(x, zp_in, wq, bias, (1, 1), (1, 1))
         assert np.abs(acc).max() < 2**24
         got = _run_qconv(x, zp_in, wq, wbits, bias, (1, 1), (1, 1), ki.MODE_DEQUANT, np.zeros(8, np.int32),
-                         np.ones(8, np.int32), np.ones(8, np.float32), 0, 0, 0)
+                         np.ones(8, np.int32), np.ones(8, np.float32), 0, *NO_CLAMP)
         np.testing.assert_array_equal(got.astype(np.int64), acc)
 
 
@@ -396,6 +400,22 @@ def test_quantized_stages_refuse_inputs_that_do_not_fit_their_weights():
     for bad in (np.zeros((2, 5, 6, 6), np.uint8), np.zeros((2, 3, 2, 2), np.uint8)):
         with pytest.raises(InputError):
             conv.run(bad)
+    with pytest.raises(InputError, match="uint8"):  # codes, not real values
+        dense.run(np.zeros((3, 24), np.float32))
+    # a fused 2x2 pool needs a 2x2 convolution output: 3x3 kernel on 4x4 is the least that fits
+    pooled = QConv2d((0,), RNG.integers(-128, 128, (4, 3, 3, 3)).astype(np.int8), 8, np.ones(4, np.float32),
+                     np.zeros(4, np.int32), act, act, relu=False, pool=((2, 2), (2, 2)))
+    assert pooled.run(np.zeros((2, 3, 4, 4), np.uint8)).shape == (2, 4, 1, 1)
+    with pytest.raises(InputError, match="smaller than the kernel"):
+        pooled.run(np.zeros((2, 3, 3, 3), np.uint8))
+    for bad_pool in (((2, 2), (0, 2)), ((2, 2, 2), (2, 2)), ((2, 2),)):
+        with pytest.raises(InputError):
+            QConv2d((0,), np.zeros((1, 1, 1, 1), np.int8), 8, np.ones(1), np.zeros(1, np.int32), act, act,
+                    relu=False, pool=bad_pool)
+    qpool = QMaxPool2d((0,), act, (3, 3), (3, 3))
+    assert qpool.run(np.zeros((1, 2, 3, 3), np.uint8)).shape == (1, 2, 1, 1)
+    with pytest.raises(InputError):
+        qpool.run(np.zeros((1, 2, 2, 3), np.uint8))
 
 
 ACCUMULATORS = [-2**31, -2**31 + 1, -2**30, -65_536, -3, -1, 0, 1, 3, 65_535, 2**30, 2**31 - 1]

@@ -255,6 +255,12 @@ QUANTIZED_LIES = {
     # the architecture pools after conv1; a stage that skips it feeds fc1 the wrong number of features
     "pool dropped": lambda st: st[1].update(pool=None),
     "pool differs from the architecture": lambda st: st[2].update(pool=[[1, 1], [1, 1]]),
+    # fc1's ReLU is in the architecture; a stage without it would pass negative values on
+    "fused ReLU dropped": lambda st: st[5].update(relu=False),
+    "stride differs from the architecture": lambda st: st[2].update(stride=[2, 2]),
+    # a ReLU stage over the Flatten layer would hand fc1 a 4-D array
+    "stage kind does not match its layer": lambda st: st[4].update(kind="qrelu"),
+    "weight bits 2**63": lambda st: st[5].update(weight_bits=2**63),
 }
 
 
@@ -266,23 +272,67 @@ def test_quantized_stage_lies_are_refused_at_load_time(files, tmp_path, lie):
 
 
 def test_quantized_activation_bits_are_checked_before_use(files, tmp_path):
-    # 1 << bits with bits from the file would build a 256 MB integer before any check.
-    path = rewrite(tmp_path, files["int8"], metadata=_stages(lambda st: st[0].update(bits=2**31)))
+    # 1 << bits with bits from the file would build a 256 MB integer before any check. Measured against
+    # the same file with bits 16 (refused alike, 1 << 16 is nothing): what loading allocates before the
+    # stages are read varies with the process (inspect.signature copies sys.modules for some layers).
+    def peak(bits):
+        path = rewrite(tmp_path, files["int8"], metadata=_stages(lambda st: st[0].update(bits=bits)),
+                       name=f"lie{bits}.safetensors")
 
-    def refused():
-        with pytest.raises(FileFormatError, match="lie.safetensors"):
-            microcnn.load(path)
+        def refused():
+            with pytest.raises(FileFormatError, match=rf"lie{bits}.safetensors: .*bits"):
+                microcnn.load(path)
 
-    assert _peak_bytes(refused) < 4 * len(files["int8"]) + 1_000_000
+        return _peak_bytes(refused)
+
+    control = peak(16)
+    assert control < 4 * len(files["int8"]) + 4_000_000
+    assert peak(2**31) < control + 1_000_000
 
 
-def test_quantized_scales_that_overflow_float32_are_refused(files, tmp_path):
-    # Finite but absurd: fc2's float epilogue multiplies by in_scale * 3e38, so every logit is Inf and
-    # every probability NaN; the file, not the images, is at fault.
-    path = rewrite(tmp_path, files["int8"],
-                   tensors=lambda t: {**t, "6.weight_scale": np.full_like(t["6.weight_scale"], 3e38)})
-    with pytest.raises(FileFormatError, match="lie.safetensors"):
-        microcnn.load(path).predict(X)
+@pytest.mark.parametrize("tensor, message", [
+    # fc2's float epilogue would multiply by in_scale * 3e38: every logit Inf, every probability NaN
+    ("6.weight_scale", r"scales overflow float32"),
+    # fc1's output codes would dequantize to Inf (trace), and fc2's accumulators scale by it
+    ("5.out_scale", r"5: bad activation quantization"),
+])
+def test_quantized_scales_that_overflow_float32_are_refused(files, tmp_path, tensor, message):
+    # Finite but absurd scales: the file, not the images, is at fault, and it is refused at load time.
+    path = rewrite(tmp_path, files["int8"], tensors=lambda t: {**t, tensor: np.full_like(t[tensor], 3e38)})
+    with pytest.raises(FileFormatError, match="lie.safetensors: .*" + message):
+        microcnn.load(path)
+
+
+def test_quantized_stages_must_get_inputs_in_their_domain(files, tmp_path):
+    # fc2 made to output integer codes (with their quantization stored): the FP32 Softmax after it would
+    # be handed uint8 codes, and without the Softmax stage the network would answer in codes.
+    def integer_fc2(t):
+        return {**t, "6.out_scale": np.array([0.1], np.float32),
+                "6.out_zero_point": np.array([128], np.uint8)}
+
+    def fc2_outputs_codes(st):
+        st[6].update(float_output=False)
+
+    path = rewrite(tmp_path, files["int8"], tensors=integer_fc2, metadata=_stages(fc2_outputs_codes))
+    with pytest.raises(FileFormatError, match=r"lie.safetensors: stage 7 \(float\) needs a real-valued"):
+        microcnn.load(path)
+    path = rewrite(tmp_path, files["int8"], tensors=integer_fc2,
+                   metadata=_stages(lambda st: (fc2_outputs_codes(st), st.pop(7))))
+    with pytest.raises(FileFormatError, match=r"lie.safetensors: the last stage outputs integers"):
+        microcnn.load(path)
+
+
+def test_compress_refuses_weights_that_would_decompress_to_inf():
+    net = microcnn.Sequential(microcnn.Flatten(), microcnn.Linear(4, 3), microcnn.Softmax(),
+                              input_shape=(1, 2, 2))
+    net[1].weight.data[0, 0] = np.finfo(np.float32).max  # its int8 code times its scale rounds past the max
+    from microcnn.quant import compress
+
+    with pytest.raises(InputError, match=r"1.weight: 1 weights overflow float32"):
+        compress(net, "int8")
+    net[1].weight.data[0, 0] = 1e38  # large but representable: compressed within int8 precision
+    restored = compress(net, "int8").network[1].weight.data
+    np.testing.assert_allclose(restored[0, 0], 1e38, rtol=1 / 254)
 
 
 def test_compressed_scales_that_overflow_float32_are_refused(models, tmp_path):
@@ -640,3 +690,16 @@ def test_cli_process_exit_code_and_stderr(tmp_path):
     assert proc.stderr.strip() == (f"microcnn eval: error: {tmp_path}: model file is not a regular file "
                                    "(expected a regular file, found a directory)")
 
+
+
+def test_input_shape_beyond_numpy_limits_is_refused(tmp_path):
+    # A dimension of 2**63-1 made NumPy itself raise ValueError ("iterator is too large") before the
+    # size check ran; the product is now checked first.
+    net = microcnn.lenet()
+    cfg = net.config()
+    cfg["input_shape"] = [1, 2**63 - 1, 8]
+    path = tmp_path / "huge_input.safetensors"
+    io.write_safetensors(path, net.state_dict(), {"format": "microcnn", "format_version": "1",
+                                                  "kind": "fp32", "architecture": json.dumps(cfg)})
+    with pytest.raises(FileFormatError, match="input_shape is implausibly large"):
+        microcnn.load(path)

@@ -56,7 +56,12 @@ class CompressedModel:
                                       f"{dtype} {shape}", f"{arr.dtype} {arr.shape}")
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise FileFormatError(path, f"tensor {name} holds NaN/Inf", "finite values", "non-finite")
-        _decompress_into(net, tensors, fmt)
+        state = _decompress(net, tensors, fmt)
+        bad = _first_nonfinite(state)
+        if bad:  # finite int8 weights times a finite but huge scale (3e38) overflow float32
+            raise FileFormatError(path, f"tensor {bad[0]} decompresses to NaN/Inf (weights x {bad[0]}_scale "
+                                  "overflow float32)", "finite weights", f"{bad[1]} non-finite values")
+        net.load_state_dict(state, source=str(path))
         return cls(dict(tensors), fmt, net)
 
     def __repr__(self):
@@ -82,15 +87,25 @@ def _expected(net, fmt) -> dict:
     return out
 
 
-def _decompress_into(net, stored, fmt) -> None:
+def _decompress(net, stored, fmt) -> dict:
+    """The float32 parameters of ``net`` from the stored tensors (may hold Inf: see _first_nonfinite)."""
     state = {}
     for name, _ in net.named_parameters():
         arr = stored[name]
         if fmt == "int8" and name.endswith(".weight"):
             scale = stored[name + "_scale"].astype(np.float32)
-            arr = arr.astype(np.float32) * scale.reshape((-1,) + (1,) * (arr.ndim - 1))
+            with np.errstate(over="ignore"):
+                arr = arr.astype(np.float32) * scale.reshape((-1,) + (1,) * (arr.ndim - 1))
         state[name] = arr.astype(np.float32)
-    net.load_state_dict(state, source="compressed model")
+    return state
+
+
+def _first_nonfinite(state: dict) -> tuple[str, int] | None:
+    for name, arr in state.items():
+        count = int(arr.size - np.isfinite(arr).sum())
+        if count:
+            return name, count
+    return None
 
 
 def compress(net, fmt: str = "int8", weight_clipping: str = "mse") -> CompressedModel:
@@ -112,5 +127,11 @@ def compress(net, fmt: str = "int8", weight_clipping: str = "mse") -> Compressed
         else:
             stored[name] = p.data.astype(np.float32)
     copy = Sequential.from_config(net.config())
-    _decompress_into(copy, stored, fmt)
+    state = _decompress(copy, stored, fmt)
+    bad = _first_nonfinite(state)
+    if bad:
+        largest = float(np.abs(dict(net.named_parameters())[bad[0]].data).max())
+        raise InputError(f"{bad[0]}: {bad[1]} weights overflow float32 once compressed and decompressed "
+                         f"(largest |w| {largest:g}, expected finite weights well inside float32's range)")
+    copy.load_state_dict(state, source="compressed model")
     return CompressedModel(stored, fmt, copy)

@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import InputError
 from ..kernels import integer as ki
 from ..kernels import pool
+from ..layers import MaxPool2d, _pair
 from .params import ActQuant, fixed_point_multiplier
 
 REQUANT_MODES = {"fixedpoint": ki.MODE_FIXEDPOINT, "float": ki.MODE_FLOAT}
@@ -126,10 +127,17 @@ class QWeighted(Stage):
                              f"found {self.weight_scale.shape} and {self.bias_q.shape}")
         if not (np.isfinite(self.weight_scale).all() and (self.weight_scale > 0).all()):
             raise InputError("weight_scale: expected positive finite scales")
-        self._check_accumulator()
+        worst = self._check_accumulator()
         channel_scale = np.broadcast_to(self.weight_scale, (n_out,)).astype(np.float64)  # per tensor: (1,)
         acc_scale = np.float64(in_act.scale) * channel_scale
-        self.acc_scale = acc_scale.astype(np.float32)  # real value of one accumulator unit, per channel
+        with np.errstate(over="ignore"):
+            self.acc_scale = acc_scale.astype(np.float32)  # real value of one accumulator unit, per channel
+            # float32(acc) * acc_scale is monotonic in |acc|: finite at the worst case, finite everywhere
+            largest = np.float32(worst) * self.acc_scale
+        if not np.isfinite(largest).all():
+            raise InputError(f"layer {self.layers}: scales overflow float32: worst-case accumulator {worst} "
+                             f"x accumulator scale {acc_scale.max():g} (input scale {in_act.scale:g} x "
+                             f"weight scale {channel_scale.max():g}) exceeds {np.finfo(np.float32).max:g}")
         if out_act is None:
             # Real-valued output straight from the accumulators; the ReLU clamps them at 0.
             self.mode = ki.MODE_DEQUANT
@@ -150,13 +158,15 @@ class QWeighted(Stage):
     def reduction(self) -> int:
         return int(np.prod(self.weight_shape[1:]))
 
-    def _check_accumulator(self):
-        # Worst case |acc| = |bias| + K * max|x - zp| * max|w|; it must fit int32 with no wrap-around.
+    def _check_accumulator(self) -> int:
+        """The worst case |acc| = |bias| + K * max|x - zp| * max|w|, refused unless it fits int32 with no
+        wrap-around."""
         worst = (int(np.abs(self.bias_q.astype(np.int64)).max(initial=0))
                  + self.reduction * ((1 << self.in_act.bits) - 1) * (1 << (self.weight_bits - 1)))
         if worst > ACC_LIMIT:
             raise InputError(f"layer {self.layers}: worst-case accumulator {worst} exceeds int32 "
                              f"(K={self.reduction}, {self.in_act.bits}-bit activations)")
+        return worst
 
     @property
     def weight_values(self) -> np.ndarray:
@@ -188,6 +198,17 @@ class QWeighted(Stage):
         """Real value of the integer accumulators (bias included, no clamp); bias correction uses it."""
         return self._run(x, ki.MODE_DEQUANT, self.acc_scale, -ACC_LIMIT - 1, ACC_LIMIT)
 
+    def _check_input(self, x, ndim: int):
+        # The kernels index the weights by the input's sizes and have no bounds checks: an input that
+        # does not fit would make them read past the weight buffer.
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != ndim:
+            raise InputError(f"{self.kind} {self.layers}: expected a uint8 array of {ndim} dimensions, found "
+                             f"{type(x).__name__} {getattr(x, 'dtype', '')} {np.shape(x)}")
+        if x.shape[1] != self.weight_shape[1]:
+            raise InputError(f"{self.kind} {self.layers}: input has {x.shape[1]} "
+                             f"{'channels' if ndim == 4 else 'features'}, the weights expect "
+                             f"{self.weight_shape[1]} (found shape {x.shape})")
+
     @staticmethod
     def _outputs(shape, mode):
         if mode == ki.MODE_DEQUANT:
@@ -206,18 +227,32 @@ class QConv2d(QWeighted):
         super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant)
         if len(self.weight_shape) != 4:
             raise InputError(f"conv weight: expected (O, C, KH, KW), found {self.weight_shape}")
-        self.stride = tuple(int(s) for s in stride)
-        self.padding = tuple(int(p) for p in padding)
-        self.pool = None if pool is None else (tuple(int(k) for k in pool[0]), tuple(int(s) for s in pool[1]))
+        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
+        if min(self.stride) < 1 or min(self.padding) < 0:
+            raise InputError(f"qconv2d: expected stride >= 1 and padding >= 0, found {self.stride}, "
+                             f"{self.padding}")
+        if pool is None:
+            self.pool = None
+        else:  # the FP32 layer's own checks (pairs of ints >= 1)
+            if not isinstance(pool, list | tuple) or len(pool) != 2:
+                raise InputError(f"pool: expected (kernel_size, stride), found {pool!r}")
+            fused = MaxPool2d(*pool)
+            self.pool = (fused.kernel_size, fused.stride)
 
     def spec(self):
         return {**super().spec(), "stride": list(self.stride), "padding": list(self.padding),
                 "pool": None if self.pool is None else [list(self.pool[0]), list(self.pool[1])]}
 
     def _run(self, x, mode, fmult, lo, hi):
+        self._check_input(x, 4)
         n, c, h, w = x.shape
         o, _, kh, kw = self.weight_shape
         (sh, sw), (ph, pw) = self.stride, self.padding
+        pkh, pkw = (1, 1) if self.pool is None else self.pool[0]
+        if h + 2 * ph < kh or w + 2 * pw < kw or (h + 2 * ph - kh) // sh + 1 < pkh or \
+                (w + 2 * pw - kw) // sw + 1 < pkw:
+            raise InputError(f"qconv2d {self.layers}: input {x.shape} is smaller than the kernel {(kh, kw)} "
+                             f"(padding {self.padding}, stride {self.stride}, pool {self.pool})")
         if self.pool is None and (kh, kw) == (h, w) and (ph, pw) == (0, 0):
             # One output position per image: a dense layer over the flattened input, which the linear
             # kernel runs along the batch instead of along the (single) positions.
@@ -244,6 +279,7 @@ class QLinear(QWeighted):
             raise InputError(f"linear weight: expected (O, F), found {self.weight_shape}")
 
     def _run(self, x, mode, fmult, lo, hi):
+        self._check_input(x, 2)
         q, f = self._outputs((x.shape[0], self.weight_shape[0]), mode)
         ki.qlinear(x, self.in_act.zero_point, self.weight_bytes, self.weight_bits, self.bias_q, self.m0,
                    self.shift, fmult, mode, self.zp, lo, hi, q, f)
@@ -257,10 +293,11 @@ class QMaxPool2d(Stage):
 
     def __init__(self, layers, act: ActQuant, kernel_size, stride):
         super().__init__(layers, act, act)
-        self.kernel_size = tuple(int(k) for k in kernel_size)
-        self.stride = tuple(int(s) for s in stride)
+        self.layer = MaxPool2d(kernel_size, stride)  # its checks: pairs of ints >= 1, input >= kernel
+        self.kernel_size, self.stride = self.layer.kernel_size, self.layer.stride
 
     def run(self, x):
+        self.layer._check_input(x)
         return pool.maxpool2d(x, *self.kernel_size, *self.stride)
 
     def spec(self):

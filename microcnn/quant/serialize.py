@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import FileFormatError, InputError
 from ..io import FORMAT_NAME, FORMAT_VERSION, read_safetensors, write_safetensors
 from ..layers import layer_from_config
-from .params import ActQuant
+from .params import KERNEL_BITS, ActQuant, check_bits
 
 KIND_QUANTIZED = "quantized"
 KIND_CALIBRATION = "calibration"
@@ -81,11 +81,15 @@ class _Reader:
         return arr
 
     def act(self, prefix, bits) -> ActQuant:
+        """The stored output quantization of a stage; ``bits`` must already be a checked kernel width."""
         scale = float(self.get(f"{prefix}.out_scale", np.float32, (1,))[0])
         zp = int(self.get(f"{prefix}.out_zero_point", np.uint8, (1,))[0])
-        if not scale > 0 or zp > (1 << bits) - 1:
+        qmax = (1 << bits) - 1
+        with np.errstate(over="ignore"):  # dequantizing the largest code must stay finite in float32
+            largest = np.float32(qmax) * np.float32(scale)
+        if not scale > 0 or zp > qmax or not np.isfinite(largest):
             raise FileFormatError(self.path, f"{prefix}: bad activation quantization",
-                                  f"scale > 0 and zero point <= {(1 << bits) - 1}",
+                                  f"scale > 0, scale * {qmax} finite in float32 and zero point <= {qmax}",
                                   f"scale {scale}, zero point {zp}")
         return ActQuant(scale, zp, bits)
 
@@ -95,7 +99,87 @@ class _Reader:
             raise FileFormatError(self.path, "unexpected tensors", "only the stages' tensors", extra[:5])
 
 
+# FP32 layer types each stage kind may implement, in order (a weighted stage fuses a following ReLU and,
+# for convolutions, a following MaxPool2d). A "float" stage runs any one layer.
+STAGE_LAYERS = {
+    "quantize": [[]], "dequantize": [[]],
+    "qconv2d": [["Conv2d"], ["Conv2d", "ReLU"], ["Conv2d", "MaxPool2d"], ["Conv2d", "ReLU", "MaxPool2d"]],
+    "qlinear": [["Linear"], ["Linear", "ReLU"]],
+    "qmaxpool2d": [["MaxPool2d"]], "qrelu": [["ReLU"]], "flatten": [["Flatten"]],
+}
+INTEGER_INPUT = ("dequantize", "qconv2d", "qlinear", "qmaxpool2d", "qrelu")  # need a quantized input
+FLOAT_INPUT = ("quantize", "float")  # need a real-valued input
+
+
 def _load_quantized(tensors, metadata, arch, path):
+    from .qnetwork import QuantizedSequential
+
+    specs = _json(path, metadata, "stages")
+    settings = _json(path, metadata, "settings")
+    if not isinstance(specs, list) or not isinstance(settings, dict):
+        raise FileFormatError(path, "stages/settings metadata malformed", "a list and an object",
+                              f"{type(specs).__name__} and {type(settings).__name__}")
+    layers_cfg = arch.get("layers") if isinstance(arch, dict) else None
+    if not isinstance(layers_cfg, list) or not all(isinstance(c, dict) for c in layers_cfg):
+        raise FileFormatError(path, "architecture metadata malformed", '{"layers": [{...}, ...]}',
+                              str(arch)[:120])
+    reader = _Reader(tensors, path)
+    stages, act, next_layer, where = [], None, 0, "the stages"
+    try:
+        for i, spec in enumerate(specs):
+            where = f"stage {i}"
+            if not isinstance(spec, dict):
+                raise FileFormatError(path, f"stage {i} is not an object", "a JSON object",
+                                      type(spec).__name__)
+            kind, covered = spec.get("kind"), spec.get("layers")
+            if not isinstance(kind, str) or (kind not in STAGE_LAYERS and kind != "float"):
+                raise FileFormatError(path, f"stage {i}: unknown stage kind", [*STAGE_LAYERS, "float"], kind)
+            if not (isinstance(covered, list) and all(type(j) is int for j in covered)
+                    and covered == list(range(next_layer, next_layer + len(covered)))):
+                raise FileFormatError(path, f"stage {i} does not continue the layer sequence",
+                                      f"layers from {next_layer}", covered)
+            if next_layer + len(covered) > len(layers_cfg):
+                raise FileFormatError(path, f"stage {i} refers to layers beyond the architecture",
+                                      f"< {len(layers_cfg)}", covered)
+            types = [layers_cfg[j].get("type") for j in covered]
+            if types not in STAGE_LAYERS.get(kind, [types] if len(types) == 1 else []):
+                raise FileFormatError(path, f"stage {i} ({kind}) does not match layers {covered}",
+                                      STAGE_LAYERS.get(kind, "one layer"), types)
+            next_layer += len(covered)
+            if kind in INTEGER_INPUT:
+                _need(act, path, i)
+            elif kind in FLOAT_INPUT and act is not None:
+                raise FileFormatError(path, f"stage {i} ({kind}) needs a real-valued input but the previous "
+                                      "stage outputs integers")
+            # The covered layers are built stage by stage, each after the stages before it passed: a file
+            # refused early allocates none of them. Their configs normalise what the stage is compared to.
+            layers = [layer_from_config(layers_cfg[j]) for j in covered]
+            stage = _stage(kind, spec, covered, layers, act, reader, i, path)
+            stages.append(stage)
+            act = stage.out_act
+        where = "the network"
+        if act is not None:
+            raise FileFormatError(path, "the last stage outputs integers", "real values (a dequantize stage)",
+                                  f"stage {len(specs) - 1} ({specs[-1].get('kind')})")
+        reader.finish()
+        return QuantizedSequential(stages, arch, settings)
+    except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
+        if isinstance(exc, FileFormatError):
+            raise
+        raise FileFormatError(path, f"quantized model does not describe a valid network ({where}: {exc})"
+                              ) from None
+
+
+def _agree(path, i, spec, key, expected):
+    """A stage's copy of an architecture setting must be the architecture's."""
+    found = spec.get(key)
+    if found != expected or (isinstance(expected, bool) and not isinstance(found, bool)):
+        raise FileFormatError(path, f"stage {i}: {key} differs from the architecture", expected, found)
+
+
+def _stage(kind, spec, covered, layers, act, reader, i, path):
+    """Stage ``i`` of a file, built from its spec and the architecture's ``layers`` it covers (already
+    checked to be the types ``kind`` implements, with an input in the domain it needs)."""
     from .qlayers import (
         DequantizeStage,
         FlattenStage,
@@ -105,99 +189,60 @@ def _load_quantized(tensors, metadata, arch, path):
         QMaxPool2d,
         QReLU,
         QuantizeStage,
-        QWeighted,
     )
-    from .qnetwork import QuantizedSequential
 
-    specs = _json(path, metadata, "stages")
-    settings = _json(path, metadata, "settings")
-    layers_cfg = arch.get("layers")
-    if not isinstance(specs, list) or not isinstance(layers_cfg, list):
-        raise FileFormatError(path, "stages/architecture metadata malformed", "lists", type(specs).__name__)
-    reader = _Reader(tensors, path)
-    stages, act, next_layer = [], None, 0
-    try:
-        for i, spec in enumerate(specs):
-            kind, covered = spec.get("kind"), spec.get("layers")
-            if not isinstance(covered, list) or covered != list(range(next_layer, next_layer + len(covered))):
-                raise FileFormatError(path, f"stage {i} does not continue the layer sequence",
-                                      f"layers from {next_layer}", covered)
-            types = [layers_cfg[j]["type"] for j in covered if j < len(layers_cfg)]
-            if len(types) != len(covered):
-                raise FileFormatError(path, f"stage {i} refers to layers beyond the architecture",
-                                      f"< {len(layers_cfg)}", covered)
-            next_layer += len(covered)
-            if kind == "quantize":
-                bits = int(spec["bits"])
-                stage = QuantizeStage(reader.act(str(i), bits))
-            elif kind == "dequantize":
-                stage = DequantizeStage(_need(act, path, i))
-            elif kind in ("qconv2d", "qlinear"):
-                expected = "Conv2d" if kind == "qconv2d" else "Linear"
-                cfg = layers_cfg[covered[0]]
-                if types[0] != expected:
-                    raise FileFormatError(path, f"stage {i} ({kind}) does not match layer {covered[0]}",
-                                          expected, types[0])
-                shape = _weight_shape(cfg)
-                if list(shape) != spec.get("weight_shape"):
-                    raise FileFormatError(path, f"stage {i}: weight shape differs from the architecture",
-                                          list(shape), spec.get("weight_shape"))
-                wbits, abits = int(spec["weight_bits"]), int(spec["act_bits"])
-                if wbits not in (4, 8) or abits not in (4, 8):
-                    raise FileFormatError(path, f"stage {i}: unsupported bit widths", "4 or 8",
-                                          (wbits, abits))
-                n = int(np.prod(shape))
-                if wbits == 8:
-                    wq = reader.get(f"{i}.weight", np.int8, shape)
-                else:
-                    packed = reader.get(f"{i}.weight", np.uint8, ((n + 1) // 2,))
-                    from ..kernels.integer import unpack_weights
+    if kind == "quantize":  # bits are checked before any use (1 << 2**31 is a 256 MB integer)
+        return QuantizeStage(reader.act(str(i), check_bits(spec.get("bits"), "bits", KERNEL_BITS)))
+    if kind == "dequantize":
+        return DequantizeStage(act)
+    if kind == "qmaxpool2d":
+        _agree(path, i, spec, "kernel_size", list(layers[0].kernel_size))
+        _agree(path, i, spec, "stride", list(layers[0].stride))
+        return QMaxPool2d(covered, act, layers[0].kernel_size, layers[0].stride)
+    if kind == "qrelu":
+        return QReLU(covered, act)
+    if kind == "flatten":
+        return FlattenStage(covered, act)
+    if kind == "float":
+        layer = layers[0]
+        for pname, p in zip(("weight", "bias"), layer.parameters(), strict=False):
+            p.data[...] = reader.get(f"{i}.{pname}", np.float32, p.data.shape)
+        return FloatStage(covered, layer)
+    # qconv2d / qlinear: the architecture says which ReLU and pooling are fused, and how
+    layer, types = layers[0], [x.type for x in layers]
+    relu = "ReLU" in types
+    pool = (layers[-1].kernel_size, layers[-1].stride) if types[-1] == "MaxPool2d" else None
+    shape = layer.weight.data.shape
+    _agree(path, i, spec, "weight_shape", list(shape))
+    _agree(path, i, spec, "relu", relu)
+    wbits = check_bits(spec.get("weight_bits"), "weight_bits", KERNEL_BITS)
+    abits = check_bits(spec.get("act_bits"), "act_bits", KERNEL_BITS)
+    if act.bits != abits:
+        raise FileFormatError(path, f"stage {i}: input activation bits", abits, act.bits)
+    float_output = spec.get("float_output")
+    if not isinstance(float_output, bool):
+        raise FileFormatError(path, f"stage {i}: float_output", "true or false", float_output)
+    n = int(np.prod(shape))
+    if wbits == 8:
+        wq = reader.get(f"{i}.weight", np.int8, shape)
+    else:
+        from ..kernels.integer import unpack_weights
 
-                    wq = unpack_weights(packed, 4, n).reshape(shape)
-                o = shape[0]
-                wscale = tensors.get(f"{i}.weight_scale")
-                wscale = reader.get(f"{i}.weight_scale", np.float32, (1,) if wscale is not None and
-                                    wscale.shape == (1,) else (o,))
-                bias = reader.get(f"{i}.bias", np.int32, (o,))
-                in_act = _need(act, path, i)
-                if in_act.bits != abits:
-                    raise FileFormatError(path, f"stage {i}: input activation bits", abits, in_act.bits)
-                out_act = None if spec.get("float_output") else reader.act(str(i), abits)
-                common = (covered, wq, wbits, wscale, bias, in_act, out_act, bool(spec["relu"]))
-                if kind == "qconv2d":
-                    pool = spec.get("pool")
-                    stage = QConv2d(*common, stride=spec["stride"], padding=spec["padding"],
-                                    pool=None if pool is None else (pool[0], pool[1]),
-                                    requant=spec["requant"])
-                    if list(stage.stride) != cfg["stride"] or list(stage.padding) != cfg["padding"]:
-                        raise FileFormatError(path, f"stage {i}: stride/padding differ from the architecture",
-                                              (cfg["stride"], cfg["padding"]),
-                                              (spec["stride"], spec["padding"]))
-                else:
-                    stage = QLinear(*common, requant=spec["requant"])
-            elif kind == "qmaxpool2d":
-                stage = QMaxPool2d(covered, _need(act, path, i), spec["kernel_size"], spec["stride"])
-            elif kind == "qrelu":
-                stage = QReLU(covered, _need(act, path, i))
-            elif kind == "flatten":
-                stage = FlattenStage(covered, act)
-            elif kind == "float":
-                layer = layer_from_config(layers_cfg[covered[0]])
-                for pname, p in zip(("weight", "bias"), layer.parameters(), strict=False):
-                    p.data[...] = reader.get(f"{i}.{pname}", np.float32, p.data.shape)
-                stage = FloatStage(covered, layer)
-            else:
-                raise FileFormatError(path, f"stage {i}: unknown stage kind", "a known stage", kind)
-            if isinstance(stage, QWeighted) and stage.layers != tuple(covered):
-                raise FileFormatError(path, f"stage {i}: layer list mismatch", covered, stage.layers)
-            stages.append(stage)
-            act = stage.out_act
-        reader.finish()
-        return QuantizedSequential(stages, arch, settings)
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, FileFormatError):
-            raise
-        raise FileFormatError(path, f"quantized model does not describe a valid network ({exc})") from None
+        wq = unpack_weights(reader.get(f"{i}.weight", np.uint8, ((n + 1) // 2,)), 4, n).reshape(shape)
+    o = shape[0]
+    wscale = reader.tensors.get(f"{i}.weight_scale")
+    wscale = reader.get(f"{i}.weight_scale", np.float32,
+                        (1,) if wscale is not None and wscale.shape == (1,) else (o,))
+    bias = reader.get(f"{i}.bias", np.int32, (o,))
+    out_act = None if float_output else reader.act(str(i), abits)
+    common = (covered, wq, wbits, wscale, bias, act, out_act, relu)
+    if kind == "qlinear":
+        return QLinear(*common, requant=spec.get("requant"))
+    _agree(path, i, spec, "stride", list(layer.stride))
+    _agree(path, i, spec, "padding", list(layer.padding))
+    _agree(path, i, spec, "pool", None if pool is None else [list(pool[0]), list(pool[1])])
+    return QConv2d(*common, stride=layer.stride, padding=layer.padding, pool=pool,
+                   requant=spec.get("requant"))
 
 
 def _need(act, path, i):
@@ -205,13 +250,6 @@ def _need(act, path, i):
         raise FileFormatError(path, f"stage {i} needs a quantized input but the previous stage outputs "
                               "floats")
     return act
-
-
-def _weight_shape(cfg) -> tuple:
-    if cfg["type"] == "Conv2d":
-        kh, kw = cfg["kernel_size"]
-        return (cfg["out_channels"], cfg["in_channels"], kh, kw)
-    return (cfg["out_features"], cfg["in_features"])
 
 
 # -- calibration -------------------------------------------------------------------------------------
