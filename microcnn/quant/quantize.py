@@ -80,7 +80,7 @@ def quantize_bias(b: np.ndarray, in_scale: float, weight_scale: np.ndarray) -> n
 
 def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int = 8, per_channel: bool = True,
              weight_clipping: str = "mse", bias_correction: bool = True, requant: str = "fixedpoint",
-             layer_bits: dict | None = None, rounding: str = "gptq") -> QuantizedSequential:
+             layer_bits: dict | None = None, rounding: str = "nearest") -> QuantizedSequential:
     """Quantize ``net`` with activation ranges from ``calibration``.
 
     weight_bits / act_bits: 8 or 4 (W8A8, W4A8, W4A4, ...). per_channel: one weight scale per output
@@ -88,7 +88,11 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
     calibration images. requant: "fixedpoint" (integer multiplier + shift) | "float".
     layer_bits: per-layer weight bits overriding ``weight_bits``, {layer name: 4 | 8 | 32}; 32 keeps the
     layer in FP32 (mixed precision). rounding: "gptq" (data-aware rounding on the calibration images,
-    ``microcnn.quant.rounding``; on LeNet-5 it lifts W4A8 logits from ~26 to ~33 dB SQNR) or "nearest".
+    ``microcnn.quant.rounding``; on LeNet-5 it lifts W4A8 logits from ~26 to ~33 dB SQNR on the
+    calibration images) or "nearest" (default). The default was chosen on 9,000 held-out TRAINING
+    images (never the test set): with 100 calibration images GPTQ fits their Hessian too closely, and
+    nearest rounding + MSE clipping + bias correction agreed with FP32 more often at W8A8, W4A8 and
+    W4A4 (100.00 / 99.96 / 99.91 % vs 99.97 / 99.84 / 99.87 % for GPTQ, bundled LeNet-5).
     """
     from ..network import Sequential
 
@@ -131,7 +135,7 @@ class _Builder:
     quantized activations of those images at the current point, for bias correction."""
 
     def __init__(self, net, calibration, bits, act_bits, per_channel, clipping, requant, images,
-                 bias_correction=True, rounding="gptq"):
+                 bias_correction=True, rounding="nearest"):
         self.net, self.cal, self.bits, self.act_bits = net, calibration, bits, act_bits
         self.bias_correction, self.rounding = bias_correction, rounding
         self.per_channel, self.clipping, self.requant = per_channel, clipping, requant
