@@ -1,0 +1,116 @@
+"""Loss functions on autograd Tensors, reduced to a scalar mean (or sum) over the batch.
+
+Each loss is one tape op with its closed-form gradient, computed in float64 on the (small) loss
+inputs, then stored as float32 like every tensor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .autograd import Tensor, as_tensor, make_result
+from .errors import InputError
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _reduce_scale(reduction: str, count: int) -> float:
+    if reduction not in _REDUCTIONS:
+        raise InputError(f"reduction: expected one of {_REDUCTIONS}, found {reduction!r}")
+    return 1.0 / max(count, 1) if reduction == "mean" else 1.0
+
+
+def _same_shape_targets(pred: Tensor, target, name: str) -> np.ndarray:
+    t = target.data if isinstance(target, Tensor) else np.asarray(target)
+    if t.shape != pred.shape:
+        raise InputError(f"{name}: targets expected shape {pred.shape} (as the predictions), found {t.shape}")
+    if not (np.issubdtype(t.dtype, np.floating) or np.issubdtype(t.dtype, np.integer)
+            or t.dtype == np.bool_):
+        raise InputError(f"{name}: targets expected a numeric array, found dtype {t.dtype}")
+    return t.astype(np.float64)
+
+
+def cross_entropy(logits, target, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy from raw scores (N, K) and class indices (N,), via log-sum-exp.
+
+    ``label_smoothing`` e mixes the one-hot target with the uniform distribution, as PyTorch does:
+    target = (1 - e) * onehot + e / K.
+    """
+    logits = as_tensor(logits)
+    if logits.ndim != 2 or logits.shape[1] < 1:
+        raise InputError(f"cross_entropy: logits expected shape (N, K), found {logits.shape}")
+    n, k = logits.shape
+    t = np.asarray(target)
+    if t.shape != (n,):
+        raise InputError(f"cross_entropy: targets expected shape ({n},) (one class index per row of "
+                         f"logits {logits.shape}), found {t.shape}")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise InputError(f"cross_entropy: targets expected integer class indices, found dtype {t.dtype}")
+    if n and (t.min() < 0 or t.max() >= k):
+        bad = int(t[(t < 0) | (t >= k)][0])
+        raise InputError(f"cross_entropy: class index expected in [0, {k - 1}], found {bad}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise InputError(f"cross_entropy: label_smoothing expected in [0, 1], found {label_smoothing}")
+    scale = _reduce_scale(reduction, n)
+    z = logits.data.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    rows = np.arange(n)
+    soft = np.full((n, k), label_smoothing / k)
+    soft[rows, t] += 1.0 - label_smoothing
+    loss = -(soft * log_probs).sum() * scale
+
+    def backward(g):
+        return (((np.exp(log_probs) - soft) * (scale * float(g))).astype(np.float32),)
+
+    return make_result(np.float32(loss), (logits,), backward, "cross_entropy")
+
+
+def mse_loss(pred, target, reduction: str = "mean") -> Tensor:
+    """Mean (or sum) of squared differences; shapes must match exactly (no silent broadcasting)."""
+    pred = as_tensor(pred)
+    t = _same_shape_targets(pred, target, "mse_loss")
+    scale = _reduce_scale(reduction, pred.size)
+    diff = pred.data.astype(np.float64) - t
+    return make_result(np.float32((diff * diff).sum() * scale), (pred,),
+                       lambda g: ((2.0 * scale * float(g) * diff).astype(np.float32),), "mse_loss")
+
+
+_LOG_FLOOR = -100.0  # PyTorch clamps log(p) here, so p = 0 or 1 gives a large finite loss
+
+
+def binary_cross_entropy(probs, target, reduction: str = "mean") -> Tensor:
+    """-[t log p + (1-t) log(1-p)] for probabilities p in [0, 1]; prefer the logits version."""
+    probs = as_tensor(probs)
+    t = _same_shape_targets(probs, target, "binary_cross_entropy")
+    p = probs.data.astype(np.float64)
+    if p.size and (np.nanmin(p) < 0 or np.nanmax(p) > 1 or np.isnan(p).any()):
+        raise InputError(f"binary_cross_entropy: probabilities expected in [0, 1], found values in "
+                         f"[{np.nanmin(p):g}, {np.nanmax(p):g}]{' and NaN' if np.isnan(p).any() else ''}")
+    scale = _reduce_scale(reduction, p.size)
+    with np.errstate(divide="ignore"):
+        log_p = np.maximum(np.log(p), _LOG_FLOOR)
+        log_1p = np.maximum(np.log1p(-p), _LOG_FLOOR)
+    loss = -(t * log_p + (1 - t) * log_1p).sum() * scale
+
+    def backward(g):
+        # PyTorch's epsilon keeps the gradient finite at p = 0 or 1.
+        denom = np.maximum(p * (1 - p), 1e-12)
+        return (((p - t) / denom * (scale * float(g))).astype(np.float32),)
+
+    return make_result(np.float32(loss), (probs,), backward, "binary_cross_entropy")
+
+
+def binary_cross_entropy_with_logits(logits, target, reduction: str = "mean") -> Tensor:
+    """BCE on sigmoid(logits) in the stable form max(x, 0) - x t + log(1 + exp(-|x|))."""
+    logits = as_tensor(logits)
+    t = _same_shape_targets(logits, target, "binary_cross_entropy_with_logits")
+    x = logits.data.astype(np.float64)
+    scale = _reduce_scale(reduction, x.size)
+    loss = (np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))).sum() * scale
+
+    def backward(g):
+        sig = np.where(x >= 0, 1 / (1 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x))))
+        return (((sig - t) * (scale * float(g))).astype(np.float32),)
+
+    return make_result(np.float32(loss), (logits,), backward, "binary_cross_entropy_with_logits")
