@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from .checks import check_count
 from .errors import InputError
 
 
@@ -185,12 +186,6 @@ class Schedule:
 
     def get_last_lr(self) -> float:
         return self.optimizer.lr
-
-
-def check_count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise InputError(f"{name}: expected an integer >= {minimum}, found {value!r}")
-    return int(value)
 
 
 class ConstantLR(Schedule):

@@ -18,6 +18,7 @@ import pandas as pd
 
 from . import optim
 from .autograd import Tensor, no_grad
+from .checks import check_count
 from .errors import InputError, MicrocnnError
 from .losses import cross_entropy
 
@@ -153,14 +154,22 @@ def affine_elastic(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 AUGMENTATIONS = {"shift": shift_images, "affine": random_affine, "elastic": affine_elastic}
 
 
-def _check_training_data(net, images, labels):
+def _check_training_data(net, images, labels, name: str = "labels"):
+    """Validated (images, int64 labels). Every label is checked against the network's class count
+    before any training step, so a bad label late in the data never leaves a half-trained network."""
     from .checks import as_image_batch
 
     images = as_image_batch(images, net.input_shape, name="images")
     labels = np.asarray(labels)
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(f"labels: expected {len(images)} integer class indices (shape ({len(images)},)), "
+        raise InputError(f"{name}: expected {len(images)} integer class indices (shape ({len(images)},)), "
                          f"found shape {labels.shape} dtype {labels.dtype}")
+    classes = net.logits(images[:1]).shape[1]
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{name}: expected every class index in 0..{classes - 1}, found {int(labels[i])} "
+                         f"at index {i}")
     return images, labels.astype(np.int64)
 
 
@@ -191,10 +200,15 @@ def fit(net, images, labels, epochs: int = 10, batch_size: int = 64, optimizer="
     """
     from tqdm.auto import tqdm
 
-    epochs, batch_size = optim.check_count("epochs", epochs), optim.check_count("batch_size", batch_size)
+    epochs, batch_size = check_count("epochs", epochs), check_count("batch_size", batch_size)
     images, labels = _check_training_data(net, images, labels)
     if eval_data is not None:
-        eval_images, eval_labels = _check_training_data(net, *eval_data)
+        if not (isinstance(eval_data, tuple | list) and len(eval_data) == 2):
+            found = type(eval_data).__name__
+            if isinstance(eval_data, tuple | list):
+                found += f" of length {len(eval_data)}"
+            raise InputError(f"eval_data: expected an (images, labels) pair, found {found}")
+        eval_images, eval_labels = _check_training_data(net, *eval_data, name="eval_data labels")
     steps_per_epoch = -(-len(images) // batch_size)
     opt = optimizer if isinstance(optimizer, optim.Optimizer) else make_optimizer(
         optimizer, net.parameters(), lr, weight_decay)
@@ -287,57 +301,33 @@ def train_throughput(net_builder, images, labels, batch_size: int = 64, batches:
 
 def throughput_table(threads: int = 1, data_dir=None, compare: bool = False,
                      batches: int = 30) -> pd.DataFrame:
-    """System, Dataset, Images/s for LeNet-5 and the MLP at batch 64 (MNIST when found, else noise)."""
-    from .datasets import load_mnist
+    """System, Dataset, Images/s at batch 64 for LeNet-5 and the MLP on the MNIST training split and on
+    full Fashion-MNIST (60,000 images, when installed), plus PyTorch's LeNet-5 with ``compare``."""
+    from .datasets import load_fashion_mnist, load_mnist
     from .errors import DataNotFoundError
     from .lenet import lenet
 
-    try:
-        images, labels = load_mnist("train", data_dir=data_dir, download=False)
-        dataset = "MNIST train"
-    except DataNotFoundError:
-        rng = np.random.default_rng(0)
-        images, labels = rng.random((1024, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 1024)
-        dataset = "random"
-    rows = [{"System": "microcnn LeNet-5", "Dataset": dataset,
-             "Images/s": train_throughput(lenet, images, labels, batches=batches, threads=threads)},
-            {"System": "microcnn MLP 784-256-128-10", "Dataset": dataset,
-             "Images/s": train_throughput(mlp, images, labels, batches=batches, threads=threads)}]
-    if compare:
-        torch_rate = _torch_lenet_throughput(images, labels, threads, batches)
-        if torch_rate is not None:
-            rows.append({"System": "PyTorch LeNet-5", "Dataset": dataset, "Images/s": torch_rate})
+    rows = []
+    sources = (("MNIST train", load_mnist, data_dir), ("Fashion-MNIST train", load_fashion_mnist, None))
+    for dataset, loader, where in sources:
+        try:
+            images, labels = loader("train", data_dir=where, download=False, progress=False)
+        except DataNotFoundError:
+            continue
+        dataset = f"{dataset} ({len(images):,})"
+        rows.append({"System": "microcnn LeNet-5", "Dataset": dataset,
+                     "Images/s": train_throughput(lenet, images, labels, batches=batches, threads=threads)})
+        rows.append({"System": "microcnn MLP 784-256-128-10", "Dataset": dataset,
+                     "Images/s": train_throughput(mlp, images, labels, batches=batches, threads=threads)})
+        if compare:
+            from .compare import torch_train_throughput
+
+            rows.append({"System": "PyTorch LeNet-5", "Dataset": dataset,
+                         "Images/s": torch_train_throughput(images, labels, threads=threads,
+                                                            optimizer="adam", lr=1e-3)})
+    if not rows:
+        raise DataNotFoundError("no training data found for the throughput benchmark (set MICROCNN_DATA)")
     return pd.DataFrame(rows)
-
-
-def _torch_lenet_throughput(images, labels, threads, batches, batch_size=64):
-    """The same training step in PyTorch (None when torch is not installed)."""
-    try:
-        import torch
-        from torch import nn
-    except ImportError:
-        return None
-    torch.manual_seed(0)
-    torch.set_num_threads(threads or 1)
-    net = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
-                        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 120, 5), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    x, y = torch.from_numpy(images[:batch_size]), torch.from_numpy(labels[:batch_size].astype(np.int64))
-
-    def run(n):
-        for _ in range(n):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
-
-    run(2)
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        run(batches)
-        best = min(best, time.perf_counter() - t0)
-    return batches * batch_size / best
 
 
 # -- command line ----------------------------------------------------------------------------------
