@@ -256,6 +256,7 @@ def test_benchmark_algorithms_table():
     net = _small_net()
     images = np.random.default_rng(0).random((6, 1, 28, 28), dtype=np.float32)
     algorithms = ("im2col", "naive", "winograd", "fft")
+    before = [layer.algorithm for layer in net.layers if hasattr(layer, "algorithm")]
     table = cv.benchmark_algorithms(net, images, algorithms, repeats=2)
     assert list(table.columns) == ["Algorithm", "Total Time (ms)", "Per Image (us)", "Speedup",
                                    "Max Error vs Naive"]
@@ -266,7 +267,7 @@ def test_benchmark_algorithms_table():
     assert np.allclose(table["Per Image (us)"], table["Total Time (ms)"] * 1e3 / 6)
     logits = net.logits(images)
     assert (table["Max Error vs Naive"] <= 1e-5 * np.abs(logits).max()).all()
-    assert all(layer.algorithm == "auto" for layer in net.layers if hasattr(layer, "algorithm"))
+    assert [layer.algorithm for layer in net.layers if hasattr(layer, "algorithm")] == before  # restored
 
 
 def test_benchmark_labels_fallbacks():
@@ -293,13 +294,15 @@ def test_per_layer_algorithm_table():
 
 
 @pytest.mark.slow
-def test_lenet_predictions_identical_across_algorithms(bundled, mnist_test):
+def test_lenet_predictions_identical_across_algorithms(mnist_test):
+    from microcnn.lenet import lenet
+
+    bundled = lenet(weights="bundled")  # its own copy: the session fixture must keep its algorithm
     images, _ = mnist_test
     predictions = {}
     for algorithm in cv.ALGORITHMS:
         bundled.set_conv_algorithm(algorithm)
         predictions[algorithm] = bundled.predict(images, batch_size=1000).argmax(axis=1)
-    bundled.set_conv_algorithm("auto")
     for algorithm in cv.ALGORITHMS:
         assert np.array_equal(predictions[algorithm], predictions["naive"]), algorithm
 
