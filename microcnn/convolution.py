@@ -247,16 +247,6 @@ def _conv_layers(net):
     return [(name, layer) for name, layer in zip(names, net.layers, strict=True) if isinstance(layer, Conv2d)]
 
 
-def _median_time(fn, repeats):
-    fn()  # warm-up: compilation, weight preparation, first-touch of buffers
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _images(net, images):
     if hasattr(net, "check_input"):
         return net.check_input(images)
@@ -283,6 +273,8 @@ def benchmark_algorithms(net, images, algorithms=ALGORITHMS, repeats=5, progress
     """
     import pandas as pd
 
+    from .bench import median_time
+
     algorithms = _check_algorithms(algorithms)
     images = _images(net, images)
     run = net.logits if hasattr(net, "logits") else net.forward
@@ -302,7 +294,7 @@ def benchmark_algorithms(net, images, algorithms=ALGORITHMS, repeats=5, progress
             else:
                 _set_all(layers, algorithm)
             out = run(images)
-            seconds = _median_time(lambda: run(images), repeats)
+            seconds = median_time(lambda: run(images), repeats)
             fallbacks = sorted({layer.conv_state.get("fallback") for _, layer in layers} - {None})
             results[algorithm] = (seconds, out, fallbacks)
             if bar is not None:
@@ -344,6 +336,8 @@ def per_layer_algorithm_table(net, images, algorithms=ALGORITHMS, repeats=5, pro
     """
     import pandas as pd
 
+    from .bench import median_time
+
     algorithms = _check_algorithms(algorithms)
     x = _images(net, images)
     convs = {id(layer) for _, layer in _conv_layers(net)}
@@ -368,7 +362,7 @@ def per_layer_algorithm_table(net, images, algorithms=ALGORITHMS, repeats=5, pro
                     seconds = np.nan
                     if ineligibility(algorithm, w.shape, stride, padding) is None:
                         args = (x, w, b, stride, padding, algorithm, {})
-                        seconds = _median_time(lambda args=args: conv2d_forward(*args), repeats)
+                        seconds = median_time(lambda args=args: conv2d_forward(*args), repeats)
                     row[f"{algorithm} (ms)"] = seconds * 1e3
                     if bar is not None:
                         bar.update(1)
