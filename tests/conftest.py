@@ -1,15 +1,6 @@
-"""Shared fixtures. The data directory defaults to the shared MNIST folder beside the checkout,
-which is where CI's fresh clone finds it; MICROCNN_DATA overrides it."""
-
-import os
-from pathlib import Path
+"""Shared fixtures (the data-directory default lives in the root conftest.py)."""
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-_SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
-if "MICROCNN_DATA" not in os.environ and _SHARED_MNIST.is_dir():
-    os.environ["MICROCNN_DATA"] = str(_SHARED_MNIST)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,275 @@
+"""microcnn.plots: every figure draws exactly its table's data, with labelled axes.
+
+The references are the tables themselves (and, for histograms, np.histogram of the raw values): the
+tests read the data back out of the matplotlib artists and compare.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle, StepPatch
+
+import microcnn
+from microcnn import analysis as A
+from microcnn import plots as P
+from microcnn.errors import InputError
+from microcnn.quant import MinMaxObserver, MSEObserver, calibrate, layer_error_table, quantize
+
+
+def visible_axes(fig):
+    return [ax for ax in fig.axes if ax.axison and ax.get_label() != "<colorbar>"]
+
+
+def assert_labelled(fig):
+    for ax in visible_axes(fig):
+        assert ax.get_xlabel().strip() and ax.get_ylabel().strip(), ax.get_title()
+
+
+def bar_heights(ax):
+    return np.array([p.get_height() for p in ax.patches if isinstance(p, Rectangle)], float)
+
+
+def vertical_lines(ax):
+    """x of every axvline (a Line2D whose two x values are equal, spanning the axes)."""
+    return [line.get_xdata()[0] for line in ax.get_lines()
+            if isinstance(line, Line2D) and len(line.get_xdata()) == 2
+            and line.get_xdata()[0] == line.get_xdata()[1]]
+
+
+# ------------------------------------------------------------------------------ digits
+def test_digit_grid_shows_each_image_with_its_title():
+    rng = np.random.default_rng(0)
+    images = rng.random((5, 1, 28, 28), dtype=np.float32)
+    labels, predicted = np.array([1, 2, 3, 4, 5]), np.array([1, 2, 0, 4, 9])
+    fig = P.digit_grid(images, labels, predicted, ncols=3, title="five digits")
+    axes = fig.axes
+    assert len(axes) == 6  # 2 x 3 grid, last cell empty
+    for i, ax in enumerate(axes[:5]):
+        np.testing.assert_array_equal(ax.get_images()[0].get_array(), images[i, 0])
+        assert ax.get_title() == f"{labels[i]} → {predicted[i]}"
+        assert ax.title.get_color() == ("black" if labels[i] == predicted[i] else "red")
+    assert not axes[5].get_images()
+    assert fig._suptitle.get_text() == "five digits"
+    only_pred = P.digit_grid(images[:2, 0], predicted=predicted[:2])
+    assert [ax.get_title() for ax in only_pred.axes] == ["pred 1", "pred 2"]
+    assert [ax.get_title() for ax in P.digit_grid(images[:2]).axes] == ["", ""]
+
+
+def test_digit_grid_refuses_bad_input():
+    with pytest.raises(InputError, match="images"):
+        P.digit_grid(np.zeros((28, 28)))
+    with pytest.raises(InputError, match="labels"):
+        P.digit_grid(np.zeros((3, 28, 28)), labels=[1, 2])
+
+
+# ------------------------------------------------------------------------------ histograms
+def test_histogram_counts_rebins_the_observers_histogram():
+    rng = np.random.default_rng(1)
+    values = np.concatenate([np.zeros(500), rng.gamma(2.0, 1.5, 5000)]).astype(np.float32)
+    obs = MSEObserver("t", bins=1024)
+    for chunk in np.array_split(values, 7):
+        obs.observe(chunk)
+    edges, counts = P.histogram_counts(obs, bins=30)
+    np.testing.assert_allclose(edges, np.linspace(values.min(), values.max(), 31))
+    assert counts.sum() == values.size
+    reference, _ = np.histogram(values, edges)
+    # The observer only knows values to within one of its fine bins: counts may move across a display
+    # edge only for values that close to it.
+    near_edge = sum(int((np.abs(values - e) <= 2 * obs.bin_width).sum()) for e in edges[1:-1])
+    assert np.abs(counts - reference).sum() <= 2 * near_edge
+    assert counts[0] >= 500  # the zeros
+    with pytest.raises(InputError, match="no histogram"):
+        mm = MinMaxObserver("t")
+        mm.observe(values)
+        P.histogram_counts(mm)
+
+
+@pytest.fixture(scope="module")
+def calibrations(mnist_train):
+    net = microcnn.lenet(weights="bundled")
+    return A.calibrate_methods(net, mnist_train[0][:200], methods=("minmax", "mse", "entropy"), samples=30)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_activation_histograms_mark_every_methods_range(calibrations, bits):
+    tensors = ["input", "pool1", "pool2", "relu4"]
+    fig = P.activation_histograms(calibrations, tensors, bits=bits, bins=40, ncols=3)
+    ranges = A.calibration_ranges(calibrations, bits, tensors)
+    axes = visible_axes(fig)
+    assert [ax.get_title() for ax in axes] == tensors
+    assert_labelled(fig)
+    for ax, name in zip(axes, tensors, strict=True):
+        assert ax.get_yscale() == "log"
+        steps = [p for p in ax.patches if isinstance(p, StepPatch)]
+        values, edges, _ = steps[0].get_data()
+        ref_edges, ref_counts = P.histogram_counts(calibrations["mse"].observer(name), 40)
+        np.testing.assert_array_equal(values, ref_counts)
+        np.testing.assert_array_equal(edges, ref_edges)
+        part = ranges[ranges["Tensor"] == name]
+        expected = [v for lo, hi in zip(part["Range Lo"], part["Range Hi"], strict=True) for v in (lo, hi)]
+        assert vertical_lines(ax) == expected
+    assert not fig.axes[-1].axison  # 4 panels in a 2x3 grid: the rest are blank
+
+
+def test_activation_histograms_need_a_histogram_observer(mnist_train):
+    net = microcnn.lenet(weights="bundled")
+    cals = A.calibrate_methods(net, mnist_train[0][:50], methods=("minmax",), samples=20)
+    with pytest.raises(InputError, match="histograms"):
+        P.activation_histograms(cals, ["pool1"])
+
+
+# ------------------------------------------------------------------------------ calibration sweep
+@pytest.fixture
+def sweep():
+    rows = [(m, n, p, 90 + i + 0.1 * n ** 0.5 + (1 if p == "INT8" else 0))
+            for i, m in enumerate(("minmax", "mse", "entropy")) for n in (10, 100, 1000)
+            for p in ("INT8", "INT4")]
+    return pd.DataFrame(rows, columns=["Method", "Calibration Images", "Precision", "Accuracy (%)"])
+
+
+def test_calibration_sweep_figure_draws_each_method(sweep):
+    fig = P.calibration_sweep_figure(sweep, fp32_accuracy=0.991)
+    axes = visible_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["INT8", "INT4"]
+    assert_labelled(fig)
+    for ax in axes:
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"minmax", "mse", "entropy", "FP32"}
+        assert lines["FP32"].get_ydata()[0] == pytest.approx(0.9)  # error = 100 - 99.1
+        for method in ("minmax", "mse", "entropy"):
+            rows = sweep[(sweep["Precision"] == ax.get_title()) & (sweep["Method"] == method)]
+            np.testing.assert_array_equal(lines[method].get_xdata(), rows["Calibration Images"])
+            np.testing.assert_allclose(lines[method].get_ydata(), 100 - rows["Accuracy (%)"], rtol=1e-12)
+
+
+def test_method_comparison_figure_bars(sweep):
+    fig = P.method_comparison_figure(sweep, samples=100)
+    ax = visible_axes(fig)[0]
+    assert_labelled(fig)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["minmax", "mse", "entropy"]
+    part = sweep[sweep["Calibration Images"] == 100]
+    expected = np.concatenate([part[part["Precision"] == p]["Accuracy (%)"].to_numpy()
+                               for p in ("INT8", "INT4")])
+    np.testing.assert_array_equal(bar_heights(ax), expected)
+    lo, hi = ax.get_ylim()
+    assert lo < expected.min() and hi > expected.max()
+    assert "1000" in P.method_comparison_figure(sweep).axes[0].get_title()  # default: the largest
+    with pytest.raises(InputError, match="samples"):
+        P.method_comparison_figure(sweep, samples=7)
+    with pytest.raises(InputError, match="columns"):
+        P.calibration_sweep_figure(sweep.drop(columns="Method"))
+
+
+# ------------------------------------------------------------------------------ per-layer error
+def test_layer_error_figure_draws_real_tables(mnist_train, mnist_test):
+    net = microcnn.lenet(weights="bundled")
+    cal = calibrate(net, mnist_train[0][:200], samples=30, progress=False)
+    images = mnist_test[0][:40]
+    tables = {"INT8": layer_error_table(net, quantize(net, cal, 8, 8), images),
+              "INT4": layer_error_table(net, quantize(net, cal, 4, 4), images)}
+    fig = P.layer_error_figure(tables)
+    ax_mse, ax_sqnr = visible_axes(fig)
+    assert_labelled(fig)
+    assert ax_mse.get_yscale() == "log" and ax_sqnr.get_yscale() == "linear"
+    n = len(tables["INT8"])
+    mse, sqnr = bar_heights(ax_mse), bar_heights(ax_sqnr)
+    assert len(mse) == len(sqnr) == 4 * n
+    series = [(p, c) for p in tables for c in ("MSE", "Local MSE")]
+    for k, (precision, column) in enumerate(series):
+        np.testing.assert_array_equal(mse[k * n:(k + 1) * n], tables[precision][column])
+        reference = tables[precision][column.replace("MSE", "SQNR (dB)")].to_numpy()
+        np.testing.assert_array_equal(sqnr[k * n:(k + 1) * n],
+                                      np.where(np.isfinite(reference), reference, np.nan))
+    labels = [t.get_text() for t in ax_mse.get_xticklabels()]
+    assert [label.replace("\n", "") for label in labels] == list(tables["INT8"]["Layer"])
+    assert [t.get_text() for t in ax_sqnr.get_legend().get_texts()] == [
+        "INT8 cumulative", "INT8 local", "INT4 cumulative", "INT4 local"]
+
+
+def test_layer_error_figure_refuses_mismatched_tables():
+    a = pd.DataFrame({"Layer": ["conv1", "fc1"], "MSE": [1e-3, 1e-2], "SQNR (dB)": [30.0, 20.0],
+                      "Local MSE": [1e-3, 5e-3], "Local SQNR (dB)": [30.0, 25.0]})
+    with pytest.raises(InputError, match="expected layers"):
+        P.layer_error_figure({"INT8": a, "INT4": a.iloc[::-1]})
+    with pytest.raises(InputError, match="columns"):
+        P.layer_error_figure({"INT8": a.drop(columns="Local MSE")})
+
+
+# ------------------------------------------------------------------------------ convolution
+def test_conv_algorithm_figure():
+    table = pd.DataFrame({"Algorithm": ["naive", "im2col", "winograd (fallback: stride 2)", "fft"],
+                          "Total Time (ms)": [300.0, 30.0, 80.0, 170.0],
+                          "Per Image (us)": [600.0, 60.0, 160.0, 340.0], "Speedup": [1.0, 10.0, 3.75, 1.76],
+                          "Max Error vs Naive": [0.0, 8e-6, 2.7e-5, 1e-5]})
+    fig = P.conv_algorithm_figure(table)
+    ax_t, ax_e = visible_axes(fig)
+    assert_labelled(fig)
+    np.testing.assert_array_equal(bar_heights(ax_t), table["Total Time (ms)"])
+    np.testing.assert_array_equal(bar_heights(ax_e), [np.nan, 8e-6, 2.7e-5, 1e-5])
+    assert ax_e.get_yscale() == "log"
+    assert [t.get_text() for t in ax_t.get_xticklabels()] == ["naive", "im2col", "winograd", "fft"]
+
+
+def test_conv_layer_time_figure():
+    table = pd.DataFrame({"Layer": ["conv1", "conv2"], "Input": ["1x8x8", "2x4x4"],
+                          "naive (ms)": [5.0, 4.0], "im2col (ms)": [1.0, 0.5], "winograd (ms)": [2.0, np.nan],
+                          "Fastest": ["im2col", "im2col"], "Auto": ["im2col", "im2col"]})
+    fig = P.conv_layer_time_figure(table)
+    ax = visible_axes(fig)[0]
+    assert_labelled(fig)
+    assert ax.get_yscale() == "log"
+    np.testing.assert_array_equal(bar_heights(ax), [5.0, 4.0, 1.0, 0.5, 2.0, np.nan])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["naive", "im2col", "winograd"]
+    with pytest.raises(InputError, match="ms"):
+        P.conv_layer_time_figure(table[["Layer", "Fastest"]])
+
+
+# ------------------------------------------------------------------------------ results
+def test_confusion_figure_shows_each_matrix():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 10, 400)
+    matrices = {name: A.confusion_matrix(labels, np.where(rng.random(400) < p, rng.integers(0, 10, 400),
+                                                          labels))
+                for name, p in (("FP32", 0.05), ("INT4", 0.2))}
+    fig = P.confusion_figure(matrices)
+    axes = [ax for ax in fig.axes if ax.get_images()]
+    assert len(axes) == 2
+    assert_labelled(fig)
+    for ax, (name, matrix) in zip(axes, matrices.items(), strict=True):
+        counts = matrix.to_numpy()
+        shown = ax.get_images()[0].get_array()
+        np.testing.assert_array_equal(shown.filled(0), counts)
+        assert (shown.mask == (counts == 0)).all()
+        texts = {(round(t.get_position()[1]), round(t.get_position()[0])): int(t.get_text())
+                 for t in ax.texts}
+        expected = {(i, j): v for (i, j), v in np.ndenumerate(counts) if v and i != j}
+        assert texts == expected
+        assert ax.get_title() == f"{name}: {np.trace(counts)} / 400 correct"
+    assert any(ax.get_label() == "<colorbar>" and "log" in ax.get_ylabel() for ax in fig.axes)
+
+
+def test_training_curves():
+    history = pd.DataFrame({"epoch": [1, 2, 3], "loss": [1.2, 0.5, 0.3], "train_acc": [0.6, 0.85, 0.9],
+                            "test_acc": [0.7, 0.88, 0.93], "lr": [1e-3] * 3, "seconds": [1.0] * 3})
+    fig = P.training_curves(history)
+    ax_loss, ax_acc = visible_axes(fig)
+    assert_labelled(fig)
+    np.testing.assert_array_equal(ax_loss.get_lines()[0].get_ydata(), history["loss"])
+    train, test = ax_acc.get_lines()
+    np.testing.assert_array_equal(train.get_xdata(), history["epoch"])
+    np.testing.assert_allclose(train.get_ydata(), 100 * history["train_acc"])
+    np.testing.assert_allclose(test.get_ydata(), 100 * history["test_acc"])
+    no_test = P.training_curves(history.assign(test_acc=np.nan))
+    assert len(visible_axes(no_test)[1].get_lines()) == 1
+    with pytest.raises(InputError, match="loss"):
+        P.training_curves(history.drop(columns="loss"))
+
+
+def test_figures_are_not_left_open_in_pyplot():
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    P.digit_grid(np.zeros((2, 28, 28)))
+    assert plt.get_fignums() == before
