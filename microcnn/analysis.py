@@ -176,3 +176,25 @@ def conv_cost_table(net) -> pd.DataFrame:
     if not rows:
         raise InputError("conv_cost_table: the network has no Conv2d layers")
     return pd.DataFrame(rows)
+
+
+def conv_precision_table(per_layer: pd.DataFrame) -> pd.DataFrame:
+    """Per conv layer, FP32 im2col vs INT8 im2col time and speedup, from ``quant.per_layer_table``.
+
+    The integer network runs a convolution with its following ReLU and MaxPool2d fused into one
+    stage (timed on the conv row, 0 on the others), so the FP32 side sums the same group of rows:
+    the comparison is the same work in both precisions.
+    """
+    rows, group = [], None
+    for row in per_layer.to_dict("records"):
+        if row["Type"] == "Conv2d":
+            group = {"Layer": row["Layer"], "FP32 im2col (ms)": 0.0, "INT8 im2col (ms)": 0.0}
+            rows.append(group)
+        elif row["Type"] not in ("ReLU", "MaxPool2d"):
+            group = None
+        if group is not None:
+            group["FP32 im2col (ms)"] += row["FP32 Time (ms)"]
+            group["INT8 im2col (ms)"] += row["INT8 Time (ms)"]
+    table = pd.DataFrame(rows, columns=["Layer", "FP32 im2col (ms)", "INT8 im2col (ms)"])
+    table["Speedup"] = table["FP32 im2col (ms)"] / table["INT8 im2col (ms)"]
+    return table

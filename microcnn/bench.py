@@ -187,6 +187,13 @@ def run(args) -> dict:
         with pinned_threads(args.threads):
             table = per_layer_table(net, calibration, images)
         say("\nPer layer:\n" + format_table(table, ".4g"))
+        from .analysis import conv_precision_table
+
+        convs = conv_precision_table(table)
+        say("\nConv layers, FP32 im2col vs INT8 im2col (fused conv+relu+pool group):\n"
+            + format_table(convs, ".3f"))
+        report["conv_precision"] = _records(convs, {"Layer": "layer", "FP32 im2col (ms)": "fp32_ms",
+                                                    "INT8 im2col (ms)": "int8_ms", "Speedup": "speedup"})
         report["per_layer"] = _records(table, {
             "Layer": "layer", "Type": "type", "FP32 Time (ms)": "fp32_ms", "INT8 Time (ms)": "int8_ms",
             "INT4 Time (ms)": "int4_ms", "INT8 MSE": "int8_mse", "INT4 MSE": "int4_mse"})

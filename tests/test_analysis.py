@@ -164,3 +164,17 @@ def test_conv_cost_table_strided_and_refusals():
         A.conv_cost_table(microcnn.Sequential(microcnn.Flatten(), microcnn.Linear(4, 2),
                                               input_shape=(1, 2, 2)))
     assert isinstance(A.conv_cost_table(microcnn.lenet()), pd.DataFrame)
+
+
+def test_conv_precision_table_compares_the_same_fused_group():
+    per_layer = pd.DataFrame({
+        "Layer": ["conv1", "relu1", "pool1", "conv3", "relu3", "flatten", "fc1"],
+        "Type": ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "Flatten", "Linear"],
+        "FP32 Time (ms)": [4.0, 1.0, 1.0, 2.0, 0.5, 0.1, 0.3],
+        "INT8 Time (ms)": [3.0, 0.0, 0.0, 1.0, 0.0, 0.1, 0.2],
+    })
+    table = A.conv_precision_table(per_layer)
+    assert table["Layer"].tolist() == ["conv1", "conv3"]
+    assert table["FP32 im2col (ms)"].tolist() == [6.0, 2.5]   # conv + relu + pool, conv + relu
+    assert table["INT8 im2col (ms)"].tolist() == [3.0, 1.0]
+    assert table["Speedup"].tolist() == [2.0, 2.5]
