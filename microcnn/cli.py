@@ -49,6 +49,17 @@ def _model_at_precision(net, args):
     return quantize(net, cal, weight_bits=wb, act_bits=ab)
 
 
+def _precision_of(model, requested: str) -> str:
+    """What the evaluated model computes in: a model file that is already quantized reports its own
+    precision (int8, w4a8, int4, or e.g. w8a4), a storage-compressed one fp32."""
+    settings = getattr(model, "settings", None)
+    if requested != "fp32" or not settings:
+        return requested
+    bits = (settings.get("weight_bits"), settings.get("act_bits"))
+    names = {v: k for k, v in PRECISION_BITS.items()}
+    return names.get(bits, f"w{bits[0]}a{bits[1]}")
+
+
 # -- commands ------------------------------------------------------------------------------------
 def cmd_info(args) -> int:
     import numba
@@ -106,7 +117,7 @@ def cmd_eval(args) -> int:
         images, labels = images[:args.samples], labels[:args.samples]
     model = _model_at_precision(_load_model(args.model), args)
     acc = model.accuracy(images, labels, progress=not args.json)
-    result = {"model": args.model, "precision": args.precision, "samples": len(labels),
+    result = {"model": args.model, "precision": _precision_of(model, args.precision), "samples": len(labels),
               "accuracy": acc, "model_bytes": int(model.nbytes)}
     if args.json:
         print(json.dumps(result))

@@ -72,3 +72,14 @@ def test_headline_table_ratios_come_from_its_own_rows():
     np.testing.assert_allclose(table["Speedup"], t.iloc[0] / t)
     assert table["Accuracy (%)"].iloc[0] == 100.0
     assert table["Savings (%)"].tolist() == [0.0, 0.0]
+
+
+def test_quantize_writes_a_model_that_eval_reports_at_its_own_precision(capsys, tmp_path):
+    out = tmp_path / "lenet_w4a4.safetensors"
+    code, text, _ = run(capsys, "quantize", "--bits", "4", "--calibration", "50", "--out", str(out))
+    assert code == 0 and "32648 bytes" in text
+    code, text, _ = run(capsys, "eval", "--model", str(out), "--samples", "300", "--json")
+    result = json.loads(text)
+    assert code == 0
+    assert result["precision"] == "int4" and result["model_bytes"] == 32_648
+    assert result["accuracy"] > 0.97
