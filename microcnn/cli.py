@@ -67,10 +67,12 @@ def cmd_info(args) -> int:
 
     from . import __version__
     from .datasets import find_dataset_dir
-    from .kernels.pool import maxpool2d
+    from .kernels.pool import _maxpool_parallel
     from .lenet import BUNDLED_RAW
 
-    maxpool2d(np.zeros((2, 1, 2, 2), np.float32), 2, 2, 2, 2)  # the threading layer is chosen lazily
+    # Numba picks its threading layer at the first parallel launch; run one tiny parallel kernel.
+    x = np.zeros((1, 1, 2, 2), np.float32)
+    _maxpool_parallel(x, np.empty((1, 1, 1, 1), np.float32), 2, 2, 2, 2, np.float32(-np.inf), 1)
     info = {
         "microcnn": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
         "numba": numba.__version__, "threading_layer": numba.threading_layer(),
