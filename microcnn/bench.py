@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 PRECISIONS = ("fp32", "int8", "w4a8", "int4")
+# (weight bits, activation bits) of each quantized precision; "int4" is W4A4 as in the reference tool.
+PRECISION_BITS = {"int8": (8, 8), "w4a8": (4, 8), "int4": (4, 4)}
 
 
 @contextlib.contextmanager
@@ -66,12 +68,11 @@ def build_precision(net, precision: str, calibration=None):
         return net
     from .quant import quantize
 
-    bits = {"int8": (8, 8), "w4a8": (4, 8), "int4": (4, 4)}
-    if precision not in bits:
+    if precision not in PRECISION_BITS:
         from .errors import InputError
 
         raise InputError(f"precision: expected one of {PRECISIONS}, found {precision!r}")
-    weight_bits, act_bits = bits[precision]
+    weight_bits, act_bits = PRECISION_BITS[precision]
     return quantize(net, calibration, weight_bits=weight_bits, act_bits=act_bits)
 
 

@@ -8,9 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .bench import PRECISION_BITS, build_precision
 from .errors import MicrocnnError
-
-PRECISION_BITS = {"int8": (8, 8), "w4a8": (4, 8), "int4": (4, 4)}
 
 
 def _load_model(spec: str):
@@ -41,12 +40,11 @@ def _model_at_precision(net, args):
     precision = getattr(args, "precision", "fp32")
     if precision == "fp32" or not hasattr(net, "parameters"):
         return net
-    from .quant import calibrate, quantize
+    from .quant import calibrate
 
-    wb, ab = PRECISION_BITS[precision]
     cal = calibrate(net, _calibration_images(args, args.calibration), method=args.method,
                     progress=not args.json)
-    return quantize(net, cal, weight_bits=wb, act_bits=ab)
+    return build_precision(net, precision, cal)
 
 
 def _precision_of(model, requested: str) -> str:

@@ -188,11 +188,6 @@ class Schedule:
         return self.optimizer.lr
 
 
-class ConstantLR(Schedule):
-    def lr_at(self, t):
-        return self.base_lr
-
-
 class StepLR(Schedule):
     """lr = base_lr * gamma ** (t // step_size)."""
 
