@@ -113,10 +113,17 @@ class Conv2d(Layer):
         if x.shape[2] + 2 * ph < kh or x.shape[3] + 2 * pw < kw:
             raise InputError(f"{self!r}: input {tuple(x.shape)} is smaller than the kernel")
 
-    def forward(self, x):
+    def forward(self, x, pool: MaxPool2d | None = None, relu: bool = False):
+        """Inference. ``pool`` (the MaxPool2d that follows, with ``relu``: a ReLU between the two) is
+        applied in the same pass: Sequential fuses Conv2d [ReLU] MaxPool2d this way."""
         self._check_input(x)
+        if pool is None:
+            return conv2d_forward(x, self.weight.data, self._bias_array(), self.stride, self.padding,
+                                  self.algorithm, self.conv_state, self.weight.version)
+        pool.check_shape(self.output_shape(x.shape[1:]))
         return conv2d_forward(x, self.weight.data, self._bias_array(), self.stride, self.padding,
-                              self.algorithm, self.conv_state, self.weight.version)
+                              self.algorithm, self.conv_state, self.weight.version,
+                              (*pool.kernel_size, *pool.stride), 0.0 if relu else -np.inf)
 
     def forward_tensor(self, x):
         self._check_input(x.data)
@@ -192,9 +199,18 @@ class _Pool2d(Layer):
         return c, pool.pooled_size(h, kh, sh), pool.pooled_size(w, kw, sw)
 
     def _check_input(self, x):
-        if x.ndim != 4 or x.shape[2] < self.kernel_size[0] or x.shape[3] < self.kernel_size[1]:
-            raise InputError(f"{self!r}: expected input (N, C, H>={self.kernel_size[0]}, "
-                             f"W>={self.kernel_size[1]}), found {tuple(x.shape)}")
+        if x.ndim != 4:
+            self._refuse(x.shape)
+        self.check_shape(x.shape[1:], x.shape)
+
+    def check_shape(self, chw, found=None):
+        """Refuse a (C, H, W) sample shape smaller than the window (``found``: the whole input's shape)."""
+        if chw[1] < self.kernel_size[0] or chw[2] < self.kernel_size[1]:
+            self._refuse(found if found is not None else ("N", *chw))
+
+    def _refuse(self, found):
+        raise InputError(f"{self!r}: expected input (N, C, H>={self.kernel_size[0]}, "
+                         f"W>={self.kernel_size[1]}), found {tuple(found)}")
 
 
 class MaxPool2d(_Pool2d):

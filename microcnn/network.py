@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -11,7 +12,10 @@ import numpy as np
 
 from .autograd import Tensor
 from .checks import as_image_batch, check_count
+from .convolution import memoized_runner
 from .errors import InputError
+from .kernels import elementwise
+from .kernels import pool as pool_kernels
 from .layers import Conv2d, Flatten, Layer, MaxPool2d, ReLU, Softmax, layer_from_config
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
@@ -41,6 +45,95 @@ def layer_names(layers) -> list[str]:
     return names
 
 
+_F32 = np.dtype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One inference call: ``layer`` alone, a Conv2d with the MaxPool2d ``pool`` after it (``relu``: a
+    ReLU between them), or a MaxPool2d whose input passes a ReLU first (``relu``). ``owned``: the input
+    is an intermediate the network made, so a lone ReLU may overwrite it."""
+
+    layer: Layer
+    pool: MaxPool2d | None
+    relu: bool
+    owned: bool
+
+    def run(self, x):
+        """The checked call (the layers validate x)."""
+        if isinstance(self.layer, Conv2d) and self.pool is not None:
+            return self.layer.forward(x, pool=self.pool, relu=self.relu)
+        if isinstance(self.layer, MaxPool2d):
+            return self.layer.forward(x, relu=self.relu)
+        if isinstance(self.layer, ReLU):
+            return self.layer.forward(x, inplace=self.owned)
+        return self.layer.forward(x)
+
+    def output_shape(self, chw):
+        chw = self.layer.output_shape(chw)
+        return chw if self.pool is None else self.pool.output_shape(chw)
+
+    def prepared(self, chw):
+        """``(step, guards)``: a call for inputs of sample shape ``chw`` that a checked pass has
+        accepted, with no checks of its own, and the (tensor, array, version) its prepared weights
+        depend on; None when this group has no such call (a conv on "auto", say)."""
+        layer = self.layer
+        if isinstance(layer, Conv2d):
+            w = layer.weight
+            run = memoized_runner(layer.conv_state, w.data, w.version, chw, layer.algorithm)
+            if run is None:
+                return None
+            pool = None if self.pool is None else (*self.pool.kernel_size, *self.pool.stride)
+            floor, bias = (0.0 if self.relu else -np.inf), layer.bias
+            zeros = np.zeros(layer.out_channels, np.float32)
+
+            def conv_step(x):
+                return run(x, zeros if bias is None else bias.data, pool, floor)
+
+            return conv_step, [(w, w.data, w.version, layer, layer.algorithm)]
+        if isinstance(layer, MaxPool2d):
+            return functools.partial(pool_kernels.maxpool2d, *layer.kernel_size, *layer.stride,
+                                     floor=0 if self.relu else None), []
+        if isinstance(layer, ReLU) and self.owned:
+            return _relu_in_place, []
+        if isinstance(layer, Softmax):
+            return elementwise.softmax_rows, []
+        return layer.forward, []
+
+
+def _relu_in_place(x):
+    elementwise.relu_inplace(x.reshape(-1))
+    return x
+
+
+class _Plan:
+    """Prepared calls for batches of one sample shape, valid while the layer list and the prepared
+    weights (``guards``) stay as they were when it was made."""
+
+    def __init__(self, layers, sample_shape, steps, guards):
+        self.layers, self.sample_shape, self.steps, self.guards = list(layers), sample_shape, steps, guards
+
+    @classmethod
+    def build(cls, layers, groups, sample_shape) -> _Plan | None:
+        steps, guards, chw = [], [], tuple(sample_shape)
+        for group in groups:
+            prepared = group.prepared(chw)
+            if prepared is None:
+                return None
+            steps.append(prepared[0])
+            guards += prepared[1]
+            chw = group.output_shape(chw)
+        return cls(layers, tuple(sample_shape), steps, guards)
+
+    def is_current(self, layers) -> bool:
+        if self.layers != layers:
+            return False
+        for tensor, data, version, layer, algorithm in self.guards:
+            if tensor.data is not data or tensor.version != version or layer.algorithm != algorithm:
+                return False
+        return True
+
+
 class Sequential:
     def __init__(self, *layers: Layer, input_shape: tuple | None = None):
         for layer in layers:
@@ -57,6 +150,9 @@ class Sequential:
         self.input_shape = input_shape
         self.names = layer_names(self.layers)
         self.training = False
+        self._groups: list[_Group] = []
+        self._groups_for: list | None = None
+        self._plan: _Plan | None = None
 
     # -- container -----------------------------------------------------------------------------
     def __len__(self):
@@ -82,19 +178,47 @@ class Sequential:
         return self.forward(x)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Inference. Two exact rewrites save memory passes: ReLU followed by MaxPool2d runs as one
-        pooling pass with a floor of 0, and other ReLUs overwrite intermediates in place."""
-        layers, i, owned = self.layers, 0, False
-        while i < len(layers):
-            layer = layers[i]
-            if isinstance(layer, ReLU) and i + 1 < len(layers) and isinstance(layers[i + 1], MaxPool2d):
-                x, i = layers[i + 1].forward(x, relu=True), i + 2
-            elif isinstance(layer, ReLU):
-                x, i = layer.forward(x, inplace=owned), i + 1
-            else:
-                x, i = layer.forward(x), i + 1
-            owned = owned or not isinstance(layer, Flatten)  # Flatten returns a view of its input
+        """Inference. Fused groups of layers (``inference_groups``) run as one call each; a batch of a
+        sample shape that has passed through before runs the prepared plan for it, which skips the
+        per-layer checks (they were done on that shape) -- the difference at batch 1."""
+        plan = self._plan
+        if (plan is not None and type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 4
+                and x.shape[1:] == plan.sample_shape and x.shape[0] > 0 and x.flags.c_contiguous
+                and plan.is_current(self.layers)):
+            for step in plan.steps:
+                x = step(x)
+            return x
+        sample_shape = x.shape[1:] if isinstance(x, np.ndarray) else None
+        for group in self.inference_groups():
+            x = group.run(x)
+        if sample_shape is not None:
+            self._plan = _Plan.build(self.layers, self.inference_groups(), sample_shape)
         return x
+
+    def inference_groups(self) -> list[_Group]:
+        """The layers as inference calls, with exact rewrites that save memory passes: Conv2d [ReLU]
+        MaxPool2d is one call (the convolution pools its own output), ReLU MaxPool2d one pooling pass
+        with a floor of 0 (max and relu commute), and other ReLUs overwrite intermediates the network
+        made. Rebuilt when ``layers`` changes."""
+        if self._groups_for == self.layers:
+            return self._groups
+        layers, groups, i, owned = self.layers, [], 0, False
+        while i < len(layers):
+            layer, after = layers[i], layers[i + 1:i + 3]
+            relu = bool(after) and isinstance(after[0], ReLU)
+            pool = after[relu] if len(after) > relu and isinstance(after[relu], MaxPool2d) else None
+            if isinstance(layer, Conv2d) and pool is not None:
+                groups.append(_Group(layer, pool, relu, owned))
+                i += 2 + relu
+            elif isinstance(layer, ReLU) and after and isinstance(after[0], MaxPool2d):
+                groups.append(_Group(after[0], None, True, owned))
+                i += 2
+            else:
+                groups.append(_Group(layer, None, False, owned))
+                i += 1
+            owned = owned or not isinstance(layer, Flatten)  # Flatten returns a view of its input
+        self._groups, self._groups_for = groups, list(layers)
+        return groups
 
     @property
     def body(self) -> list[Layer]:
@@ -125,8 +249,8 @@ class Sequential:
 
                 starts = tqdm(starts, desc="predict", unit="batch")
             out = np.concatenate([self.forward(x[s:s + batch_size]) for s in starts])
-        finite = np.isfinite(out).reshape(len(out), -1).all(axis=1)
-        if not finite.all():
+        if not elementwise.all_finite(out.reshape(-1)):
+            finite = np.isfinite(out).reshape(len(out), -1).all(axis=1)
             # Finite weights and inputs give NaN only through float32 overflow (|x| of ~1e37 and more).
             first = int(np.flatnonzero(~finite)[0])
             raise InputError(f"images: the network's outputs overflowed to NaN/Inf for "

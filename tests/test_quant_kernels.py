@@ -199,9 +199,9 @@ def test_worst_case_accumulation_does_not_overflow_int32():
 
 _NARROW_SIMD_CHECK = """
 import numpy as np
-from microcnn.kernels import integer as ki
+from microcnn.kernels import integer as ki, simd
 from tests.test_quant_kernels import CONV_CASES, test_qconv2d_bit_exact, test_qlinear_bit_exact
-assert ki._SIMD == {width}, ki._SIMD
+assert simd.SIMD == {width}, simd.SIMD
 test_qconv2d_bit_exact(CONV_CASES[0], ki.MODE_FIXEDPOINT)
 test_qconv2d_bit_exact(CONV_CASES[2], ki.MODE_DEQUANT)
 test_qlinear_bit_exact(9, 33, 10, 4, ki.MODE_FIXEDPOINT)
@@ -217,9 +217,9 @@ def test_narrower_simd_paths_are_bit_exact(width, tmp_path):
     import subprocess
     import sys
 
-    from microcnn.kernels.integer import _SIMD
+    from microcnn.kernels.simd import SIMD
 
-    if width > _SIMD:
+    if width > SIMD:
         pytest.skip(f"host has no {width}-lane integer SIMD")
     env = {**os.environ, "MICROCNN_SIMD": str(width), "NUMBA_CACHE_DIR": str(tmp_path)}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,15 +6,15 @@ and return y (N, O, OH, OW) float32 with OH = (H + 2*ph - KH) // sh + 1 (likewis
 naive     ``conv2d_naive``: seven nested loops, one multiply-add at a time, float32 accumulation.
           The reference every other algorithm is measured against.
 im2col    ``conv2d_im2col`` / ``im2col_runner``: ``y (O, pixels) = w.reshape(O, K) @ cols (K, pixels)``
-          with our GEMM kernel (``gemm._gemm_acc``) on a group of images at a time (~2000 columns:
-          each GEMM pass has a fixed set-up cost). Columns are ordered (output row, image, output
-          column). For vertical stride 1 the patch matrix is implicit: only the KW horizontal shifts
-          of the images are written (buffer R, C*KW rows) and the GEMM reads patch row (c, kh, kw)
-          as the window of R row (c, kw) that starts kh output rows in -- 1/KH of the im2col
-          traffic and no wasted multiply-adds. Vertical stride > 1 writes the patch matrix. A 1x1
-          output whose kernel covers the whole unpadded input (LeNet's conv3) is a dense layer:
-          dot products on ``x.reshape(N, K)`` itself. ``im2col`` (any dtype) is the public,
-          explicit patch matrix for other kernels (the INT8 path).
+          one image at a time, with the register micro-kernel ``gemm.gemm_packed``. For stride 1
+          the patch matrix is implicit: GEMM column j = r*Wp + q (Wp the padded width) reads tap
+          (c, u, v) at element c*Hp*Wp + u*Wp + v + j of the (padded) image, so every patch row is a
+          window of the image itself -- no copy beyond the zero border, at the price of computing
+          and dropping the Wp - OW columns past each output row. Other strides fill an explicit
+          patch matrix. Max pooling (with a fused ReLU) can run on the GEMM's output before it is
+          stored. A 1x1 output whose kernel covers the whole unpadded input (LeNet's conv3) is a
+          dense layer: dot products on ``x.reshape(N, K)`` itself. ``im2col`` (any dtype) is the
+          public, explicit patch matrix for other kernels.
 winograd  ``winograd_weights`` + ``conv2d_winograd``: F(m x m, r x r) minimal filtering, stride 1.
 fft       ``fft_weights`` + ``conv2d_fft``: pointwise products of 2-D real FFTs (numpy.fft).
 
@@ -22,7 +22,7 @@ Winograd and FFT prepare the weights once (the caller caches them); see their do
 accuracy and cost trade-offs. The ``*_runner`` functions fix everything that depends only on the
 input shape, so repeated calls (batch-1 latency) cost one kernel dispatch. The ``*_parallel``
 drivers split the batch over threads with ``prange``; they are used (and compiled) only when Numba
-has more than one thread and the batch has at least four groups.
+has more than one thread and the batch is large enough (``_use_parallel``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import InputError
-from .gemm import _gemm_acc, linear_forward, sgemm
+from .gemm import _gemm_acc, gemm_packed, linear_forward, pack_rows
+from .pool import _maxpool_images, maxpool2d, pooled_size
+from .simd import LANES
 
 
 def output_size(size: int, k: int, s: int, p: int) -> int:
@@ -105,34 +107,6 @@ def _im2col_fill(src, kh, kw, sh, sw, oh, ow, dst, col0, rstride):
 
 
 @njit(cache=True)
-def _shifted_rows_fill(x, i, kw, sw, ph, pw, ow, dst, col0, rstride):
-    """dst[c*kw + v, col0 + (r + ph)*rstride + q] = x[i, c, r, q*sw + v - pw] for the positions that
-    fall inside the image: the kw horizontal shifts of image i, written without a padded copy.
-    Positions in the padding are never written, so a zero-initialised dst keeps them zero."""
-    c, h, wd = x.shape[1], x.shape[2], x.shape[3]
-    for ch in range(c):
-        for v in range(kw):
-            row = dst[ch * kw + v]
-            q_lo = max(0, (pw - v + sw - 1) // sw)
-            q_hi = min(ow, (wd - 1 + pw - v) // sw + 1)
-            if q_hi <= q_lo:
-                continue
-            nq = q_hi - q_lo
-            x0 = q_lo * sw + v - pw
-            for r in range(h):
-                start = col0 + (r + ph) * rstride + q_lo
-                d = row[start : start + nq]
-                if sw == 1:
-                    s = x[i, ch, r, x0 : x0 + nq]
-                    for q in range(nq):
-                        d[q] = s[q]
-                else:
-                    s_row = x[i, ch, r]
-                    for q in range(nq):
-                        d[q] = s_row[x0 + q * sw]
-
-
-@njit(cache=True)
 def im2col(x, kh, kw, sh, sw, ph, pw, pad_value=0):
     """Patch matrix of a batch, for any dtype (float32, int8, uint8, ...).
 
@@ -153,90 +127,68 @@ def im2col(x, kh, kw, sh, sw, ph, pw, pad_value=0):
     return cols
 
 
-# Images per GEMM in conv2d_im2col: enough to give each GEMM pass ~2000 columns (a pass has a
-# fixed set-up cost), few enough that the patch buffer stays in L2.
-_TARGET_COLUMNS = 2048
-_MAX_PATCH_FLOATS = 1 << 16
-
-
-def im2col_group_size(c, kh, kw, h, wd, sh, sw, ph, pw) -> int:
-    oh, ow = output_size(h, kh, sh, ph), output_size(wd, kw, sw, pw)
-    per_image = c * kw * (h + 2 * ph) * ow if sh == 1 else c * kh * kw * oh * ow
-    return int(max(1, min(_TARGET_COLUMNS // (oh * ow), _MAX_PATCH_FLOATS // per_image)))
-
-
 @njit(cache=True)
-def _im2col_gemm_images(x, w2, b, kh, kw, sh, sw, ph, pw, y, n0, n1, group):
-    """y[n] = conv(x[n]) + b for n0 <= n < n1, one GEMM per group of images.
+def _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, n0, n1):
+    """y[n] = conv(x[n]) + b for n0 <= n < n1, one GEMM per image (``packed``: the weights as
+    ``gemm.pack_rows(w.reshape(O, K))``); then, when pool = (kh, kw, sh, sw) is not all zeros, max
+    pooling never below ``floor`` (a fused ReLU when it is 0) straight from the GEMM's output.
 
-    Columns are ordered (output row r, image g, output column q), so for stride 1 the patch-matrix
-    row (c, u, v) is one contiguous window, starting at input row u, of the buffer R whose row
-    (c, v) holds the v-shifted padded images in the same (row, image, column) order.
+    Stride 1 needs no patch matrix at all: with GEMM columns j = r*Wp + q (Wp the padded width), tap
+    (c, u, v) of column j is the padded image's element c*Hp*Wp + u*Wp + v + j, so each patch row is a
+    window of the image itself and the GEMM reads the image (or its zero-bordered copy) in place. The
+    columns q >= OW of each row are computed and dropped -- (Wp - OW)/Wp extra work, less than
+    writing a patch matrix costs at LeNet's sizes. Other strides fill an explicit patch matrix.
     """
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
-    o = w2.shape[0]
+    o = b.shape[0]
     hp, wp = h + 2 * ph, wd + 2 * pw
-    oh, ow = y.shape[2], y.shape[3]
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     k = c * kh * kw
-    g_max = min(group, n1 - n0)
-    rstride = g_max * ow
-    ncol = oh * rstride
-    direct = g_max == 1 and ncol % 8 == 0  # one image per GEMM: its columns are y[n]'s own layout
-    # Otherwise the GEMM runs on whole vectors (a scalar tail costs ~10%): the extra columns of acc
-    # read finite data (zeros past the end) from the patch buffer and are never copied out.
-    ncol_run = ncol if direct else (ncol + 7) // 8 * 8
-    rows = np.empty(k, np.int64)
+    window = sh == 1 and sw == 1
+    row = wp if window else ow  # GEMM columns per output row
+    ncol = (oh - 1) * row + ow
+    ncol_run = max(ncol, LANES)  # the GEMM works on whole vectors; extra columns read zeros
     offs = np.empty(k, np.int64)
-    implicit = sh == 1
-    if implicit:
-        cols = np.zeros((c * kw, hp * rstride + ncol_run - ncol), np.float32)
-        for ch in range(c):
-            for u in range(kh):
-                for v in range(kw):
-                    rows[(ch * kh + u) * kw + v] = ch * kw + v
-                    offs[(ch * kh + u) * kw + v] = u * rstride
-    else:
-        cols = np.zeros((k, ncol_run), np.float32)
-        for t in range(k):
-            rows[t] = t
-            offs[t] = 0
-    acc = np.empty((o, 0 if direct else ncol_run), np.float32)
-    padded = ph > 0 or pw > 0
-    buf = np.zeros((c, hp, wp), np.float32)
-    for g0 in range(n0, n1, g_max):
-        gn = min(g_max, n1 - g0)
-        for g in range(gn):
-            if implicit:
-                _shifted_rows_fill(x, g0 + g, kw, sw, ph, pw, ow, cols, g * ow, rstride)
-            elif padded:
-                _pad_into(x, g0 + g, ph, pw, buf)
-                _im2col_fill(buf, kh, kw, sh, sw, oh, ow, cols, g * ow, rstride)
-            else:
-                _im2col_fill(x[g0 + g], kh, kw, sh, sw, oh, ow, cols, g * ow, rstride)
-        out = y[g0].reshape(o, ncol) if direct else acc
-        for f in range(o):
-            orow = out[f]
-            bf = b[f]
-            for t in range(ncol_run):
-                orow[t] = bf
-        _gemm_acc(w2, cols, rows, offs, 0, out, 0, ncol_run, 0, k)
-        if direct:
-            continue
-        for g in range(gn):
+    for ch in range(c):
+        for u in range(kh):
+            for v in range(kw):
+                t = (ch * kh + u) * kw + v
+                offs[t] = ch * hp * wp + u * wp + v if window else t * ncol_run
+    in_place = window and ph == 0 and pw == 0 and ncol >= LANES
+    padded = np.zeros(0 if in_place else c * hp * wp + LANES, np.float32)
+    patch = np.zeros(0 if window else k * ncol_run, np.float32)
+    # Output rows of the GEMM, row stride ``row``; the pooling and the copy read only q < OW.
+    acc = np.empty((1, o, max(oh, -(-ncol_run // row)), row), np.float32)
+    pooled = pool[0] > 0
+    flat = x.reshape(-1)
+    for i in range(n0, n1):
+        if in_place:
+            data, base = flat, i * c * h * wd
+        else:
+            _pad_into(x, i, ph, pw, padded[:c * hp * wp].reshape(c, hp, wp))
+            data, base = padded, 0
+            if not window:
+                _im2col_fill(padded[:c * hp * wp].reshape(c, hp, wp), kh, kw, sh, sw, oh, ow,
+                             patch.reshape(k, ncol_run), 0, ow)
+                data = patch
+        gemm_packed(packed, b, data, base, offs, acc.reshape(o, -1), ncol_run)
+        if pooled:
+            _maxpool_images(acc, y[i:i + 1], pool[0], pool[1], pool[2], pool[3],
+                            floor, 0, 1)
+        else:
             for f in range(o):
                 for r in range(oh):
-                    src_row = acc[f, r * rstride + g * ow : r * rstride + g * ow + ow]
-                    dst_row = y[g0 + g, f, r]
+                    src, dst = acc[0, f, r], y[i, f, r]
                     for q in range(ow):
-                        dst_row[q] = src_row[q]
+                        dst[q] = src[q]
 
 
 @njit(cache=True, parallel=True)
-def _im2col_gemm_parallel(x, w2, b, kh, kw, sh, sw, ph, pw, y, group, nchunks):
+def _im2col_parallel(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, nchunks):
     n = x.shape[0]
     for t in prange(nchunks):
-        lo, hi = t * n // nchunks, (t + 1) * n // nchunks
-        _im2col_gemm_images(x, w2, b, kh, kw, sh, sw, ph, pw, y, lo, hi, group)
+        _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, t * n // nchunks,
+                       (t + 1) * n // nchunks)
 
 
 def _use_parallel(n: int, group: int) -> bool:
@@ -244,9 +196,25 @@ def _use_parallel(n: int, group: int) -> bool:
     return n >= 4 * group and numba.get_num_threads() > 1
 
 
+_NO_POOL = (0, 0, 0, 0)
+
+
+def with_pool(run):
+    """``run(x, b)`` extended to the runner signature ``(x, b, pool=None, floor=-inf)`` by a separate
+    max-pooling pass, for the algorithms that do not pool in their own epilogue."""
+
+    def run_then_pool(x, b, pool=None, floor=-np.inf):
+        y = run(x, b)
+        return y if pool is None else maxpool2d(y, *pool, floor=floor)
+
+    return run_then_pool
+_PARALLEL_IMAGES = 8  # a batch is split over threads from 4 x this many images
+
+
 def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0):
-    """A function ``run(x, b) -> y`` for inputs of shape (any N, C, H, W) = x_shape[1:], with the
-    weight layout and blocking decided once, so a repeated call costs one kernel dispatch."""
+    """A function ``run(x, b, pool=None, floor=-inf) -> y`` for inputs of shape (any N, C, H, W) =
+    x_shape[1:], with the weight layout decided once, so a repeated call costs one kernel dispatch.
+    ``pool`` = (kh, kw, sh, sw) max-pools the result in the same pass, never below ``floor``."""
     _, c, h, wd = x_shape
     o, _, kh, kw = w.shape
     oh, ow = output_size(h, kh, sh, ph), output_size(wd, kw, sw, pw)
@@ -254,24 +222,24 @@ def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0):
     w2 = np.ascontiguousarray(w.reshape(o, k))
     if oh == 1 and ow == 1 and kh == h and kw == wd and ph == 0 and pw == 0:
         # The patch matrix is x itself: a dense layer.
-        return lambda x, b: linear_forward(x.reshape(x.shape[0], k), w2, b).reshape(x.shape[0], o, 1, 1)
-    if oh * ow < 8:
-        # Too few pixels per image for a vector loop: one GEMM over the whole batch's columns.
-        def run_small(x, b):
-            cols = im2col(x, kh, kw, sh, sw, ph, pw, 0)
-            y = sgemm(w2, cols).reshape(o, x.shape[0], oh, ow).transpose(1, 0, 2, 3)
-            return np.ascontiguousarray(y + b.reshape(1, o, 1, 1))
+        def run_dense(x, b):
+            return linear_forward(x.reshape(x.shape[0], k), w2, b).reshape(x.shape[0], o, 1, 1)
 
-        return run_small
-    group = im2col_group_size(c, kh, kw, h, wd, sh, sw, ph, pw)
+        return with_pool(run_dense)
+    packed = pack_rows(w2)
 
-    def run(x, b):
+    def run(x, b, pool=None, floor=-np.inf):
         n = x.shape[0]
-        y = np.empty((n, o, oh, ow), np.float32)
-        if _use_parallel(n, group):
-            _im2col_gemm_parallel(x, w2, b, kh, kw, sh, sw, ph, pw, y, group, numba.get_num_threads())
+        if pool is None:
+            y, pool, floor = np.empty((n, o, oh, ow), np.float32), _NO_POOL, np.float32(-np.inf)
         else:
-            _im2col_gemm_images(x, w2, b, kh, kw, sh, sw, ph, pw, y, 0, n, group)
+            y = np.empty((n, o, pooled_size(oh, pool[0], pool[2]), pooled_size(ow, pool[1], pool[3])),
+                         np.float32)
+            floor = np.float32(floor)
+        if _use_parallel(n, _PARALLEL_IMAGES):
+            _im2col_parallel(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, numba.get_num_threads())
+        else:
+            _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, 0, n)
         return y
 
     return run

@@ -36,6 +36,8 @@ import numba
 import numpy as np
 from numba import njit
 
+from .simd import LANES, SIMD, register_loop, splat
+
 MODE_FIXEDPOINT = 0  # uint8 output, integer multiplier and shift
 MODE_FLOAT = 1  # uint8 output, float32 multiplier
 MODE_DEQUANT = 2  # float32 output: clamp(acc, lo, hi) * scale (logits, or a fused ReLU's real output)
@@ -145,34 +147,6 @@ def _pair_word(a, b):
 STRIP = 16  # output positions per micro-kernel call
 
 
-def _host_simd() -> int:
-    """Vector width the micro-kernel may use: 16 int32 lanes (AVX-512BW), 8 (AVX2), 0 (portable IR).
-
-    x86 intrinsics are only emitted when Numba compiles for the host CPU (no NUMBA_CPU_NAME override).
-    MICROCNN_SIMD=0|8|16 lowers the width (tests use it to exercise every path; combine it with its own
-    NUMBA_CACHE_DIR, as cached machine code does not know about it)."""
-    import os
-    import platform
-
-    from numba.core import config
-
-    width = 0
-    if platform.machine().lower() in ("x86_64", "amd64") and config.CPU_NAME in (None, "host"):
-        try:
-            from llvmlite import binding
-
-            features = binding.get_host_cpu_features()
-        except Exception:  # feature detection unavailable: portable vector code
-            features = {}
-        width = 16 if features.get("avx512bw", False) else (8 if features.get("avx2", False) else 0)
-    requested = os.environ.get("MICROCNN_SIMD", "").strip()
-    if requested in ("0", "8", "16"):
-        width = min(width, int(requested))
-    return width
-
-
-_SIMD = _host_simd()
-
 
 def _make_microkernel(channels: int):
     """An LLVM-level micro-kernel: ``channels`` output channels x STRIP positions of int32 accumulators
@@ -190,7 +164,7 @@ def _make_microkernel(channels: int):
     from numba.core import cgutils, types
     from numba.core.extending import intrinsic
 
-    lanes = _SIMD if _SIMD else 8
+    lanes = LANES
     vectors = STRIP // lanes
 
     @intrinsic
@@ -212,65 +186,41 @@ def _make_microkernel(channels: int):
                                       ir.Constant(i64, lanes * v))
                     ptrs.append(builder.bitcast(builder.gep(acc_p, [idx]), vi.as_pointer()))
             init = [builder.load(ptr, align=4) for ptr in ptrs]
-            entry = builder.block
-            loop = builder.append_basic_block("mk.loop")
-            done = builder.append_basic_block("mk.done")
-            builder.cbranch(builder.icmp_signed(">", n_words, ir.Constant(i64, 0)), loop, done)
-            builder.position_at_end(loop)
-            w = builder.phi(i64)
-            w.add_incoming(ir.Constant(i64, 0), entry)
-            accs = []
-            for value in init:
-                phi = builder.phi(vi)
-                phi.add_incoming(value, entry)
-                accs.append(phi)
-            offset = builder.load(builder.gep(off_p, [w]))
-            src = builder.bitcast(builder.gep(words_p, [offset]), vi.as_pointer())
-            data = [builder.load(builder.gep(src, [ir.Constant(i64, v)]), align=4) for v in range(vectors)]
-            undef, zeros = ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * lanes)
-            if _SIMD:
+            if SIMD:
                 name = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
                 pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vh, vh]), name)
-                data = [builder.bitcast(d, vh) for d in data]
-            else:
-                sixteen = ir.Constant(vi, [16] * lanes)
-                data = [(builder.ashr(builder.shl(d, sixteen), sixteen), builder.ashr(d, sixteen))
-                        for d in data]
-            new = []
-            for c in range(channels):
-                idx = builder.add(builder.mul(w, ir.Constant(i64, channels)), ir.Constant(i64, c))
-                pair = builder.load(builder.gep(wts_p, [idx]))
-                if _SIMD:
-                    splat = builder.shuffle_vector(builder.insert_element(undef, pair, ir.Constant(i32, 0)),
-                                                   undef, zeros)
-                    splat = builder.bitcast(splat, vh)
-                    for v in range(vectors):
-                        new.append(builder.add(accs[c * vectors + v], builder.call(pmadd, [data[v], splat])))
+
+            def step(w, accs):
+                offset = builder.load(builder.gep(off_p, [w]))
+                src = builder.bitcast(builder.gep(words_p, [offset]), vi.as_pointer())
+                data = [builder.load(builder.gep(src, [ir.Constant(i64, v)]), align=4)
+                        for v in range(vectors)]
+                if SIMD:
+                    data = [builder.bitcast(d, vh) for d in data]
                 else:
-                    w0 = builder.ashr(builder.shl(pair, ir.Constant(i32, 16)), ir.Constant(i32, 16))
-                    w1 = builder.ashr(pair, ir.Constant(i32, 16))
-                    s0 = builder.shuffle_vector(builder.insert_element(undef, w0, ir.Constant(i32, 0)), undef,
-                                                zeros)
-                    s1 = builder.shuffle_vector(builder.insert_element(undef, w1, ir.Constant(i32, 0)), undef,
-                                                zeros)
-                    for v in range(vectors):
-                        lo, hi = data[v]
-                        prod = builder.add(builder.mul(lo, s0), builder.mul(hi, s1))
-                        new.append(builder.add(accs[c * vectors + v], prod))
-            w_next = builder.add(w, ir.Constant(i64, 1))
-            body_end = builder.block
-            w.add_incoming(w_next, body_end)
-            for phi, value in zip(accs, new, strict=True):
-                phi.add_incoming(value, body_end)
-            builder.cbranch(builder.icmp_signed("<", w_next, n_words), loop, done)
-            builder.position_at_end(done)
-            finals = []
-            for k in range(len(init)):
-                phi = builder.phi(vi)
-                phi.add_incoming(init[k], entry)
-                phi.add_incoming(new[k], body_end)
-                finals.append(phi)
-            for ptr, value in zip(ptrs, finals, strict=True):
+                    sixteen = ir.Constant(vi, [16] * lanes)
+                    data = [(builder.ashr(builder.shl(d, sixteen), sixteen), builder.ashr(d, sixteen))
+                            for d in data]
+                new = []
+                for c in range(channels):
+                    idx = builder.add(builder.mul(w, ir.Constant(i64, channels)), ir.Constant(i64, c))
+                    pair = builder.load(builder.gep(wts_p, [idx]))
+                    if SIMD:
+                        pairs = builder.bitcast(splat(builder, pair, vi), vh)
+                        for v in range(vectors):
+                            product = builder.call(pmadd, [data[v], pairs])
+                            new.append(builder.add(accs[c * vectors + v], product))
+                    else:
+                        s0 = splat(builder, builder.ashr(builder.shl(pair, ir.Constant(i32, 16)),
+                                                         ir.Constant(i32, 16)), vi)
+                        s1 = splat(builder, builder.ashr(pair, ir.Constant(i32, 16)), vi)
+                        for v in range(vectors):
+                            lo, hi = data[v]
+                            prod = builder.add(builder.mul(lo, s0), builder.mul(hi, s1))
+                            new.append(builder.add(accs[c * vectors + v], prod))
+                return new
+
+            for ptr, value in zip(ptrs, register_loop(builder, n_words, init, step, "mk"), strict=True):
                 builder.store(value, ptr, align=4)
             return context.get_dummy_value()
 

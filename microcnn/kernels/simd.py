@@ -1,0 +1,86 @@
+"""What the register micro-kernels (``gemm``'s FP32 one, ``integer``'s int16-pair one) share: the vector
+width they are built for, and the LLVM IR loop that keeps their accumulators in registers.
+
+Numba compiles loops through LLVM's vectorisers, which only keep a reduction in registers when it runs
+over the innermost loop, and which on this CPU family default to 256-bit vectors. A micro-kernel that
+holds a block of outputs in vector registers across a whole reduction has to be written as IR; these
+helpers keep that IR short.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def host_simd() -> int:
+    """Vector width the micro-kernels may use: 16 32-bit lanes (AVX-512), 8 (AVX2), 0 (portable IR).
+
+    x86 intrinsics are only emitted when Numba compiles for the host CPU (no NUMBA_CPU_NAME override).
+    MICROCNN_SIMD=0|8|16 lowers the width (tests use it to exercise every path; combine it with its own
+    NUMBA_CACHE_DIR, as cached machine code does not know about it)."""
+    from numba.core import config
+
+    width = 0
+    if platform.machine().lower() in ("x86_64", "amd64") and config.CPU_NAME in (None, "host"):
+        try:
+            from llvmlite import binding
+
+            features = binding.get_host_cpu_features()
+        except Exception:  # feature detection unavailable: portable vector code
+            features = {}
+        width = 16 if features.get("avx512bw", False) else (8 if features.get("avx2", False) else 0)
+    requested = os.environ.get("MICROCNN_SIMD", "").strip()
+    if requested in ("0", "8", "16"):
+        width = min(width, int(requested))
+    return width
+
+
+SIMD = host_simd()
+LANES = SIMD or 8  # 32-bit lanes per vector; the portable IR uses 8, which LLVM splits as the target needs
+
+
+def splat(builder, value, vector_type):
+    """A vector of ``vector_type`` with every lane set to the scalar ``value``."""
+    from llvmlite import ir
+
+    undef = ir.Constant(vector_type, ir.Undefined)
+    first = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(first, undef, zeros)
+
+
+def register_loop(builder, count, init, body, name: str):
+    """Emit ``for i in range(count): values = body(i, values)`` with ``values`` (a list of IR values,
+    starting as ``init``) carried in phi nodes, i.e. in registers; return the values after the loop.
+    ``count`` is an i64 that may be 0."""
+    from llvmlite import ir
+
+    i64 = ir.IntType(64)
+    entry = builder.block
+    loop = builder.append_basic_block(f"{name}.loop")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    current = []
+    for value in init:
+        phi = builder.phi(value.type)
+        phi.add_incoming(value, entry)
+        current.append(phi)
+    new = body(i, current)
+    i_next = builder.add(i, ir.Constant(i64, 1))
+    body_end = builder.block
+    i.add_incoming(i_next, body_end)
+    for phi, value in zip(current, new, strict=True):
+        phi.add_incoming(value, body_end)
+    builder.cbranch(builder.icmp_signed("<", i_next, count), loop, done)
+    builder.position_at_end(done)
+    finals = []
+    for start, value in zip(init, new, strict=True):
+        phi = builder.phi(value.type)
+        phi.add_incoming(start, entry)
+        phi.add_incoming(value, body_end)
+        finals.append(phi)
+    return finals
