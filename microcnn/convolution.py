@@ -99,7 +99,7 @@ def _prepared(state, key, make):
 
 
 def _runner(algorithm, x_shape, w, stride, padding, state):
-    """A ``run(x, b, pool=None, floor=-inf)`` (see ``kernels.conv.im2col_runner``) for this algorithm and
+    """A ``run(x, b, pool=None, relu=False)`` (see ``kernels.conv.im2col_runner``) for this algorithm and
     input shape (any batch size), cached in the state."""
     key = (algorithm, x_shape[1:], stride, padding)
     run = state["runners"].get(key)
@@ -194,10 +194,10 @@ def _resolve(algorithm, x, w, b, stride, padding, state):
 
 
 def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", state=None, weight_version=0,
-                   pool=None, floor=-np.inf):
+                   pool=None, relu=False):
     """y (N, O, OH, OW) float32 = conv2d(x, w) + b by ``algorithm`` ("auto", one of ``ALGORITHMS``,
-    or a variant in ``ALGORITHM_VARIANTS``); with ``pool`` = (kh, kw, sh, sw), y max-pooled and never
-    below ``floor`` (0: a ReLU between the two), which im2col does in the convolution's own pass.
+    or a variant in ``ALGORITHM_VARIANTS``); then ReLU when ``relu``, then max pooling when ``pool`` =
+    (kh, kw, sh, sw) -- which im2col does in the convolution's own pass.
 
     ``state``: a dict owned by the calling layer (see the module docstring); ``weight_version``:
     bumped by the layer whenever ``w`` changes. A requested algorithm that cannot run this shape
@@ -225,7 +225,7 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", sta
         and b.dtype == _F32
         and b.shape == memo[6]
     ):
-        return memo[7](x, b, pool, floor)
+        return memo[7](x, b, pool, relu)
     stride, padding = tuple(stride), tuple(padding)
     x, w2, b = _check(x, w, b, stride, padding)
     stamp = (weight_version, id(w2))
@@ -239,11 +239,11 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", sta
     state["fallback"] = fallback
     if w2 is w:  # only a float32 contiguous weight array may be remembered by identity
         state["memo"] = (w, weight_version, x.shape, algorithm, stride, padding, b.shape, run)
-    return run(x, b, pool, floor)
+    return run(x, b, pool, relu)
 
 
 def memoized_runner(state, w, weight_version, sample_shape, algorithm):
-    """The ``run(x, b, pool=None, floor=-inf)`` that the last ``conv2d_forward`` call with this ``state``
+    """The ``run(x, b, pool=None, relu=False)`` that the last ``conv2d_forward`` call with this ``state``
     prepared, while it is still the one for weights ``w`` at ``weight_version`` and inputs of any batch
     size with per-sample shape ``sample_shape``; None otherwise, and always for "auto", whose choice
     depends on the batch size. ``Sequential`` builds its inference plans from these."""

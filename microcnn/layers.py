@@ -59,6 +59,13 @@ class Layer:
         return f"{self.type}({args})"
 
 
+def bias_or_zeros(layer) -> np.ndarray:
+    """A Conv2d's or Linear's bias array, or zeros when it has none: what the kernels take."""
+    if layer.bias is not None:
+        return layer.bias.data
+    return np.zeros(layer.weight.data.shape[0], np.float32)
+
+
 def _uniform_init(rng, shape, fan_in) -> np.ndarray:
     # PyTorch's default (kaiming_uniform with a=sqrt(5)) reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     bound = 1.0 / math.sqrt(fan_in)
@@ -94,11 +101,6 @@ class Conv2d(Layer):
                     kernel_size=list(self.kernel_size), stride=list(self.stride),
                     padding=list(self.padding), bias=self.bias is not None)
 
-    def _bias_array(self) -> np.ndarray:
-        if self.bias is not None:
-            return self.bias.data
-        return np.zeros(self.out_channels, np.float32)
-
     def output_shape(self, chw):
         c, h, w = chw
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -114,16 +116,14 @@ class Conv2d(Layer):
             raise InputError(f"{self!r}: input {tuple(x.shape)} is smaller than the kernel")
 
     def forward(self, x, pool: MaxPool2d | None = None, relu: bool = False):
-        """Inference. ``pool`` (the MaxPool2d that follows, with ``relu``: a ReLU between the two) is
-        applied in the same pass: Sequential fuses Conv2d [ReLU] MaxPool2d this way."""
+        """Inference. ``relu`` (a ReLU after this layer) and ``pool`` (the MaxPool2d after that) are
+        applied in the same pass: Sequential fuses Conv2d [ReLU] [MaxPool2d] this way."""
         self._check_input(x)
-        if pool is None:
-            return conv2d_forward(x, self.weight.data, self._bias_array(), self.stride, self.padding,
-                                  self.algorithm, self.conv_state, self.weight.version)
-        pool.check_shape(self.output_shape(x.shape[1:]))
-        return conv2d_forward(x, self.weight.data, self._bias_array(), self.stride, self.padding,
-                              self.algorithm, self.conv_state, self.weight.version,
-                              (*pool.kernel_size, *pool.stride), 0.0 if relu else -np.inf)
+        if pool is not None:
+            pool.check_shape(self.output_shape(x.shape[1:]))
+            pool = (*pool.kernel_size, *pool.stride)
+        return conv2d_forward(x, self.weight.data, bias_or_zeros(self), self.stride, self.padding,
+                              self.algorithm, self.conv_state, self.weight.version, pool, relu)
 
     def forward_tensor(self, x):
         self._check_input(x.data)
@@ -152,10 +152,10 @@ class Linear(Layer):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise InputError(f"{self!r}: expected input (N, {self.in_features}), found {tuple(x.shape)}")
 
-    def forward(self, x):
+    def forward(self, x, relu: bool = False):
+        """Inference; ``relu``: a ReLU after this layer, in the same pass (Sequential fuses them)."""
         self._check_input(x)
-        b = self.bias.data if self.bias is not None else np.zeros(self.out_features, np.float32)
-        return linear_forward(x, self.weight.data, b)
+        return linear_forward(x, self.weight.data, bias_or_zeros(self), relu)
 
     def forward_tensor(self, x):
         self._check_input(x.data)

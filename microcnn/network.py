@@ -16,7 +16,8 @@ from .convolution import memoized_runner
 from .errors import InputError
 from .kernels import elementwise
 from .kernels import pool as pool_kernels
-from .layers import Conv2d, Flatten, Layer, MaxPool2d, ReLU, Softmax, layer_from_config
+from .kernels.gemm import linear_forward
+from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
@@ -50,9 +51,9 @@ _F32 = np.dtype(np.float32)
 
 @dataclass(frozen=True)
 class _Group:
-    """One inference call: ``layer`` alone, a Conv2d with the MaxPool2d ``pool`` after it (``relu``: a
-    ReLU between them), or a MaxPool2d whose input passes a ReLU first (``relu``). ``owned``: the input
-    is an intermediate the network made, so a lone ReLU may overwrite it."""
+    """One inference call: ``layer`` alone; a Conv2d or Linear followed by a ReLU (``relu``) and, for
+    Conv2d, the MaxPool2d ``pool``; or a MaxPool2d whose input passes a ReLU first (``relu``).
+    ``owned``: the input is an intermediate the network made, so a lone ReLU may overwrite it."""
 
     layer: Layer
     pool: MaxPool2d | None
@@ -61,13 +62,14 @@ class _Group:
 
     def run(self, x):
         """The checked call (the layers validate x)."""
-        if isinstance(self.layer, Conv2d) and self.pool is not None:
-            return self.layer.forward(x, pool=self.pool, relu=self.relu)
-        if isinstance(self.layer, MaxPool2d):
-            return self.layer.forward(x, relu=self.relu)
-        if isinstance(self.layer, ReLU):
-            return self.layer.forward(x, inplace=self.owned)
-        return self.layer.forward(x)
+        layer = self.layer
+        if isinstance(layer, Conv2d):
+            return layer.forward(x, pool=self.pool, relu=self.relu)
+        if isinstance(layer, Linear | MaxPool2d):
+            return layer.forward(x, relu=self.relu)
+        if isinstance(layer, ReLU):
+            return layer.forward(x, inplace=self.owned)
+        return layer.forward(x)
 
     def output_shape(self, chw):
         chw = self.layer.output_shape(chw)
@@ -75,25 +77,29 @@ class _Group:
 
     def prepared(self, chw):
         """``(step, guards)``: a call for inputs of sample shape ``chw`` that a checked pass has
-        accepted, with no checks of its own, and the (tensor, array, version) its prepared weights
-        depend on; None when this group has no such call (a conv on "auto", say)."""
-        layer = self.layer
+        accepted, with no checks of its own, and the guards of the prepared weights it holds:
+        (tensor, array, version, layer, algorithm) as they were; None when this group has no such
+        call (a conv on "auto", say)."""
+        layer, relu = self.layer, self.relu
         if isinstance(layer, Conv2d):
             w = layer.weight
             run = memoized_runner(layer.conv_state, w.data, w.version, chw, layer.algorithm)
             if run is None:
                 return None
             pool = None if self.pool is None else (*self.pool.kernel_size, *self.pool.stride)
-            floor, bias = (0.0 if self.relu else -np.inf), layer.bias
-            zeros = np.zeros(layer.out_channels, np.float32)
 
             def conv_step(x):
-                return run(x, zeros if bias is None else bias.data, pool, floor)
+                return run(x, bias_or_zeros(layer), pool, relu)
 
             return conv_step, [(w, w.data, w.version, layer, layer.algorithm)]
+        if isinstance(layer, Linear):
+            def linear_step(x):
+                return linear_forward(x, layer.weight.data, bias_or_zeros(layer), relu)
+
+            return linear_step, []
         if isinstance(layer, MaxPool2d):
             return functools.partial(pool_kernels.maxpool2d, *layer.kernel_size, *layer.stride,
-                                     floor=0 if self.relu else None), []
+                                     floor=0 if relu else None), []
         if isinstance(layer, ReLU) and self.owned:
             return _relu_in_place, []
         if isinstance(layer, Softmax):
@@ -197,9 +203,9 @@ class Sequential:
 
     def inference_groups(self) -> list[_Group]:
         """The layers as inference calls, with exact rewrites that save memory passes: Conv2d [ReLU]
-        MaxPool2d is one call (the convolution pools its own output), ReLU MaxPool2d one pooling pass
-        with a floor of 0 (max and relu commute), and other ReLUs overwrite intermediates the network
-        made. Rebuilt when ``layers`` changes."""
+        [MaxPool2d] and Linear [ReLU] are one call each (the kernel applies them as it stores its
+        output), ReLU MaxPool2d one pooling pass with a floor of 0 (max and relu commute), and other
+        ReLUs overwrite intermediates the network made. Rebuilt when ``layers`` changes."""
         if self._groups_for == self.layers:
             return self._groups
         layers, groups, i, owned = self.layers, [], 0, False
@@ -207,9 +213,12 @@ class Sequential:
             layer, after = layers[i], layers[i + 1:i + 3]
             relu = bool(after) and isinstance(after[0], ReLU)
             pool = after[relu] if len(after) > relu and isinstance(after[relu], MaxPool2d) else None
-            if isinstance(layer, Conv2d) and pool is not None:
+            if isinstance(layer, Conv2d):
                 groups.append(_Group(layer, pool, relu, owned))
-                i += 2 + relu
+                i += 1 + relu + (pool is not None)
+            elif isinstance(layer, Linear):
+                groups.append(_Group(layer, None, relu, owned))
+                i += 1 + relu
             elif isinstance(layer, ReLU) and after and isinstance(after[0], MaxPool2d):
                 groups.append(_Group(after[0], None, True, owned))
                 i += 2

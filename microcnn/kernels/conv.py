@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import InputError
+from .elementwise import relu_inplace
 from .gemm import _gemm_acc, gemm_packed, linear_forward, pack_rows
 from .pool import _maxpool_images, maxpool2d, pooled_size
 from .simd import LANES
@@ -128,10 +129,10 @@ def im2col(x, kh, kw, sh, sw, ph, pw, pad_value=0):
 
 
 @njit(cache=True)
-def _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, n0, n1):
+def _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, n0, n1):
     """y[n] = conv(x[n]) + b for n0 <= n < n1, one GEMM per image (``packed``: the weights as
-    ``gemm.pack_rows(w.reshape(O, K))``); then, when pool = (kh, kw, sh, sw) is not all zeros, max
-    pooling never below ``floor`` (a fused ReLU when it is 0) straight from the GEMM's output.
+    ``gemm.pack_rows(w.reshape(O, K))``), then ReLU when ``relu``, then max pooling when pool =
+    (kh, kw, sh, sw) is not all zeros -- both on the GEMM's output as it is stored.
 
     Stride 1 needs no patch matrix at all: with GEMM columns j = r*Wp + q (Wp the padded width), tap
     (c, u, v) of column j is the padded image's element c*Hp*Wp + u*Wp + v + j, so each patch row is a
@@ -160,6 +161,7 @@ def _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, n0, n1)
     # Output rows of the GEMM, row stride ``row``; the pooling and the copy read only q < OW.
     acc = np.empty((1, o, max(oh, -(-ncol_run // row)), row), np.float32)
     pooled = pool[0] > 0
+    floor = np.float32(0.0) if relu else np.float32(-np.inf)
     flat = x.reshape(-1)
     for i in range(n0, n1):
         if in_place:
@@ -172,22 +174,37 @@ def _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, n0, n1)
                              patch.reshape(k, ncol_run), 0, ow)
                 data = patch
         gemm_packed(packed, b, data, base, offs, acc.reshape(o, -1), ncol_run)
-        if pooled:
-            _maxpool_images(acc, y[i:i + 1], pool[0], pool[1], pool[2], pool[3],
-                            floor, 0, 1)
+        if pooled:  # max and relu commute: a ReLU is a floor of 0 on the maxima
+            _maxpool_images(acc, y[i:i + 1], pool[0], pool[1], pool[2], pool[3], floor, 0, 1)
         else:
             for f in range(o):
                 for r in range(oh):
                     src, dst = acc[0, f, r], y[i, f, r]
-                    for q in range(ow):
-                        dst[q] = src[q]
+                    if relu:
+                        for q in range(ow):
+                            dst[q] = src[q] if src[q] > 0 else np.float32(0.0)
+                    else:
+                        for q in range(ow):
+                            dst[q] = src[q]
+
+
+@njit(cache=True)
+def _im2col_batch(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu):
+    """``_im2col_images`` over the whole batch into a new array (allocated here: one dispatch less)."""
+    n, h, wd = x.shape[0], x.shape[2], x.shape[3]
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    if pool[0] > 0:
+        oh, ow = (oh - pool[0]) // pool[2] + 1, (ow - pool[1]) // pool[3] + 1
+    y = np.empty((n, b.shape[0], oh, ow), np.float32)
+    _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, 0, n)
+    return y
 
 
 @njit(cache=True, parallel=True)
-def _im2col_parallel(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, nchunks):
+def _im2col_parallel(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, nchunks):
     n = x.shape[0]
     for t in prange(nchunks):
-        _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, t * n // nchunks,
+        _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, t * n // nchunks,
                        (t + 1) * n // nchunks)
 
 
@@ -197,24 +214,26 @@ def _use_parallel(n: int, group: int) -> bool:
 
 
 _NO_POOL = (0, 0, 0, 0)
-
-
-def with_pool(run):
-    """``run(x, b)`` extended to the runner signature ``(x, b, pool=None, floor=-inf)`` by a separate
-    max-pooling pass, for the algorithms that do not pool in their own epilogue."""
-
-    def run_then_pool(x, b, pool=None, floor=-np.inf):
-        y = run(x, b)
-        return y if pool is None else maxpool2d(y, *pool, floor=floor)
-
-    return run_then_pool
 _PARALLEL_IMAGES = 8  # a batch is split over threads from 4 x this many images
 
 
+def with_pool(run):
+    """``run(x, b)`` extended to the runner signature ``(x, b, pool=None, relu=False)`` by separate
+    passes, for the algorithms that do not apply ReLU and pooling in their own epilogue."""
+
+    def run_then_pool(x, b, pool=None, relu=False):
+        y = run(x, b)
+        if pool is not None:
+            return maxpool2d(y, *pool, floor=0 if relu else None)
+        return relu_inplace(y.reshape(-1)).reshape(y.shape) if relu else y
+
+    return run_then_pool
+
+
 def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0):
-    """A function ``run(x, b, pool=None, floor=-inf) -> y`` for inputs of shape (any N, C, H, W) =
+    """A function ``run(x, b, pool=None, relu=False) -> y`` for inputs of shape (any N, C, H, W) =
     x_shape[1:], with the weight layout decided once, so a repeated call costs one kernel dispatch.
-    ``pool`` = (kh, kw, sh, sw) max-pools the result in the same pass, never below ``floor``."""
+    ``relu`` and ``pool`` = (kh, kw, sh, sw) apply ReLU and max pooling to the result in the same pass."""
     _, c, h, wd = x_shape
     o, _, kh, kw = w.shape
     oh, ow = output_size(h, kh, sh, ph), output_size(wd, kw, sw, pw)
@@ -222,24 +241,22 @@ def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0):
     w2 = np.ascontiguousarray(w.reshape(o, k))
     if oh == 1 and ow == 1 and kh == h and kw == wd and ph == 0 and pw == 0:
         # The patch matrix is x itself: a dense layer.
-        def run_dense(x, b):
-            return linear_forward(x.reshape(x.shape[0], k), w2, b).reshape(x.shape[0], o, 1, 1)
+        def run_dense(x, b, pool=None, relu=False):
+            y = linear_forward(x.reshape(x.shape[0], k), w2, b, relu).reshape(x.shape[0], o, 1, 1)
+            return y if pool is None else maxpool2d(y, *pool)
 
-        return with_pool(run_dense)
+        return run_dense
     packed = pack_rows(w2)
 
-    def run(x, b, pool=None, floor=-np.inf):
+    def run(x, b, pool=None, relu=False):
         n = x.shape[0]
-        if pool is None:
-            y, pool, floor = np.empty((n, o, oh, ow), np.float32), _NO_POOL, np.float32(-np.inf)
-        else:
-            y = np.empty((n, o, pooled_size(oh, pool[0], pool[2]), pooled_size(ow, pool[1], pool[3])),
-                         np.float32)
-            floor = np.float32(floor)
-        if _use_parallel(n, _PARALLEL_IMAGES):
-            _im2col_parallel(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, numba.get_num_threads())
-        else:
-            _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, floor, y, 0, n)
+        pool = _NO_POOL if pool is None else pool
+        if not _use_parallel(n, _PARALLEL_IMAGES):
+            return _im2col_batch(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu)
+        qh, qw = (oh, ow) if pool[0] == 0 else (pooled_size(oh, pool[0], pool[2]),
+                                                 pooled_size(ow, pool[1], pool[3]))
+        y = np.empty((n, o, qh, qw), np.float32)
+        _im2col_parallel(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, numba.get_num_threads())
         return y
 
     return run

@@ -153,9 +153,9 @@ def _real_row(builder, r: int, rows):
     return builder.select(real, ir.Constant(i64, r), builder.sub(rows, ir.Constant(i64, 1)))
 
 
-def _make_register_kernel(vectors: int):
+def _make_register_kernel(vectors: int, block_rows: int = PACK_ROWS, bias_per_row: bool = True):
     """``kernel(data_addr, off_addr, n_k, w_addr, bias_addr, rows, out_addr, out_stride)``: for the
-    PACK_ROWS rows of one packed block (see ``pack_rows``) and ``vectors * LANES`` columns,
+    block_rows rows of one packed block (see ``pack_rows``) and ``vectors * LANES`` columns,
 
         out[r, j] = fma(w[n_k-1, r], data[off[n_k-1] + j], ... fma(w[0, r], data[off[0] + j], bias[r]))
 
@@ -181,18 +181,23 @@ def _make_register_kernel(vectors: int):
             out_p = builder.inttoptr(out_addr, f32.as_pointer())
             fmuladd = _fmuladd(builder, vf)
             init = []
-            for r in range(PACK_ROWS):
-                at = _real_row(builder, r, rows)
-                init += [splat(builder, builder.load(builder.gep(bias_p, [at])), vf)] * vectors
+            for r in range(block_rows):
+                if bias_per_row:
+                    at = _real_row(builder, r, rows)
+                    init += [splat(builder, builder.load(builder.gep(bias_p, [at])), vf)] * vectors
+                else:  # one bias per column: the same vectors for every row
+                    src = builder.bitcast(bias_p, vf.as_pointer())
+                    init += [builder.load(builder.gep(src, [ir.Constant(i64, v)]), align=4)
+                             for v in range(vectors)]
 
             def step(k, accs):
                 offset = builder.load(builder.gep(off_p, [k]))
                 src = builder.bitcast(builder.gep(data_p, [offset]), vf.as_pointer())
                 data = [builder.load(builder.gep(src, [ir.Constant(i64, v)]), align=4)
                         for v in range(vectors)]
-                base = builder.mul(k, ir.Constant(i64, PACK_ROWS))
+                base = builder.mul(k, ir.Constant(i64, block_rows))
                 new = []
-                for r in range(PACK_ROWS):
+                for r in range(block_rows):
                     at = builder.add(base, ir.Constant(i64, r))
                     weight = splat(builder, builder.load(builder.gep(w_p, [at])), vf)
                     new += [builder.call(fmuladd, [weight, data[v], accs[r * vectors + v]])
@@ -200,7 +205,7 @@ def _make_register_kernel(vectors: int):
                 return new
 
             finals = register_loop(builder, n_k, init, step, "fp32mk")
-            for r in range(PACK_ROWS):
+            for r in range(block_rows):
                 def store(r=r):
                     row = builder.mul(out_stride, ir.Constant(i64, r))
                     for v in range(vectors):
@@ -361,8 +366,9 @@ def _gemm_nt(a, bt, c):
 
 
 @njit(cache=True)
-def linear_forward(x, w, b):
-    """y = x @ w.T + b for x (N, in), w (out, in) in PyTorch layout, b (out,); float32 contiguous.
+def linear_forward(x, w, b, relu=False):
+    """y = x @ w.T + b for x (N, in), w (out, in) in PyTorch layout, b (out,); float32 contiguous;
+    with ``relu``, max(y, 0) in the same pass.
 
     Dot-product form: both operands are contiguous along ``in``, so no transpose is needed.
     """
@@ -373,5 +379,6 @@ def linear_forward(x, w, b):
     for i in range(n):
         row = y[i]
         for j in range(nout):
-            row[j] += b[j]
+            v = row[j] + b[j]
+            row[j] = np.float32(0.0) if relu and v < 0 else v
     return y
