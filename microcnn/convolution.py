@@ -242,18 +242,6 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", sta
     return run(x, b, pool, relu)
 
 
-def memoized_runner(state, w, weight_version, sample_shape, algorithm):
-    """The ``run(x, b, pool=None, relu=False)`` that the last ``conv2d_forward`` call with this ``state``
-    prepared, while it is still the one for weights ``w`` at ``weight_version`` and inputs of any batch
-    size with per-sample shape ``sample_shape``; None otherwise, and always for "auto", whose choice
-    depends on the batch size. ``Sequential`` builds its inference plans from these."""
-    memo = state.get("memo")
-    if (memo is None or algorithm == "auto" or memo[0] is not w or memo[1] != weight_version
-            or memo[2][1:] != tuple(sample_shape) or memo[3] != algorithm):
-        return None
-    return memo[7]
-
-
 # -- benchmarks --------------------------------------------------------------------------------
 
 

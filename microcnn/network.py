@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -12,11 +11,9 @@ import numpy as np
 
 from .autograd import Tensor
 from .checks import as_image_batch, check_count
-from .convolution import memoized_runner
 from .errors import InputError
-from .kernels import elementwise
-from .kernels import pool as pool_kernels
-from .kernels.gemm import linear_forward
+from .kernels import elementwise, program
+from .kernels.gemm import pack_rows
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
@@ -47,6 +44,9 @@ def layer_names(layers) -> list[str]:
 
 
 _F32 = np.dtype(np.float32)
+# Batches up to this size run as a compiled program; larger ones go layer by layer, where the
+# convolutions split the batch over Numba's threads and per-call costs no longer matter.
+PROGRAM_MAX_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -75,69 +75,72 @@ class _Group:
         chw = self.layer.output_shape(chw)
         return chw if self.pool is None else self.pool.output_shape(chw)
 
-    def prepared(self, chw):
-        """``(step, guards)``: a call for inputs of sample shape ``chw`` that a checked pass has
-        accepted, with no checks of its own, and the guards of the prepared weights it holds:
-        (tensor, array, version, layer, algorithm) as they were; None when this group has no such
-        call (a conv on "auto", say)."""
-        layer, relu = self.layer, self.relu
+    def program_ops(self, chw, arena: list) -> list | None:
+        """The ``kernels.program`` rows for this group on inputs of sample shape ``chw`` (weights
+        appended to ``arena``, a list of float32 arrays), or None when the program has no op for it."""
+        layer, relu = self.layer, int(self.relu)
         if isinstance(layer, Conv2d):
-            w = layer.weight
-            run = memoized_runner(layer.conv_state, w.data, w.version, chw, layer.algorithm)
-            if run is None:
+            if layer.algorithm != "im2col":
                 return None
-            pool = None if self.pool is None else (*self.pool.kernel_size, *self.pool.stride)
-
-            def conv_step(x):
-                return run(x, bias_or_zeros(layer), pool, relu)
-
-            return conv_step, [(w, w.data, w.version, layer, layer.algorithm)]
+            (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+            w = layer.weight.data.reshape(layer.out_channels, -1)
+            pool = (0, 0, 0, 0) if self.pool is None else (*self.pool.kernel_size, *self.pool.stride)
+            if layer.output_shape(chw)[1:] == (1, 1) and (kh, kw) == chw[1:] and (ph, pw) == (0, 0):
+                ops = [_linear_op(w, bias_or_zeros(layer), relu, arena)]  # the dense case, as im2col runs it
+                return ops + ([[program.OP_MAXPOOL, *pool, 0]] if self.pool is not None else [])
+            w_off, b_off = _append(arena, pack_rows(w)), _append(arena, bias_or_zeros(layer))
+            return [[program.OP_CONV, kh, kw, sh, sw, ph, pw, *pool, relu, w_off, b_off, layer.out_channels]]
         if isinstance(layer, Linear):
-            def linear_step(x):
-                return linear_forward(x, layer.weight.data, bias_or_zeros(layer), relu)
-
-            return linear_step, []
+            return [_linear_op(layer.weight.data, bias_or_zeros(layer), relu, arena)]
         if isinstance(layer, MaxPool2d):
-            return functools.partial(pool_kernels.maxpool2d, *layer.kernel_size, *layer.stride,
-                                     floor=0 if relu else None), []
-        if isinstance(layer, ReLU) and self.owned:
-            return _relu_in_place, []
-        if isinstance(layer, Softmax):
-            return elementwise.softmax_rows, []
-        return layer.forward, []
+            return [[program.OP_MAXPOOL, *layer.kernel_size, *layer.stride, relu]]
+        ops = {ReLU: [[program.OP_RELU]], Flatten: [], Softmax: [[program.OP_SOFTMAX]]}
+        return ops.get(type(layer))
 
 
-def _relu_in_place(x):
-    elementwise.relu_inplace(x.reshape(-1))
-    return x
+def _append(arena: list, values: np.ndarray) -> int:
+    """Add ``values`` to the arena being built; returns their offset."""
+    offset = sum(a.size for a in arena)
+    arena.append(np.ascontiguousarray(values, np.float32).reshape(-1))
+    return offset
 
 
-class _Plan:
-    """Prepared calls for batches of one sample shape, valid while the layer list and the prepared
-    weights (``guards``) stay as they were when it was made."""
+def _linear_op(w, b, relu: int, arena: list) -> list:
+    return [program.OP_LINEAR, w.shape[1], w.shape[0], relu, _append(arena, w), _append(arena, b)]
 
-    def __init__(self, layers, sample_shape, steps, guards):
-        self.layers, self.sample_shape, self.steps, self.guards = list(layers), sample_shape, steps, guards
+
+class _Program:
+    """A network compiled for one sample shape (see ``kernels.program``), valid while the layer list,
+    every parameter array and its version, and every conv's algorithm stay as they were."""
+
+    def __init__(self, layers, sample_shape, out_shape, ops, arena):
+        self.layers, self.sample_shape, self.out_shape = list(layers), sample_shape, out_shape
+        self.ops, self.arena = ops, arena
+        self.guards = [(p, p.data, p.version) for layer in layers for p in layer.parameters()]
+        self.algorithms = [layer.algorithm for layer in layers if isinstance(layer, Conv2d)]
 
     @classmethod
-    def build(cls, layers, groups, sample_shape) -> _Plan | None:
-        steps, guards, chw = [], [], tuple(sample_shape)
+    def build(cls, layers, groups, sample_shape) -> _Program | None:
+        rows, arena, chw = [], [], tuple(sample_shape)
         for group in groups:
-            prepared = group.prepared(chw)
-            if prepared is None:
+            ops = group.program_ops(chw, arena)
+            if ops is None:
                 return None
-            steps.append(prepared[0])
-            guards += prepared[1]
+            rows += ops
             chw = group.output_shape(chw)
-        return cls(layers, tuple(sample_shape), steps, guards)
+        table = np.zeros((len(rows), program.OP_FIELDS), np.int64)
+        for i, row in enumerate(rows):
+            table[i, :len(row)] = row
+        arena = np.concatenate(arena) if arena else np.zeros(0, np.float32)
+        return cls(layers, tuple(sample_shape), chw, table, arena)
 
     def is_current(self, layers) -> bool:
         if self.layers != layers:
             return False
-        for tensor, data, version, layer, algorithm in self.guards:
-            if tensor.data is not data or tensor.version != version or layer.algorithm != algorithm:
+        for tensor, data, version in self.guards:
+            if tensor.data is not data or tensor.version != version:
                 return False
-        return True
+        return self.algorithms == [layer.algorithm for layer in layers if isinstance(layer, Conv2d)]
 
 
 class Sequential:
@@ -158,7 +161,7 @@ class Sequential:
         self.training = False
         self._groups: list[_Group] = []
         self._groups_for: list | None = None
-        self._plan: _Plan | None = None
+        self._program: _Program | None = None
 
     # -- container -----------------------------------------------------------------------------
     def __len__(self):
@@ -184,21 +187,22 @@ class Sequential:
         return self.forward(x)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Inference. Fused groups of layers (``inference_groups``) run as one call each; a batch of a
-        sample shape that has passed through before runs the prepared plan for it, which skips the
-        per-layer checks (they were done on that shape) -- the difference at batch 1."""
-        plan = self._plan
-        if (plan is not None and type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 4
-                and x.shape[1:] == plan.sample_shape and x.shape[0] > 0 and x.flags.c_contiguous
-                and plan.is_current(self.layers)):
-            for step in plan.steps:
-                x = step(x)
-            return x
+        """Inference. Fused groups of layers (``inference_groups``) run as one call each. A small batch
+        (fewer than PROGRAM_MAX_BATCH images) of a sample shape that has passed through before runs
+        as one compiled program instead (``kernels.program``; same kernels, same bits), skipping the
+        per-layer checks and calls that were done on that shape -- the difference at batch 1. (Read-only
+        arrays take the layer path: one compiled program serves one array type.)"""
+        prog = self._program
+        if (prog is not None and type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 4
+                and x.shape[1:] == prog.sample_shape and 0 < x.shape[0] < PROGRAM_MAX_BATCH
+                and x.flags.c_contiguous and x.flags.writeable and prog.is_current(self.layers)):
+            return program.run_program(x, prog.ops, prog.arena).reshape(x.shape[0], *prog.out_shape)
         sample_shape = x.shape[1:] if isinstance(x, np.ndarray) else None
         for group in self.inference_groups():
             x = group.run(x)
-        if sample_shape is not None:
-            self._plan = _Plan.build(self.layers, self.inference_groups(), sample_shape)
+        if sample_shape is not None and (prog is None or prog.sample_shape != sample_shape
+                                         or not prog.is_current(self.layers)):
+            self._program = _Program.build(self.layers, self.inference_groups(), sample_shape)
         return x
 
     def inference_groups(self) -> list[_Group]:

@@ -188,3 +188,51 @@ def test_linear_and_sigmoid_and_avgpool_layers():
     np.testing.assert_allclose(layers.Sigmoid().forward(img), 1 / (1 + np.exp(-img.astype(float))), atol=1e-6)
     np.testing.assert_allclose(layers.AvgPool2d(3, 2).forward(img), ref.avg_pool2d(img, (3, 3), (2, 2)),
                                atol=ATOL)
+
+
+def _layer_by_layer(net, x):
+    for layer in net.layers:  # the unfused path: every layer checks and computes on its own
+        x = layer.forward(x)
+    return x
+
+
+def test_small_batches_run_as_one_program_with_the_same_bits(images):
+    from microcnn.network import PROGRAM_MAX_BATCH
+
+    net = microcnn.lenet(seed=11)
+    for n in (1, 3, PROGRAM_MAX_BATCH - 1):
+        first = net.forward(images[:n])  # checked, fused path; compiles the program for (1, 28, 28)
+        assert net._program is not None and net._program.sample_shape == (1, 28, 28)
+        again = net.forward(images[:n])  # the program
+        assert np.array_equal(again, first)
+        assert np.array_equal(again, _layer_by_layer(net, images[:n]))
+
+
+def test_program_follows_weight_layer_and_algorithm_changes(images):
+    net = microcnn.lenet(seed=12)
+    x = images[:1]
+    net.forward(x), net.forward(x)
+    other = microcnn.lenet(seed=13)
+    net.load_state_dict(other.state_dict())  # in place, versions bumped
+    np.testing.assert_array_equal(net.forward(x), _layer_by_layer(other, x))
+    net.forward(x)
+    np.testing.assert_array_equal(net.forward(x), _layer_by_layer(other, x))
+    net.layers[0].weight.data = net.layers[0].weight.data * 2  # a new array, no version bump
+    np.testing.assert_array_equal(net.forward(x), _layer_by_layer(net, x))
+    net.layers[-1] = layers.Sigmoid()  # the layer list changed: no program has a Sigmoid op
+    np.testing.assert_array_equal(net.forward(x), _layer_by_layer(net, x))
+    assert net._program is None
+    net.layers[-1] = layers.Softmax()
+    net.set_conv_algorithm("winograd")  # an algorithm the program does not run
+    np.testing.assert_allclose(net.forward(x), _layer_by_layer(net, x), atol=1e-6)
+    assert net._program is None
+
+
+def test_program_is_only_used_for_what_it_was_built_for(images):
+    net = microcnn.lenet(seed=14)
+    net.forward(images[:2])
+    ref = _layer_by_layer(net, images[:2])
+    np.testing.assert_allclose(net.forward(images[:2].astype(np.float64)), ref, atol=1e-6)
+    np.testing.assert_array_equal(net.forward(np.asfortranarray(images[:2])), ref)
+    with pytest.raises(InputError, match="smaller than the kernel"):
+        net.forward(np.ascontiguousarray(images[:2, :, :20, :20]))  # another shape goes through the checks again

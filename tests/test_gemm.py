@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microcnn.kernels.gemm import _gemm_acc, linear_forward, sgemm
+from microcnn.kernels.gemm import PACK_ROWS, _gemm_acc, gemm_packed, linear_forward, pack_rows, sgemm
+from microcnn.kernels.simd import LANES
 
 EXAMPLES = settings(max_examples=25, deadline=None)
 U32 = 2.0**-24
@@ -84,3 +85,30 @@ def test_gemm_acc_reads_rows_through_the_window_indirection(m, k, n, seed):
     ref = c0[:, 2 : 2 + n].astype(np.float64) + a.astype(np.float64) @ b
     assert np.all(np.abs(c[:, 2 : 2 + n] - ref) <= _bound(a, b, c0[:, 2 : 2 + n]))
     assert np.array_equal(c[:, :2], c0[:, :2]) and np.array_equal(c[:, 2 + n :], c0[:, 2 + n :])
+
+
+@EXAMPLES
+@given(m=st.integers(1, 19), k=st.integers(1, 40), n=st.integers(LANES, 90), seed=st.integers(0, 2**16))
+def test_register_kernel_equals_gemm_acc_bit_for_bit(m, k, n, seed):
+    """gemm_packed (registers, one fused multiply-add per k from the bias) against the float64 product,
+    and against _gemm_acc started from the same bias: the identical operation order, so the same bits
+    -- what lets the bundled weights, trained with _gemm_acc, reproduce exactly. Row counts cover
+    whole and partial PACK_ROWS blocks, column counts whole strips and the overlapping last vector."""
+    rng = np.random.default_rng(seed)
+    a, b, bias = _rand(rng, (m, k)), _rand(rng, (k, n)), _rand(rng, (m,))
+    data = np.concatenate([b.reshape(-1), np.full(LANES, np.nan, np.float32)])  # NaN: reads past the end
+    out = np.full((m, n + 3), -7.0, np.float32)
+    gemm_packed(pack_rows(a), bias, data, 0, np.arange(k) * n, out, n)
+    ref = bias[:, None].astype(np.float64) + a.astype(np.float64) @ b
+    assert np.all(np.abs(out[:, :n] - ref) <= _bound(a, b, bias[:, None]))
+    assert np.all(out[:, n:] == -7.0)  # nothing stored past ncol
+    c = np.repeat(bias[:, None], n, axis=1)
+    _gemm_acc(a, b, np.arange(k), np.zeros(k, np.int64), 0, c, 0, n, 0, k)
+    assert np.array_equal(out[:, :n], c)
+
+
+def test_pack_rows_layout():
+    a = np.arange(3 * 5, dtype=np.float32).reshape(3, 5) + 1
+    packed = pack_rows(a)
+    assert packed.shape == (1, 5, PACK_ROWS)
+    assert np.array_equal(packed[0, :, :3], a.T) and np.all(packed[0, :, 3:] == 0)

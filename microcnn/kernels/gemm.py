@@ -1,25 +1,23 @@
-"""FP32 matrix multiplication kernels: our own cache-blocked GEMM and the dense (linear) layer.
+"""FP32 matrix multiplication kernels: a register micro-kernel, a cache-blocked GEMM, the dense layer.
 
-Two loop shapes, because Numba/LLVM only keeps accumulators in registers for reductions over the
-innermost loop:
+Numba/LLVM only keeps accumulators in registers for reductions over the innermost loop, hence:
 
-* ``_gemm_acc`` ("NN"): ``c[i, :] += a[i, k] * b_row_k`` over contiguous columns. Each pass
-  updates six rows of ``c`` with four rows of ``b`` at once, so every loaded ``b`` vector feeds
-  6 FMAs and ``c`` is read and written once per four ``k``. Long rows (>= 1000 columns) matter
-  more than cache blocking here: each pass has a fixed set-up cost. The row of ``b``
-  used for ``k`` is ``b[rows[k], offs[k] + col0:]`` -- an indirection that lets the convolution
-  hand in shifted views of one small buffer (implicit im2col) instead of a materialised patch
-  matrix. With ``rows = arange(K)`` and ``offs = 0`` it is an ordinary GEMM.
+* ``gemm_packed`` (the convolutions): ``c[i, :] = bias[i] + sum_k a[i, k] * b_row_k``, with a
+  micro-kernel written as LLVM IR (``_make_register_kernel``) that holds 8 rows x 32 columns of
+  ``c`` in vector registers for the whole reduction and writes them once. ``a`` is packed once
+  (``pack_rows``); the row of ``b`` used for ``k`` is ``data[offs[k] + j]`` -- an indirection that
+  lets the convolution read its patch matrix as windows of the image itself (implicit im2col).
+  One fused multiply-add per k, in k order, from the bias: exactly ``_gemm_acc``'s arithmetic,
+  so the two give the same bits (tested), at about twice the speed (conv2 at batch 1: 61 vs 30
+  GFLOP/s of multiply-adds).
+* ``_gemm_acc`` ("NN", plain Numba): ``c[i, :] += a[i, k] * b_row_k`` six rows and four ``k`` per
+  pass, ``c`` read and written once per four ``k``; the Winograd products and ``sgemm`` (backward
+  pass) use it.
 * ``_gemm_nt`` ("NT", dot products): ``c[i, j] = a[i, :] . bt[j, :]`` on 4x4 blocks, i.e. 16
-  independent reductions over contiguous ``k`` that LLVM vectorises into register accumulators.
-  Faster when both operands are row-major along ``k`` (the linear layer, 1x1-output convolution).
-
-Measured on this machine (1 thread, single-threaded OpenBLAS for comparison): our kernel runs at
-0.55-1.0x the speed of ``np.dot`` on LeNet-5's shapes -- 6x25 @ 25x784 33 vs 44 GFLOP/s (multiply-
-adds), 16x150 @ 150x104 30 vs 53, 16x150 @ 150x1500 (conv2, a group of 15 images) 46 vs 45,
-120x400 @ 400x1000 49 vs 57; the linear layer at batch 1 is faster than ``np.dot``. The
-convolutions keep our kernel: the row indirection (implicit im2col) has no BLAS equivalent
-without materialising the patch matrix, and BLAS's own threads ignore ``numba.set_num_threads``.
+  independent reductions over contiguous ``k`` that LLVM vectorises into register accumulators:
+  the linear layer and the 1x1-output convolution, whose weights are row-major along ``k``. At
+  batch 1 it is bound by reading the weights from L2 (LeNet's conv3: 192 KB, ~3 us, as fast as
+  ``np.dot``); a register GEMV over transposed weights measured no better, so there is none.
 """
 
 from __future__ import annotations
@@ -153,9 +151,9 @@ def _real_row(builder, r: int, rows):
     return builder.select(real, ir.Constant(i64, r), builder.sub(rows, ir.Constant(i64, 1)))
 
 
-def _make_register_kernel(vectors: int, block_rows: int = PACK_ROWS, bias_per_row: bool = True):
+def _make_register_kernel(vectors: int):
     """``kernel(data_addr, off_addr, n_k, w_addr, bias_addr, rows, out_addr, out_stride)``: for the
-    block_rows rows of one packed block (see ``pack_rows``) and ``vectors * LANES`` columns,
+    PACK_ROWS rows of one packed block (see ``pack_rows``) and ``vectors * LANES`` columns,
 
         out[r, j] = fma(w[n_k-1, r], data[off[n_k-1] + j], ... fma(w[0, r], data[off[0] + j], bias[r]))
 
@@ -181,23 +179,18 @@ def _make_register_kernel(vectors: int, block_rows: int = PACK_ROWS, bias_per_ro
             out_p = builder.inttoptr(out_addr, f32.as_pointer())
             fmuladd = _fmuladd(builder, vf)
             init = []
-            for r in range(block_rows):
-                if bias_per_row:
-                    at = _real_row(builder, r, rows)
-                    init += [splat(builder, builder.load(builder.gep(bias_p, [at])), vf)] * vectors
-                else:  # one bias per column: the same vectors for every row
-                    src = builder.bitcast(bias_p, vf.as_pointer())
-                    init += [builder.load(builder.gep(src, [ir.Constant(i64, v)]), align=4)
-                             for v in range(vectors)]
+            for r in range(PACK_ROWS):
+                at = _real_row(builder, r, rows)
+                init += [splat(builder, builder.load(builder.gep(bias_p, [at])), vf)] * vectors
 
             def step(k, accs):
                 offset = builder.load(builder.gep(off_p, [k]))
                 src = builder.bitcast(builder.gep(data_p, [offset]), vf.as_pointer())
                 data = [builder.load(builder.gep(src, [ir.Constant(i64, v)]), align=4)
                         for v in range(vectors)]
-                base = builder.mul(k, ir.Constant(i64, block_rows))
+                base = builder.mul(k, ir.Constant(i64, PACK_ROWS))
                 new = []
-                for r in range(block_rows):
+                for r in range(PACK_ROWS):
                     at = builder.add(base, ir.Constant(i64, r))
                     weight = splat(builder, builder.load(builder.gep(w_p, [at])), vf)
                     new += [builder.call(fmuladd, [weight, data[v], accs[r * vectors + v]])
@@ -205,7 +198,7 @@ def _make_register_kernel(vectors: int, block_rows: int = PACK_ROWS, bias_per_ro
                 return new
 
             finals = register_loop(builder, n_k, init, step, "fp32mk")
-            for r in range(block_rows):
+            for r in range(PACK_ROWS):
                 def store(r=r):
                     row = builder.mul(out_stride, ir.Constant(i64, r))
                     for v in range(vectors):
