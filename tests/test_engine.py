@@ -235,4 +235,4 @@ def test_program_is_only_used_for_what_it_was_built_for(images):
     np.testing.assert_allclose(net.forward(images[:2].astype(np.float64)), ref, atol=1e-6)
     np.testing.assert_array_equal(net.forward(np.asfortranarray(images[:2])), ref)
     with pytest.raises(InputError, match="smaller than the kernel"):
-        net.forward(np.ascontiguousarray(images[:2, :, :20, :20]))  # another shape goes through the checks again
+        net.forward(np.ascontiguousarray(images[:2, :, :20, :20]))  # another shape: checked again

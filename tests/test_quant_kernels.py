@@ -205,6 +205,8 @@ assert simd.SIMD == {width}, simd.SIMD
 test_qconv2d_bit_exact(CONV_CASES[0], ki.MODE_FIXEDPOINT)
 test_qconv2d_bit_exact(CONV_CASES[2], ki.MODE_DEQUANT)
 test_qlinear_bit_exact(9, 33, 10, 4, ki.MODE_FIXEDPOINT)
+from tests.test_gemm import test_register_kernel_equals_gemm_acc_bit_for_bit
+test_register_kernel_equals_gemm_acc_bit_for_bit()  # the FP32 micro-kernel at this width too
 print("ok")
 """
 
@@ -212,7 +214,8 @@ print("ok")
 @pytest.mark.slow
 @pytest.mark.parametrize("width", [0, 8])
 def test_narrower_simd_paths_are_bit_exact(width, tmp_path):
-    """The AVX2 and portable micro-kernels (this machine would pick AVX-512) against the same references."""
+    """The AVX2 and portable micro-kernels, integer and FP32 (this machine would pick AVX-512), against
+    the same references."""
     import os
     import subprocess
     import sys
