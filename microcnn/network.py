@@ -75,13 +75,17 @@ class _Group:
         chw = self.layer.output_shape(chw)
         return chw if self.pool is None else self.pool.output_shape(chw)
 
-    def program_ops(self, chw, arena: list) -> list | None:
-        """The ``kernels.program`` rows for this group on inputs of sample shape ``chw`` (weights
-        appended to ``arena``, a list of float32 arrays), or None when the program has no op for it."""
+    def compilable(self) -> bool:
+        """Whether ``kernels.program`` has ops for this group (im2col convolutions only)."""
+        if isinstance(self.layer, Conv2d):
+            return self.layer.algorithm == "im2col"
+        return isinstance(self.layer, Linear | MaxPool2d | ReLU | Flatten | Softmax)
+
+    def program_ops(self, chw, arena: list) -> list:
+        """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``
+        (weights appended to ``arena``, a list of float32 arrays)."""
         layer, relu = self.layer, int(self.relu)
         if isinstance(layer, Conv2d):
-            if layer.algorithm != "im2col":
-                return None
             (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
             w = layer.weight.data.reshape(layer.out_channels, -1)
             pool = (0, 0, 0, 0) if self.pool is None else (*self.pool.kernel_size, *self.pool.stride)
@@ -94,8 +98,7 @@ class _Group:
             return [_linear_op(layer.weight.data, bias_or_zeros(layer), relu, arena)]
         if isinstance(layer, MaxPool2d):
             return [[program.OP_MAXPOOL, *layer.kernel_size, *layer.stride, relu]]
-        ops = {ReLU: [[program.OP_RELU]], Flatten: [], Softmax: [[program.OP_SOFTMAX]]}
-        return ops.get(type(layer))
+        return {ReLU: [[program.OP_RELU]], Flatten: [], Softmax: [[program.OP_SOFTMAX]]}[type(layer)]
 
 
 def _append(arena: list, values: np.ndarray) -> int:
@@ -121,12 +124,12 @@ class _Program:
 
     @classmethod
     def build(cls, layers, groups, sample_shape) -> _Program | None:
+        """The program, or None when a group has no ops (checked before any weight is copied)."""
+        if not all(group.compilable() for group in groups):
+            return None
         rows, arena, chw = [], [], tuple(sample_shape)
         for group in groups:
-            ops = group.program_ops(chw, arena)
-            if ops is None:
-                return None
-            rows += ops
+            rows += group.program_ops(chw, arena)
             chw = group.output_shape(chw)
         table = np.zeros((len(rows), program.OP_FIELDS), np.int64)
         for i, row in enumerate(rows):
