@@ -892,10 +892,15 @@ def add_compare_arguments(parser) -> None:
     parser.add_argument("--model", default="bundled",
                         help="'bundled', a LeNet-5 .raw file, a .safetensors model, or a PyTorch .pt "
                              "state_dict of LeNet-5 (default: bundled)")
-    parser.add_argument("--samples", type=int, default=1000, help="first N test images (default 1000)")
-    parser.add_argument("--threads", type=int, default=1, help="threads for every system (default 1)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per model; the median is shown")
-    parser.add_argument("--calibration", type=int, default=100, metavar="N",
+    from .cliargs import image_count, repeat_count, thread_count
+
+    parser.add_argument("--samples", type=image_count, default=1000,
+                        help="first N test images (default 1000)")
+    parser.add_argument("--threads", type=thread_count, default=1,
+                        help="threads for every system (default 1)")
+    parser.add_argument("--repeats", type=repeat_count, default=5,
+                        help="timed runs per model; the median is shown")
+    parser.add_argument("--calibration", type=image_count, default=100, metavar="N",
                         help="calibration images from the training split, the same for every system "
                              "(default 100)")
     parser.add_argument("--method", default="mse", choices=["minmax", "ema", "percentile", "mse", "entropy"],
