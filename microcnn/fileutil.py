@@ -127,17 +127,17 @@ def atomic_open(path, mode: str = "wb", overwrite: bool = True):
         raise _renamed(exc, path) from None
     staged = _STAGED.get()
     try:
-        with os.fdopen(fd, mode) as f:
-            try:  # an existing file keeps its permissions, a new one gets the umask's
-                os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
-            except FileNotFoundError:
-                os.fchmod(fd, 0o666 & ~_UMASK)
-            try:
+        try:  # closing retries a failed flush and raises again: the whole block names the destination
+            with os.fdopen(fd, mode) as f:
+                try:  # an existing file keeps its permissions, a new one gets the umask's
+                    os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+                except FileNotFoundError:
+                    os.fchmod(fd, 0o666 & ~_UMASK)
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-            except OSError as exc:  # ENOSPC, EFBIG, EIO ... reported on the caller's path
-                raise _renamed(exc, path) from None
+        except OSError as exc:  # ENOSPC, EFBIG, EIO ... reported on the caller's path
+            raise _renamed(exc, path) from None
         if staged is not None:
             staged.append((tmp, path))
             return
@@ -181,30 +181,33 @@ def _discard(staged) -> None:
 def _commit(staged) -> None:
     """Rename every temporary over its destination, keeping each replaced file's old content in a
     backup (a hard link, so the destination never disappears) until all renames have succeeded."""
-    done = []  # (destination, backup or None)
+    done, backup = [], None  # done: (destination, backup or None) of each rename that succeeded
     try:
         for tmp, path in staged:
-            backup = None
-            if os.path.lexists(path):
-                backup = _backup(path)
-            done.append((path, backup))
+            backup = _backup(path) if os.path.lexists(path) else None
             os.replace(tmp, path)
+            done.append((path, backup))
+            backup = None
     except BaseException as exc:
-        for path, backup in reversed(done):
-            with contextlib.suppress(OSError):
-                if backup is not None:
-                    os.replace(backup, path)
-                elif os.path.lexists(path):
-                    os.unlink(path)
-        _discard(staged)
-        if isinstance(exc, OSError):
-            failed = done[-1][0] if done else staged[0][1]
-            raise _renamed(exc, failed) from None
-        raise
-    for _, backup in done:
+        # The destination whose rename failed still is its old file: drop its backup (renaming one hard
+        # link over another of the same file would do nothing), then put the replaced ones back.
         if backup is not None:
             with contextlib.suppress(OSError):
                 os.unlink(backup)
+        for path, old in reversed(done):
+            with contextlib.suppress(OSError):
+                if old is not None:
+                    os.replace(old, path)
+                else:
+                    os.unlink(path)
+        _discard(staged)
+        if isinstance(exc, OSError):
+            raise _renamed(exc, staged[len(done)][1]) from None
+        raise
+    for _, old in done:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(old)
 
 
 def _backup(path: Path) -> str:

@@ -63,7 +63,7 @@ def _act_tensors(act: ActQuant) -> dict:
             "out_zero_point": np.array([act.zero_point], np.uint8)}
 
 
-def _refuse_nonfinite(x: np.ndarray) -> None:
+def refuse_nonfinite(x: np.ndarray) -> None:
     """NaN/Inf cannot be quantized: rounding would clamp them to a code and the network would answer
     with confidence. The FP32 network propagates them (and ``predict`` refuses); every precision
     refuses rather than answer. Raised at each float -> integer boundary, so an FP32 layer of a mixed
@@ -87,7 +87,7 @@ class QuantizeStage(Stage):
         a = self.out_act
         flat = x.reshape(-1)
         if not all_finite(flat):
-            _refuse_nonfinite(x)
+            refuse_nonfinite(x)
         return ki.quantize_u8(flat, a.scale, a.zero_point, a.qmax).reshape(x.shape)
 
     def spec(self):
