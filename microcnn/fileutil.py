@@ -62,6 +62,8 @@ def regular_file_size(path, what: str) -> int:
 
 def _renamed(exc: OSError, path) -> OSError:
     """The same error, naming ``path`` (what the caller asked to write) instead of a temporary file."""
+    if exc.errno is None:
+        return OSError(f"{path}: {exc}")
     return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
