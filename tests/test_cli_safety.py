@@ -1,8 +1,8 @@
 """The command line under hostile or careless use (issue 18): nothing lost, nothing overwritten by
 surprise, no silent wrong answers, every figure reported measured rather than echoed.
 
-Most commands run in-process through ``cli.main`` on a tiny MNIST-shaped data directory (40 training,
-37 test images taken from the real files), so a request and what the data allows can differ.
+Most commands run in-process through ``cli.main`` on a tiny MNIST-shaped data directory (150
+training, 37 test images taken from the real files), so a request and what the data allows can differ.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from microcnn.errors import InputError
 from microcnn.quant import calibrate, quantize
 
 ROOT = Path(__file__).resolve().parent.parent
-N_TRAIN, N_TEST = 40, 37
+N_TRAIN, N_TEST = 150, 37
 
 
 def run(capsys, *argv):
@@ -52,7 +52,7 @@ def one_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, mnist_train, mnist_test):
-    """A data directory holding the first 40 training and 37 test images of MNIST."""
+    """A data directory holding the first 150 training and 37 test images of MNIST."""
     root = tmp_path_factory.mktemp("tiny")
     for split, (images, labels), n in (("train", mnist_train, N_TRAIN), ("test", mnist_test, N_TEST)):
         image_base, label_base = SPLIT_FILES[split]
@@ -470,14 +470,15 @@ def test_bench_json_reports_measured_threads_samples_and_precisions(tiny, w4a4_f
 
 
 def test_quantize_records_the_calibration_it_used(tiny, tmp_path, capsys):
-    # More than calibrate()'s default of 100 was once silently cut to 100; here 30 of the 40 images.
+    # More than calibrate()'s default of 100 was once silently cut to 100; here 120 of the 150 images.
     out = tmp_path / "q.safetensors"
-    code, text, err = run(capsys, "quantize", "--data", tiny, "--calibration", "30", "--bits", "4",
+    code, text, err = run(capsys, "quantize", "--data", tiny, "--calibration", "120", "--bits", "4",
                           "--out", out)
     assert code == 0, err
     settings = microcnn.load(out).settings
-    assert settings["calibration_samples"] == 30 and (settings["weight_bits"], settings["act_bits"]) == (4, 4)
-    assert "int4" in text and "calibrated on 30 training images" in text
+    assert settings["calibration_samples"] == 120
+    assert (settings["weight_bits"], settings["act_bits"]) == (4, 4)
+    assert "int4" in text and "calibrated on 120 training images" in text
 
 
 # -- NaN input: the same policy at every precision ---------------------------------------------------
