@@ -392,11 +392,12 @@ def test_bench_precision_lists_are_checked_at_parse_time(text, capsys):
 
 @pytest.mark.parametrize("command,flag,available", [("eval", "--samples", N_TEST),
                                                     ("bench", "--samples", N_TEST),
+                                                    ("compare", "--samples", N_TEST),
                                                     ("quantize", "--calibration", N_TRAIN),
                                                     ("eval", "--calibration", N_TRAIN)])
 def test_counts_beyond_the_data_are_refused_not_truncated(command, flag, available, tiny, tmp_path, capsys):
     extra = {"quantize": ["--out", tmp_path / "q.safetensors"], "eval": ["--precision", "int8"],
-             "bench": ["--no-startup"]}[command]
+             "bench": ["--no-startup"], "compare": ["--systems", "onnxruntime"]}[command]
     code, _, err = run(capsys, command, "--data", tiny, *extra, flag, available + 1)
     assert code == 2
     assert one_line(err).endswith(f"{flag}: expected at most {available} (the MNIST "
