@@ -180,13 +180,14 @@ def run(args) -> dict:
         raise InputError(f"--per-layer, --conv and --compare compare against FP32: they need an FP32 model, "
                          f"and {args.model} is quantized ({stored})")
     calibration = None
+    fp32 = getattr(net, "network", net)  # a storage-compressed model quantizes its decompressed network
     if stored is None and any(p != "fp32" for p in precisions):
         from .quant import calibrate
 
-        net = getattr(net, "network", net)  # a storage-compressed model: its decompressed FP32 network
-        calibration = calibrate(net, _calibration_images(args, args.calibration), samples=args.calibration,
+        calibration = calibrate(fp32, _calibration_images(args, args.calibration), samples=args.calibration,
                                 method=args.method, progress=not args.json)
-    built = [build_precision(net, p, calibration) if stored is None else net for p in precisions]
+    built = [net if stored is not None or p == "fp32" else build_precision(fp32, p, calibration)
+             for p in precisions]
     models = {_precision_of(m): m for m in built}  # each row named by what its model computes in
     with pinned_threads(args.threads):
         threads = numba.get_num_threads()
@@ -211,7 +212,7 @@ def run(args) -> dict:
         from .quant import per_layer_table
 
         with pinned_threads(args.threads):
-            table = per_layer_table(net, calibration, images)
+            table = per_layer_table(fp32, calibration, images)
         say("\nPer layer:\n" + format_table(table, ".4g"))
         from .analysis import conv_precision_table
 
@@ -228,7 +229,7 @@ def run(args) -> dict:
         from .convolution import benchmark_algorithms
 
         with pinned_threads(args.threads):
-            table = benchmark_algorithms(net, images, repeats=args.repeats, progress=not args.json)
+            table = benchmark_algorithms(fp32, images, repeats=args.repeats, progress=not args.json)
         say("\nConvolution algorithms:\n" + format_table(table, ".4g"))
         report["conv"] = _records(table, {
             "Algorithm": "algorithm", "Total Time (ms)": "total_ms", "Per Image (us)": "per_image_us",
@@ -246,7 +247,7 @@ def run(args) -> dict:
     if args.compare:
         from .compare import compare_table
 
-        table = compare_table(net, images, labels, calibration_images=_calibration_images(
+        table = compare_table(fp32, images, labels, calibration_images=_calibration_images(
             args, args.calibration), threads=args.threads, repeats=args.repeats,
             systems=args.compare, method=args.method)
         say("\nComparison:\n" + format_table(table, ".3f"))

@@ -529,3 +529,19 @@ def test_destination_checks_directly(tmp_path):
     with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'f'}: already exists")):
         fileutil.check_destination(tmp_path / "f", overwrite=False)
     assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_bench_of_a_compressed_file_quantizes_its_decompressed_network(tiny, tmp_path, capsys, bundled):
+    from microcnn.quant import compress
+
+    path = tmp_path / "c8.safetensors"
+    compress(bundled, "int8").save(path)
+    code, out, err = run(capsys, "bench", "--data", tiny, "--model", path, "--samples", "10",
+                         "--repeats", "1", "--no-startup", "--json", "--precisions", "fp32,int8",
+                         "--calibration", "12")
+    assert code == 0, err
+    rows = json.loads(out)["headline"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8"]
+    # the fp32 row is the compressed file itself (FP32 compute, compressed storage)
+    assert rows[0]["model_bytes"] == microcnn.load(path).nbytes == 63_358
+    assert rows[1]["model_bytes"] < bundled.nbytes / 3  # a real INT8 model built from it
