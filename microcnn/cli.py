@@ -32,7 +32,7 @@ def _calibration_images(args, n: int):
     """Calibration images come from the training split, never from the test images being scored."""
     from .datasets import load_mnist
 
-    images, _ = load_mnist("train", data_dir=_data_dir(args))
+    images, _ = load_mnist("train", data_dir=_data_dir(args), samples=n)
     return images[:n]
 
 
@@ -112,7 +112,7 @@ def cmd_predict(args) -> int:
 def cmd_eval(args) -> int:
     from .datasets import load_mnist
 
-    images, labels = load_mnist("test", data_dir=_data_dir(args))
+    images, labels = load_mnist("test", data_dir=_data_dir(args), samples=args.samples or None)
     if args.samples:
         images, labels = images[:args.samples], labels[:args.samples]
     model = _model_at_precision(_load_model(args.model), args)
