@@ -385,17 +385,19 @@ def _check_activation_sizes(path, net) -> None:
         shape = out
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_weights(path, name: str, arr: np.ndarray) -> None:
     """FP32 weights as they will be used: finite, and (for F64 tensors) within float32's range, which
     the conversion to float32 would otherwise turn into Inf."""
     _check_finite(path, name, arr)
     if arr.dtype.itemsize > 4 and arr.dtype.kind == "f" and arr.size:
-        largest = float(np.abs(arr).max())
-        if largest > np.finfo(np.float32).max:
-            n_bad = int((np.abs(arr) > np.finfo(np.float32).max).sum())
-            raise FileFormatError(path, f"tensor {name} holds {n_bad} values beyond float32's range",
-                                  f"|w| <= {float(np.finfo(np.float32).max):.4g} (weights run in float32)",
-                                  f"largest |w| {largest:.4g}")
+        beyond = np.abs(arr) > _FLOAT32_MAX
+        if beyond.any():
+            raise FileFormatError(path, f"tensor {name} holds {int(beyond.sum())} values beyond float32's "
+                                  "range", f"|w| <= {_FLOAT32_MAX:.4g} (weights run in float32)",
+                                  f"largest |w| {float(np.abs(arr).max()):.4g}")
 
 
 def read_model_state(path, expected: dict | None = None) -> dict:

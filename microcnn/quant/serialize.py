@@ -296,8 +296,11 @@ def observer_state_layout(kind: str, params: dict) -> dict:
             "scalars": (np.dtype(np.float64), (3,)), **count}
 
 
-def _calibration_field(path, field: str, what: str, found):
-    return FileFormatError(path, f"calibration field {field}: {what}", found=str(found)[:120])
+def _calibration_field(path, field: str, expected: str, found):
+    """The error for one field of a calibration file: ``<path>: calibration field <field> (expected
+    <expected>, found <found>)``."""
+    return FileFormatError(path, f"calibration field {field}", expected.removeprefix("expected "),
+                           str(found)[:120])
 
 
 def _observer_specs(path, specs, expected_names) -> list:
