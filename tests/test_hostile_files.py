@@ -646,3 +646,37 @@ def test_observer_constructor_rules_apply_to_files(files, net, tmp_path):
     with pytest.raises(FileFormatError, match=r"calibration field observer pool1 \(expected bins: expected a "
                                               r"multiple of 4 >= 64, found 66"):
         Calibration.load(path, net)
+
+
+# -- reported settings must be the stages' own bit widths ------------------------------------------------
+def _settings(change):
+    def apply(meta):
+        settings = json.loads(meta["settings"])
+        change(settings)
+        return {"settings": json.dumps(settings)}
+    return apply
+
+
+@pytest.mark.parametrize("kind, change", [
+    ("w4a4", _settings(lambda s: s.update(weight_bits=8))),
+    ("w4a4", _settings(lambda s: s.update(act_bits=8))),
+    ("int8", _settings(lambda s: s.update(weight_bits=4, act_bits=4))),
+    ("int8", _settings(lambda s: s["layer_bits"].update(fc2=4))),
+    ("int8", _settings(lambda s: s["layer_bits"].pop("fc2"))),
+    ("int8", _settings(lambda s: s.update(weight_bits="8"))),
+    ("int8", _settings(lambda s: s.update(act_bits=[8]))),
+])
+def test_settings_that_misreport_the_precision_are_refused(files, tmp_path, kind, change):
+    data = files[kind]
+    path = write(tmp_path, with_metadata(data, **change(split(data)[0]["__metadata__"])))
+    with pytest.raises(FileFormatError, match="lie.safetensors: (settings report other bit widths than the "
+                                              "stages compute with|quantized model does not describe)"):
+        microcnn.load(path)
+
+
+def test_mixed_precision_settings_load_as_saved(net, calibrations, tmp_path):
+    qnet = quantize(net, calibrations["minmax"], 8, 4, layer_bits={"conv2": 32, "fc2": 4})
+    qnet.save(tmp_path / "mixed.safetensors")
+    back = microcnn.load(tmp_path / "mixed.safetensors")
+    assert back.settings == qnet.settings and back.settings["layer_bits"]["conv2"] == 32
+    np.testing.assert_array_equal(back.predict(X), qnet.predict(X))

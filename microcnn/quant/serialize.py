@@ -168,12 +168,42 @@ def _load_quantized(tensors, metadata, arch, path):
             raise FileFormatError(path, "the last stage outputs integers", "real values (a dequantize stage)",
                                   f"stage {len(specs) - 1} ({specs[-1].get('kind')})")
         reader.finish()
+        _check_settings(path, settings, stages, layers_cfg)
         return QuantizedSequential(stages, arch, settings)
     except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
         if isinstance(exc, FileFormatError):
             raise
         raise FileFormatError(path, f"quantized model does not describe a valid network ({where}: {exc})"
                               ) from None
+
+
+def _check_settings(path, settings: dict, stages, layers_cfg) -> None:
+    """The bit widths ``settings`` reports (and the command line prints as the precision) must be the
+    ones the stages compute with: per weighted layer in ``layer_bits`` (32 for a layer left in FP32),
+    ``weight_bits`` when every layer has the same width, ``act_bits`` for every integer stage."""
+    from types import SimpleNamespace
+
+    from ..network import layer_names
+    from .qlayers import FloatStage, QWeighted
+
+    names = layer_names([SimpleNamespace(type=c.get("type")) for c in layers_cfg])
+    used = {}
+    for stage in stages:
+        if isinstance(stage, QWeighted):
+            used[names[stage.layers[0]]] = stage.weight_bits
+        elif isinstance(stage, FloatStage) and stage.layer.parameters():
+            used[names[stage.layers[0]]] = 32
+    acts = {stage.in_act.bits for stage in stages if isinstance(stage, QWeighted)}
+    found = {k: settings.get(k) for k in ("weight_bits", "act_bits", "layer_bits")}
+    ok = "layer_bits" not in settings or settings["layer_bits"] == used
+    ok = ok and ("act_bits" not in settings or acts <= {settings["act_bits"]})
+    widths = set(used.values()) - {32}
+    wbits = settings.get("weight_bits", next(iter(widths), 8))
+    ok = ok and type(wbits) is int and wbits in KERNEL_BITS and (len(widths) != 1 or widths == {wbits})
+    if not ok:
+        raise FileFormatError(path, "settings report other bit widths than the stages compute with",
+                              {"weight_bits": widths.pop() if len(widths) == 1 else "4 or 8 (mixed)",
+                               "act_bits": sorted(acts), "layer_bits": used}, found)
 
 
 def _agree(path, i, spec, key, expected):
