@@ -6,7 +6,6 @@ and keep the last of two equal keys silently."""
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 
@@ -15,8 +14,6 @@ from .errors import FileFormatError
 MAX_JSON_DEPTH = 32  # microcnn's own files nest at most 5 levels
 MAX_NUMBER_CHARS = 40  # float32/float64 reprs and 64-bit integers need at most 25
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-
 
 class _Refused(ValueError):
     pass
@@ -24,17 +21,30 @@ class _Refused(ValueError):
 
 _STEP = np.zeros(256, np.int32)
 _STEP[list(b"[{")], _STEP[list(b"]}")] = 1, -1
+_CHUNK = 1 << 20
 
 
 def _depth(data: bytes) -> int:
-    """Deepest bracket nesting outside strings: a linear pass in C (regex, then NumPy by 1 MB chunks)."""
+    """Deepest bracket nesting outside strings, in one linear pass over the bytes (NumPy, 1 MB at a
+    time; a regex skipping strings would restart at every escaped quote of an unterminated string).
+    A quote is escaped when an odd run of backslashes precedes it; unescaped quotes toggle 'inside a
+    string'. Runs and string state carry across chunks."""
     if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
         return 0  # cannot be deeper than the limit
-    bare = np.frombuffer(_STRING.sub(b"", data), np.uint8)
-    deepest = level = 0
-    for start in range(0, len(bare), 1 << 20):
-        depth = level + np.cumsum(_STEP[bare[start:start + (1 << 20)]])
-        deepest, level = max(deepest, int(depth.max(initial=0))), int(depth[-1])
+    all_bytes = np.frombuffer(data, np.uint8)
+    deepest = level = inside = run = 0  # run: backslashes just before the current chunk
+    for start in range(0, len(all_bytes), _CHUNK):
+        b = all_bytes[start:start + _CHUNK]
+        index = np.arange(len(b), dtype=np.int32)
+        backslash = b == ord("\\")
+        last_other = np.maximum.accumulate(np.where(backslash, -1, index))
+        runs = index - last_other + np.where(last_other < 0, run, 0)  # backslashes ending here
+        before = np.concatenate(([run], runs[:-1]))
+        quotes = (b == ord('"')) & (before % 2 == 0)
+        in_string = (inside + np.cumsum(quotes)) % 2 == 1
+        depth = level + np.cumsum(np.where(in_string, 0, _STEP[b]))
+        deepest = max(deepest, int(depth.max()))
+        level, inside, run = int(depth[-1]), int(in_string[-1]), int(runs[-1])
     return deepest
 
 

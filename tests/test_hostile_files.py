@@ -176,10 +176,11 @@ def test_json_limits_are_exact():
         load_json_bounded('{"x": [{"k": 1, "j": 2, "k": 1}]}', "f", "model header")
 
 
+JSON_TEXT = st.text(alphabet=st.sampled_from('[]{}"\\ ab\u00e9\n'), max_size=8)  # what a scan could miscount
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.text(max_size=8)
+    st.none() | st.booleans() | st.integers(-2**63, 2**63) | JSON_TEXT
     | st.floats(allow_nan=False, allow_infinity=False),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=4), kids, max_size=4),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(JSON_TEXT, kids, max_size=4),
     max_leaves=30)
 
 
@@ -191,9 +192,20 @@ def _depth(value) -> int:
 
 
 @settings(max_examples=300, deadline=None, database=None)
-@given(value=JSON_VALUES, wrap=st.integers(0, 40))
-def test_bounded_json_reads_what_json_writes_up_to_the_depth_limit(value, wrap):
-    text = "[" * wrap + json.dumps(value) + "]" * wrap
+@given(value=JSON_VALUES, wrap=st.integers(0, 40), chunk=st.integers(1, 9), ascii_only=st.booleans())
+def test_bounded_json_reads_what_json_writes_up_to_the_depth_limit(value, wrap, chunk, ascii_only):
+    """Strings full of brackets, quotes and backslashes, with the depth scan's chunk boundary falling
+    anywhere (1 to 9 bytes instead of 1 MB): the scan counts exactly the nesting of the parsed value."""
+    from microcnn import jsonutil
+
+    text = "[" * wrap + json.dumps(value, ensure_ascii=ascii_only) + "]" * wrap
+    real_chunk, jsonutil._CHUNK = jsonutil._CHUNK, chunk
+    try:
+        scanned = jsonutil._depth(text.encode())
+    finally:
+        jsonutil._CHUNK = real_chunk
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # below that the scan is skipped
+        assert scanned == _depth(value) + wrap
     if _depth(value) + wrap <= MAX_JSON_DEPTH:
         assert load_json_bounded(text, "f") == json.loads(text)
     else:
