@@ -306,9 +306,9 @@ def _check_declared_sizes(path, arch, entries: dict, kind: str) -> None:
     if count > 2 * stored:
         raise FileFormatError(path, "architecture declares more parameters than the file can hold",
                               f"<= {2 * stored} (4 bits each in {stored} bytes)", f"{count} parameters")
-    # ... and at most 8 bytes (a float32 value plus a float32 per-channel scale), plus a few bytes of
-    # output quantization per layer.
-    allowed = 8 * count + 64 * (len(arch["layers"]) + 2)
+    # ... and at most 16 bytes (an int8 weight alone in its output channel also brings a float32 scale
+    # and an int32 bias, even in a layer without bias: 9 bytes), plus output quantization per layer.
+    allowed = 16 * count + 64 * (len(arch["layers"]) + 2)
     if stored > allowed:
         raise FileFormatError(path, "tensors hold more data than the architecture can use",
                               f"<= {allowed} bytes for {count} parameters", f"{stored} bytes")

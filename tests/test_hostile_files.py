@@ -692,3 +692,19 @@ def test_mixed_precision_settings_load_as_saved(net, calibrations, tmp_path):
     back = microcnn.load(tmp_path / "mixed.safetensors")
     assert back.settings == qnet.settings and back.settings["layer_bits"]["conv2"] == 32
     np.testing.assert_array_equal(back.predict(X), qnet.predict(X))
+
+
+def test_the_stored_bytes_bound_admits_the_densest_real_files(tmp_path):
+    """One weight per output channel and no bias: each weight brings a float32 scale and an int32 bias
+    (9 bytes per parameter), the most any real file stores. Wide enough that the per-layer slack
+    cannot hide a bound that is too tight."""
+    from microcnn import Conv2d, ReLU, Sequential
+
+    rng = np.random.default_rng(0)
+    net = Sequential(Conv2d(1, 4096, 1, bias=False, rng=rng), ReLU(), input_shape=(1, 1, 1))
+    x = rng.random((20, 1, 1, 1), dtype=np.float32)
+    cal = calibrate(net, x, method="minmax", progress=False)
+    for model in (quantize(net, cal, 8, 8), quantize(net, cal, 4, 4), compress(net, "int8")):
+        model.save(tmp_path / "dense.safetensors")
+        loaded = microcnn.load(tmp_path / "dense.safetensors")
+        np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
