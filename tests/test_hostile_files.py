@@ -708,3 +708,68 @@ def test_the_stored_bytes_bound_admits_the_densest_real_files(tmp_path):
         model.save(tmp_path / "dense.safetensors")
         loaded = microcnn.load(tmp_path / "dense.safetensors")
         np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
+# -- calibration fuzzing: whatever a field holds, load fails cleanly or every range is usable -------------
+NUMBERS = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                    st.sampled_from([0, 1, 3, 4, 63, 64, 66, 100, MAX_BINS, MAX_BINS + 4,
+                                     MAX_CANDIDATES + 1]))
+
+
+def test_mutated_calibration_files_load_cleanly_or_not_at_all(files, net, tmp_path):
+    """One to three fields (observer settings, method, seed, state tensor elements) replaced by any JSON
+    value or number: ``Calibration.load`` raises FileFormatError naming the file, or gives a calibration
+    whose every range is finite and contains 0 (or an InputError saying why there is none), quickly.
+    Both outcomes must occur, or the range checks were never exercised."""
+    import time
+
+    from microcnn.errors import InputError
+
+    outcomes = {"loaded": 0, "refused": 0}
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(method=st.sampled_from(METHODS), data=st.data())
+    def run(method, data):
+        header, body = split(files[f"calibration-{method}"])
+        meta = header["__metadata__"]
+        observers = json.loads(meta["observers"])
+        for _ in range(data.draw(st.integers(1, 3))):
+            target = data.draw(st.sampled_from(["param", "field", "state"]))
+            if target == "param":
+                entry = data.draw(st.sampled_from(observers))
+                key = data.draw(st.sampled_from([*entry["params"], "bins", "candidates"]))
+                entry["params"][key] = data.draw(NUMBERS | JSON_VALUES)
+            elif target == "field":
+                key = data.draw(st.sampled_from(["method", "seed"]))
+                meta[key] = json.dumps(data.draw(NUMBERS | JSON_VALUES | st.sampled_from(METHODS)))
+            else:  # overwrite one 8-byte element of a state tensor
+                name = data.draw(st.sampled_from([k for k in header if k not in ("__metadata__", "images")]))
+                begin, stop = header[name]["data_offsets"]
+                at = begin + 8 * data.draw(st.integers(0, (stop - begin) // 8 - 1))
+                value = data.draw(NUMBERS)
+                as_float = header[name]["dtype"] == "F64" or isinstance(value, float)
+                raw = (struct.pack("<d", float(value)) if as_float
+                       else struct.pack("<q", max(-2**63, min(2**63 - 1, int(value)))))
+                body = body[:at] + raw + body[at + 8:]
+        meta["observers"] = json.dumps(observers)
+        path = write(tmp_path, assemble(header, body), "fuzz.safetensors")
+        start = time.perf_counter()
+        try:
+            cal = Calibration.load(path, net)
+        except FileFormatError as err:
+            assert str(err).startswith(f"{path}: ")
+            outcomes["refused"] += 1
+            return
+        outcomes["loaded"] += 1
+        for name in cal.names:
+            for bits in (4, 8):
+                try:
+                    lo, hi = cal.range(name, bits)
+                except InputError:  # e.g. every observed value 0: no scale, and the error says so
+                    continue
+                assert np.isfinite([lo, hi]).all() and lo <= 0 <= hi
+        assert time.perf_counter() - start < 5
+
+    run()
+    print(f"\ncalibration fuzzing: {outcomes}")
+    assert outcomes["loaded"] >= 5 and outcomes["refused"] >= 50, outcomes
