@@ -599,12 +599,17 @@ def test_calibration_tensor_lies_are_refused_naming_file_and_field(files, net, t
 @pytest.mark.parametrize("method", METHODS)
 def test_valid_calibrations_load_with_the_same_ranges(files, net, calibrations, tmp_path, method):
     path = write(tmp_path, files[f"calibration-{method}"])
+    original = calibrations[method]
     for against in (net, None):
         back = Calibration.load(path, against)
-        assert back.method == method and back.names == calibrations[method].names
+        assert back.method == method and back.names == original.names and back.seed == original.seed
+        np.testing.assert_array_equal(back.images, original.images)
         for name in back.names:
-            for bits in (4, 8):
-                assert back.range(name, bits) == calibrations[method].range(name, bits)
+            assert back.observer(name).params() == original.observer(name).params()
+            for key, value in original.observer(name).state().items():
+                np.testing.assert_array_equal(back.observer(name).state()[key], value)
+    for name in back.names:  # and what the state is for
+        assert back.range(name, 8) == original.range(name, 8)
 
 
 def test_calibration_at_the_size_bounds_loads(net, tmp_path):
