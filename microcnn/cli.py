@@ -39,14 +39,14 @@ def _first(images, labels, n: int | None, split: str, flag: str = "--samples"):
 def _test_images(args, n: int | None):
     from .datasets import load_mnist
 
-    return _first(*load_mnist("test", data_dir=_data_dir(args)), n, "MNIST test")
+    return _first(*load_mnist("test", data_dir=_data_dir(args), samples=n), n, "MNIST test")
 
 
 def _calibration_images(args, n: int):
     """Calibration images come from the training split, never from the test images being scored."""
     from .datasets import load_mnist
 
-    images, labels = load_mnist("train", data_dir=_data_dir(args))
+    images, labels = load_mnist("train", data_dir=_data_dir(args), samples=n)
     return _first(images, labels, n, "MNIST training", "--calibration")[0]
 
 
