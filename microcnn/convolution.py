@@ -278,7 +278,7 @@ def benchmark_algorithms(net, images, algorithms=ALGORITHMS, repeats=5, progress
     """
     import pandas as pd
 
-    from .bench import median_time
+    from .timing import median_time
 
     algorithms = _check_algorithms(algorithms)
     images = _images(net, images)
@@ -341,7 +341,7 @@ def per_layer_algorithm_table(net, images, algorithms=ALGORITHMS, repeats=5, pro
     """
     import pandas as pd
 
-    from .bench import median_time
+    from .timing import median_time
 
     algorithms = _check_algorithms(algorithms)
     x = _images(net, images)

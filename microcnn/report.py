@@ -40,7 +40,8 @@ def _kernel_env() -> dict:
     return dict(os.environ, PYTHONPATH=package_root + (os.pathsep + path if path else ""))
 
 
-def _notebook_paths(paths) -> list[Path]:
+def notebook_paths(paths) -> list[Path]:
+    """The notebooks to run: ``paths`` (one or several .ipynb files), or every notebook of notebooks/."""
     if paths is None:
         found = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
         if not found:
@@ -105,7 +106,7 @@ def render_notebooks(paths=None, out_dir="reports", progress: bool = True, timeo
     """
     from tqdm.auto import tqdm
 
-    notebooks = _notebook_paths(paths)
+    notebooks = notebook_paths(paths)
     out_dir = Path(out_dir)
     written = []
     for path in tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress):
