@@ -13,8 +13,18 @@ from .autograd import Tensor
 from .checks import as_image_batch, check_count
 from .errors import InputError
 from .kernels import elementwise, program
-from .kernels.gemm import pack_rows
-from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
+from .layers import (
+    Conv2d,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Softmax,
+    bias_or_zeros,
+    layer_from_config,
+    parameter_shapes,
+)
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
@@ -76,74 +86,86 @@ class _Group:
         return chw if self.pool is None else self.pool.output_shape(chw)
 
     def compilable(self) -> bool:
-        """Whether ``kernels.program`` has ops for this group (im2col convolutions only)."""
-        if isinstance(self.layer, Conv2d):
-            return self.layer.algorithm == "im2col"
-        return isinstance(self.layer, Linear | MaxPool2d | ReLU | Flatten | Softmax)
-
-    def program_ops(self, chw, arena: list) -> list:
-        """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``
-        (weights appended to ``arena``, a list of float32 arrays)."""
-        layer, relu = self.layer, int(self.relu)
+        """Whether ``kernels.program`` has ops for this group (im2col convolutions only) and the
+        parameters are what its rows may point to: float32 C-contiguous arrays of the layer's shapes."""
+        layer = self.layer
         if isinstance(layer, Conv2d):
-            (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-            w = layer.weight.data.reshape(layer.out_channels, -1)
-            pool = (0, 0, 0, 0) if self.pool is None else (*self.pool.kernel_size, *self.pool.stride)
-            if layer.output_shape(chw)[1:] == (1, 1) and (kh, kw) == chw[1:] and (ph, pw) == (0, 0):
-                ops = [_linear_op(w, bias_or_zeros(layer), relu, arena)]  # the dense case, as im2col runs it
-                return ops + ([[program.OP_MAXPOOL, *pool, 0]] if self.pool is not None else [])
-            w_off, b_off = _append(arena, pack_rows(w)), _append(arena, bias_or_zeros(layer))
-            return [[program.OP_CONV, kh, kw, sh, sw, ph, pw, *pool, relu, w_off, b_off, layer.out_channels]]
+            return layer.algorithm == "im2col" and _plain_parameters(layer)
         if isinstance(layer, Linear):
-            return [_linear_op(layer.weight.data, bias_or_zeros(layer), relu, arena)]
+            return _plain_parameters(layer)
+        return isinstance(layer, MaxPool2d | ReLU | Flatten | Softmax)
+
+    def program_ops(self, chw, keep: list) -> list[list[int]]:
+        """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``.
+        They point at the layer's own parameter arrays; a zero bias made for a layer without one is
+        appended to ``keep``, which must outlive the rows."""
+        layer, relu = self.layer, self.relu
+        if isinstance(layer, Conv2d | Linear):
+            out = layer.weight.data.shape[0]
+            bias = bias_or_zeros(layer)
+            if layer.bias is None:
+                keep.append(bias)
+            weight, bias = (program.address(layer.weight.data, layer.weight.data.size),
+                            program.address(bias, out))
+        if isinstance(layer, Conv2d):
+            pool = (0, 0, 0, 0) if self.pool is None else (*self.pool.kernel_size, *self.pool.stride)
+            if (layer.output_shape(chw)[1:] == (1, 1) and layer.kernel_size == chw[1:]
+                    and layer.padding == (0, 0)):  # the dense case, as the im2col runner does it
+                ops = [program.op_row(program.OP_LINEAR, relu, weight, bias, out)]
+                if self.pool is not None:
+                    ops.append(program.op_row(program.OP_MAXPOOL, kernel=pool[:2], stride=pool[2:]))
+                return ops
+            return [program.op_row(program.OP_CONV, relu, weight, bias, out, layer.kernel_size, layer.stride,
+                                   layer.padding, pool)]
+        if isinstance(layer, Linear):
+            return [program.op_row(program.OP_LINEAR, relu, weight, bias, out)]
         if isinstance(layer, MaxPool2d):
-            return [[program.OP_MAXPOOL, *layer.kernel_size, *layer.stride, relu]]
-        return {ReLU: [[program.OP_RELU]], Flatten: [], Softmax: [[program.OP_SOFTMAX]]}[type(layer)]
+            return [program.op_row(program.OP_MAXPOOL, relu, kernel=layer.kernel_size, stride=layer.stride)]
+        return {ReLU: [program.op_row(program.OP_RELU)], Flatten: [],
+                Softmax: [program.op_row(program.OP_SOFTMAX)]}[type(layer)]
 
 
-def _append(arena: list, values: np.ndarray) -> int:
-    """Add ``values`` to the arena being built; returns their offset."""
-    offset = sum(a.size for a in arena)
-    arena.append(np.ascontiguousarray(values, np.float32).reshape(-1))
-    return offset
-
-
-def _linear_op(w, b, relu: int, arena: list) -> list:
-    return [program.OP_LINEAR, w.shape[1], w.shape[0], relu, _append(arena, w), _append(arena, b)]
+def _plain_parameters(layer) -> bool:
+    """Whether every parameter of a Conv2d or Linear is a float32 C-contiguous array of its shape
+    (anything else, e.g. a float64 array assigned to ``.data``, takes the layer path)."""
+    shapes = parameter_shapes({"type": layer.type, **layer.config()})
+    return all(type(p.data) is np.ndarray and p.data.dtype == _F32 and p.data.flags.c_contiguous
+               and p.data.shape == shape for p, shape in zip(layer.parameters(), shapes, strict=True))
 
 
 class _Program:
-    """A network compiled for one sample shape (see ``kernels.program``), valid while the layer list,
-    every parameter array and its version, and every conv's algorithm stay as they were."""
+    """A network compiled for one sample shape (see ``kernels.program``). Its rows read the layers'
+    parameter arrays at every call, so in-place edits need nothing; it is valid while the layer list,
+    every layer's attributes (``Layer.edits`` counts assignments: a replaced Tensor, stride, algorithm)
+    and every parameter's ``data`` array stay the same objects."""
 
-    def __init__(self, layers, sample_shape, out_shape, ops, arena):
+    def __init__(self, layers, sample_shape, out_shape, ops, keep):
         self.layers, self.sample_shape, self.out_shape = list(layers), sample_shape, out_shape
-        self.ops, self.arena = ops, arena
-        self.guards = [(p, p.data, p.version) for layer in layers for p in layer.parameters()]
-        self.algorithms = [layer.algorithm for layer in layers if isinstance(layer, Conv2d)]
+        self.ops = ops
+        self.edits = Layer.edits
+        # The arrays the rows point at: held here so they stay alive, compared by identity per call.
+        self.arrays = [(p, p.data) for layer in layers for p in layer.parameters()]
+        self.keep = keep
 
     @classmethod
     def build(cls, layers, groups, sample_shape) -> _Program | None:
-        """The program, or None when a group has no ops (checked before any weight is copied)."""
+        """The program, or None when a group has no ops."""
         if not all(group.compilable() for group in groups):
             return None
-        rows, arena, chw = [], [], tuple(sample_shape)
+        rows, keep, chw = [], [], tuple(sample_shape)
         for group in groups:
-            rows += group.program_ops(chw, arena)
+            rows += group.program_ops(chw, keep)
             chw = group.output_shape(chw)
-        table = np.zeros((len(rows), program.OP_FIELDS), np.int64)
-        for i, row in enumerate(rows):
-            table[i, :len(row)] = row
-        arena = np.concatenate(arena) if arena else np.zeros(0, np.float32)
-        return cls(layers, tuple(sample_shape), chw, table, arena)
+        table = np.array(rows, np.int64).reshape(len(rows), program.FIELDS)
+        return cls(layers, tuple(sample_shape), chw, table, keep)
 
     def is_current(self, layers) -> bool:
-        if self.layers != layers:
+        if self.edits != Layer.edits or self.layers != layers:
             return False
-        for tensor, data, version in self.guards:
-            if tensor.data is not data or tensor.version != version:
+        for tensor, data in self.arrays:
+            if tensor.data is not data:
                 return False
-        return self.algorithms == [layer.algorithm for layer in layers if isinstance(layer, Conv2d)]
+        return True
 
 
 class Sequential:
@@ -199,7 +221,7 @@ class Sequential:
         if (prog is not None and type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 4
                 and x.shape[1:] == prog.sample_shape and 0 < x.shape[0] < PROGRAM_MAX_BATCH
                 and x.flags.c_contiguous and x.flags.writeable and prog.is_current(self.layers)):
-            return program.run_program(x, prog.ops, prog.arena).reshape(x.shape[0], *prog.out_shape)
+            return program.run_program(x, prog.ops).reshape(x.shape[0], *prog.out_shape)
         sample_shape = x.shape[1:] if isinstance(x, np.ndarray) else None
         for group in self.inference_groups():
             x = group.run(x)
