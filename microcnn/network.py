@@ -10,21 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from .autograd import Tensor
-from .checks import as_image_batch, check_count
+from .checks import as_image_batch, check_array_batch, check_count
 from .errors import InputError
 from .kernels import elementwise, program
-from .layers import (
-    Conv2d,
-    Flatten,
-    Layer,
-    Linear,
-    MaxPool2d,
-    ReLU,
-    Softmax,
-    bias_or_zeros,
-    layer_from_config,
-    parameter_shapes,
-)
+from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
@@ -86,27 +75,28 @@ class _Group:
         return chw if self.pool is None else self.pool.output_shape(chw)
 
     def compilable(self) -> bool:
-        """Whether ``kernels.program`` has ops for this group (im2col convolutions only) and the
-        parameters are what its rows may point to: float32 C-contiguous arrays of the layer's shapes."""
-        layer = self.layer
-        if isinstance(layer, Conv2d):
-            return layer.algorithm == "im2col" and _plain_parameters(layer)
-        if isinstance(layer, Linear):
-            return _plain_parameters(layer)
-        return isinstance(layer, MaxPool2d | ReLU | Flatten | Softmax)
+        """Whether ``kernels.program`` has ops for this group (im2col convolutions only)."""
+        if isinstance(self.layer, Conv2d):
+            return self.layer.algorithm == "im2col"
+        return isinstance(self.layer, Linear | MaxPool2d | ReLU | Flatten | Softmax)
 
-    def program_ops(self, chw, keep: list) -> list[list[int]]:
-        """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``.
-        They point at the layer's own parameter arrays; a zero bias made for a layer without one is
-        appended to ``keep``, which must outlive the rows."""
+    def program_ops(self, chw, keep: list) -> list[list[int]] | None:
+        """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``, or
+        None when a parameter is not what a row may point to (a float32 C-contiguous array of the
+        layer's shape; e.g. a float64 array assigned to ``.data`` takes the layer path). The rows point
+        at the layer's own arrays; a zero bias made for a layer without one goes to ``keep``, which must
+        outlive them."""
         layer, relu = self.layer, self.relu
         if isinstance(layer, Conv2d | Linear):
-            out = layer.weight.data.shape[0]
-            bias = bias_or_zeros(layer)
+            conv = isinstance(layer, Conv2d)
+            out = layer.out_channels if conv else layer.out_features
+            shape = (out, chw[0], *layer.kernel_size) if conv else (out, int(np.prod(chw)))
+            weight, bias = layer.weight.data, bias_or_zeros(layer)
+            if not (program.pointable(weight, shape) and program.pointable(bias, (out,))):
+                return None
             if layer.bias is None:
                 keep.append(bias)
-            weight, bias = (program.address(layer.weight.data, layer.weight.data.size),
-                            program.address(bias, out))
+            weight, bias = weight.ctypes.data, bias.ctypes.data
         if isinstance(layer, Conv2d):
             pool = (0, 0, 0, 0) if self.pool is None else (*self.pool.kernel_size, *self.pool.stride)
             if (layer.output_shape(chw)[1:] == (1, 1) and layer.kernel_size == chw[1:]
@@ -125,14 +115,6 @@ class _Group:
                 Softmax: [program.op_row(program.OP_SOFTMAX)]}[type(layer)]
 
 
-def _plain_parameters(layer) -> bool:
-    """Whether every parameter of a Conv2d or Linear is a float32 C-contiguous array of its shape
-    (anything else, e.g. a float64 array assigned to ``.data``, takes the layer path)."""
-    shapes = parameter_shapes({"type": layer.type, **layer.config()})
-    return all(type(p.data) is np.ndarray and p.data.dtype == _F32 and p.data.flags.c_contiguous
-               and p.data.shape == shape for p, shape in zip(layer.parameters(), shapes, strict=True))
-
-
 class _Program:
     """A network compiled for one sample shape (see ``kernels.program``). Its rows read the layers'
     parameter arrays at every call, so in-place edits need nothing; it is valid while the layer list,
@@ -149,12 +131,15 @@ class _Program:
 
     @classmethod
     def build(cls, layers, groups, sample_shape) -> _Program | None:
-        """The program, or None when a group has no ops."""
+        """The program, or None when a group has no ops (checked before anything else is done)."""
         if not all(group.compilable() for group in groups):
             return None
         rows, keep, chw = [], [], tuple(sample_shape)
         for group in groups:
-            rows += group.program_ops(chw, keep)
+            ops = group.program_ops(chw, keep)
+            if ops is None:
+                return None
+            rows += ops
             chw = group.output_shape(chw)
         table = np.array(rows, np.int64).reshape(len(rows), program.FIELDS)
         return cls(layers, tuple(sample_shape), chw, table, keep)
@@ -166,6 +151,21 @@ class _Program:
             if tensor.data is not data:
                 return False
         return True
+
+
+def _finite_float32(values: np.ndarray, name: str) -> np.ndarray:
+    """``values`` as float32, or InputError when a value is NaN/Inf or beyond float32's range (it would
+    load as Inf): weights like that make every prediction NaN, which ``predict`` can only blame on
+    the images."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        as32 = values.astype(np.float32, copy=False)
+    finite = np.isfinite(as32)
+    if finite.all():
+        return as32
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    what = "NaN/Inf" if not np.isfinite(values).all() else "beyond float32's range (|value| > 3.4e38)"
+    raise InputError(f"{name}: expected finite weights, found {int((~finite).sum())} values {what} (first at "
+                     f"index {first}: {float(values[first]):g}); nothing was loaded")
 
 
 class Sequential:
@@ -183,7 +183,6 @@ class Sequential:
             input_shape = tuple(int(d) for d in shape)
         self.input_shape = input_shape
         self.names = layer_names(self.layers)
-        self.training = False
         self._groups: list[_Group] = []
         self._groups_for: list | None = None
         self._program: _Program | None = None
@@ -222,11 +221,11 @@ class Sequential:
                 and x.shape[1:] == prog.sample_shape and 0 < x.shape[0] < PROGRAM_MAX_BATCH
                 and x.flags.c_contiguous and x.flags.writeable and prog.is_current(self.layers)):
             return program.run_program(x, prog.ops).reshape(x.shape[0], *prog.out_shape)
-        sample_shape = x.shape[1:] if isinstance(x, np.ndarray) else None
+        check_array_batch(x)
+        sample_shape = x.shape[1:]
         for group in self.inference_groups():
             x = group.run(x)
-        if sample_shape is not None and (prog is None or prog.sample_shape != sample_shape
-                                         or not prog.is_current(self.layers)):
+        if prog is None or prog.sample_shape != sample_shape or not prog.is_current(self.layers):
             self._program = _Program.build(self.layers, self.inference_groups(), sample_shape)
         return x
 
@@ -357,7 +356,7 @@ class Sequential:
                 raise InputError(f"{source}: {k} expected shape {p.data.shape}, found {arr.shape}")
             if not np.issubdtype(arr.dtype, np.floating):
                 raise InputError(f"{source}: {k} expected a float array, found dtype {arr.dtype}")
-            staged[k] = arr
+            staged[k] = _finite_float32(arr, f"{source}: {k}")
         for k, arr in staged.items():
             params[k].data[...] = arr
             params[k].version += 1
@@ -375,11 +374,13 @@ class Sequential:
         return self
 
     def train(self, mode: bool = True) -> Sequential:
-        self.training = mode
+        """Returns the network: no layer behaves differently while training (no dropout, no batch
+        norm), so there is no mode to set; ``train()``/``eval()`` exist so PyTorch-style code runs."""
         return self
 
     def eval(self) -> Sequential:
-        return self.train(False)
+        """Returns the network (see ``train``)."""
+        return self
 
     # -- architecture and files ------------------------------------------------------------------
     def config(self) -> dict:

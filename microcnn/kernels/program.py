@@ -39,19 +39,16 @@ POOL = 11  # OP_CONV: POOL..POOL+3 = a fused MaxPool2d's window and stride (kh, 
 FIELDS = 15
 
 
-def address(values: np.ndarray, size: int) -> int:
-    """The address of ``values`` for a WEIGHT or BIAS field, after checking what ``run_program`` will
-    assume: a float32 C-contiguous array of ``size`` elements."""
-    if not (isinstance(values, np.ndarray) and values.dtype == np.float32 and values.flags.c_contiguous
-            and values.size == size):
-        raise ValueError(f"program: expected a float32 C-contiguous array of {size} values, found "
-                         f"{getattr(values, 'dtype', type(values).__name__)} {getattr(values, 'shape', '')}")
-    return values.ctypes.data
+def pointable(values, shape: tuple) -> bool:
+    """Whether ``values`` is what a WEIGHT or BIAS field may hold the address of (``values.ctypes.data``)
+    for ``run_program``, which reads it as ``shape``: a float32 C-contiguous array of that shape."""
+    return (type(values) is np.ndarray and values.dtype == np.float32 and values.flags.c_contiguous
+            and values.shape == tuple(shape))
 
 
 def op_row(code: int, relu_after=False, weight=0, bias=0, out=0, kernel=(0, 0), stride=(0, 0),
            padding=(0, 0), pool=(0, 0, 0, 0)) -> list[int]:
-    """One row of the table (``weight``/``bias``: addresses from ``address``)."""
+    """One row of the table (``weight``/``bias``: addresses of arrays that are ``pointable``)."""
     row = [0] * FIELDS
     row[CODE], row[RELU], row[WEIGHT], row[BIAS], row[OUT] = code, int(relu_after), weight, bias, out
     row[KH], row[KW], row[SH], row[SW], row[PH], row[PW] = *kernel, *stride, *padding
