@@ -29,6 +29,13 @@ def _warm(net, batches=BATCHES):
     for n in batches:
         for _ in range(3):
             net.predict(IMAGES[:n])
+    _assert_program(net)
+
+
+def _assert_program(net):
+    """Small batches do run as a compiled program here (else the tests below would not test it)."""
+    im2col = all(layer.algorithm == "im2col" for layer in net.layers if isinstance(layer, Conv2d))
+    assert (net._program is not None) == im2col
 
 
 def _fresh(net):
@@ -51,6 +58,7 @@ def _assert_current(net, before=None, batches=BATCHES):
         assert np.array_equal(net.predict(IMAGES[:n]), want), f"batch {n}, second call"
         if before is not None:
             assert not np.array_equal(got, before[n]), f"batch {n}: the change changed nothing"
+    _assert_program(net)
 
 
 def _predictions(net, batches=BATCHES):
