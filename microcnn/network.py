@@ -75,10 +75,14 @@ class _Group:
         return chw if self.pool is None else self.pool.output_shape(chw)
 
     def compilable(self) -> bool:
-        """Whether ``kernels.program`` has ops for this group (im2col convolutions only)."""
-        if isinstance(self.layer, Conv2d):
+        """Whether ``kernels.program`` has ops for this group (im2col convolutions only). Exact types:
+        a subclass may compute something else in its ``forward``."""
+        kind = type(self.layer)
+        if self.pool is not None and type(self.pool) is not MaxPool2d:
+            return False
+        if kind is Conv2d:
             return self.layer.algorithm == "im2col"
-        return isinstance(self.layer, Linear | MaxPool2d | ReLU | Flatten | Softmax)
+        return kind in (Linear, MaxPool2d, ReLU, Flatten, Softmax)
 
     def program_ops(self, chw, keep: list) -> list[list[int]] | None:
         """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``, or

@@ -260,3 +260,20 @@ def test_forward_names_the_real_problem(bad, message):
 def test_predict_on_an_empty_list_says_the_batch_is_empty():
     with pytest.raises(InputError, match=r"images: expected at least one image, found an empty batch \(0,\)"):
         microcnn.lenet(seed=15).predict([])
+
+
+def test_a_layer_subclass_is_never_replaced_by_the_program():
+    class Doubled(Linear):
+        def forward(self, x, relu=False):
+            return super().forward(x, relu) * np.float32(2)
+
+    def build(kind):
+        layer = kind(784, 10, rng=np.random.default_rng(2))
+        return Sequential(Flatten(), layer, Softmax(), input_shape=(1, 28, 28))
+
+    net = build(Doubled)
+    for _ in range(3):
+        got = net.predict(IMAGES[:1])
+    assert net._program is None
+    assert np.array_equal(got, build(Doubled).predict(IMAGES[:1]))  # a first call: the layer path
+    assert not np.array_equal(got, build(Linear).predict(IMAGES[:1]))
