@@ -47,6 +47,7 @@ class Layer:
     edits = 0
     _FIXED: tuple[str, ...] = ()  # set once by the constructor
     _PAIRS: dict[str, int] = {}  # (int, int) hyperparameters that may change: name -> minimum value
+    _TENSORS: tuple[str, ...] = ()  # parameters, replaceable by a Tensor of the same shape
 
     def __setattr__(self, name, value):
         if name in self.__dict__:
@@ -65,7 +66,7 @@ class Layer:
             if min(pair) < minimum:
                 raise InputError(f"{self.type}.{name}: expected values >= {minimum}, found {value!r}")
             return pair
-        if name in ("weight", "bias"):
+        if name in self._TENSORS:
             shape = self.__dict__["weight"].data.shape
             shape = shape[:1] if name == "bias" else shape
             if isinstance(value, Tensor) and value.data.shape == shape or name == "bias" and value is None:
@@ -135,6 +136,7 @@ class Conv2d(Layer):
 
     _FIXED = ("in_channels", "out_channels", "kernel_size")
     _PAIRS = {"stride": 1, "padding": 0}
+    _TENSORS = ("weight", "bias")
 
     def parameters(self):
         return [self.weight] + ([self.bias] if self.bias is not None else [])
@@ -182,6 +184,7 @@ class Linear(Layer):
         self.bias = Tensor(_uniform_init(rng, (out_features,), in_features), True) if bias else None
 
     _FIXED = ("in_features", "out_features")
+    _TENSORS = ("weight", "bias")
 
     def parameters(self):
         return [self.weight] + ([self.bias] if self.bias is not None else [])
