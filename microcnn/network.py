@@ -219,7 +219,8 @@ class Sequential:
         (fewer than PROGRAM_MAX_BATCH images) of a sample shape that has passed through before runs
         as one compiled program instead (``kernels.program``; same kernels, same bits), skipping the
         per-layer checks and calls that were done on that shape -- the difference at batch 1. (Read-only
-        arrays take the layer path: one compiled program serves one array type.)"""
+        arrays take the layer path: one compiled program serves one array type.) The program reads the
+        layers' own weight arrays, so every change of a weight or a layer is seen by the next call."""
         prog = self._program
         if (prog is not None and type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 4
                 and x.shape[1:] == prog.sample_shape and 0 < x.shape[0] < PROGRAM_MAX_BATCH
