@@ -138,6 +138,11 @@ class Conv2d(Layer):
     _PAIRS = {"stride": 1, "padding": 0}
     _TENSORS = ("weight", "bias")
 
+    def __getstate__(self):
+        # A copy (copy.deepcopy, pickle) prepares its own kernels: the cached ones read this layer's
+        # weight array, and copying a function keeps what it reads.
+        return {**self.__dict__, "conv_state": {}}
+
     def parameters(self):
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 

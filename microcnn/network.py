@@ -191,6 +191,11 @@ class Sequential:
         self._groups_for: list | None = None
         self._program: _Program | None = None
 
+    def __getstate__(self):
+        # A copy (copy.deepcopy, pickle) gets no compiled program: the program's rows hold the
+        # addresses of this network's arrays, which a copy would otherwise keep reading.
+        return {**self.__dict__, "_program": None}
+
     # -- container -----------------------------------------------------------------------------
     def __len__(self):
         return len(self.layers)

@@ -277,3 +277,21 @@ def test_a_layer_subclass_is_never_replaced_by_the_program():
     assert net._program is None
     assert np.array_equal(got, build(Doubled).predict(IMAGES[:1]))  # a first call: the layer path
     assert not np.array_equal(got, build(Linear).predict(IMAGES[:1]))
+
+
+@pytest.mark.parametrize("algorithm", ["im2col", "naive", "winograd"])
+def test_a_deep_copy_computes_with_its_own_weights(algorithm):
+    import copy
+
+    net = microcnn.lenet(seed=16, algorithm=algorithm)
+    _warm(net)
+    twin = copy.deepcopy(net)
+    for p in net.parameters():  # the original changes in place; the copy must not follow
+        p.data *= np.float32(-1)
+    # Every prediction before any network is built (building one assigns layer attributes, which
+    # would make every program rebuild itself).
+    got = {(n, k): one.predict(IMAGES[:n]) for n in BATCHES for k, one in enumerate((net, twin))}
+    for k, one in enumerate((net, twin)):
+        fresh = _fresh(one)
+        for n in BATCHES:
+            assert np.array_equal(got[n, k], fresh.predict(IMAGES[:n])), ("original", "copy")[k]
