@@ -168,8 +168,9 @@ def _finite_float32(values: np.ndarray, name: str) -> np.ndarray:
         return as32
     first = tuple(int(i) for i in np.argwhere(~finite)[0])
     what = "NaN/Inf" if not np.isfinite(values).all() else "beyond float32's range (|value| > 3.4e38)"
-    raise InputError(f"{name}: expected finite weights, found {int((~finite).sum())} values {what} (first at "
-                     f"index {first}: {float(values[first]):g}); nothing was loaded")
+    count = int((~finite).sum())
+    raise InputError(f"{name}: expected finite weights, found {count} value{'s' * (count != 1)} {what} "
+                     f"(first at index {first}: {float(values[first]):g}); nothing was loaded")
 
 
 class Sequential:

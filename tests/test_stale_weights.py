@@ -239,7 +239,7 @@ def test_load_state_dict_refuses_nan_inf_and_out_of_range_weights_before_copying
         state = {k: v.astype(np.float64) for k, v in microcnn.lenet(seed=13).state_dict().items()}
         state["9.weight"][2, 5] = value
         with pytest.raises(InputError, match=rf"state_dict: 9.weight: expected finite weights, found 1 "
-                                             rf"values {what}.*first at index \(2, 5\).*nothing was loaded"):
+                                             rf"value {what}.*first at index \(2, 5\).*nothing was loaded"):
             net.load_state_dict(state)
         for k, v in net.state_dict().items():
             assert np.array_equal(v, before[k]), k
