@@ -110,3 +110,17 @@ def softmax_rows_backward(dy, y):
         for j in range(k):
             dx[i, j] = y[i, j] * (dy[i, j] - dot)
     return dx
+
+
+@njit(cache=True)
+def same_bits(a, b) -> bool:
+    """Whether the C-contiguous float32 arrays a and b hold the same bits (signed zeros and NaN payloads
+    included): how caches of values derived from an array (packed or transformed weights) check that
+    it has not been edited in place since. No early exit, so LLVM vectorises it (~0.1 ns a value)."""
+    if a.size != b.size:
+        return False
+    x, y = a.reshape(-1).view(np.int32), b.reshape(-1).view(np.int32)
+    diff = np.int32(0)
+    for i in range(x.size):
+        diff |= x[i] ^ y[i]
+    return diff == 0
