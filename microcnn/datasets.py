@@ -792,7 +792,7 @@ def _iterate_batches(images, labels, batch_size, order):
 ASCII_RAMP = " .:-=+*#%@"
 
 
-def _box_weights(n_out: int, n_in: int) -> np.ndarray:
+def box_weights(n_out: int, n_in: int) -> np.ndarray:
     """Row-stochastic (n_out, n_in) matrix averaging the input cells each output cell covers."""
     edges = np.arange(n_out + 1) * (n_in / n_out)
     cells = np.arange(n_in)
@@ -830,6 +830,6 @@ def ascii_digit(image, width: int = 28) -> str:
     if rows_in == 0 or cols_in == 0:
         raise InputError(f"ascii_digit: empty image of shape {values.shape}")
     rows_out = max(1, round(rows_in * width / cols_in))
-    cells = _box_weights(rows_out, rows_in) @ values @ _box_weights(width, cols_in).T
+    cells = box_weights(rows_out, rows_in) @ values @ box_weights(width, cols_in).T
     levels = np.minimum((cells * len(ASCII_RAMP)).astype(np.int64), len(ASCII_RAMP) - 1)
     return "\n".join("".join(ASCII_RAMP[v] for v in row) for row in levels)

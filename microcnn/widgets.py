@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .checks import as_image_batch
-from .datasets import _box_weights
+from .datasets import box_weights
 from .errors import InputError
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -287,7 +287,7 @@ def preprocess_drawing(canvas) -> np.ndarray | None:
     h, w = crop.shape
     scale = DIGIT_BOX / max(h, w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    small = _box_weights(new_h, h) @ crop @ _box_weights(new_w, w).T
+    small = box_weights(new_h, h) @ crop @ box_weights(new_w, w).T
     mass = small.sum()
     cy = float((small.sum(axis=1) * np.arange(new_h)).sum() / mass)
     cx = float((small.sum(axis=0) * np.arange(new_w)).sum() / mass)
