@@ -24,7 +24,6 @@ def load_model_spec(spec: str):
         >>> net = load_model_spec("bundled"); qnet = load_model_spec("lenet-int8.safetensors")
     """
     from .lenet import lenet
-    from .quant.loading import load_model
 
     if spec == "bundled":
         return lenet(weights="bundled")
@@ -32,6 +31,8 @@ def load_model_spec(spec: str):
         return lenet()
     if Path(spec).suffix == ".raw":
         return lenet(weights=spec)
+    from .quant.loading import load_model  # only here: a LeNet-5 needs no quantization package
+
     return load_model(spec)
 
 
