@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..checks import int_pair
 from ..errors import InputError
 from ..kernels import integer as ki
 from ..kernels import pool
 from ..kernels.elementwise import all_finite
 from ..kernels.shapes import conv_output_size
-from ..layers import MaxPool2d, _pair
+from ..layers import MaxPool2d
 from .params import ActQuant, fixed_point_multiplier
 
 REQUANT_MODES = {"fixedpoint": ki.MODE_FIXEDPOINT, "float": ki.MODE_FLOAT}
@@ -243,7 +244,7 @@ class QConv2d(QWeighted):
         super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant)
         if len(self.weight_shape) != 4:
             raise InputError(f"conv weight: expected (O, C, KH, KW), found {self.weight_shape}")
-        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
+        self.stride, self.padding = int_pair(stride, "stride"), int_pair(padding, "padding")
         if min(self.stride) < 1 or min(self.padding) < 0:
             raise InputError(f"qconv2d: expected stride >= 1 and padding >= 0, found {self.stride}, "
                              f"{self.padding}")
