@@ -104,6 +104,26 @@ def _uniform_init(rng, shape, fan_in) -> np.ndarray:
 
 
 class Conv2d(Layer):
+    """2-D cross-correlation over NCHW float32 images, PyTorch's ``nn.Conv2d`` without groups/dilation.
+
+    Args:
+        in_channels, out_channels: C and O.
+        kernel_size, stride, padding: an int or a pair (zero padding on both sides).
+        bias: whether to add a learned (O,) bias.
+        algorithm: how it is computed (``convolution.ALGORITHMS``, default ``"im2col"``; ``"auto"``
+            times them per input shape); every algorithm computes the same convolution.
+        rng: a ``numpy.random.Generator`` for the He-uniform initialisation (default seed 0).
+
+    Shape:
+        input (N, C, H, W) -> output (N, O, H', W') with
+        H' = ``kernels.shapes.conv_output_size(H, kh, sh, ph)`` (likewise W').
+
+    Example::
+
+        >>> conv = Conv2d(1, 6, 5, padding=2); conv.forward(np.zeros((2, 1, 28, 28), np.float32)).shape
+        (2, 6, 28, 28)
+    """
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  algorithm="im2col", rng=None):
         self.in_channels = check_count("Conv2d in_channels", in_channels)
@@ -171,6 +191,17 @@ class Conv2d(Layer):
 
 
 class Linear(Layer):
+    """Affine map ``y = x @ W.T + b``, PyTorch's ``nn.Linear`` layout (W is (out, in)).
+
+    Args:
+        in_features, out_features: sizes of each input and output row.
+        bias: whether to add a learned (out,) bias.
+        rng: a ``numpy.random.Generator`` for the initialisation (default seed 0).
+
+    Shape:
+        input (N, in_features) -> output (N, out_features).
+    """
+
     def __init__(self, in_features, out_features, bias=True, rng=None):
         self.in_features = check_count("Linear in_features", in_features)
         self.out_features = check_count("Linear out_features", out_features)
@@ -206,6 +237,8 @@ class Linear(Layer):
 
 
 class ReLU(Layer):
+    """max(x, 0), elementwise; any shape."""
+
     def forward(self, x, inplace: bool = False):
         """``inplace`` overwrites ``x``: Sequential uses it on intermediates it owns, never on user input."""
         if inplace and x.flags.c_contiguous:
@@ -218,6 +251,8 @@ class ReLU(Layer):
 
 
 class Sigmoid(Layer):
+    """1 / (1 + exp(-x)), elementwise; any shape."""
+
     def forward(self, x):
         return elementwise.sigmoid(x.reshape(-1)).reshape(x.shape)
 
@@ -259,6 +294,12 @@ class _Pool2d(Layer):
 
 
 class MaxPool2d(_Pool2d):
+    """Max over ``kernel_size`` windows moved by ``stride`` (default: the kernel size), no padding.
+
+    Shape:
+        input (N, C, H, W) -> output (N, C, conv_output_size(H, kh, sh), conv_output_size(W, kw, sw)).
+    """
+
     def forward(self, x, relu: bool = False):
         """``relu=True`` computes MaxPool(ReLU(x)) in one pass (exact: max and relu commute)."""
         self._check_input(x)
@@ -270,6 +311,9 @@ class MaxPool2d(_Pool2d):
 
 
 class AvgPool2d(_Pool2d):
+    """Mean over ``kernel_size`` windows moved by ``stride`` (default: the kernel size), no padding;
+    shapes as ``MaxPool2d``."""
+
     def forward(self, x):
         self._check_input(x)
         return pool.avgpool2d(x, *self.kernel_size, *self.stride)
@@ -280,6 +324,8 @@ class AvgPool2d(_Pool2d):
 
 
 class Flatten(Layer):
+    """(N, ...) -> (N, prod(...)), C-order (as PyTorch's ``nn.Flatten``)."""
+
     def forward(self, x):
         return x.reshape(x.shape[0], -1)
 

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class MixedPrecisionResult:
+    """What ``mixed_precision`` chose: the quantized network, the per-layer table, its accuracy and
+    bytes next to the FP32 network's."""
+
     network: object  # QuantizedSequential
     table: pd.DataFrame
     accuracy: float

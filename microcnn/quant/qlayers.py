@@ -24,6 +24,9 @@ ACC_LIMIT = 2**31 - 1
 
 
 class Stage:
+    """One step of a ``QuantizedSequential``: runs one or several fused FP32 layers (``layers``) on
+    integer or real input, with the output quantization ``out_act`` (None: real-valued output)."""
+
     kind = "stage"
     stores_act = False  # whether out_act is stored by this stage (else inherited from the input)
 
@@ -286,6 +289,8 @@ class QConv2d(QWeighted):
 
 
 class QLinear(QWeighted):
+    """A Linear layer (and a following ReLU) on quantized input with integer weights."""
+
     kind = "qlinear"
 
     def __init__(self, layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu,
