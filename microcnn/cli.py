@@ -9,10 +9,12 @@ from pathlib import Path
 
 from .errors import MicrocnnError
 from .quant.observers import OBSERVERS
+from .quant.params import KERNEL_BITS
 from .quant.precision import PRECISIONS, build_precision, precision_of, stored_precision
 from .resolve import data_dir, load_calibration_images, load_model_spec, load_test_images
 
 METHODS = list(OBSERVERS)  # calibration methods: the observer registry's names
+BITS = sorted(KERNEL_BITS, reverse=True)  # bit widths the integer kernels run, widest first
 
 
 def _stored_precision(model) -> str | None:
@@ -253,8 +255,9 @@ def compare_arguments(parser) -> None:
     parser.add_argument("--method", default="mse", choices=METHODS,
                         help="microcnn's calibration method (default mse)")
     parser.add_argument("--systems", choices=list(SYSTEMS), default="all")
-    parser.add_argument("--precisions", default="fp32,int8,w4a8,w4a4",
-                        help="comma-separated subset of fp32,int8,w4a8,w4a4 (int4 = w4a4)")
+    labels = ",".join(p.label.lower() for p in PRECISIONS.values())  # fp32,int8,w4a8,w4a4
+    parser.add_argument("--precisions", default=labels,
+                        help=f"comma-separated subset of {labels} (int4 = w4a4)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object instead of the table")
@@ -331,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("quantize", cmd_quantize, "calibrate and write a quantized model")
     model_options(sp, precision=False)
-    sp.add_argument("--bits", type=int, choices=[8, 4], default=8)
-    sp.add_argument("--act-bits", type=int, choices=[8, 4], default=None,
+    sp.add_argument("--bits", type=int, choices=BITS, default=8)
+    sp.add_argument("--act-bits", type=int, choices=BITS, default=None,
                     help="activation bits (default: same as --bits)")
     calibration_options(sp)
     sp.add_argument("--out", required=True, help="the .safetensors file to write")
