@@ -21,7 +21,9 @@ BASES = datasets.SPLIT_FILES["train"] + datasets.SPLIT_FILES["test"]
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """Static files, plus ``/truncate/<file>``: announces the full length, sends half, hangs up."""
+    """Static files, plus ``/truncate/<file>``: announces the full length, sends half, hangs up; and
+    ``/encoded/<file>``: the good file labelled ``Content-Encoding: gzip``, as S3 serves objects stored
+    with that metadata."""
 
     def __init__(self, *args, requests, **kwargs):
         self.requests = requests
@@ -36,6 +38,14 @@ class _Handler(SimpleHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body[: len(body) // 2])
             self.close_connection = True
+            return
+        if self.path.startswith("/encoded/"):
+            body = (Path(self.directory) / "good" / self.path.rsplit("/", 1)[1]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Encoding", "gzip")
+            self.end_headers()
+            self.wfile.write(body)
             return
         super().do_GET()
 
@@ -121,6 +131,16 @@ def test_recompressed_mirror_is_accepted(served, tmp_path):
     assert (root / "other" / f"{BASES[0]}.gz").read_bytes() != (root / "good" / f"{BASES[0]}.gz").read_bytes()
     images, _ = load_mnist("test", data_dir=tmp_path / "d", mirrors=[f"{url}/other/"], progress=False)
     np.testing.assert_array_equal(images[:, 0], arrays["t10k-images-idx3-ubyte"] / np.float32(255))
+
+
+def test_gzip_labelled_as_content_encoding_is_stored_as_served(served, tmp_path):
+    # An HTTP client that honours Content-Encoding (requests, hence pooch) would hand over the
+    # decompressed bytes, which are not the .gz file: the download must keep the bytes as sent.
+    root, url, _, arrays = served
+    images, _ = load_mnist("test", data_dir=tmp_path / "d", mirrors=[f"{url}/encoded/"], progress=False)
+    np.testing.assert_array_equal(images[:, 0], arrays["t10k-images-idx3-ubyte"] / np.float32(255))
+    for name in (f"{base}.gz" for base in datasets.SPLIT_FILES["test"]):
+        assert (tmp_path / "d" / "mnist" / name).read_bytes() == (root / "good" / name).read_bytes()
 
 
 def test_checksum_mismatch_leaves_no_file(served, tmp_path):
