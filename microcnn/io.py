@@ -7,8 +7,10 @@ Two formats:
   [out][in]), nothing else. The network's architecture must be known to read it.
 * ``.safetensors`` -- self-describing: a little-endian u64 header length, a JSON header naming every
   tensor's dtype, shape and byte range, then the raw bytes. microcnn stores the architecture and
-  metadata in the header's ``__metadata__``. It is compatible with the ``safetensors`` package but
-  needs no dependency, and like that package it never executes anything from the file.
+  metadata in the header's ``__metadata__``. The ``safetensors`` package reads these files and writes
+  files this module reads (the tests check both ways); microcnn keeps its own reader and writer for
+  the same bytes in every process, stricter header checks and no memory mapping (docs/dependencies.md).
+  Nothing from the file is ever executed.
 
 Every reader checks sizes against the file before allocating, and every writer is atomic.
 """

@@ -23,7 +23,7 @@ BASES = datasets.SPLIT_FILES["train"] + datasets.SPLIT_FILES["test"]
 class _Handler(SimpleHTTPRequestHandler):
     """Static files, plus ``/truncate/<file>``: announces the full length, sends half, hangs up; and
     ``/encoded/<file>``: the good file labelled ``Content-Encoding: gzip``, as S3 serves objects stored
-    with that metadata."""
+    with that metadata; ``/unannounced/<file>``: the file from ``huge/`` with no Content-Length."""
 
     def __init__(self, *args, requests, **kwargs):
         self.requests = requests
@@ -37,6 +37,13 @@ class _Handler(SimpleHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+            return
+        if self.path.startswith("/unannounced/"):
+            body = (Path(self.directory) / "huge" / self.path.rsplit("/", 1)[1]).read_bytes()
+            self.send_response(200)
+            self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+            self.wfile.write(body)
             self.close_connection = True
             return
         if self.path.startswith("/encoded/"):
@@ -169,6 +176,22 @@ def test_oversized_or_non_gzip_payload_is_rejected(served, tmp_path):
     message = str(info.value)
     assert "decompressed size mismatch" in message and "not gzip data" in message
     assert _leftovers(target) == []
+
+
+@pytest.mark.parametrize("where", ["huge", "unannounced"])
+def test_payload_larger_than_any_genuine_file_is_cut_off(served, tmp_path, where):
+    root, url, requests, _ = served
+    base = "t10k-images-idx3-ubyte"
+    limit = 2 * datasets.CHECKSUMS["mnist"][base].nbytes + (1 << 16)
+    (root / "huge").mkdir()
+    (root / "huge" / f"{base}.gz").write_bytes(b"\x1f\x8b" + bytes(4 * limit))
+    with pytest.raises(DataNotFoundError) as info:
+        load_mnist("test", data_dir=tmp_path / "d", mirrors=[f"{url}/{where}/"], progress=False)
+    said = {"huge": f"server announces {4 * limit + 2} bytes, more than the {limit} expected",
+            "unannounced": f"more than the {limit} bytes expected"}[where]
+    assert said in str(info.value)
+    assert requests == [f"/{where}/{base}.gz"]  # not retried
+    assert _leftovers(tmp_path / "d" / "mnist") == []
 
 
 def test_404_is_not_retried_and_the_next_mirror_is_used(served, tmp_path, dead_url):
