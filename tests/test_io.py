@@ -258,3 +258,29 @@ def test_a_file_changed_after_its_header_was_checked_is_an_error_not_a_crash(net
                 f.write(b"\0" * 8)
         with pytest.raises(FileFormatError, match=r"m.safetensors: file changed while reading"):
             st.read()
+
+
+def test_writer_stores_any_layout_and_byte_order_as_little_endian_c_order(tmp_path):
+    tensors = {"scalar": np.float32(3.5), "big_endian": np.arange(6, dtype=">f4").reshape(2, 3),
+               "transposed": np.arange(12, dtype=np.int32).reshape(3, 4).T,
+               "empty": np.zeros((0, 3), np.int8), "flags": np.array([True, False, True])}
+    path = tmp_path / "layouts.safetensors"
+    io.write_safetensors(path, tensors)
+    theirs = safetensors.numpy.load_file(path)  # the reference reader, not ours
+    for name, arr in tensors.items():
+        assert theirs[name].shape == np.shape(arr) and theirs[name].dtype.byteorder in "<|=", name
+        np.testing.assert_array_equal(theirs[name], arr, err_msg=name)
+
+
+def test_saving_does_not_copy_the_tensors(tmp_path):
+    import tracemalloc
+
+    big = {"w": np.random.default_rng(0).random((2048, 2048), dtype=np.float32)}  # 16 MB
+    tracemalloc.start()
+    try:
+        io.write_safetensors(tmp_path / "big.safetensors", big, {"k": "v"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes allocated to save 16 MB"
+    assert (tmp_path / "big.safetensors").stat().st_size > big["w"].nbytes
