@@ -439,6 +439,9 @@ def _not_found_message(name: str, split: str | None, data_dir, download_failure:
 
 # ----------------------------------------------------------------------------------------- download
 
+# urllib rather than pooch: checksums of decompressed bytes, a size cap, .gz bytes kept as served even
+# when labelled Content-Encoding: gzip, and no new dependencies (docs/dependencies.md).
+
 
 class _FetchFailure(Exception):
     """One attempt at one URL failed; ``retry`` says whether the same URL is worth a second try."""

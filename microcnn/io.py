@@ -7,8 +7,10 @@ Two formats:
   [out][in]), nothing else. The network's architecture must be known to read it.
 * ``.safetensors`` -- self-describing: a little-endian u64 header length, a JSON header naming every
   tensor's dtype, shape and byte range, then the raw bytes. microcnn stores the architecture and
-  metadata in the header's ``__metadata__``. It is compatible with the ``safetensors`` package but
-  needs no dependency, and like that package it never executes anything from the file.
+  metadata in the header's ``__metadata__``. The ``safetensors`` package reads these files and writes
+  files this module reads (the tests check both ways); microcnn keeps its own reader and writer for
+  the same bytes in every process, stricter header checks and no memory mapping (docs/dependencies.md).
+  Nothing from the file is ever executed.
 
 Every reader checks sizes against the file before allocating, and every writer is atomic.
 """
@@ -93,16 +95,18 @@ def load_raw(net, path) -> None:
 
 # -- safetensors -------------------------------------------------------------------------------------
 def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    header, offset, blobs = {}, 0, []
+    header, offset, data = {}, 0, []
     for name, arr in tensors.items():
         arr = np.asarray(arr)
         code = _DTYPE_CODES.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
         if code is None:
             raise FileFormatError(path, f"cannot store tensor {name}", "a numeric dtype", arr.dtype)
-        blob = np.ascontiguousarray(arr, dtype=_DTYPES[code]).tobytes()
-        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+        # Written from the array itself (copied only to fix layout or byte order): saving needs no
+        # second copy of the model in memory.
+        raw = np.ascontiguousarray(arr, dtype=_DTYPES[code]).reshape(-1).view(np.uint8)
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + raw.size]}
+        data.append(raw)
+        offset += raw.size
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -110,8 +114,8 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None
     with atomic_open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for blob in blobs:
-            f.write(blob)
+        for raw in data:
+            f.write(raw)
 
 
 def _refuse_foreign(path, first: bytes) -> None:
