@@ -171,6 +171,9 @@ def latex_to_mathml(latex: str, display: bool = False) -> str:
         mathml = convert(source, display="block" if display else "inline")
     except Exception as exc:  # the converter's own errors have no common base class
         raise FormulaError(f"formula {latex.strip()!r}: {type(exc).__name__} {exc}".strip()) from exc
+    # Accents as spacing modifier letters (what MathJax draws), not the ASCII ^ and ~ the converter emits.
+    mathml = re.sub(r"(<mo[^>]*>)&#x0005E;(</mo></mover>)", r"\1&#x002C6;\2", mathml)
+    mathml = re.sub(r"(<mo[^>]*>)&#x0007E;(</mo></mover>)", r"\1&#x002DC;\2", mathml)
     bad = _UNCONVERTED.search(mathml)
     if bad:
         raise FormulaError(f"formula {latex.strip()!r}: not converted: {html.unescape(bad.group(0))}")
@@ -424,7 +427,10 @@ h4:hover .anchor-link { visibility: visible; }
 .text_cell_render table th, .text_cell_render table td { text-align: left; }
 .rendered_html tbody tr:nth-child(odd) { background: #fafafa; }
 math[display="block"] { margin: 0.7rem 0; overflow-x: auto; overflow-y: hidden; }
-math { font-size: 1.08em; }
+math { font-size: 1.1em; }
+/* MathML Core has no columnalign attribute: align* columns through CSS, as the converter labels them */
+mtd[columnalign="right"] { text-align: right; padding-right: 0; }
+mtd[columnalign="left"] { text-align: left; padding-left: 0; }
 .math-unrendered { color: #b00020; }
 .ansi-red-fg { color: #b22b31; } .ansi-green-fg { color: #007427; } .ansi-yellow-fg { color: #b27d12; }
 .ansi-blue-fg { color: #0065ca; } .ansi-magenta-fg { color: #a03196; } .ansi-cyan-fg { color: #258f8f; }
