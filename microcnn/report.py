@@ -41,7 +41,7 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 def _kernel_manager():
     import ipykernel.kernelspec
     from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
 
     class CurrentEnvSpecs(KernelSpecManager):
         def get_kernel_spec(self, kernel_name):
@@ -50,7 +50,9 @@ def _kernel_manager():
                                               **ipykernel.kernelspec.get_kernel_dict())
             return super().get_kernel_spec(kernel_name)
 
-    return KernelManager(kernel_name=_CURRENT_ENV, kernel_spec_manager=CurrentEnvSpecs())
+    # Async: with a blocking kernel client, nbclient waits for output inside its event loop and a
+    # cell's timeout never fires.
+    return AsyncKernelManager(kernel_name=_CURRENT_ENV, kernel_spec_manager=CurrentEnvSpecs())
 
 
 def _kernel_env() -> dict:
@@ -111,6 +113,7 @@ def execute_notebook(path, timeout: int = 600):
     output) is attached as the exception's ``notebook`` attribute.
     """
     import nbformat
+    from jupyter_core.utils import run_sync
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
@@ -132,7 +135,7 @@ def execute_notebook(path, timeout: int = 600):
         raise err from exc
     finally:
         if km.has_kernel:  # a kernel manager handed to nbclient is ours to shut down
-            km.shutdown_kernel(now=True)
+            run_sync(km.shutdown_kernel)(now=True)
     return nb
 
 
@@ -241,7 +244,7 @@ def _exporter(hide_code: bool, unrendered: list):
     # "basic": the cells only. The page around them (head, stylesheet link) is ours: the "lab" and
     # "classic" templates inline ~250 KB of CSS into every page and load scripts from a CDN.
     return ReportExporter(template_name="basic", exclude_input=hide_code, exclude_input_prompt=hide_code,
-                          exclude_output_prompt=hide_code)
+                          exclude_output_prompt=hide_code, embed_images=True)
 
 
 # ------------------------------------------------------------------------------------ widgets
@@ -310,7 +313,9 @@ def _headings(body: str) -> list:
 def notebook_page(nb, source, hide_code: bool = False, error: str | None = None) -> Page:
     """Render a notebook (executed or as stored) into a ``Page``."""
     unrendered: list = []
-    body, _ = _exporter(hide_code, unrendered).from_notebook_node(_static_widget_outputs(nb))
+    # Images a Markdown cell links by a relative path are embedded: the page must stand alone.
+    resources = {"metadata": {"path": str(Path(source).resolve().parent)}}
+    body, _ = _exporter(hide_code, unrendered).from_notebook_node(_static_widget_outputs(nb), resources)
     headings = _headings(body)
     title = headings[0][2] if headings else Path(source).stem
     return Page(Path(source), page_name(source), title, headings, body, error, unrendered)

@@ -320,6 +320,25 @@ def test_failing_cell_still_writes_the_report_then_raises(tmp_path):
     assert re.search(r'href="broken.html">broken</a>.*did not run to the end', index, re.S)
 
 
+def test_a_cell_over_the_timeout_is_stopped_and_reported(tmp_path):
+    nb = _write(tmp_path / "slow.ipynb", ["print('started')", "import time\ntime.sleep(60)"])
+    with pytest.raises(MicrocnnError, match=r"slow\.ipynb: a cell ran longer than the timeout of 2 s"):
+        render_report([nb], out_dir=tmp_path / "r", progress=False, timeout=2)
+    page = (tmp_path / "r" / "slow.html").read_text()
+    assert "started" in page and "did not run to the end" in page
+    assert not [cmd for cmd in _child_commands() if b"ipykernel_launcher" in cmd]
+
+
+def test_markdown_images_are_embedded(tmp_path):
+    from matplotlib.image import imsave
+
+    imsave(tmp_path / "diagram.png", np.eye(4))
+    nb = _write(tmp_path / "pic.ipynb", [new_markdown_cell("# Picture\n\n![a diagram](diagram.png)")])
+    render_report([nb], out_dir=tmp_path / "r", execute=False, progress=False)
+    page = (tmp_path / "r" / "pic.html").read_text()
+    assert _images(page) == [base64.b64encode((tmp_path / "diagram.png").read_bytes()).decode()]
+
+
 def test_bad_paths_and_timeouts_are_refused(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         render_report([tmp_path / "missing.ipynb"], out_dir=tmp_path, progress=False)
