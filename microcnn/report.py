@@ -26,6 +26,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from .errors import InputError, MicrocnnError
 from .fileutil import all_or_nothing, atomic_write_bytes, check_destination
@@ -205,6 +206,15 @@ def _math_renderer_class():
                 tag = "pre" if display else "code"
                 return (f'<{tag} class="math-unrendered" title="formula not rendered">'
                         f"{html.escape(shown)}</{tag}>")
+
+        def heading(self, text: str, level: int, **attrs) -> str:
+            # nbconvert's add_anchor re-serializes the heading through ElementTree, which renames a
+            # formula's tags (ns0:math: no longer drawn) and leaves a heading it cannot parse without
+            # an id. Same ids as nbconvert's otherwise: the text, spaces as "-", URL-quoted.
+            anchor = html.escape(quote(_plain_text(text).replace(" ", "-"), safe="?/:@!$&'()*+,;="))
+            link = ("" if self.exclude_anchor_links else
+                    f'<a class="anchor-link" href="#{anchor}">{self.anchor_link_text}</a>')
+            return f'<h{level} id="{anchor}">{text}{link}</h{level}>\n'
 
         def inline_math(self, body: str) -> str:
             return self._formula(body, False, f"${body}$")

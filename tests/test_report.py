@@ -235,13 +235,18 @@ def test_markdown_formulas_render_as_mathml_and_bad_ones_as_source(tmp_path):
         "Inline $s = \\frac{a}{b}$ and `$5 in code$`, then a display:\n\n"
         "$$z = \\operatorname{round}\\left(-\\frac{x_{\\min}}{s}\\right)$$\n\n"
         "\\begin{equation}\nq = x / s\n\\end{equation}\n\n"
+        "## Scale $s$ and point $z_q$\n\n"
         "## Broken\n\nThis one: $\\foo x$.\n")])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         render_report([nb], out_dir=tmp_path / "r", execute=False, progress=False)
     page = (tmp_path / "r" / "math.html").read_text()
     maths = re.findall(r"<math\b[^>]*>", page)
-    assert len(maths) == 3 and sum('display="block"' in m for m in maths) == 2
+    assert len(maths) == 5 and sum('display="block"' in m for m in maths) == 2
+    assert ":math" not in page  # no namespace prefix (a browser would not draw ns0:math)
+    (heading,) = re.findall(r'<h2 id="([^"]+)">Scale <math.*?</h2>', page, re.S)
+    index = (tmp_path / "r" / "index.html").read_text()
+    assert f'<a href="math.html#{heading}">Scale s and point z_q</a>' in index
     assert "<code>$5 in code$</code>" in page  # code spans stay code
     assert '<code class="math-unrendered" title="formula not rendered">$\\foo x$</code>' in page
     messages = [str(w.message) for w in caught if issubclass(w.category, FormulaWarning)]
