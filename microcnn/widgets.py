@@ -439,29 +439,28 @@ def _input_figure(image) -> Figure:
 _PREVIEW_CLASSES: dict = {}
 
 
-def _with_preview(box, preview):
-    """``box`` (an ipywidgets container) whose stored output also carries a static preview: besides the
-    widget view, its display bundle holds ``image/png`` and ``text/plain`` from ``preview() -> (text,
-    png bytes)``, taken when it is displayed. Jupyter shows the live view; a notebook viewer or
-    ``microcnn report`` (no kernel, no widget manager) shows the preview instead of an empty output
-    or a raw ``VBox(children=...)`` repr."""
+def _previewed(box_class):
+    """A subclass of the ipywidgets container ``box_class`` whose stored output also carries a static
+    preview: besides the widget view, its display bundle holds ``image/png`` and ``text/plain`` from the
+    instance's ``preview() -> (text, png bytes)``, taken when it is displayed. Jupyter shows the live
+    view; a notebook viewer or ``microcnn report`` (no kernel, no widget manager) shows the preview
+    instead of an empty output or a raw ``VBox(children=...)`` repr."""
     import base64
 
-    base = type(box)
-    if base not in _PREVIEW_CLASSES:
-        class Previewed(base):
+    if box_class not in _PREVIEW_CLASSES:
+        class Previewed(box_class):
+            preview = None  # set by the widget that builds the box
+
             def _repr_mimebundle_(self, **kwargs):
                 bundle = dict(super()._repr_mimebundle_(**kwargs) or {})
-                text, png = self._microcnn_preview()
+                text, png = self.preview()
                 bundle["text/plain"] = text
                 bundle["image/png"] = base64.b64encode(png).decode("ascii")
                 return bundle
 
-        Previewed.__name__ = Previewed.__qualname__ = base.__name__
-        _PREVIEW_CLASSES[base] = Previewed
-    box.__class__ = _PREVIEW_CLASSES[base]
-    box._microcnn_preview = preview
-    return box
+        Previewed.__name__ = Previewed.__qualname__ = box_class.__name__
+        _PREVIEW_CLASSES[box_class] = Previewed
+    return _PREVIEW_CLASSES[box_class]
 
 
 def _show_png(image_widget, data: bytes | None) -> None:
@@ -533,8 +532,10 @@ def explorer(models: dict, images, labels, net=None):
                 f"{state.layer}", stack_pngs([shown["bars"], shown["maps"]]))
 
     # flex-start: a stretched row would scale the bar chart to the table's height and blur it
-    box = w.VBox([slider, summary, w.HBox([bars, table], layout=w.Layout(align_items="flex-start")), tabs])
-    return _with_preview(box, preview)
+    row = w.HBox([bars, table], layout=w.Layout(align_items="flex-start"))
+    box = _previewed(w.VBox)([slider, summary, row, tabs])
+    box.preview = preview
+    return box
 
 
 _CANVAS_ESM = """
@@ -653,5 +654,6 @@ def drawing_pad(models: dict, size: int = 280, stroke_width: int = 22):
                 stack_pngs([gray_png(drawn), bars.value, seen.value]))
 
     canvas.observe(update, "pixels")
-    box = w.HBox([canvas, w.VBox([text, bars, seen], layout=w.Layout(align_items="flex-start"))])
-    return _with_preview(box, preview)
+    box = _previewed(w.HBox)([canvas, w.VBox([text, bars, seen], layout=w.Layout(align_items="flex-start"))])
+    box.preview = preview
+    return box

@@ -372,7 +372,7 @@ def test_cli_writes_once_and_replaces_only_with_force(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out / "index.html")
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(first) == ["index.html", "one.html", "style.css"]
-    assert b'class="input_area"' not in first["one.html"]
+    assert b'class="input_area"' not in first["one.html"] and b"outputs as stored" in first["one.html"]
     (out / "one.html").write_bytes(b"edited")
     assert main(["report", "--no-execute", str(nb), "--out", str(out)]) == 2
     err = capsys.readouterr().err
