@@ -268,6 +268,10 @@ def test_widget_outputs_show_their_static_preview(tmp_path):
     without = new_code_cell("old_widget()", outputs=[new_output(
         "display_data", data={WIDGET_VIEW: view, "text/plain": "VBox(children=(IntSlider(value=0),))"})])
     nb = _write(tmp_path / "w.ipynb", [new_markdown_cell("# Widgets"), with_preview, without])
+    saved = nbformat.read(nb, as_version=4)  # the widget state nbclient saves: of no use without a kernel
+    saved.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {},
+                                                                                "version_major": 2}}
+    nbformat.write(saved, nb)
     render_report([nb], out_dir=tmp_path / "r", execute=False, progress=False)
     page = (tmp_path / "r" / "w.html").read_text()
     assert _images(page) == [png]
