@@ -174,13 +174,13 @@ def latex_to_mathml(latex: str, display: bool = False) -> str:
     try:
         mathml = convert(source, display="block" if display else "inline")
     except Exception as exc:  # the converter's own errors have no common base class
-        raise FormulaError(f"formula {latex.strip()!r}: {type(exc).__name__} {exc}".strip()) from exc
+        raise FormulaError(f"formula ${latex.strip()}$: {type(exc).__name__} {exc}".strip()) from exc
     # Accents as spacing modifier letters (what MathJax draws), not the ASCII ^ and ~ the converter emits.
     mathml = re.sub(r"(<mo[^>]*>)&#x0005E;(</mo></mover>)", r"\1&#x002C6;\2", mathml)
     mathml = re.sub(r"(<mo[^>]*>)&#x0007E;(</mo></mover>)", r"\1&#x002DC;\2", mathml)
     bad = _UNCONVERTED.search(mathml)
     if bad:
-        raise FormulaError(f"formula {latex.strip()!r}: not converted: {html.unescape(bad.group(0))}")
+        raise FormulaError(f"formula ${latex.strip()}$: not converted: {html.unescape(bad.group(0))}")
     # Keep the source for copy and paste, as MathJax does.
     annotation = f'<annotation encoding="application/x-tex">{html.escape(latex.strip())}</annotation>'
     return re.sub(r"^(<math[^>]*>)(.*)</math>$",

@@ -386,6 +386,14 @@ def test_cli_writes_once_and_replaces_only_with_force(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # same input, same bytes
 
 
+def test_cli_warns_about_a_formula_it_shows_as_source(tmp_path, capsys):
+    nb = _write(tmp_path / "f.ipynb", [new_markdown_cell("# F\n\nGood $x^2$, bad $\\nosuch y$.")])
+    assert main(["report", "--no-execute", str(nb), "--out", str(tmp_path / "r")]) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("microcnn report: warning")]
+    assert line == (f"microcnn report: warning: {nb}: formula $\\nosuch y$: not converted: "
+                    "<mi>\\nosuch</mi> (shown as LaTeX source)")
+
+
 def test_cli_refuses_a_bad_timeout(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["report", "--timeout", "0", "--out", str(tmp_path)])
