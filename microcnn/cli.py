@@ -182,12 +182,19 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import notebook_paths, render_notebooks
+    import warnings
+
+    from .report import FormulaWarning, notebook_paths, render_report, report_destinations
 
     notebooks = notebook_paths(args.notebooks or None)
-    _check_outputs([Path(args.out) / f"{nb.stem}.html" for nb in notebooks], args.force)
-    for path in render_notebooks(notebooks, out_dir=args.out):
-        print(path)
+    _check_outputs(report_destinations(notebooks, args.out), args.force)  # before any notebook runs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FormulaWarning)
+        written = render_report(notebooks, out_dir=args.out, execute=args.execute, hide_code=args.hide_code,
+                                timeout=args.timeout, overwrite=args.force)
+    for w in caught:
+        print(f"microcnn report: warning: {w.message}", file=sys.stderr)
+    print(written[-2])  # index.html, the report's entry point
     return 0
 
 
@@ -348,9 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("compare", cmd_compare, "microcnn vs PyTorch and ONNX Runtime, same weights and data")
     compare_arguments(sp)
 
-    sp = command("report", cmd_report, "execute the notebooks and render HTML into reports/")
-    sp.add_argument("notebooks", nargs="*")
-    sp.add_argument("--out", default="reports", help="output directory (default: reports)")
+    from .cliargs import int_in
+
+    sp = command("report", cmd_report, "render the notebooks as HTML pages with an index, viewable offline")
+    sp.add_argument("notebooks", nargs="*", help="notebooks to render (default: the repository's notebooks/)")
+    sp.add_argument("--out", default="reports", help="output directory: index.html, one page per notebook "
+                                                     "and style.css (default: reports)")
+    sp.add_argument("--no-execute", dest="execute", action="store_false",
+                    help="render the outputs stored in the notebooks instead of running them first")
+    sp.add_argument("--hide-code", action="store_true", help="leave out the code cells' inputs")
+    sp.add_argument("--timeout", type=int_in(1, 7 * 86_400, "a number of seconds"), default=600,
+                    help="seconds any one cell may run when executing (default: 600)")
     force_option(sp)
     return p
 
