@@ -85,3 +85,19 @@ def kl_sum(p, q):
         if p[i] > 0.0:
             s += p[i] * np.log(p[i] / q[i])
     return s
+
+
+@njit(cache=True, fastmath={"contract"})
+def matmul(a, b):
+    """a @ b for float64 2-D arrays, every entry summed over k in increasing order (rank-1 updates
+    along the rows of b, which vectorise without reordering any sum)."""
+    m, kk = a.shape
+    c = np.zeros((m, b.shape[1]))
+    for i in range(m):
+        ci = c[i]
+        for k in range(kk):
+            aik = a[i, k]
+            bk = b[k]
+            for j in range(ci.size):
+                ci[j] += aik * bk[j]
+    return c
