@@ -519,9 +519,13 @@ def fft_weights(w, shape) -> np.ndarray:
     return np.ascontiguousarray(wf.reshape(o, c, -1), dtype=np.complex64)
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True)
 def _spectral_products(xf, wf, yf):
     """yf[n, o, :] = sum_c xf[n, c, :] * wf[o, c, :] (complex64; frequencies innermost).
+
+    No fused multiply-adds: a complex product offers LLVM a choice of which real product to fuse,
+    and its vectorised loop and scalar remainder (split where the target's vector width says) could
+    choose differently; separately rounded operations give the same bits on every target.
 
     A Numba loop rather than a batched BLAS matmul: the matmul is faster on one idle core but
     OpenBLAS's own threads ignore ``numba.set_num_threads`` and stall badly on a busy machine."""
