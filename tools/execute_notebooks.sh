@@ -16,5 +16,7 @@ for nb in "${notebooks[@]}"; do
     jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=3600 \
         --ExecutePreprocessor.store_widget_state=False \
         --ExecutePreprocessor.kernel_name=python3 "$nb"
+    # drop widget state an earlier run may have stored (nbconvert keeps existing metadata)
+    python -c "import nbformat, sys; nb = nbformat.read(sys.argv[1], 4); nb.metadata.pop(\"widgets\", None); nbformat.write(nb, sys.argv[1])" "$nb"
     echo "executed $nb in $((SECONDS - start)) s"
 done
