@@ -17,26 +17,44 @@ def host_simd() -> int:
     """Vector width the micro-kernels may use: 16 32-bit lanes (AVX-512), 8 (AVX2), 0 (portable IR).
 
     x86 intrinsics are only emitted when Numba compiles for the host CPU (no NUMBA_CPU_NAME override).
-    MICROCNN_SIMD=0|8|16 lowers the width (tests use it to exercise every path; combine it with its own
-    NUMBA_CACHE_DIR, as cached machine code does not know about it)."""
-    from numba.core import config
-
-    width = 0
-    if platform.machine().lower() in ("x86_64", "amd64") and config.CPU_NAME in (None, "host"):
-        try:
-            from llvmlite import binding
-
-            features = binding.get_host_cpu_features()
-        except Exception:  # feature detection unavailable: portable vector code
-            features = {}
-        width = 16 if features.get("avx512bw", False) else (8 if features.get("avx2", False) else 0)
+    MICROCNN_SIMD=0|8|16 lowers the width (tests use it to exercise every path). Every width computes the
+    same bits; the width only changes the machine code (see ``_cache_per_width``)."""
+    width = _hardware_simd()
     requested = os.environ.get("MICROCNN_SIMD", "").strip()
     if requested in ("0", "8", "16"):
         width = min(width, int(requested))
     return width
 
 
+def _hardware_simd() -> int:
+    from numba.core import config
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or config.CPU_NAME not in (None, "host"):
+        return 0
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+    except Exception:  # feature detection unavailable: portable vector code
+        return 0
+    return 16 if features.get("avx512bw", False) else (8 if features.get("avx2", False) else 0)
+
+
+def _cache_per_width(width: int) -> None:
+    """Numba keys cached machine code on the target CPU and its features, not on this width, so a width
+    lowered by MICROCNN_SIMD would load code compiled for the full one (whose block layouts differ):
+    each lowered width gets its own cache folder (inside NUMBA_CACHE_DIR if set). Runs before the
+    width-dependent kernels are defined, which is when Numba picks where their cache lives."""
+    from numba.core import config
+
+    if width == _hardware_simd():
+        return
+    base = config.CACHE_DIR or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    config.CACHE_DIR = os.path.join(base, f"simd{width}")
+
+
 SIMD = host_simd()
+_cache_per_width(SIMD)
 LANES = SIMD or 8  # 32-bit lanes per vector; the portable IR uses 8, which LLVM splits as the target needs
 
 
