@@ -251,8 +251,30 @@ def test_each_lowered_simd_width_gets_its_own_numba_cache(tmp_path):
         width, cache = out.stdout.split()
         seen[requested] = (int(width), cache)
     natural = _hardware_simd()
-    assert seen[""] == (natural, str(tmp_path))
+    assert seen[""][0] == natural
+    folders = {cache for _, cache in seen.values()}
+    assert all(Path(cache).parent == tmp_path for cache in folders)
     for requested in ("0", "8"):
         width, cache = seen[requested]
         assert width == min(natural, int(requested))
-        assert cache == (str(tmp_path) if width == natural else str(tmp_path / f"simd{width}"))
+        assert cache.endswith(f"-simd{width}") and (cache == seen[""][1]) == (width == natural)
+
+
+def test_numba_cache_folder_follows_every_kernel_source(tmp_path):
+    """Numba checks a cached function against its own file only: editing another kernel file (one it
+    inlines) must move the whole cache to a new folder, or stale machine code would run."""
+    import shutil
+
+    shutil.copytree(ROOT / "microcnn", tmp_path / "microcnn", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "from numba.core import config; import microcnn.kernels.simd; print(config.CACHE_DIR)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+
+    def folder():
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True, cwd=tmp_path).stdout.strip()
+
+    before = folder()
+    assert folder() == before  # stable while nothing changes
+    with open(tmp_path / "microcnn" / "kernels" / "elementwise.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert folder() != before
