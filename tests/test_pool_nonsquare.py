@@ -26,7 +26,8 @@ from .test_quant_kernels import conv_acc_ref, finish_ref, packed
 ATOL = 2e-5  # float32 convolutions against the float64 reference, values O(1..10)
 
 # (kernel, stride) pairs that differ per direction, plus a square one on odd sizes
-POOLS = [((2, 3), (1, 2)), ((3, 2), (2, 1)), ((1, 3), (1, 1)), ((3, 3), (2, 2)), ((2, 2), (2, 2))]
+POOLS = [((2, 3), (1, 2)), ((3, 2), (2, 1)), ((1, 3), (1, 1)), ((2, 2), (2, 1)), ((3, 3), (2, 2)),
+         ((2, 2), (2, 2))]
 # (H, W): non-square, odd
 SIZES = [(7, 10), (9, 6), (5, 5)]
 
@@ -50,7 +51,7 @@ def test_maxpool_nonsquare_matches_reference(kernel, stride, h, w):
     np.testing.assert_array_equal(MaxPool2d(kernel, stride).forward(x, relu=True), relu(expected))
     # the threaded driver (chunks of images), whatever Numba's thread count
     out = np.empty_like(expected, dtype=np.float32)
-    pool._maxpool_parallel(x, out, *kernel, *stride, np.float32(-np.inf), 2)
+    pool._maxpool_parallel(x, out, *kernel, *stride, np.float32(-np.inf), 3)
     np.testing.assert_array_equal(out, expected)
     yv, arg = pool.maxpool2d_argmax(x, *kernel, *stride)
     np.testing.assert_array_equal(yv, expected)
@@ -76,6 +77,7 @@ CONVS = [
     (1, 4, (3, 2), (1, 1), (0, 0), 10, 8),
     (3, 2, (3, 2), (2, 1), (1, 2), 13, 8),
     (2, 3, (2, 2), (1, 2), (0, 1), 9, 15),
+    (2, 2, (3, 2), (1, 1), (0, 1), 8, 9),
 ]
 
 
@@ -93,9 +95,9 @@ def conv_pool_ref(x, wt, b, stride, padding, kernel, pstride, with_relu):
 
 
 @pytest.mark.parametrize("conv", CONVS)
-@pytest.mark.parametrize("kernel, pstride", POOLS[:3])
+@pytest.mark.parametrize("kernel, pstride", POOLS[:4])
 @pytest.mark.parametrize("with_relu", [False, True])
-def test_fused_im2col_pool_nonsquare(conv, kernel, pstride, with_relu):
+def test_fused_im2col_pool_nonsquare(conv, kernel, pstride, with_relu, monkeypatch):
     c, o, k, stride, padding, h, w = conv
     for n in (1, 7):
         x, wt, b = conv_case(c, o, k, h, w, n, seed=n)
@@ -104,11 +106,10 @@ def test_fused_im2col_pool_nonsquare(conv, kernel, pstride, with_relu):
         got = run(x, b, pool=(*kernel, *pstride), relu=with_relu)
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, atol=ATOL)
-    # the threaded driver, run in three chunks
-    y = np.empty(expected.shape, np.float32)
-    K._im2col_parallel(x, K.pack_rows(wt.reshape(o, -1)), b, *k, *stride, *padding, (*kernel, *pstride),
-                       with_relu, y, 3)
-    np.testing.assert_allclose(y, expected, atol=ATOL)
+    # the threaded driver (taken with several Numba threads), in three chunks
+    monkeypatch.setattr(K, "_use_parallel", lambda n, group: True)
+    monkeypatch.setattr(K.numba, "get_num_threads", lambda: 3)
+    np.testing.assert_allclose(run(x, b, pool=(*kernel, *pstride), relu=with_relu), expected, atol=ATOL)
 
 
 @pytest.mark.parametrize("algorithm", ["naive", "fft"])
@@ -156,7 +157,7 @@ def _net_ref(net, x, with_relu):
 
 
 @pytest.mark.parametrize("conv", CONVS)
-@pytest.mark.parametrize("kernel, pstride", POOLS[:2])
+@pytest.mark.parametrize("kernel, pstride", [POOLS[0], POOLS[1], POOLS[3]])
 @pytest.mark.parametrize("with_relu", [False, True])
 def test_sequential_paths_pool_nonsquare(conv, kernel, pstride, with_relu):
     """The layer path (batch >= PROGRAM_MAX_BATCH, or a first call) and the compiled program (later
@@ -172,6 +173,19 @@ def test_sequential_paths_pool_nonsquare(conv, kernel, pstride, with_relu):
         got = program.run_program(x, net._program.ops, net._program.arena).reshape(first.shape)
         np.testing.assert_allclose(got, _net_ref(net, x, with_relu), atol=1e-4)
         np.testing.assert_array_equal(net.forward(x), got)
+
+
+def test_program_never_overwrites_the_callers_input():
+    """A leading ReLU works on the caller's array: the program must copy, not clamp it in place."""
+    rng = np.random.default_rng(6)
+    net = Sequential(ReLU(), Flatten(), Linear(12, 2, rng=rng))
+    x = rng.standard_normal((2, 3, 2, 2)).astype(np.float32)
+    kept = x.copy()
+    expected = ref.linear(relu(x).reshape(2, -1), net.layers[2].weight.data, net.layers[2].bias.data)
+    for _ in range(2):  # layer path, then the program
+        np.testing.assert_allclose(net.forward(x), expected, atol=1e-5)
+        np.testing.assert_array_equal(x, kept)
+    assert net._program is not None and net._program.ops[0, 0] == program.OP_RELU
 
 
 def test_program_relu_maxpool_op_nonsquare():

@@ -14,7 +14,7 @@ from microcnn import autograd as ag
 from microcnn import optim
 from microcnn.autograd import Tensor
 from microcnn.kernels import conv as K
-from microcnn.kernels import pool
+from microcnn.kernels import elementwise, pool
 from microcnn.quant.observers import (
     EntropyObserver,
     HistogramObserver,
@@ -278,7 +278,8 @@ def conv_grads_ref(x, w, g, stride, padding):
 ])
 def test_conv_gradients_non_square(kernel, stride, padding, hw):
     rng = np.random.default_rng(kernel[0] * 5 + stride[1])
-    x = rng.standard_normal((3, 2, *hw)).astype(np.float32)
+    n = 11 if kernel == (2, 3) else 3  # more images than the backward kernel's 8 chunks
+    x = rng.standard_normal((n, 2, *hw)).astype(np.float32)
     w = rng.standard_normal((5, 2, *kernel)).astype(np.float32)
     b = rng.standard_normal(5).astype(np.float32)
     tx, tw, tb = Tensor(x, True), Tensor(w, True), Tensor(b, True)
@@ -392,3 +393,35 @@ def test_schedules_keep_their_step_count_across_calls():
         warm.step()
         lrs.append(opt2.lr)
     np.testing.assert_allclose(lrs, [0.05, 0.075, 0.1, 0.01, 0.001])
+
+
+# -- ties and extremes in the elementwise kernels --------------------------------------------------------
+@pytest.mark.parametrize("position", [0, 2, 4])
+def test_softmax_rows_with_a_huge_score_in_any_position(position):
+    z = np.zeros((2, 5), np.float32)
+    z[0, position] = 1e30  # exp(1e30 - m) overflows unless m is the row's true maximum
+    z[1] = [3.0, 3.0, 3.0, 3.0, 3.0]  # all tied: uniform
+    z[1, position] = 5.0
+    p = elementwise.softmax_rows(z)
+    np.testing.assert_allclose(p, ref.softmax(z), atol=1e-7)
+    np.testing.assert_allclose(elementwise.log_softmax_rows(z)[1], np.log(ref.softmax(z)[1]), atol=1e-6)
+    assert elementwise.log_softmax_rows(z)[0, position] == 0.0
+
+
+def test_all_finite_sees_nan_and_both_infinities():
+    x = np.zeros(40, np.float32)
+    assert elementwise.all_finite(x)
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in (0, 17, 39):
+            y = x.copy()
+            y[where] = bad
+            assert not elementwise.all_finite(y)
+
+
+def test_relu_backward_at_zero_passes_no_gradient():
+    x = np.array([-2.0, -0.0, 0.0, 1e-30, 3.0], np.float32)
+    t = Tensor(x, True)
+    y = ag.relu(t)
+    np.testing.assert_array_equal(y.data, np.maximum(x, 0))
+    y.backward(np.full(5, 2.0, np.float32))
+    np.testing.assert_array_equal(t.grad, [0, 0, 0, 2.0, 2.0])  # PyTorch: gradient 0 at x = 0
