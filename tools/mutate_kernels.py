@@ -52,7 +52,8 @@ def run_tests(work: Path, cache: Path, tests, timeout: float) -> tuple[str, str,
     """(status, last output line, seconds) of pytest on ``tests`` in the copy ``work``."""
     env = {**os.environ, "PYTHONPATH": str(work), "NUMBA_CACHE_DIR": str(cache),
            "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS", "1")}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-o", "addopts=", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
+           "-m", "not slow", *tests]
     t0 = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
