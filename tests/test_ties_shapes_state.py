@@ -425,3 +425,22 @@ def test_relu_backward_at_zero_passes_no_gradient():
     np.testing.assert_array_equal(y.data, np.maximum(x, 0))
     y.backward(np.full(5, 2.0, np.float32))
     np.testing.assert_array_equal(t.grad, [0, 0, 0, 2.0, 2.0])  # PyTorch: gradient 0 at x = 0
+
+
+def test_predicted_class_ties_go_to_the_lowest_index_in_every_batch():
+    """Equal scores predict the first class (numpy's argmax), also when predict splits the batch."""
+    from microcnn.layers import Flatten, Linear, Softmax
+    from microcnn.network import Sequential
+
+    lin = Linear(4, 3, rng=np.random.default_rng(0))
+    lin.weight.data[:] = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]
+    lin.bias.data[:] = 0
+    net = Sequential(Flatten(), lin, Softmax())
+    x = np.zeros((5, 1, 2, 2), np.float32)
+    x[1, 0, 0] = [0.0, 1.0]  # class 1 alone on top
+    x[2, 0] = [[0.0, 2.0], [2.0, 0.0]]  # classes 1 and 2 tied
+    x[3, 0, 1, 0] = 3.0  # class 2 alone
+    expected = [0, 1, 1, 2, 0]
+    np.testing.assert_array_equal(net.predict_classes(x), expected)
+    np.testing.assert_array_equal(net.predict_classes(x, batch_size=2), expected)
+    assert net.accuracy(x, np.array(expected)) == 1.0
