@@ -21,7 +21,7 @@ from microcnn.quant.params import ActQuant, fixed_point_multiplier
 from microcnn.quant.qlayers import QConv2d, QLinear, QMaxPool2d
 
 from . import reference as ref
-from .test_quant_kernels import conv_acc_ref, finish_ref, packed
+from .test_quant_kernels import conv_acc_ref, finish_ref, packed, requant_ref
 
 ATOL = 2e-5  # float32 convolutions against the float64 reference, values O(1..10)
 
@@ -255,9 +255,8 @@ def test_quantized_stages_pool_nonsquare(kernel, pstride):
     stage = QConv2d((0, 1, 2), wq, 8, wscale, bias, in_act, out_act, True, stride, padding, (kernel, pstride))
     m0, shift = fixed_point_multiplier(0.05 * wscale / 0.4)
     acc = conv_acc_ref(x, zp_in, wq, bias, stride, padding, (kernel, pstride))
-    np.testing.assert_array_equal(stage.run(x), ki.requantize(acc.transpose(0, 2, 3, 1).reshape(-1, o),
-                                                              m0, shift, 7, 7, 255)
-                                  .reshape(acc.shape[0], *acc.shape[2:], o).transpose(0, 3, 1, 2))
+    expected = requant_ref(acc, m0.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1), 7, 7, 255)
+    np.testing.assert_array_equal(stage.run(x), expected)
     qpool = QMaxPool2d((3,), out_act, kernel, pstride)
     np.testing.assert_array_equal(qpool.run(x), ref.max_pool2d(x, kernel, pstride))
 
