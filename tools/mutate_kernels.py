@@ -98,6 +98,22 @@ def write_json(path: Path, payload: dict, overwrite: bool) -> None:
     os.replace(tmp, path)  # all or nothing
 
 
+def markdown(payload: dict) -> str:
+    """The results of a run (its JSON) as the Markdown tables of docs/mutation-kernels.md."""
+    out = ["| module | killed | survived | equivalent (excluded) | stale | kill ratio |",
+           "|---|---|---|---|---|---|"]
+    for name, m in sorted(payload["modules"].items()):
+        ratio = "-" if m["kill_ratio"] is None else f"{100 * m['kill_ratio']:.0f} %"
+        counts = " | ".join(str(m[k]) for k in ("killed", "survived", "equivalent", "stale"))
+        out.append(f"| `{name}` | {counts} | {ratio} |")
+    out += ["", "| id | status | change | why plausible |", "|---|---|---|---|"]
+    for r in payload["mutants"]:
+        change = f"`{r['original'].strip()}` -> `{r['replacement'].strip()}`"
+        change = " ".join(change.split()).replace("|", "\\|")  # one line; pipes escaped
+        out.append(f"| {r['id']} | {r['status']} | {change} | {r['why']} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", metavar="ID", help="run only these mutants")
@@ -106,7 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here (refuses to replace a file)")
     ap.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    ap.add_argument("--markdown", type=Path, metavar="JSON", help="print a results file as Markdown")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
 
     ids = [m.id for m in MUTANTS]
     if len(set(ids)) != len(ids):
