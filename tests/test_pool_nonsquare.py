@@ -200,12 +200,14 @@ def test_program_relu_maxpool_op_nonsquare():
 
 # -- integer convolution fused with pooling -----------------------------------------------------------
 # N, C, H, W, O, kernel, stride, padding: even C (channels paired), odd C (kernel rows paired), vertical
-# stride (explicit patch words)
+# stride (explicit patch words), each with non-square kernels
 QCONVS = [
     (2, 2, 9, 12, 3, (3, 2), (1, 1), (1, 0)),
     (2, 3, 10, 9, 5, (2, 3), (1, 1), (0, 1)),
     (2, 3, 13, 11, 9, (3, 3), (2, 1), (1, 1)),
     (1, 1, 8, 13, 2, (1, 2), (1, 2), (0, 0)),
+    (2, 2, 14, 9, 4, (3, 2), (2, 1), (0, 1)),  # explicit patch words with a non-square kernel
+    (1, 3, 13, 12, 3, (2, 3), (2, 2), (1, 0)),
 ]
 
 
