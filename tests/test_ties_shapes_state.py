@@ -30,7 +30,7 @@ from . import reference as ref
 
 # -- fixed-point multipliers -----------------------------------------------------------------------------
 def nearest_m0(m: float, shift: int) -> Fraction:
-    """|m0 - M * 2**shift| in exact arithmetic, for the caller to compare with 1/2."""
+    """M * 2**shift in exact arithmetic: the nearest m0 is within 1/2 of it."""
     return Fraction(m) * 2**shift
 
 
@@ -162,7 +162,7 @@ def test_histograms_merged_across_batches_equal_one_histogram_of_everything(cls,
     np.testing.assert_array_equal(obs.pos, np.bincount(idx[allv >= 0], minlength=obs.bins))
     np.testing.assert_array_equal(obs.neg, np.bincount(idx[allv < 0], minlength=obs.bins))
     assert (obs.min_val, obs.max_val) == (allv.min(), allv.max()) and obs.count == allv.size
-    # a second observer fed the concatenation at once, then the same growth, ends with the same range
+    # the signed histogram covers [-R, R] with every value counted once
     edges, counts = obs.histogram()
     assert counts.sum() == allv.size and edges[0] == -obs.limit and edges[-1] == obs.limit
 
