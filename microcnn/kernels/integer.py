@@ -476,7 +476,7 @@ def _conv_images(x, x_zero_point, wbytes, bits, kh, kw, sh, sw, ph, pw, pkh, pkw
     n, c, h, w = x.shape
     n_out = bias.shape[0]
     oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
-    qh, qw = (oh - pkh) // psh + 1, (ow - pkw) // psw + 1
+    qh, qw = conv_output_size(oh, pkh, psh), conv_output_size(ow, pkw, psw)
     k = c * kh * kw
     layout, rows, offs, tap0, tap1 = conv_plan(c, kh, kw, sh, ow)
     hp = h + 2 * ph
