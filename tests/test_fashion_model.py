@@ -10,7 +10,7 @@ import pytest
 
 from microcnn.datasets import find_dataset_dir
 from microcnn.lenet import BUNDLED_FASHION, fashion_cnn
-from microcnn.train import add_train_arguments, evaluate, mlp, run_train, shift_flip
+from microcnn.train import add_train_arguments, evaluate, flip_images, mlp, run_train, shift_flip
 
 needs_fashion = pytest.mark.skipif(
     find_dataset_dir("fashion-mnist", split="test") is None and not os.environ.get("CI"),
@@ -75,6 +75,16 @@ def test_shift_flip_shifts_every_image_and_mirrors_about_half():
         assert _is_shift_of(o, x[..., ::-1] if m else x)
     assert 70 <= sum(mirrored) <= 130
     np.testing.assert_array_equal(out, shift_flip(images.copy(), np.random.default_rng(7)))  # seeded
+
+
+def test_flip_images_mirrors_about_half_and_leaves_the_input_alone():
+    images = np.random.default_rng(1).random((300, 1, 5, 7)).astype(np.float32)  # non-square
+    before = images.copy()
+    out = flip_images(images, np.random.default_rng(3))
+    np.testing.assert_array_equal(images, before)
+    mirrored = np.array([np.array_equal(o, x[..., ::-1]) for o, x in zip(out, images, strict=True)])
+    kept = np.array([np.array_equal(o, x) for o, x in zip(out, images, strict=True)])
+    assert (mirrored ^ kept).all() and 110 <= mirrored.sum() <= 190
 
 
 def test_holdout_trains_on_the_rest_and_scores_the_test_split_once(tmp_path, capsys, mnist_train,
