@@ -20,6 +20,7 @@ from . import optim
 from .autograd import Tensor, no_grad
 from .checks import check_count
 from .errors import InputError, MicrocnnError
+from .kernels.linalg import matmul
 from .losses import cross_entropy
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -100,8 +101,8 @@ def shift_images(images: np.ndarray, rng: np.random.Generator, max_shift: int = 
 
 
 def _smoothing_matrix(size: int, sigma: float) -> np.ndarray:
-    d = np.arange(size)[:, None] - np.arange(size)[None, :]
-    return np.exp(-0.5 * (d / sigma) ** 2)
+    # math.exp (the C library's), not np.exp: NumPy's float64 exp differs in the last bits on AVX-512 CPUs
+    return np.array([[math.exp(-0.5 * ((i - j) / sigma) ** 2) for j in range(size)] for i in range(size)])
 
 
 def random_affine(images: np.ndarray, rng: np.random.Generator, degrees: float = 10.0,
@@ -124,7 +125,11 @@ def random_affine(images: np.ndarray, rng: np.random.Generator, degrees: float =
     sy, sx = -sin * px + cos * py + cy, cos * px + sin * py + cx
     if elastic > 0:
         gy, gx = _smoothing_matrix(h, elastic_sigma), _smoothing_matrix(w, elastic_sigma)
-        field = gy @ rng.standard_normal((2, n, h, w)) @ gx.T
+        noise = rng.standard_normal((2, n, h, w))
+        # gy @ noise @ gx.T by a fixed-order product: BLAS's (OpenBLAS picks kernels by CPU) is not portable
+        gxt = np.ascontiguousarray(gx.T)
+        field = np.stack([matmul(matmul(gy, plane), gxt) for plane in noise.reshape(2 * n, h, w)])
+        field = field.reshape(2, n, h, w)
         field *= elastic / field.reshape(2, n, -1).std(axis=2)[:, :, None, None]
         sy, sx = sy + field[0].reshape(n, -1), sx + field[1].reshape(n, -1)
     return _bilinear(images, sy, sx)

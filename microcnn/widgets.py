@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from .checks import as_image_batch
 from .datasets import _box_weights
 from .errors import InputError
+from .kernels.linalg import matmul
 
 IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
@@ -280,7 +281,8 @@ def _canvas_gray(canvas) -> np.ndarray:
         return a
     if a.shape[2] == 1:
         return a[..., 0]
-    luma = a[..., :3] @ np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights
+    # ITU-R BT.601 weights, summed in this order (a BLAS product's order depends on the CPU)
+    luma = a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
     if a.shape[2] == 3:
         return luma
     alpha = a[..., 3]
@@ -319,7 +321,9 @@ def preprocess_drawing(canvas) -> np.ndarray | None:
     h, w = crop.shape
     scale = DIGIT_BOX / max(h, w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    small = _box_weights(new_h, h) @ crop @ _box_weights(new_w, w).T
+    # fixed-order products, not BLAS's (whose summation order, so last bits, depend on the CPU)
+    small = matmul(matmul(_box_weights(new_h, h), np.ascontiguousarray(crop)),
+                   np.ascontiguousarray(_box_weights(new_w, w).T))
     mass = small.sum()
     cy = float((small.sum(axis=1) * np.arange(new_h)).sum() / mass)
     cx = float((small.sum(axis=0) * np.arange(new_w)).sum() / mass)
