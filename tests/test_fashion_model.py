@@ -87,6 +87,7 @@ def test_flip_images_mirrors_about_half_and_leaves_the_input_alone():
     assert (mirrored ^ kept).all() and 110 <= mirrored.sum() <= 190
 
 
+@pytest.mark.slow
 def test_holdout_trains_on_the_rest_and_scores_the_test_split_once(tmp_path, capsys, mnist_train,
                                                                    mnist_test):
     parser = argparse.ArgumentParser()

@@ -128,6 +128,7 @@ def test_a_file_that_is_not_a_sweep_table_is_refused_and_kept(tmp_path):
     assert other.read_bytes() == before
 
 
+@pytest.mark.slow  # waits out the 10 s connect timeout
 def test_bad_and_unreachable_schedulers_fail_fast(tmp_path):
     with pytest.raises(InputError, match="expected an address like tcp://HOST:PORT"):
         run_sweep(**SMALL, seeds=[0], out=tmp_path / "t.parquet", scheduler="localhost", progress=False)
