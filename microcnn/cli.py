@@ -152,8 +152,10 @@ def cmd_predict(args) -> int:
     print(ascii_digit(images[args.index]))
     print(f"test image {args.index}: label {labels[args.index]}, predicted {int(np.argmax(probs))} "
           f"[{_precision_of(model)}]")
+    classes = _CLASSES[_dataset(args)]
+    width = max(map(len, classes))
     for k, p in enumerate(probs):
-        print(f"  {_CLASSES[_dataset(args)][k]:>11s} {p:7.4f} {'#' * int(round(p * 40))}")
+        print(f"  {classes[k]:>{width}s} {p:7.4f} {'#' * int(round(p * 40))}")
     return 0
 
 
