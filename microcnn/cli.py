@@ -13,12 +13,15 @@ from .errors import MicrocnnError
 
 
 def _load_model(spec: str):
-    """``bundled``, a ``.raw`` LeNet-5 weight file, or a self-describing (possibly quantized) model."""
+    """``bundled`` or ``lenet`` (the bundled LeNet-5), ``fashion`` (the bundled Fashion-MNIST CNN), a
+    ``.raw`` LeNet-5 weight file, or a self-describing (possibly quantized) model."""
     from .io import load_model
-    from .lenet import lenet
+    from .lenet import fashion_cnn, lenet
 
-    if spec == "bundled":
+    if spec in ("bundled", "lenet"):
         return lenet(weights="bundled")
+    if spec == "fashion":
+        return fashion_cnn(weights="bundled")
     if Path(spec).suffix == ".raw":
         return lenet(weights=spec)
     return load_model(spec)
@@ -36,18 +39,25 @@ def _first(images, labels, n: int | None, split: str, flag: str = "--samples"):
     return (images, labels) if n is None else (images[:n], labels[:n])
 
 
-def _test_images(args, n: int | None):
-    from .datasets import load_mnist
+def _dataset(args) -> str:
+    """The dataset ``--model`` was trained on: Fashion-MNIST for ``fashion``, else MNIST."""
+    return "fashion-mnist" if getattr(args, "model", None) == "fashion" else "mnist"
 
-    return _first(*load_mnist("test", data_dir=_data_dir(args), samples=n), n, "MNIST test")
+
+def _test_images(args, n: int | None):
+    from .datasets import load_dataset
+
+    name = _dataset(args)
+    return _first(*load_dataset(name, "test", data_dir=_data_dir(args), samples=n), n, f"{name} test")
 
 
 def _calibration_images(args, n: int):
     """Calibration images come from the training split, never from the test images being scored."""
-    from .datasets import load_mnist
+    from .datasets import load_dataset
 
-    images, labels = load_mnist("train", data_dir=_data_dir(args), samples=n)
-    return _first(images, labels, n, "MNIST training", "--calibration")[0]
+    name = _dataset(args)
+    images, labels = load_dataset(name, "train", data_dir=_data_dir(args), samples=n)
+    return _first(images, labels, n, f"{name} training", "--calibration")[0]
 
 
 def _stored_precision(model) -> str | None:
@@ -131,9 +141,9 @@ def cmd_fetch(args) -> int:
 def cmd_predict(args) -> int:
     import numpy as np
 
-    from .datasets import MNIST_CLASSES, ascii_digit, load_mnist
+    from .datasets import _CLASSES, ascii_digit, load_dataset
 
-    images, labels = load_mnist("test", data_dir=_data_dir(args))
+    images, labels = load_dataset(_dataset(args), "test", data_dir=_data_dir(args))
     if not 0 <= args.index < len(images):
         raise MicrocnnError(f"--index: expected 0..{len(images) - 1}, found {args.index}")
     args.json = False
@@ -142,8 +152,10 @@ def cmd_predict(args) -> int:
     print(ascii_digit(images[args.index]))
     print(f"test image {args.index}: label {labels[args.index]}, predicted {int(np.argmax(probs))} "
           f"[{_precision_of(model)}]")
+    classes = _CLASSES[_dataset(args)]
+    width = max(map(len, classes))
     for k, p in enumerate(probs):
-        print(f"  {MNIST_CLASSES[k]:>2s} {p:7.4f} {'#' * int(round(p * 40))}")
+        print(f"  {classes[k]:>{width}s} {p:7.4f} {'#' * int(round(p * 40))}")
     return 0
 
 
@@ -207,6 +219,19 @@ def cmd_compare(args) -> int:
     return run_compare(args)
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    table = run_sweep(args.models, args.precisions, args.methods, args.rounding, args.seeds, args.out,
+                      scheduler=args.scheduler, calibration=args.calibration, samples=args.samples,
+                      progress=not args.json, workers=args.workers, data_dir=_data_dir(args))
+    if args.json:
+        print(table.assign(finished=table["finished"].astype(str)).to_json(orient="records"))
+    else:
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def cmd_report(args) -> int:
     import warnings
 
@@ -264,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace existing output files (default: refuse)")
 
     def model_options(sp, precision=True):
-        sp.add_argument("--model", default="bundled", help="'bundled', a LeNet-5 .raw file or a "
-                        ".safetensors model (default: bundled)")
+        sp.add_argument("--model", default="bundled", help="'bundled' or 'lenet' (LeNet-5, MNIST), 'fashion' "
+                        "(Fashion-MNIST CNN), a LeNet-5 .raw file or a .safetensors model (default: bundled)")
         if precision:
             sp.add_argument("--precision", choices=["fp32", *PRECISION_BITS], default=None,
                             help="int4 means W4A4 (4-bit weights and activations); default: fp32 for an "
@@ -341,6 +366,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=int_in(1, 7 * 86_400, "a number of seconds"), default=600,
                     help="seconds any one cell may run when executing (default: 600)")
     force_option(sp)
+
+    def names(text):
+        return [v.strip() for v in text.split(",") if v.strip()]
+
+    def seeds(text):
+        return [int_in(0, None, "a seed")(v) for v in names(text)]
+
+    sp = command("sweep", cmd_sweep, "accuracy over a grid of models x precisions x methods x roundings "
+                 "x seeds, on Dask, into a resumable Parquet table")
+    sp.add_argument("--models", type=names, required=True, help="comma-separated: lenet, fashion")
+    sp.add_argument("--precisions", type=names, required=True, help="comma-separated wXaY, int8, int4")
+    sp.add_argument("--methods", type=names, default=["mse"], help="calibration observers (default mse)")
+    sp.add_argument("--rounding", type=names, default=["nearest"], help="rounding methods (default nearest)")
+    sp.add_argument("--seeds", type=seeds, default=[0], help="calibration-subset seeds (default 0)")
+    sp.add_argument("--out", required=True, help="Parquet table; an existing sweep table is resumed")
+    sp.add_argument("--scheduler", default=None, help="address of a running Dask scheduler "
+                    "(tcp://host:port; default: a local cluster)")
+    sp.add_argument("--workers", type=int_in(1, 1024, "a worker count"), default=None,
+                    help="local cluster worker processes (default: one per CPU)")
+    sp.add_argument("--calibration", type=image_count, default=100, metavar="N",
+                    help="calibration images from the training split (default 100)")
+    sp.add_argument("--samples", type=image_count, default=None, help="first N test images (default all)")
+    sp.add_argument("--json", action="store_true", help="print the table as JSON records")
     return p
 
 

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "microcnn"
 # Every module of the package belongs to exactly one layer (kernels/ and quant/ by their folder).
 ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors", "fileutil", "io",
           "jsonutil", "layers", "lenet", "losses", "network", "optim", "train"}
-TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "widgets"}
+TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
 BUDGET = {"engine": 5900, "quant": 2050, "tools": 2700}
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
