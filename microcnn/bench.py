@@ -109,10 +109,10 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
     import numba
 
     from .errors import InputError
-    from .resolve import data_dir, load_calibration_images, load_model_spec, load_test_images
+    from .resolve import data_dir, dataset_of, load_calibration_images, load_model_spec, load_test_images
 
     say = (lambda *a: None) if quiet else print
-    images, labels = load_test_images(samples, data, "--samples")
+    images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
     net = load_model_spec(model)
     stored = stored_precision(net)
     stored = stored.name if stored is not None else None
@@ -131,8 +131,9 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
     if stored is None and any(p != "fp32" for p in precisions):
         from .quant import calibrate
 
-        calibration_stats = calibrate(fp32, load_calibration_images(calibration, data, "--calibration"),
-                                      samples=calibration, method=method, progress=not quiet)
+        images_cal = load_calibration_images(calibration, data, "--calibration", dataset_of(model))
+        calibration_stats = calibrate(fp32, images_cal, samples=calibration, method=method,
+                                      progress=not quiet)
     built = [net if stored is not None or p == "fp32" else build_precision(fp32, p, calibration_stats)
              for p in precisions]
     models = {precision_of(m).name: m for m in built}  # each row named by what its model computes in

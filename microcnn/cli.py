@@ -11,7 +11,7 @@ from .errors import MicrocnnError
 from .quant.observers import OBSERVERS
 from .quant.params import KERNEL_BITS
 from .quant.precision import PRECISIONS, build_precision, precision_of, stored_precision
-from .resolve import data_dir, load_calibration_images, load_model_spec, load_test_images
+from .resolve import data_dir, dataset_of, load_calibration_images, load_model_spec, load_test_images
 
 METHODS = list(OBSERVERS)  # calibration methods: the observer registry's names
 BITS = sorted(KERNEL_BITS, reverse=True)  # bit widths the integer kernels run, widest first
@@ -26,8 +26,12 @@ def _precision_of(model) -> str:
     return precision_of(model).name
 
 
+def _dataset(args) -> str:
+    return dataset_of(getattr(args, "model", "bundled"))
+
+
 def _calibration_images(args, n: int):
-    return load_calibration_images(n, args.data, "--calibration")
+    return load_calibration_images(n, args.data, "--calibration", _dataset(args))
 
 
 def _model_at_precision(net, args):
@@ -94,9 +98,9 @@ def cmd_fetch(args) -> int:
 def cmd_predict(args) -> int:
     import numpy as np
 
-    from .datasets import MNIST_CLASSES, ascii_digit, load_mnist
+    from .datasets import CLASSES, ascii_digit, load_dataset
 
-    images, labels = load_mnist("test", data_dir=data_dir(args.data))
+    images, labels = load_dataset(_dataset(args), "test", data_dir=data_dir(args.data))
     if not 0 <= args.index < len(images):
         raise MicrocnnError(f"--index: expected 0..{len(images) - 1}, found {args.index}")
     args.json = False
@@ -105,13 +109,15 @@ def cmd_predict(args) -> int:
     print(ascii_digit(images[args.index]))
     print(f"test image {args.index}: label {labels[args.index]}, predicted {int(np.argmax(probs))} "
           f"[{_precision_of(model)}]")
+    classes = CLASSES[_dataset(args)]
+    width = max(map(len, classes))
     for k, p in enumerate(probs):
-        print(f"  {MNIST_CLASSES[k]:>2s} {p:7.4f} {'#' * int(round(p * 40))}")
+        print(f"  {classes[k]:>{width}s} {p:7.4f} {'#' * int(round(p * 40))}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    images, labels = load_test_images(args.samples, args.data, "--samples")
+    images, labels = load_test_images(args.samples, args.data, "--samples", _dataset(args))
     model = _model_at_precision(load_model_spec(args.model), args)
     acc = model.accuracy(images, labels, progress=not args.json)
     result = {"model": args.model, "precision": _precision_of(model), "samples": len(labels),
@@ -167,7 +173,8 @@ def cmd_train(args) -> int:
     return run_train(args.model, args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
                      label_smoothing=args.label_smoothing, seed=args.seed,
-                     augment=args.augmentation if args.augment else False, threads=args.threads,
+                     augment=args.augmentation if args.augment else False, holdout=args.holdout,
+                     threads=args.threads,
                      out=args.out, progress=not args.no_progress, data=args.data,
                      force=getattr(args, "force", False))
 
@@ -179,6 +186,19 @@ def cmd_compare(args) -> int:
                        repeats=args.repeats, calibration=args.calibration, method=args.method,
                        systems=args.systems, precisions=args.precisions, torch_compile=not args.no_compile,
                        output="json" if args.json else "markdown" if args.markdown else "table")
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    table = run_sweep(args.models, args.precisions, args.methods, args.rounding, args.seeds, args.out,
+                      scheduler=args.scheduler, calibration=args.calibration, samples=args.samples,
+                      progress=not args.json, workers=args.workers, data_dir=data_dir(args.data))
+    if args.json:
+        print(table.assign(finished=table["finished"].astype(str)).to_json(orient="records"))
+    else:
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -233,6 +253,10 @@ def train_arguments(parser) -> None:
     parser.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), default="elastic",
                         help="shift: +-2 px; affine: also +-10 degrees and +-10%% scale; elastic: "
                         "affine plus a 1 px elastic distortion (default)")
+    parser.add_argument("--holdout", type=int_in(0, 59999, "a holdout size"), default=0,
+                        help="score the last N training images after each epoch and train on the rest; "
+                        "the test split is then scored once, after training (default 0: train on all, "
+                        "score the test split after each epoch)")
     parser.add_argument("--threads", type=thread_count, default=1,
                         help="Numba threads (results do not depend on it)")
     parser.add_argument("--out", default=None,
@@ -300,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace existing output files (default: refuse)")
 
     def model_options(sp, precision=True):
-        sp.add_argument("--model", default="bundled", help="'bundled', a LeNet-5 .raw file or a "
-                        ".safetensors model (default: bundled)")
+        sp.add_argument("--model", default="bundled", help="'bundled' or 'lenet' (LeNet-5, MNIST), 'fashion' "
+                        "(Fashion-MNIST CNN), a LeNet-5 .raw file or a .safetensors model (default: bundled)")
         if precision:
             sp.add_argument("--precision", choices=list(PRECISIONS), default=None,
                             help="int4 means W4A4 (4-bit weights and activations); default: fp32 for an "
@@ -367,6 +391,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=int_in(1, 7 * 86_400, "a number of seconds"), default=600,
                     help="seconds any one cell may run when executing (default: 600)")
     force_option(sp)
+
+    def names(text):
+        return [v.strip() for v in text.split(",") if v.strip()]
+
+    def seeds(text):
+        return [int_in(0, None, "a seed")(v) for v in names(text)]
+
+    sp = command("sweep", cmd_sweep, "accuracy over a grid of models x precisions x methods x roundings "
+                 "x seeds, on Dask, into a resumable Parquet table")
+    sp.add_argument("--models", type=names, required=True, help="comma-separated: lenet, fashion")
+    sp.add_argument("--precisions", type=names, required=True, help="comma-separated wXaY, int8, int4")
+    sp.add_argument("--methods", type=names, default=["mse"], help="calibration observers (default mse)")
+    sp.add_argument("--rounding", type=names, default=["nearest"], help="rounding methods (default nearest)")
+    sp.add_argument("--seeds", type=seeds, default=[0], help="calibration-subset seeds (default 0)")
+    sp.add_argument("--out", required=True, help="Parquet table; an existing sweep table is resumed")
+    sp.add_argument("--scheduler", default=None, help="address of a running Dask scheduler "
+                    "(tcp://host:port; default: a local cluster)")
+    sp.add_argument("--workers", type=int_in(1, 1024, "a worker count"), default=None,
+                    help="local cluster worker processes (default: one per CPU)")
+    sp.add_argument("--calibration", type=image_count, default=100, metavar="N",
+                    help="calibration images from the training split (default 100)")
+    sp.add_argument("--samples", type=image_count, default=None, help="first N test images (default all)")
+    sp.add_argument("--json", action="store_true", help="print the table as JSON records")
     return p
 
 

@@ -922,7 +922,7 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
     """``microcnn compare``: print the table (``output``: "table", "json" or "markdown"); 2 with a
     message if an extra is missing. ``model`` is a spec of ``load_any_model``; ``data`` the dataset
     directory (``microcnn.resolve.data_dir``)."""
-    from .resolve import load_calibration_images, load_test_images
+    from .resolve import dataset_of, load_calibration_images, load_test_images
 
     try:
         needed = systems_modules(systems)
@@ -933,8 +933,9 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
         print(f"microcnn compare: error: {exc}", file=sys.stderr)
         return 2
     net = load_any_model(model)
-    images, labels = load_test_images(samples, data, "--samples")
-    df = compare_table(net, images, labels, load_calibration_images(calibration, data, "--calibration"),
+    images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
+    df = compare_table(net, images, labels, load_calibration_images(calibration, data, "--calibration",
+                                                                   dataset_of(model)),
                        threads=threads, repeats=repeats, systems=systems, method=method,
                        precisions=parse_precisions(precisions), torch_compile=torch_compile,
                        progress=output == "table")

@@ -262,8 +262,8 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-_CLASSES = {"mnist": MNIST_CLASSES, "fashion-mnist": FASHION_MNIST_CLASSES}
-DATASETS = tuple(_CLASSES)
+CLASSES = {"mnist": MNIST_CLASSES, "fashion-mnist": FASHION_MNIST_CLASSES}
+DATASETS = tuple(CLASSES)
 
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -335,7 +335,7 @@ _ENV_VAR = "MICROCNN_DATA"
 
 
 def _check_name(name: str) -> None:
-    if name not in _CLASSES:
+    if name not in CLASSES:
         raise InputError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
 
 
@@ -712,7 +712,7 @@ def load_dataset(
         if key not in _CACHE:
             while len(_CACHE) >= _CACHE_MAX:
                 del _CACHE[next(iter(_CACHE))]
-            _CACHE[key] = _decode_pair(images_path, labels_path, len(_CLASSES[name]), samples)
+            _CACHE[key] = _decode_pair(images_path, labels_path, len(CLASSES[name]), samples)
         images_u8, labels = _CACHE[key]
     images = images_u8.astype(np.float32)
     images /= np.float32(255)

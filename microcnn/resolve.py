@@ -1,9 +1,9 @@
 """From what a user names to what the library runs on: model specs, data directories, test and
 calibration images. The command line, the benchmarks and the comparison all resolve through here.
 
-Model specs: ``"bundled"`` (the trained LeNet-5 shipped in data/), ``"lenet"`` (a fresh seeded
-LeNet-5), a ``.raw`` LeNet-5 weight file, or any self-describing model file (FP32, quantized or
-storage-compressed).
+Model specs: ``"bundled"`` or ``"lenet"`` (the trained LeNet-5 shipped in data/), ``"fashion"`` (the
+bundled Fashion-MNIST CNN), a ``.raw`` LeNet-5 weight file, or any self-describing model file (FP32,
+quantized or storage-compressed).
 """
 
 from __future__ import annotations
@@ -23,17 +23,22 @@ def load_model_spec(spec: str):
 
         >>> net = load_model_spec("bundled"); qnet = load_model_spec("lenet-int8.safetensors")
     """
-    from .lenet import lenet
+    from .lenet import fashion_cnn, lenet
 
-    if spec == "bundled":
+    if spec in ("bundled", "lenet"):
         return lenet(weights="bundled")
-    if spec == "lenet":
-        return lenet()
+    if spec == "fashion":
+        return fashion_cnn(weights="bundled")
     if Path(spec).suffix == ".raw":
         return lenet(weights=spec)
     from .quant.loading import load_model  # only here: a LeNet-5 needs no quantization package
 
     return load_model(spec)
+
+
+def dataset_of(spec: str) -> str:
+    """The dataset a model spec is scored on: Fashion-MNIST for ``fashion``, else MNIST."""
+    return "fashion-mnist" if spec == "fashion" else "mnist"
 
 
 def data_dir(data: str | None = None) -> str | None:
@@ -51,17 +56,20 @@ def first(images, labels, n: int | None, split: str, what: str = "samples"):
     return (images, labels) if n is None else (images[:n], labels[:n])
 
 
-def load_test_images(n: int | None = None, data: str | None = None, what: str = "samples"):
-    """The first ``n`` MNIST test images and labels (all when None), from ``data_dir(data)``."""
-    from .datasets import load_mnist
+def load_test_images(n: int | None = None, data: str | None = None, what: str = "samples",
+                     dataset: str = "mnist"):
+    """The first ``n`` test images and labels of ``dataset`` (all when None), from ``data_dir(data)``."""
+    from .datasets import load_dataset
 
-    return first(*load_mnist("test", data_dir=data_dir(data), samples=n), n, "MNIST test", what)
+    images, labels = load_dataset(dataset, "test", data_dir=data_dir(data), samples=n)
+    return first(images, labels, n, f"{dataset} test", what)
 
 
-def load_calibration_images(n: int, data: str | None = None, what: str = "calibration"):
-    """``n`` calibration images. They come from the training split, never from the test images being
-    scored."""
-    from .datasets import load_mnist
+def load_calibration_images(n: int, data: str | None = None, what: str = "calibration",
+                            dataset: str = "mnist"):
+    """``n`` calibration images of ``dataset``. They come from the training split, never from the test
+    images being scored."""
+    from .datasets import load_dataset
 
-    images, labels = load_mnist("train", data_dir=data_dir(data), samples=n)
-    return first(images, labels, n, "MNIST training", what)[0]
+    images, labels = load_dataset(dataset, "train", data_dir=data_dir(data), samples=n)
+    return first(images, labels, n, f"{dataset} training", what)[0]

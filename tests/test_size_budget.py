@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "microcnn"
 # (The import layers of tests/test_architecture.py are finer; resolve and timing count as engine here.)
 ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors", "fileutil", "io",
           "jsonutil", "layers", "lenet", "losses", "network", "optim", "resolve", "timing", "train"}
-TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "widgets"}
+TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
 BUDGET = {"engine": 5900, "quant": 2050, "tools": 2700}
 MAX_TOOLS_PER_ENGINE_LINE = 0.55

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from numba import njit
 
-import microcnn
 from microcnn import resolve
 from microcnn.errors import InputError
 from microcnn.kernels.shapes import conv_output_size
@@ -108,8 +107,9 @@ def _same_weights(a, b):
 
 def test_model_specs(tmp_path, bundled, mnist_train):
     assert _same_weights(resolve.load_model_spec("bundled"), bundled)
-    assert _same_weights(resolve.load_model_spec("lenet"), microcnn.lenet())
-    assert not _same_weights(resolve.load_model_spec("lenet"), bundled)
+    assert _same_weights(resolve.load_model_spec("lenet"), bundled)
+    assert not _same_weights(resolve.load_model_spec("fashion"), bundled)
+    assert resolve.dataset_of("fashion") == "fashion-mnist" and resolve.dataset_of("bundled") == "mnist"
     raw, st = tmp_path / "w.raw", tmp_path / "w.safetensors"
     bundled.save(raw)
     bundled.save(st)
@@ -139,7 +139,7 @@ def test_images_come_from_the_right_split_and_are_bounded(mnist_train, mnist_tes
     assert len(resolve.load_test_images()[0]) == len(mnist_test[0])
     cal = resolve.load_calibration_images(5)
     np.testing.assert_array_equal(cal, mnist_train[0][:5])
-    with pytest.raises(InputError, match=r"--samples: expected at most 10000 \(the MNIST test split's "
+    with pytest.raises(InputError, match=r"--samples: expected at most 10000 \(the mnist test split's "
                                          r"size\), found 10001"):
         resolve.load_test_images(10001, what="--samples")
     with pytest.raises(InputError, match="calibration: expected at most 3"):
