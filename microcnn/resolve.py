@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import InputError
 
 DATA_ENV = "MICROCNN_DATA"
+DATASET_TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}  # as messages name them
 
 
 def load_model_spec(spec: str):
@@ -62,7 +63,7 @@ def load_test_images(n: int | None = None, data: str | None = None, what: str = 
     from .datasets import load_dataset
 
     images, labels = load_dataset(dataset, "test", data_dir=data_dir(data), samples=n)
-    return first(images, labels, n, f"{dataset} test", what)
+    return first(images, labels, n, f"{DATASET_TITLES.get(dataset, dataset)} test", what)
 
 
 def load_calibration_images(n: int, data: str | None = None, what: str = "calibration",
@@ -72,4 +73,4 @@ def load_calibration_images(n: int, data: str | None = None, what: str = "calibr
     from .datasets import load_dataset
 
     images, labels = load_dataset(dataset, "train", data_dir=data_dir(data), samples=n)
-    return first(images, labels, n, f"{dataset} training", what)[0]
+    return first(images, labels, n, f"{DATASET_TITLES.get(dataset, dataset)} training", what)[0]

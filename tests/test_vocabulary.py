@@ -139,7 +139,7 @@ def test_images_come_from_the_right_split_and_are_bounded(mnist_train, mnist_tes
     assert len(resolve.load_test_images()[0]) == len(mnist_test[0])
     cal = resolve.load_calibration_images(5)
     np.testing.assert_array_equal(cal, mnist_train[0][:5])
-    with pytest.raises(InputError, match=r"--samples: expected at most 10000 \(the mnist test split's "
+    with pytest.raises(InputError, match=r"--samples: expected at most 10000 \(the MNIST test split's "
                                          r"size\), found 10001"):
         resolve.load_test_images(10001, what="--samples")
     with pytest.raises(InputError, match="calibration: expected at most 3"):
