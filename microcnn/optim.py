@@ -38,6 +38,9 @@ def _in_range(name: str, value, lo: float, hi: float, hi_open: bool = True) -> f
 
 
 class Optimizer:
+    """Base of the optimizers: ``params`` (Tensors with ``.grad``) updated in place by ``step()`` at
+    learning rate ``lr``; ``zero_grad()`` clears the gradients. Subclasses define the update."""
+
     def __init__(self, params, lr: float):
         self.params = list(params)
         if not self.params:

@@ -1,7 +1,6 @@
 """The bundled Fashion-MNIST CNN (accuracy of the shipped file on the official test set, the `fashion`
 model spec of the command line) and the training options it was made with (--holdout, shift-flip)."""
 
-import argparse
 import json
 import os
 
@@ -10,7 +9,7 @@ import pytest
 
 from microcnn.datasets import find_dataset_dir
 from microcnn.lenet import BUNDLED_FASHION, fashion_cnn
-from microcnn.train import add_train_arguments, evaluate, flip_images, mlp, run_train, shift_flip
+from microcnn.train import evaluate, flip_images, mlp, run_train, shift_flip
 
 needs_fashion = pytest.mark.skipif(
     find_dataset_dir("fashion-mnist", split="test") is None and not os.environ.get("CI"),
@@ -90,19 +89,18 @@ def test_flip_images_mirrors_about_half_and_leaves_the_input_alone():
 @pytest.mark.slow
 def test_holdout_trains_on_the_rest_and_scores_the_test_split_once(tmp_path, capsys, mnist_train,
                                                                    mnist_test):
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
+    from microcnn.cli import build_parser
+
     out = tmp_path / "mlp.safetensors"
     n = len(mnist_train[0])
-    args = parser.parse_args(["--model", "mlp", "--epochs", "1", "--holdout", str(n - 1000), "--no-augment",
-                              "--no-progress", "--out", str(out)])
-    assert run_train(args) == 0
+    args = build_parser().parse_args(["train", "--model", "mlp", "--epochs", "1", "--holdout", str(n - 1000),
+                                      "--no-augment", "--no-progress", "--out", str(out)])
+    assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "training mlp on 1000 mnist images" in text and "holdout_acc" in text
     net = mlp(784, 256, 128, 10).load(out)
     test_acc = evaluate(net, *mnist_test)
     assert f"test accuracy {test_acc * 100:.2f}%" in text
-    args = parser.parse_args(["--model", "mlp", "--holdout", "59999", "--out", str(tmp_path / "x.raw")])
-    args.holdout = n  # the whole split: nothing left to train on
+    # the whole split: nothing left to train on
     with pytest.raises(ValueError, match=f"expected fewer than the {n} training images, found {n}"):
-        run_train(args)
+        run_train("mlp", holdout=n, out=tmp_path / "x.raw")
