@@ -1,0 +1,117 @@
+"""Quantization parameters on the edges the mutation run found unchecked (docs/mutation-python.md):
+per-channel axes of non-square tensors, the mantissa carry of fixed-point multipliers, every grid width,
+and the refusals of shapes and scales that cannot be built. References are plain integer arithmetic."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from microcnn.errors import InputError
+from microcnn.quant.params import (
+    KERNEL_BITS,
+    check_bits,
+    fake_quantize,
+    fixed_point_multiplier,
+    qparams_from_range,
+    qrange,
+    quantize_values,
+)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_qrange_is_the_twos_complement_and_unsigned_grid(bits):
+    # independent reference: every integer representable in `bits` bits, enumerated
+    unsigned = range(2**bits)
+    signed = [v - 2**bits if v >= 2 ** (bits - 1) else v for v in unsigned]
+    assert qrange(bits, signed=True) == (min(signed), max(signed))
+    assert qrange(bits, signed=False) == (min(unsigned), max(unsigned))
+
+
+@pytest.mark.parametrize("bits", [1, 9, 2.0])
+def test_qrange_refuses_widths_outside_2_to_8(bits):
+    with pytest.raises(InputError, match="bits"):
+        qrange(bits, signed=True)
+
+
+def test_kernel_widths_accept_exactly_4_and_8():
+    accepted = []
+    for bits in range(1, 17):
+        try:
+            accepted.append(check_bits(bits, "weight_bits", KERNEL_BITS))
+        except InputError:
+            pass
+    assert accepted == [4, 8]
+
+
+def test_lo_and_hi_of_different_shapes_are_refused():
+    with pytest.raises(InputError, match=r"shapes differ \(\(2,\) vs \(3,\)\)"):
+        qparams_from_range(-np.ones(2), np.ones(3), 8, symmetric=False, signed=False)
+
+
+def test_range_below_float32_is_refused_not_turned_into_a_zero_scale():
+    with pytest.raises(InputError, match="float32"):
+        qparams_from_range(0.0, 1e-300, 8, symmetric=False, signed=False)
+    with pytest.raises(InputError, match="float32"):
+        qparams_from_range(np.array([-1.0, -1e-300]), np.array([1.0, 1e-300]), 8, symmetric=True, signed=True)
+
+
+def _reference_fake_quantize(x, scale, zero_point, bits, signed):
+    qmin, qmax = qrange(bits, signed)
+    q = np.clip(np.rint(x / scale) + zero_point, qmin, qmax)
+    return q, (q - zero_point) * scale
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_per_channel_fake_quantize_along_each_axis_of_a_non_square_tensor(axis):
+    rng = np.random.default_rng(11)
+    x = rng.normal(0, 2, size=(3, 5, 2, 4))
+    n = x.shape[axis]
+    scale = rng.uniform(0.01, 0.2, n)
+    zero_point = rng.integers(0, 16, n)
+    got = fake_quantize(x, scale, zero_point, 4, signed=False, axis=axis)
+    got_q = quantize_values(x, scale, zero_point, 4, signed=False, axis=axis)
+    for c in range(n):  # one channel at a time, with its own scalar parameters
+        index = [slice(None)] * x.ndim
+        index[axis] = c
+        q, real = _reference_fake_quantize(x[tuple(index)], scale[c], zero_point[c], 4, signed=False)
+        np.testing.assert_array_equal(got_q[tuple(index)], q)
+        np.testing.assert_allclose(got[tuple(index)], real, rtol=0, atol=1e-15)
+
+
+def test_one_element_parameter_arrays_without_axis_are_per_tensor():
+    # quantize_weight(per_channel=False) produces scale arrays of shape (1,)
+    x = np.linspace(-1.3, 2.1, 35).reshape(5, 7)
+    q, real = _reference_fake_quantize(x, 0.05, 3, 8, signed=True)
+    np.testing.assert_array_equal(quantize_values(x, np.array([0.05]), np.array([3]), 8, True), q)
+    np.testing.assert_allclose(fake_quantize(x, np.array([0.05]), np.array([3]), 8, True), real, atol=1e-15)
+
+
+def _nearest_m0(m: float) -> tuple[int, int]:
+    """Exact reference: the shift with 2**30 <= m * 2**shift < 2**31, then m0 = round(m * 2**shift)
+    (half up; no float reaches a tie here); a result of 2**31 becomes 2**30 with one shift less."""
+    exact = Fraction(m)
+    shift = 0
+    while exact * 2**shift < 2**30:
+        shift += 1
+    while exact * 2**shift >= 2**31:
+        shift -= 1
+    m0 = int(exact * 2**shift + Fraction(1, 2))
+    if m0 == 2**31:
+        m0, shift = 2**30, shift - 1
+    return m0, shift
+
+
+@pytest.mark.parametrize("m", [1 - 2.0**-40, (1 - 2.0**-40) * 2.0**-7, (1 - 2.0**-33) * 2.0**-20,
+                               (1 - 2.0**-35) * 2.0**5])
+def test_mantissa_that_rounds_up_to_2_31_carries_into_the_shift(m):
+    m0, shift = fixed_point_multiplier(m)
+    assert (int(m0[0]), int(shift[0])) == _nearest_m0(m)
+    assert int(m0[0]) == 2**30  # m is within half a unit of a power of two: it is represented as one
+
+
+def test_carry_and_plain_multipliers_mixed_in_one_array():
+    ms = np.array([1 - 2.0**-40, 0.3, 2.0**-12 * (1 - 2.0**-36), 7.25])
+    m0, shift = fixed_point_multiplier(ms)
+    assert m0.dtype == np.int32 and shift.dtype == np.int32
+    assert [(int(a), int(b)) for a, b in zip(m0, shift, strict=True)] == [_nearest_m0(m) for m in ms]
