@@ -1,0 +1,192 @@
+"""Observers on hand-made data with closed-form answers, their saved state, their settings and the
+histogram helpers, beyond the reference comparisons of test_quant_observers.py. Found by mutation
+testing (docs/mutation-python.md)."""
+
+import numpy as np
+import pytest
+
+from microcnn.errors import InputError
+from microcnn.quant.observers import (
+    OBSERVERS,
+    EntropyObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    _kl,
+    _quantile,
+    kl_threshold,
+    make_observer,
+)
+from microcnn.quant.params import qparams_from_range
+from tests.test_quant_observers import _kl_reference, raw_error
+
+RNG = np.random.default_rng(5)
+SIGNED = [RNG.normal(0.3, 1.0 + i, size=(2, 3, 4)).astype(np.float32) for i in range(4)]
+
+
+def feed(obs, data=SIGNED):
+    for x in data:
+        obs.observe(x)
+    return obs
+
+
+@pytest.mark.parametrize("kind", sorted(OBSERVERS))
+def test_saved_state_restores_the_same_range_and_count(kind):
+    obs = feed(make_observer(kind, "t", **({} if kind in ("minmax", "ema") else {"bins": 256})))
+    copy = make_observer(kind, "t", **obs.params())
+    copy.load_state({k: np.array(v) for k, v in obs.state().items()})
+    assert copy.count == obs.count == sum(x.size for x in SIGNED)
+    assert copy.params() == obs.params()
+    for bits in (4, 8):
+        assert copy.range(bits) == obs.range(bits)
+    obs.observe(SIGNED[0])  # the copy is independent of the original
+    assert copy.count == obs.count - SIGNED[0].size
+
+
+def test_observer_settings_are_reported_as_given():
+    assert MovingAverageMinMaxObserver(averaging_constant=0.3).params() == {"averaging_constant": 0.3}
+    assert PercentileObserver(bins=128, percentile=99.5).params() == {"bins": 128, "percentile": 99.5}
+    assert MSEObserver(bins=64, candidates=7).params() == {"bins": 64, "candidates": 7}
+    assert EntropyObserver(bins=96, max_candidates=33).params() == {"bins": 96, "max_candidates": 33}
+    assert MinMaxObserver().params() == {}
+
+
+def test_histogram_state_of_the_wrong_size_or_sign_is_refused():
+    obs = HistogramObserver(bins=64)
+    good = {"pos": np.zeros(64), "neg": np.zeros(64), "scalars": np.array([1.0, -1.0, 1.0]),
+            "count": np.array([0])}
+    obs.load_state(good)
+    for key, bad in [("pos", np.zeros(63)), ("neg", np.zeros(128)), ("pos", -np.ones(64)),
+                     ("neg", -np.ones(64))]:
+        with pytest.raises(InputError, match="64 bins"):
+            HistogramObserver(bins=64).load_state(good | {key: bad})
+
+
+@pytest.mark.parametrize("make, ok, bad", [
+    (lambda v: MovingAverageMinMaxObserver(averaging_constant=v), [1.0, 1e-9], [0.0, 1.0 + 1e-9]),
+    (lambda v: PercentileObserver(percentile=v), [100.0, 50.001], [50.0, 100.001]),
+    (lambda v: HistogramObserver(bins=v), [64, 68], [60, 66, 64.0]),
+])
+def test_setting_boundaries(make, ok, bad):
+    for v in ok:
+        make(v)
+    for v in bad:
+        with pytest.raises(InputError):
+            make(v)
+
+
+def test_moving_average_with_constant_one_follows_the_last_batch():
+    obs = feed(MovingAverageMinMaxObserver(averaging_constant=1.0))
+    assert (obs.min_val, obs.max_val) == (float(SIGNED[-1].min()), float(SIGNED[-1].max()))
+
+
+def test_qparams_of_a_known_range():
+    obs = MinMaxObserver()
+    obs.observe(np.array([-1.0, 0.5, 3.0], np.float32))
+    scale, zp = obs.qparams(8)
+    assert scale == np.float32(4 / 255) and zp == 64  # 0 - (-1) / (4/255) = 63.75 -> 64
+    assert obs.qparams(4) == qparams_from_range(-1.0, 3.0, 4, symmetric=False, signed=False)
+
+
+def test_histogram_of_zeros_then_data_keeps_the_zeros_in_the_zero_bin():
+    obs = HistogramObserver(bins=64)
+    obs.observe(np.zeros(5, np.float32))
+    assert obs.limit == 0.0 and obs.pos[0] == 5
+    obs.observe(np.array([1.0, -0.5, 0.25], np.float32))
+    assert obs.limit > 1.0 and obs.limit == pytest.approx(1.0, rel=1e-5)
+    assert obs.pos[0] == 5 and obs.pos.sum() == 7 and obs.neg.sum() == 1
+    # bin = floor(|x| / (R / 64)) with R just above 1: 0.25 -> 15, 0.5 -> 31, 1.0 -> 63
+    assert obs.pos[63] == 1 and obs.pos[15] == 1 and obs.neg[31] == 1
+
+
+def test_histogram_layout_matches_numpy_over_minus_r_to_r():
+    obs = feed(HistogramObserver(bins=128))
+    edges, counts = obs.histogram()
+    values = np.concatenate([x.ravel() for x in SIGNED]).astype(np.float64)
+    np.testing.assert_allclose(edges, np.linspace(-obs.limit, obs.limit, 257))
+    want, _ = np.histogram(values, bins=edges)
+    assert np.abs(counts - want).sum() <= 2  # values within rounding of an edge may land either side
+    assert counts.sum() == values.size and obs.bin_width == obs.limit / 128
+
+
+def test_quantile_interpolates_within_a_bin():
+    edges = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    counts = np.array([1, 0, 2, 1])
+    assert _quantile(edges, counts, 0.25) == pytest.approx(-1.0)  # the whole first bin
+    assert _quantile(edges, counts, 0.5) == pytest.approx(0.5)  # half of the [0, 1) bin
+    assert _quantile(edges, counts, 0.875) == pytest.approx(1.5)
+    assert _quantile(edges, counts, 1.0) == pytest.approx(2.0)
+    assert _quantile(edges, counts, 0.0) == pytest.approx(-2.0)
+
+
+def test_percentile_100_is_the_full_range_and_non_negative_data_starts_at_zero():
+    obs = feed(PercentileObserver(bins=256, percentile=100.0))
+    lo, hi = obs.range(8)
+    assert (lo, hi) == (pytest.approx(obs.min_val), pytest.approx(obs.max_val))
+    pos = PercentileObserver(bins=256, percentile=90.0)
+    x = np.arange(1, 1001, dtype=np.float32)
+    pos.observe(x)
+    lo, hi = pos.range(8)
+    assert lo == 0.0 and hi == pytest.approx(900.0, abs=pos.bin_width)
+
+
+def test_signed_entropy_threshold_matches_the_reference_on_both_signs():
+    x = np.concatenate([RNG.normal(0, 1, 4000), -np.abs(RNG.normal(0, 0.5, 1000)), [30.0, -25.0]])
+    obs = EntropyObserver(bins=256, max_candidates=10_000)
+    obs.observe(x.astype(np.float32))
+    lo, hi = obs.range(6)
+    t = _kl_reference(obs.pos + obs.neg, 2**5) * obs.bin_width  # 2**(bits-1) levels per sign
+    assert hi == pytest.approx(t) and lo == pytest.approx(-t)
+    assert 2.0 < t < 25.0
+
+
+def test_entropy_threshold_is_capped_by_the_observed_extremes():
+    obs = EntropyObserver(bins=64)
+    obs.observe(np.array([-0.5, 0.1, 0.2, 3.0], np.float32))
+    lo, hi = obs.range(8)  # few bins in use: all kept, threshold = the top of the last used bin
+    assert lo == -0.5 and hi == 3.0
+
+
+def test_kl_threshold_when_fewer_bins_than_levels_are_used():
+    hist = np.zeros(64)
+    hist[[1, 5, 9]] = [3, 1, 2]
+    assert kl_threshold(hist, 16) == 10
+    assert kl_threshold(np.zeros(64), 16) == 1
+
+
+def test_kl_threshold_candidates_are_strided_but_start_at_levels():
+    hist = np.ones(100)
+    hist[99] = 50.0  # a heavy last bin: keeping everything is best
+    assert kl_threshold(hist, 8, max_candidates=1000) == 100
+    assert kl_threshold(hist, 8, max_candidates=4) == 100  # step (100 - 8) // 4 = 23 still reaches 100
+
+
+def test_kl_divergence_closed_form():
+    p, q = np.array([1.0, 3.0, 0.0]), np.array([2.0, 2.0, 4.0])
+    want = 0.25 * np.log(0.25 / 0.25) + 0.75 * np.log(0.75 / 0.25)
+    assert _kl(p, q) == pytest.approx(want)
+    assert _kl(p, np.zeros(3)) == np.inf
+    assert _kl(np.array([1.0, 1.0]), np.array([1.0, 0.0])) == pytest.approx(0.5 * np.log(0.5 / 1e-12)
+                                                                             + 0.5 * np.log(0.5))
+
+
+def test_mse_on_two_point_data_keeps_the_full_range():
+    # values exactly 0 and 1: at alpha = 1 both are grid points (error 0); any clipping costs error
+    obs = MSEObserver(bins=64, candidates=10)
+    obs.observe(np.array([0.0] * 10 + [1.0] * 10, np.float32))
+    assert obs.range(4) == (0.0, pytest.approx(1.0))
+
+
+def test_mse_clips_a_lone_negative_outlier_as_well_as_a_brute_force_search():
+    x = np.concatenate([np.linspace(-1, 1, 20001), [-40.0]]).astype(np.float32)
+    obs = MSEObserver(bins=256, candidates=40)
+    obs.observe(x)
+    lo, hi = obs.range(4)
+    alpha = hi / 1.0  # the range is alpha * [min, max] = alpha * [-40, 1]
+    assert lo == pytest.approx(-40.0 * alpha, rel=1e-6)
+    values = x.astype(np.float64)
+    brute = min(raw_error(values, -40.0 * a, a, 4) for a in np.linspace(1.0, 1 / 40, 40))
+    assert raw_error(values, lo, hi, 4) <= 1.05 * brute
+    assert -40.0 < lo and raw_error(values, lo, hi, 4) < 0.9 * raw_error(values, -40.0, 1.0, 4)  # clipped
