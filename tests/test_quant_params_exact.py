@@ -2,6 +2,7 @@
 per-channel axes of non-square tensors, the mantissa carry of fixed-point multipliers, every grid width,
 and the refusals of shapes and scales that cannot be built. References are plain integer arithmetic."""
 
+import dataclasses
 from fractions import Fraction
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from microcnn.errors import InputError
 from microcnn.quant.params import (
     KERNEL_BITS,
+    ActQuant,
     check_bits,
     fake_quantize,
     fixed_point_multiplier,
@@ -115,3 +117,34 @@ def test_carry_and_plain_multipliers_mixed_in_one_array():
     m0, shift = fixed_point_multiplier(ms)
     assert m0.dtype == np.int32 and shift.dtype == np.int32
     assert [(int(a), int(b)) for a, b in zip(m0, shift, strict=True)] == [_nearest_m0(m) for m in ms]
+
+
+def test_signed_asymmetric_grid_stretches_the_range_over_all_256_codes():
+    scale, zp = qparams_from_range(-1.0, 3.0, 8, symmetric=False, signed=True)
+    assert scale == np.float32(4 / 255)
+    assert zp == -64  # -128 - (-1) / (4/255) = -64.25
+    assert scale.dtype == np.float32 and zp.dtype == np.int32
+
+
+def test_unsigned_symmetric_grids_refuse_negative_values_and_one_bad_channel_is_enough():
+    with pytest.raises(InputError, match="unsigned symmetric"):
+        qparams_from_range(-0.1, 1.0, 8, symmetric=True, signed=False)
+    scale, zp = qparams_from_range(0.0, 2.55, 8, symmetric=True, signed=False)
+    assert scale == np.float32(0.01) and zp == 0
+    with pytest.raises(InputError, match="lo <= hi"):
+        qparams_from_range(np.array([0.0, 2.0]), np.array([1.0, 1.0]), 8, symmetric=False, signed=False)
+
+
+def test_largest_accepted_multiplier_is_just_below_2_30():
+    m = 2.0**30 * (1 - 2.0**-20)
+    m0, shift = fixed_point_multiplier(m)
+    assert int(shift[0]) == 1 and int(m0[0]) * 2.0**-1 == m
+    with pytest.raises(InputError, match="too large"):
+        fixed_point_multiplier(np.array([0.5, 2.0**30]))  # one bad value refuses the array
+
+
+def test_act_quant_is_immutable_and_hashable():
+    q = ActQuant.from_range(0.0, 2.55, 8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        q.scale = 1.0
+    assert {q: 1}[ActQuant.from_range(0.0, 2.55, 8)] == 1
