@@ -148,3 +148,21 @@ def test_act_quant_is_immutable_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         q.scale = 1.0
     assert {q: 1}[ActQuant.from_range(0.0, 2.55, 8)] == 1
+
+
+def test_one_non_finite_or_non_positive_element_refuses_the_whole_array():
+    for lo, hi in [([-1.0, -np.inf], [1.0, 1.0]), ([-1.0, -1.0], [1.0, np.nan])]:
+        with pytest.raises(InputError, match="finite range"):
+            qparams_from_range(np.array(lo), np.array(hi), 8, symmetric=False, signed=False)
+    for bad in ([0.5, -1.0], [0.5, 0.0], [0.5, np.inf]):
+        with pytest.raises(InputError, match="positive finite"):
+            fixed_point_multiplier(np.array(bad))
+
+
+def test_tiny_multipliers_round_the_bits_dropped_to_keep_the_shift_at_62():
+    # m = (2**30 + 5) * 2**-65: m0 would need shift 65; at shift 62, m * 2**62 = 2**27 + 0.625 -> 2**27 + 1
+    m = (2**30 + 5) * 2.0**-65
+    m0, shift = fixed_point_multiplier(m)
+    assert (int(m0[0]), int(shift[0])) == (2**27 + 1, 62)
+    m = (2**30 + 3) * 2.0**-65  # 2**27 + 0.375 -> 2**27
+    assert int(fixed_point_multiplier(m)[0][0]) == 2**27
