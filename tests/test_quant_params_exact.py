@@ -166,3 +166,23 @@ def test_tiny_multipliers_round_the_bits_dropped_to_keep_the_shift_at_62():
     assert (int(m0[0]), int(shift[0])) == (2**27 + 1, 62)
     m = (2**30 + 3) * 2.0**-65  # 2**27 + 0.375 -> 2**27
     assert int(fixed_point_multiplier(m)[0][0]) == 2**27
+
+
+@pytest.mark.parametrize("lo, hi", [(-1e308, 1e308), (-1e300, 1e300), (np.array([-1.0, -1e300]),
+                                                                         np.array([1.0, 1.0]))])
+def test_range_beyond_float32_is_refused_by_name_not_turned_into_an_infinite_scale(lo, hi):
+    # found by mutation testing: the first raised IndexError, the others returned an infinite scale
+    for symmetric, signed in [(False, False), (False, True), (True, True)]:
+        with pytest.raises(InputError, match="too wide for a float32 scale"):
+            qparams_from_range(lo, hi, 8, symmetric=symmetric, signed=signed)
+
+
+def test_act_quant_of_a_signed_range_is_asymmetric_and_unsigned():
+    q = ActQuant.from_range(-1.0, 3.0, 8)
+    assert (q.scale, q.zero_point, q.bits, q.qmax) == (np.float32(4 / 255), 64, 8, 255)
+    assert ActQuant.from_range(-1.0, 3.0, 4).qmax == 15
+
+
+def test_one_negative_channel_refuses_an_unsigned_symmetric_grid():
+    with pytest.raises(InputError, match="unsigned symmetric"):
+        qparams_from_range(np.array([0.0, -0.5]), np.array([1.0, 1.0]), 8, symmetric=True, signed=False)

@@ -59,7 +59,16 @@ MODULES = {
 }
 
 # module -> {mutant key: why no input can tell the mutant from the original}
-EQUIVALENT: dict[str, dict[str, str]] = {}
+_DEAD_ZP_GUARD = ("the zero point of a channel with scale <= 0 is never returned: any such scale raises "
+                  "InputError two lines later, and the final astype(np.int32) does the conversion")
+EQUIVALENT: dict[str, dict[str, str]] = {
+    "params": {
+        "qparams_from_range: remove zero_point = np.where(scale > 0, zero_point, 0).astype(np.int64)":
+            _DEAD_ZP_GUARD,
+        "qparams_from_range: Gt->GtE in scale > 0": _DEAD_ZP_GUARD,
+        "qparams_from_range: 0->1 in np.where(scale > 0, zero_point, 0)": _DEAD_ZP_GUARD,
+    },
+}
 
 _BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
           ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.LShift: ast.RShift, ast.RShift: ast.LShift,
