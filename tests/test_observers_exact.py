@@ -13,6 +13,7 @@ from microcnn.quant.observers import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MSEObserver,
+    Observer,
     PercentileObserver,
     _kl,
     _quantile,
@@ -190,3 +191,32 @@ def test_mse_clips_a_lone_negative_outlier_as_well_as_a_brute_force_search():
     brute = min(raw_error(values, -40.0 * a, a, 4) for a in np.linspace(1.0, 1 / 40, 40))
     assert raw_error(values, lo, hi, 4) <= 1.05 * brute
     assert -40.0 < lo and raw_error(values, lo, hi, 4) < 0.9 * raw_error(values, -40.0, 1.0, 4)  # clipped
+
+
+def test_plain_histogram_observer_gives_the_observed_range_and_names_itself():
+    obs = HistogramObserver(bins=64)
+    with pytest.raises(InputError, match="histogram observer of tensor: no data"):
+        obs.range(8)
+    obs.observe([[-0.75, 0.5], [2.0, 1.0]])  # any array-like
+    assert obs.range(8) == (-0.75, 2.0) and obs.params() == {"bins": 64} and obs.count == 4
+    with pytest.raises(InputError, match="bits"):
+        obs.range(9)
+
+
+def test_a_custom_observer_inherits_the_generic_name_and_must_define_its_state():
+    class Constant(Observer):
+        def _observe(self, x):
+            self.min_val, self.max_val = -1.0, 1.0
+
+        def _range(self, bits):
+            return self.min_val, self.max_val
+
+    obs = Constant("t")
+    with pytest.raises(InputError, match="^observer observer of t: no data"):
+        obs.range(8)
+    obs.observe(np.ones(3))
+    assert obs.range(4) == (-1.0, 1.0) and obs.params() == {}
+    with pytest.raises(NotImplementedError):
+        obs.state()
+    with pytest.raises(NotImplementedError):
+        obs.load_state({})
