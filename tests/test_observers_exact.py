@@ -220,3 +220,13 @@ def test_a_custom_observer_inherits_the_generic_name_and_must_define_its_state()
         obs.state()
     with pytest.raises(NotImplementedError):
         obs.load_state({})
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("levels", [8, 16])
+def test_kl_threshold_matches_the_reference_on_heavy_tailed_histograms(seed, levels):
+    rng = np.random.default_rng(seed)
+    hist = np.floor(2000 * np.exp(-np.arange(120) / rng.uniform(5, 20))) + rng.integers(0, 3, 120)
+    hist[rng.integers(60, 120, 4)] += rng.integers(20, 200, 4)  # outliers far out
+    hist[0] = 0
+    assert kl_threshold(hist, levels, max_candidates=10_000) == _kl_reference(hist, levels)

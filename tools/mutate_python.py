@@ -68,6 +68,14 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "qparams_from_range: Gt->GtE in scale > 0": _DEAD_ZP_GUARD,
         "qparams_from_range: 0->1 in np.where(scale > 0, zero_point, 0)": _DEAD_ZP_GUARD,
     },
+    "observers": {
+        "EntropyObserver._range: remove threshold = min(threshold, max(abs(self.min_val), self.max_val))":
+            "the returned range is clamped to [min_val, max_val] anyway: for t > M = max(|min|, max), "
+            "max(-t, min_val) = min_val = max(-M, min_val) and min(t, max_val) = max_val = min(M, max_val)",
+        "kl_threshold: LtE->Lt in used <= levels":
+            "when used == levels the loop has the single candidate i = used, and best_i starts at used: "
+            "both return used",
+    },
 }
 
 _BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
@@ -364,6 +372,32 @@ def summarize(results: dict) -> dict:
             "equivalent": equivalent, "kill_ratio": round(killed / counted, 4) if counted else 1.0}
 
 
+def report(names: list[str], out_dir: Path) -> str:
+    """Markdown: per-module counts, then every equivalent and surviving mutant."""
+    lines = ["| module | mutants | killed | survived | equivalent | kill ratio | mutation run |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    details = []
+    for name in names:
+        path = out_dir / f"{name}.json"
+        if not path.exists():
+            continue
+        results = json.loads(path.read_text())
+        for m in results["mutants"]:  # equivalences justified after the run count too
+            if m["key"] in EQUIVALENT.get(name, {}) and not m["status"].startswith("equivalent"):
+                m["status"] = f"equivalent ({m['status']})"
+        s = summarize(results)
+        ratio, seconds = f"{100 * s['kill_ratio']:.1f} %", f"{results.get('seconds', 0):.0f} s"
+        lines.append(f"| `{results['module']}` | {s['mutants']} | {s['killed']} | {s['survived']} | "
+                     f"{s['equivalent']} | {ratio} | {seconds} |")
+        for m in results["mutants"]:
+            if m["status"].startswith("equivalent"):
+                details.append(f"- {name} (line {m['line']}) `{m['key']}`: equivalent -- "
+                               f"{EQUIVALENT[name][m['key']]}")
+            elif m["status"] not in ("killed", "timeout"):
+                details.append(f"- {name} (line {m['line']}) `{m['key']}`: **{m['status']}**")
+    return "\n".join(lines + [""] + details)
+
+
 def _preimport_third_party(paths: list[str]) -> None:
     """Import, once in this process, every third-party package the modules and pytest load: each forked
     child inherits them and imports only microcnn and the tests (pandas alone takes a second)."""
@@ -391,8 +425,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rerun", action="store_true",
                         help="run only the mutants not killed in the previous results (tests only added)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "microcnn-mutation-results")
+    parser.add_argument("--report", action="store_true", help="print the saved results as Markdown and stop")
     args = parser.parse_args(argv)
     names = list(MODULES) if args.module == "all" else [args.module]
+    if args.report:
+        print(report(names, args.out))
+        return 0
     if args.list or args.show:
         for name in names:
             path, _, skip, _ = MODULES[name]
