@@ -230,3 +230,24 @@ def test_kl_threshold_matches_the_reference_on_heavy_tailed_histograms(seed, lev
     hist[rng.integers(60, 120, 4)] += rng.integers(20, 200, 4)  # outliers far out
     hist[0] = 0
     assert kl_threshold(hist, levels, max_candidates=10_000) == _kl_reference(hist, levels)
+
+
+@pytest.mark.parametrize("kind", sorted(OBSERVERS))
+def test_only_all_zero_data_is_a_zero_range(kind):
+    def observed(*values):
+        obs = make_observer(kind, "conv1", **({} if kind in ("minmax", "ema") else {"bins": 64}))
+        obs.observe(np.array(values, np.float32))
+        return obs
+
+    with pytest.raises(InputError, match="conv1: every calibration value is 0"):
+        observed(0.0, 0.0).range(8)
+    assert observed(2.0, 2.0).range(8) == (0.0, pytest.approx(2.0))  # constant, but not zero
+    lo, hi = observed(-1.0, 0.0, -0.5).range(8)  # non-positive: the range ends at 0
+    assert hi == 0.0 and -1.0 <= lo < -0.4
+
+
+@pytest.mark.parametrize("kind", ["mse", "entropy"])
+def test_default_bit_width_is_8(kind):
+    obs = feed(make_observer(kind, bins=256))
+    assert obs.range() == obs.range(8) != obs.range(4)
+    assert obs.qparams() == obs.qparams(8)
