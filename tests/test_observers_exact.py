@@ -251,3 +251,31 @@ def test_default_bit_width_is_8(kind):
     obs = feed(make_observer(kind, bins=256))
     assert obs.range() == obs.range(8) != obs.range(4)
     assert obs.qparams() == obs.qparams(8)
+
+
+def test_default_settings():
+    # the defaults decide every calibration made without options; the histogram family shares its bins
+    assert HistogramObserver().params() == {"bins": 4096}
+    assert PercentileObserver().params() == {"bins": 4096, "percentile": 99.99}
+    assert MSEObserver().params() == {"bins": 4096, "candidates": 100}
+    assert EntropyObserver().params() == {"bins": 4096, "max_candidates": 512}
+    assert MovingAverageMinMaxObserver().params() == {"averaging_constant": 0.1}
+
+
+def test_a_value_equal_to_the_histogram_limit_doubles_it():
+    obs = HistogramObserver(bins=64)
+    obs.load_state({"pos": np.zeros(64), "neg": np.zeros(64), "scalars": np.array([2.0, 0.5, 1.0]),
+                    "count": np.array([10])})
+    obs.observe(np.array([2.0, 0.0, 0.0], np.float32))  # bins cover [0, R): 2.0 needs R = 4
+    assert obs.limit == 4.0 and obs.pos[32] == 1
+    assert obs.pos[0] == 2 and obs.neg.sum() == 0  # zeros count as non-negative
+    assert obs.count == 13
+
+
+def test_entropy_of_non_negative_data_with_exact_zeros_uses_all_levels_on_one_side():
+    rng = np.random.default_rng(8)
+    x = np.concatenate([np.zeros(3000), np.abs(rng.normal(0, 1, 5000)), [30.0]]).astype(np.float32)
+    obs = EntropyObserver(bins=256, max_candidates=10_000)
+    obs.observe(x)
+    lo, hi = obs.range(4)
+    assert lo == 0.0 and hi == pytest.approx(_kl_reference(obs.pos, 16) * obs.bin_width)
