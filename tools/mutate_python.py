@@ -72,6 +72,15 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "EntropyObserver._range: remove threshold = min(threshold, max(abs(self.min_val), self.max_val))":
             "the returned range is clamped to [min_val, max_val] anyway: for t > M = max(|min|, max), "
             "max(-t, min_val) = min_val = max(-M, min_val) and min(t, max_val) = max_val = min(M, max_val)",
+        "_quantile: Sub->Add in len(counts) - 1":
+            "the clamp never binds: q <= 1 gives target = q * cum[-1] <= cum[-1] (cum[-1] is an exact "
+            "integer and rounding is monotonic), so searchsorted returns at most len - 1",
+        "_quantile: 0.0->1.0 in (target - below) / counts[i] if counts[i] else 0.0":
+            "an empty bin is picked only for target 0 at bin 0 (any later empty bin has the same cum as the "
+            "one before it); the only caller then clamps with max(lo, min_val), and min_val lies at or "
+            "beyond the first non-empty bin, i.e. >= both edges[0] and edges[1]",
+        "MSEObserver._range: Gt->GtE in counts > 0":
+            "bins with count 0 enter the error sum with weight 0 (their centres are finite)",
         "kl_threshold: LtE->Lt in used <= levels":
             "when used == levels the loop has the single candidate i = used, and best_i starts at used: "
             "both return used",
