@@ -279,3 +279,12 @@ def test_entropy_of_non_negative_data_with_exact_zeros_uses_all_levels_on_one_si
     obs.observe(x)
     lo, hi = obs.range(4)
     assert lo == 0.0 and hi == pytest.approx(_kl_reference(obs.pos, 16) * obs.bin_width)
+
+
+def test_histogram_of_small_values_doubles_its_limit_too():
+    obs = HistogramObserver(bins=64)
+    obs.observe(np.array([0.1], np.float32))
+    obs.observe(np.array([0.3, -0.25], np.float32))  # R: 0.1 (1 + 1e-6) -> doubled twice
+    assert obs.limit == pytest.approx(0.4, rel=1e-5)
+    assert obs.pos[int(0.1 / obs.bin_width)] == 1 and obs.pos[int(0.3 / obs.bin_width)] == 1
+    assert obs.neg[int(0.25 / obs.bin_width)] == 1

@@ -79,6 +79,18 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             "an empty bin is picked only for target 0 at bin 0 (any later empty bin has the same cum as the "
             "one before it); the only caller then clamps with max(lo, min_val), and min_val lies at or "
             "beyond the first non-empty bin, i.e. >= both edges[0] and edges[1]",
+        "_quantile: 1->0 in len(counts) - 1":
+            "the clamp never binds (see `len(counts) - 1` above): searchsorted returns at most len - 1",
+        "HistogramObserver._observe: Gt->GtE in top > 0":
+            "with top == 0 both set limit = 0 * (1 + 1e-6) = 0",
+        "PercentileObserver._range: Lt->LtE in self.min_val < 0":
+            "differs only for min_val == 0: the negative bins are then empty, so the low quantile is >= 0, "
+            "and Observer.range returns min(lo, 0) = 0 either way",
+        "PercentileObserver._range: 0.0->1.0 in _quantile(edges, counts, 1 - self.percentile / 100) "
+        "if self.min_val...":
+            "for non-negative data any lo >= 0 becomes 0 in Observer.range (min(lo, 0)); hi is unaffected",
+        "MSEObserver._range: 1.0->0.0 in (1.0, np.inf)":
+            "the initial best alpha is always replaced: the first candidate's error is finite, hence < inf",
         "MSEObserver._range: Gt->GtE in counts > 0":
             "bins with count 0 enter the error sum with weight 0 (their centres are finite)",
         "kl_threshold: LtE->Lt in used <= levels":
