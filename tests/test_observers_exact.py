@@ -137,8 +137,8 @@ def test_signed_entropy_threshold_matches_the_reference_on_both_signs():
     x = np.concatenate([RNG.normal(0, 1, 4000), -np.abs(RNG.normal(0, 0.5, 1000)), [30.0, -25.0]])
     obs = EntropyObserver(bins=256, max_candidates=10_000)
     obs.observe(x.astype(np.float32))
-    lo, hi = obs.range(6)
-    t = _kl_reference(obs.pos + obs.neg, 2**5) * obs.bin_width  # 2**(bits-1) levels per sign
+    lo, hi = obs.range(4)
+    t = _kl_reference(obs.pos + obs.neg, 2**3) * obs.bin_width  # 2**(bits-1) levels per sign
     assert hi == pytest.approx(t) and lo == pytest.approx(-t)
     assert 2.0 < t < 25.0
 
