@@ -59,8 +59,10 @@ def test_histogram_state_of_the_wrong_size_or_sign_is_refused():
     good = {"pos": np.zeros(64), "neg": np.zeros(64), "scalars": np.array([1.0, -1.0, 1.0]),
             "count": np.array([0])}
     obs.load_state(good)
-    for key, bad in [("pos", np.zeros(63)), ("neg", np.zeros(128)), ("pos", -np.ones(64)),
-                     ("neg", -np.ones(64))]:
+    one_negative = np.zeros(64)
+    one_negative[7] = -1
+    for key, bad in [("pos", np.zeros(63)), ("neg", np.zeros(128)), ("pos", one_negative),
+                     ("neg", one_negative)]:
         with pytest.raises(InputError, match="64 bins"):
             HistogramObserver(bins=64).load_state(good | {key: bad})
 
@@ -288,3 +290,17 @@ def test_histogram_of_small_values_doubles_its_limit_too():
     assert obs.limit == pytest.approx(0.4, rel=1e-5)
     assert obs.pos[int(0.1 / obs.bin_width)] == 1 and obs.pos[int(0.3 / obs.bin_width)] == 1
     assert obs.neg[int(0.25 / obs.bin_width)] == 1
+
+
+def test_mse_range_is_a_candidate_fraction_of_the_observed_range_for_small_values():
+    x = np.random.default_rng(6).gamma(2.0, 0.03, 5000).astype(np.float32)  # max well below 1
+    obs = MSEObserver(bins=256, candidates=7)
+    obs.observe(x)
+    lo, hi = obs.range(4)
+    assert lo == 0.0 and hi <= obs.max_val
+    assert np.isclose(np.linspace(1.0, 1 / 7, 7), hi / obs.max_val, rtol=1e-9, atol=0).any()
+
+
+def test_the_count_of_bad_values_is_reported():
+    with pytest.raises(InputError, match="found 2 NaN/Inf"):
+        MinMaxObserver("x").observe(np.array([1.0, np.nan, 2.0, -np.inf], np.float32))

@@ -89,6 +89,14 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "PercentileObserver._range: 0.0->1.0 in _quantile(edges, counts, 1 - self.percentile / 100) "
         "if self.min_val...":
             "for non-negative data any lo >= 0 becomes 0 in Observer.range (min(lo, 0)); hi is unaffected",
+        "PercentileObserver._range: 0->1 in self.min_val < 0":
+            "as `Lt->LtE` above: for 0 <= min_val < 1 the negative bins are empty, the low quantile is >= 0 "
+            "and Observer.range returns min(lo, 0) = 0",
+        "MSEObserver._range: 0.0->1.0 in min(self.min_val, 0.0)":
+            "lo0 changes only for min_val > 0; qparams_from_range widens every candidate range to include 0 "
+            "(same grid), and Observer.range turns the positive lo it returns into 0",
+        "EntropyObserver._range: 0.0->1.0 in max(-threshold, self.min_val) if signed else 0.0":
+            "unsigned case only: Observer.range returns min(lo, 0) = 0 for lo = 1 as for lo = 0",
         "MSEObserver._range: 1.0->0.0 in (1.0, np.inf)":
             "the initial best alpha is always replaced: the first candidate's error is finite, hence < inf",
         "MSEObserver._range: Gt->GtE in counts > 0":
