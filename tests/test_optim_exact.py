@@ -188,3 +188,34 @@ def test_linear_warmup_refusals():
     with pytest.raises(InputError, match="same optimizer"):
         optim.LinearWarmup(opt, 3, after=optim.StepLR(optim.SGD([param()], lr=1.0), 2))
     assert optim.LinearWarmup(opt, 3, start_factor=1.0).get_last_lr() == 1.0
+
+
+def test_steps_count_the_updates_made_not_the_calls_refused():
+    p = param()
+    opt = optim.SGD([p], lr=0.1)
+    p.grad = np.ones(3, np.float32)  # wrong shape: refused, not counted
+    with pytest.raises(InputError):
+        opt.step()
+    assert opt.steps == 0
+    p.grad = np.ones(4, np.float32)
+    opt.step()
+    opt.step()
+    assert opt.steps == 2 and p.version == 2
+
+
+def test_momentum_value_is_sgd_momentum_or_adam_beta1():
+    sgd = optim.SGD([param()], lr=0.1, momentum=0.7)
+    adam = optim.Adam([param()], betas=(0.8, 0.95))
+    assert sgd.momentum_value == 0.7 and adam.momentum_value == 0.8
+    sgd.momentum_value, adam.momentum_value = 0.6, 0.85
+    assert sgd.momentum == 0.6 and adam.betas == (0.85, 0.95)
+
+
+def test_the_base_optimizer_leaves_the_update_rule_to_subclasses():
+    p = param()
+    p.grad = np.ones(4, np.float32)
+    base = optim.Optimizer([p], lr=0.1)
+    for action in (base.step, lambda: base.momentum_value,
+                   lambda: setattr(base, "momentum_value", 0.9)):
+        with pytest.raises(NotImplementedError):
+            action()
