@@ -219,3 +219,14 @@ def test_the_base_optimizer_leaves_the_update_rule_to_subclasses():
                    lambda: setattr(base, "momentum_value", 0.9)):
         with pytest.raises(NotImplementedError):
             action()
+
+
+def test_adam_defaults_are_pytorchs():
+    got = run(optim.Adam)  # lr 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay
+    for g, r in zip(got, adam_ref(GRADS, 1e-3, (0.9, 0.999), 1e-8), strict=True):
+        np.testing.assert_allclose(g, r, rtol=0, atol=TOL)
+
+
+def test_a_schedule_must_define_its_rate():
+    with pytest.raises(NotImplementedError):
+        optim.Schedule(optim.SGD([param()], lr=0.1))
