@@ -237,3 +237,16 @@ def test_adam_defaults_are_pytorchs():
 def test_a_schedule_must_define_its_rate():
     with pytest.raises(NotImplementedError):
         optim.Schedule(optim.SGD([param()], lr=0.1))
+
+
+def test_after_the_warm_up_the_next_schedule_starts_at_its_own_step_0():
+    opt = optim.SGD([param()], lr=1.0, momentum=0.9)
+    cycle = optim.OneCycleLR(opt, max_lr=2.0, total_steps=6)  # its step 0 is max_lr / 25, not its base
+    warm = optim.LinearWarmup(opt, 3, start_factor=0.5, after=cycle)
+    got = [opt.lr]
+    for _ in range(9):
+        warm.step()
+        got.append(opt.lr)
+    # ramp towards the base rate (the optimizer's rate before the schedules), then the cycle from step 0
+    assert got[:3] == [0.5, pytest.approx(2 / 3), pytest.approx(5 / 6)]
+    assert got[3:] == [cycle.lr_at(t) for t in range(7)] and got[3] == pytest.approx(2.0 / 25)

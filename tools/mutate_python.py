@@ -68,6 +68,12 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "qparams_from_range: Gt->GtE in scale > 0": _DEAD_ZP_GUARD,
         "qparams_from_range: 0->1 in np.where(scale > 0, zero_point, 0)": _DEAD_ZP_GUARD,
     },
+    "optim": {
+        "OneCycleLR._phase: LtE->Lt in t <= self.warmup_end":
+            "differs only at t == warmup_end, where the warm-up cosine at pct 1 and the annealing cosine at "
+            "pct 0 both give max_lr and base_momentum (the bit-exact OneCycleLR test sees no difference at "
+            "any tested boundary)",
+    },
     "observers": {
         "EntropyObserver._range: remove threshold = min(threshold, max(abs(self.min_val), self.max_val))":
             "the returned range is clamped to [min_val, max_val] anyway: for t > M = max(|min|, max), "
