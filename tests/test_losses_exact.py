@@ -127,3 +127,15 @@ def test_argument_boundaries_and_messages():
         binary_cross_entropy(Tensor([0.5, -0.5]), np.array([1.0, 0.0]))
     with pytest.raises(InputError, match=r"class index expected in \[0, 2\], found 3"):
         cross_entropy(z, np.array([3, -1]))
+
+
+def test_plain_arrays_are_accepted_as_constant_inputs():
+    z, t = RNG.normal(size=(3, 4)), RNG.integers(0, 4, 3)
+    p, y = RNG.uniform(0.1, 0.9, 5), RNG.uniform(0, 1, 5)
+    z32 = z.astype(np.float32).astype(np.float64)
+    assert float(cross_entropy(z.astype(np.float32), t).data) == pytest.approx(ce_elements(z32, t).mean(),
+                                                                               rel=1e-6)
+    assert float(mse_loss(z, z + 1).data) == pytest.approx(1.0, rel=1e-6)
+    p32 = p.astype(np.float32).astype(np.float64)
+    assert float(binary_cross_entropy(p, y).data) == pytest.approx(bce_elements(p32, y).mean(), rel=1e-6)
+    assert float(binary_cross_entropy_with_logits(np.zeros(4), np.ones(4)).data) == pytest.approx(np.log(2))

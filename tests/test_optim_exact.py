@@ -144,15 +144,31 @@ def one_cycle_ref(t, total, pct_start, max_lr, div, final_div, base_m, max_m):
     raise AssertionError
 
 
-@pytest.mark.parametrize("total, pct", [(13, 0.4), (10, 0.25), (7, 0.5)])
+# warm-up ends at step pct * total - 1: 4.2, 1.5, 2.5, exactly 1, and 0.2 with an annealing span < 1
+@pytest.mark.parametrize("total, pct", [(13, 0.4), (10, 0.25), (7, 0.5), (10, 0.2), (2, 0.6)])
 def test_one_cycle_matches_pytorchs_schedule_at_every_step(total, pct):
     opt = optim.SGD([param()], lr=1.0, momentum=0.5)
     s = optim.OneCycleLR(opt, max_lr=2.0, total_steps=total, pct_start=pct, div_factor=10.0,
                          final_div_factor=100.0, base_momentum=0.8, max_momentum=0.9)
-    for t in range(total):
+    for t in range(total + 1):  # step total_steps itself is allowed, as in PyTorch
         lr, m = one_cycle_ref(t, total, pct, 2.0, 10.0, 100.0, 0.8, 0.9)
         assert (opt.lr, opt.momentum) == (lr, m)  # same formula, same operations: the same bits
+        if t < total:
+            s.step()
+
+
+def test_one_cycle_whose_warm_up_ends_at_step_0_starts_at_max_lr():
+    # pct_start * total_steps = 1: PyTorch divides by zero here; the warm-up is taken as complete
+    opt = optim.SGD([param()], lr=1.0, momentum=0.5)
+    s = optim.OneCycleLR(opt, max_lr=2.0, total_steps=10, pct_start=0.1, base_momentum=0.8, max_momentum=0.9)
+    got = [(opt.lr, opt.momentum)]
+    for _ in range(9):
         s.step()
+        got.append((opt.lr, opt.momentum))
+    low = 2.0 / 25 / 1e4
+    for t, (lr, m) in enumerate(got):  # annealing over steps 0..9
+        assert lr == pytest.approx(low + (2.0 - low) / 2 * (math.cos(math.pi * t / 9) + 1), rel=1e-12)
+        assert m == pytest.approx(0.9 + (0.8 - 0.9) / 2 * (math.cos(math.pi * t / 9) + 1), rel=1e-12)
 
 
 def test_one_cycle_without_momentum_cycling_leaves_the_momentum_alone():

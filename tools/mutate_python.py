@@ -73,6 +73,10 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             "differs only at t == warmup_end, where the warm-up cosine at pct 1 and the annealing cosine at "
             "pct 0 both give max_lr and base_momentum (the bit-exact OneCycleLR test sees no difference at "
             "any tested boundary)",
+        "OneCycleLR._phase: Gt->GtE in span > 0": "span > 0 always: pct_start < 1 is enforced, so "
+                                                  "warmup_end = pct_start * total - 1 < total - 1",
+        "OneCycleLR._phase: 1.0->0.0 in (t - self.warmup_end) / span if span > 0 else 1.0":
+            "the else branch is unreachable: span > 0 always (see above)",
     },
     "observers": {
         "EntropyObserver._range: remove threshold = min(threshold, max(abs(self.min_val), self.max_val))":
