@@ -139,3 +139,13 @@ def test_plain_arrays_are_accepted_as_constant_inputs():
     p32 = p.astype(np.float32).astype(np.float64)
     assert float(binary_cross_entropy(p, y).data) == pytest.approx(bce_elements(p32, y).mean(), rel=1e-6)
     assert float(binary_cross_entropy_with_logits(np.zeros(4), np.ones(4)).data) == pytest.approx(np.log(2))
+
+
+def test_one_class_cross_entropy_is_zero_and_zero_classes_are_refused():
+    z = Tensor(RNG.normal(size=(4, 1)).astype(np.float32), requires_grad=True)
+    loss = cross_entropy(z, np.zeros(4, np.int64))
+    assert float(loss.data) == 0.0
+    loss.backward()
+    np.testing.assert_array_equal(z.grad, np.zeros((4, 1), np.float32))
+    with pytest.raises(InputError, match=r"logits expected shape \(N, K\), found \(4, 0\)"):
+        cross_entropy(Tensor(np.zeros((4, 0))), np.zeros(4, np.int64))
