@@ -111,6 +111,7 @@ def test_targets_may_be_tensors_or_booleans_but_not_text():
     want = ((x.astype(np.float32).astype(np.float64) - t) ** 2).mean()
     assert float(mse_loss(Tensor(x), t).data) == pytest.approx(want, rel=1e-6)
     assert float(mse_loss(Tensor(x), Tensor(t.astype(np.float32))).data) == pytest.approx(want, rel=1e-6)
+    assert float(mse_loss(Tensor(x), t.astype(np.int16)).data) == pytest.approx(want, rel=1e-6)
     with pytest.raises(InputError, match="numeric array, found dtype <U1"):
         mse_loss(Tensor(np.zeros(2)), np.array(["a", "b"]))
 

@@ -78,6 +78,10 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "OneCycleLR._phase: 1.0->0.0 in (t - self.warmup_end) / span if span > 0 else 1.0":
             "the else branch is unreachable: span > 0 always (see above)",
     },
+    "losses": {
+        "binary_cross_entropy_with_logits.backward: GtE->Gt in x >= 0":
+            "at x == 0 both branches give exactly 0.5: 1 / (1 + 1) and exp(0) / (1 + exp(0))",
+    },
     "observers": {
         "EntropyObserver._range: remove threshold = min(threshold, max(abs(self.min_val), self.max_val))":
             "the returned range is clamped to [min_val, max_val] anyway: for t > M = max(|min|, max), "
