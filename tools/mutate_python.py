@@ -78,6 +78,11 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "OneCycleLR._phase: 1.0->0.0 in (t - self.warmup_end) / span if span > 0 else 1.0":
             "the else branch is unreachable: span > 0 always (see above)",
     },
+    "calibrate": {
+        "Calibration.range: remove bits = check_bits(bits)":
+            "the observer's range() runs the same check_bits with the same message; accepted numpy integers "
+            "hash and compare equal to the int, so the cache key is the same",
+    },
     "losses": {
         "binary_cross_entropy_with_logits.backward: GtE->Gt in x >= 0":
             "at x == 0 both branches give exactly 0.5: 1 / (1 + 1) and exp(0) / (1 + exp(0))",
