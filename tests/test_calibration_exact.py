@@ -130,3 +130,17 @@ def test_constant_images_and_foreign_networks_are_refused():
         calibrate(object(), IMAGES, progress=False)
     calibrate(tiny_net(), IMAGES[:1], method="minmax", samples=1, batch_size=1, progress=False)
     assert isinstance(calibrate(tiny_net(), IMAGES, progress=False, samples=1), Calibration)
+
+
+def test_defaults_mse_100_samples_seed_0_batches_of_10_with_a_progress_bar(capsys):
+    images = np.random.default_rng(4).uniform(0, 1, size=(130, 1, 9, 7)).astype(np.float32)
+    net = tiny_net()
+    cal = calibrate(net, images)
+    assert "calibrate (mse)" in capsys.readouterr().err
+    assert cal.method == "mse" and cal.samples == 100 and cal.seed == 0
+    np.testing.assert_array_equal(cal.images, calibrate(net, images, seed=0, progress=False).images)
+    ema = calibrate(net, images[:25], method="ema", progress=False, averaging_constant=0.5)
+    lo = float(images[:10].min())
+    for s in (10, 20):  # batches [0, 10), [10, 20), [20, 25)
+        lo += 0.5 * (float(images[s:s + 10].min()) - lo)
+    assert ema.observer(INPUT).min_val == pytest.approx(lo, rel=1e-6)
