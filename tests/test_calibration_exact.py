@@ -144,3 +144,11 @@ def test_defaults_mse_100_samples_seed_0_batches_of_10_with_a_progress_bar(capsy
     for s in (10, 20):  # batches [0, 10), [10, 20), [20, 25)
         lo += 0.5 * (float(images[s:s + 10].min()) - lo)
     assert ema.observer(INPUT).min_val == pytest.approx(lo, rel=1e-6)
+
+
+def test_default_bit_width_is_8_and_default_seed_0():
+    cal = calibrate(tiny_net(), IMAGES, method="mse", progress=False, bins=64)
+    name = cal.names[-1]
+    assert cal.range(name) == cal.range(name, 8) != cal.range(name, 4)
+    assert cal.act_quant(name) == cal.act_quant(name, 8) and cal.act_quant(name).bits == 8
+    assert Calibration("minmax", cal.observers, cal.architecture, cal.images).seed == 0

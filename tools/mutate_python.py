@@ -82,6 +82,11 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "Calibration.range: remove bits = check_bits(bits)":
             "the observer's range() runs the same check_bits with the same message; accepted numpy integers "
             "hash and compare equal to the int, so the cache key is the same",
+        "calibrate: remove raise InputError(f'method: expected one of {sorted(OBSERVERS)}, fou...":
+            "make_observer raises the same InputError with the same message a few lines later, before "
+            "anything is observed or returned",
+        "calibrate: Gt->GtE in len(x) > samples":
+            "with len(x) == samples the sorted choice of all indices is the identity: the same images",
     },
     "losses": {
         "binary_cross_entropy_with_logits.backward: GtE->Gt in x >= 0":
