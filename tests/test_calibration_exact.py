@@ -152,3 +152,4 @@ def test_default_bit_width_is_8_and_default_seed_0():
     assert cal.range(name) == cal.range(name, 8) != cal.range(name, 4)
     assert cal.act_quant(name) == cal.act_quant(name, 8) and cal.act_quant(name).bits == 8
     assert Calibration("minmax", cal.observers, cal.architecture, cal.images).seed == 0
+    assert cal.table()["Scale"].tolist() == cal.table(8)["Scale"].tolist() != cal.table(4)["Scale"].tolist()

@@ -85,6 +85,8 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "calibrate: remove raise InputError(f'method: expected one of {sorted(OBSERVERS)}, fou...":
             "make_observer raises the same InputError with the same message a few lines later, before "
             "anything is observed or returned",
+        "calibrate: True->False in strict=True":
+            "Sequential.names and Sequential.layers always have the same length (names are made per layer)",
         "calibrate: Gt->GtE in len(x) > samples":
             "with len(x) == samples the sorted choice of all indices is the identity: the same images",
     },
