@@ -64,3 +64,18 @@ def test_a_scalar_scale_is_every_rows_scale_and_conv_weights_are_flattened():
 def test_input_gram_refuses_layers_without_weights():
     with pytest.raises(TypeError, match="ReLU"):
         input_gram(microcnn.ReLU(), np.zeros((2, 3), np.float32))
+
+
+def test_default_damping_is_one_percent_of_the_mean_diagonal():
+    w, gram = correlated_problem(5, 8)
+    scale = np.abs(w).max(1) / 7
+    np.testing.assert_array_equal(gptq_round(w, scale, 4, gram), obq_reference(w, scale, 4, gram, 0.01))
+
+
+def test_conv_input_gram_is_accumulated_in_float64():
+    # inputs near 1 with small variations: a float32 sum of products would lose the variations
+    conv = microcnn.Conv2d(1, 1, 2)
+    x = (1.0 + 1e-3 * RNG.normal(size=(30, 1, 9, 8))).astype(np.float32)
+    win = np.lib.stride_tricks.sliding_window_view(x.astype(np.float64), (2, 2), axis=(2, 3))
+    cols = win.transpose(1, 4, 5, 0, 2, 3).reshape(4, -1)
+    np.testing.assert_allclose(input_gram(conv, x), cols @ cols.T, rtol=1e-13, atol=0)
