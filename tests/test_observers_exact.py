@@ -279,8 +279,9 @@ def test_entropy_of_non_negative_data_with_exact_zeros_uses_all_levels_on_one_si
     x = np.concatenate([np.zeros(3000), np.abs(rng.normal(0, 1, 5000)), [30.0]]).astype(np.float32)
     obs = EntropyObserver(bins=256, max_candidates=10_000)
     obs.observe(x)
-    lo, hi = obs.range(4)
-    assert lo == 0.0 and hi == pytest.approx(_kl_reference(obs.pos, 16) * obs.bin_width)
+    for bits in (3, 4):  # the spike of zeros is left out: at 3 bits it would halve the threshold
+        lo, hi = obs.range(bits)
+        assert lo == 0.0 and hi == pytest.approx(_kl_reference(obs.pos, 2**bits) * obs.bin_width)
 
 
 def test_histogram_of_small_values_doubles_its_limit_too():
@@ -302,5 +303,5 @@ def test_mse_range_is_a_candidate_fraction_of_the_observed_range_for_small_value
 
 
 def test_the_count_of_bad_values_is_reported():
-    with pytest.raises(InputError, match="found 2 NaN/Inf"):
-        MinMaxObserver("x").observe(np.array([1.0, np.nan, 2.0, -np.inf], np.float32))
+    with pytest.raises(InputError, match="found 3 NaN/Inf"):
+        MinMaxObserver("x").observe(np.array([1.0, np.nan, 2.0, -np.inf, np.inf], np.float32))
