@@ -38,8 +38,10 @@ def no_grad():
 class Tensor:
     """A float32 array with an optional gradient.
 
-    ``version`` counts in-place changes of ``data`` (optimizer steps, state loading) so that caches
-    derived from a weight, such as Winograd-transformed kernels, know when to rebuild.
+    ``version`` counts the in-place changes the library makes to ``data`` (optimizer steps, state
+    loading). It is informative only: edits made directly to ``data`` do not bump it, so nothing
+    derived from a weight relies on it (compiled programs read the arrays themselves; convolutions'
+    prepared weights compare the values they were made from).
     """
 
     def __init__(self, data, requires_grad: bool = False):

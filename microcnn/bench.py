@@ -100,8 +100,9 @@ _STARTUP_SCRIPT = """
 import time, json
 t0 = time.perf_counter()
 import microcnn, numpy as np
+from microcnn.cli import _load_model
 t1 = time.perf_counter()
-net = microcnn.lenet(weights={weights!r})
+net = _load_model({weights!r})
 x = np.zeros((1, 1, 28, 28), np.float32)
 net.predict(x)
 t2 = time.perf_counter()
@@ -152,25 +153,50 @@ def _records(df: pd.DataFrame, columns: dict) -> list[dict]:
 
 def run(args) -> dict:
     """``microcnn bench``: build every requested table, print them (unless --json), return the report."""
-    from .cli import _calibration_images, _data_dir, _load_model
-    from .datasets import load_mnist
+    import numba
+
+    from .cli import (
+        _calibration_images,
+        _data_dir,
+        _load_model,
+        _precision_of,
+        _stored_precision,
+        _test_images,
+    )
+    from .errors import InputError
 
     say = (lambda *a: None) if args.json else print
-    images, labels = load_mnist("test", data_dir=_data_dir(args))
-    images, labels = images[:args.samples], labels[:args.samples]
+    images, labels = _test_images(args, args.samples)
     net = _load_model(args.model)
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    stored = _stored_precision(net)
+    if stored is None:
+        precisions = args.precisions or list(PRECISIONS)
+    elif args.precisions in (None, [stored]):  # a quantized file is timed as stored, under its own name
+        precisions = [stored]
+    else:
+        raise InputError(f"--precisions {','.join(args.precisions)}: {args.model} is already quantized "
+                         f"({stored}) and runs only as stored; omit --precisions")
+    if stored is not None and (args.per_layer or args.conv or args.compare):
+        raise InputError(f"--per-layer, --conv and --compare compare against FP32: they need an FP32 model, "
+                         f"and {args.model} is quantized ({stored})")
     calibration = None
-    if any(p != "fp32" for p in precisions):
+    fp32 = getattr(net, "network", net)  # a storage-compressed model quantizes its decompressed network
+    if stored is None and any(p != "fp32" for p in precisions):
         from .quant import calibrate
 
-        calibration = calibrate(net, _calibration_images(args, args.calibration), method=args.method,
-                                progress=not args.json)
-    models = {p: build_precision(net, p, calibration) for p in precisions}
-    report = {"threads": args.threads, "samples": len(images), "model": args.model}
+        calibration = calibrate(fp32, _calibration_images(args, args.calibration), samples=args.calibration,
+                                method=args.method, progress=not args.json)
+    built = [net if stored is not None or p == "fp32" else build_precision(fp32, p, calibration)
+             for p in precisions]
+    models = {_precision_of(m): m for m in built}  # each row named by what its model computes in
+    with pinned_threads(args.threads):
+        threads = numba.get_num_threads()
+    report = {"threads": threads, "samples": len(images), "model": args.model}
+    if calibration is not None:
+        report["calibration_samples"] = calibration.samples
 
     head = headline_table(models, images, labels, repeats=args.repeats, threads=args.threads)
-    say(f"Headline: LeNet-5, {len(images)} test images batched, {args.threads} thread(s), "
+    say(f"Headline: LeNet-5, {len(images)} test images batched, {threads} thread(s), "
         f"median of {args.repeats}")
     say(format_table(head))
     report["headline"] = headline_records(head)
@@ -186,7 +212,7 @@ def run(args) -> dict:
         from .quant import per_layer_table
 
         with pinned_threads(args.threads):
-            table = per_layer_table(net, calibration, images)
+            table = per_layer_table(fp32, calibration, images)
         say("\nPer layer:\n" + format_table(table, ".4g"))
         from .analysis import conv_precision_table
 
@@ -203,7 +229,7 @@ def run(args) -> dict:
         from .convolution import benchmark_algorithms
 
         with pinned_threads(args.threads):
-            table = benchmark_algorithms(net, images, repeats=args.repeats, progress=not args.json)
+            table = benchmark_algorithms(fp32, images, repeats=args.repeats, progress=not args.json)
         say("\nConvolution algorithms:\n" + format_table(table, ".4g"))
         report["conv"] = _records(table, {
             "Algorithm": "algorithm", "Total Time (ms)": "total_ms", "Per Image (us)": "per_image_us",
@@ -221,7 +247,7 @@ def run(args) -> dict:
     if args.compare:
         from .compare import compare_table
 
-        table = compare_table(net, images, labels, calibration_images=_calibration_images(
+        table = compare_table(fp32, images, labels, calibration_images=_calibration_images(
             args, args.calibration), threads=args.threads, repeats=args.repeats,
             systems=args.compare, method=args.method)
         say("\nComparison:\n" + format_table(table, ".3f"))

@@ -17,6 +17,16 @@ def check_count(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_array_batch(x, name: str = "forward") -> None:
+    """Refuse, naming the real problem, what ``Sequential.forward`` (which takes arrays as they are)
+    cannot run: anything but a numpy array, and a batch of no images."""
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"{name}: expected a numpy array (N, C, H, W), found {type(x).__name__}; predict() "
+                         "converts lists and uint8 images, forward() takes float arrays as they are")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise InputError(f"{name}: expected at least one image, found an empty batch {x.shape}")
+
+
 def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndarray:
     """Return ``x`` as a C-contiguous float32 (N, C, H, W) batch, or raise ``InputError``.
 
@@ -34,6 +44,8 @@ def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndar
             x = np.asarray(x)
         except Exception as exc:  # ragged lists and the like
             raise InputError(f"{name}: expected an array, found {type(x).__name__} ({exc})") from None
+    if x.ndim > 0 and x.shape[0] == 0:  # [] or (0, C, H, W): say so before shape and dtype do
+        raise InputError(f"{name}: expected at least one image, found an empty batch {x.shape}")
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / np.float32(255.0)
     elif np.issubdtype(x.dtype, np.floating):
@@ -53,7 +65,7 @@ def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndar
             raise InputError(f"{name}: expected shape (N, {c}, {h}, {w}), found {x.shape}")
     elif x.ndim != 4:
         raise InputError(f"{name}: expected a 4-D (N, C, H, W) array, found shape {x.shape}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0:  # a single (H, W) or (C, H, W) image with a zero-sized axis
         raise InputError(f"{name}: expected at least one image, found an empty batch {x.shape}")
     if np.isfinite(x).all():
         return np.ascontiguousarray(x)

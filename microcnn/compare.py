@@ -892,10 +892,15 @@ def add_compare_arguments(parser) -> None:
     parser.add_argument("--model", default="bundled",
                         help="'bundled', a LeNet-5 .raw file, a .safetensors model, or a PyTorch .pt "
                              "state_dict of LeNet-5 (default: bundled)")
-    parser.add_argument("--samples", type=int, default=1000, help="first N test images (default 1000)")
-    parser.add_argument("--threads", type=int, default=1, help="threads for every system (default 1)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per model; the median is shown")
-    parser.add_argument("--calibration", type=int, default=100, metavar="N",
+    from .cliargs import image_count, repeat_count, thread_count
+
+    parser.add_argument("--samples", type=image_count, default=1000,
+                        help="first N test images (default 1000)")
+    parser.add_argument("--threads", type=thread_count, default=1,
+                        help="threads for every system (default 1)")
+    parser.add_argument("--repeats", type=repeat_count, default=5,
+                        help="timed runs per model; the median is shown")
+    parser.add_argument("--calibration", type=image_count, default=100, metavar="N",
                         help="calibration images from the training split, the same for every system "
                              "(default 100)")
     parser.add_argument("--method", default="mse", choices=["minmax", "ema", "percentile", "mse", "entropy"],
@@ -931,8 +936,7 @@ def _load_any_model(spec: str) -> Sequential:
 
 def run_compare(args) -> int:
     """``microcnn compare``: print the table (or JSON / markdown); 2 with a message if an extra is missing."""
-    from .cli import _calibration_images, _data_dir
-    from .datasets import load_mnist
+    from .cli import _calibration_images, _test_images
 
     try:
         needed = systems_modules(args.systems)
@@ -942,13 +946,8 @@ def run_compare(args) -> int:
     except MissingDependencyError as exc:
         print(f"microcnn compare: error: {exc}", file=sys.stderr)
         return 2
-    if args.samples < 0 or args.calibration < 1:
-        raise InputError(f"--samples >= 0 and --calibration >= 1 expected, found {args.samples} and "
-                         f"{args.calibration}")
-    net = _load_any_model(args.model)
-    images, labels = load_mnist("test", data_dir=_data_dir(args))
-    if args.samples:
-        images, labels = images[:args.samples], labels[:args.samples]
+    net = _load_any_model(args.model)  # (--samples and --calibration were range-checked when parsed)
+    images, labels = _test_images(args, args.samples)
     df = compare_table(net, images, labels, _calibration_images(args, args.calibration), threads=args.threads,
                        repeats=args.repeats, systems=args.systems, method=args.method,
                        precisions=parse_precisions(args.precisions), torch_compile=not args.no_compile,

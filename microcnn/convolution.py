@@ -3,9 +3,11 @@
 ``conv2d_forward`` is what ``Conv2d.forward`` calls. The calling layer owns a ``state`` dict in
 which this module keeps
 
-* ``"prepared"``: per-algorithm weight transforms (Winograd ``U``, FFT spectra), valid for
-  ``"prepared_for"`` = (weight_version, id of the weight array); any other version or array clears
-  them, so a training step or ``load_state_dict`` (which bump the version) never sees stale ones;
+* ``"prepared"`` and ``"runners"``: per-algorithm weight transforms (Winograd ``U``, FFT spectra,
+  im2col's packed blocks) and the kernels holding them, valid for the weight values in ``"weights"``
+  (a copy). Every call compares the weights with that copy, bit for bit (~0.1 ns a value), and
+  rebuilds on any difference, so nothing that changes a weight -- an optimizer step, pruning in place,
+  ``load_state_dict``, another array -- can leave a convolution computing with the old values;
 * ``"used"``: the algorithm that actually ran last time, and ``"fallback"``: why it differs from the
   requested one (``None`` when it does not).
 
@@ -28,6 +30,7 @@ import numpy as np
 
 from .errors import InputError
 from .kernels import conv as K
+from .kernels.elementwise import same_bits
 
 ALGORITHMS = ("naive", "im2col", "winograd", "fft")
 # Extra names conv2d_forward accepts: a variant of an algorithm above.
@@ -193,19 +196,18 @@ def _resolve(algorithm, x, w, b, stride, padding, state):
     )
 
 
-def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", state=None, weight_version=0,
-                   pool=None, relu=False):
+def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", state=None, pool=None,
+                   relu=False):
     """y (N, O, OH, OW) float32 = conv2d(x, w) + b by ``algorithm`` ("auto", one of ``ALGORITHMS``,
     or a variant in ``ALGORITHM_VARIANTS``); then ReLU when ``relu``, then max pooling when ``pool`` =
     (kh, kw, sh, sw) -- which im2col does in the convolution's own pass.
 
-    ``state``: a dict owned by the calling layer (see the module docstring); ``weight_version``:
-    bumped by the layer whenever ``w`` changes. A requested algorithm that cannot run this shape
-    (Winograd with stride 2 or a 7x7 kernel) falls back to im2col, records why in
-    ``state["fallback"]`` and warns once per state; unknown names raise ``InputError``.
+    ``state``: a dict owned by the calling layer (see the module docstring). A requested algorithm
+    that cannot run this shape (Winograd with stride 2 or a 7x7 kernel) falls back to im2col, records
+    why in ``state["fallback"]`` and warns once per state; unknown names raise ``InputError``.
 
-    A repeat call with the same input shape, weight array and version goes straight to the
-    prepared kernel (about 1 us of Python), which keeps batch-1 latency low.
+    A repeat call with the same input shape and weight array, whose values are unchanged, goes
+    straight to the prepared kernel (about 1 us of Python), which keeps batch-1 latency low.
     """
     if state is None:
         state = {}
@@ -213,32 +215,32 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", sta
     if (
         memo is not None
         and memo[0] is w
-        and memo[1] == weight_version
-        and memo[2] == x.shape
-        and memo[3] == algorithm
-        and memo[4] == stride
-        and memo[5] == padding
+        and memo[1] == x.shape
+        and memo[2] == algorithm
+        and memo[3] == stride
+        and memo[4] == padding
         and type(x) is np.ndarray
         and x.dtype == _F32
         and x.flags.c_contiguous
         and type(b) is np.ndarray
         and b.dtype == _F32
-        and b.shape == memo[6]
+        and b.shape == memo[5]
+        and same_bits(w, state["weights"])
     ):
-        return memo[7](x, b, pool, relu)
+        return memo[6](x, b, pool, relu)
     stride, padding = tuple(stride), tuple(padding)
     x, w2, b = _check(x, w, b, stride, padding)
-    stamp = (weight_version, id(w2))
-    if state.get("prepared_for") != stamp:
+    seen = state.get("weights")
+    if seen is None or seen.shape != w2.shape or not same_bits(w2, seen):
         state["prepared"] = {}
         state["runners"] = {}
-        state["prepared_for"] = stamp
+        state["weights"] = w2.copy()
     used, fallback = _resolve(algorithm, x, w2, b, stride, padding, state)
     run = _runner(used, x.shape, w2, stride, padding, state)
     state["used"] = used
     state["fallback"] = fallback
-    if w2 is w:  # only a float32 contiguous weight array may be remembered by identity
-        state["memo"] = (w, weight_version, x.shape, algorithm, stride, padding, b.shape, run)
+    # Only a float32 contiguous weight array may be remembered by identity (others are converted copies).
+    state["memo"] = (w, x.shape, algorithm, stride, padding, b.shape, run) if w2 is w else None
     return run(x, b, pool, relu)
 
 

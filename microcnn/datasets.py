@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_MAX_IDX_BYTES",
     "DEFAULT_TIMEOUT",
     "FASHION_MNIST_CLASSES",
+    "MAX_DATASET_BYTES",
     "MAX_IDX_NDIM",
     "MIRRORS",
     "MNIST_CLASSES",
@@ -93,108 +94,126 @@ def _read_upto(stream, n: int) -> bytearray:
     return buf
 
 
-def _parse_idx(path: Path, stream, file_size: int | None, max_bytes: int) -> np.ndarray:
-    magic = _read_upto(stream, 4)
-    if len(magic) < 4:
-        raise FileFormatError(path, "too short for an IDX magic number", "4 bytes", f"{len(magic)} bytes")
-    if magic[0] or magic[1]:
-        raise FileFormatError(
-            path,
-            "not an IDX file: the magic number must start with two zero bytes",
-            "0x0000",
-            f"0x{magic[:2].hex()}",
-        )
-    code, ndim = magic[2], magic[3]
-    if code not in _IDX_DTYPES:
-        raise FileFormatError(
-            path, "unknown IDX data type code", "one of 0x08 0x09 0x0B 0x0C 0x0D 0x0E", f"0x{code:02X}"
-        )
-    if not 1 <= ndim <= MAX_IDX_NDIM:
-        raise FileFormatError(path, "IDX number of dimensions out of range", f"1..{MAX_IDX_NDIM}", ndim)
-    header_len = 4 + 4 * ndim
-    dim_bytes = _read_upto(stream, 4 * ndim)
-    if len(dim_bytes) < 4 * ndim:
-        raise FileFormatError(
-            path,
-            f"IDX header truncated ({ndim} dimensions declared)",
-            f"{header_len} header bytes",
-            f"{4 + len(dim_bytes)} bytes",
-        )
-    shape = struct.unpack(f">{ndim}I", dim_bytes)
-    dtype = _IDX_DTYPES[code]
-    nbytes = math.prod(shape) * dtype.itemsize
-    # Zero-length axes make nbytes 0 while the other axes can still overflow NumPy's index type.
-    span = math.prod(max(d, 1) for d in shape) * dtype.itemsize
-    if span > max_bytes:
-        raise FileFormatError(
-            path,
-            f"IDX header declares shape {shape} of {dtype.name}, larger than the allowed maximum",
-            f"at most {max_bytes} bytes (read_idx max_bytes)",
-            f"{span} bytes",
-        )
-    if file_size is not None:
-        # Raw files: compare with the size on disk before reading anything.
-        available = file_size - header_len
+# Deflate expands at most 1032:1 (258-byte matches coded in 2 bits): a gzip stream cannot hold more.
+_MAX_GZIP_RATIO = 1032
+
+
+class _IdxReader:
+    """An open IDX file (raw or gzip) whose header has been read and checked, and no data yet: its
+    ``dtype`` and ``shape`` let a caller compare files with each other and with a request before
+    ``read(items)`` decompresses only the first ``items`` entries along axis 0."""
+
+    def __init__(self, path, max_bytes: int = DEFAULT_MAX_IDX_BYTES, limit_name: str = "read_idx max_bytes"):
+        self.path = path = Path(path)
+        file_size = regular_file_size(path, "IDX file")
+        self._raw = open(path, "rb")  # noqa: SIM115 -- closed by close() / __exit__
+        try:
+            self.compressed = self._raw.read(2) == _GZIP_MAGIC
+            self._raw.seek(0)
+            self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
+            with self._gzip_errors():
+                self._read_header(file_size, max_bytes, limit_name)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._raw.close()
+
+    @contextlib.contextmanager
+    def _gzip_errors(self):
+        try:
+            yield
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+            raise FileFormatError(self.path, "corrupt or truncated gzip data", "a complete gzip stream",
+                                  f"{type(err).__name__}: {err}") from err
+
+    def _read_header(self, file_size: int, max_bytes: int, limit_name: str) -> None:
+        path, stream = self.path, self._stream
+        magic = _read_upto(stream, 4)
+        if len(magic) < 4:
+            raise FileFormatError(path, "too short for an IDX magic number", "4 bytes", f"{len(magic)} bytes")
+        if magic[0] or magic[1]:
+            raise FileFormatError(path, "not an IDX file: the magic number must start with two zero bytes",
+                                  "0x0000", f"0x{magic[:2].hex()}")
+        code, ndim = magic[2], magic[3]
+        if code not in _IDX_DTYPES:
+            raise FileFormatError(path, "unknown IDX data type code", "one of 0x08 0x09 0x0B 0x0C 0x0D 0x0E",
+                                  f"0x{code:02X}")
+        if not 1 <= ndim <= MAX_IDX_NDIM:
+            raise FileFormatError(path, "IDX number of dimensions out of range", f"1..{MAX_IDX_NDIM}", ndim)
+        header_len = 4 + 4 * ndim
+        dim_bytes = _read_upto(stream, 4 * ndim)
+        if len(dim_bytes) < 4 * ndim:
+            raise FileFormatError(path, f"IDX header truncated ({ndim} dimensions declared)",
+                                  f"{header_len} header bytes", f"{4 + len(dim_bytes)} bytes")
+        self.shape = shape = struct.unpack(f">{ndim}I", dim_bytes)
+        self.dtype = dtype = _IDX_DTYPES[code]
+        self.nbytes = nbytes = math.prod(shape) * dtype.itemsize
+        # Zero-length axes make nbytes 0 while the other axes can still overflow NumPy's index type.
+        span = math.prod(max(d, 1) for d in shape) * dtype.itemsize
+        if span > max_bytes:
+            raise FileFormatError(path, f"IDX header declares shape {shape} of {dtype.name}, larger than "
+                                  "the allowed maximum", f"at most {max_bytes} bytes ({limit_name})",
+                                  f"{span} bytes")
+        # Compare with what the file can hold before reading anything: its size (raw), or the most a
+        # gzip stream of that size can expand to.
+        available = file_size - header_len if not self.compressed else _MAX_GZIP_RATIO * file_size
         if available < nbytes:
-            raise FileFormatError(
-                path,
-                f"data shorter than the IDX header declares (shape {shape}, {dtype.name})",
-                f"{nbytes} data bytes",
-                f"{available} bytes",
-            )
-        if available > nbytes:
-            raise FileFormatError(
-                path,
-                f"trailing bytes after the data the IDX header declares (shape {shape})",
-                f"{nbytes} data bytes",
-                f"{available} bytes",
-            )
-    data = _read_upto(stream, nbytes)
-    if len(data) < nbytes:
-        raise FileFormatError(
-            path,
-            f"data shorter than the IDX header declares (shape {shape}, {dtype.name})",
-            f"{nbytes} data bytes",
-            f"{len(data)} bytes",
-        )
-    # For gzip this read also reaches the end of the stream, which is where the CRC is checked.
-    extra = stream.read(_CHUNK)
-    if extra:
-        raise FileFormatError(
-            path,
-            f"trailing bytes after the data the IDX header declares (shape {shape})",
-            f"{nbytes} data bytes",
-            f"at least {nbytes + len(extra)} bytes",
-        )
-    array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    return array.astype(dtype.newbyteorder("="), copy=False)
+            why = f"; a {file_size}-byte gzip file expands to at most {_MAX_GZIP_RATIO} times that"
+            raise FileFormatError(path, f"data shorter than the IDX header declares (shape {shape}, "
+                                  f"{dtype.name}){why if self.compressed else ''}", f"{nbytes} data bytes",
+                                  f"{'at most ' * self.compressed}{available} bytes")
+        if not self.compressed and available > nbytes:
+            raise FileFormatError(path, f"trailing bytes after the data the IDX header declares (shape "
+                                  f"{shape})", f"{nbytes} data bytes", f"{available} bytes")
+
+    def read(self, items: int | None = None) -> np.ndarray:
+        """The first ``items`` entries along axis 0 (all by default) as a writable native-endian array.
+        Reading everything also checks that nothing follows the data (and, for gzip, the CRC); a
+        partial read decompresses nothing past the entries it returns."""
+        shape = self.shape if items is None else (min(items, self.shape[0]), *self.shape[1:])
+        nbytes = math.prod(shape) * self.dtype.itemsize
+        with self._gzip_errors():
+            data = _read_upto(self._stream, nbytes)
+            if len(data) < nbytes:
+                raise FileFormatError(self.path, f"data shorter than the IDX header declares (shape "
+                                      f"{self.shape}, {self.dtype.name})", f"{self.nbytes} data bytes",
+                                      f"{len(data)} bytes")
+            if shape == self.shape:  # for gzip this read reaches the end of the stream: the CRC check
+                extra = self._stream.read(_CHUNK)
+                if extra:
+                    raise FileFormatError(self.path, f"trailing bytes after the data the IDX header declares "
+                                          f"(shape {self.shape})", f"{nbytes} data bytes",
+                                          f"at least {nbytes + len(extra)} bytes")
+        array = np.frombuffer(data, dtype=self.dtype).reshape(shape)
+        return array.astype(self.dtype.newbyteorder("="), copy=False)
 
 
-def read_idx(path, *, max_bytes: int = DEFAULT_MAX_IDX_BYTES) -> np.ndarray:
+def read_idx(path, *, max_bytes: int = DEFAULT_MAX_IDX_BYTES, items: int | None = None) -> np.ndarray:
     """Read an IDX file (raw or gzip) into a writable, native-endian, C-contiguous array.
 
     Shape and dtype come from the header. Malformed input raises ``FileFormatError`` naming the file,
-    expectation and finding; declared sizes are checked against the bytes that really exist (file
-    size for raw files, bytes that actually decompress for gzip) before memory for them is used, and
-    headers declaring more than ``max_bytes`` are refused outright.
+    expectation and finding; declared sizes are checked against the bytes that can exist (file size
+    for raw files, 1032 times it for gzip, deflate's limit) before memory for them is used, headers
+    declaring more than ``max_bytes`` are refused outright, and bytes are kept only as they really
+    decompress. ``items``: read only the first ``items`` entries along axis 0 (at most).
     """
-    path = Path(path)
-    regular_file_size(path, "IDX file")
-    with open(path, "rb") as raw:
-        if raw.read(2) != _GZIP_MAGIC:
-            raw.seek(0)
-            return _parse_idx(path, raw, os.fstat(raw.fileno()).st_size, max_bytes)
-        raw.seek(0)
-        try:
-            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-                return _parse_idx(path, stream, None, max_bytes)
-        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-            raise FileFormatError(
-                path,
-                "corrupt or truncated gzip data",
-                "a complete gzip stream",
-                f"{type(err).__name__}: {err}",
-            ) from err
+    if items is not None:
+        _check_items(items)
+    with _IdxReader(path, max_bytes) as reader:
+        return reader.read(items)
+
+
+def _check_items(items) -> None:
+    if isinstance(items, bool) or not isinstance(items, int | np.integer) or items < 1:
+        raise InputError(f"samples: expected a positive integer (or None for all), found {items!r}")
 
 
 def write_idx(path, array) -> None:
@@ -420,6 +439,9 @@ def _not_found_message(name: str, split: str | None, data_dir, download_failure:
 
 # ----------------------------------------------------------------------------------------- download
 
+# urllib rather than pooch: checksums of decompressed bytes, a size cap, .gz bytes kept as served even
+# when labelled Content-Encoding: gzip, and no new dependencies (docs/dependencies.md).
+
 
 class _FetchFailure(Exception):
     """One attempt at one URL failed; ``retry`` says whether the same URL is worth a second try."""
@@ -594,31 +616,47 @@ def _file_key(path: Path) -> tuple:
     return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
-def _decode_pair(images_path: Path, labels_path: Path, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx(images_path)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != _IMAGE_SIZE:
-        raise FileFormatError(
-            images_path,
-            "not an image file",
-            f"uint8 images of shape (N, {_IMAGE_SIZE[0]}, {_IMAGE_SIZE[1]})",
-            f"{images.dtype} array of shape {images.shape}",
-        )
-    labels = read_idx(labels_path)
-    if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise FileFormatError(
-            labels_path,
-            "not a label file",
-            "uint8 labels of shape (N,)",
-            f"{labels.dtype} array of shape {labels.shape}",
-        )
-    if len(labels) != len(images):
-        raise FileFormatError(
-            labels_path,
-            f"label count does not match the image count of {images_path}",
-            f"{len(images)} labels",
-            f"{len(labels)}",
-        )
-    if len(labels) and int(labels.max()) >= n_classes:
+# What the loaders accept per file, declared size (the limit named in the error): MNIST-like training
+# images are 47 MB, so this leaves room for 5x larger sets while a forged header cannot make the
+# loaders decompress gigabytes (or convert them to 4 times as many bytes of float32).
+MAX_DATASET_BYTES = 1 << 28
+
+
+def _decode_pair(images_path: Path, labels_path: Path, n_classes: int, samples: int | None,
+                 max_bytes: int = MAX_DATASET_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Both headers are checked against each other and the request before either file's data is
+    read; then only the first ``samples`` images and labels are decompressed."""
+    limit = (max_bytes, "microcnn.datasets.MAX_DATASET_BYTES")
+    with _IdxReader(images_path, *limit) as images_file, _IdxReader(labels_path, *limit) as labels_file:
+        shape = images_file.shape
+        if images_file.dtype != np.uint8 or len(shape) != 3 or shape[1:] != _IMAGE_SIZE:
+            raise FileFormatError(
+                images_path,
+                "not an image file",
+                f"uint8 images of shape (N, {_IMAGE_SIZE[0]}, {_IMAGE_SIZE[1]})",
+                f"{images_file.dtype} array of shape {images_file.shape}",
+            )
+        if labels_file.dtype != np.uint8 or len(labels_file.shape) != 1:
+            raise FileFormatError(
+                labels_path,
+                "not a label file",
+                "uint8 labels of shape (N,)",
+                f"{labels_file.dtype} array of shape {labels_file.shape}",
+            )
+        count = images_file.shape[0]
+        if labels_file.shape[0] != count:
+            raise FileFormatError(
+                labels_path,
+                f"label count does not match the image count of {images_path}",
+                f"{count} labels",
+                f"{labels_file.shape[0]}",
+            )
+        if count == 0:
+            raise FileFormatError(images_path, "the IDX header declares 0 images (an empty dataset file)",
+                                  "at least 1 image", "shape (0, 28, 28)")
+        images = images_file.read(samples)
+        labels = labels_file.read(samples)
+    if int(labels.max()) >= n_classes:
         raise FileFormatError(labels_path, "label out of range", f"0..{n_classes - 1}", int(labels.max()))
     images = images.reshape(len(images), 1, *_IMAGE_SIZE)
     labels = labels.astype(np.int64)
@@ -633,20 +671,29 @@ def load_dataset(
     data_dir=None,
     download: bool = True,
     *,
+    samples: int | None = None,
     progress: bool = True,
     mirrors: Sequence[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load ``split`` of dataset ``name`` as (images float32 (N,1,28,28) in [0,1], labels int64 (N,)).
 
+    ``samples``: only the first ``samples`` images and labels (all of them when the files hold fewer;
+    ``len`` of the result says how many); the files are read and decompressed no further. Both files'
+    headers are checked against each other first, and files declaring more than
+    ``MAX_DATASET_BYTES`` are refused before any data is read.
+
     Images are ``uint8 / 255``. Every call returns NEW writable arrays owned by the caller; only the
-    decoded uint8 bytes are cached in-process (keyed by path, mtime and size), so repeated loads skip
-    the decompression. Searches ``candidate_dirs(name, data_dir)``; when nothing is found and
+    decoded uint8 bytes are cached in-process (keyed by path, mtime, size and ``samples``), so repeated
+    loads skip the decompression. Searches ``candidate_dirs(name, data_dir)``; when nothing is found and
     ``download`` is true the files are fetched (see ``fetch``). Raises ``DataNotFoundError`` listing
     where it looked and where to put the files.
     """
     _check_name(name)
     _check_split(split)
+    if samples is not None:
+        _check_items(samples)
+        samples = int(samples)
     directory = find_dataset_dir(name, data_dir, split)
     if directory is None:
         if not download:
@@ -656,12 +703,17 @@ def load_dataset(
         except DownloadError as err:
             raise DataNotFoundError(_not_found_message(name, split, data_dir, err)) from err
     images_path, labels_path = (_locate_file(directory, base) for base in SPLIT_FILES[split])
-    key = (_file_key(images_path), _file_key(labels_path))
-    if key not in _CACHE:
-        while len(_CACHE) >= _CACHE_MAX:
-            del _CACHE[next(iter(_CACHE))]
-        _CACHE[key] = _decode_pair(images_path, labels_path, len(_CLASSES[name]))
-    images_u8, labels = _CACHE[key]
+    files = (_file_key(images_path), _file_key(labels_path))
+    whole = _CACHE.get((files, None))
+    if whole is not None:  # a full read serves every request
+        images_u8, labels = (a[:samples] for a in whole)
+    else:
+        key = (files, samples)
+        if key not in _CACHE:
+            while len(_CACHE) >= _CACHE_MAX:
+                del _CACHE[next(iter(_CACHE))]
+            _CACHE[key] = _decode_pair(images_path, labels_path, len(_CLASSES[name]), samples)
+        images_u8, labels = _CACHE[key]
     images = images_u8.astype(np.float32)
     images /= np.float32(255)
     return images, labels.copy()
@@ -672,13 +724,15 @@ def load_mnist(
     data_dir=None,
     download: bool = True,
     *,
+    samples: int | None = None,
     progress: bool = True,
     mirrors: Sequence[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[np.ndarray, np.ndarray]:
     """MNIST ``split`` ("test" or "train"); see ``load_dataset`` for search order, download and caching."""
     return load_dataset(
-        "mnist", split, data_dir, download, progress=progress, mirrors=mirrors, timeout=timeout
+        "mnist", split, data_dir, download, samples=samples, progress=progress, mirrors=mirrors,
+        timeout=timeout,
     )
 
 
@@ -687,13 +741,15 @@ def load_fashion_mnist(
     data_dir=None,
     download: bool = True,
     *,
+    samples: int | None = None,
     progress: bool = True,
     mirrors: Sequence[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST ``split``; class names in ``FASHION_MNIST_CLASSES``. See ``load_dataset``."""
     return load_dataset(
-        "fashion-mnist", split, data_dir, download, progress=progress, mirrors=mirrors, timeout=timeout
+        "fashion-mnist", split, data_dir, download, samples=samples, progress=progress, mirrors=mirrors,
+        timeout=timeout,
     )
 
 

@@ -7,8 +7,10 @@ Two formats:
   [out][in]), nothing else. The network's architecture must be known to read it.
 * ``.safetensors`` -- self-describing: a little-endian u64 header length, a JSON header naming every
   tensor's dtype, shape and byte range, then the raw bytes. microcnn stores the architecture and
-  metadata in the header's ``__metadata__``. It is compatible with the ``safetensors`` package but
-  needs no dependency, and like that package it never executes anything from the file.
+  metadata in the header's ``__metadata__``. The ``safetensors`` package reads these files and writes
+  files this module reads (the tests check both ways); microcnn keeps its own reader and writer for
+  the same bytes in every process, stricter header checks and no memory mapping (docs/dependencies.md).
+  Nothing from the file is ever executed.
 
 Every reader checks sizes against the file before allocating, and every writer is atomic.
 """
@@ -24,6 +26,7 @@ import numpy as np
 
 from .errors import FileFormatError, InputError
 from .fileutil import atomic_open, regular_file_size
+from .jsonutil import load_json_bounded
 
 FORMAT_NAME = "microcnn"
 FORMAT_VERSION = "1"
@@ -93,16 +96,18 @@ def load_raw(net, path) -> None:
 
 # -- safetensors -------------------------------------------------------------------------------------
 def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    header, offset, blobs = {}, 0, []
+    header, offset, data = {}, 0, []
     for name, arr in tensors.items():
         arr = np.asarray(arr)
         code = _DTYPE_CODES.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
         if code is None:
             raise FileFormatError(path, f"cannot store tensor {name}", "a numeric dtype", arr.dtype)
-        blob = np.ascontiguousarray(arr, dtype=_DTYPES[code]).tobytes()
-        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+        # Written from the array itself (copied only to fix layout or byte order): saving needs no
+        # second copy of the model in memory.
+        raw = np.ascontiguousarray(arr, dtype=_DTYPES[code]).reshape(-1).view(np.uint8)
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + raw.size]}
+        data.append(raw)
+        offset += raw.size
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -110,8 +115,8 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None
     with atomic_open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for blob in blobs:
-            f.write(blob)
+        for raw in data:
+            f.write(raw)
 
 
 def _refuse_foreign(path, first: bytes) -> None:
@@ -128,10 +133,33 @@ def _refuse_foreign(path, first: bytes) -> None:
                               "safetensors header", f"leading bytes {first[:8]!r}")
 
 
-def read_safetensors(path) -> tuple[dict, dict]:
-    """Return (tensors, metadata) after validating every offset, shape and dtype against the file."""
-    size = _file_size(path, "model file")
-    with open(path, "rb") as f:
+class SafetensorsFile:
+    """An open safetensors file whose header has been read and validated, and no tensor yet:
+    ``metadata``, ``entries`` (name -> (dtype, shape)) and ``nbytes`` let a caller check the file
+    against what it expects before ``read()`` allocates anything for the data. Use as a context
+    manager; ``read_safetensors`` does both steps at once."""
+
+    def __init__(self, path):
+        self.path = path
+        size = _file_size(path, "model file")
+        self._file = open(path, "rb")  # noqa: SIM115 -- closed by __exit__ / close
+        try:
+            self._read_header(size)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _read_header(self, size: int) -> None:
+        path, f = self.path, self._file
         first = f.read(8)
         if len(first) < 8:
             raise FileFormatError(path, "file too short for a safetensors header", ">= 8 bytes",
@@ -143,38 +171,55 @@ def read_safetensors(path) -> tuple[dict, dict]:
                                   f"<= {min(size - 8, MAX_HEADER_BYTES)} bytes", f"{n} bytes")
         head = f.read(n)
         try:
-            header = json.loads(head)
-        except (ValueError, RecursionError) as exc:  # also bad UTF-8, nesting, 5000-digit numbers
+            header = load_json_bounded(head, path, "safetensors header")
+        except FileFormatError:
             _refuse_foreign(path, first + head[:1])
-            raise FileFormatError(path, f"header is not valid JSON ({type(exc).__name__}: "
-                                  f"{str(exc)[:100]})") from None
+            raise
         if not isinstance(header, dict):
             raise FileFormatError(path, "header is not a JSON object", "object", type(header).__name__)
         metadata = header.pop("__metadata__", {}) or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise FileFormatError(path, "__metadata__ must map strings to strings")
         buffer_len = size - 8 - n
-        entries = []
-        for name, e in header.items():
-            entries.append((_validated_entry(path, name, e, buffer_len), name))
-        entries.sort()
+        entries = sorted((_validated_entry(path, name, e, buffer_len), name) for name, e in header.items())
+        # Every data byte belongs to exactly one tensor: no gap, overlap or tail can hide other data.
         end = 0
         for (begin, stop, _, _), name in entries:
             if begin != end:
-                raise FileFormatError(path, f"tensor {name} does not follow the previous one",
+                raise FileFormatError(path, f"tensor {name} does not follow the previous one "
+                                      f"({'a gap of unused bytes' if begin > end else 'overlapping it'})",
                                       f"offset {end}", f"offset {begin}")
             end = stop
         if end != buffer_len:
-            raise FileFormatError(path, "data section size does not match the header",
+            raise FileFormatError(path, "data section size does not match the header "
+                                  "(unused bytes after the last tensor)" if buffer_len > end else
+                                  "data section size does not match the header",
                                   f"{end} bytes", f"{buffer_len} bytes")
-        data = f.read(buffer_len)
-    if len(data) != buffer_len:
-        raise FileFormatError(path, "file changed while reading", f"{buffer_len} bytes", f"{len(data)}")
-    tensors = {}
-    for (begin, stop, dtype, shape), name in entries:
-        tensors[name] = np.frombuffer(data, dtype=dtype, count=(stop - begin) // dtype.itemsize,
-                                      offset=begin).reshape(shape).copy()
-    return tensors, metadata
+        self.metadata = metadata
+        self._entries = [(name, dtype, shape, stop - begin) for (begin, stop, dtype, shape), name in entries]
+        self.entries = {name: (dtype, shape) for name, dtype, shape, _ in self._entries}
+        self.nbytes = buffer_len
+
+    def read(self) -> dict:
+        """Every tensor, in file order (the header guarantees they tile the data section)."""
+        tensors = {}
+        for name, dtype, shape, nbytes in self._entries:
+            arr = np.empty(shape, dtype)
+            got = self._file.readinto(memoryview(arr.reshape(-1).view(np.uint8))) if nbytes else 0
+            if got != nbytes:
+                raise FileFormatError(self.path, "file changed while reading", f"{nbytes} bytes of tensor "
+                                      f"{name}", f"{got} bytes")
+            tensors[name] = arr
+        if self._file.read(1):
+            raise FileFormatError(self.path, "file changed while reading", f"{self.nbytes} data bytes",
+                                  "more")
+        return tensors
+
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    """Return (tensors, metadata) after validating every offset, shape and dtype against the file."""
+    with SafetensorsFile(path) as st:
+        return st.read(), st.metadata
 
 
 def _validated_entry(path, name, e, buffer_len):
@@ -217,11 +262,12 @@ def _architecture(path, metadata) -> dict:
     if metadata.get("format") != FORMAT_NAME:
         raise FileFormatError(path, "not a microcnn model (no architecture in __metadata__)",
                               f"format={FORMAT_NAME}", metadata.get("format"))
+    if "architecture" not in metadata:
+        raise FileFormatError(path, "architecture metadata missing or invalid (no 'architecture' key)")
     try:
-        arch = json.loads(metadata["architecture"])
-    except (KeyError, ValueError, RecursionError) as exc:
-        raise FileFormatError(path, f"architecture metadata missing or invalid ({type(exc).__name__}: "
-                              f"{str(exc)[:100]})") from None
+        arch = load_json_bounded(metadata["architecture"], path, "architecture")
+    except FileFormatError as exc:
+        raise FileFormatError(path, f"architecture metadata missing or invalid ({exc.what})") from None
     if not (isinstance(arch, dict) and isinstance(arch.get("layers"), list)
             and all(isinstance(c, dict) for c in arch["layers"])):
         raise FileFormatError(path, "architecture metadata malformed", '{"layers": [{...}, ...]}',
@@ -244,94 +290,171 @@ def _declared_parameters(path, arch) -> dict:
     return declared
 
 
-def _check_declared_sizes(path, arch, tensors: dict, kind: str) -> None:
-    """Refuse an architecture the file's tensors cannot back, before any layer allocates its weights
-    (a forged ``Linear(10**9, 10**9)`` would otherwise ask for gigabytes)."""
+def _check_declared_sizes(path, arch, entries: dict, kind: str) -> None:
+    """Refuse an architecture the file's tensors cannot back, and tensors the architecture cannot use,
+    from the header alone: before any layer allocates its weights (a forged ``Linear(10**9, 10**9)``
+    would otherwise ask for gigabytes) and before any tensor byte is read (a sparse file can declare
+    gigabytes of data it never needed). ``entries``: name -> (dtype, shape)."""
     declared = _declared_parameters(path, arch)
     if kind == "fp32":
-        found = {name: arr.shape for name, arr in tensors.items()}
+        found = {name: shape for name, (_, shape) in entries.items()}
         if found != declared:
             bad = sorted(set(found) ^ set(declared)) or [k for k in declared if found[k] != declared[k]]
             name = bad[0]
             raise FileFormatError(path, f"tensors do not match the architecture (first: {name})",
                                   declared.get(name, "no such tensor"), found.get(name, "missing"))
         return
-    # Other kinds store every parameter in at least 4 bits (packed int4 weights, wider biases).
-    count, stored = sum(math.prod(s) for s in declared.values()), sum(a.nbytes for a in tensors.values())
+    count = sum(math.prod(s) for s in declared.values())
+    stored = sum(math.prod(shape) * dtype.itemsize for dtype, shape in entries.values())
+    # Other kinds store every parameter in at least 4 bits (packed int4 weights, wider biases) ...
     if count > 2 * stored:
         raise FileFormatError(path, "architecture declares more parameters than the file can hold",
                               f"<= {2 * stored} (4 bits each in {stored} bytes)", f"{count} parameters")
+    # ... and at most 16 bytes (an int8 weight alone in its output channel also brings a float32 scale
+    # and an int32 bias, even in a layer without bias: 9 bytes), plus output quantization per layer.
+    allowed = 16 * count + 64 * (len(arch["layers"]) + 2)
+    if stored > allowed:
+        raise FileFormatError(path, "tensors hold more data than the architecture can use",
+                              f"<= {allowed} bytes for {count} parameters", f"{stored} bytes")
+
+
+DEFAULT_INPUT_HW = (28, 28)  # MNIST's, what the command line feeds: the guard's input when none is declared
+
+
+def _default_input_shape(layers) -> tuple:
+    """(C, 28, 28), C being the first convolution's input channels if one comes before any flattening."""
+    from .layers import Conv2d, Flatten, Linear
+
+    for layer in layers:
+        if isinstance(layer, Conv2d):
+            return (layer.in_channels, *DEFAULT_INPUT_HW)
+        if isinstance(layer, Flatten | Linear):
+            break
+    return (1, *DEFAULT_INPUT_HW)
+
+
+def _fit_input(layer, shape: tuple) -> tuple:
+    """The input nearest ``shape`` that ``layer`` accepts: the guard of a file without ``input_shape``
+    follows the sizes a real input would reach, even where the default image is not the one the
+    network was made for (another channel count, a map smaller than a kernel, another feature count)."""
+    from .layers import Conv2d, Linear, Softmax, _Pool2d
+
+    if isinstance(layer, Conv2d | _Pool2d):
+        c, h, w = shape if len(shape) == 3 else (1, 1, 1)
+        (kh, kw), (ph, pw) = layer.kernel_size, getattr(layer, "padding", (0, 0))
+        return (layer.in_channels if isinstance(layer, Conv2d) else c, max(h, kh - 2 * ph, 1),
+                max(w, kw - 2 * pw, 1))
+    if isinstance(layer, Linear):
+        return (layer.in_features,)
+    if isinstance(layer, Softmax):
+        return (math.prod(shape),)
+    return shape
 
 
 def _check_activation_sizes(path, net) -> None:
-    """With an input shape declared, run each layer's own input check on shapes alone (a zero-stride
-    view allocates nothing): an inconsistent architecture fails at load time naming the file, and
-    absurd sizes are refused (a forged padding of 10**5 would make predict ask for terabytes)."""
+    """Run each layer's own input check on shapes alone (a zero-stride view allocates nothing): an
+    inconsistent architecture fails at load time naming the file, and absurd sizes are refused (a
+    forged padding of 10**5 would make predict ask for terabytes). A file that declares no input shape
+    is checked from the MNIST image (C, 28, 28), each layer given the nearest input it accepts."""
     from .layers import Conv2d
 
-    shape = net.input_shape
-    if shape is None:
-        return
+    declared = net.input_shape is not None
+    shape = net.input_shape if declared else _default_input_shape(net.layers)
+    at = "" if declared else (f"; the file declares no input_shape, checked from the default input "
+                              f"{list(shape)}")
     if math.prod(shape) > MAX_ACTIVATION_ELEMENTS:  # before any NumPy view of that shape is made
         raise FileFormatError(path, "architecture input_shape is implausibly large",
                               f"<= {MAX_ACTIVATION_ELEMENTS} values per image", list(shape))
     for i, layer in enumerate(net.layers):
+        if not declared:
+            shape = _fit_input(layer, shape)
+            if math.prod(shape) > MAX_ACTIVATION_ELEMENTS:  # a kernel of 2**30 rows needs as many
+                raise FileFormatError(path, f"architecture layer {i} ({layer.type}) needs implausibly "
+                                      f"large activations{at}", f"<= {MAX_ACTIVATION_ELEMENTS} values "
+                                      "per image", math.prod(shape))
         try:
             if hasattr(layer, "_check_input"):
                 layer._check_input(np.broadcast_to(np.float32(0), (1, *shape)))
-            sizes = [math.prod(shape), math.prod(layer.output_shape(shape))]
+            out = layer.output_shape(shape)
         except InputError as exc:
             raise FileFormatError(path, f"architecture layer {i} ({layer.type}) does not fit its input "
                                   f"{shape} ({exc})") from None
+        sizes = [math.prod(shape), math.prod(out)]
         if isinstance(layer, Conv2d):  # the zero-padded copy of the input
             sizes.append(shape[0] * (shape[1] + 2 * layer.padding[0]) * (shape[2] + 2 * layer.padding[1]))
         if max(sizes) > MAX_ACTIVATION_ELEMENTS:
             raise FileFormatError(path, f"architecture layer {i} ({layer.type}) needs implausibly large "
-                                  "activations", f"<= {MAX_ACTIVATION_ELEMENTS} values per image",
+                                  f"activations{at}", f"<= {MAX_ACTIVATION_ELEMENTS} values per image",
                                   max(sizes))
-        shape = layer.output_shape(shape)
+        shape = out
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_weights(path, name: str, arr: np.ndarray) -> None:
+    """FP32 weights as they will be used: finite, and (for F64 tensors) within float32's range, which
+    the conversion to float32 would otherwise turn into Inf."""
+    _check_finite(path, name, arr)
+    if arr.dtype.itemsize > 4 and arr.dtype.kind == "f" and arr.size:
+        beyond = np.abs(arr) > _FLOAT32_MAX
+        if beyond.any():
+            raise FileFormatError(path, f"tensor {name} holds {int(beyond.sum())} values beyond float32's "
+                                  "range", f"|w| <= {_FLOAT32_MAX:.4g} (weights run in float32)",
+                                  f"largest |w| {float(np.abs(arr).max()):.4g}")
 
 
 def read_model_state(path, expected: dict | None = None) -> dict:
-    """FP32 weights of a self-describing file, checked against an expected architecture if given."""
-    tensors, metadata = read_safetensors(path)
-    if metadata.get("kind", "fp32") != "fp32":
-        raise FileFormatError(path, "expected FP32 weights", "kind=fp32", f"kind={metadata.get('kind')}")
-    arch = _architecture(path, metadata) if metadata else None
-    if expected is not None and arch is not None and arch["layers"] != expected["layers"]:
-        raise FileFormatError(path, "architecture differs from the network being loaded",
-                              [c["type"] for c in expected["layers"]],
-                              [c.get("type") for c in arch["layers"]])
+    """FP32 weights of a self-describing file, checked against an expected architecture if given.
+    Header and architecture are checked before any tensor is read."""
+    with SafetensorsFile(path) as st:
+        metadata = st.metadata
+        if metadata.get("kind", "fp32") != "fp32":
+            raise FileFormatError(path, "expected FP32 weights", "kind=fp32", f"kind={metadata.get('kind')}")
+        arch = _architecture(path, metadata) if metadata else None
+        if expected is not None and arch is not None and arch["layers"] != expected["layers"]:
+            raise FileFormatError(path, "architecture differs from the network being loaded",
+                                  [c["type"] for c in expected["layers"]],
+                                  [c.get("type") for c in arch["layers"]])
+        if expected is not None:
+            _check_declared_sizes(path, expected, st.entries, "fp32")
+        tensors = st.read()
     for name, arr in tensors.items():
-        _check_finite(path, name, arr)
+        _check_weights(path, name, arr)
     return tensors
 
 
 def load_model(path):
-    """Rebuild a network (FP32, quantized or storage-compressed) from a self-describing file."""
+    """Rebuild a network (FP32, quantized or storage-compressed) from a self-describing file. The header
+    and the architecture it carries are checked (sizes, activations) before any layer is built and
+    before any tensor byte is read."""
     from .network import Sequential
 
     path = Path(path)
     if path.suffix == ".raw":
         raise FileFormatError(path, "a .raw file has no architecture; build the network and call "
                               "net.load(path) (e.g. microcnn.lenet(weights=path))")
-    tensors, metadata = read_safetensors(path)
-    arch = _architecture(path, metadata)
-    kind = metadata.get("kind", "fp32")
-    if kind != "fp32":
-        from .quant.serialize import KIND_CALIBRATION, load_from_tensors
+    with SafetensorsFile(path) as st:
+        metadata = st.metadata
+        arch = _architecture(path, metadata)
+        kind = metadata.get("kind", "fp32")
+        if kind != "fp32":
+            from .quant.serialize import KIND_CALIBRATION, MODEL_KINDS, refuse_kind
 
-        if kind == KIND_CALIBRATION:  # refused with advice, before anything is built
-            return load_from_tensors(tensors, metadata, arch, path)
-    _check_declared_sizes(path, arch, tensors, kind)
-    try:  # every kind is rebuilt from this architecture: it must build (allocation is bounded above)
-        net = Sequential.from_config(arch)
-    except InputError as exc:
-        raise FileFormatError(path, f"architecture is invalid ({exc})") from None
-    _check_activation_sizes(path, net)
+            if kind == KIND_CALIBRATION or kind not in MODEL_KINDS:  # refused before anything is built
+                refuse_kind(path, kind)
+        _check_declared_sizes(path, arch, st.entries, kind)
+        try:  # every kind is rebuilt from this architecture: it must build (allocation is bounded above)
+            net = Sequential.from_config(arch)
+        except InputError as exc:
+            raise FileFormatError(path, f"architecture is invalid ({exc})") from None
+        _check_activation_sizes(path, net)
+        tensors = st.read()
     if kind != "fp32":
+        from .quant.serialize import load_from_tensors
+
         return load_from_tensors(tensors, metadata, arch, path)
     for name, arr in tensors.items():
-        _check_finite(path, name, arr)
+        _check_weights(path, name, arr)
     net.load_state_dict(tensors, source=str(path))
     return net

@@ -34,7 +34,48 @@ def _pair(v, name: str) -> tuple[int, int]:
 
 
 class Layer:
-    """Base class. Subclasses set ``forward`` and ``forward_tensor``; parametrised ones ``parameters``."""
+    """Base class. Subclasses set ``forward`` and ``forward_tensor``; parametrised ones ``parameters``.
+
+    Attributes may change after construction, and what runs next uses the new values: assigning a
+    Tensor of the same shape to ``weight`` or ``bias``, a new ``stride``/``padding`` (validated as the
+    constructor does) or conv ``algorithm``. Attributes the parameters' shapes follow from
+    (``_FIXED``: kernel size, channels, features) are refused: build a new layer for another shape.
+    """
+
+    # Attribute assignments on all layers so far: compiled programs (``network``) compare it to know
+    # that no layer has changed since they were built, in one integer comparison per call.
+    edits = 0
+    _FIXED: tuple[str, ...] = ()  # set once by the constructor
+    _PAIRS: dict[str, int] = {}  # (int, int) hyperparameters that may change: name -> minimum value
+    _TENSORS: tuple[str, ...] = ()  # parameters, replaceable by a Tensor of the same shape
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__:
+            value = self._checked(name, value)
+        object.__setattr__(self, name, value)
+        Layer.edits += 1
+
+    def _checked(self, name, value):
+        """``value`` for a change of the attribute ``name`` after construction, or InputError."""
+        if name in self._FIXED:
+            raise InputError(f"{self.type}.{name} is fixed once the layer is built (its weights' shape "
+                             f"follows from it); build a new {self.type} for another {name}")
+        if name in self._PAIRS:
+            pair = _pair(value, f"{self.type}.{name}")
+            minimum = self._PAIRS[name]
+            if min(pair) < minimum:
+                raise InputError(f"{self.type}.{name}: expected values >= {minimum}, found {value!r}")
+            return pair
+        if name in self._TENSORS:
+            shape = self.__dict__["weight"].data.shape
+            shape = shape[:1] if name == "bias" else shape
+            if isinstance(value, Tensor) and value.data.shape == shape or name == "bias" and value is None:
+                return value
+            found = f"shape {value.data.shape}" if isinstance(value, Tensor) else type(value).__name__
+            raise InputError(f"{self.type}.{name}: expected a Tensor of shape {shape}, found {found}; to "
+                             f"change weights, edit {name}.data in place ({name}.data[...] = values) "
+                             "or use Sequential.load_state_dict")
+        return value
 
     def __call__(self, x):
         return self.forward_tensor(x) if isinstance(x, Tensor) else self.forward(x)
@@ -93,6 +134,15 @@ class Conv2d(Layer):
         self.algorithm = algorithm
         self.conv_state: dict = {}  # prepared weights and the algorithm actually used
 
+    _FIXED = ("in_channels", "out_channels", "kernel_size")
+    _PAIRS = {"stride": 1, "padding": 0}
+    _TENSORS = ("weight", "bias")
+
+    def __getstate__(self):
+        # A copy (copy.deepcopy, pickle) prepares its own kernels: the cached ones read this layer's
+        # weight array, and copying a function keeps what it reads.
+        return {**self.__dict__, "conv_state": {}}
+
     def parameters(self):
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 
@@ -123,7 +173,7 @@ class Conv2d(Layer):
             pool.check_shape(self.output_shape(x.shape[1:]))
             pool = (*pool.kernel_size, *pool.stride)
         return conv2d_forward(x, self.weight.data, bias_or_zeros(self), self.stride, self.padding,
-                              self.algorithm, self.conv_state, self.weight.version, pool, relu)
+                              self.algorithm, self.conv_state, pool, relu)
 
     def forward_tensor(self, x):
         self._check_input(x.data)
@@ -137,6 +187,9 @@ class Linear(Layer):
         rng = rng if rng is not None else np.random.default_rng(0)
         self.weight = Tensor(_uniform_init(rng, (out_features, in_features), in_features), True)
         self.bias = Tensor(_uniform_init(rng, (out_features,), in_features), True) if bias else None
+
+    _FIXED = ("in_features", "out_features")
+    _TENSORS = ("weight", "bias")
 
     def parameters(self):
         return [self.weight] + ([self.bias] if self.bias is not None else [])
@@ -189,6 +242,8 @@ class _Pool2d(Layer):
         if min(self.kernel_size) < 1 or min(self.stride) < 1:
             raise InputError(f"{self.type}: expected kernel_size>=1 and stride>=1, found "
                              f"{self.kernel_size}, {self.stride}")
+
+    _PAIRS = {"kernel_size": 1, "stride": 1}
 
     def config(self):
         return dict(kernel_size=list(self.kernel_size), stride=list(self.stride))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,18 @@ from .errors import DataNotFoundError
 from .layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Softmax
 from .network import Sequential
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+def _bundled_dir() -> Path:
+    """Where the shipped weights are: the package data ``microcnn.data`` of an installed copy (a wheel
+    maps the repository's top-level data/ folder onto it, see pyproject.toml), else -- running from a
+    checkout on PYTHONPATH, or an editable install made before that mapping -- the checkout's data/."""
+    try:
+        return Path(importlib.resources.files("microcnn.data").joinpath("lenet.raw")).parent
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "data"
+
+
+DATA_DIR = _bundled_dir()
 BUNDLED_RAW = DATA_DIR / "lenet.raw"
 BUNDLED_MODEL = DATA_DIR / "lenet.safetensors"
 

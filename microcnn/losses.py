@@ -10,6 +10,26 @@ import numpy as np
 
 from .autograd import Tensor, as_tensor, make_result
 from .errors import InputError
+from .kernels import elementwise
+
+
+def _elementwise(kernel, x):
+    x = np.ascontiguousarray(x, np.float64)
+    return kernel(x.reshape(-1)).reshape(x.shape)
+
+
+# Float64 exp and logs through the C library (kernels.elementwise): NumPy's own loops differ in the last
+# bits between CPUs with and without AVX-512, and so would every trained weight.
+def _exp(x):
+    return _elementwise(elementwise.libm_exp, x)
+
+
+def _log(x):
+    return _elementwise(elementwise.libm_log, x)
+
+
+def _log1p(x):
+    return _elementwise(elementwise.libm_log1p, x)
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -54,14 +74,14 @@ def cross_entropy(logits, target, reduction: str = "mean", label_smoothing: floa
     scale = _reduce_scale(reduction, n)
     z = logits.data.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
-    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    log_probs = z - _log(_exp(z).sum(axis=1, keepdims=True))
     rows = np.arange(n)
     soft = np.full((n, k), label_smoothing / k)
     soft[rows, t] += 1.0 - label_smoothing
     loss = -(soft * log_probs).sum() * scale
 
     def backward(g):
-        return (((np.exp(log_probs) - soft) * (scale * float(g))).astype(np.float32),)
+        return (((_exp(log_probs) - soft) * (scale * float(g))).astype(np.float32),)
 
     return make_result(np.float32(loss), (logits,), backward, "cross_entropy")
 
@@ -89,8 +109,8 @@ def binary_cross_entropy(probs, target, reduction: str = "mean") -> Tensor:
                          f"[{np.nanmin(p):g}, {np.nanmax(p):g}]{' and NaN' if np.isnan(p).any() else ''}")
     scale = _reduce_scale(reduction, p.size)
     with np.errstate(divide="ignore"):
-        log_p = np.maximum(np.log(p), _LOG_FLOOR)
-        log_1p = np.maximum(np.log1p(-p), _LOG_FLOOR)
+        log_p = np.maximum(_log(p), _LOG_FLOOR)
+        log_1p = np.maximum(_log1p(-p), _LOG_FLOOR)
     loss = -(t * log_p + (1 - t) * log_1p).sum() * scale
 
     def backward(g):
@@ -107,10 +127,11 @@ def binary_cross_entropy_with_logits(logits, target, reduction: str = "mean") ->
     t = _same_shape_targets(logits, target, "binary_cross_entropy_with_logits")
     x = logits.data.astype(np.float64)
     scale = _reduce_scale(reduction, x.size)
-    loss = (np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))).sum() * scale
+    loss = (np.maximum(x, 0) - x * t + _log1p(_exp(-np.abs(x)))).sum() * scale
 
     def backward(g):
-        sig = np.where(x >= 0, 1 / (1 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x))))
+        e = _exp(-np.abs(x))
+        sig = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
         return (((sig - t) * (scale * float(g))).astype(np.float32),)
 
     return make_result(np.float32(loss), (logits,), backward, "binary_cross_entropy_with_logits")

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from .autograd import Tensor
-from .checks import as_image_batch, check_count
+from .checks import as_image_batch, check_array_batch, check_count
 from .errors import InputError
 from .kernels import elementwise, program
-from .kernels.gemm import pack_rows
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
@@ -76,74 +75,102 @@ class _Group:
         return chw if self.pool is None else self.pool.output_shape(chw)
 
     def compilable(self) -> bool:
-        """Whether ``kernels.program`` has ops for this group (im2col convolutions only)."""
-        if isinstance(self.layer, Conv2d):
+        """Whether ``kernels.program`` has ops for this group (im2col convolutions only). Exact types:
+        a subclass may compute something else in its ``forward``."""
+        kind = type(self.layer)
+        if self.pool is not None and type(self.pool) is not MaxPool2d:
+            return False
+        if kind is Conv2d:
             return self.layer.algorithm == "im2col"
-        return isinstance(self.layer, Linear | MaxPool2d | ReLU | Flatten | Softmax)
+        return kind in (Linear, MaxPool2d, ReLU, Flatten, Softmax)
 
-    def program_ops(self, chw, arena: list) -> list:
-        """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``
-        (weights appended to ``arena``, a list of float32 arrays)."""
-        layer, relu = self.layer, int(self.relu)
+    def program_ops(self, chw, keep: list) -> list[list[int]] | None:
+        """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``, or
+        None when a parameter is not what a row may point to (a float32 C-contiguous array of the
+        layer's shape; e.g. a float64 array assigned to ``.data`` takes the layer path). The rows point
+        at the layer's own arrays; a zero bias made for a layer without one goes to ``keep``, which must
+        outlive them."""
+        layer, relu = self.layer, self.relu
+        if isinstance(layer, Conv2d | Linear):
+            conv = isinstance(layer, Conv2d)
+            out = layer.out_channels if conv else layer.out_features
+            shape = (out, chw[0], *layer.kernel_size) if conv else (out, int(np.prod(chw)))
+            weight, bias = layer.weight.data, bias_or_zeros(layer)
+            if not (program.pointable(weight, shape) and program.pointable(bias, (out,))):
+                return None
+            if layer.bias is None:
+                keep.append(bias)
+            weight, bias = weight.ctypes.data, bias.ctypes.data
         if isinstance(layer, Conv2d):
-            (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-            w = layer.weight.data.reshape(layer.out_channels, -1)
             pool = (0, 0, 0, 0) if self.pool is None else (*self.pool.kernel_size, *self.pool.stride)
-            if layer.output_shape(chw)[1:] == (1, 1) and (kh, kw) == chw[1:] and (ph, pw) == (0, 0):
-                ops = [_linear_op(w, bias_or_zeros(layer), relu, arena)]  # the dense case, as im2col runs it
-                return ops + ([[program.OP_MAXPOOL, *pool, 0]] if self.pool is not None else [])
-            w_off, b_off = _append(arena, pack_rows(w)), _append(arena, bias_or_zeros(layer))
-            return [[program.OP_CONV, kh, kw, sh, sw, ph, pw, *pool, relu, w_off, b_off, layer.out_channels]]
+            if (layer.output_shape(chw)[1:] == (1, 1) and layer.kernel_size == chw[1:]
+                    and layer.padding == (0, 0)):  # the dense case, as the im2col runner does it
+                ops = [program.op_row(program.OP_LINEAR, relu, weight, bias, out)]
+                if self.pool is not None:
+                    ops.append(program.op_row(program.OP_MAXPOOL, kernel=pool[:2], stride=pool[2:]))
+                return ops
+            return [program.op_row(program.OP_CONV, relu, weight, bias, out, layer.kernel_size, layer.stride,
+                                   layer.padding, pool)]
         if isinstance(layer, Linear):
-            return [_linear_op(layer.weight.data, bias_or_zeros(layer), relu, arena)]
+            return [program.op_row(program.OP_LINEAR, relu, weight, bias, out)]
         if isinstance(layer, MaxPool2d):
-            return [[program.OP_MAXPOOL, *layer.kernel_size, *layer.stride, relu]]
-        return {ReLU: [[program.OP_RELU]], Flatten: [], Softmax: [[program.OP_SOFTMAX]]}[type(layer)]
-
-
-def _append(arena: list, values: np.ndarray) -> int:
-    """Add ``values`` to the arena being built; returns their offset."""
-    offset = sum(a.size for a in arena)
-    arena.append(np.ascontiguousarray(values, np.float32).reshape(-1))
-    return offset
-
-
-def _linear_op(w, b, relu: int, arena: list) -> list:
-    return [program.OP_LINEAR, w.shape[1], w.shape[0], relu, _append(arena, w), _append(arena, b)]
+            return [program.op_row(program.OP_MAXPOOL, relu, kernel=layer.kernel_size, stride=layer.stride)]
+        return {ReLU: [program.op_row(program.OP_RELU)], Flatten: [],
+                Softmax: [program.op_row(program.OP_SOFTMAX)]}[type(layer)]
 
 
 class _Program:
-    """A network compiled for one sample shape (see ``kernels.program``), valid while the layer list,
-    every parameter array and its version, and every conv's algorithm stay as they were."""
+    """A network compiled for one sample shape (see ``kernels.program``). Its rows read the layers'
+    parameter arrays at every call, so in-place edits need nothing; it is valid while the layer list,
+    every layer's attributes (``Layer.edits`` counts assignments: a replaced Tensor, stride, algorithm)
+    and every parameter's ``data`` array stay the same objects."""
 
-    def __init__(self, layers, sample_shape, out_shape, ops, arena):
+    def __init__(self, layers, sample_shape, out_shape, ops, keep):
         self.layers, self.sample_shape, self.out_shape = list(layers), sample_shape, out_shape
-        self.ops, self.arena = ops, arena
-        self.guards = [(p, p.data, p.version) for layer in layers for p in layer.parameters()]
-        self.algorithms = [layer.algorithm for layer in layers if isinstance(layer, Conv2d)]
+        self.ops = ops
+        self.edits = Layer.edits
+        # The arrays the rows point at: held here so they stay alive, compared by identity per call.
+        self.arrays = [(p, p.data) for layer in layers for p in layer.parameters()]
+        self.keep = keep
 
     @classmethod
     def build(cls, layers, groups, sample_shape) -> _Program | None:
-        """The program, or None when a group has no ops (checked before any weight is copied)."""
+        """The program, or None when a group has no ops (checked before anything else is done)."""
         if not all(group.compilable() for group in groups):
             return None
-        rows, arena, chw = [], [], tuple(sample_shape)
+        rows, keep, chw = [], [], tuple(sample_shape)
         for group in groups:
-            rows += group.program_ops(chw, arena)
+            ops = group.program_ops(chw, keep)
+            if ops is None:
+                return None
+            rows += ops
             chw = group.output_shape(chw)
-        table = np.zeros((len(rows), program.OP_FIELDS), np.int64)
-        for i, row in enumerate(rows):
-            table[i, :len(row)] = row
-        arena = np.concatenate(arena) if arena else np.zeros(0, np.float32)
-        return cls(layers, tuple(sample_shape), chw, table, arena)
+        table = np.array(rows, np.int64).reshape(len(rows), program.FIELDS)
+        return cls(layers, tuple(sample_shape), chw, table, keep)
 
     def is_current(self, layers) -> bool:
-        if self.layers != layers:
+        if self.edits != Layer.edits or self.layers != layers:
             return False
-        for tensor, data, version in self.guards:
-            if tensor.data is not data or tensor.version != version:
+        for tensor, data in self.arrays:
+            if tensor.data is not data:
                 return False
-        return self.algorithms == [layer.algorithm for layer in layers if isinstance(layer, Conv2d)]
+        return True
+
+
+def _finite_float32(values: np.ndarray, name: str) -> np.ndarray:
+    """``values`` as float32, or InputError when a value is NaN/Inf or beyond float32's range (it would
+    load as Inf): weights like that make every prediction NaN, which ``predict`` can only blame on
+    the images."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        as32 = values.astype(np.float32, copy=False)
+    finite = np.isfinite(as32)
+    if finite.all():
+        return as32
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    what = "NaN/Inf" if not np.isfinite(values).all() else "beyond float32's range (|value| > 3.4e38)"
+    count = int((~finite).sum())
+    raise InputError(f"{name}: expected finite weights, found {count} value{'s' * (count != 1)} {what} "
+                     f"(first at index {first}: {float(values[first]):g}); nothing was loaded")
 
 
 class Sequential:
@@ -161,10 +188,14 @@ class Sequential:
             input_shape = tuple(int(d) for d in shape)
         self.input_shape = input_shape
         self.names = layer_names(self.layers)
-        self.training = False
         self._groups: list[_Group] = []
         self._groups_for: list | None = None
         self._program: _Program | None = None
+
+    def __getstate__(self):
+        # A copy (copy.deepcopy, pickle) gets no compiled program: the program's rows hold the
+        # addresses of this network's arrays, which a copy would otherwise keep reading.
+        return {**self.__dict__, "_program": None}
 
     # -- container -----------------------------------------------------------------------------
     def __len__(self):
@@ -194,17 +225,18 @@ class Sequential:
         (fewer than PROGRAM_MAX_BATCH images) of a sample shape that has passed through before runs
         as one compiled program instead (``kernels.program``; same kernels, same bits), skipping the
         per-layer checks and calls that were done on that shape -- the difference at batch 1. (Read-only
-        arrays take the layer path: one compiled program serves one array type.)"""
+        arrays take the layer path: one compiled program serves one array type.) The program reads the
+        layers' own weight arrays, so every change of a weight or a layer is seen by the next call."""
         prog = self._program
         if (prog is not None and type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 4
                 and x.shape[1:] == prog.sample_shape and 0 < x.shape[0] < PROGRAM_MAX_BATCH
                 and x.flags.c_contiguous and x.flags.writeable and prog.is_current(self.layers)):
-            return program.run_program(x, prog.ops, prog.arena).reshape(x.shape[0], *prog.out_shape)
-        sample_shape = x.shape[1:] if isinstance(x, np.ndarray) else None
+            return program.run_program(x, prog.ops).reshape(x.shape[0], *prog.out_shape)
+        check_array_batch(x)
+        sample_shape = x.shape[1:]
         for group in self.inference_groups():
             x = group.run(x)
-        if sample_shape is not None and (prog is None or prog.sample_shape != sample_shape
-                                         or not prog.is_current(self.layers)):
+        if prog is None or prog.sample_shape != sample_shape or not prog.is_current(self.layers):
             self._program = _Program.build(self.layers, self.inference_groups(), sample_shape)
         return x
 
@@ -335,7 +367,7 @@ class Sequential:
                 raise InputError(f"{source}: {k} expected shape {p.data.shape}, found {arr.shape}")
             if not np.issubdtype(arr.dtype, np.floating):
                 raise InputError(f"{source}: {k} expected a float array, found dtype {arr.dtype}")
-            staged[k] = arr
+            staged[k] = _finite_float32(arr, f"{source}: {k}")
         for k, arr in staged.items():
             params[k].data[...] = arr
             params[k].version += 1
@@ -353,11 +385,13 @@ class Sequential:
         return self
 
     def train(self, mode: bool = True) -> Sequential:
-        self.training = mode
+        """Returns the network: no layer behaves differently while training (no dropout, no batch
+        norm), so there is no mode to set; ``train()``/``eval()`` exist so PyTorch-style code runs."""
         return self
 
     def eval(self) -> Sequential:
-        return self.train(False)
+        """Returns the network (see ``train``)."""
+        return self
 
     # -- architecture and files ------------------------------------------------------------------
     def config(self) -> dict:

@@ -1,26 +1,48 @@
-"""Rendered reports: execute notebooks in a fresh kernel and write them out as HTML.
+"""Rendered reports: the notebooks as a small static site that works offline.
 
-``microcnn report`` calls ``render_notebooks``. The kernel runs the Python of the current process
-(not whatever kernel named "python3" happens to be installed), and it imports the same microcnn
-package as the caller, so a report always shows the code that asked for it.
+``microcnn report`` calls ``render_report``, which writes into one directory:
+
+* ``index.html``: a table of contents, each notebook's title (its first heading) and headings, linked;
+* one ``<notebook>.html`` page per notebook, titled with the notebook's own title;
+* ``style.css``: the one stylesheet every page links to (no page inlines its own copy).
+
+Nothing in a page is fetched from a network: no script or stylesheet from a CDN (no require.js, no
+MathJax, no widget manager). Formulas in Markdown cells become MathML at report time (Chromium and
+Firefox draw it natively). Widget outputs, which need a live kernel, show the static preview the
+widget stored with them (``microcnn.widgets``: an image of the current view and a line of text).
+
+Notebooks are executed in a fresh kernel first (``execute=True``), or rendered with their stored
+outputs. The kernel runs the Python of the current process (not whatever kernel named "python3"
+happens to be installed), and it imports the same microcnn package as the caller, so a report always
+shows the code that asked for it.
 """
 
 from __future__ import annotations
 
+import copy
+import html
 import os
+import re
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from .errors import InputError, MicrocnnError
-from .fileutil import atomic_write_bytes
+from .fileutil import all_or_nothing, atomic_write_bytes, check_destination
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+INDEX = "index.html"
+STYLESHEET = "style.css"
 _CURRENT_ENV = "microcnn-current-env"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
+# ------------------------------------------------------------------------------------ execution
 def _kernel_manager():
     import ipykernel.kernelspec
     from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
 
     class CurrentEnvSpecs(KernelSpecManager):
         def get_kernel_spec(self, kernel_name):
@@ -29,7 +51,9 @@ def _kernel_manager():
                                               **ipykernel.kernelspec.get_kernel_dict())
             return super().get_kernel_spec(kernel_name)
 
-    return KernelManager(kernel_name=_CURRENT_ENV, kernel_spec_manager=CurrentEnvSpecs())
+    # Async: with a blocking kernel client, nbclient waits for output inside its event loop and a
+    # cell's timeout never fires.
+    return AsyncKernelManager(kernel_name=_CURRENT_ENV, kernel_spec_manager=CurrentEnvSpecs())
 
 
 def _kernel_env() -> dict:
@@ -57,16 +81,40 @@ def _notebook_paths(paths) -> list[Path]:
         out.append(p)
     if not out:
         raise InputError("notebooks: expected at least one notebook, found an empty list")
+    pages = {}
+    for p in out:  # one page per notebook: two notebooks must not share a page, nor take the index's
+        page = page_name(p)
+        if page == INDEX:
+            raise InputError(f"notebooks: {p} would be written as {INDEX}, which is the report's table "
+                             "of contents; rename the notebook")
+        if page in pages:
+            raise InputError(f"notebooks: {pages[page]} and {p} would both be written as {page}; "
+                             "render them into separate directories")
+        pages[page] = p
     return out
+
+
+def page_name(notebook) -> str:
+    """The report page of a notebook: ``05_prediction.ipynb`` -> ``05_prediction.html``."""
+    return f"{Path(notebook).stem}.html"
+
+
+def report_destinations(notebooks, out_dir) -> list[Path]:
+    """Every file ``render_report`` writes for these notebooks: the pages first, then the index and the
+    stylesheet."""
+    out_dir = Path(out_dir)
+    return [out_dir / page_name(p) for p in notebooks] + [out_dir / INDEX, out_dir / STYLESHEET]
 
 
 def execute_notebook(path, timeout: int = 600):
     """Run every cell of the notebook at ``path`` in its own directory; return the executed notebook.
+    ``timeout``: seconds any one cell may run.
 
     On a failing cell raises ``MicrocnnError`` naming the notebook; the notebook (with the error
     output) is attached as the exception's ``notebook`` attribute.
     """
     import nbformat
+    from jupyter_core.utils import run_sync
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
@@ -82,41 +130,386 @@ def execute_notebook(path, timeout: int = 600):
                             f"{str(exc).strip().splitlines()[-1]}")
         err.notebook = nb
         raise err from exc
+    except TimeoutError as exc:  # nbclient's CellTimeoutError
+        err = MicrocnnError(f"{path}: a cell ran longer than the timeout of {timeout} s")
+        err.notebook = nb
+        raise err from exc
     finally:
         if km.has_kernel:  # a kernel manager handed to nbclient is ours to shut down
-            km.shutdown_kernel(now=True)
+            run_sync(km.shutdown_kernel)(now=True)
     return nb
 
 
-def notebook_html(nb) -> str:
-    """The notebook as a standalone HTML page (figures embedded as PNG data)."""
+# ------------------------------------------------------------------------------------ formulas
+# latex2mathml gaps, rewritten to forms it converts (checked in tests/test_report.py).
+_LATEX_REWRITES = [
+    (re.compile(r"\\(begin|end)\{(aligned|align\*?|eqnarray\*?)\}"), r"\\\1{align*}"),
+    (re.compile(r"\\(begin|end)\{(equation\*?|displaymath)\}"), ""),
+    (re.compile(r"\\operatorname\*\{([^{}]*)\}"), r"\\mathop{\\mathrm{\1}}"),
+    (re.compile(r"\\arg(?![A-Za-z])"), r"\\operatorname{arg}"),
+]
+# latex2mathml passes a command it does not know through as a literal "\name" in an <mi> or <mo>,
+# and an alignment "&" outside a table as an <mi>: such output is not a rendered formula.
+_UNCONVERTED = re.compile(r"<m[io][^>]*>(?:\\[A-Za-z]+|&amp;|&)</m[io]>")
+
+
+class FormulaError(MicrocnnError):
+    """A LaTeX formula that could not be converted to MathML."""
+
+
+class FormulaWarning(UserWarning):
+    """A report page shows a formula as its LaTeX source, because it could not be converted."""
+
+
+def latex_to_mathml(latex: str, display: bool = False) -> str:
+    """A ``<math>`` element for a LaTeX formula (as written between ``$...$`` or ``$$...$$``).
+
+    Raises ``FormulaError`` naming the formula when it uses something the converter does not know
+    (an unknown command would otherwise be shown as its raw name)."""
+    from latex2mathml.converter import convert
+
+    source = latex.strip()
+    for pattern, replacement in _LATEX_REWRITES:
+        source = pattern.sub(replacement, source)
+    try:
+        mathml = convert(source, display="block" if display else "inline")
+    except Exception as exc:  # the converter's own errors have no common base class
+        raise FormulaError(f"formula ${latex.strip()}$: {type(exc).__name__} {exc}".strip()) from exc
+    # Accents as spacing modifier letters (what MathJax draws), not the ASCII ^ and ~ the converter emits.
+    mathml = re.sub(r"(<mo[^>]*>)&#x0005E;(</mo></mover>)", r"\1&#x002C6;\2", mathml)
+    mathml = re.sub(r"(<mo[^>]*>)&#x0007E;(</mo></mover>)", r"\1&#x002DC;\2", mathml)
+    bad = _UNCONVERTED.search(mathml)
+    if bad:
+        raise FormulaError(f"formula ${latex.strip()}$: not converted: {html.unescape(bad.group(0))}")
+    # Keep the source for copy and paste, as MathJax does.
+    annotation = f'<annotation encoding="application/x-tex">{html.escape(latex.strip())}</annotation>'
+    return re.sub(r"^(<math[^>]*>)(.*)</math>$",
+                  lambda m: f"{m.group(1)}<semantics>{m.group(2)}{annotation}</semantics></math>",
+                  mathml, flags=re.S)
+
+
+def _math_renderer_class():
+    from nbconvert.filters.markdown_mistune import IPythonRenderer
+
+    class MathMLRenderer(IPythonRenderer):
+        """Markdown with formulas as MathML instead of ``$...$`` text left for MathJax."""
+
+        def __init__(self, *args, unrendered: list, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.unrendered = unrendered
+
+        def _formula(self, latex: str, display: bool, shown: str) -> str:
+            try:
+                return latex_to_mathml(latex, display)
+            except FormulaError as exc:
+                self.unrendered.append(str(exc))
+                tag = "pre" if display else "code"
+                return (f'<{tag} class="math-unrendered" title="formula not rendered">'
+                        f"{html.escape(shown)}</{tag}>")
+
+        def heading(self, text: str, level: int, **attrs) -> str:
+            # nbconvert's add_anchor re-serializes the heading through ElementTree, which renames a
+            # formula's tags (ns0:math: no longer drawn) and leaves a heading it cannot parse without
+            # an id. Same ids as nbconvert's otherwise: the text, spaces as "-", URL-quoted.
+            anchor = html.escape(quote(_plain_text(text).replace(" ", "-"), safe="?/:@!$&'()*+,;="))
+            link = ("" if self.exclude_anchor_links else
+                    f'<a class="anchor-link" href="#{anchor}">{self.anchor_link_text}</a>')
+            return f'<h{level} id="{anchor}">{text}{link}</h{level}>\n'
+
+        def inline_math(self, body: str) -> str:
+            return self._formula(body, False, f"${body}$")
+
+        def block_math(self, body: str) -> str:
+            return self._formula(body, True, f"$${body}$$")
+
+        def multiline_math(self, text: str) -> str:
+            return self._formula(text.strip("$"), True, text)
+
+        def latex_environment(self, name: str, body: str) -> str:
+            source = f"\\begin{{{name}}}{body}\\end{{{name}}}"
+            return self._formula(source, True, source)
+
+    return MathMLRenderer
+
+
+def _exporter(hide_code: bool, unrendered: list):
+    from jinja2 import pass_context
     from nbconvert import HTMLExporter
+    from nbconvert.filters.markdown_mistune import MarkdownWithMath
 
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
-    return body
+    renderer_class = _math_renderer_class()
+
+    class ReportExporter(HTMLExporter):
+        @pass_context
+        def markdown2html(self, context, source):
+            cell = context.get("cell", {})
+            path = context.get("resources", {}).get("metadata", {}).get("path", "")
+            renderer = renderer_class(escape=False, attachments=cell.get("attachments", {}),
+                                      embed_images=self.embed_images, path=path,
+                                      anchor_link_text=self.anchor_link_text,
+                                      exclude_anchor_links=self.exclude_anchor_links,
+                                      unrendered=unrendered, **self.lexer_options)
+            return MarkdownWithMath(renderer=renderer).render(source)
+
+    # "basic": the cells only. The page around them (head, stylesheet link) is ours: the "lab" and
+    # "classic" templates inline ~250 KB of CSS into every page and load scripts from a CDN.
+    return ReportExporter(template_name="basic", exclude_input=hide_code, exclude_input_prompt=hide_code,
+                          exclude_output_prompt=hide_code, embed_images=True)
 
 
-def render_notebooks(paths=None, out_dir="reports", progress: bool = True, timeout: int = 600) -> list[Path]:
-    """Execute notebooks and write ``<out_dir>/<name>.html`` for each; return the HTML paths.
+# ------------------------------------------------------------------------------------ widgets
+def _static_widget_outputs(nb):
+    """A copy of ``nb`` whose widget views are replaced by their static preview: the image and the
+    text the widget stored beside its view (``microcnn.widgets``), or a note when it stored none.
+    A widget view cannot be drawn without a kernel and a widget manager, which a report has not."""
+    from nbformat.v4 import new_output
+
+    nb = copy.deepcopy(nb)
+    nb.metadata.pop("widgets", None)  # the saved widget state: data no report page can use
+    for cell in nb.cells:
+        outputs = []
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_VIEW not in data:
+                outputs.append(out)
+                continue
+            if "image/png" in data:
+                text = data.get("text/plain", "")
+                if text:
+                    outputs.append(new_output("display_data", data={"text/plain": text}))
+                outputs.append(new_output("display_data", data={"image/png": data["image/png"]},
+                                          metadata=out.get("metadata", {})))
+            else:
+                outputs.append(new_output("display_data", data={"text/plain": (
+                    "[interactive widget: no static preview was stored with this output; "
+                    "run the notebook in Jupyter to use it]")}))
+        if "outputs" in cell:
+            cell.outputs = outputs
+    return nb
+
+
+# ------------------------------------------------------------------------------------ pages
+@dataclass
+class Page:
+    """One rendered notebook: where it came from, its title and headings, and its HTML body."""
+
+    source: Path
+    name: str
+    title: str
+    headings: list = field(default_factory=list)  # (level, anchor id, text)
+    body: str = ""
+    error: str | None = None
+    unrendered: list = field(default_factory=list)  # formulas left as LaTeX source
+
+
+_HEADING = re.compile(r'<h([1-6]) id="([^"]+)">(.*?)</h\1>', re.S)
+_ANCHOR_LINK = re.compile(r'<a class="anchor-link"[^>]*>.*?</a>', re.S)
+
+
+def _plain_text(fragment: str) -> str:
+    """Text of an HTML fragment: a formula counts as its LaTeX source, tags dropped, spaces collapsed."""
+    fragment = re.sub(r"<math\b.*?<annotation[^>]*>(.*?)</annotation>.*?</math>", r"\1", fragment,
+                      flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", "", fragment)).split())
+
+
+def _headings(body: str) -> list:
+    """(level, id, text) of every Markdown heading in a rendered body, in order (nbconvert gives each
+    an id, which the index links to)."""
+    return [(int(level), anchor, _plain_text(_ANCHOR_LINK.sub("", inner)))
+            for level, anchor, inner in _HEADING.findall(body)]
+
+
+def notebook_page(nb, source, hide_code: bool = False, error: str | None = None) -> Page:
+    """Render a notebook (executed or as stored) into a ``Page``."""
+    unrendered: list = []
+    # Images a Markdown cell links by a relative path are embedded: the page must stand alone.
+    resources = {"metadata": {"path": str(Path(source).resolve().parent)}}
+    body, _ = _exporter(hide_code, unrendered).from_notebook_node(_static_widget_outputs(nb), resources)
+    headings = _headings(body)
+    title = headings[0][2] if headings else Path(source).stem
+    return Page(Path(source), page_name(source), title, headings, body, error, unrendered)
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<link rel="stylesheet" href="{stylesheet}">
+</head>
+<body>
+<nav class="report-nav">{nav}</nav>
+<main class="report-notebook">
+{error}{body}
+</main>
+<footer class="report-footer">{footer}</footer>
+</body>
+</html>
+"""
+
+
+def _page_html(page: Page, previous: Page | None, following: Page | None, executed: bool) -> str:
+    nav = [f'<a href="{INDEX}" rel="index">Contents</a>']
+    if previous is not None:
+        nav.append(f'<a href="{previous.name}" rel="prev">← {html.escape(previous.title)}</a>')
+    if following is not None:
+        nav.append(f'<a href="{following.name}" rel="next">{html.escape(following.title)} →</a>')
+    error = (f'<p class="report-error">This notebook did not run to the end: {html.escape(page.error)}</p>\n'
+             if page.error else "")
+    outputs = "executed for this report" if executed else "as stored in the notebook"
+    return _PAGE.format(title=html.escape(page.title), stylesheet=STYLESHEET, nav=" · ".join(nav),
+                        error=error, body=page.body,
+                        footer=f"{html.escape(page.source.name)}; outputs {outputs}. "
+                               f"Rendered by <code>microcnn report</code>.")
+
+
+_INDEX_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<link rel="stylesheet" href="{stylesheet}">
+</head>
+<body>
+<main class="report-index">
+<h1>{title}</h1>
+<p>{summary}</p>
+<nav class="report-toc" aria-label="Contents">
+<ol>
+{entries}
+</ol>
+</nav>
+</main>
+</body>
+</html>
+"""
+
+
+def _index_html(pages: list, executed: bool) -> str:
+    entries = []
+    for page in pages:
+        sub = "".join(f'<li class="toc-h{level}"><a href="{page.name}#{anchor}">'
+                      f"{html.escape(text)}</a></li>\n" for level, anchor, text in page.headings[1:])
+        failed = (f' <span class="report-error">(did not run to the end: {html.escape(page.error)})</span>'
+                  if page.error else "")
+        entries.append(f'<li><a class="toc-title" href="{page.name}">{html.escape(page.title)}</a> '
+                       f'<span class="toc-file">{html.escape(page.source.name)}</span>{failed}\n'
+                       + (f"<ul>\n{sub}</ul>\n" if sub else "") + "</li>")
+    outputs = "executed for this report" if executed else "as stored in the notebooks"
+    summary = f"{len(pages)} notebook{'s' if len(pages) != 1 else ''}; outputs {outputs}."
+    return _INDEX_PAGE.format(title="microcnn notebooks", stylesheet=STYLESHEET, summary=summary,
+                              entries="\n".join(entries))
+
+
+_CSS = """/* microcnn report: one stylesheet for the index and every notebook page. */
+:root { --text: #1b1b1b; --muted: #5f6368; --rule: #d6d6d6; --code-bg: #f6f7f9; --link: #1a5fb4; }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 1100px; padding: 0 1.5rem 3rem; color: var(--text);
+       font: 16px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
+a { color: var(--link); }
+code, pre, kbd { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 0.88em; }
+.report-nav { display: flex; flex-wrap: wrap; gap: 0.4rem 1rem; padding: 0.8rem 0;
+              border-bottom: 1px solid var(--rule); margin-bottom: 1rem; font-size: 0.95em; }
+.report-footer { margin-top: 2rem; padding-top: 0.6rem; border-top: 1px solid var(--rule);
+                 color: var(--muted); font-size: 0.85em; }
+.report-error { color: #b00020; font-weight: 600; }
+.report-index h1 { margin-top: 1.5rem; }
+.report-toc > ol { padding-left: 1.4rem; }
+.report-toc > ol > li { margin: 0.9rem 0; }
+.report-toc ul { list-style: none; padding-left: 1rem; margin: 0.2rem 0; }
+.toc-title { font-weight: 600; font-size: 1.1em; }
+.toc-file { color: var(--muted); font-size: 0.85em; margin-left: 0.4rem; }
+.toc-h3 { padding-left: 1.2rem; } .toc-h4, .toc-h5, .toc-h6 { padding-left: 2.4rem; }
+/* notebook cells (nbconvert's "basic" template) */
+.cell { margin: 0.6rem 0; }
+.prompt { display: none; }
+.anchor-link { visibility: hidden; margin-left: 0.3em; text-decoration: none; }
+h1:hover .anchor-link, h2:hover .anchor-link, h3:hover .anchor-link,
+h4:hover .anchor-link { visibility: visible; }
+.input_area { background: var(--code-bg); border: 1px solid #e3e5e8; border-radius: 4px; overflow-x: auto; }
+.input_area pre { margin: 0; padding: 0.5rem 0.7rem; }
+.output_area { margin: 0.3rem 0 0.3rem; overflow-x: auto; }
+.output_area pre { margin: 0.2rem 0; padding: 0.2rem 0.7rem; white-space: pre-wrap; }
+.output_stderr pre { background: #fdecea; }
+.output_png img, .output_jpeg img, .output_svg svg, .rendered_html img { max-width: 100%; height: auto; }
+.rendered_html table { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.9em; }
+.rendered_html th, .rendered_html td { border-bottom: 1px solid var(--rule); padding: 0.25rem 0.6rem;
+                                        text-align: right; }
+.rendered_html th { font-weight: 600; }
+.text_cell_render table th, .text_cell_render table td { text-align: left; }
+.rendered_html tbody tr:nth-child(odd) { background: #fafafa; }
+math[display="block"] { margin: 0.7rem 0; overflow-x: auto; overflow-y: hidden; }
+math { font-size: 1.1em; }
+/* MathML Core has no columnalign attribute: align* columns through CSS, as the converter labels them */
+mtd[columnalign="right"] { text-align: right; padding-right: 0; }
+mtd[columnalign="left"] { text-align: left; padding-left: 0; }
+.math-unrendered { color: #b00020; }
+.ansi-red-fg { color: #b22b31; } .ansi-green-fg { color: #007427; } .ansi-yellow-fg { color: #b27d12; }
+.ansi-blue-fg { color: #0065ca; } .ansi-magenta-fg { color: #a03196; } .ansi-cyan-fg { color: #258f8f; }
+.ansi-bold { font-weight: bold; }
+"""
+
+
+def stylesheet() -> str:
+    """The report's CSS, with Pygments' colours for highlighted code."""
+    from pygments.formatters import HtmlFormatter
+
+    return _CSS + "/* code highlighting (Pygments) */\n" + HtmlFormatter().get_style_defs(".highlight") + "\n"
+
+
+# ------------------------------------------------------------------------------------ the report
+def render_report(paths=None, out_dir="reports", execute: bool = True, hide_code: bool = False,
+                  timeout: int = 600, progress: bool = True, overwrite: bool = True) -> list[Path]:
+    """Render notebooks into ``out_dir`` (index, one page each, one stylesheet); return the paths
+    written, pages first (``report_destinations``).
 
     ``paths``: notebook files (default: every ``notebooks/*.ipynb`` of the repository, sorted).
-    A notebook whose cell fails still gets its HTML (showing the error), then ``MicrocnnError``
-    is raised, so a broken report never passes silently.
+    ``execute``: run each notebook in a fresh kernel first (``timeout`` seconds per cell); otherwise
+    show the outputs stored in the notebook. ``hide_code``: leave out code cells' inputs.
+    ``overwrite=False`` refuses existing files (checked before any notebook runs).
+
+    The files are written together at the end, or not at all (Ctrl-C leaves nothing). A notebook
+    whose cell fails still gets its page (showing the error, flagged in the index), then
+    ``MicrocnnError`` is raised, so a broken report never passes silently.
     """
+    import nbformat
     from tqdm.auto import tqdm
 
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise InputError(f"timeout: expected a positive number of seconds, found {timeout!r}")
     notebooks = _notebook_paths(paths)
-    out_dir = Path(out_dir)
-    written = []
-    for path in tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress):
-        html_path = out_dir / f"{path.stem}.html"
-        try:
-            nb = execute_notebook(path, timeout=timeout)
-        except MicrocnnError as exc:
-            if getattr(exc, "notebook", None) is not None:
-                atomic_write_bytes(html_path, notebook_html(exc.notebook).encode("utf-8"))
-                raise MicrocnnError(f"{exc} (partial report: {html_path})") from exc
-            raise
-        atomic_write_bytes(html_path, notebook_html(nb).encode("utf-8"))
-        written.append(html_path)
-    return written
+    destinations = report_destinations(notebooks, out_dir)
+    for path in destinations:
+        check_destination(path, overwrite)
+    pages, failures = [], []
+    bar = tqdm(notebooks, desc="report", unit="notebook", disable=not progress)
+    for path in bar:
+        bar.set_postfix_str(path.name)
+        if execute:
+            try:
+                nb, error = execute_notebook(path, timeout=timeout), None
+            except MicrocnnError as exc:
+                if getattr(exc, "notebook", None) is None:
+                    raise
+                nb, error = exc.notebook, str(exc)
+                failures.append(str(exc))
+        else:
+            nb, error = nbformat.read(path, as_version=4), None
+        pages.append(notebook_page(nb, path, hide_code=hide_code, error=error))
+    files = {dest: _page_html(page, pages[i - 1] if i else None, pages[i + 1] if i + 1 < len(pages) else None,
+                              execute)
+             for i, (dest, page) in enumerate(zip(destinations, pages, strict=False))}
+    files[destinations[-2]] = _index_html(pages, execute)
+    files[destinations[-1]] = stylesheet()
+    with all_or_nothing():
+        for dest, text in files.items():
+            atomic_write_bytes(dest, text.encode("utf-8"), overwrite)
+    for page in pages:
+        for message in page.unrendered:
+            warnings.warn(f"{page.source}: {message} (shown as LaTeX source)", FormulaWarning, stacklevel=2)
+    if failures:
+        raise MicrocnnError("; ".join(failures) + f" (report written to {Path(out_dir) / INDEX})")
+    return destinations

@@ -20,6 +20,7 @@ from . import optim
 from .autograd import Tensor, no_grad
 from .checks import check_count
 from .errors import InputError, MicrocnnError
+from .kernels.linalg import matmul
 from .losses import cross_entropy
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -98,8 +99,8 @@ def shift_images(images: np.ndarray, rng: np.random.Generator, max_shift: int = 
 
 
 def _smoothing_matrix(size: int, sigma: float) -> np.ndarray:
-    d = np.arange(size)[:, None] - np.arange(size)[None, :]
-    return np.exp(-0.5 * (d / sigma) ** 2)
+    # math.exp (the C library's), not np.exp: NumPy's float64 exp differs in the last bits on AVX-512 CPUs
+    return np.array([[math.exp(-0.5 * ((i - j) / sigma) ** 2) for j in range(size)] for i in range(size)])
 
 
 def random_affine(images: np.ndarray, rng: np.random.Generator, degrees: float = 10.0,
@@ -122,7 +123,11 @@ def random_affine(images: np.ndarray, rng: np.random.Generator, degrees: float =
     sy, sx = -sin * px + cos * py + cy, cos * px + sin * py + cx
     if elastic > 0:
         gy, gx = _smoothing_matrix(h, elastic_sigma), _smoothing_matrix(w, elastic_sigma)
-        field = gy @ rng.standard_normal((2, n, h, w)) @ gx.T
+        noise = rng.standard_normal((2, n, h, w))
+        # gy @ noise @ gx.T by a fixed-order product: BLAS's (OpenBLAS picks kernels by CPU) is not portable
+        gxt = np.ascontiguousarray(gx.T)
+        field = np.stack([matmul(matmul(gy, plane), gxt) for plane in noise.reshape(2 * n, h, w)])
+        field = field.reshape(2, n, h, w)
         field *= elastic / field.reshape(2, n, -1).std(axis=2)[:, :, None, None]
         sy, sx = sy + field[0].reshape(n, -1), sx + field[1].reshape(n, -1)
     return _bilinear(images, sy, sx)
@@ -333,44 +338,67 @@ def throughput_table(threads: int = 1, data_dir=None, compare: bool = False,
 # -- command line ----------------------------------------------------------------------------------
 def add_train_arguments(parser) -> None:
     """Options of ``microcnn train`` (``--data`` is added here only if the caller has not)."""
+    from .cliargs import epoch_count, float_in, int_in, seed_value, thread_count
+
     parser.add_argument("--model", choices=MODELS, default="lenet")
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
     # The defaults are the recipe of the bundled data/lenet.raw (see README).
-    parser.add_argument("--epochs", type=int, default=240)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    parser.add_argument("--weight-decay", type=float, default=None,
+    parser.add_argument("--epochs", type=epoch_count, default=240)
+    parser.add_argument("--batch-size", type=int_in(1, 65536, "a batch size"), default=64)
+    parser.add_argument("--lr", type=float_in(0, None, "a learning rate", low_open=True), default=3e-3,
+                        help="peak learning rate (default 3e-3)")
+    parser.add_argument("--weight-decay", type=float_in(0, None, "a weight decay"), default=None,
                         help="default: 0 for adam/sgd, 1e-2 for adamw")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     parser.add_argument("--schedule", choices=SCHEDULES, default="onecycle")
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label-smoothing", type=float_in(0, 1, "a label smoothing", high_open=True),
+                        default=0.1)
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="augment the training images (default on; --no-augment to disable)")
     parser.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), default="elastic",
                         help="shift: +-2 px; affine: also +-10 degrees and +-10%% scale; elastic: "
                         "affine plus a 1 px elastic distortion (default)")
-    parser.add_argument("--threads", type=int, default=1, help="Numba threads (results do not depend on it)")
-    parser.add_argument("--out", default="data/lenet.raw",
-                        help="weights file; a .safetensors file is written beside it")
+    parser.add_argument("--threads", type=thread_count, default=1,
+                        help="Numba threads (results do not depend on it)")
+    parser.add_argument("--out", default=None,
+                        help="weights file (default: <model>-<dataset>.raw in the current directory); a "
+                        ".raw file gets a .safetensors file beside it. Existing files are not replaced "
+                        "unless --force is given")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     if "--data" not in parser._option_string_actions:
         parser.add_argument("--data", help="dataset directory (default: $MICROCNN_DATA, ./data, cache)")
 
 
+def output_paths(out) -> list[Path]:
+    """Files ``microcnn train --out out`` writes: a .raw file and its self-describing twin, or one file."""
+    out = Path(out)
+    return [out, out.with_suffix(".safetensors")] if out.suffix == ".raw" else [out]
+
+
 def run_train(args) -> int:
-    """``microcnn train``: load the training split, fit, print per-epoch figures, save the weights."""
+    """``microcnn train``: load the training split, fit, print per-epoch figures, save the weights.
+
+    Every output path is checked before the data is loaded, and again just before writing; the files
+    are written all or nothing (``fileutil.all_or_nothing``)."""
     import os
 
     import numba
 
     from .datasets import load_dataset
+    from .fileutil import all_or_nothing, check_destination
 
-    numba.set_num_threads(min(max(1, args.threads), numba.config.NUMBA_NUM_THREADS))
+    force = getattr(args, "force", False)
+    paths = output_paths(args.out or f"{args.model}-{args.dataset}.raw")
+    for path in paths:
+        check_destination(path, overwrite=force)
+    numba.set_num_threads(args.threads)
     data_dir = args.data or os.environ.get("MICROCNN_DATA")
     images, labels = load_dataset(args.dataset, "train", data_dir=data_dir)
     test = load_dataset(args.dataset, "test", data_dir=data_dir)
     net = build_model(args.model, seed=args.seed)
+    print(f"training {args.model} on {len(images)} {args.dataset} images for {args.epochs} epoch(s); "
+          f"output: {' and '.join(map(str, paths))}", flush=True)
     t0 = time.perf_counter()
     history = fit(net, images, labels, epochs=args.epochs, batch_size=args.batch_size,
                   optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
@@ -379,14 +407,14 @@ def run_train(args) -> int:
                   label_smoothing=args.label_smoothing,
                   progress=not args.no_progress, eval_data=test)
     seconds = time.perf_counter() - t0
-    out = Path(args.out)
-    net.save(out)
-    if out.suffix == ".raw":
-        net.save(out.with_suffix(".safetensors"))
+    for path in paths:
+        check_destination(path, overwrite=force)
+    with all_or_nothing():
+        for path in paths:
+            net.save(path)
     if args.no_progress:
         print(history.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     last = history.iloc[-1]
     print(f"trained {args.model} on {len(images)} {args.dataset} images in {seconds:.1f} s: "
-          f"test accuracy {last['test_acc'] * 100:.2f}%; saved {out}"
-          + (f" and {out.with_suffix('.safetensors')}" if out.suffix == ".raw" else ""))
+          f"test accuracy {last['test_acc'] * 100:.2f}%; saved {' and '.join(map(str, paths))}")
     return 0

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from .checks import as_image_batch
 from .datasets import _box_weights
 from .errors import InputError
+from .kernels.linalg import matmul
 
 IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
@@ -116,6 +117,38 @@ def figure_png(fig: Figure, dpi: int = 80) -> bytes:
     """PNG bytes of a figure, for ``ipywidgets.Image`` (no pyplot state, nothing left open)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def stack_pngs(pngs) -> bytes:
+    """PNG images (bytes) one below the other, left-aligned on white, as one PNG: the static preview of
+    a widget's view. Empty entries (``b""`` or None) are skipped."""
+    from matplotlib.image import imread, imsave
+
+    def rgba(data):
+        a = imread(io.BytesIO(data))
+        if a.ndim == 2:  # grey
+            a = np.repeat(a[..., None], 3, axis=2)
+        if a.shape[2] == 3:
+            a = np.concatenate([a, np.ones(a.shape[:2] + (1,), a.dtype)], axis=2)
+        return a.astype(np.float32)
+
+    images = [rgba(p) for p in pngs if p]
+    if not images:
+        raise InputError("pngs: expected at least one PNG image, found none")
+    width = max(a.shape[1] for a in images)
+    rows = [np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=1.0) for a in images]
+    buf = io.BytesIO()
+    imsave(buf, np.clip(np.concatenate(rows), 0.0, 1.0), format="png")
+    return buf.getvalue()
+
+
+def gray_png(pixels: np.ndarray) -> bytes:
+    """A (H, W) uint8 grey image as PNG bytes, pixel for pixel."""
+    from matplotlib.image import imsave
+
+    buf = io.BytesIO()
+    imsave(buf, np.asarray(pixels, np.uint8), cmap="gray", vmin=0, vmax=255, format="png")
     return buf.getvalue()
 
 
@@ -248,7 +281,8 @@ def _canvas_gray(canvas) -> np.ndarray:
         return a
     if a.shape[2] == 1:
         return a[..., 0]
-    luma = a[..., :3] @ np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights
+    # ITU-R BT.601 weights, summed in this order (a BLAS product's order depends on the CPU)
+    luma = a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
     if a.shape[2] == 3:
         return luma
     alpha = a[..., 3]
@@ -287,7 +321,9 @@ def preprocess_drawing(canvas) -> np.ndarray | None:
     h, w = crop.shape
     scale = DIGIT_BOX / max(h, w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    small = _box_weights(new_h, h) @ crop @ _box_weights(new_w, w).T
+    # fixed-order products, not BLAS's (whose summation order, so last bits, depend on the CPU)
+    small = matmul(matmul(_box_weights(new_h, h), np.ascontiguousarray(crop)),
+                   np.ascontiguousarray(_box_weights(new_w, w).T))
     mass = small.sum()
     cy = float((small.sum(axis=1) * np.arange(new_h)).sum() / mass)
     cx = float((small.sum(axis=0) * np.arange(new_w)).sum() / mass)
@@ -404,6 +440,33 @@ def _input_figure(image) -> Figure:
 
 
 # ------------------------------------------------------------------------------------ widget glue
+_PREVIEW_CLASSES: dict = {}
+
+
+def _previewed(box_class):
+    """A subclass of the ipywidgets container ``box_class`` whose stored output also carries a static
+    preview: besides the widget view, its display bundle holds ``image/png`` and ``text/plain`` from the
+    instance's ``preview() -> (text, png bytes)``, taken when it is displayed. Jupyter shows the live
+    view; a notebook viewer or ``microcnn report`` (no kernel, no widget manager) shows the preview
+    instead of an empty output or a raw ``VBox(children=...)`` repr."""
+    import base64
+
+    if box_class not in _PREVIEW_CLASSES:
+        class Previewed(box_class):
+            preview = None  # set by the widget that builds the box
+
+            def _repr_mimebundle_(self, **kwargs):
+                bundle = dict(super()._repr_mimebundle_(**kwargs) or {})
+                text, png = self.preview()
+                bundle["text/plain"] = text
+                bundle["image/png"] = base64.b64encode(png).decode("ascii")
+                return bundle
+
+        Previewed.__name__ = Previewed.__qualname__ = box_class.__name__
+        _PREVIEW_CLASSES[box_class] = Previewed
+    return _PREVIEW_CLASSES[box_class]
+
+
 def _show_png(image_widget, data: bytes | None) -> None:
     """Show PNG bytes at their own pixel width (a flex box would otherwise stretch and blur them)."""
     image_widget.value = data or b""
@@ -426,15 +489,19 @@ def explorer(models: dict, images, labels, net=None):
     page = w.IntSlider(0, 0, 0, description="page")
     count = w.HTML()
 
+    shown = {}  # what the view shows now, for the static preview
+
     def show_index(change=None):
         out = on_index_change(state, slider.value)
         summary.value = f"<b>{out['summary']}</b>"
         table.value = out["panel"].to_html(float_format="{:.4f}".format)
         _show_png(bars, out["probabilities_png"])
         _show_png(maps, out["feature_maps_png"])
+        shown.update(summary=out["summary"], bars=out["probabilities_png"], maps=out["feature_maps_png"])
 
     def show_layer(change):
-        _show_png(maps, on_layer_change(state, slider.value, change["new"]))
+        shown["maps"] = on_layer_change(state, slider.value, change["new"])
+        _show_png(maps, shown["maps"])
 
     updating = []  # set while show_mistakes adjusts the page slider, whose change would re-enter it
 
@@ -463,8 +530,16 @@ def explorer(models: dict, images, labels, net=None):
     tabs = w.Tab([w.VBox([layer, maps]), w.VBox([w.HBox([wrong_model, page, count]), grid])])
     tabs.set_title(0, "feature maps")
     tabs.set_title(1, "misclassified")
+
+    def preview():
+        return (f"Explorer (static preview; interactive in Jupyter): {shown['summary']}; feature maps of "
+                f"{state.layer}", stack_pngs([shown["bars"], shown["maps"]]))
+
     # flex-start: a stretched row would scale the bar chart to the table's height and blur it
-    return w.VBox([slider, summary, w.HBox([bars, table], layout=w.Layout(align_items="flex-start")), tabs])
+    row = w.HBox([bars, table], layout=w.Layout(align_items="flex-start"))
+    box = _previewed(w.VBox)([slider, summary, row, tabs])
+    box.preview = preview
+    return box
 
 
 _CANVAS_ESM = """
@@ -575,5 +650,14 @@ def drawing_pad(models: dict, size: int = 280, stroke_width: int = 22):
         _show_png(bars, out["probabilities_png"])
         _show_png(seen, out["input_png"])
 
+    def preview():
+        pixels = canvas.pixels if len(canvas.pixels) == canvas.width * canvas.height else b""
+        drawn = pixels_to_canvas(pixels, canvas.width, canvas.height) if pixels else \
+            np.zeros((canvas.height, canvas.width), np.uint8)  # the canvas starts black
+        return (f"Drawing pad (static preview; draw a digit in Jupyter): {text.value}",
+                stack_pngs([gray_png(drawn), bars.value, seen.value]))
+
     canvas.observe(update, "pixels")
-    return w.HBox([canvas, w.VBox([text, bars, seen], layout=w.Layout(align_items="flex-start"))])
+    box = _previewed(w.HBox)([canvas, w.VBox([text, bars, seen], layout=w.Layout(align_items="flex-start"))])
+    box.preview = preview
+    return box

@@ -413,8 +413,9 @@ def test_loader_returns_fresh_copies_and_cache_follows_file_changes(tmp_path, mo
     images, labels = _tiny(4, 2, seed=1)
     _make_split(root, "test", images, labels, gz=False)
     reads = []
-    real_read_idx = datasets.read_idx
-    monkeypatch.setattr(datasets, "read_idx", lambda path: reads.append(path) or real_read_idx(path))
+    real_read = datasets._IdxReader.read
+    monkeypatch.setattr(datasets._IdxReader, "read", lambda self, items=None: reads.append(self.path)
+                        or real_read(self, items))
 
     first_x, first_y = load_mnist("test", data_dir=root.parent, download=False)
     np.testing.assert_array_equal(first_x, (images / 255.0).astype(np.float32)[:, None])

@@ -21,7 +21,9 @@ BASES = datasets.SPLIT_FILES["train"] + datasets.SPLIT_FILES["test"]
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """Static files, plus ``/truncate/<file>``: announces the full length, sends half, hangs up."""
+    """Static files, plus ``/truncate/<file>``: announces the full length, sends half, hangs up; and
+    ``/encoded/<file>``: the good file labelled ``Content-Encoding: gzip``, as S3 serves objects stored
+    with that metadata; ``/unannounced/<file>``: the file from ``huge/`` with no Content-Length."""
 
     def __init__(self, *args, requests, **kwargs):
         self.requests = requests
@@ -36,6 +38,21 @@ class _Handler(SimpleHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body[: len(body) // 2])
             self.close_connection = True
+            return
+        if self.path.startswith("/unannounced/"):
+            body = (Path(self.directory) / "huge" / self.path.rsplit("/", 1)[1]).read_bytes()
+            self.send_response(200)
+            self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+            self.wfile.write(body)
+            self.close_connection = True
+            return
+        if self.path.startswith("/encoded/"):
+            body = (Path(self.directory) / "good" / self.path.rsplit("/", 1)[1]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Encoding", "gzip")
+            self.end_headers()
+            self.wfile.write(body)
             return
         super().do_GET()
 
@@ -123,6 +140,16 @@ def test_recompressed_mirror_is_accepted(served, tmp_path):
     np.testing.assert_array_equal(images[:, 0], arrays["t10k-images-idx3-ubyte"] / np.float32(255))
 
 
+def test_gzip_labelled_as_content_encoding_is_stored_as_served(served, tmp_path):
+    # An HTTP client that honours Content-Encoding (requests, hence pooch) would hand over the
+    # decompressed bytes, which are not the .gz file: the download must keep the bytes as sent.
+    root, url, _, arrays = served
+    images, _ = load_mnist("test", data_dir=tmp_path / "d", mirrors=[f"{url}/encoded/"], progress=False)
+    np.testing.assert_array_equal(images[:, 0], arrays["t10k-images-idx3-ubyte"] / np.float32(255))
+    for name in (f"{base}.gz" for base in datasets.SPLIT_FILES["test"]):
+        assert (tmp_path / "d" / "mnist" / name).read_bytes() == (root / "good" / name).read_bytes()
+
+
 def test_checksum_mismatch_leaves_no_file(served, tmp_path):
     root, url, _, arrays = served
     corrupted = arrays["t10k-images-idx3-ubyte"].copy()
@@ -149,6 +176,22 @@ def test_oversized_or_non_gzip_payload_is_rejected(served, tmp_path):
     message = str(info.value)
     assert "decompressed size mismatch" in message and "not gzip data" in message
     assert _leftovers(target) == []
+
+
+@pytest.mark.parametrize("where", ["huge", "unannounced"])
+def test_payload_larger_than_any_genuine_file_is_cut_off(served, tmp_path, where):
+    root, url, requests, _ = served
+    base = "t10k-images-idx3-ubyte"
+    limit = 2 * datasets.CHECKSUMS["mnist"][base].nbytes + (1 << 16)
+    (root / "huge").mkdir()
+    (root / "huge" / f"{base}.gz").write_bytes(b"\x1f\x8b" + bytes(4 * limit))
+    with pytest.raises(DataNotFoundError) as info:
+        load_mnist("test", data_dir=tmp_path / "d", mirrors=[f"{url}/{where}/"], progress=False)
+    said = {"huge": f"server announces {4 * limit + 2} bytes, more than the {limit} expected",
+            "unannounced": f"more than the {limit} bytes expected"}[where]
+    assert said in str(info.value)
+    assert requests == [f"/{where}/{base}.gz"]  # not retried
+    assert _leftovers(tmp_path / "d" / "mnist") == []
 
 
 def test_404_is_not_retried_and_the_next_mirror_is_used(served, tmp_path, dead_url):

@@ -4,9 +4,14 @@ import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 
 import microcnn
 from microcnn import FileFormatError, io
@@ -173,3 +178,109 @@ def test_state_dict_with_integer_arrays_is_refused(net):
     state["0.bias"] = np.zeros(6, np.int32)
     with pytest.raises(InputError, match="expected a float array"):
         net.load_state_dict(state)
+
+
+# -- the safetensors package as an independent reference ----------------------------------------------
+# microcnn keeps its own reader and writer (docs/dependencies.md says why: the package's writer orders
+# __metadata__ differently in every process, its header parser accepts duplicate keys, and safe_open maps
+# the file, doubling peak memory and dying of SIGBUS if the file shrinks). The package still judges
+# whether what we write is the public format, and whether what it writes loads here.
+SHIPPED = Path(microcnn.__file__).resolve().parent.parent / "data" / "lenet.safetensors"
+
+
+def test_writer_reproduces_the_shipped_model_byte_for_byte_in_any_process(tmp_path):
+    ours = tmp_path / "here.safetensors"
+    microcnn.load(SHIPPED).save(ours)
+    assert ours.read_bytes() == SHIPPED.read_bytes()
+    # Another process with another hash seed: nothing in the header may follow set or hash order.
+    other = tmp_path / "there.safetensors"
+    code = "import sys, microcnn; microcnn.load(sys.argv[1]).save(sys.argv[2])"
+    subprocess.run([sys.executable, "-c", code, str(SHIPPED), str(other)], check=True,
+                   env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert other.read_bytes() == SHIPPED.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def every_kind():
+    """One model of each kind microcnn saves: FP32, W8A8, W4A4 (packed int4), fp16-compressed, calibration."""
+    from microcnn.quant import calibrate, compress, quantize
+
+    net = microcnn.lenet(seed=5)
+    cal = calibrate(net, np.random.default_rng(1).random((16, 1, 28, 28), dtype=np.float32), method="minmax",
+                    samples=16, progress=False)
+    return {"fp32": net, "int8": quantize(net, cal, 8, 8), "w4a4": quantize(net, cal, 4, 4),
+            "compressed": compress(net, "fp16"), "calibration": cal}
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "w4a4", "compressed", "calibration"])
+def test_the_safetensors_package_reads_our_files_as_we_do(every_kind, tmp_path, kind):
+    path = tmp_path / f"{kind}.safetensors"
+    every_kind[kind].save(path)
+    tensors, metadata = io.read_safetensors(path)
+    # The data starts 8-byte aligned, as the package's own writer places it (mmap readers rely on it).
+    assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 8 == 0
+    with safetensors.safe_open(path, framework="np") as f:
+        assert f.metadata() == metadata and metadata["format"] == "microcnn"
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, ours in tensors.items():
+            theirs = f.get_tensor(name)
+            assert theirs.dtype == ours.dtype and theirs.shape == ours.shape, name
+            np.testing.assert_array_equal(theirs, ours, err_msg=name)
+    if kind in ("int8", "w4a4", "calibration"):  # mixed widths: the package checks our alignment too
+        assert len({t.dtype for t in tensors.values()}) > 1
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "w4a4", "compressed"])
+def test_files_the_safetensors_package_writes_load_here(every_kind, tmp_path, kind):
+    # The package orders tensors by dtype width then name and pads the header its own way: the reader
+    # must follow the header, not our writer's habits.
+    ours = tmp_path / "ours.safetensors"
+    every_kind[kind].save(ours)
+    tensors, metadata = io.read_safetensors(ours)
+    theirs = tmp_path / "theirs.safetensors"
+    safetensors.numpy.save_file(tensors, theirs, metadata=metadata)
+    assert theirs.read_bytes() != ours.read_bytes()  # really another layout
+    x = np.random.default_rng(2).random((5, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_array_equal(microcnn.load(theirs).predict(x), microcnn.load(ours).predict(x))
+
+
+@pytest.mark.parametrize("change", ["shrinks", "grows"])
+def test_a_file_changed_after_its_header_was_checked_is_an_error_not_a_crash(net, tmp_path, change):
+    # A reader that maps the file (safe_open) is killed by SIGBUS when the file shrinks under it.
+    path = tmp_path / "m.safetensors"
+    net.save(path)
+    size = path.stat().st_size
+    with io.SafetensorsFile(path) as st:
+        if change == "shrinks":
+            os.truncate(path, size - 1000)
+        else:
+            with open(path, "ab") as f:
+                f.write(b"\0" * 8)
+        with pytest.raises(FileFormatError, match=r"m.safetensors: file changed while reading"):
+            st.read()
+
+
+def test_writer_stores_any_layout_and_byte_order_as_little_endian_c_order(tmp_path):
+    tensors = {"scalar": np.float32(3.5), "big_endian": np.arange(6, dtype=">f4").reshape(2, 3),
+               "transposed": np.arange(12, dtype=np.int32).reshape(3, 4).T,
+               "empty": np.zeros((0, 3), np.int8), "flags": np.array([True, False, True])}
+    path = tmp_path / "layouts.safetensors"
+    io.write_safetensors(path, tensors)
+    theirs = safetensors.numpy.load_file(path)  # the reference reader, not ours
+    for name, arr in tensors.items():
+        assert theirs[name].shape == np.shape(arr) and theirs[name].dtype.byteorder in "<|=", name
+        np.testing.assert_array_equal(theirs[name], arr, err_msg=name)
+
+
+def test_saving_does_not_copy_the_tensors(tmp_path):
+    import tracemalloc
+
+    big = {"w": np.random.default_rng(0).random((2048, 2048), dtype=np.float32)}  # 16 MB
+    tracemalloc.start()
+    try:
+        io.write_safetensors(tmp_path / "big.safetensors", big, {"k": "v"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes allocated to save 16 MB"
+    assert (tmp_path / "big.safetensors").stat().st_size > big["w"].nbytes

@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,3 +68,67 @@ print(seen, compiled)
                          cwd=ROOT).stdout.split(" ", 1)
     assert int(out[0]) > 10, "expected to find the Numba kernels"
     assert out[1].strip() == "[]"
+
+
+_EVALUATE_INSTALLED = """
+import hashlib, json
+import numpy as np
+import microcnn
+from microcnn.datasets import load_mnist
+from microcnn.lenet import BUNDLED_RAW
+images, labels = load_mnist("test", download=False)
+probs = microcnn.lenet(weights="bundled").predict(images[:500])
+print(json.dumps({"module": microcnn.__file__, "weights": str(BUNDLED_RAW),
+                  "accuracy": float((probs.argmax(1) == labels[:500]).mean()),
+                  "sha256": hashlib.sha256(probs.tobytes()).hexdigest()}))
+"""
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_bundled_weights_and_works_outside_the_checkout(tmp_path, mnist_test, bundled):
+    """Build the wheel from a copy of the sources, unpack it (a pure-Python wheel's install) outside the
+    checkout and evaluate the bundled model from another directory with only the unpacked copy on the
+    path: same module from the install, same weights, the same probabilities as the in-tree model."""
+    import hashlib
+    import json
+    import os
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "microcnn", src / "microcnn", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data", src / "data")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                 "--no-index", "-q", "-w", str(tmp_path / "dist")]
+    built = subprocess.run(pip_wheel, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("microcnn-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        for name in ("lenet.raw", "lenet.safetensors"):
+            assert archive.read(f"microcnn/data/{name}") == (ROOT / "data" / name).read_bytes()
+        archive.extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NUMBA_CACHE_DIR")}
+    env.update(PYTHONPATH=str(site), NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"), NUMBA_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _EVALUATE_INSTALLED], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    installed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(installed["module"]).is_relative_to(site)
+    assert Path(installed["weights"]) == site / "microcnn" / "data" / "lenet.raw"
+    images, labels = mnist_test
+    probs = bundled.predict(images[:500])
+    assert installed["accuracy"] == float((probs.argmax(1) == labels[:500]).mean()) > 0.97
+    assert installed["sha256"] == hashlib.sha256(probs.tobytes()).hexdigest()
+
+
+def test_bundled_weights_resolve_to_the_checkout_when_run_from_source():
+    """On PYTHONPATH (no microcnn.data package in the source tree) the weights are the repository's data/."""
+    from microcnn.lenet import BUNDLED_MODEL, BUNDLED_RAW
+
+    assert BUNDLED_RAW.read_bytes() == (ROOT / "data" / "lenet.raw").read_bytes()
+    assert BUNDLED_MODEL.read_bytes() == (ROOT / "data" / "lenet.safetensors").read_bytes()

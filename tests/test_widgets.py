@@ -521,3 +521,75 @@ def test_drawing_pad_predicts_when_pixels_change():
     assert png_shape(bars.value) and png_shape(seen.value)
     canvas.pixels = bytes(140 * 140)
     assert text.value == "Prediction: none (draw a digit)" and bars.value == b""
+
+
+# ------------------------------------------------------------------------------------ static previews
+def _display_bundle(widget):
+    """What Jupyter stores for the widget's output: IPython's own formatter, as the kernel runs it."""
+    import base64
+
+    from IPython.core.formatters import DisplayFormatter
+
+    data, _ = DisplayFormatter().format(widget)
+    return data, imread(io.BytesIO(base64.b64decode(data["image/png"])))
+
+
+def _rgba(data: bytes) -> np.ndarray:
+    a = imread(io.BytesIO(data))
+    return a if a.shape[2] == 4 else np.concatenate([a, np.ones(a.shape[:2] + (1,), a.dtype)], axis=2)
+
+
+def test_stack_pngs_places_images_top_down_on_white():
+    from matplotlib.image import imsave
+
+    def png(array):
+        buf = io.BytesIO()
+        imsave(buf, array, format="png")
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    top = rng.random((3, 5, 4)).astype(np.float32)
+    top[..., 3] = 1.0
+    bottom = rng.random((4, 2, 3)).astype(np.float32)  # RGB, narrower
+    out = imread(io.BytesIO(W.stack_pngs([png(top), b"", png(bottom), None])))
+    assert out.shape == (7, 5, 4)
+    np.testing.assert_allclose(out[:3], top, atol=1 / 255)
+    np.testing.assert_allclose(out[3:, :2, :3], bottom, atol=1 / 255)
+    assert (out[3:, 2:] == 1.0).all()  # padding is opaque white
+    with pytest.raises(InputError, match="at least one PNG"):
+        W.stack_pngs([b"", None])
+
+
+def test_explorer_output_carries_a_preview_of_the_current_view(mnist, net):
+    images, labels = mnist
+    ui = W.explorer({"FP32": net}, images[:50], labels[:50])
+    data, preview = _display_bundle(ui)
+    assert "application/vnd.jupyter.widget-view+json" in data  # still the live widget in Jupyter
+    assert data["text/plain"].startswith("Explorer (static preview")
+    text = data["text/plain"]
+    assert f"test image 0: label {labels[0]}" in text and "feature maps of conv1" in text
+    slider, bars = ui.children[0], ui.children[2].children[0]
+    maps_tab = ui.children[3].children[0]
+    slider.value = 42
+    maps_tab.children[0].value = "pool2"
+    data, preview = _display_bundle(ui)  # taken when displayed: the view as it is now
+    assert f"test image 42: label {labels[42]}" in data["text/plain"] and "of pool2" in data["text/plain"]
+    shown_bars, shown_maps = _rgba(bars.value), _rgba(maps_tab.children[1].value)
+    assert preview.shape[0] == shown_bars.shape[0] + shown_maps.shape[0]
+    np.testing.assert_allclose(preview[:shown_bars.shape[0], :shown_bars.shape[1]], shown_bars, atol=1 / 255)
+    np.testing.assert_allclose(preview[shown_bars.shape[0]:, :shown_maps.shape[1]], shown_maps, atol=1 / 255)
+
+
+def test_drawing_pad_output_carries_a_preview_of_the_canvas_and_prediction():
+    model = SoftmaxRegression(5)
+    pad = W.drawing_pad({"A": model}, size=140)
+    data, preview = _display_bundle(pad)
+    assert data["text/plain"] == "Drawing pad (static preview; draw a digit in Jupyter): Prediction: none " \
+                                 "(draw a digit)"
+    assert preview.shape[:2] == (140, 140) and (preview[..., :3] == 0).all()  # the empty black canvas
+    canvas, (text, bars, seen) = pad.children[0], pad.children[1].children
+    canvas.pixels = seven(140).tobytes()
+    data, preview = _display_bundle(pad)
+    assert data["text/plain"].endswith(text.value) and text.value.startswith("Prediction: ")
+    assert preview.shape[0] == 140 + _rgba(bars.value).shape[0] + _rgba(seen.value).shape[0]
+    np.testing.assert_allclose(preview[:140, :140, 0], seven(140) / 255, atol=1 / 255)

@@ -9,7 +9,8 @@ tap (c, ky, kx) of output (oy, ox) sits at ``offs[c, ky, kx] + oy*WP + ox``, so 
 row of the im2col matrix into a contiguous window of the padded image. With dy on wide rows
 ``g (O, P)``, per image:
 
-    dw (O, K) += g @ windows.T       dot products over P, read in place (implicit im2col)
+    dw (O, K) += g @ windows.T       dot products over P, read in place (implicit im2col), each
+                                     summed in gemm's fixed lane order (same bits on every CPU)
     dxpad[window r] += (w2.T @ g)[r]   the GEMM fused with col2im, added in place
 
 No patch matrix is ever built; the price is (WP - OW)/OW extra multiply-adds (14% for LeNet's
@@ -26,11 +27,8 @@ import numpy as np
 from numba import njit, prange
 
 from .conv import _pad_into
-from .gemm import sgemm
+from .gemm import sgemm, window_dots
 
-# Reassociation lets LLVM vectorize the dot-product reductions. No NaN/Inf assumptions are made, so
-# a diverging run still shows up as NaN in the loss.
-_FAST = {"reassoc", "contract"}
 _CHUNKS = 8
 
 
@@ -38,62 +36,6 @@ def window_offsets(c_in, kh, kw, hp, wp) -> np.ndarray:
     """Start of every (c, ky, kx) window in a flattened padded image (C, HP, WP), in w's K order."""
     c, ky, kx = np.ix_(np.arange(c_in), np.arange(kh), np.arange(kw))
     return ((c * hp + ky) * wp + kx).reshape(-1).astype(np.int64)
-
-
-@njit(cache=True, fastmath=_FAST)
-def window_dots_acc(g, src, offs, c):
-    """c[i, r] += g[i] . src[offs[r]:offs[r] + P] for g (M, P), with M and len(offs) multiples of 4.
-
-    4x4 blocks: 16 independent reductions over the contiguous P axis, which LLVM keeps in vector
-    registers, so each step loads 8 vectors for 16 FMAs.
-    """
-    m, p = g.shape
-    for i in range(0, m, 4):
-        g0, g1, g2, g3 = g[i], g[i + 1], g[i + 2], g[i + 3]
-        for r in range(0, offs.size, 4):
-            w0 = src[offs[r]:offs[r] + p]
-            w1 = src[offs[r + 1]:offs[r + 1] + p]
-            w2 = src[offs[r + 2]:offs[r + 2] + p]
-            w3 = src[offs[r + 3]:offs[r + 3] + p]
-            s00 = s01 = s02 = s03 = np.float32(0.0)
-            s10 = s11 = s12 = s13 = np.float32(0.0)
-            s20 = s21 = s22 = s23 = np.float32(0.0)
-            s30 = s31 = s32 = s33 = np.float32(0.0)
-            for q in range(p):
-                a0, a1, a2, a3 = g0[q], g1[q], g2[q], g3[q]
-                b0, b1, b2, b3 = w0[q], w1[q], w2[q], w3[q]
-                s00 += a0 * b0
-                s01 += a0 * b1
-                s02 += a0 * b2
-                s03 += a0 * b3
-                s10 += a1 * b0
-                s11 += a1 * b1
-                s12 += a1 * b2
-                s13 += a1 * b3
-                s20 += a2 * b0
-                s21 += a2 * b1
-                s22 += a2 * b2
-                s23 += a2 * b3
-                s30 += a3 * b0
-                s31 += a3 * b1
-                s32 += a3 * b2
-                s33 += a3 * b3
-            c[i, r] += s00
-            c[i, r + 1] += s01
-            c[i, r + 2] += s02
-            c[i, r + 3] += s03
-            c[i + 1, r] += s10
-            c[i + 1, r + 1] += s11
-            c[i + 1, r + 2] += s12
-            c[i + 1, r + 3] += s13
-            c[i + 2, r] += s20
-            c[i + 2, r + 1] += s21
-            c[i + 2, r + 2] += s22
-            c[i + 2, r + 3] += s23
-            c[i + 3, r] += s30
-            c[i + 3, r + 1] += s31
-            c[i + 3, r + 2] += s32
-            c[i + 3, r + 3] += s33
 
 
 @njit(cache=True)
@@ -118,17 +60,16 @@ def window_scatter_acc(at, g, offs, dst):
                 d[q] += ai * gi[q]
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True)
 def _backward_images(x, w2t, dy, offs, ph, pw, need_dx, n0, n1, dw, db, dx):
-    """Add images n0..n1-1's weight and bias gradients into dw (O4, K4) and db (O,); write their dx."""
+    """Add images n0..n1-1's weight and bias gradients into dw (O, K) and db (O,); write their dx."""
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     o, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
     hp, wp = h + 2 * ph, wd + 2 * pw
     p = (oh - 1) * wp + ow
-    k = w2t.shape[0]
     xpad = np.zeros((c, hp, wp), np.float32)
     dxpad = np.zeros((c, hp, wp), np.float32)
-    gw = np.zeros((dw.shape[0], p), np.float32)  # dy on wide rows; unused columns and padding rows stay 0
+    gw = np.zeros((o, p), np.float32)  # dy on wide rows; the unused columns stay 0
     for i in range(n0, n1):
         for a in range(o):
             s = np.float32(0.0)
@@ -140,10 +81,10 @@ def _backward_images(x, w2t, dy, offs, ph, pw, need_dx, n0, n1, dw, db, dx):
                     s += src[ox]
             db[a] += s
         _pad_into(x, i, ph, pw, xpad)
-        window_dots_acc(gw, xpad.reshape(-1), offs, dw)
+        window_dots(gw, xpad.reshape(-1), offs, dw, True)
         if need_dx:
             dxpad[:] = 0.0
-            window_scatter_acc(w2t, gw[:o], offs[:k], dxpad.reshape(-1))
+            window_scatter_acc(w2t, gw, offs, dxpad.reshape(-1))
             for ch in range(c):
                 for yy in range(h):
                     src = dxpad[ch, yy + ph]
@@ -170,14 +111,10 @@ def conv2d_backward(x, w, dy, ph, pw, need_dx):
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     k = c * kh * kw
-    # Rows of dy and windows padded to multiples of 4 for window_dots_acc: zero rows of dy, and
-    # windows repeating offset 0, whose dot products land in columns that are dropped.
-    o4, k4 = -(-o // 4) * 4, -(-k // 4) * 4
-    offs = np.zeros(k4, np.int64)
-    offs[:k] = window_offsets(c, kh, kw, h + 2 * ph, wd + 2 * pw)
+    offs = window_offsets(c, kh, kw, h + 2 * ph, wd + 2 * pw)
     w2t = np.ascontiguousarray(w.reshape(o, k).T)
     nchunks = min(n, _CHUNKS)
-    dw_parts = np.zeros((nchunks, o4, k4), np.float32)
+    dw_parts = np.zeros((nchunks, o, k), np.float32)
     db_parts = np.zeros((nchunks, o), np.float32)
     dx = np.zeros((n if need_dx else 0, c, h, wd), np.float32)
     if numba.get_num_threads() > 1 and nchunks > 1:
@@ -186,9 +123,9 @@ def conv2d_backward(x, w, dy, ph, pw, need_dx):
         for t in range(nchunks):
             _backward_images(x, w2t, dy, offs, ph, pw, need_dx, t * n // nchunks, (t + 1) * n // nchunks,
                              dw_parts[t], db_parts[t], dx)
-    dw, db = dw_parts[0, :o, :k].copy(), db_parts[0].copy()
+    dw, db = dw_parts[0].copy(), db_parts[0].copy()
     for t in range(1, nchunks):
-        dw += dw_parts[t, :o, :k]
+        dw += dw_parts[t]
         db += db_parts[t]
     return dx, dw.reshape(w.shape), db
 

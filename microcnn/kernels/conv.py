@@ -27,6 +27,8 @@ has more than one thread and the batch is large enough (``_use_parallel``).
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -293,20 +295,42 @@ def winograd_matrices(m: int, r: int):
     if (m, r) not in WINOGRAD_VARIANTS:
         raise InputError(f"Winograd F({m}x{m},{r}x{r}) is not provided; choose from {WINOGRAD_VARIANTS}")
     a = m + r - 1
-    pts = _WINOGRAD_POINTS[a]
+    pts = [Fraction(p) for p in _WINOGRAD_POINTS[a]]
 
     def vander(cols):
-        v = np.zeros((a, cols))
-        for j, p in enumerate(pts):
-            v[j] = p ** np.arange(cols)
-        v[a - 1, cols - 1] = 1.0  # the point at infinity picks the leading coefficient
+        v = [[p ** i for i in range(cols)] for p in pts] + [[Fraction(0)] * cols]
+        v[a - 1][cols - 1] = Fraction(1)  # the point at infinity picks the leading coefficient
         return v
 
-    at, g, bt = vander(m).T.copy(), vander(r), np.linalg.inv(vander(a)).T.copy()
+    # Exact rational arithmetic (the points are small dyadic numbers): the matrices are the same bits
+    # everywhere, where np.linalg.inv's LAPACK kernels vary with the CPU.
+    bt = _transpose(_inverse(vander(a)))
     # Rescale each row of BT so its smallest non-zero entry is +-1 (the entries become small
     # integers or halves, exact in float32) and move the factor into G, which is applied in float64.
-    scale = np.array([np.abs(row[row != 0]).min() for row in bt])
-    return at, g * scale[:, None], bt / scale[:, None]
+    scale = [min(abs(x) for x in row if x != 0) for row in bt]
+    g = [[x * scale[i] for x in row] for i, row in enumerate(vander(r))]
+    bt = [[x / scale[i] for x in row] for i, row in enumerate(bt)]
+    return tuple(np.array(mat, dtype=np.float64) for mat in (_transpose(vander(m)), g, bt))
+
+
+def _transpose(mat):
+    return [list(col) for col in zip(*mat, strict=True)]
+
+
+def _inverse(mat):
+    """Inverse of a square matrix of Fractions by Gauss-Jordan elimination (exact)."""
+    n = len(mat)
+    rows = [list(row) + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(mat)]
+    for col in range(n):
+        pivot = next(i for i in range(col, n) if rows[i][col] != 0)
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        lead = rows[col][col]
+        rows[col] = [x / lead for x in rows[col]]
+        for i in range(n):
+            if i != col and rows[i][col] != 0:
+                f = rows[i][col]
+                rows[i] = [x - f * y for x, y in zip(rows[i], rows[col], strict=True)]
+    return [row[n:] for row in rows]
 
 
 def winograd_weights(w, m: int) -> np.ndarray:
@@ -495,9 +519,13 @@ def fft_weights(w, shape) -> np.ndarray:
     return np.ascontiguousarray(wf.reshape(o, c, -1), dtype=np.complex64)
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True)
 def _spectral_products(xf, wf, yf):
     """yf[n, o, :] = sum_c xf[n, c, :] * wf[o, c, :] (complex64; frequencies innermost).
+
+    No fused multiply-adds: a complex product offers LLVM a choice of which real product to fuse,
+    and its vectorised loop and scalar remainder (split where the target's vector width says) could
+    choose differently; separately rounded operations give the same bits on every target.
 
     A Numba loop rather than a batched BLAS matmul: the matmul is faster on one idle core but
     OpenBLAS's own threads ignore ``numba.set_num_threads`` and stall badly on a busy machine."""

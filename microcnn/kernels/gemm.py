@@ -1,6 +1,8 @@
 """FP32 matrix multiplication kernels: a register micro-kernel, a cache-blocked GEMM, the dense layer.
 
-Numba/LLVM only keeps accumulators in registers for reductions over the innermost loop, hence:
+Numba/LLVM only keeps accumulators in registers for reductions over the innermost loop, hence the
+shapes below. None uses fastmath beyond ``contract`` (fused multiply-adds), so results are the same
+bits on every x86-64 CPU with FMA, whatever vector width Numba compiles for:
 
 * ``gemm_packed`` (the convolutions): ``c[i, :] = bias[i] + sum_k a[i, k] * b_row_k``, with a
   micro-kernel written as LLVM IR (``_make_register_kernel``) that holds 8 rows x 32 columns of
@@ -13,11 +15,13 @@ Numba/LLVM only keeps accumulators in registers for reductions over the innermos
 * ``_gemm_acc`` ("NN", plain Numba): ``c[i, :] += a[i, k] * b_row_k`` six rows and four ``k`` per
   pass, ``c`` read and written once per four ``k``; the Winograd products and ``sgemm`` (backward
   pass) use it.
-* ``_gemm_nt`` ("NT", dot products): ``c[i, j] = a[i, :] . bt[j, :]`` on 4x4 blocks, i.e. 16
-  independent reductions over contiguous ``k`` that LLVM vectorises into register accumulators:
-  the linear layer and the 1x1-output convolution, whose weights are row-major along ``k``. At
-  batch 1 it is bound by reading the weights from L2 (LeNet's conv3: 192 KB, ~3 us, as fast as
-  ``np.dot``); a register GEMV over transposed weights measured no better, so there is none.
+* ``window_dots`` / ``_gemm_nt`` ("NT", dot products): ``c[i, j] = a[i, :] . b_j`` on 4x4 blocks
+  with register accumulators, written as IR (``_make_dot_kernel``) so that every dot product is
+  summed in one fixed order -- 8 partial sums, then a fixed tree -- whatever vector width the
+  target has: the linear layer, the 1x1-output convolution (weights row-major along ``k``) and the
+  convolution's weight gradient (``b_j`` a window of the image). Reductions left to LLVM
+  (``reassoc``) change their last bits with the CPU they are compiled for. At batch 1 this is
+  bound by reading the weights from L2 (LeNet's conv3: 192 KB, a few us).
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ from .simd import LANES, register_loop, splat
 
 # Contraction into FMAs only: NN results do not depend on vector width.
 _CONTRACT = {"contract"}
-# Dot products need reassociation so LLVM may split each reduction into vector lanes.
-_REDUCE = {"contract", "reassoc", "nsz"}
 
 _COL_BLOCK = 1024  # columns of c per pass; long rows amortise each pass's set-up
 _K_BLOCK = 256  # rows of b per pass: a 256 x 1024 block of b (1 MiB) stays in L2
@@ -283,79 +285,158 @@ def sgemm(a, b):
     return c
 
 
-@njit(cache=True, fastmath=_REDUCE)
-def _gemm_nt(a, bt, c):
-    """c[i, j] = a[i, :] . bt[j, :] for a (M, K), bt (N, K), c (M, N); 4x4 register blocks."""
+# -- dot products -----------------------------------------------------------------------------
+# Every dot product is summed the same way on every target: DOT_LANES partial sums (lane l takes the
+# products of k = l, l + DOT_LANES, ... by fused multiply-adds, in increasing k), then a fixed tree
+# (lanes l and l + 4, then l and l + 2, then the last two). A reduction left to LLVM (fastmath
+# ``reassoc``) is split into as many lanes as the target's vector width, so its last bits change
+# with the CPU Numba compiles for; hence the IR, which fixes the lanes and the order.
+DOT_LANES = 8
+DOT_ROWS, DOT_COLS = 4, 4  # outputs per block: 16 vector accumulators (row blocks of 1 use 1 x 8)
+
+
+def _make_dot_kernel(rows: int, cols: int, accumulate: bool):
+    """``kernel(a_addr, a_stride, b_addr, off_addr, n_k, out_addr, out_stride)``: for r < rows,
+    c < cols, ``out[r * out_stride + c] (+)= dot(a[r * a_stride + k], b[off[c] + k] for k < n_k)``,
+    summed as described above (float32 addresses, element strides and offsets)."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.core.extending import intrinsic
+
+    @intrinsic
+    def kernel(typingctx, a_addr, a_stride, b_addr, off_addr, n_k, out_addr, out_stride):
+        sig = types.void(*([types.intp] * 7))
+
+        def codegen(context, builder, signature, args):
+            a_addr, a_stride, b_addr, off_addr, n_k, out_addr, out_stride = args
+            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+            vf = ir.VectorType(f32, DOT_LANES)
+            a_p = builder.inttoptr(a_addr, f32.as_pointer())
+            b_p = builder.inttoptr(b_addr, f32.as_pointer())
+            off_p = builder.inttoptr(off_addr, i64.as_pointer())
+            out_p = builder.inttoptr(out_addr, f32.as_pointer())
+            fmuladd = _fmuladd(builder, vf)
+            fmuladd1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3),
+                                                      "llvm.fmuladd.f32")
+            a_rows = [builder.gep(a_p, [builder.mul(a_stride, ir.Constant(i64, r))]) for r in range(rows)]
+            b_rows = [builder.gep(b_p, [builder.load(builder.gep(off_p, [ir.Constant(i64, c)]))])
+                      for c in range(cols)]
+            zero = ir.Constant(vf, [0.0] * DOT_LANES)
+            n_vec = builder.udiv(n_k, ir.Constant(i64, DOT_LANES))
+            tail0 = builder.mul(n_vec, ir.Constant(i64, DOT_LANES))
+
+            def vector_step(t, accs):
+                at = builder.mul(t, ir.Constant(i64, DOT_LANES))
+                xs = [builder.load(builder.bitcast(builder.gep(p, [at]), vf.as_pointer()), align=4)
+                      for p in a_rows]
+                ys = [builder.load(builder.bitcast(builder.gep(p, [at]), vf.as_pointer()), align=4)
+                      for p in b_rows]
+                return [builder.call(fmuladd, [xs[r], ys[c], accs[r * cols + c]])
+                        for r in range(rows) for c in range(cols)]
+
+            def tail_step(lane, accs):  # k = tail0 + lane goes to lane ``lane``, as in vector_step
+                at = builder.add(tail0, lane)
+                lane32 = builder.trunc(lane, i32)
+                xs = [builder.load(builder.gep(p, [at])) for p in a_rows]
+                ys = [builder.load(builder.gep(p, [at])) for p in b_rows]
+                new = []
+                for r in range(rows):
+                    for c in range(cols):
+                        acc = accs[r * cols + c]
+                        s = builder.call(fmuladd1, [xs[r], ys[c], builder.extract_element(acc, lane32)])
+                        new.append(builder.insert_element(acc, s, lane32))
+                return new
+
+            accs = register_loop(builder, n_vec, [zero] * (rows * cols), vector_step, "dot")
+            accs = register_loop(builder, builder.sub(n_k, tail0), accs, tail_step, "dottail")
+            for r in range(rows):
+                for c in range(cols):
+                    ptr = builder.gep(out_p, [builder.add(builder.mul(out_stride, ir.Constant(i64, r)),
+                                                          ir.Constant(i64, c))])
+                    total = _sum_lanes(builder, accs[r * cols + c])
+                    builder.store(builder.fadd(builder.load(ptr), total) if accumulate else total, ptr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
+
+
+def _sum_lanes(builder, vector):
+    """The lanes of a DOT_LANES vector added by the fixed tree: halves, then halves again (no fast-math
+    flags: LLVM keeps this order)."""
+    from llvmlite import ir
+
+    width = DOT_LANES
+    while width > 1:
+        width //= 2
+        undef = ir.Constant(vector.type, ir.Undefined)
+        low = builder.shuffle_vector(vector, undef, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                                  list(range(width))))
+        high = builder.shuffle_vector(vector, undef, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                                   list(range(width, 2 * width))))
+        vector = builder.fadd(low, high)
+    return builder.extract_element(vector, ir.Constant(ir.IntType(32), 0))
+
+
+_dot_block_set = _make_dot_kernel(DOT_ROWS, DOT_COLS, False)
+_dot_block_add = _make_dot_kernel(DOT_ROWS, DOT_COLS, True)
+_dot_column_set = _make_dot_kernel(DOT_ROWS, 1, False)
+_dot_column_add = _make_dot_kernel(DOT_ROWS, 1, True)
+_dot_row_set = _make_dot_kernel(1, 2 * DOT_COLS, False)
+_dot_row_add = _make_dot_kernel(1, 2 * DOT_COLS, True)
+_dot_one_set = _make_dot_kernel(1, 1, False)
+_dot_one_add = _make_dot_kernel(1, 1, True)
+
+
+@njit(cache=True)
+def window_dots(a, b, offs, c, accumulate):
+    """c[i, j] = a[i, :] . b[offs[j] : offs[j] + K] (or += with ``accumulate``) for a (M, K) with
+    contiguous rows, b 1-D, c (M, len(offs)) with contiguous rows; each dot product summed in the
+    fixed order of ``_make_dot_kernel``, so the bits depend neither on the CPU nor on the blocking."""
     m, kdim = a.shape
-    ncols = bt.shape[0]
+    n = offs.shape[0]
+    sa, sc = a.strides[0] // 4, c.strides[0] // 4
+    b0, o0 = b.ctypes.data, offs.ctypes.data
     i = 0
-    while i + 4 <= m:
-        a0, a1, a2, a3 = a[i], a[i + 1], a[i + 2], a[i + 3]
-        j = 0
-        while j + 4 <= ncols:
-            p0, p1, p2, p3 = bt[j], bt[j + 1], bt[j + 2], bt[j + 3]
-            s00 = s01 = s02 = s03 = np.float32(0.0)
-            s10 = s11 = s12 = s13 = np.float32(0.0)
-            s20 = s21 = s22 = s23 = np.float32(0.0)
-            s30 = s31 = s32 = s33 = np.float32(0.0)
-            for k in range(kdim):
-                x0, x1, x2, x3 = a0[k], a1[k], a2[k], a3[k]
-                q0, q1, q2, q3 = p0[k], p1[k], p2[k], p3[k]
-                s00 += x0 * q0
-                s01 += x0 * q1
-                s02 += x0 * q2
-                s03 += x0 * q3
-                s10 += x1 * q0
-                s11 += x1 * q1
-                s12 += x1 * q2
-                s13 += x1 * q3
-                s20 += x2 * q0
-                s21 += x2 * q1
-                s22 += x2 * q2
-                s23 += x2 * q3
-                s30 += x3 * q0
-                s31 += x3 * q1
-                s32 += x3 * q2
-                s33 += x3 * q3
-            c[i, j], c[i, j + 1], c[i, j + 2], c[i, j + 3] = s00, s01, s02, s03
-            c[i + 1, j], c[i + 1, j + 1], c[i + 1, j + 2], c[i + 1, j + 3] = s10, s11, s12, s13
-            c[i + 2, j], c[i + 2, j + 1], c[i + 2, j + 2], c[i + 2, j + 3] = s20, s21, s22, s23
-            c[i + 3, j], c[i + 3, j + 1], c[i + 3, j + 2], c[i + 3, j + 3] = s30, s31, s32, s33
-            j += 4
-        while j < ncols:
-            p0 = bt[j]
-            s00 = s10 = s20 = s30 = np.float32(0.0)
-            for k in range(kdim):
-                q0 = p0[k]
-                s00 += a0[k] * q0
-                s10 += a1[k] * q0
-                s20 += a2[k] * q0
-                s30 += a3[k] * q0
-            c[i, j], c[i + 1, j], c[i + 2, j], c[i + 3, j] = s00, s10, s20, s30
-            j += 1
-        i += 4
     while i < m:
-        a0 = a[i]
+        rows = DOT_ROWS if m - i >= DOT_ROWS else 1
+        ai, ci = a.ctypes.data + 4 * i * sa, c.ctypes.data + 4 * i * sc
         j = 0
-        while j + 4 <= ncols:
-            p0, p1, p2, p3 = bt[j], bt[j + 1], bt[j + 2], bt[j + 3]
-            s00 = s01 = s02 = s03 = np.float32(0.0)
-            for k in range(kdim):
-                x0 = a0[k]
-                s00 += x0 * p0[k]
-                s01 += x0 * p1[k]
-                s02 += x0 * p2[k]
-                s03 += x0 * p3[k]
-            c[i, j], c[i, j + 1], c[i, j + 2], c[i, j + 3] = s00, s01, s02, s03
-            j += 4
-        while j < ncols:
-            p0 = bt[j]
-            s00 = np.float32(0.0)
-            for k in range(kdim):
-                s00 += a0[k] * p0[k]
-            c[i, j] = s00
-            j += 1
-        i += 1
+        while j < n:
+            oj, cj = o0 + 8 * j, ci + 4 * j
+            if rows == DOT_ROWS and n - j >= DOT_COLS:
+                if accumulate:
+                    _dot_block_add(ai, sa, b0, oj, kdim, cj, sc)
+                else:
+                    _dot_block_set(ai, sa, b0, oj, kdim, cj, sc)
+                j += DOT_COLS
+            elif rows == DOT_ROWS:
+                if accumulate:
+                    _dot_column_add(ai, sa, b0, oj, kdim, cj, sc)
+                else:
+                    _dot_column_set(ai, sa, b0, oj, kdim, cj, sc)
+                j += 1
+            elif n - j >= 2 * DOT_COLS:
+                if accumulate:
+                    _dot_row_add(ai, sa, b0, oj, kdim, cj, sc)
+                else:
+                    _dot_row_set(ai, sa, b0, oj, kdim, cj, sc)
+                j += 2 * DOT_COLS
+            else:
+                if accumulate:
+                    _dot_one_add(ai, sa, b0, oj, kdim, cj, sc)
+                else:
+                    _dot_one_set(ai, sa, b0, oj, kdim, cj, sc)
+                j += 1
+        i += rows
+
+
+@njit(cache=True)
+def _gemm_nt(a, bt, c):
+    """c[i, j] = a[i, :] . bt[j, :] for a (M, K), bt (N, K), c (M, N), all C-contiguous."""
+    kdim = bt.shape[1]
+    window_dots(a, bt.reshape(-1), np.arange(bt.shape[0]) * kdim, c, False)
 
 
 @njit(cache=True)

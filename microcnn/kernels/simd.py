@@ -9,6 +9,7 @@ helpers keep that IR short.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 
@@ -17,26 +18,56 @@ def host_simd() -> int:
     """Vector width the micro-kernels may use: 16 32-bit lanes (AVX-512), 8 (AVX2), 0 (portable IR).
 
     x86 intrinsics are only emitted when Numba compiles for the host CPU (no NUMBA_CPU_NAME override).
-    MICROCNN_SIMD=0|8|16 lowers the width (tests use it to exercise every path; combine it with its own
-    NUMBA_CACHE_DIR, as cached machine code does not know about it)."""
-    from numba.core import config
-
-    width = 0
-    if platform.machine().lower() in ("x86_64", "amd64") and config.CPU_NAME in (None, "host"):
-        try:
-            from llvmlite import binding
-
-            features = binding.get_host_cpu_features()
-        except Exception:  # feature detection unavailable: portable vector code
-            features = {}
-        width = 16 if features.get("avx512bw", False) else (8 if features.get("avx2", False) else 0)
+    MICROCNN_SIMD=0|8|16 lowers the width (tests use it to exercise every path). Every width computes the
+    same bits; the width only changes the machine code (see ``_cache_folder``)."""
+    width = _hardware_simd()
     requested = os.environ.get("MICROCNN_SIMD", "").strip()
     if requested in ("0", "8", "16"):
         width = min(width, int(requested))
     return width
 
 
+def _hardware_simd() -> int:
+    from numba.core import config
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or config.CPU_NAME not in (None, "host"):
+        return 0
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+    except Exception:  # feature detection unavailable: portable vector code
+        return 0
+    return 16 if features.get("avx512bw", False) else (8 if features.get("avx2", False) else 0)
+
+
+def _sources_digest() -> str:
+    """A digest of every kernel source file. Numba validates a cached function against its own file's
+    timestamp only, so a kernel inlined from another file (softmax into the program, the GEMM into a
+    convolution) would keep running stale machine code after that other file changed (seen after a
+    merge: softmax off by one ulp); keying the cache folder on all kernel sources rules that out."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".py")):
+        with open(os.path.join(folder, name), "rb") as source:
+            digest.update(name.encode() + b"\0" + source.read())
+    return digest.hexdigest()[:16]
+
+
+def _cache_folder(width: int) -> None:
+    """Point Numba's cache at a folder keyed on the kernel sources and on the SIMD width (inside
+    NUMBA_CACHE_DIR if set). Numba keys cached machine code on the target CPU and its features, not on
+    this width, so a width lowered by MICROCNN_SIMD would otherwise load code compiled for the full one
+    (whose block layouts differ). Runs before any kernel is defined, which is when Numba picks where its
+    cache lives."""
+    from numba.core import config
+
+    base = config.CACHE_DIR or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    config.CACHE_DIR = os.path.join(base, f"{_sources_digest()}-simd{width}")
+
+
 SIMD = host_simd()
+_cache_folder(SIMD)
 LANES = SIMD or 8  # 32-bit lanes per vector; the portable IR uses 8, which LLVM splits as the target needs
 
 

@@ -56,6 +56,9 @@ class CompressedModel:
                                       f"{dtype} {shape}", f"{arr.dtype} {arr.shape}")
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise FileFormatError(path, f"tensor {name} holds NaN/Inf", "finite values", "non-finite")
+            if name.endswith("_scale") and not (arr > 0).all():  # as the quantized loader refuses them
+                raise FileFormatError(path, f"tensor {name} holds scales <= 0", "scales > 0",
+                                      f"{int((arr <= 0).sum())} of {arr.size}, smallest {float(arr.min()):g}")
         state = _decompress(net, tensors, fmt)
         bad = _first_nonfinite(state)
         if bad:  # finite int8 weights times a finite but huge scale (3e38) overflow float32

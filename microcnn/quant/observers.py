@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
+from ..kernels.linalg import kl_sum
 from .params import check_bits, fake_quantize, qparams_from_range
 
 
@@ -235,7 +236,9 @@ class MSEObserver(HistogramObserver):
         for alpha in np.linspace(1.0, 1.0 / self.candidates, self.candidates):  # ties keep the wider range
             scale, zp = qparams_from_range(alpha * lo0, alpha * hi0, bits, symmetric=False, signed=False,
                                            name=self.tensor)
-            err = float(weights @ (centers - fake_quantize(centers, scale, zp, bits, signed=False)) ** 2)
+            # np.sum, not ``@``: BLAS's dot product sums in a CPU-dependent order
+            residual = centers - fake_quantize(centers, scale, zp, bits, signed=False)
+            err = float(np.sum(weights * residual ** 2))
             if err < best_err:
                 best, best_err = alpha, err
         return best * lo0, best * hi0
@@ -295,9 +298,9 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
         return np.inf
     p = p / p.sum()
     q = q / q.sum()
-    mask = p > 0
-    q = np.where(mask & (q == 0), 1e-12, q)  # smoothing: a level Q misses costs much, not infinity
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+    q = np.where((p > 0) & (q == 0), 1e-12, q)  # smoothing: a level Q misses costs much, not infinity
+    # a fixed-order loop over libm's log: NumPy's float64 log has an AVX-512 variant with other last bits
+    return float(kl_sum(p, q))
 
 
 OBSERVERS = {cls.kind: cls for cls in (MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver,

@@ -132,15 +132,15 @@ def fixed_point_multiplier(multiplier) -> tuple[np.ndarray, np.ndarray]:
     m = np.atleast_1d(np.asarray(multiplier, np.float64))
     if not (np.isfinite(m).all() and (m > 0).all()):
         raise InputError(f"requantization multiplier: expected positive finite values, found {m}")
-    mant, exp = np.frexp(m)  # m = mant * 2**exp, 0.5 <= mant < 1
-    m0 = np.round(mant * (1 << 31)).astype(np.int64)
-    carry = m0 == (1 << 31)
+    _, exp = np.frexp(m)  # m = mant * 2**exp, 0.5 <= mant < 1
+    shift = np.minimum(31 - exp, 62)
+    # m * 2**shift is exact (a power-of-two scaling), so m0 is rounded once, to the nearest integer --
+    # also when the capped shift leaves fewer than 31 bits (rounding to 31 bits first, then dropping
+    # bits, would round twice and can miss the nearest value).
+    m0 = np.round(np.ldexp(m, shift)).astype(np.int64)
+    carry = m0 == (1 << 31)  # mant rounded up to 1: one bit less of shift
     m0[carry] >>= 1
-    exp = exp + carry
-    shift = 31 - exp
+    shift = shift - carry
     if (shift < 1).any():
         raise InputError(f"requantization multiplier too large: {m.max():g} (expected < 2**30)")
-    over = np.maximum(shift - 62, 0)
-    m0 = (m0 + ((1 << over) >> 1)) >> over  # keep the shift in range, rounding the dropped bits
-    shift = np.minimum(shift, 62)
     return m0.astype(np.int32), shift.astype(np.int32)

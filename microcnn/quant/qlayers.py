@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import InputError
 from ..kernels import integer as ki
 from ..kernels import pool
+from ..kernels.elementwise import all_finite
 from ..layers import MaxPool2d, _pair
 from .params import ActQuant, fixed_point_multiplier
 
@@ -62,6 +63,17 @@ def _act_tensors(act: ActQuant) -> dict:
             "out_zero_point": np.array([act.zero_point], np.uint8)}
 
 
+def refuse_nonfinite(x: np.ndarray) -> None:
+    """NaN/Inf cannot be quantized: rounding would clamp them to a code and the network would answer
+    with confidence. The FP32 network propagates them (and ``predict`` refuses); every precision
+    refuses rather than answer. Raised at each float -> integer boundary, so an FP32 layer of a mixed
+    network that overflows is caught too."""
+    bad = ~np.isfinite(x.reshape(len(x), -1))
+    first = int(np.flatnonzero(bad.any(axis=1))[0])
+    raise InputError(f"images: expected finite float32 values, found {int(bad.sum())} NaN/Inf entering a "
+                     f"quantized layer (first in image {first}); integer codes cannot represent them")
+
+
 class QuantizeStage(Stage):
     """float32 -> uint8 at the network input (or after an FP32 layer)."""
 
@@ -73,7 +85,10 @@ class QuantizeStage(Stage):
 
     def run(self, x):
         a = self.out_act
-        return ki.quantize_u8(x.reshape(-1), a.scale, a.zero_point, a.qmax).reshape(x.shape)
+        flat = x.reshape(-1)
+        if not all_finite(flat):
+            refuse_nonfinite(x)
+        return ki.quantize_u8(flat, a.scale, a.zero_point, a.qmax).reshape(x.shape)
 
     def spec(self):
         return {**super().spec(), "bits": self.out_act.bits}

@@ -8,8 +8,17 @@ import time
 import numpy as np
 
 from ..errors import InputError
+from ..kernels.elementwise import all_finite
 from ..network import LayerTrace, Sequential
-from .qlayers import FloatStage, QWeighted, Stage
+from .qlayers import FloatStage, QWeighted, Stage, refuse_nonfinite
+
+
+def _refuse_nonfinite_input(x) -> None:
+    """NaN/Inf input gets no answer at any precision. Checked at the input because an FP32 first layer
+    of a mixed network can hide it (ReLU and max pooling drop NaN); each quantize stage checks again
+    for values that overflow inside the network."""
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f" and not all_finite(x.reshape(-1)):
+        refuse_nonfinite(x)
 
 
 class QuantizedSequential:
@@ -50,6 +59,7 @@ class QuantizedSequential:
 
     # -- inference -----------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
+        _refuse_nonfinite_input(x)
         for stage in self.stages:
             x = stage.run(x)
         return x
@@ -60,6 +70,7 @@ class QuantizedSequential:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         stages = self.stages[:-1] if self._ends_in_softmax() else self.stages
+        _refuse_nonfinite_input(x)
         for stage in stages:
             x = stage.run(x)
         return x

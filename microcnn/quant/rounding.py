@@ -1,12 +1,15 @@
 """Data-aware rounding of weights (GPTQ / Optimal Brain Quantization): instead of rounding every weight
 to the nearest grid point, quantize one input column at a time and spread its rounding error over the
 columns not yet quantized, weighted by the inverse Hessian H = X X^T of the layer's inputs X on the
-calibration images. That minimises ||W X - Q X||^2 greedily; it matters at 4 bits."""
+calibration images. That minimises ||W X - Q X||^2 greedily; it matters at 4 bits. The Hessian and
+its factors come from ``kernels.linalg`` (fixed summation order), not BLAS/LAPACK, so the rounded
+weights are the same on every CPU."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..kernels.linalg import cholesky_lower, gram, inverse_spd
 from ..layers import Conv2d, Linear
 from .params import qrange
 
@@ -19,11 +22,9 @@ def input_gram(layer, x: np.ndarray) -> np.ndarray:
 
         (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
         cols = im2col(np.ascontiguousarray(x, np.float32), kh, kw, sh, sw, ph, pw, np.float32(0.0))
-        cols = cols.astype(np.float64)
-        return cols @ cols.T
+        return gram(np.ascontiguousarray(cols.T, np.float64))
     if isinstance(layer, Linear):
-        rows = np.asarray(x, np.float64).reshape(len(x), -1)
-        return rows.T @ rows
+        return gram(np.ascontiguousarray(np.asarray(x, np.float64).reshape(len(x), -1)))
     raise TypeError(f"no weights to round in {layer.type}")
 
 
@@ -41,7 +42,7 @@ def gptq_round(w: np.ndarray, scale: np.ndarray, bits: int, gram: np.ndarray,
     w[:, dead] = 0.0
     h += damp * np.mean(np.diag(h)) * np.eye(k)
     # Upper Cholesky factor of H^-1: row j holds the updates that compensate column j's error.
-    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    u = cholesky_lower(inverse_spd(h)).T
     q = np.empty_like(w)
     for j in range(k):
         q[:, j] = np.clip(np.rint(w[:, j] / s[:, 0]), qmin, qmax)

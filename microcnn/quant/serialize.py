@@ -13,13 +13,15 @@ import json
 import numpy as np
 
 from ..errors import FileFormatError, InputError
-from ..io import FORMAT_NAME, FORMAT_VERSION, read_safetensors, write_safetensors
+from ..io import FORMAT_NAME, FORMAT_VERSION, SafetensorsFile, write_safetensors
+from ..jsonutil import load_json_bounded
 from ..layers import layer_from_config
 from .params import KERNEL_BITS, ActQuant, check_bits
 
 KIND_QUANTIZED = "quantized"
 KIND_CALIBRATION = "calibration"
 COMPRESSED_KINDS = ("compressed-int8", "compressed-fp16")
+MODEL_KINDS = ("fp32", KIND_QUANTIZED, *COMPRESSED_KINDS)
 
 
 def _meta(kind: str, architecture: dict, **extra) -> dict:
@@ -30,10 +32,9 @@ def _meta(kind: str, architecture: dict, **extra) -> dict:
 
 
 def _json(path, metadata, key):
-    try:
-        return json.loads(metadata[key])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise FileFormatError(path, f"metadata {key!r} missing or not JSON ({exc})") from None
+    if key not in metadata:
+        raise FileFormatError(path, f"metadata {key!r} missing")
+    return load_json_bounded(metadata[key], path, f"metadata {key!r}")
 
 
 # -- quantized networks ------------------------------------------------------------------------------
@@ -46,6 +47,14 @@ def save_quantized(qnet, path) -> None:
                                            stages=[s.spec() for s in qnet.stages], settings=qnet.settings))
 
 
+def refuse_kind(path, kind):
+    """A file ``load_model`` cannot rebuild: a calibration file (with advice) or an unknown kind."""
+    if kind == KIND_CALIBRATION:
+        raise FileFormatError(path, "this is a calibration file, not a model; load it with "
+                              "microcnn.quant.Calibration.load(path, net)", "a model", "kind=calibration")
+    raise FileFormatError(path, "unknown model kind", MODEL_KINDS, kind)
+
+
 def load_from_tensors(tensors: dict, metadata: dict, arch: dict, path):
     """Rebuild the model of a non-FP32 file (called by ``microcnn.io.load_model``)."""
     kind = metadata.get("kind")
@@ -55,10 +64,7 @@ def load_from_tensors(tensors: dict, metadata: dict, arch: dict, path):
         from .compress import CompressedModel
 
         return CompressedModel.from_tensors(tensors, kind, arch, path)
-    if kind == KIND_CALIBRATION:
-        raise FileFormatError(path, "this is a calibration file, not a model; load it with "
-                              "microcnn.quant.Calibration.load(path, net)", "a model", "kind=calibration")
-    raise FileFormatError(path, "unknown model kind", ("fp32", KIND_QUANTIZED, *COMPRESSED_KINDS), kind)
+    refuse_kind(path, kind)
 
 
 class _Reader:
@@ -162,12 +168,42 @@ def _load_quantized(tensors, metadata, arch, path):
             raise FileFormatError(path, "the last stage outputs integers", "real values (a dequantize stage)",
                                   f"stage {len(specs) - 1} ({specs[-1].get('kind')})")
         reader.finish()
+        _check_settings(path, settings, stages, layers_cfg)
         return QuantizedSequential(stages, arch, settings)
     except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
         if isinstance(exc, FileFormatError):
             raise
         raise FileFormatError(path, f"quantized model does not describe a valid network ({where}: {exc})"
                               ) from None
+
+
+def _check_settings(path, settings: dict, stages, layers_cfg) -> None:
+    """The bit widths ``settings`` reports (and the command line prints as the precision) must be the
+    ones the stages compute with: per weighted layer in ``layer_bits`` (32 for a layer left in FP32),
+    ``weight_bits`` when every layer has the same width, ``act_bits`` for every integer stage."""
+    from types import SimpleNamespace
+
+    from ..network import layer_names
+    from .qlayers import FloatStage, QWeighted
+
+    names = layer_names([SimpleNamespace(type=c.get("type")) for c in layers_cfg])
+    used = {}
+    for stage in stages:
+        if isinstance(stage, QWeighted):
+            used[names[stage.layers[0]]] = stage.weight_bits
+        elif isinstance(stage, FloatStage) and stage.layer.parameters():
+            used[names[stage.layers[0]]] = 32
+    acts = {stage.in_act.bits for stage in stages if isinstance(stage, QWeighted)}
+    found = {k: settings.get(k) for k in ("weight_bits", "act_bits", "layer_bits")}
+    ok = "layer_bits" not in settings or settings["layer_bits"] == used
+    ok = ok and ("act_bits" not in settings or acts <= {settings["act_bits"]})
+    widths = set(used.values()) - {32}
+    wbits = settings.get("weight_bits", next(iter(widths), 8))
+    ok = ok and type(wbits) is int and wbits in KERNEL_BITS and (len(widths) != 1 or widths == {wbits})
+    if not ok:
+        raise FileFormatError(path, "settings report other bit widths than the stages compute with",
+                              {"weight_bits": widths.pop() if len(widths) == 1 else "4 or 8 (mixed)",
+                               "act_bits": sorted(acts), "layer_bits": used}, found)
 
 
 def _agree(path, i, spec, key, expected):
@@ -264,38 +300,155 @@ def save_calibration(cal, path) -> None:
                                            observers=observers, seed=cal.seed))
 
 
-def load_calibration(path, net=None):
-    """Read a calibration file; with ``net``, refuse one made for another architecture."""
-    from .calibrate import Calibration
+# Bounds on what a calibration file may ask for (defaults: 4096 bins, 100 / 512 candidates). The range
+# searches cost candidates x bins per tensor: these keep the worst file to seconds, not hours.
+MAX_BINS = 1 << 16
+MAX_CANDIDATES = 1000  # MSEObserver
+MAX_KL_CANDIDATES = 4096  # EntropyObserver
+MAX_SEED = 2**63 - 1
+# name: (type, lowest, highest) of every observer constructor setting a file may give; the constructor
+# then applies its own finer rule (bins a multiple of 4, 50 < percentile, 0 < averaging_constant).
+_PARAM_BOUNDS = {"bins": (int, 64, MAX_BINS), "candidates": (int, 1, MAX_CANDIDATES),
+                 "max_candidates": (int, 1, MAX_KL_CANDIDATES), "percentile": (float, 50, 100),
+                 "averaging_constant": (float, 0, 1)}
+_OBSERVER_PARAMS = {"minmax": (), "ema": ("averaging_constant",), "percentile": ("bins", "percentile"),
+                    "mse": ("bins", "candidates"), "entropy": ("bins", "max_candidates")}
+
+
+def observer_state_layout(kind: str, params: dict) -> dict:
+    """name -> (dtype, shape) of the state an observer of ``kind`` saves, from its settings alone: the
+    file's tensors are compared with it before any observer (or its histogram) is allocated."""
+    count = {"count": (np.dtype(np.int64), (1,))}
+    if kind in ("minmax", "ema"):
+        return {"minmax": (np.dtype(np.float64), (2,)), **count}
+    bins = params["bins"]
+    return {"pos": (np.dtype(np.int64), (bins,)), "neg": (np.dtype(np.int64), (bins,)),
+            "scalars": (np.dtype(np.float64), (3,)), **count}
+
+
+def _calibration_field(path, field: str, expected: str, found):
+    """The error for one field of a calibration file: ``<path>: calibration field <field> (expected
+    <expected>, found <found>)``."""
+    return FileFormatError(path, f"calibration field {field}", expected.removeprefix("expected "),
+                           str(found)[:120])
+
+
+def _observer_specs(path, specs, expected_names) -> list:
+    """(tensor, kind, params) of every observer entry, each field checked and bounded."""
     from .observers import OBSERVERS
 
-    tensors, metadata = read_safetensors(path)
-    if metadata.get("kind") != KIND_CALIBRATION:
-        raise FileFormatError(path, "not a calibration file", f"kind={KIND_CALIBRATION}",
-                              f"kind={metadata.get('kind')}")
-    arch = _json(path, metadata, "architecture")
-    if net is not None and arch.get("layers") != net.config()["layers"]:
-        raise FileFormatError(path, "calibration statistics belong to another architecture",
-                              [c["type"] for c in net.config()["layers"]],
-                              [c.get("type") for c in arch.get("layers", [])])
-    from collections import OrderedDict
+    if not isinstance(specs, list) or len(specs) != len(expected_names):
+        raise _calibration_field(path, "observers", f"expected a list of {len(expected_names)} entries "
+                                 f"(one per tensor: {expected_names})", type(specs).__name__
+                                 if not isinstance(specs, list) else f"{len(specs)} entries")
+    out = []
+    for i, entry in enumerate(specs):
+        field = f"observers[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"tensor", "kind", "params"}:
+            raise _calibration_field(path, field, 'expected {"tensor", "kind", "params"}', entry)
+        tensor, kind, params = entry["tensor"], entry["kind"], entry["params"]
+        if tensor != expected_names[i]:
+            raise _calibration_field(path, f"{field}.tensor", f"expected {expected_names[i]!r}", tensor)
+        if not isinstance(kind, str) or kind not in OBSERVERS:
+            raise _calibration_field(path, f"{field}.kind", f"expected one of {sorted(OBSERVERS)}", kind)
+        if not isinstance(params, dict) or set(params) != set(_OBSERVER_PARAMS[kind]):
+            raise _calibration_field(path, f"{field}.params", f"expected keys {list(_OBSERVER_PARAMS[kind])}",
+                                     params)
+        for key, value in params.items():
+            kind_of, lo, hi = _PARAM_BOUNDS[key]
+            ok = isinstance(value, int if kind_of is int else int | float) and not isinstance(value, bool)
+            if not (ok and lo <= value <= hi):
+                raise _calibration_field(path, f"{field}.params.{key}", f"expected {kind_of.__name__} in "
+                                         f"[{lo}, {hi}]", repr(value))
+        out.append((tensor, kind, params))
+    return out
 
+
+def _check_observer_state(path, tensor, kind, state) -> None:
+    """The statistics an observer could have collected: at least one value, finite ordered extremes,
+    histograms whose counts add up to the value count and whose width covers the extremes."""
+    count = int(state["count"][0])
+    field = f"tensor {tensor}"
+    if not 1 <= count <= 2**62:
+        raise _calibration_field(path, f"{field}.count", "expected 1 .. 2**62 observed values", count)
+    lo, hi = (state["minmax"] if "minmax" in state else state["scalars"][1:]).tolist()
+    if not (np.isfinite([lo, hi]).all() and lo <= hi):
+        raise _calibration_field(path, f"{field} min/max", "expected finite min <= max", [lo, hi])
+    if "scalars" in state:
+        limit = float(state["scalars"][0])
+        top = max(abs(lo), abs(hi))
+        # The observer starts at max|x| * (1 + 1e-6) and doubles while max|x| reaches it.
+        if not (top < limit <= 2.00001 * top or top == limit == 0.0):
+            raise _calibration_field(path, f"{field} histogram limit", f"expected above max |x| {top:g} and "
+                                     "at most twice it (0 when every value is 0)", limit)
+        pos, neg = state["pos"], state["neg"]
+        if (pos < 0).any() or (neg < 0).any():
+            raise _calibration_field(path, f"{field} histogram", "expected counts >= 0", "negative counts")
+        total = sum(int(c) for c in pos[pos > 0]) + sum(int(c) for c in neg[neg > 0])  # Python ints
+        if total != count:
+            raise _calibration_field(path, f"{field} histogram", f"expected counts adding up to {count}",
+                                     total)
+
+
+def load_calibration(path, net=None):
+    """Read a calibration file; with ``net``, refuse one made for another architecture. Every field of
+    the metadata is checked and bounded, and every tensor's name, dtype and shape compared with what
+    the observers need, before any tensor is read or any observer allocated."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from ..io import _architecture
+    from ..network import layer_names
+    from .calibrate import INPUT, Calibration
+    from .observers import OBSERVERS
+
+    with SafetensorsFile(path) as st:
+        metadata = st.metadata
+        if metadata.get("kind") != KIND_CALIBRATION:
+            raise FileFormatError(path, "not a calibration file", f"kind={KIND_CALIBRATION}",
+                                  f"kind={metadata.get('kind')}")
+        arch = _architecture(path, metadata)
+        types = [c.get("type") for c in arch["layers"]]
+        if not all(isinstance(t, str) for t in types):
+            raise _calibration_field(path, "architecture.layers", "expected a type name per layer", types)
+        if net is not None and arch["layers"] != net.config()["layers"]:
+            raise FileFormatError(path, "calibration statistics belong to another architecture",
+                                  [c["type"] for c in net.config()["layers"]], types)
+        names = [INPUT, *(net.names if net is not None else
+                          layer_names([SimpleNamespace(type=t) for t in types]))]
+        method = _json(path, metadata, "method")
+        if not isinstance(method, str) or method not in OBSERVERS:
+            raise _calibration_field(path, "method", f"expected one of {sorted(OBSERVERS)}", method)
+        seed = _json(path, metadata, "seed") if "seed" in metadata else 0
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise _calibration_field(path, "seed", f"expected an integer in 0..{MAX_SEED}", seed)
+        specs = _observer_specs(path, _json(path, metadata, "observers"), names)
+        expected = {f"{t}.{k}": v for t, kind, params in specs
+                    for k, v in observer_state_layout(kind, params).items()}
+        images = st.entries.get("images")
+        if images is None or images[0] != np.float32 or len(images[1]) != 4 or images[1][0] < 1:
+            raise _calibration_field(path, "images", "expected float32 (N >= 1, C, H, W)", images)
+        shape = arch.get("input_shape")
+        if shape is not None and list(images[1][1:]) != shape:
+            raise _calibration_field(path, "images", f"expected images of the architecture's input_shape "
+                                     f"{shape}", list(images[1]))
+        found = {k: v for k, v in st.entries.items() if k != "images"}
+        if found != expected:
+            name = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
+            raise _calibration_field(path, f"tensor {name[0]}", f"expected {expected.get(name[0], 'none')}",
+                                     found.get(name[0], "missing"))
+        tensors = st.read()
+    if not np.isfinite(tensors["images"]).all():
+        raise _calibration_field(path, "images", "expected finite values", "NaN/Inf")
     observers = OrderedDict()
-    try:
-        for entry in _json(path, metadata, "observers"):
-            cls = OBSERVERS[entry["kind"]]
-            obs = cls(entry["tensor"], **entry["params"])
-            prefix = entry["tensor"] + "."
-            obs.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            observers[entry["tensor"]] = obs
-    except (KeyError, TypeError, InputError) as exc:
-        raise FileFormatError(path, f"calibration observers malformed ({exc})") from None
-    if net is not None and list(observers) != ["input", *net.names]:
-        raise FileFormatError(path, "calibration tensors do not match the network",
-                              ["input", *net.names], list(observers))
-    images = tensors.get("images")
-    if images is None or images.dtype != np.float32 or images.ndim != 4:
-        raise FileFormatError(path, "calibration images missing or malformed", "float32 (N, C, H, W)",
-                              None if images is None else f"{images.dtype} {images.shape}")
-    return Calibration(json.loads(metadata["method"]), observers, arch, images,
-                       int(json.loads(metadata.get("seed", "0"))))
+    for tensor, kind, params in specs:
+        prefix = tensor + "."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        _check_observer_state(path, tensor, kind, state)
+        try:
+            obs = OBSERVERS[kind](tensor, **params)
+            obs.load_state(state)
+        except InputError as exc:
+            raise _calibration_field(path, f"observer {tensor}", str(exc), params) from None
+        observers[tensor] = obs
+    return Calibration(method, observers, arch, tensors["images"], seed)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Real-browser test: JupyterLab runs notebooks/05_interactive_prediction.ipynb in headless Chromium,
-# driven by Playwright. Uses Debian's chromium (never a browser download: no `playwright install`).
-# Screenshots go to reports/browser_05*.png.
+# Real-browser tests, headless Chromium driven by Playwright: JupyterLab runs
+# notebooks/05_interactive_prediction.ipynb (screenshots in reports/browser_05*.png), and the output of
+# `microcnn report --no-execute` is opened with the network blocked (test_report_offline.py).
+# Uses Debian's chromium (never a browser download: no `playwright install`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

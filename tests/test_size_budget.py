@@ -1,0 +1,74 @@
+"""A size budget for the package, in the manner of tinygrad's line-count check.
+
+The point of microcnn is an engine small enough to read in an afternoon; the risk is the tooling
+around it (benchmarks, comparisons, plots, widgets, the command line) growing until it is most of what
+a reader meets. So each layer has a budget of non-blank, non-comment source lines (docstrings count:
+they are read too), and the tools may not outgrow a fixed fraction of the engine.
+
+Counts when the budgets were set (December 2026): engine 5,163 (kernels 1,834 + engine modules 3,329),
+quant 1,796, tools 2,381 (0.46 of the engine). The budgets leave about 12-15 % headroom. Raising one is
+a decision to make in review, with the reason in the commit, not a number to bump when the test fails.
+"""
+
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "microcnn"
+
+# Every module of the package belongs to exactly one layer (kernels/ and quant/ by their folder).
+ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors", "fileutil", "io",
+          "jsonutil", "layers", "lenet", "losses", "network", "optim", "train"}
+TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "widgets"}
+
+BUDGET = {"engine": 5900, "quant": 2050, "tools": 2700}
+MAX_TOOLS_PER_ENGINE_LINE = 0.55
+
+
+def source_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines()
+               if line.strip() and not line.lstrip().startswith("#"))
+
+
+def layer_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    if rel.parts[0] == "kernels":
+        return "engine"
+    if rel.parts[0] == "quant":
+        return "quant"
+    assert len(rel.parts) == 1, f"{rel}: a new subpackage; give it a layer in {Path(__file__).name}"
+    layer = "engine" if path.stem in ENGINE else "tools" if path.stem in TOOLS else None
+    assert layer, f"microcnn/{rel}: a new module; add it to ENGINE or TOOLS in {Path(__file__).name}"
+    return layer
+
+
+def layer_sizes() -> dict:
+    sizes = dict.fromkeys(BUDGET, 0)
+    for path in PACKAGE.rglob("*.py"):
+        sizes[layer_of(path)] += source_lines(path)
+    return sizes
+
+
+def test_source_lines_counts_code_and_docstrings_but_not_blanks_or_comments(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text('"""Doc."""\n\n# a comment\n    # indented comment\nx = 1  # trailing\n\n\ndef g():\n'
+                 '    return x\n', encoding="utf-8")
+    assert source_lines(f) == 4
+
+
+def test_every_listed_module_exists():
+    stems = {p.stem for p in PACKAGE.glob("*.py")}
+    assert ENGINE | TOOLS <= stems, f"listed but gone: {sorted((ENGINE | TOOLS) - stems)}"
+    assert not ENGINE & TOOLS
+
+
+def test_each_layer_stays_within_its_budget():
+    sizes = layer_sizes()
+    over = {layer: f"{n} > {BUDGET[layer]}" for layer, n in sizes.items() if n > BUDGET[layer]}
+    assert not over, f"source lines over budget: {over} (all layers: {sizes})"
+
+
+def test_tools_do_not_outgrow_the_engine():
+    sizes = layer_sizes()
+    ratio = sizes["tools"] / sizes["engine"]
+    assert ratio <= MAX_TOOLS_PER_ENGINE_LINE, (
+        f"tools have {sizes['tools']} source lines, {ratio:.2f} per engine line "
+        f"(at most {MAX_TOOLS_PER_ENGINE_LINE}); engine {sizes['engine']}")
