@@ -91,6 +91,9 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             "with len(x) == samples the sorted choice of all indices is the identity: the same images",
     },
     "losses": {
+        "_elementwise: remove x = np.ascontiguousarray(x, np.float64)":
+            "every caller in losses.py passes a freshly computed, C-contiguous float64 array (astype, "
+            "arithmetic or a kernel's output), so the call returned it unchanged",
         "binary_cross_entropy_with_logits.backward: GtE->Gt in x >= 0":
             "at x == 0 both branches give exactly 0.5: 1 / (1 + 1) and exp(0) / (1 + exp(0))",
     },
