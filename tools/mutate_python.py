@@ -4,6 +4,8 @@
     python tools/mutate_python.py params --list     # list the mutants with their keys
     python tools/mutate_python.py params --show KEY # the diff of one mutant
     python tools/mutate_python.py all               # every module in turn, summary at the end
+    python tools/mutate_python.py all --rerun       # only what the last run did not kill (tests added since)
+    python tools/mutate_python.py all --report      # the saved results as Markdown
 
 Each mutant is one small AST edit of the module (operator swap, comparison boundary, and/or, removed
 `not` or unary minus, constant tweak 0->1, 1->0, n->n+1, True<->False, min<->max, swapped first two call
