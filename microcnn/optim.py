@@ -54,14 +54,17 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
-        self.steps += 1
-        for i, p in enumerate(self.params):
+        grads = {}
+        for i, p in enumerate(self.params):  # all checked before any parameter moves
             if p.grad is None:
                 continue
-            grad = np.asarray(p.grad, np.float32)
-            if grad.shape != p.data.shape:
+            grads[i] = np.asarray(p.grad, np.float32)
+            if grads[i].shape != p.data.shape:
                 raise InputError(f"optimizer: gradient of parameter {i} expected shape {p.data.shape}, "
-                                 f"found {grad.shape}")
+                                 f"found {grads[i].shape}")
+        self.steps += 1
+        for i, grad in grads.items():
+            p = self.params[i]
             self._update(p.data, grad, self.state.setdefault(i, {}))
             p.version += 1
 
