@@ -118,7 +118,7 @@ def test_other_algorithms_pool_nonsquare(algorithm):
     x, wt, b = conv_case(c, o, k, h, w, 2)
     for kernel, pstride in POOLS[:2]:
         for with_relu in (False, True):
-            got = cv.conv2d_forward(x, wt, b, stride, padding, algorithm, {}, 0, (*kernel, *pstride),
+            got = cv.conv2d_forward(x, wt, b, stride, padding, algorithm, {}, (*kernel, *pstride),
                                     with_relu)
             expected = conv_pool_ref(x, wt, b, stride, padding, kernel, pstride, with_relu)
             np.testing.assert_allclose(got, expected, atol=ATOL)
@@ -127,7 +127,7 @@ def test_other_algorithms_pool_nonsquare(algorithm):
 def test_winograd_pool_nonsquare():
     x, wt, b = conv_case(2, 3, (3, 3), 9, 12, 2)
     for kernel, pstride in POOLS[:2]:
-        got = cv.conv2d_forward(x, wt, b, (1, 1), (1, 0), "winograd", {}, 0, (*kernel, *pstride), True)
+        got = cv.conv2d_forward(x, wt, b, (1, 1), (1, 0), "winograd", {}, (*kernel, *pstride), True)
         np.testing.assert_allclose(got, conv_pool_ref(x, wt, b, (1, 1), (1, 0), kernel, pstride, True),
                                    atol=1e-4)
 
@@ -170,7 +170,7 @@ def test_sequential_paths_pool_nonsquare(conv, kernel, pstride, with_relu):
         x = big[:n].copy()
         first = net.forward(x)  # layer path (the program was built for this shape by the call above)
         assert net._program is not None and net._program.sample_shape == (c, h, w)
-        got = program.run_program(x, net._program.ops, net._program.arena).reshape(first.shape)
+        got = program.run_program(x, net._program.ops).reshape(first.shape)
         np.testing.assert_allclose(got, _net_ref(net, x, with_relu), atol=1e-4)
         np.testing.assert_array_equal(net.forward(x), got)
 
