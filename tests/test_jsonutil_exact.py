@@ -81,6 +81,8 @@ def test_duplicate_keys_are_refused_at_any_level():
         load_json_bounded('{"a": 1, "b": 2, "a": 1}', "f")
     with pytest.raises(FileFormatError, match="duplicate key 'k'"):
         load_json_bounded('{"outer": [{"k": 1, "k": 2}]}', "f")
+    with pytest.raises(FileFormatError, match="duplicate key 'b'"):  # the repeated key, not the first one
+        load_json_bounded('{"a": 0, "b": 1, "c": 2, "b": 3}', "f")
     assert load_json_bounded('{"a": {"a": 1}, "b": [{"a": 2}]}', "f") == {"a": {"a": 1}, "b": [{"a": 2}]}
 
 
@@ -95,3 +97,29 @@ def test_invalid_json_is_a_file_format_error_naming_the_file(data):
     with pytest.raises(FileFormatError, match="not valid JSON") as info:
         load_json_bounded(data, "/data/model.json", "model header")
     assert info.value.path == "/data/model.json" and "model header" in str(info.value)
+
+
+def test_depth_exactly_at_the_limit_is_accepted_when_there_are_more_brackets_than_the_limit():
+    """More than MAX_JSON_DEPTH brackets in all (so the full scan runs), but only MAX_JSON_DEPTH deep."""
+    text = "[" + nested(MAX_JSON_DEPTH - 1) + ", []]"
+    assert jsonutil._depth(text.encode()) == MAX_JSON_DEPTH
+    assert load_json_bounded(text, "f")[1] == []
+
+
+def test_closing_brackets_lower_the_depth():
+    """Many shallow siblings: hundreds of brackets, depth 2."""
+    text = "[" + ", ".join(["[]"] * 200) + ", {}" * 50 + "]"
+    assert jsonutil._depth(text.encode()) == 2
+    assert len(load_json_bounded(text, "f")) == 250
+
+
+def test_the_limits_are_the_documented_ones():
+    """docs/robustness.md promises nesting <= 32 and number literals <= 40 characters: the numbers
+    themselves, not whatever the constants say."""
+    deep = "[" + "[" * 31 + "]" * 31 + ", []]"  # 32 deep, more than 32 brackets: the full scan runs
+    assert load_json_bounded(deep, "f")[1] == []
+    with pytest.raises(FileFormatError, match="nested too deeply"):
+        load_json_bounded("[" + deep + "]", "f")
+    assert load_json_bounded("[" + "9" * 40 + "]", "f") == [int("9" * 40)]
+    with pytest.raises(FileFormatError, match="a number of 41 characters"):
+        load_json_bounded("[" + "9" * 41 + "]", "f")
