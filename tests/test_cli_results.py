@@ -85,9 +85,9 @@ def test_eval_text_reports_the_same_figures(capsys, test_split):
 
 
 def test_eval_of_a_model_quantized_on_the_fly_reports_its_own_precision_and_calibration(capsys):
-    code, out, _ = run(capsys, "eval", "--precision", "w4a8", "--calibration", "30", "--samples", "41",
-                       "--json")
-    assert code == 0
+    code, out, err = run(capsys, "eval", "--precision", "w4a8", "--calibration", "30", "--samples", "41",
+                         "--json")
+    assert code == 0 and err == ""  # --json: no progress bars, for calibration or for scoring
     result = json.loads(out)
     assert result["precision"] == "w4a8" and result["samples"] == 41
     assert result["calibration_samples"] == 30
@@ -97,3 +97,15 @@ def test_eval_of_a_model_quantized_on_the_fly_reports_its_own_precision_and_cali
 def test_eval_refuses_more_samples_than_the_test_split_has(capsys, test_split):
     code, _, err = run(capsys, "eval", "--samples", str(len(test_split[1]) + 1), "--json")
     assert code != 0 and f"expected at most {len(test_split[1])}" in err
+
+
+def test_a_quantized_model_runs_only_at_its_own_precision():
+    stored = SimpleNamespace(settings={"weight_bits": 4, "act_bits": 4})
+    for requested in (None, "int4"):
+        assert cli._model_at_precision(stored, SimpleNamespace(precision=requested, model="m.safetensors")) \
+            is stored
+    with pytest.raises(MicrocnnError, match=r"--precision int8: m.safetensors is already quantized \(int4\)"):
+        cli._model_at_precision(stored, SimpleNamespace(precision="int8", model="m.safetensors"))
+    fp32 = SimpleNamespace()
+    for requested in (None, "fp32"):
+        assert cli._model_at_precision(fp32, SimpleNamespace(precision=requested, model="bundled")) is fp32
