@@ -63,8 +63,8 @@ def test_precision_list_refuses_empty_unknown_and_repeated_names(text):
 
 def test_eval_json_figures_are_recomputed_from_the_same_images(capsys, test_split):
     n = 37  # not a round number: a count echoed from elsewhere would not match by accident
-    code, out, _ = run(capsys, "eval", "--samples", str(n), "--json")
-    assert code == 0
+    code, out, err = run(capsys, "eval", "--samples", str(n), "--json")
+    assert code == 0 and err == ""  # --json: the JSON object alone, no progress bar
     result = json.loads(out)
     images, labels = test_split
     net = lenet(weights="bundled")
