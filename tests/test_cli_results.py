@@ -61,8 +61,8 @@ def test_precision_list_refuses_empty_unknown_and_repeated_names(text):
         cli.precision_list(text)
 
 
-def test_eval_json_figures_are_recomputed_from_the_same_images(capsys, test_split):
-    n = 37  # not a round number: a count echoed from elsewhere would not match by accident
+@pytest.mark.parametrize("n", [37, 301])  # one batch, and more than one (where a progress bar could show)
+def test_eval_json_figures_are_recomputed_from_the_same_images(capsys, test_split, n):
     code, out, err = run(capsys, "eval", "--samples", str(n), "--json")
     assert code == 0 and err == ""  # --json: the JSON object alone, no progress bar
     result = json.loads(out)
