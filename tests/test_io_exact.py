@@ -1,0 +1,81 @@
+"""The safetensors reader and writer of ``io.py`` at each check's exact boundary, with the specific error
+each bad header gets (a different error from a later check means the first check is missing). Headers
+are written by hand here (``put``), so every field can lie on its own."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from microcnn import io
+from microcnn.errors import FileFormatError
+
+
+def put(path, header, data: bytes = b""):
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + data)
+    return path
+
+
+def entry(dtype, shape, begin, end):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def test_writer_takes_array_likes_and_refuses_non_numeric_dtypes(tmp_path):
+    path = tmp_path / "t.safetensors"
+    io.write_safetensors(path, {"ints": [[1, 2, 3], [4, 5, 6]], "scalar": np.float32(2.5)}, {"k": 7})
+    tensors, metadata = io.read_safetensors(path)
+    np.testing.assert_array_equal(tensors["ints"], np.array([[1, 2, 3], [4, 5, 6]]))
+    assert tensors["scalar"].shape == () and tensors["scalar"] == np.float32(2.5)
+    assert metadata == {"k": "7"}
+    for bad in (np.array(["text"]), np.zeros(2, np.complex64)):
+        with pytest.raises(FileFormatError, match="cannot store tensor bad"):
+            io.write_safetensors(tmp_path / "bad.safetensors", {"bad": bad})
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_the_file_is_closed_after_reading(tmp_path):
+    path = tmp_path / "t.safetensors"
+    io.write_safetensors(path, {"a": np.arange(3, dtype=np.float32)})
+    with io.SafetensorsFile(path) as st:
+        handle = st._file
+        assert not handle.closed
+    assert handle.closed
+    st = io.SafetensorsFile(path)
+    st.close()
+    assert st._file.closed
+
+
+@pytest.mark.parametrize("size", [0, 1, 7])
+def test_a_file_shorter_than_the_length_field_is_a_format_error(tmp_path, size):
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(b"\x01" * size)
+    with pytest.raises(FileFormatError, match="file too short for a safetensors header") as info:
+        io.read_safetensors(path)
+    assert info.value.found == f"{size} bytes"
+
+
+@pytest.mark.parametrize("header", [[1, 2], "text", 3])
+def test_a_header_that_is_not_an_object_is_refused(tmp_path, header):
+    with pytest.raises(FileFormatError, match="header is not a JSON object"):
+        io.read_safetensors(put(tmp_path / "h.safetensors", header))
+
+
+@pytest.mark.parametrize("bad", [["F32", [1], [0, 4]], {"dtype": "F32", "shape": [1]},
+                                 {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1}])
+def test_an_entry_without_exactly_the_three_fields_is_refused(tmp_path, bad):
+    with pytest.raises(FileFormatError, match="tensor t: entry must have dtype, shape, data_offsets"):
+        io.read_safetensors(put(tmp_path / "e.safetensors", {"t": bad}, b"\0" * 4))
+
+
+def test_element_count_limit_is_exact_and_ignores_zero_axes(tmp_path):
+    limit = io.MAX_FILE_BYTES
+    # exactly at the limit: passes the shape check, then fails on its (missing) bytes
+    with pytest.raises(FileFormatError, match="does not fit its bytes"):
+        io.read_safetensors(put(tmp_path / "a.safetensors", {"t": entry("U8", [limit], 0, 0)}))
+    for shape in ([limit + 1], [0, limit + 1], [2, limit // 2 + 1]):
+        with pytest.raises(FileFormatError, match="tensor t: bad shape"):
+            io.read_safetensors(put(tmp_path / "b.safetensors", {"t": entry("U8", shape, 0, 0)}))
+    tensors, _ = io.read_safetensors(put(tmp_path / "c.safetensors", {"t": entry("F32", [0, 5], 0, 0)}))
+    assert tensors["t"].shape == (0, 5)
