@@ -79,3 +79,40 @@ def test_element_count_limit_is_exact_and_ignores_zero_axes(tmp_path):
             io.read_safetensors(put(tmp_path / "b.safetensors", {"t": entry("U8", shape, 0, 0)}))
     tensors, _ = io.read_safetensors(put(tmp_path / "c.safetensors", {"t": entry("F32", [0, 5], 0, 0)}))
     assert tensors["t"].shape == (0, 5)
+
+
+def test_a_refused_header_leaves_no_file_open(tmp_path):
+    """The handle opened for the header is closed when the header is refused (no ResourceWarning when the
+    failed object is collected)."""
+    import gc
+    import warnings
+
+    path = put(tmp_path / "h.safetensors", [1, 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            io.SafetensorsFile(path)
+        except FileFormatError:
+            pass
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+@pytest.mark.parametrize(("lead", "kind"), [(b"\x80" + b"\0" * 7, "a pickle,"),
+                                            (b"PK" + b"\0" * 6, r"a zip archive \(torch.save/npz\),"),
+                                            (b"\x1f\x8b" + b"\0" * 6, "gzip data,")])
+def test_a_foreign_file_whose_first_bytes_fit_as_a_header_length_is_named(tmp_path, lead, kind):
+    """The leading bytes read as a length that fits in the file: the header fails as JSON, then the file
+    is named for what it is."""
+    n = struct.unpack("<Q", lead)[0]
+    path = tmp_path / "foreign.bin"
+    path.write_bytes(lead + b"x" * (n + 16))
+    with pytest.raises(FileFormatError, match=f"this is {kind} not a safetensors model"):
+        io.read_safetensors(path)
+
+
+def test_a_header_that_is_not_json_is_a_format_error(tmp_path):
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", 4) + b"abcd")
+    with pytest.raises(FileFormatError, match="safetensors header is not valid JSON"):
+        io.read_safetensors(path)
