@@ -116,3 +116,24 @@ def test_a_header_that_is_not_json_is_a_format_error(tmp_path):
     path.write_bytes(struct.pack("<Q", 4) + b"abcd")
     with pytest.raises(FileFormatError, match="safetensors header is not valid JSON"):
         io.read_safetensors(path)
+
+
+def test_dimension_count_limit_is_inclusive(tmp_path):
+    limit = io.MAX_TENSOR_NDIM
+    tensors, _ = io.read_safetensors(put(tmp_path / "a.safetensors", {"t": entry("F32", [1] * limit, 0, 4)},
+                                         b"\0" * 4))
+    assert tensors["t"].shape == (1,) * limit
+    with pytest.raises(FileFormatError, match="tensor t: bad shape"):
+        io.read_safetensors(put(tmp_path / "b.safetensors", {"t": entry("F32", [1] * (limit + 1), 0, 4)},
+                                b"\0" * 4))
+
+
+def test_offsets_may_touch_both_ends_and_be_empty(tmp_path):
+    """begin == end (an empty tensor, here at the very end) and end == the data size are both valid."""
+    header = {"a": entry("U8", [3], 0, 3), "empty": entry("F32", [0], 3, 3)}
+    tensors, _ = io.read_safetensors(put(tmp_path / "a.safetensors", header, b"xyz"))
+    assert bytes(tensors["a"]) == b"xyz" and tensors["empty"].shape == (0,)
+    with pytest.raises(FileFormatError, match="data_offsets outside the data section"):
+        io.read_safetensors(put(tmp_path / "b.safetensors", {"a": entry("U8", [3], 1, 4)}, b"xyz"))
+    with pytest.raises(FileFormatError, match="data_offsets outside the data section"):
+        io.read_safetensors(put(tmp_path / "c.safetensors", {"a": entry("U8", [0], 2, 1)}, b"xyz"))
