@@ -137,3 +137,39 @@ def test_offsets_may_touch_both_ends_and_be_empty(tmp_path):
         io.read_safetensors(put(tmp_path / "b.safetensors", {"a": entry("U8", [3], 1, 4)}, b"xyz"))
     with pytest.raises(FileFormatError, match="data_offsets outside the data section"):
         io.read_safetensors(put(tmp_path / "c.safetensors", {"a": entry("U8", [0], 2, 1)}, b"xyz"))
+
+
+@pytest.mark.parametrize("shape", [[2, -1], [2, 1.5], [True, 2], [2**40]])
+def test_every_dimension_must_be_a_small_non_negative_int(tmp_path, shape):
+    with pytest.raises(FileFormatError, match="tensor t: bad shape"):
+        io.read_safetensors(put(tmp_path / "s.safetensors", {"t": entry("U8", shape, 0, 2)}, b"\0\0"))
+
+
+@pytest.mark.parametrize("offsets", [[0, 4.0], [0.0, 4], [0, "4"], [0], [0, 4, 4]])
+def test_offsets_must_be_two_ints(tmp_path, offsets):
+    header = {"t": {"dtype": "F32", "shape": [1], "data_offsets": offsets}}
+    with pytest.raises(FileFormatError, match="data_offsets outside the data section"):
+        io.read_safetensors(put(tmp_path / "o.safetensors", header, b"\0" * 4))
+
+
+def test_header_length_limit_is_the_file_size(tmp_path):
+    head = b'{"t":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}'
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"ab")
+    assert bytes(io.read_safetensors(path)[0]["t"]) == b"ab"
+    path.write_bytes(struct.pack("<Q", 2) + b"{}")  # a header filling the whole file: no tensors
+    assert io.read_safetensors(path) == ({}, {})
+    path.write_bytes(struct.pack("<Q", 3) + b"{}")  # one byte longer than the file
+    with pytest.raises(FileFormatError, match="header length exceeds the file") as info:
+        io.read_safetensors(path)
+    assert (info.value.expected, info.value.found) == ("<= 2 bytes", "3 bytes")
+
+
+def test_a_broken_header_whose_length_starts_like_a_pickle_is_not_called_one(tmp_path):
+    """A header length of 128 + 256k begins with the pickle opcode 0x80; a JSON header opens with "{",
+    so a broken one is reported as broken JSON, not as a pickle."""
+    head = b"{" + b" " * 126 + b"x"  # 128 bytes, invalid JSON
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head)
+    with pytest.raises(FileFormatError, match="safetensors header is not valid JSON"):
+        io.read_safetensors(path)
