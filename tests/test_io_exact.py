@@ -141,8 +141,9 @@ def test_offsets_may_touch_both_ends_and_be_empty(tmp_path):
 
 @pytest.mark.parametrize("shape", [[2, -1], [2, 1.5], [True, 2], [2**40]])
 def test_every_dimension_must_be_a_small_non_negative_int(tmp_path, shape):
-    with pytest.raises(FileFormatError, match="tensor t: bad shape"):
+    with pytest.raises(FileFormatError, match="tensor t: bad shape") as info:
         io.read_safetensors(put(tmp_path / "s.safetensors", {"t": entry("U8", shape, 0, 2)}, b"\0\0"))
+    assert info.value.expected.startswith("list of at most")  # refused by the per-dimension rule itself
 
 
 @pytest.mark.parametrize("offsets", [[0, 4.0], [0.0, 4], [0, "4"], [0], [0, 4, 4]])
@@ -172,4 +173,12 @@ def test_a_broken_header_whose_length_starts_like_a_pickle_is_not_called_one(tmp
     path = tmp_path / "h.safetensors"
     path.write_bytes(struct.pack("<Q", len(head)) + head)
     with pytest.raises(FileFormatError, match="safetensors header is not valid JSON"):
+        io.read_safetensors(path)
+
+
+def test_a_truncated_file_whose_header_length_starts_like_a_pickle_is_not_called_one(tmp_path):
+    head = b"{" + b" " * 126 + b"}"  # 128 bytes: the length field's first byte is 0x80
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head[:100])  # cut inside the header
+    with pytest.raises(FileFormatError, match="header length exceeds the file"):
         io.read_safetensors(path)
