@@ -4,7 +4,7 @@ Importing microcnn compiles nothing: Numba kernels compile (or load from cache) 
 """
 
 from .errors import DataNotFoundError, DownloadError, FileFormatError, InputError, MicrocnnError
-from .io import load_model, save_model
+from .io import save_model
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
 from .lenet import lenet
 from .network import Sequential
@@ -12,9 +12,15 @@ from .network import Sequential
 __version__ = "0.1.0"
 
 
-def load(path):
-    """Load a self-describing model file (FP32 or quantized)."""
-    return load_model(path)
+def load_model(path):
+    """Load a self-describing model file: FP32, quantized or storage-compressed
+    (``microcnn.quant.loading.load_model``; imported on first use so ``import microcnn`` stays light)."""
+    from .quant.loading import load_model as load_any
+
+    return load_any(path)
+
+
+load = load_model
 
 
 _QUANT_API = ("calibrate", "quantize", "compress")

@@ -93,12 +93,12 @@ def calibration_sweep(net, calibration_images, images, labels, sizes=(10, 100, 1
 
     For each size n and method: ``calibrate(net, calibration_images, method, samples=n, seed=seed)``
     (a seeded random subset of the training images; every method sees the same n images), then each
-    precision of ``microcnn.bench.build_precision`` ("int8" = W8A8, "w4a8", "int4" = W4A4) with the
+    precision of ``microcnn.quant.precision.build_precision`` ("int8" = W8A8, "w4a8", "int4" = W4A4) with the
     default quantization settings. Long format, one row per (size, method, precision): Method,
     Calibration Images, Precision (upper case), Accuracy (%).
     """
-    from .bench import PRECISIONS, build_precision
     from .quant import calibrate
+    from .quant.precision import QUANTIZED_PRECISIONS, build_precision
 
     methods = _check_methods(methods)
     sizes = tuple(sizes)
@@ -108,9 +108,9 @@ def calibration_sweep(net, calibration_images, images, labels, sizes=(10, 100, 1
         raise InputError(f"sizes: the largest ({max(sizes)}) exceeds the {len(calibration_images)} "
                          "calibration images")
     precisions = tuple(precisions)
-    bad = [p for p in precisions if p not in PRECISIONS or p == "fp32"]
+    bad = [p for p in precisions if p not in QUANTIZED_PRECISIONS]
     if bad or not precisions:
-        raise InputError(f"precisions: expected names from {PRECISIONS[1:]}, found {precisions}")
+        raise InputError(f"precisions: expected names from {QUANTIZED_PRECISIONS}, found {precisions}")
     labels = np.asarray(labels)
     runs = [(n, m) for n in sizes for m in methods]
     if progress:

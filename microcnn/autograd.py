@@ -15,6 +15,7 @@ import threading
 
 import numpy as np
 
+from .checks import int_pair
 from .errors import InputError
 
 _state = threading.local()
@@ -354,10 +355,6 @@ def linear(x, w, b=None) -> Tensor:
     return make_result(y, parents, backward, "linear")
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if np.ndim(v) == 0 else (int(v[0]), int(v[1]))
-
-
 def conv2d(x, w, b=None, stride=1, padding=0) -> Tensor:
     """2-D cross-correlation, NCHW input, (O, C, KH, KW) weights, optional (O,) bias."""
     from .kernels import backward as bk
@@ -365,7 +362,7 @@ def conv2d(x, w, b=None, stride=1, padding=0) -> Tensor:
 
     x, w = as_tensor(x), as_tensor(w)
     b = as_tensor(b) if b is not None else None
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    (sh, sw), (ph, pw) = int_pair(stride, "stride"), int_pair(padding, "padding")
     if x.ndim != 4 or w.ndim != 4 or x.shape[1] != w.shape[1]:
         raise InputError(f"conv2d: expected x (N, {w.shape[1] if w.ndim == 4 else 'C'}, H, W) and "
                          f"w (O, C, KH, KW), found x {x.shape}, w {w.shape}")
@@ -400,8 +397,8 @@ def max_pool2d(x, kernel_size, stride=None) -> Tensor:
     from .kernels import pool
 
     x = as_tensor(x)
-    (kh, kw) = _pair(kernel_size)
-    (sh, sw) = _pair(stride if stride is not None else kernel_size)
+    (kh, kw) = int_pair(kernel_size, "kernel_size")
+    (sh, sw) = int_pair(stride if stride is not None else kernel_size, "stride")
     y, arg = pool.maxpool2d_argmax(x.data, kh, kw, sh, sw)
     h, w = x.shape[2], x.shape[3]
     return make_result(y, (x,), lambda g: (
@@ -412,8 +409,8 @@ def avg_pool2d(x, kernel_size, stride=None) -> Tensor:
     from .kernels import pool
 
     x = as_tensor(x)
-    (kh, kw) = _pair(kernel_size)
-    (sh, sw) = _pair(stride if stride is not None else kernel_size)
+    (kh, kw) = int_pair(kernel_size, "kernel_size")
+    (sh, sw) = int_pair(stride if stride is not None else kernel_size, "stride")
     y = pool.avgpool2d(x.data, kh, kw, sh, sw)
     h, w = x.shape[2], x.shape[3]
     return make_result(y, (x,), lambda g: (

@@ -6,74 +6,20 @@ the duration (``threads``), so ratios measured side by side in one process are c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import pandas as pd
 
-PRECISIONS = ("fp32", "int8", "w4a8", "int4")
-# (weight bits, activation bits) of each quantized precision; "int4" is W4A4 as in the reference tool.
-PRECISION_BITS = {"int8": (8, 8), "w4a8": (4, 8), "int4": (4, 4)}
+from .quant.precision import PRECISIONS, build_precision, precision_of, stored_precision
+from .timing import batch1_latency, median_time, pinned_threads
 
-
-@contextlib.contextmanager
-def pinned_threads(threads: int | None):
-    """Run the block with Numba (and BLAS, via env for children) limited to ``threads``."""
-    import numba
-
-    if threads is None:
-        yield
-        return
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
-
-
-def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def batch1_latency(model, images, n: int = 200, repeats: int = 5) -> float:
-    """Median over repeats of the mean seconds per image when images are predicted one at a time."""
-    singles = [images[i:i + 1] for i in range(min(n, len(images)))]
-
-    def run():
-        for x in singles:
-            model.predict(x)
-
-    return median_time(run, repeats) / len(singles)
-
-
-def build_precision(net, precision: str, calibration=None):
-    """The model that runs ``precision``: the FP32 net itself or a quantized copy of it."""
-    if precision == "fp32":
-        return net
-    from .quant import quantize
-
-    if precision not in PRECISION_BITS:
-        from .errors import InputError
-
-        raise InputError(f"precision: expected one of {PRECISIONS}, found {precision!r}")
-    weight_bits, act_bits = PRECISION_BITS[precision]
-    return quantize(net, calibration, weight_bits=weight_bits, act_bits=act_bits)
+__all__ = ["PRECISIONS", "batch1_latency", "build_precision", "format_table", "headline_records",
+           "headline_table", "median_time", "pinned_threads", "random_images", "run", "startup_times"]
 
 
 def headline_table(models: dict, images, labels, repeats: int = 5, threads: int | None = 1,
@@ -100,9 +46,9 @@ _STARTUP_SCRIPT = """
 import time, json
 t0 = time.perf_counter()
 import microcnn, numpy as np
-from microcnn.cli import _load_model
+from microcnn.resolve import load_model_spec
 t1 = time.perf_counter()
-net = _load_model({weights!r})
+net = load_model_spec({weights!r})
 x = np.zeros((1, 1, 28, 28), np.float32)
 net.predict(x)
 t2 = time.perf_counter()
@@ -151,68 +97,70 @@ def _records(df: pd.DataFrame, columns: dict) -> list[dict]:
     return json.loads(df[list(columns)].rename(columns=columns).to_json(orient="records"))
 
 
-def run(args) -> dict:
-    """``microcnn bench``: build every requested table, print them (unless --json), return the report."""
+def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000, threads: int = 1,
+        repeats: int = 5, calibration: int = 100, method: str = "mse", precisions=None, conv: bool = False,
+        per_layer: bool = False, train: bool = False, compare: str | None = None, startup: bool = True,
+        quiet: bool = False) -> dict:
+    """``microcnn bench``: build every requested table, print them (unless ``quiet``), return the report.
+
+    ``model``: a spec of ``microcnn.resolve.load_model_spec``; ``data``: the dataset directory;
+    ``precisions``: names of ``microcnn.quant.precision.PRECISIONS`` (default: all for an FP32 model, the
+    file's own for a quantized one); ``compare``: None, "torch", "onnxruntime" or "all"."""
     import numba
 
-    from .cli import (
-        _calibration_images,
-        _data_dir,
-        _load_model,
-        _precision_of,
-        _stored_precision,
-        _test_images,
-    )
     from .errors import InputError
+    from .resolve import data_dir, dataset_of, load_calibration_images, load_model_spec, load_test_images
 
-    say = (lambda *a: None) if args.json else print
-    images, labels = _test_images(args, args.samples)
-    net = _load_model(args.model)
-    stored = _stored_precision(net)
+    say = (lambda *a: None) if quiet else print
+    images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
+    net = load_model_spec(model)
+    stored = stored_precision(net)
+    stored = stored.name if stored is not None else None
     if stored is None:
-        precisions = args.precisions or list(PRECISIONS)
-    elif args.precisions in (None, [stored]):  # a quantized file is timed as stored, under its own name
+        precisions = precisions or list(PRECISIONS)
+    elif precisions in (None, [stored]):  # a quantized file is timed as stored, under its own name
         precisions = [stored]
     else:
-        raise InputError(f"--precisions {','.join(args.precisions)}: {args.model} is already quantized "
+        raise InputError(f"--precisions {','.join(precisions)}: {model} is already quantized "
                          f"({stored}) and runs only as stored; omit --precisions")
-    if stored is not None and (args.per_layer or args.conv or args.compare):
+    if stored is not None and (per_layer or conv or compare):
         raise InputError(f"--per-layer, --conv and --compare compare against FP32: they need an FP32 model, "
-                         f"and {args.model} is quantized ({stored})")
-    calibration = None
+                         f"and {model} is quantized ({stored})")
+    calibration_stats = None
     fp32 = getattr(net, "network", net)  # a storage-compressed model quantizes its decompressed network
     if stored is None and any(p != "fp32" for p in precisions):
         from .quant import calibrate
 
-        calibration = calibrate(fp32, _calibration_images(args, args.calibration), samples=args.calibration,
-                                method=args.method, progress=not args.json)
-    built = [net if stored is not None or p == "fp32" else build_precision(fp32, p, calibration)
+        images_cal = load_calibration_images(calibration, data, "--calibration", dataset_of(model))
+        calibration_stats = calibrate(fp32, images_cal, samples=calibration, method=method,
+                                      progress=not quiet)
+    built = [net if stored is not None or p == "fp32" else build_precision(fp32, p, calibration_stats)
              for p in precisions]
-    models = {_precision_of(m): m for m in built}  # each row named by what its model computes in
-    with pinned_threads(args.threads):
-        threads = numba.get_num_threads()
-    report = {"threads": threads, "samples": len(images), "model": args.model}
-    if calibration is not None:
-        report["calibration_samples"] = calibration.samples
+    models = {precision_of(m).name: m for m in built}  # each row named by what its model computes in
+    with pinned_threads(threads):
+        used_threads = numba.get_num_threads()
+    report = {"threads": used_threads, "samples": len(images), "model": model}
+    if calibration_stats is not None:
+        report["calibration_samples"] = calibration_stats.samples
 
-    head = headline_table(models, images, labels, repeats=args.repeats, threads=args.threads)
-    say(f"Headline: LeNet-5, {len(images)} test images batched, {threads} thread(s), "
-        f"median of {args.repeats}")
+    head = headline_table(models, images, labels, repeats=repeats, threads=threads)
+    say(f"Headline: LeNet-5, {len(images)} test images batched, {used_threads} thread(s), "
+        f"median of {repeats}")
     say(format_table(head))
     report["headline"] = headline_records(head)
     report["latency_us"] = {r["precision"]: r["latency_us"] for r in report["headline"]}
 
-    if not args.no_startup:
-        startup = startup_times(args.model if args.model != "bundled" else "bundled")
-        report.update(startup)
-        say(f"\nimport {startup['import_s']:.2f} s; first prediction: cold cache (compile) "
-            f"{startup['compile_s']:.2f} s, warm cache {startup['warm_first_predict_s']:.2f} s")
+    if startup:
+        times = startup_times(model)
+        report.update(times)
+        say(f"\nimport {times['import_s']:.2f} s; first prediction: cold cache (compile) "
+            f"{times['compile_s']:.2f} s, warm cache {times['warm_first_predict_s']:.2f} s")
 
-    if args.per_layer:
+    if per_layer:
         from .quant import per_layer_table
 
-        with pinned_threads(args.threads):
-            table = per_layer_table(fp32, calibration, images)
+        with pinned_threads(threads):
+            table = per_layer_table(fp32, calibration_stats, images)
         say("\nPer layer:\n" + format_table(table, ".4g"))
         from .analysis import conv_precision_table
 
@@ -225,31 +173,31 @@ def run(args) -> dict:
             "Layer": "layer", "Type": "type", "FP32 Time (ms)": "fp32_ms", "INT8 Time (ms)": "int8_ms",
             "INT4 Time (ms)": "int4_ms", "INT8 MSE": "int8_mse", "INT4 MSE": "int4_mse"})
 
-    if args.conv:
+    if conv:
         from .convolution import benchmark_algorithms
 
-        with pinned_threads(args.threads):
-            table = benchmark_algorithms(fp32, images, repeats=args.repeats, progress=not args.json)
+        with pinned_threads(threads):
+            table = benchmark_algorithms(fp32, images, repeats=repeats, progress=not quiet)
         say("\nConvolution algorithms:\n" + format_table(table, ".4g"))
         report["conv"] = _records(table, {
             "Algorithm": "algorithm", "Total Time (ms)": "total_ms", "Per Image (us)": "per_image_us",
             "Speedup": "speedup", "Max Error vs Naive": "max_error"})
 
-    if args.train:
+    if train:
         from .train import throughput_table
 
-        table = throughput_table(threads=args.threads, data_dir=_data_dir(args),
-                                 compare=args.compare in ("torch", "all"))
+        table = throughput_table(threads=threads, data_dir=data_dir(data),
+                                 compare=compare in ("torch", "all"))
         say("\nTraining throughput (batch 64):\n" + format_table(table, ".0f"))
         report["train"] = _records(table, {"System": "system", "Dataset": "dataset",
                                            "Images/s": "images_per_s"})
 
-    if args.compare:
+    if compare:
         from .compare import compare_table
 
-        table = compare_table(fp32, images, labels, calibration_images=_calibration_images(
-            args, args.calibration), threads=args.threads, repeats=args.repeats,
-            systems=args.compare, method=args.method)
+        table = compare_table(fp32, images, labels, calibration_images=load_calibration_images(
+            calibration, data, "--calibration"), threads=threads, repeats=repeats,
+            systems=compare, method=method)
         say("\nComparison:\n" + format_table(table, ".3f"))
         report["compare"] = _records(table, {"System": "system", "Precision": "precision",
                                              "Time (ms)": "time_ms", "Per Image (us)": "per_image_us",

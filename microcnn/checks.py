@@ -77,3 +77,15 @@ def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndar
             f"range (first in image {first})"
         )
     return np.ascontiguousarray(x)
+
+
+def int_pair(v, name: str) -> tuple[int, int]:
+    """``v`` (an int, or a pair of ints) as a pair of Python ints: kernel sizes, strides, paddings."""
+    try:
+        pair = (v, v) if isinstance(v, int | np.integer) else tuple(v)
+    except TypeError:  # not iterable: None, a float, ...
+        pair = ()
+    # The bound keeps values inside the kernels' integer types (a file may say 10**30).
+    if len(pair) != 2 or not all(isinstance(p, int | np.integer) and abs(p) < 2**31 for p in pair):
+        raise InputError(f"{name}: expected an int or a pair of ints (|value| < 2**31), found {v!r}")
+    return int(pair[0]), int(pair[1])

@@ -4,66 +4,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from .bench import PRECISION_BITS, PRECISIONS, build_precision
 from .errors import MicrocnnError
+from .quant.observers import OBSERVERS
+from .quant.params import KERNEL_BITS
+from .quant.precision import PRECISIONS, build_precision, precision_of, stored_precision
+from .resolve import data_dir, dataset_of, load_calibration_images, load_model_spec, load_test_images
 
-
-def _load_model(spec: str):
-    """``bundled``, a ``.raw`` LeNet-5 weight file, or a self-describing (possibly quantized) model."""
-    from .io import load_model
-    from .lenet import lenet
-
-    if spec == "bundled":
-        return lenet(weights="bundled")
-    if Path(spec).suffix == ".raw":
-        return lenet(weights=spec)
-    return load_model(spec)
-
-
-def _data_dir(args):
-    return args.data or os.environ.get("MICROCNN_DATA")
-
-
-def _first(images, labels, n: int | None, split: str, flag: str = "--samples"):
-    """The first ``n`` images (all when None); refused when the split has fewer than asked for, so
-    every figure reported is over the number of images requested."""
-    if n is not None and n > len(images):
-        raise MicrocnnError(f"{flag}: expected at most {len(images)} (the {split} split's size), found {n}")
-    return (images, labels) if n is None else (images[:n], labels[:n])
-
-
-def _test_images(args, n: int | None):
-    from .datasets import load_mnist
-
-    return _first(*load_mnist("test", data_dir=_data_dir(args), samples=n), n, "MNIST test")
-
-
-def _calibration_images(args, n: int):
-    """Calibration images come from the training split, never from the test images being scored."""
-    from .datasets import load_mnist
-
-    images, labels = load_mnist("train", data_dir=_data_dir(args), samples=n)
-    return _first(images, labels, n, "MNIST training", "--calibration")[0]
+METHODS = list(OBSERVERS)  # calibration methods: the observer registry's names
+BITS = sorted(KERNEL_BITS, reverse=True)  # bit widths the integer kernels run, widest first
 
 
 def _stored_precision(model) -> str | None:
-    """The precision a quantized model (from a file or built here) computes in: int8, w4a8, int4 or
-    e.g. w8a4; None for a model that computes in FP32 (plain or storage-compressed)."""
-    settings = getattr(model, "settings", None)
-    if not settings:
-        return None
-    bits = (settings.get("weight_bits"), settings.get("act_bits"))
-    names = {v: k for k, v in PRECISION_BITS.items()}
-    return names.get(bits, f"w{bits[0]}a{bits[1]}")
+    stored = stored_precision(model)
+    return stored.name if stored is not None else None
 
 
 def _precision_of(model) -> str:
-    """What ``model`` computes in, read from the model itself (never from the arguments)."""
-    return _stored_precision(model) or "fp32"
+    return precision_of(model).name
+
+
+def _dataset(args) -> str:
+    return dataset_of(getattr(args, "model", "bundled"))
+
+
+def _calibration_images(args, n: int):
+    return load_calibration_images(n, args.data, "--calibration", _dataset(args))
 
 
 def _model_at_precision(net, args):
@@ -101,17 +69,16 @@ def cmd_info(args) -> int:
 
     from . import __version__
     from .datasets import find_dataset_dir
-    from .kernels.pool import _maxpool_parallel
+    from .kernels.pool import avgpool2d
     from .lenet import BUNDLED_RAW
 
     # Numba picks its threading layer at the first parallel launch; run one tiny parallel kernel.
-    x = np.zeros((1, 1, 2, 2), np.float32)
-    _maxpool_parallel(x, np.empty((1, 1, 1, 1), np.float32), 2, 2, 2, 2, np.float32(-np.inf), 1)
+    avgpool2d(np.zeros((1, 1, 2, 2), np.float32), 2, 2, 2, 2)
     info = {
         "microcnn": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
         "numba": numba.__version__, "threading_layer": numba.threading_layer(),
-        "threads": numba.get_num_threads(), "data_dir": _data_dir(args),
-        "mnist_found": str(find_dataset_dir("mnist", _data_dir(args))),
+        "threads": numba.get_num_threads(), "data_dir": data_dir(args.data),
+        "mnist_found": str(find_dataset_dir("mnist", data_dir(args.data))),
         "bundled_weights": str(BUNDLED_RAW) if BUNDLED_RAW.exists() else None,
     }
     for k, v in info.items():
@@ -124,32 +91,34 @@ def cmd_fetch(args) -> int:
 
     names = [args.dataset] if isinstance(args.dataset, str) else args.dataset  # the default is one name
     for name in dict.fromkeys(names):
-        print(f"{name}: {fetch(name, data_dir=_data_dir(args), progress=True)}")
+        print(f"{name}: {fetch(name, data_dir=data_dir(args.data), progress=True)}")
     return 0
 
 
 def cmd_predict(args) -> int:
     import numpy as np
 
-    from .datasets import MNIST_CLASSES, ascii_digit, load_mnist
+    from .datasets import CLASSES, ascii_digit, load_dataset
 
-    images, labels = load_mnist("test", data_dir=_data_dir(args))
+    images, labels = load_dataset(_dataset(args), "test", data_dir=data_dir(args.data))
     if not 0 <= args.index < len(images):
         raise MicrocnnError(f"--index: expected 0..{len(images) - 1}, found {args.index}")
     args.json = False
-    model = _model_at_precision(_load_model(args.model), args)
+    model = _model_at_precision(load_model_spec(args.model), args)
     probs = model.predict(images[args.index:args.index + 1])[0]
     print(ascii_digit(images[args.index]))
     print(f"test image {args.index}: label {labels[args.index]}, predicted {int(np.argmax(probs))} "
           f"[{_precision_of(model)}]")
+    classes = CLASSES[_dataset(args)]
+    width = max(map(len, classes))
     for k, p in enumerate(probs):
-        print(f"  {MNIST_CLASSES[k]:>2s} {p:7.4f} {'#' * int(round(p * 40))}")
+        print(f"  {classes[k]:>{width}s} {p:7.4f} {'#' * int(round(p * 40))}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    images, labels = _test_images(args, args.samples)
-    model = _model_at_precision(_load_model(args.model), args)
+    images, labels = load_test_images(args.samples, args.data, "--samples", _dataset(args))
+    model = _model_at_precision(load_model_spec(args.model), args)
     acc = model.accuracy(images, labels, progress=not args.json)
     result = {"model": args.model, "precision": _precision_of(model), "samples": len(labels),
               "accuracy": acc, "model_bytes": int(model.nbytes)}
@@ -166,7 +135,10 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
-    report = bench.run(args)
+    report = bench.run(args.model, data=args.data, samples=args.samples, threads=args.threads,
+                       repeats=args.repeats, calibration=args.calibration, method=args.method,
+                       precisions=args.precisions, conv=args.conv, per_layer=args.per_layer, train=args.train,
+                       compare=args.compare, startup=not args.no_startup, quiet=args.json)
     if args.json:
         print(json.dumps(report))
     return 0
@@ -179,7 +151,7 @@ def cmd_quantize(args) -> int:
         raise MicrocnnError(f"--out {args.out}: a .raw file holds only FP32 LeNet-5 weights and could not be "
                             "loaded back; write the quantized model to a .safetensors file")
     _check_outputs([args.out], args.force)  # before spending time on calibration
-    net = _load_model(args.model)
+    net = load_model_spec(args.model)
     if _stored_precision(net) is not None:
         raise MicrocnnError(f"--model {args.model}: already quantized ({_stored_precision(net)}); quantize "
                             "an FP32 model")
@@ -198,21 +170,43 @@ def cmd_quantize(args) -> int:
 def cmd_train(args) -> int:
     from .train import run_train
 
-    return run_train(args)
+    return run_train(args.model, args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
+                     label_smoothing=args.label_smoothing, seed=args.seed,
+                     augment=args.augmentation if args.augment else False, holdout=args.holdout,
+                     threads=args.threads,
+                     out=args.out, progress=not args.no_progress, data=args.data,
+                     force=getattr(args, "force", False))
 
 
 def cmd_compare(args) -> int:
     from .compare import run_compare
 
-    return run_compare(args)
+    return run_compare(args.model, data=args.data, samples=args.samples, threads=args.threads,
+                       repeats=args.repeats, calibration=args.calibration, method=args.method,
+                       systems=args.systems, precisions=args.precisions, torch_compile=not args.no_compile,
+                       output="json" if args.json else "markdown" if args.markdown else "table")
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    table = run_sweep(args.models, args.precisions, args.methods, args.rounding, args.seeds, args.out,
+                      scheduler=args.scheduler, calibration=args.calibration, samples=args.samples,
+                      progress=not args.json, workers=args.workers, data_dir=data_dir(args.data))
+    if args.json:
+        print(table.assign(finished=table["finished"].astype(str)).to_json(orient="records"))
+    else:
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
 
 
 def cmd_report(args) -> int:
     import warnings
 
-    from .report import FormulaWarning, _notebook_paths, render_report, report_destinations
+    from .report import FormulaWarning, notebook_paths, render_report, report_destinations
 
-    notebooks = _notebook_paths(args.notebooks or None)
+    notebooks = notebook_paths(args.notebooks or None)
     _check_outputs(report_destinations(notebooks, args.out), args.force)  # before any notebook runs
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FormulaWarning)
@@ -233,6 +227,72 @@ def precision_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of distinct precisions from "
                                          f"{','.join(PRECISIONS)}, found {text!r}")
     return names
+
+
+def train_arguments(parser) -> None:
+    """Options of ``microcnn train`` (``--data`` is added by ``command``)."""
+    from .cliargs import epoch_count, float_in, int_in, seed_value, thread_count
+    from .train import AUGMENTATIONS, DATASETS, MODELS, OPTIMIZERS, SCHEDULES
+
+    parser.add_argument("--model", choices=MODELS, default="lenet")
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist")
+    # The defaults are the recipe of the bundled data/lenet.raw (see README).
+    parser.add_argument("--epochs", type=epoch_count, default=240)
+    parser.add_argument("--batch-size", type=int_in(1, 65536, "a batch size"), default=64)
+    parser.add_argument("--lr", type=float_in(0, None, "a learning rate", low_open=True), default=3e-3,
+                        help="peak learning rate (default 3e-3)")
+    parser.add_argument("--weight-decay", type=float_in(0, None, "a weight decay"), default=None,
+                        help="default: 0 for adam/sgd, 1e-2 for adamw")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="onecycle")
+    parser.add_argument("--label-smoothing", type=float_in(0, 1, "a label smoothing", high_open=True),
+                        default=0.1)
+    parser.add_argument("--seed", type=seed_value, default=0)
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="augment the training images (default on; --no-augment to disable)")
+    parser.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), default="elastic",
+                        help="shift: +-2 px; affine: also +-10 degrees and +-10%% scale; elastic: "
+                        "affine plus a 1 px elastic distortion (default)")
+    parser.add_argument("--holdout", type=int_in(0, 59999, "a holdout size"), default=0,
+                        help="score the last N training images after each epoch and train on the rest; "
+                        "the test split is then scored once, after training (default 0: train on all, "
+                        "score the test split after each epoch)")
+    parser.add_argument("--threads", type=thread_count, default=1,
+                        help="Numba threads (results do not depend on it)")
+    parser.add_argument("--out", default=None,
+                        help="weights file (default: <model>-<dataset>.raw in the current directory); a "
+                        ".raw file gets a .safetensors file beside it. Existing files are not replaced "
+                        "unless --force is given")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def compare_arguments(parser) -> None:
+    """Options of ``microcnn compare`` (``--data`` is added by ``command``)."""
+    from .cliargs import image_count, repeat_count, thread_count
+    from .compare import SYSTEMS
+
+    parser.add_argument("--model", default="bundled",
+                        help="'bundled', a LeNet-5 .raw file, a .safetensors model, or a PyTorch .pt "
+                             "state_dict of LeNet-5 (default: bundled)")
+    parser.add_argument("--samples", type=image_count, default=1000,
+                        help="first N test images (default 1000)")
+    parser.add_argument("--threads", type=thread_count, default=1,
+                        help="threads for every system (default 1)")
+    parser.add_argument("--repeats", type=repeat_count, default=5,
+                        help="timed runs per model; the median is shown")
+    parser.add_argument("--calibration", type=image_count, default=100, metavar="N",
+                        help="calibration images from the training split, the same for every system "
+                             "(default 100)")
+    parser.add_argument("--method", default="mse", choices=METHODS,
+                        help="microcnn's calibration method (default mse)")
+    parser.add_argument("--systems", choices=list(SYSTEMS), default="all")
+    labels = ",".join(p.label.lower() for p in PRECISIONS.values())  # fp32,int8,w4a8,w4a4
+    parser.add_argument("--precisions", default=labels,
+                        help=f"comma-separated subset of {labels} (int4 = w4a4)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    out.add_argument("--markdown", action="store_true", help="a markdown table (for the README)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -257,17 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     def calibration_options(sp):
         sp.add_argument("--calibration", type=image_count, default=100, metavar="N",
                         help="calibration images from the training split (default 100)")
-        sp.add_argument("--method", default="mse", choices=["minmax", "ema", "percentile", "mse", "entropy"])
+        sp.add_argument("--method", default="mse", choices=METHODS)
 
     def force_option(sp):
         sp.add_argument("--force", action="store_true",
                         help="replace existing output files (default: refuse)")
 
     def model_options(sp, precision=True):
-        sp.add_argument("--model", default="bundled", help="'bundled', a LeNet-5 .raw file or a "
-                        ".safetensors model (default: bundled)")
+        sp.add_argument("--model", default="bundled", help="'bundled' or 'lenet' (LeNet-5, MNIST), 'fashion' "
+                        "(Fashion-MNIST CNN), a LeNet-5 .raw file or a .safetensors model (default: bundled)")
         if precision:
-            sp.add_argument("--precision", choices=["fp32", *PRECISION_BITS], default=None,
+            sp.add_argument("--precision", choices=list(PRECISIONS), default=None,
                             help="int4 means W4A4 (4-bit weights and activations); default: fp32 for an "
                             "FP32 model, the file's own for a quantized one (others are refused)")
             calibration_options(sp)
@@ -305,29 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("quantize", cmd_quantize, "calibrate and write a quantized model")
     model_options(sp, precision=False)
-    sp.add_argument("--bits", type=int, choices=[8, 4], default=8)
-    sp.add_argument("--act-bits", type=int, choices=[8, 4], default=None,
+    sp.add_argument("--bits", type=int, choices=BITS, default=8)
+    sp.add_argument("--act-bits", type=int, choices=BITS, default=None,
                     help="activation bits (default: same as --bits)")
     calibration_options(sp)
     sp.add_argument("--out", required=True, help="the .safetensors file to write")
     force_option(sp)
 
     sp = command("train", cmd_train, "train LeNet-5 or an MLP with microcnn's autograd")
-    try:
-        from .train import add_train_arguments
-    except ImportError:  # training module absent in a partial install
-        pass
-    else:
-        add_train_arguments(sp)
-        force_option(sp)
+    train_arguments(sp)
+    force_option(sp)
 
     sp = command("compare", cmd_compare, "microcnn vs PyTorch and ONNX Runtime, same weights and data")
-    try:
-        from .compare import add_compare_arguments
-    except ImportError:
-        pass
-    else:
-        add_compare_arguments(sp)
+    compare_arguments(sp)
 
     from .cliargs import int_in
 
@@ -341,6 +391,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=int_in(1, 7 * 86_400, "a number of seconds"), default=600,
                     help="seconds any one cell may run when executing (default: 600)")
     force_option(sp)
+
+    def names(text):
+        return [v.strip() for v in text.split(",") if v.strip()]
+
+    def seeds(text):
+        return [int_in(0, None, "a seed")(v) for v in names(text)]
+
+    sp = command("sweep", cmd_sweep, "accuracy over a grid of models x precisions x methods x roundings "
+                 "x seeds, on Dask, into a resumable Parquet table")
+    sp.add_argument("--models", type=names, required=True, help="comma-separated: lenet, fashion")
+    sp.add_argument("--precisions", type=names, required=True, help="comma-separated wXaY, int8, int4")
+    sp.add_argument("--methods", type=names, default=["mse"], help="calibration observers (default mse)")
+    sp.add_argument("--rounding", type=names, default=["nearest"], help="rounding methods (default nearest)")
+    sp.add_argument("--seeds", type=seeds, default=[0], help="calibration-subset seeds (default 0)")
+    sp.add_argument("--out", required=True, help="Parquet table; an existing sweep table is resumed")
+    sp.add_argument("--scheduler", default=None, help="address of a running Dask scheduler "
+                    "(tcp://host:port; default: a local cluster)")
+    sp.add_argument("--workers", type=int_in(1, 1024, "a worker count"), default=None,
+                    help="local cluster worker processes (default: one per CPU)")
+    sp.add_argument("--calibration", type=image_count, default=100, metavar="N",
+                    help="calibration images from the training split (default 100)")
+    sp.add_argument("--samples", type=image_count, default=None, help="first N test images (default all)")
+    sp.add_argument("--json", action="store_true", help="print the table as JSON records")
     return p
 
 

@@ -33,19 +33,20 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from .bench import batch1_latency, build_precision, median_time, pinned_threads
 from .checks import as_image_batch
 from .errors import FileFormatError, InputError, MicrocnnError
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
 from .network import Sequential
+from .quant.precision import PRECISIONS, build_precision, parse_precision
+from .timing import batch1_latency, median_time, pinned_threads
 
 INSTALL_HINT = 'pip install -e ".[compare]"'
 ONNX_OPSET = 17
 # Opset 21 is the first whose QuantizeLinear/DequantizeLinear accept 4-bit types.
 ONNX_INT4_OPSET = 21
 SYSTEMS = ("all", "torch", "onnxruntime")
-# Labels of microcnn precisions in this table -> bench.build_precision's names.
-MICROCNN_PRECISIONS = {"FP32": "fp32", "INT8": "int8", "W4A8": "w4a8", "W4A4": "int4"}
+# Labels of microcnn precisions in this table (FP32, INT8, W4A8, W4A4) -> their names (fp32, ..., int4).
+MICROCNN_PRECISIONS = {p.label: p.name for p in PRECISIONS.values()}
 ORT_CALIBRATIONS = ("MinMax", "Entropy", "Percentile")
 COLUMNS = ["System", "Precision", "Accuracy", "Time (ms)", "Per Image (us)", "Latency (us)",
            "Model Bytes", "Ratio vs microcnn"]
@@ -262,7 +263,7 @@ def load_torch_file(path, net: Sequential | None = None) -> Sequential:
     A checkpoint dict holding the state_dict under ``state_dict``/``model_state_dict``/``model`` works too.
     """
     torch = require("torch")
-    from .io import _check_finite
+    from .io import check_finite
 
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: PyTorch weight file not found")
@@ -282,7 +283,7 @@ def load_torch_file(path, net: Sequential | None = None) -> Sequential:
         raise FileFormatError(path, "expected a state_dict (a mapping of names to tensors)",
                               "dict[str, Tensor]", type(obj).__name__)
     for name, value in obj.items():
-        _check_finite(path, name, _as_array(value))
+        check_finite(path, name, _as_array(value))
     net = net if net is not None else _default_lenet()
     load_torch_state_dict(net, obj, source=str(path))
     return net
@@ -557,7 +558,7 @@ def _quiet_logging():
 # -- the table ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _all_threads_pinned(threads: int, torch=None):
-    """Numba (via bench.pinned_threads) and torch intra-op threads pinned, torch's quantized engine set
+    """Numba (via timing.pinned_threads) and torch intra-op threads pinned, torch's quantized engine set
     to x86; ORT sessions get their thread counts when they are created."""
     with pinned_threads(threads):
         if torch is None:
@@ -887,82 +888,68 @@ def records(df: pd.DataFrame) -> list[dict]:
     return out
 
 
-def add_compare_arguments(parser) -> None:
-    """Options of ``microcnn compare`` (``--data`` is added by the CLI itself)."""
-    parser.add_argument("--model", default="bundled",
-                        help="'bundled', a LeNet-5 .raw file, a .safetensors model, or a PyTorch .pt "
-                             "state_dict of LeNet-5 (default: bundled)")
-    from .cliargs import image_count, repeat_count, thread_count
-
-    parser.add_argument("--samples", type=image_count, default=1000,
-                        help="first N test images (default 1000)")
-    parser.add_argument("--threads", type=thread_count, default=1,
-                        help="threads for every system (default 1)")
-    parser.add_argument("--repeats", type=repeat_count, default=5,
-                        help="timed runs per model; the median is shown")
-    parser.add_argument("--calibration", type=image_count, default=100, metavar="N",
-                        help="calibration images from the training split, the same for every system "
-                             "(default 100)")
-    parser.add_argument("--method", default="mse", choices=["minmax", "ema", "percentile", "mse", "entropy"],
-                        help="microcnn's calibration method (default mse)")
-    parser.add_argument("--systems", choices=list(SYSTEMS), default="all")
-    parser.add_argument("--precisions", default="fp32,int8,w4a8,w4a4",
-                        help="comma-separated subset of fp32,int8,w4a8,w4a4 (int4 = w4a4)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    out = parser.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true", help="one JSON object instead of the table")
-    out.add_argument("--markdown", action="store_true", help="a markdown table (for the README)")
-
-
 def parse_precisions(text: str) -> tuple[str, ...]:
-    """``"fp32,int8"`` -> ``("FP32", "INT8")``; ``int4`` means W4A4, as in ``microcnn bench``."""
-    aliases = {"INT4": "W4A4"}
-    out = tuple(dict.fromkeys(aliases.get(p.strip().upper(), p.strip().upper())
-                              for p in text.split(",") if p.strip()))
-    unknown = [p for p in out if p not in MICROCNN_PRECISIONS]
+    """``"fp32,int8"`` -> ``("FP32", "INT8")``: any name or alias of ``microcnn.quant.precision``
+    (``int4`` means W4A4, as in ``microcnn bench``), as the labels of this table."""
+    out, unknown = [], []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            out.append(parse_precision(part).label)
+        except InputError:
+            unknown.append(part)
+    out = tuple(dict.fromkeys(out))
+    unknown += [p for p in out if p not in MICROCNN_PRECISIONS]
     if unknown or not out:
         raise InputError(f"--precisions: expected a comma-separated subset of fp32,int8,w4a8,w4a4, "
                          f"found {text!r}")
     return out
 
 
-def _load_any_model(spec: str) -> Sequential:
+def load_any_model(spec: str) -> Sequential:
+    """A model spec of ``microcnn.resolve.load_model_spec``, or a PyTorch ``.pt``/``.pth`` state_dict of
+    LeNet-5."""
     if Path(spec).suffix in (".pt", ".pth"):
         return load_torch_file(spec)
-    from .cli import _load_model
+    from .resolve import load_model_spec
 
-    return _load_model(spec)
+    return load_model_spec(spec)
 
 
-def run_compare(args) -> int:
-    """``microcnn compare``: print the table (or JSON / markdown); 2 with a message if an extra is missing."""
-    from .cli import _calibration_images, _test_images
+def run_compare(model: str = "bundled", *, data: str | None = None, samples: int = 1000, threads: int = 1,
+                repeats: int = 5, calibration: int = 100, method: str = "mse", systems: str = "all",
+                precisions: str = "fp32,int8,w4a8,w4a4", torch_compile: bool = True,
+                output: str = "table") -> int:
+    """``microcnn compare``: print the table (``output``: "table", "json" or "markdown"); 2 with a
+    message if an extra is missing. ``model`` is a spec of ``load_any_model``; ``data`` the dataset
+    directory (``microcnn.resolve.data_dir``)."""
+    from .resolve import dataset_of, load_calibration_images, load_test_images
 
     try:
-        needed = systems_modules(args.systems)
-        if Path(args.model).suffix in (".pt", ".pth"):
+        needed = systems_modules(systems)
+        if Path(model).suffix in (".pt", ".pth"):
             needed = ("torch", *needed)
         require(*dict.fromkeys(needed))
     except MissingDependencyError as exc:
         print(f"microcnn compare: error: {exc}", file=sys.stderr)
         return 2
-    net = _load_any_model(args.model)  # (--samples and --calibration were range-checked when parsed)
-    images, labels = _test_images(args, args.samples)
-    df = compare_table(net, images, labels, _calibration_images(args, args.calibration), threads=args.threads,
-                       repeats=args.repeats, systems=args.systems, method=args.method,
-                       precisions=parse_precisions(args.precisions), torch_compile=not args.no_compile,
-                       progress=not (args.json or args.markdown))
+    net = load_any_model(model)
+    images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
+    df = compare_table(net, images, labels, load_calibration_images(calibration, data, "--calibration",
+                                                                   dataset_of(model)),
+                       threads=threads, repeats=repeats, systems=systems, method=method,
+                       precisions=parse_precisions(precisions), torch_compile=torch_compile,
+                       progress=output == "table")
     notes = df.attrs["notes"]
-    if args.json:
-        print(json.dumps({"rows": records(df), "threads": args.threads, "samples": len(images),
+    if output == "json":
+        print(json.dumps({"rows": records(df), "threads": threads, "samples": len(images),
                           "notes": notes, "environment": df.attrs["environment"]}))
-    elif args.markdown:
+    elif output == "markdown":
         print(markdown_table(df))
         print()
         print("\n".join(f"- {n}" for n in notes))
     else:
         env = df.attrs["environment"]
-        print(f"LeNet-5 ({args.model}) on {len(images)} MNIST test images; {args.threads} thread(s); "
+        print(f"LeNet-5 ({model}) on {len(images)} MNIST test images; {threads} thread(s); "
               f"{env['cpu_count']} CPU core(s), {env['processor']}")
         print(format_compare(df))
         print("\nNotes:")

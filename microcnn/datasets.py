@@ -262,8 +262,8 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-_CLASSES = {"mnist": MNIST_CLASSES, "fashion-mnist": FASHION_MNIST_CLASSES}
-DATASETS = tuple(_CLASSES)
+CLASSES = {"mnist": MNIST_CLASSES, "fashion-mnist": FASHION_MNIST_CLASSES}
+DATASETS = tuple(CLASSES)
 
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -335,7 +335,7 @@ _ENV_VAR = "MICROCNN_DATA"
 
 
 def _check_name(name: str) -> None:
-    if name not in _CLASSES:
+    if name not in CLASSES:
         raise InputError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
 
 
@@ -712,7 +712,7 @@ def load_dataset(
         if key not in _CACHE:
             while len(_CACHE) >= _CACHE_MAX:
                 del _CACHE[next(iter(_CACHE))]
-            _CACHE[key] = _decode_pair(images_path, labels_path, len(_CLASSES[name]), samples)
+            _CACHE[key] = _decode_pair(images_path, labels_path, len(CLASSES[name]), samples)
         images_u8, labels = _CACHE[key]
     images = images_u8.astype(np.float32)
     images /= np.float32(255)
@@ -795,7 +795,7 @@ def _iterate_batches(images, labels, batch_size, order):
 ASCII_RAMP = " .:-=+*#%@"
 
 
-def _box_weights(n_out: int, n_in: int) -> np.ndarray:
+def box_weights(n_out: int, n_in: int) -> np.ndarray:
     """Row-stochastic (n_out, n_in) matrix averaging the input cells each output cell covers."""
     edges = np.arange(n_out + 1) * (n_in / n_out)
     cells = np.arange(n_in)
@@ -833,6 +833,6 @@ def ascii_digit(image, width: int = 28) -> str:
     if rows_in == 0 or cols_in == 0:
         raise InputError(f"ascii_digit: empty image of shape {values.shape}")
     rows_out = max(1, round(rows_in * width / cols_in))
-    cells = _box_weights(rows_out, rows_in) @ values @ _box_weights(width, cols_in).T
+    cells = box_weights(rows_out, rows_in) @ values @ box_weights(width, cols_in).T
     levels = np.minimum((cells * len(ASCII_RAMP)).astype(np.int64), len(ASCII_RAMP) - 1)
     return "\n".join("".join(ASCII_RAMP[v] for v in row) for row in levels)

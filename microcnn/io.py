@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-from pathlib import Path
 
 import numpy as np
 
@@ -48,7 +47,7 @@ def _file_size(path, what: str) -> int:
     return size
 
 
-def _check_finite(path, name: str, arr: np.ndarray) -> None:
+def check_finite(path, name: str, arr: np.ndarray) -> None:
     # Non-finite weights make every prediction NaN; refusing at load time names the culprit.
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         n_bad = int((~np.isfinite(arr)).sum())
@@ -88,7 +87,7 @@ def load_raw(net, path) -> None:
     state, offset = {}, 0
     for name, p in named:
         chunk = flat[offset:offset + p.data.size].reshape(p.data.shape)
-        _check_finite(path, name, chunk)
+        check_finite(path, name, chunk)
         state[name] = chunk
         offset += p.data.size
     net.load_state_dict(state, source=str(path))
@@ -258,7 +257,7 @@ def save_model(net, path, metadata: dict | None = None) -> None:
     write_safetensors(path, net.state_dict(), meta)
 
 
-def _architecture(path, metadata) -> dict:
+def architecture_of(path, metadata) -> dict:
     if metadata.get("format") != FORMAT_NAME:
         raise FileFormatError(path, "not a microcnn model (no architecture in __metadata__)",
                               f"format={FORMAT_NAME}", metadata.get("format"))
@@ -290,7 +289,7 @@ def _declared_parameters(path, arch) -> dict:
     return declared
 
 
-def _check_declared_sizes(path, arch, entries: dict, kind: str) -> None:
+def check_declared_sizes(path, arch, entries: dict, kind: str) -> None:
     """Refuse an architecture the file's tensors cannot back, and tensors the architecture cannot use,
     from the header alone: before any layer allocates its weights (a forged ``Linear(10**9, 10**9)``
     would otherwise ask for gigabytes) and before any tensor byte is read (a sparse file can declare
@@ -337,9 +336,9 @@ def _fit_input(layer, shape: tuple) -> tuple:
     """The input nearest ``shape`` that ``layer`` accepts: the guard of a file without ``input_shape``
     follows the sizes a real input would reach, even where the default image is not the one the
     network was made for (another channel count, a map smaller than a kernel, another feature count)."""
-    from .layers import Conv2d, Linear, Softmax, _Pool2d
+    from .layers import AvgPool2d, Conv2d, Linear, MaxPool2d, Softmax
 
-    if isinstance(layer, Conv2d | _Pool2d):
+    if isinstance(layer, Conv2d | MaxPool2d | AvgPool2d):
         c, h, w = shape if len(shape) == 3 else (1, 1, 1)
         (kh, kw), (ph, pw) = layer.kernel_size, getattr(layer, "padding", (0, 0))
         return (layer.in_channels if isinstance(layer, Conv2d) else c, max(h, kh - 2 * ph, 1),
@@ -351,7 +350,7 @@ def _fit_input(layer, shape: tuple) -> tuple:
     return shape
 
 
-def _check_activation_sizes(path, net) -> None:
+def check_activation_sizes(path, net) -> None:
     """Run each layer's own input check on shapes alone (a zero-stride view allocates nothing): an
     inconsistent architecture fails at load time naming the file, and absurd sizes are refused (a
     forged padding of 10**5 would make predict ask for terabytes). A file that declares no input shape
@@ -392,10 +391,10 @@ def _check_activation_sizes(path, net) -> None:
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _check_weights(path, name: str, arr: np.ndarray) -> None:
+def check_weights(path, name: str, arr: np.ndarray) -> None:
     """FP32 weights as they will be used: finite, and (for F64 tensors) within float32's range, which
     the conversion to float32 would otherwise turn into Inf."""
-    _check_finite(path, name, arr)
+    check_finite(path, name, arr)
     if arr.dtype.itemsize > 4 and arr.dtype.kind == "f" and arr.size:
         beyond = np.abs(arr) > _FLOAT32_MAX
         if beyond.any():
@@ -411,50 +410,14 @@ def read_model_state(path, expected: dict | None = None) -> dict:
         metadata = st.metadata
         if metadata.get("kind", "fp32") != "fp32":
             raise FileFormatError(path, "expected FP32 weights", "kind=fp32", f"kind={metadata.get('kind')}")
-        arch = _architecture(path, metadata) if metadata else None
+        arch = architecture_of(path, metadata) if metadata else None
         if expected is not None and arch is not None and arch["layers"] != expected["layers"]:
             raise FileFormatError(path, "architecture differs from the network being loaded",
                                   [c["type"] for c in expected["layers"]],
                                   [c.get("type") for c in arch["layers"]])
         if expected is not None:
-            _check_declared_sizes(path, expected, st.entries, "fp32")
+            check_declared_sizes(path, expected, st.entries, "fp32")
         tensors = st.read()
     for name, arr in tensors.items():
-        _check_weights(path, name, arr)
+        check_weights(path, name, arr)
     return tensors
-
-
-def load_model(path):
-    """Rebuild a network (FP32, quantized or storage-compressed) from a self-describing file. The header
-    and the architecture it carries are checked (sizes, activations) before any layer is built and
-    before any tensor byte is read."""
-    from .network import Sequential
-
-    path = Path(path)
-    if path.suffix == ".raw":
-        raise FileFormatError(path, "a .raw file has no architecture; build the network and call "
-                              "net.load(path) (e.g. microcnn.lenet(weights=path))")
-    with SafetensorsFile(path) as st:
-        metadata = st.metadata
-        arch = _architecture(path, metadata)
-        kind = metadata.get("kind", "fp32")
-        if kind != "fp32":
-            from .quant.serialize import KIND_CALIBRATION, MODEL_KINDS, refuse_kind
-
-            if kind == KIND_CALIBRATION or kind not in MODEL_KINDS:  # refused before anything is built
-                refuse_kind(path, kind)
-        _check_declared_sizes(path, arch, st.entries, kind)
-        try:  # every kind is rebuilt from this architecture: it must build (allocation is bounded above)
-            net = Sequential.from_config(arch)
-        except InputError as exc:
-            raise FileFormatError(path, f"architecture is invalid ({exc})") from None
-        _check_activation_sizes(path, net)
-        tensors = st.read()
-    if kind != "fp32":
-        from .quant.serialize import load_from_tensors
-
-        return load_from_tensors(tensors, metadata, arch, path)
-    for name, arr in tensors.items():
-        _check_weights(path, name, arr)
-    net.load_state_dict(tensors, source=str(path))
-    return net

@@ -15,22 +15,12 @@ import numpy as np
 
 from . import autograd as ag
 from .autograd import Tensor
-from .checks import check_count
+from .checks import check_count, int_pair
 from .convolution import conv2d_forward
 from .errors import InputError
 from .kernels import elementwise, pool
 from .kernels.gemm import linear_forward
-
-
-def _pair(v, name: str) -> tuple[int, int]:
-    try:
-        pair = (v, v) if isinstance(v, int | np.integer) else tuple(v)
-    except TypeError:  # not iterable: None, a float, ...
-        pair = ()
-    # The bound keeps values inside the kernels' integer types (a file may say 10**30).
-    if len(pair) != 2 or not all(isinstance(p, int | np.integer) and abs(p) < 2**31 for p in pair):
-        raise InputError(f"{name}: expected an int or a pair of ints (|value| < 2**31), found {v!r}")
-    return int(pair[0]), int(pair[1])
+from .kernels.shapes import conv_output_size
 
 
 class Layer:
@@ -61,7 +51,7 @@ class Layer:
             raise InputError(f"{self.type}.{name} is fixed once the layer is built (its weights' shape "
                              f"follows from it); build a new {self.type} for another {name}")
         if name in self._PAIRS:
-            pair = _pair(value, f"{self.type}.{name}")
+            pair = int_pair(value, f"{self.type}.{name}")
             minimum = self._PAIRS[name]
             if min(pair) < minimum:
                 raise InputError(f"{self.type}.{name}: expected values >= {minimum}, found {value!r}")
@@ -114,13 +104,33 @@ def _uniform_init(rng, shape, fan_in) -> np.ndarray:
 
 
 class Conv2d(Layer):
+    """2-D cross-correlation over NCHW float32 images, PyTorch's ``nn.Conv2d`` without groups/dilation.
+
+    Args:
+        in_channels, out_channels: C and O.
+        kernel_size, stride, padding: an int or a pair (zero padding on both sides).
+        bias: whether to add a learned (O,) bias.
+        algorithm: how it is computed (``convolution.ALGORITHMS``, default ``"im2col"``; ``"auto"``
+            times them per input shape); every algorithm computes the same convolution.
+        rng: a ``numpy.random.Generator`` for the He-uniform initialisation (default seed 0).
+
+    Shape:
+        input (N, C, H, W) -> output (N, O, H', W') with
+        H' = ``kernels.shapes.conv_output_size(H, kh, sh, ph)`` (likewise W').
+
+    Example::
+
+        >>> conv = Conv2d(1, 6, 5, padding=2); conv.forward(np.zeros((2, 1, 28, 28), np.float32)).shape
+        (2, 6, 28, 28)
+    """
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  algorithm="im2col", rng=None):
         self.in_channels = check_count("Conv2d in_channels", in_channels)
         self.out_channels = check_count("Conv2d out_channels", out_channels)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
+        self.kernel_size = int_pair(kernel_size, "kernel_size")
+        self.stride = int_pair(stride, "stride")
+        self.padding = int_pair(padding, "padding")
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
             raise InputError(
                 f"Conv2d: expected kernel_size>=1, stride>=1, padding>=0, found "
@@ -154,7 +164,7 @@ class Conv2d(Layer):
     def output_shape(self, chw):
         c, h, w = chw
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        return self.out_channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        return self.out_channels, conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
 
     def _check_input(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
@@ -181,6 +191,17 @@ class Conv2d(Layer):
 
 
 class Linear(Layer):
+    """Affine map ``y = x @ W.T + b``, PyTorch's ``nn.Linear`` layout (W is (out, in)).
+
+    Args:
+        in_features, out_features: sizes of each input and output row.
+        bias: whether to add a learned (out,) bias.
+        rng: a ``numpy.random.Generator`` for the initialisation (default seed 0).
+
+    Shape:
+        input (N, in_features) -> output (N, out_features).
+    """
+
     def __init__(self, in_features, out_features, bias=True, rng=None):
         self.in_features = check_count("Linear in_features", in_features)
         self.out_features = check_count("Linear out_features", out_features)
@@ -216,6 +237,8 @@ class Linear(Layer):
 
 
 class ReLU(Layer):
+    """max(x, 0), elementwise; any shape."""
+
     def forward(self, x, inplace: bool = False):
         """``inplace`` overwrites ``x``: Sequential uses it on intermediates it owns, never on user input."""
         if inplace and x.flags.c_contiguous:
@@ -228,6 +251,8 @@ class ReLU(Layer):
 
 
 class Sigmoid(Layer):
+    """1 / (1 + exp(-x)), elementwise; any shape."""
+
     def forward(self, x):
         return elementwise.sigmoid(x.reshape(-1)).reshape(x.shape)
 
@@ -237,8 +262,8 @@ class Sigmoid(Layer):
 
 class _Pool2d(Layer):
     def __init__(self, kernel_size, stride=None):
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride if stride is not None else kernel_size, "stride")
+        self.kernel_size = int_pair(kernel_size, "kernel_size")
+        self.stride = int_pair(stride if stride is not None else kernel_size, "stride")
         if min(self.kernel_size) < 1 or min(self.stride) < 1:
             raise InputError(f"{self.type}: expected kernel_size>=1 and stride>=1, found "
                              f"{self.kernel_size}, {self.stride}")
@@ -251,7 +276,7 @@ class _Pool2d(Layer):
     def output_shape(self, chw):
         c, h, w = chw
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        return c, pool.pooled_size(h, kh, sh), pool.pooled_size(w, kw, sw)
+        return c, conv_output_size(h, kh, sh), conv_output_size(w, kw, sw)
 
     def _check_input(self, x):
         if x.ndim != 4:
@@ -269,6 +294,12 @@ class _Pool2d(Layer):
 
 
 class MaxPool2d(_Pool2d):
+    """Max over ``kernel_size`` windows moved by ``stride`` (default: the kernel size), no padding.
+
+    Shape:
+        input (N, C, H, W) -> output (N, C, conv_output_size(H, kh, sh), conv_output_size(W, kw, sw)).
+    """
+
     def forward(self, x, relu: bool = False):
         """``relu=True`` computes MaxPool(ReLU(x)) in one pass (exact: max and relu commute)."""
         self._check_input(x)
@@ -280,6 +311,9 @@ class MaxPool2d(_Pool2d):
 
 
 class AvgPool2d(_Pool2d):
+    """Mean over ``kernel_size`` windows moved by ``stride`` (default: the kernel size), no padding;
+    shapes as ``MaxPool2d``."""
+
     def forward(self, x):
         self._check_input(x)
         return pool.avgpool2d(x, *self.kernel_size, *self.stride)
@@ -290,6 +324,8 @@ class AvgPool2d(_Pool2d):
 
 
 class Flatten(Layer):
+    """(N, ...) -> (N, prod(...)), C-order (as PyTorch's ``nn.Flatten``)."""
+
     def forward(self, x):
         return x.reshape(x.shape[0], -1)
 
@@ -365,7 +401,7 @@ def parameter_shapes(cfg: dict) -> list[tuple[int, ...]]:
     if cls is Conv2d:
         out = check_count("Conv2d out_channels", a["out_channels"])
         weight = (out, check_count("Conv2d in_channels", a["in_channels"]),
-                  *_pair(a["kernel_size"], "kernel_size"))
+                  *int_pair(a["kernel_size"], "kernel_size"))
     else:
         out = check_count("Linear out_features", a["out_features"])
         weight = (out, check_count("Linear in_features", a["in_features"]))

@@ -1,4 +1,5 @@
-"""LeNet-5 as in DESIGN.md, and where its bundled weights live."""
+"""The bundled models: LeNet-5 as in DESIGN.md (MNIST) and a wider LeNet-like CNN (Fashion-MNIST),
+and where their trained weights live."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def _bundled_dir() -> Path:
 DATA_DIR = _bundled_dir()
 BUNDLED_RAW = DATA_DIR / "lenet.raw"
 BUNDLED_MODEL = DATA_DIR / "lenet.safetensors"
+BUNDLED_FASHION = DATA_DIR / "fashion.safetensors"
 
 
 def lenet(weights=None, algorithm: str = "im2col", seed: int = 0) -> Sequential:
@@ -56,4 +58,32 @@ def lenet(weights=None, algorithm: str = "im2col", seed: int = 0) -> Sequential:
             raise DataNotFoundError(f"bundled LeNet-5 weights not found at {BUNDLED_RAW}; "
                                     "train them with `microcnn train --out data/lenet.raw`")
         weights = BUNDLED_RAW
+    return net.load(weights)
+
+
+def fashion_cnn(weights=None, algorithm: str = "im2col", seed: int = 0) -> Sequential:
+    """The bundled Fashion-MNIST CNN, LeNet's shape made wider: Conv(1→32,5,pad 2) ReLU MaxPool2
+    Conv(32→64,5) ReLU MaxPool2 Flatten Linear(1600→256) ReLU Linear(256→10) Softmax; 464,522
+    parameters.
+
+    ``weights``: None (seeded random init), ``"bundled"`` (data/fashion.safetensors, trained by
+    ``microcnn train --model fashion --dataset fashion-mnist``) or a path to a weights file.
+    """
+    rng = np.random.default_rng(seed)
+    net = Sequential(
+        Conv2d(1, 32, 5, padding=2, algorithm=algorithm, rng=rng), ReLU(), MaxPool2d(2),
+        Conv2d(32, 64, 5, algorithm=algorithm, rng=rng), ReLU(), MaxPool2d(2),
+        Flatten(),
+        Linear(1600, 256, rng=rng), ReLU(),
+        Linear(256, 10, rng=rng),
+        Softmax(),
+        input_shape=(1, 28, 28),
+    )
+    if weights is None:
+        return net
+    if isinstance(weights, str) and weights == "bundled":
+        if not BUNDLED_FASHION.exists():
+            raise DataNotFoundError(f"bundled Fashion-MNIST weights not found at {BUNDLED_FASHION}; train "
+                                    "them with `microcnn train --model fashion --dataset fashion-mnist`")
+        weights = BUNDLED_FASHION
     return net.load(weights)

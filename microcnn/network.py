@@ -21,6 +21,8 @@ _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2
 
 @dataclass
 class LayerTrace:
+    """One layer's output in ``Sequential.trace``: its position, name, type, output and wall time."""
+
     index: int
     name: str
     type: str
@@ -174,6 +176,22 @@ def _finite_float32(values: np.ndarray, name: str) -> np.ndarray:
 
 
 class Sequential:
+    """A chain of layers run in order; inference fuses Conv/Linear + ReLU (+ MaxPool) groups and runs
+    small batches through a compiled program, with the same results as layer by layer.
+
+    Args:
+        *layers: ``Layer`` objects, in order.
+        input_shape: (C, H, W) of one sample, or None; checked and stored in saved files.
+
+    Shape:
+        ``predict``/``logits``: (N, C, H, W) or (C, H, W) float images -> (N, classes).
+
+    Example::
+
+        >>> net = Sequential(Flatten(), Linear(784, 10), Softmax(), input_shape=(1, 28, 28))
+        >>> net.predict(images).shape, net.accuracy(images, labels), net.save("mlp.safetensors")
+    """
+
     def __init__(self, *layers: Layer, input_shape: tuple | None = None):
         for layer in layers:
             if not isinstance(layer, Layer):

@@ -38,6 +38,9 @@ def _in_range(name: str, value, lo: float, hi: float, hi_open: bool = True) -> f
 
 
 class Optimizer:
+    """Base of the optimizers: ``params`` (Tensors with ``.grad``) updated in place by ``step()`` at
+    learning rate ``lr``; ``zero_grad()`` clears the gradients. Subclasses define the update."""
+
     def __init__(self, params, lr: float):
         self.params = list(params)
         if not self.params:
@@ -51,14 +54,17 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
-        self.steps += 1
-        for i, p in enumerate(self.params):
+        grads = {}
+        for i, p in enumerate(self.params):  # all checked before any parameter moves
             if p.grad is None:
                 continue
-            grad = np.asarray(p.grad, np.float32)
-            if grad.shape != p.data.shape:
+            grads[i] = np.asarray(p.grad, np.float32)
+            if grads[i].shape != p.data.shape:
                 raise InputError(f"optimizer: gradient of parameter {i} expected shape {p.data.shape}, "
-                                 f"found {grad.shape}")
+                                 f"found {grads[i].shape}")
+        self.steps += 1
+        for i, grad in grads.items():
+            p = self.params[i]
             self._update(p.data, grad, self.state.setdefault(i, {}))
             p.version += 1
 

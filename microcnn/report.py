@@ -64,7 +64,8 @@ def _kernel_env() -> dict:
     return dict(os.environ, PYTHONPATH=package_root + (os.pathsep + path if path else ""))
 
 
-def _notebook_paths(paths) -> list[Path]:
+def notebook_paths(paths) -> list[Path]:
+    """The notebooks to run: ``paths`` (one or several .ipynb files), or every notebook of notebooks/."""
     if paths is None:
         found = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
         if not found:
@@ -480,7 +481,7 @@ def render_report(paths=None, out_dir="reports", execute: bool = True, hide_code
 
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise InputError(f"timeout: expected a positive number of seconds, found {timeout!r}")
-    notebooks = _notebook_paths(paths)
+    notebooks = notebook_paths(paths)
     destinations = report_destinations(notebooks, out_dir)
     for path in destinations:
         check_destination(path, overwrite)

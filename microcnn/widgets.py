@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .checks import as_image_batch
-from .datasets import _box_weights
+from .datasets import box_weights
 from .errors import InputError
 from .kernels.linalg import matmul
 
@@ -322,8 +322,8 @@ def preprocess_drawing(canvas) -> np.ndarray | None:
     scale = DIGIT_BOX / max(h, w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
     # fixed-order products, not BLAS's (whose summation order, so last bits, depend on the CPU)
-    small = matmul(matmul(_box_weights(new_h, h), np.ascontiguousarray(crop)),
-                   np.ascontiguousarray(_box_weights(new_w, w).T))
+    small = matmul(matmul(box_weights(new_h, h), np.ascontiguousarray(crop)),
+                   np.ascontiguousarray(box_weights(new_w, w).T))
     mass = small.sum()
     cy = float((small.sum(axis=1) * np.arange(new_h)).sum() / mass)
     cx = float((small.sum(axis=0) * np.arange(new_w)).sum() / mass)

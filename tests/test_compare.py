@@ -164,7 +164,7 @@ def test_pt_state_dict_with_other_key_names_loads_by_order_and_shape(torch, tmp_
     # a training checkpoint that wraps the state_dict, and the `microcnn compare --model x.pt` loader
     ckpt = tmp_path / "checkpoint.pt"
     torch.save({"epoch": 3, "model_state_dict": model.state_dict()}, ckpt)
-    for loaded in (compare.load_torch_file(ckpt), compare._load_any_model(str(ckpt))):
+    for loaded in (compare.load_torch_file(ckpt), compare.load_any_model(str(ckpt))):
         np.testing.assert_array_equal(loaded.forward(x), net.forward(x))
 
 

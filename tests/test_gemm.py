@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microcnn.kernels.gemm import PACK_ROWS, _gemm_acc, gemm_packed, linear_forward, pack_rows, sgemm
+from microcnn.kernels.gemm import PACK_ROWS, gemm_acc, gemm_packed, linear_forward, pack_rows, sgemm
 from microcnn.kernels.simd import LANES
 
 EXAMPLES = settings(max_examples=25, deadline=None)
@@ -81,7 +81,7 @@ def test_gemm_acc_reads_rows_through_the_window_indirection(m, k, n, seed):
     a = _rand(rng, (m, k))
     c0 = _rand(rng, (m, n + 4))
     c = c0.copy()
-    _gemm_acc(a, buf, rows, offs, col0, c, 2, n, 0, k)
+    gemm_acc(a, buf, rows, offs, col0, c, 2, n, 0, k)
     ref = c0[:, 2 : 2 + n].astype(np.float64) + a.astype(np.float64) @ b
     assert np.all(np.abs(c[:, 2 : 2 + n] - ref) <= _bound(a, b, c0[:, 2 : 2 + n]))
     assert np.array_equal(c[:, :2], c0[:, :2]) and np.array_equal(c[:, 2 + n :], c0[:, 2 + n :])
@@ -91,8 +91,8 @@ def test_gemm_acc_reads_rows_through_the_window_indirection(m, k, n, seed):
 @given(m=st.integers(1, 19), k=st.integers(1, 40), n=st.integers(LANES, 90), seed=st.integers(0, 2**16))
 def test_register_kernel_equals_gemm_acc_bit_for_bit(m, k, n, seed):
     """gemm_packed (registers, one fused multiply-add per k from the bias) against the float64 product,
-    and against _gemm_acc started from the same bias: the identical operation order, so the same bits
-    -- what lets the bundled weights, trained with _gemm_acc, reproduce exactly. Row counts cover
+    and against gemm_acc started from the same bias: the identical operation order, so the same bits
+    -- what lets the bundled weights, trained with gemm_acc, reproduce exactly. Row counts cover
     whole and partial PACK_ROWS blocks, column counts whole strips and the overlapping last vector."""
     rng = np.random.default_rng(seed)
     a, b, bias = _rand(rng, (m, k)), _rand(rng, (k, n)), _rand(rng, (m,))
@@ -103,7 +103,7 @@ def test_register_kernel_equals_gemm_acc_bit_for_bit(m, k, n, seed):
     assert np.all(np.abs(out[:, :n] - ref) <= _bound(a, b, bias[:, None]))
     assert np.all(out[:, n:] == -7.0)  # nothing stored past ncol
     c = np.repeat(bias[:, None], n, axis=1)
-    _gemm_acc(a, b, np.arange(k), np.zeros(k, np.int64), 0, c, 0, n, 0, k)
+    gemm_acc(a, b, np.arange(k), np.zeros(k, np.int64), 0, c, 0, n, 0, k)
     assert np.array_equal(out[:, :n], c)
 
 

@@ -145,7 +145,7 @@ def _net(conv, kernel, pstride, with_relu):
 def _flat(conv, kernel, pstride):
     c, o, k, stride, padding, h, w = conv
     oh, ow = (h + 2 * padding[0] - k[0]) // stride[0] + 1, (w + 2 * padding[1] - k[1]) // stride[1] + 1
-    return o * pool.pooled_size(oh, kernel[0], pstride[0]) * pool.pooled_size(ow, kernel[1], pstride[1])
+    return o * ((oh - kernel[0]) // pstride[0] + 1) * ((ow - kernel[1]) // pstride[1] + 1)
 
 
 def _net_ref(net, x, with_relu):

@@ -8,6 +8,10 @@ they are read too), and the tools may not outgrow a fixed fraction of the engine
 Counts when the budgets were set (December 2026): engine 5,163 (kernels 1,834 + engine modules 3,329),
 quant 1,796, tools 2,381 (0.46 of the engine). The budgets leave about 12-15 % headroom. Raising one is
 a decision to make in review, with the reason in the commit, not a number to bump when the test fails.
+
+Raised once (December 2026, review of the merged issue 14/16/17 work): tools 2,700 -> 3,300, for the
+offline report (issue 16: index, MathML formulas, widget previews, +420 lines) and the Dask sweep
+(issue 14, +190 lines); the ratio of 0.55 tools per engine line stays and binds first (~3,100 today).
 """
 
 from pathlib import Path
@@ -15,11 +19,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "microcnn"
 
 # Every module of the package belongs to exactly one layer (kernels/ and quant/ by their folder).
+# (The import layers of tests/test_architecture.py are finer; resolve and timing count as engine here.)
 ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors", "fileutil", "io",
-          "jsonutil", "layers", "lenet", "losses", "network", "optim", "train"}
-TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "widgets"}
+          "jsonutil", "layers", "lenet", "losses", "network", "optim", "resolve", "timing", "train"}
+TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
-BUDGET = {"engine": 5900, "quant": 2050, "tools": 2700}
+BUDGET = {"engine": 5900, "quant": 2050, "tools": 3300}
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 

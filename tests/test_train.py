@@ -10,11 +10,9 @@ from microcnn.errors import InputError
 from microcnn.lenet import BUNDLED_RAW, lenet
 from microcnn.train import (
     TrainingDivergedError,
-    add_train_arguments,
     fit,
     mlp,
     random_affine,
-    run_train,
     shift_images,
 )
 
@@ -152,14 +150,13 @@ def test_elastic_distortion_moves_pixels_by_about_the_requested_amount():
 
 
 def test_cli_train_one_epoch_writes_both_files(tmp_path, capsys):
-    import argparse
+    from microcnn.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
     out = tmp_path / "net.raw"
-    args = parser.parse_args(["--epochs", "1", "--out", str(out), "--no-progress", "--seed", "1"])
+    args = build_parser().parse_args(["train", "--epochs", "1", "--out", str(out), "--no-progress",
+                                      "--seed", "1"])
     assert args.model == "lenet" and args.augment is True and args.augmentation == "elastic"
-    assert run_train(args) == 0
+    assert args.func(args) == 0
     assert out.stat().st_size == 61706 * 4
     reloaded = lenet(weights=out.with_suffix(".safetensors"))
     from_raw = lenet(weights=out).state_dict()["0.weight"]

@@ -22,7 +22,7 @@ class Mutant(NamedTuple):
 
 POOL, CONV, INT = "microcnn/kernels/pool.py", "microcnn/kernels/conv.py", "microcnn/kernels/integer.py"
 ELEM, PROG, BACK = "microcnn/kernels/elementwise.py", "microcnn/kernels/program.py", "microcnn/kernels/backward.py"
-GEMM = "microcnn/kernels/gemm.py"
+GEMM, SHAPES = "microcnn/kernels/gemm.py", "microcnn/kernels/shapes.py"
 LINALG, SIMD = "microcnn/kernels/linalg.py", "microcnn/kernels/simd.py"
 
 T = "tests/"
@@ -58,8 +58,9 @@ SIMD_TESTS = (EXACT + "::test_cache_folder_is_inside_numba_cache_dir_and_keyed_o
 
 MUTANTS = [
     # -- pool.py -------------------------------------------------------------------------------------------
-    Mutant("pool-01", POOL, "return (size - k) // s + 1", "return (size - k) // s",
-           POOL_TESTS, "off-by-one in the output size formula"),
+    Mutant("pool-01", SHAPES, "return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1",
+           "return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride",
+           POOL_TESTS, "off-by-one in the output size formula (shapes.conv_output_size, shared by every kernel)"),
     Mutant("pool-02", POOL, "if kh == 2 and kw == 2 and sh == 2 and sw == 2:  # LeNet's case",
            "if kh == 2 and kw == 2 and sh == 2:  # LeNet's case", POOL_TESTS,
            "fast-path guard forgets one stride: a 2x2 window with stride (2, 1) takes the 2x2/2 path"),
@@ -73,8 +74,8 @@ MUTANTS = [
     Mutant("pool-06", POOL, "for kx in range(kw):\n                            m = max(",
            "for kx in range(kh):\n                            m = max(", POOL_TESTS,
            "kernel height used for the width loop"),
-    Mutant("pool-07", POOL, "_maxpool_images(x, out, kh, kw, sh, sw, floor, t * n // nchunks, (t + 1) * n // nchunks)",
-           "_maxpool_images(x, out, kh, kw, sh, sw, floor, t * n // nchunks, (t + 1) * (n // nchunks))", POOL_TESTS,
+    Mutant("pool-07", POOL, "maxpool_images(x, out, kh, kw, sh, sw, floor, t * n // nchunks, (t + 1) * n // nchunks)",
+           "maxpool_images(x, out, kh, kw, sh, sw, floor, t * n // nchunks, (t + 1) * (n // nchunks))", POOL_TESTS,
            "chunk bounds that drop the remainder images when n is not a multiple of the chunks"),
     Mutant("pool-08", POOL, 'floor = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min',
            'floor = -np.inf if x.dtype.kind == "f" else 0', POOL_TESTS,
@@ -90,8 +91,8 @@ MUTANTS = [
            POOL_TESTS, "average pooling uses the vertical stride horizontally"),
     Mutant("pool-13", POOL, "dx[i, ch, oy * sh + ky, ox * sw + kx] += g", "dx[i, ch, oy * sh + kx, ox * sw + ky] += g",
            POOL_TESTS, "kernel offsets swapped in the average-pool backward scatter"),
-    Mutant("pool-14", POOL, "(w - kw) // sw + 1\n    out = np.empty((n, c, oh, ow), dtype=np.float32)",
-           "(w - kh) // sw + 1\n    out = np.empty((n, c, oh, ow), dtype=np.float32)", POOL_TESTS,
+    Mutant("pool-14", POOL, "conv_output_size(w, kw, sw)\n    out = np.empty((n, c, oh, ow), dtype=np.float32)",
+           "conv_output_size(w, kh, sw)\n    out = np.empty((n, c, oh, ow), dtype=np.float32)", POOL_TESTS,
            "average-pool output width computed from the kernel height"),
     # -- conv.py -------------------------------------------------------------------------------------------
     Mutant("conv-01", CONV, "ix = q * sw + v - pw", "ix = q * sw + v - ph", CONV_TESTS,
@@ -112,16 +113,16 @@ MUTANTS = [
     Mutant("conv-08", CONV, "in_place = window and ph == 0 and pw == 0 and ncol >= LANES",
            "in_place = window and ph == 0 and ncol >= LANES", CONV_TESTS,
            "reads the unpadded image in place although only the horizontal padding is non-zero"),
-    Mutant("conv-09", CONV, "_maxpool_images(acc, y[i:i + 1], pool[0], pool[1], pool[2], pool[3], floor, 0, 1)",
-           "_maxpool_images(acc, y[i:i + 1], pool[0], pool[2], pool[1], pool[3], floor, 0, 1)", CONV_TESTS,
+    Mutant("conv-09", CONV, "maxpool_images(acc, y[i:i + 1], pool[0], pool[1], pool[2], pool[3], floor, 0, 1)",
+           "maxpool_images(acc, y[i:i + 1], pool[0], pool[2], pool[1], pool[3], floor, 0, 1)", CONV_TESTS,
            "fused pool arguments in (kh, sh, kw, sw) order"),
     Mutant("conv-10", CONV, "floor = np.float32(0.0) if relu else np.float32(-np.inf)", "floor = np.float32(0.0)",
            CONV_TESTS, "the fused pool always clamps at 0, also without a ReLU"),
     Mutant("conv-11", CONV,
-           "oh, ow = (oh - pool[0]) // pool[2] + 1, (ow - pool[1]) // pool[3] + 1\n    y = np.empty((n, b.shape[0]",
-           "oh, ow = (oh - pool[0]) // pool[2] + 1, (ow - pool[1]) // pool[2] + 1\n    y = np.empty((n, b.shape[0]",
+           "oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[3])\n    y = np.empty((n, b.shape[0]",
+           "oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[2])\n    y = np.empty((n, b.shape[0]",
            CONV_TESTS, "pooled width computed with the vertical pool stride"),
-    Mutant("conv-12", CONV, "pooled_size(ow, pool[1], pool[3]))", "pooled_size(ow, pool[1], pool[2]))", CONV_TESTS,
+    Mutant("conv-12", CONV, "conv_output_size(ow, pool[1], pool[3]))", "conv_output_size(ow, pool[1], pool[2]))", CONV_TESTS,
            "threaded driver: pooled width with the vertical pool stride"),
     Mutant("conv-13", CONV, "return maxpool2d(y, *pool, floor=0 if relu else None)", "return maxpool2d(y, *pool)",
            CONV_TESTS, "winograd / fft / naive + pool forget the fused ReLU"),
@@ -195,8 +196,8 @@ MUTANTS = [
            "fused 2x2 pool path truncates instead of rounding"),
     Mutant("int-23", INT, "plain = pkh == 1 and pkw == 1 and psh == 1 and psw == 1",
            "plain = pkh == 1 and psh == 1 and psw == 1", INT_TESTS, "a 1x3 pool is mistaken for no pooling"),
-    Mutant("int-24", INT, "qh, qw = (oh - pkh) // psh + 1, (ow - pkw) // psw + 1",
-           "qh, qw = (oh - pkh) // psh + 1, (ow - pkw) // psh + 1", INT_TESTS,
+    Mutant("int-24", INT, "qh, qw = conv_output_size(oh, pkh, psh), conv_output_size(ow, pkw, psw)",
+           "qh, qw = conv_output_size(oh, pkh, psh), conv_output_size(ow, pkw, psh)", INT_TESTS,
            "pooled width with the vertical stride"),
     Mutant("int-25", INT, "dst[xx] = np.int16(src[xx]) - zp", "dst[xx] = np.int16(src[xx]) + zp", INT_TESTS,
            "activations centred with the wrong zero-point sign"),
@@ -249,8 +250,8 @@ MUTANTS = [
            ELEM_TESTS, "ReLU comparison with >=",
            equivalent="v == 0 (or -0.0) is copied instead of replaced by 0.0: equal values (-0.0 == 0.0)"),
     # -- program.py ----------------------------------------------------------------------------------------
-    Mutant("prog-01", PROG, "oh, ow = (oh - pool[0]) // pool[2] + 1, (ow - pool[1]) // pool[3] + 1",
-           "oh, ow = (oh - pool[0]) // pool[2] + 1, (ow - pool[1]) // pool[2] + 1", PROG_TESTS,
+    Mutant("prog-01", PROG, "oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[3])",
+           "oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[2])", PROG_TESTS,
            "pooled width with the vertical stride"),
     Mutant("prog-02", PROG, "oh, ow = (h - op[KH]) // op[SH] + 1, (w - op[KW]) // op[SW] + 1",
            "oh, ow = (h - op[KH]) // op[SH] + 1, (w - op[KW]) // op[SH] + 1", PROG_TESTS,
@@ -270,8 +271,8 @@ MUTANTS = [
            "OP_LINEAR bias read from the weights' address (copy-paste of the line above)"),
     Mutant("prog-08", PROG, "buf = relu_inplace(buf) if owned else relu(buf)", "buf = relu_inplace(buf)", PROG_TESTS,
            "a leading ReLU clamps the caller's array in place"),
-    Mutant("prog-09", PROG, "oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1",
-           "oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * ph - kw) // sw + 1", PROG_TESTS,
+    Mutant("prog-09", PROG, "oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)",
+           "oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, ph)", PROG_TESTS,
            "OP_CONV output width with the vertical padding"),
     # -- backward.py (lines outside the fastmath reductions the portability work may rewrite) ------------
     Mutant("back-01", BACK, "            db[a] += s", "            db[a] = s", BACK_TESTS,

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .conv import _pad_into
+from .conv import pad_into
 from .gemm import sgemm, window_dots
 
 _CHUNKS = 8
@@ -80,7 +80,7 @@ def _backward_images(x, w2t, dy, offs, ph, pw, need_dx, n0, n1, dw, db, dx):
                     dst[ox] = src[ox]
                     s += src[ox]
             db[a] += s
-        _pad_into(x, i, ph, pw, xpad)
+        pad_into(x, i, ph, pw, xpad)
         window_dots(gw, xpad.reshape(-1), offs, dw, True)
         if need_dx:
             dxpad[:] = 0.0

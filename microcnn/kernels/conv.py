@@ -35,14 +35,10 @@ from numba import njit, prange
 
 from ..errors import InputError
 from .elementwise import relu_inplace
-from .gemm import _gemm_acc, gemm_packed, linear_forward, pack_rows
-from .pool import _maxpool_images, maxpool2d, pooled_size
+from .gemm import gemm_acc, gemm_packed, linear_forward, pack_rows
+from .pool import maxpool2d, maxpool_images
+from .shapes import conv_output_size
 from .simd import LANES
-
-
-def output_size(size: int, k: int, s: int, p: int) -> int:
-    return (size + 2 * p - k) // s + 1
-
 
 # -- naive -------------------------------------------------------------------------------------
 
@@ -52,8 +48,7 @@ def conv2d_naive(x, w, b, sh, sw, ph, pw):
     """Direct convolution: the textbook loops, any stride and zero padding. The reference."""
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
-    oh = (h + 2 * ph - kh) // sh + 1
-    ow = (wd + 2 * pw - kw) // sw + 1
+    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
     y = np.empty((n, o, oh, ow), np.float32)
     for i in range(n):
         for f in range(o):
@@ -77,7 +72,7 @@ def conv2d_naive(x, w, b, sh, sw, ph, pw):
 
 
 @njit(cache=True)
-def _pad_into(x, i, ph, pw, buf):
+def pad_into(x, i, ph, pw, buf):
     """Copy image i of x into the interior of buf (C, H + 2ph, W + 2pw); the border is left as is."""
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     for ch in range(c):
@@ -120,18 +115,17 @@ def im2col(x, kh, kw, sh, sw, ph, pw, pad_value=0):
     (N, O, OH, OW) is the convolution.
     """
     n, c, h, wd = x.shape
-    oh = (h + 2 * ph - kh) // sh + 1
-    ow = (wd + 2 * pw - kw) // sw + 1
+    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
     cols = np.empty((c * kh * kw, n * oh * ow), x.dtype)
     buf = np.full((c, h + 2 * ph, wd + 2 * pw), pad_value, x.dtype)
     for i in range(n):
-        _pad_into(x, i, ph, pw, buf)
+        pad_into(x, i, ph, pw, buf)
         _im2col_fill(buf, kh, kw, sh, sw, oh, ow, cols, i * oh * ow, ow)
     return cols
 
 
 @njit(cache=True)
-def _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, n0, n1):
+def im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, n0, n1):
     """y[n] = conv(x[n]) + b for n0 <= n < n1, one GEMM per image (``packed``: the weights as
     ``gemm.pack_rows(w.reshape(O, K))``), then ReLU when ``relu``, then max pooling when pool =
     (kh, kw, sh, sw) is not all zeros -- both on the GEMM's output as it is stored.
@@ -145,7 +139,7 @@ def _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, n0, n1):
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     o = b.shape[0]
     hp, wp = h + 2 * ph, wd + 2 * pw
-    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    oh, ow = conv_output_size(hp, kh, sh), conv_output_size(wp, kw, sw)
     k = c * kh * kw
     window = sh == 1 and sw == 1
     row = wp if window else ow  # GEMM columns per output row
@@ -169,7 +163,7 @@ def _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, n0, n1):
         if in_place:
             data, base = flat, i * c * h * wd
         else:
-            _pad_into(x, i, ph, pw, padded[:c * hp * wp].reshape(c, hp, wp))
+            pad_into(x, i, ph, pw, padded[:c * hp * wp].reshape(c, hp, wp))
             data, base = padded, 0
             if not window:
                 _im2col_fill(padded[:c * hp * wp].reshape(c, hp, wp), kh, kw, sh, sw, oh, ow,
@@ -177,7 +171,7 @@ def _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, n0, n1):
                 data = patch
         gemm_packed(packed, b, data, base, offs, acc.reshape(o, -1), ncol_run)
         if pooled:  # max and relu commute: a ReLU is a floor of 0 on the maxima
-            _maxpool_images(acc, y[i:i + 1], pool[0], pool[1], pool[2], pool[3], floor, 0, 1)
+            maxpool_images(acc, y[i:i + 1], pool[0], pool[1], pool[2], pool[3], floor, 0, 1)
         else:
             for f in range(o):
                 for r in range(oh):
@@ -192,13 +186,13 @@ def _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, n0, n1):
 
 @njit(cache=True)
 def _im2col_batch(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu):
-    """``_im2col_images`` over the whole batch into a new array (allocated here: one dispatch less)."""
+    """``im2col_images`` over the whole batch into a new array (allocated here: one dispatch less)."""
     n, h, wd = x.shape[0], x.shape[2], x.shape[3]
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
     if pool[0] > 0:
-        oh, ow = (oh - pool[0]) // pool[2] + 1, (ow - pool[1]) // pool[3] + 1
+        oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[3])
     y = np.empty((n, b.shape[0], oh, ow), np.float32)
-    _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, 0, n)
+    im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, 0, n)
     return y
 
 
@@ -206,7 +200,7 @@ def _im2col_batch(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu):
 def _im2col_parallel(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, nchunks):
     n = x.shape[0]
     for t in prange(nchunks):
-        _im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, t * n // nchunks,
+        im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, t * n // nchunks,
                        (t + 1) * n // nchunks)
 
 
@@ -238,7 +232,7 @@ def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0):
     ``relu`` and ``pool`` = (kh, kw, sh, sw) apply ReLU and max pooling to the result in the same pass."""
     _, c, h, wd = x_shape
     o, _, kh, kw = w.shape
-    oh, ow = output_size(h, kh, sh, ph), output_size(wd, kw, sw, pw)
+    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
     k = c * kh * kw
     w2 = np.ascontiguousarray(w.reshape(o, k))
     if oh == 1 and ow == 1 and kh == h and kw == wd and ph == 0 and pw == 0:
@@ -255,8 +249,8 @@ def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0):
         pool = _NO_POOL if pool is None else pool
         if not _use_parallel(n, _PARALLEL_IMAGES):
             return _im2col_batch(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu)
-        qh, qw = (oh, ow) if pool[0] == 0 else (pooled_size(oh, pool[0], pool[2]),
-                                                 pooled_size(ow, pool[1], pool[3]))
+        qh, qw = (oh, ow) if pool[0] == 0 else (conv_output_size(oh, pool[0], pool[2]),
+                                                 conv_output_size(ow, pool[1], pool[3]))
         y = np.empty((n, o, qh, qw), np.float32)
         _im2col_parallel(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, numba.get_num_threads())
         return y
@@ -400,7 +394,7 @@ def _winograd_images(x, u, b, ph, pw, m, at, bt, y, n0, n1, group):
     for g0 in range(n0, n1, g_max):
         gn = min(g_max, n1 - g0)
         for g in range(gn):
-            _pad_into(x, g0 + g, ph, pw, buf)
+            pad_into(x, g0 + g, ph, pw, buf)
             for ch in range(c):
                 plane = buf[ch].reshape(hq * wq)
                 for i in range(a):
@@ -425,7 +419,7 @@ def _winograd_images(x, u, b, ph, pw, m, at, bt, y, n0, n1, group):
                         _axpy(acc, bt[f, j], tmp[e, j].reshape(c * ncol))
         mm[:] = 0.0
         for e in range(a * a):
-            _gemm_acc(u[e], v[e], rows, offs, 0, mm[e], 0, ncol, 0, c)
+            gemm_acc(u[e], v[e], rows, offs, 0, mm[e], 0, ncol, 0, c)
         for i in range(m):
             for f in range(a):
                 acc = z[i, f].reshape(o * ncol)
@@ -552,7 +546,7 @@ def fft_runner(x_shape, wf, kh, kw, sh=1, sw=1, ph=0, pw=0):
     if wf.shape != (o, c, nf):
         raise InputError(f"FFT weights of shape {wf.shape} do not fit input {tuple(x_shape)}; "
                          f"expected {(o, c, nf)}")
-    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    oh, ow = conv_output_size(hp, kh, sh), conv_output_size(wp, kw, sw)
 
     def run(x, b):
         n = x.shape[0]

@@ -9,10 +9,10 @@ bits on every x86-64 CPU with FMA, whatever vector width Numba compiles for:
   ``c`` in vector registers for the whole reduction and writes them once. ``a`` is packed once
   (``pack_rows``); the row of ``b`` used for ``k`` is ``data[offs[k] + j]`` -- an indirection that
   lets the convolution read its patch matrix as windows of the image itself (implicit im2col).
-  One fused multiply-add per k, in k order, from the bias: exactly ``_gemm_acc``'s arithmetic,
+  One fused multiply-add per k, in k order, from the bias: exactly ``gemm_acc``'s arithmetic,
   so the two give the same bits (tested), at about twice the speed (conv2 at batch 1: 61 vs 30
   GFLOP/s of multiply-adds).
-* ``_gemm_acc`` ("NN", plain Numba): ``c[i, :] += a[i, k] * b_row_k`` six rows and four ``k`` per
+* ``gemm_acc`` ("NN", plain Numba): ``c[i, :] += a[i, k] * b_row_k`` six rows and four ``k`` per
   pass, ``c`` read and written once per four ``k``; the Winograd products and ``sgemm`` (backward
   pass) use it.
 * ``window_dots`` / ``_gemm_nt`` ("NT", dot products): ``c[i, j] = a[i, :] . b_j`` on 4x4 blocks
@@ -39,7 +39,7 @@ _K_BLOCK = 256  # rows of b per pass: a 256 x 1024 block of b (1 MiB) stays in L
 
 
 @njit(cache=True, fastmath=_CONTRACT)
-def _gemm_acc(a, b, rows, offs, col0, c, ccol0, n, k0, k1):
+def gemm_acc(a, b, rows, offs, col0, c, ccol0, n, k0, k1):
     """c[i, ccol0:ccol0+n] += sum_{k0<=k<k1} a[i, k] * b[rows[k], offs[k]+col0 : ...+n] for all i.
 
     Rows of c go in passes of 6 (then 4, then 1): a pass of 6 rows x 4 k keeps 24 broadcast weights
@@ -129,7 +129,7 @@ def _weights6(a, i, k, k1):
 # -- register micro-kernel ----------------------------------------------------------------------
 # PACK_ROWS rows of c x (vectors x LANES) columns of accumulators stay in vector registers for the
 # whole reduction (16 of AVX-512's 32 registers, 8 of AVX2's 16), so c is written once instead of
-# being re-read every four k as in _gemm_acc: about twice its speed on LeNet's convolutions.
+# being re-read every four k as in gemm_acc: about twice its speed on LeNet's convolutions.
 PACK_ROWS = 8 if LANES == 16 else 4
 _STRIP_VECTORS = 2
 
@@ -159,7 +159,7 @@ def _make_register_kernel(vectors: int):
 
         out[r, j] = fma(w[n_k-1, r], data[off[n_k-1] + j], ... fma(w[0, r], data[off[0] + j], bias[r]))
 
-    -- one fused multiply-add per k in increasing k order, which is exactly what ``_gemm_acc``
+    -- one fused multiply-add per k in increasing k order, which is exactly what ``gemm_acc``
     computes, so the two agree bit for bit. Only rows r < ``rows`` are stored (the block's padding
     rows are computed from zero weights and dropped); bias is read at min(r, rows - 1)."""
     from llvmlite import ir
@@ -236,7 +236,7 @@ def pack_rows(a: np.ndarray) -> np.ndarray:
 @njit(cache=True)
 def gemm_packed(packed, b, data, base, offs, out, ncol):
     """out[i, j] = b[i] + sum_k a[i, k] * data[base + offs[k] + j] for i < out.shape[0], j < ncol,
-    where ``packed = pack_rows(a)``; the same indirection as ``_gemm_acc`` (implicit im2col windows),
+    where ``packed = pack_rows(a)``; the same indirection as ``gemm_acc`` (implicit im2col windows),
     with offs flattened into element offsets of the 1-D ``data``.
 
     Needs ncol >= LANES: a last partial strip is recomputed as the ncol - LANES.. window, which
@@ -281,7 +281,7 @@ def sgemm(a, b):
     for j0 in range(0, ncols, _COL_BLOCK):
         nb = min(_COL_BLOCK, ncols - j0)
         for k0 in range(0, kdim, _K_BLOCK):
-            _gemm_acc(a, b, rows, offs, j0, c, j0, nb, k0, min(k0 + _K_BLOCK, kdim))
+            gemm_acc(a, b, rows, offs, j0, c, j0, nb, k0, min(k0 + _K_BLOCK, kdim))
     return c
 
 

@@ -36,6 +36,7 @@ import numba
 import numpy as np
 from numba import njit
 
+from .shapes import conv_output_size
 from .simd import LANES, SIMD, register_loop, splat
 
 MODE_FIXEDPOINT = 0  # uint8 output, integer multiplier and shift
@@ -474,8 +475,8 @@ def _conv_images(x, x_zero_point, wbytes, bits, kh, kw, sh, sw, ph, pw, pkh, pkw
                  shift, fmult, mode, zero_point, lo, hi, out_q, out_f, n0, n1):
     n, c, h, w = x.shape
     n_out = bias.shape[0]
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    qh, qw = (oh - pkh) // psh + 1, (ow - pkw) // psw + 1
+    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
+    qh, qw = conv_output_size(oh, pkh, psh), conv_output_size(ow, pkw, psw)
     k = c * kh * kw
     layout, rows, offs, tap0, tap1 = conv_plan(c, kh, kw, sh, ow)
     hp = h + 2 * ph

@@ -4,13 +4,11 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-
-def pooled_size(size: int, k: int, s: int) -> int:
-    return (size - k) // s + 1
+from .shapes import conv_output_size
 
 
 @njit(cache=True)
-def _maxpool_images(x, out, kh, kw, sh, sw, floor, n0, n1):
+def maxpool_images(x, out, kh, kw, sh, sw, floor, n0, n1):
     """Max pooling of images n0..n1-1, never below ``floor`` (a fused ReLU when floor is 0)."""
     c, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     for i in range(n0, n1):
@@ -35,7 +33,7 @@ def _maxpool_images(x, out, kh, kw, sh, sw, floor, n0, n1):
 def _maxpool_parallel(x, out, kh, kw, sh, sw, floor, nchunks):
     n = x.shape[0]
     for t in prange(nchunks):
-        _maxpool_images(x, out, kh, kw, sh, sw, floor, t * n // nchunks, (t + 1) * n // nchunks)
+        maxpool_images(x, out, kh, kw, sh, sw, floor, t * n // nchunks, (t + 1) * n // nchunks)
 
 
 def maxpool2d(x, kh, kw, sh, sw, floor=None):
@@ -46,14 +44,14 @@ def maxpool2d(x, kh, kw, sh, sw, floor=None):
     threads; smaller ones run serially to keep the per-call cost low.
     """
     n, c, h, w = x.shape
-    out = np.empty((n, c, pooled_size(h, kh, sh), pooled_size(w, kw, sw)), dtype=x.dtype)
+    out = np.empty((n, c, conv_output_size(h, kh, sh), conv_output_size(w, kw, sw)), dtype=x.dtype)
     if floor is None:
         floor = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
     floor = x.dtype.type(floor)
     if n >= 32 and numba.get_num_threads() > 1:
         _maxpool_parallel(x, out, kh, kw, sh, sw, floor, numba.get_num_threads())
     else:
-        _maxpool_images(x, out, kh, kw, sh, sw, floor, 0, n)
+        maxpool_images(x, out, kh, kw, sh, sw, floor, 0, n)
     return out
 
 
@@ -61,7 +59,7 @@ def maxpool2d(x, kh, kw, sh, sw, floor=None):
 def maxpool2d_argmax(x, kh, kw, sh, sw):
     """Max pooling that also returns, per output, the flat index (y*W + x) of the winner for backward."""
     n, c, h, w = x.shape
-    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    oh, ow = conv_output_size(h, kh, sh), conv_output_size(w, kw, sw)
     out = np.empty((n, c, oh, ow), dtype=x.dtype)
     arg = np.empty((n, c, oh, ow), dtype=np.int32)
     for i in prange(n):
@@ -96,7 +94,7 @@ def maxpool2d_backward(dy, arg, h, w):
 @njit(cache=True, parallel=True)
 def avgpool2d(x, kh, kw, sh, sw):
     n, c, h, w = x.shape
-    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    oh, ow = conv_output_size(h, kh, sh), conv_output_size(w, kw, sw)
     out = np.empty((n, c, oh, ow), dtype=np.float32)
     inv = np.float32(1.0 / (kh * kw))
     for i in prange(n):

@@ -20,10 +20,11 @@ import numpy as np
 from numba import carray, njit, types
 from numba.core.extending import intrinsic
 
-from .conv import _im2col_images
+from .conv import im2col_images
 from .elementwise import relu, relu_inplace, softmax_rows
 from .gemm import PACK_ROWS, linear_forward
-from .pool import _maxpool_images
+from .pool import maxpool_images
+from .shapes import conv_output_size
 
 OP_CONV, OP_LINEAR, OP_RELU, OP_MAXPOOL, OP_SOFTMAX = 1, 2, 3, 4, 5
 
@@ -99,11 +100,11 @@ def run_program(x, ops):
             k = c * kh * kw
             packed = np.empty(((o + PACK_ROWS - 1) // PACK_ROWS, k, PACK_ROWS), np.float32)
             pack_weights(carray(_float_pointer(op[WEIGHT]), (o, k)), packed)
-            oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+            oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
             if pool[0] > 0:
-                oh, ow = (oh - pool[0]) // pool[2] + 1, (ow - pool[1]) // pool[3] + 1
+                oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[3])
             y = np.empty((n, o, oh, ow), np.float32)
-            _im2col_images(buf.reshape(n, c, h, w), packed, carray(_float_pointer(op[BIAS]), (o,)),
+            im2col_images(buf.reshape(n, c, h, w), packed, carray(_float_pointer(op[BIAS]), (o,)),
                            kh, kw, sh, sw, ph, pw, pool, op[RELU] != 0, y, 0, n)
             buf, c, h, w = y.reshape(-1), o, oh, ow
         elif code == OP_LINEAR:
@@ -117,7 +118,7 @@ def run_program(x, ops):
             oh, ow = (h - op[KH]) // op[SH] + 1, (w - op[KW]) // op[SW] + 1
             y = np.empty((n, c, oh, ow), np.float32)
             floor = np.float32(0.0) if op[RELU] != 0 else np.float32(-np.inf)
-            _maxpool_images(buf.reshape(n, c, h, w), y, op[KH], op[KW], op[SH], op[SW], floor, 0, n)
+            maxpool_images(buf.reshape(n, c, h, w), y, op[KH], op[KW], op[SH], op[SW], floor, 0, n)
             buf, h, w = y.reshape(-1), oh, ow
         elif code == OP_SOFTMAX:
             buf = softmax_rows(buf.reshape(n, c * h * w)).reshape(-1)

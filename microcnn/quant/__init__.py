@@ -10,8 +10,9 @@ Typical use::
 """
 
 from .analysis import layer_error_table, per_layer_table, sqnr_db
-from .calibrate import Calibration, calibrate
+from .calibrate import Calibration, calibrate, load_calibration
 from .compress import CompressedModel, compress
+from .loading import load_model
 from .mixed import MixedPrecisionResult, mixed_precision
 from .observers import (
                         EntropyObserver,
@@ -24,14 +25,14 @@ from .observers import (
                         make_observer,
 )
 from .params import ActQuant, fixed_point_multiplier, qparams_from_range
+from .precision import PRECISIONS, Precision, build_precision, parse_precision
 from .qnetwork import QuantizedSequential
 from .quantize import quantize
-from .serialize import load_calibration
 
 __all__ = [
-    "ActQuant", "Calibration", "CompressedModel", "EntropyObserver", "HistogramObserver", "MSEObserver",
-    "MinMaxObserver", "MixedPrecisionResult", "MovingAverageMinMaxObserver", "Observer", "PercentileObserver",
-    "QuantizedSequential", "calibrate", "compress", "fixed_point_multiplier", "layer_error_table",
-    "load_calibration", "make_observer", "mixed_precision", "per_layer_table", "qparams_from_range",
-    "quantize", "sqnr_db",
+    "PRECISIONS", "ActQuant", "Calibration", "CompressedModel", "EntropyObserver", "HistogramObserver",
+    "MSEObserver", "MinMaxObserver", "MixedPrecisionResult", "MovingAverageMinMaxObserver", "Observer",
+    "PercentileObserver", "Precision", "QuantizedSequential", "build_precision", "calibrate", "compress",
+    "fixed_point_multiplier", "layer_error_table", "load_calibration", "load_model", "make_observer",
+    "mixed_precision", "parse_precision", "per_layer_table", "qparams_from_range", "quantize", "sqnr_db",
 ]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from ..kernels import integer as ki
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
@@ -46,6 +49,8 @@ def layer_error_table(net, qnet, images) -> pd.DataFrame:
     """Per stage (fused layers share a row, named like ``conv1+relu1+pool1``): MSE and SQNR (dB) of its
     output against the FP32 network's output of the group's last layer, both cumulative (the quantized
     network end to end) and local (the stage alone, fed the FP32 activations)."""
+    import pandas as pd  # imported on use: `import microcnn.quant` stays light
+
     x = net.check_input(images)
     reference = net.trace(x)
     quantized = qnet.trace(x)
@@ -77,6 +82,8 @@ def per_layer_table(net, calibration, images, repeats: int = 3, int4_act_bits: i
     following ReLU and max pooling are fused into it: the stage time is on the convolution's row, the
     fused rows show 0, and the MSE (cumulative, vs FP32) is on the last layer of the group (NaN before).
     """
+    import pandas as pd
+
     from .quantize import quantize
 
     x = net.check_input(images)

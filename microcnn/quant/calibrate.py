@@ -11,8 +11,7 @@ import numpy as np
 from ..errors import InputError
 from .observers import OBSERVERS, Observer, make_observer
 from .params import ActQuant, check_bits
-
-INPUT = "input"  # name of the network-input tensor; layer outputs use the layer names (conv1, relu1, ...)
+from .serialize import INPUT, read_calibration, save_calibration
 
 
 class Calibration:
@@ -74,15 +73,13 @@ class Calibration:
         return pd.DataFrame(rows)
 
     def save(self, path) -> None:
-        from .serialize import save_calibration
-
+        """Write the observers' state and the calibration images (``Calibration.load`` reads them)."""
         save_calibration(self, path)
 
     @staticmethod
     def load(path, net=None) -> Calibration:
-        from .serialize import load_calibration
-
-        return load_calibration(path, net)
+        """Read a calibration file; with ``net``, refuse one made for another architecture."""
+        return Calibration(*read_calibration(path, net))
 
     def __repr__(self):
         return f"Calibration(method={self.method!r}, samples={self.samples}, tensors={len(self.observers)})"
@@ -133,3 +130,8 @@ def calibrate(net, images, method: str = "mse", samples: int = 100, progress: bo
             a = layer.forward(a)
             observers[name].observe(a)
     return Calibration(method, observers, json.loads(json.dumps(net.config())), x.copy(), seed)
+
+
+def load_calibration(path, net=None) -> Calibration:
+    """``Calibration.load(path, net)``."""
+    return Calibration.load(path, net)

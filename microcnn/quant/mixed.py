@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from ..errors import InputError
 from ..layers import Conv2d, Linear
@@ -14,9 +14,15 @@ from .quantize import quantize
 
 LADDER = (4, 8, 32)  # weight bits, cheapest first
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 @dataclass
 class MixedPrecisionResult:
+    """What ``mixed_precision`` chose: the quantized network, the per-layer table, its accuracy and
+    bytes next to the FP32 network's."""
+
     network: object  # QuantizedSequential
     table: pd.DataFrame
     accuracy: float
@@ -50,6 +56,8 @@ def mixed_precision(net, calibration, images, labels, budget_points: float = 0.1
     The table has one row per layer with weights: Layer, Type, Parameters, INT4 Drop (pts),
     INT8 Drop (pts), Precision, Bytes, FP32 Bytes, Saved Bytes.
     """
+    import pandas as pd  # imported on use: `import microcnn.quant` stays light
+
     labels = np.asarray(labels)
     if budget_points < 0:
         raise InputError(f"budget_points: expected >= 0, found {budget_points}")

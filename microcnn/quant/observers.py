@@ -71,6 +71,8 @@ class Observer:
 
 
 class MinMaxObserver(Observer):
+    """The range of every value seen: [min, max] over all observed batches."""
+
     kind = "minmax"
 
     def __init__(self, tensor: str = "tensor"):

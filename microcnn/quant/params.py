@@ -60,16 +60,20 @@ def qparams_from_range(lo, hi, bits: int, symmetric: bool, signed: bool, name: s
         scale = np.maximum(-lo, hi) / qmax  # signed: [-qmax, qmax] is used, qmin only after clipping
         zero_point = np.zeros(scale.shape, np.int64)
     else:
-        scale = (hi - lo) / (qmax - qmin)
+        with np.errstate(over="ignore"):  # hi - lo beyond float64: refused below
+            scale = (hi - lo) / (qmax - qmin)
         with np.errstate(divide="ignore", invalid="ignore"):
             zero_point = np.clip(np.round(qmin - lo / scale), qmin, qmax)
         zero_point = np.where(scale > 0, zero_point, 0).astype(np.int64)
-    if (scale <= 0).any() or not np.isfinite(scale).all():
+    if (scale <= 0).any():
         bad = np.flatnonzero(np.atleast_1d(scale <= 0))
         raise InputError(f"{name}: zero range (lo = hi = {float(np.atleast_1d(lo)[bad[0]]):g}"
                          + (f" in channel {int(bad[0])}" if scale.ndim else "")
                          + "): no scale can represent it; calibrate on varied data")
-    scale32 = scale.astype(np.float32)
+    with np.errstate(over="ignore"):
+        scale32 = scale.astype(np.float32)
+    if not np.isfinite(scale32).all():  # beyond float32's range
+        raise InputError(f"{name}: range too wide for a float32 scale (lo={lo}, hi={hi})")
     if (scale32 == 0).any():  # below float32's range
         raise InputError(f"{name}: range too small for a float32 scale (span {float(np.min(hi - lo)):g})")
     return (scale32 if scale.ndim else np.float32(scale32)), (

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..checks import int_pair
 from ..errors import InputError
 from ..kernels import integer as ki
 from ..kernels import pool
 from ..kernels.elementwise import all_finite
-from ..layers import MaxPool2d, _pair
+from ..kernels.shapes import conv_output_size
+from ..layers import MaxPool2d
 from .params import ActQuant, fixed_point_multiplier
 
 REQUANT_MODES = {"fixedpoint": ki.MODE_FIXEDPOINT, "float": ki.MODE_FLOAT}
@@ -22,6 +24,9 @@ ACC_LIMIT = 2**31 - 1
 
 
 class Stage:
+    """One step of a ``QuantizedSequential``: runs one or several fused FP32 layers (``layers``) on
+    integer or real input, with the output quantization ``out_act`` (None: real-valued output)."""
+
     kind = "stage"
     stores_act = False  # whether out_act is stored by this stage (else inherited from the input)
 
@@ -242,7 +247,7 @@ class QConv2d(QWeighted):
         super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant)
         if len(self.weight_shape) != 4:
             raise InputError(f"conv weight: expected (O, C, KH, KW), found {self.weight_shape}")
-        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
+        self.stride, self.padding = int_pair(stride, "stride"), int_pair(padding, "padding")
         if min(self.stride) < 1 or min(self.padding) < 0:
             raise InputError(f"qconv2d: expected stride >= 1 and padding >= 0, found {self.stride}, "
                              f"{self.padding}")
@@ -264,8 +269,8 @@ class QConv2d(QWeighted):
         o, _, kh, kw = self.weight_shape
         (sh, sw), (ph, pw) = self.stride, self.padding
         pkh, pkw = (1, 1) if self.pool is None else self.pool[0]
-        if h + 2 * ph < kh or w + 2 * pw < kw or (h + 2 * ph - kh) // sh + 1 < pkh or \
-                (w + 2 * pw - kw) // sw + 1 < pkw:
+        oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
+        if h + 2 * ph < kh or w + 2 * pw < kw or oh < pkh or ow < pkw:
             raise InputError(f"qconv2d {self.layers}: input {x.shape} is smaller than the kernel {(kh, kw)} "
                              f"(padding {self.padding}, stride {self.stride}, pool {self.pool})")
         if self.pool is None and (kh, kw) == (h, w) and (ph, pw) == (0, 0):
@@ -275,9 +280,8 @@ class QConv2d(QWeighted):
             ki.qlinear(x.reshape(n, -1), self.in_act.zero_point, self.weight_bytes, self.weight_bits,
                        self.bias_q, self.m0, self.shift, fmult, mode, self.zp, lo, hi, q, f)
             return (f if mode == ki.MODE_DEQUANT else q).reshape(n, o, 1, 1)
-        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
         pool = (1, 1, 1, 1) if self.pool is None else (*self.pool[0], *self.pool[1])
-        oh, ow = (oh - pool[0]) // pool[2] + 1, (ow - pool[1]) // pool[3] + 1
+        oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[3])
         q, f = self._outputs((n, o, oh, ow), mode)
         ki.qconv2d(x, self.in_act.zero_point, self.weight_bytes, self.weight_bits, (kh, kw), self.stride,
                    self.padding, pool, self.bias_q, self.m0, self.shift, fmult, mode, self.zp, lo, hi, q, f)
@@ -285,6 +289,8 @@ class QConv2d(QWeighted):
 
 
 class QLinear(QWeighted):
+    """A Linear layer (and a following ReLU) on quantized input with integer weights."""
+
     kind = "qlinear"
 
     def __init__(self, layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu,

@@ -11,6 +11,7 @@ from ..errors import InputError
 from ..kernels.elementwise import all_finite
 from ..network import LayerTrace, Sequential
 from .qlayers import FloatStage, QWeighted, Stage, refuse_nonfinite
+from .serialize import save_quantized
 
 
 def _refuse_nonfinite_input(x) -> None:
@@ -119,6 +120,4 @@ class QuantizedSequential:
 
     def save(self, path) -> None:
         """Write a self-describing file that ``microcnn.load`` reads back."""
-        from .serialize import save_quantized
-
         save_quantized(self, path)

@@ -22,6 +22,7 @@ KIND_QUANTIZED = "quantized"
 KIND_CALIBRATION = "calibration"
 COMPRESSED_KINDS = ("compressed-int8", "compressed-fp16")
 MODEL_KINDS = ("fp32", KIND_QUANTIZED, *COMPRESSED_KINDS)
+INPUT = "input"  # name of the network-input tensor; layer outputs use the layer names (conv1, relu1, ...)
 
 
 def _meta(kind: str, architecture: dict, **extra) -> dict:
@@ -48,23 +49,11 @@ def save_quantized(qnet, path) -> None:
 
 
 def refuse_kind(path, kind):
-    """A file ``load_model`` cannot rebuild: a calibration file (with advice) or an unknown kind."""
+    """A file ``microcnn.load`` cannot rebuild: a calibration file (with advice) or an unknown kind."""
     if kind == KIND_CALIBRATION:
         raise FileFormatError(path, "this is a calibration file, not a model; load it with "
                               "microcnn.quant.Calibration.load(path, net)", "a model", "kind=calibration")
     raise FileFormatError(path, "unknown model kind", MODEL_KINDS, kind)
-
-
-def load_from_tensors(tensors: dict, metadata: dict, arch: dict, path):
-    """Rebuild the model of a non-FP32 file (called by ``microcnn.io.load_model``)."""
-    kind = metadata.get("kind")
-    if kind == KIND_QUANTIZED:
-        return _load_quantized(tensors, metadata, arch, path)
-    if kind in COMPRESSED_KINDS:
-        from .compress import CompressedModel
-
-        return CompressedModel.from_tensors(tensors, kind, arch, path)
-    refuse_kind(path, kind)
 
 
 class _Reader:
@@ -117,9 +106,9 @@ INTEGER_INPUT = ("dequantize", "qconv2d", "qlinear", "qmaxpool2d", "qrelu")  # n
 FLOAT_INPUT = ("quantize", "float")  # need a real-valued input
 
 
-def _load_quantized(tensors, metadata, arch, path):
-    from .qnetwork import QuantizedSequential
-
+def read_quantized(tensors: dict, metadata: dict, arch: dict, path) -> tuple[list, dict]:
+    """The stages and settings of a quantized file, every stage checked against the architecture and
+    the tensors (``QuantizedSequential(stages, arch, settings)`` is the model)."""
     specs = _json(path, metadata, "stages")
     settings = _json(path, metadata, "settings")
     if not isinstance(specs, list) or not isinstance(settings, dict):
@@ -169,7 +158,7 @@ def _load_quantized(tensors, metadata, arch, path):
                                   f"stage {len(specs) - 1} ({specs[-1].get('kind')})")
         reader.finish()
         _check_settings(path, settings, stages, layers_cfg)
-        return QuantizedSequential(stages, arch, settings)
+        return stages, settings
     except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
         if isinstance(exc, FileFormatError):
             raise
@@ -390,16 +379,16 @@ def _check_observer_state(path, tensor, kind, state) -> None:
                                      total)
 
 
-def load_calibration(path, net=None):
-    """Read a calibration file; with ``net``, refuse one made for another architecture. Every field of
-    the metadata is checked and bounded, and every tensor's name, dtype and shape compared with what
-    the observers need, before any tensor is read or any observer allocated."""
+def read_calibration(path, net=None) -> tuple:
+    """Read a calibration file: ``(method, observers, architecture, images, seed)``, the arguments of
+    ``Calibration``. With ``net``, refuse one made for another architecture. Every field of the metadata
+    is checked and bounded, and every tensor's name, dtype and shape compared with what the observers
+    need, before any tensor is read or any observer allocated."""
     from collections import OrderedDict
     from types import SimpleNamespace
 
-    from ..io import _architecture
+    from ..io import architecture_of
     from ..network import layer_names
-    from .calibrate import INPUT, Calibration
     from .observers import OBSERVERS
 
     with SafetensorsFile(path) as st:
@@ -407,7 +396,7 @@ def load_calibration(path, net=None):
         if metadata.get("kind") != KIND_CALIBRATION:
             raise FileFormatError(path, "not a calibration file", f"kind={KIND_CALIBRATION}",
                                   f"kind={metadata.get('kind')}")
-        arch = _architecture(path, metadata)
+        arch = architecture_of(path, metadata)
         types = [c.get("type") for c in arch["layers"]]
         if not all(isinstance(t, str) for t in types):
             raise _calibration_field(path, "architecture.layers", "expected a type name per layer", types)
@@ -451,4 +440,4 @@ def load_calibration(path, net=None):
         except InputError as exc:
             raise _calibration_field(path, f"observer {tensor}", str(exc), params) from None
         observers[tensor] = obs
-    return Calibration(method, observers, arch, tensors["images"], seed)
+    return method, observers, arch, tensors["images"], seed

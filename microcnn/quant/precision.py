@@ -1,0 +1,118 @@
+"""The precision vocabulary: one name per (weight bits, activation bits) pair, used by the command line,
+the benchmarks, the comparison with other systems and the analysis tables.
+
+Names: ``fp32``; ``int8`` (= ``w8a8``); ``w4a8``; ``int4`` (= ``w4a4``, 4-bit weights *and*
+activations, as in the reference tool). Any other pair is spelled ``wXaY`` (``w8a4``). Names are
+case-insensitive. Nothing here imports more than the standard library until a model is built.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+FLOAT_BITS = 32
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a model computes in: ``weight_bits``-bit weights and ``act_bits``-bit activations.
+
+    Args:
+        name: the canonical lower-case name (``"int8"``, ``"w4a8"``, ``"w8a4"``, ``"fp32"``).
+        weight_bits, act_bits: bit widths; 32 and 32 mean FP32 (nothing quantized).
+        aliases: other accepted spellings.
+
+    Example::
+
+        >>> parse_precision("W4A4")
+        Precision(name='int4', weight_bits=4, act_bits=4, aliases=('w4a4',))
+        >>> parse_precision("int4").label
+        'W4A4'
+    """
+
+    name: str
+    weight_bits: int
+    act_bits: int
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight_bits == FLOAT_BITS and self.act_bits == FLOAT_BITS
+
+    @property
+    def label(self) -> str:
+        """Table label: ``FP32``, ``INT8``, else ``W{w}A{a}`` (``W4A4`` for ``int4``: no ambiguity)."""
+        if self.is_float or self.name == "int8":
+            return self.name.upper()
+        return f"W{self.weight_bits}A{self.act_bits}"
+
+
+FP32 = Precision("fp32", FLOAT_BITS, FLOAT_BITS)
+# The named precisions, in table order; the command line offers exactly these.
+PRECISIONS: dict[str, Precision] = {p.name: p for p in (
+    FP32,
+    Precision("int8", 8, 8, aliases=("w8a8",)),
+    Precision("w4a8", 4, 8),
+    Precision("int4", 4, 4, aliases=("w4a4",)),
+)}
+QUANTIZED_PRECISIONS = tuple(name for name, p in PRECISIONS.items() if not p.is_float)
+_BY_BITS = {(p.weight_bits, p.act_bits): p for p in PRECISIONS.values()}
+_WXAY = re.compile(r"w(\d{1,2})a(\d{1,2})")
+
+
+def precision_of_bits(weight_bits: int, act_bits: int) -> Precision:
+    """The precision of a bit-width pair: a named one (``(4, 4)`` is ``int4``) or ``wXaY``."""
+    found = _BY_BITS.get((weight_bits, act_bits))
+    return found if found is not None else Precision(f"w{weight_bits}a{act_bits}", weight_bits, act_bits)
+
+
+def parse_precision(text: str) -> Precision:
+    """A precision from its name, an alias or a ``wXaY`` spelling (case and surrounding blanks ignored).
+
+    Raises:
+        InputError: for anything else (the message lists the names).
+    """
+    key = str(text).strip().lower()
+    for p in PRECISIONS.values():
+        if key == p.name or key in p.aliases:
+            return p
+    match = _WXAY.fullmatch(key)
+    if match:
+        return precision_of_bits(int(match[1]), int(match[2]))
+    raise InputError(f"precision: expected one of {', '.join(PRECISIONS)} or wXaY, found {text!r}")
+
+
+def stored_precision(model) -> Precision | None:
+    """The precision a quantized model (read from a file or built here) computes in, from its own
+    ``settings``; None for a model that computes in FP32 (plain or storage-compressed)."""
+    settings = getattr(model, "settings", None)
+    if not settings:
+        return None
+    return precision_of_bits(settings.get("weight_bits"), settings.get("act_bits"))
+
+
+def precision_of(model) -> Precision:
+    """What ``model`` computes in, read from the model itself (never from how it was asked for)."""
+    return stored_precision(model) or FP32
+
+
+def build_precision(net, precision: str | Precision, calibration=None):
+    """The model that runs ``precision``: the FP32 ``net`` itself, or a copy quantized with
+    ``calibration`` (a ``microcnn.quant.Calibration``) at the precision's bit widths.
+
+    Example::
+
+        >>> int4 = build_precision(net, "int4", calibrate(net, images))   # W4A4
+    """
+    if isinstance(precision, str):
+        if precision not in PRECISIONS:
+            raise InputError(f"precision: expected one of {tuple(PRECISIONS)}, found {precision!r}")
+        precision = PRECISIONS[precision]
+    if precision.is_float:
+        return net
+    from .quantize import quantize
+
+    return quantize(net, calibration, weight_bits=precision.weight_bits, act_bits=precision.act_bits)
