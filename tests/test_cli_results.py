@@ -11,8 +11,9 @@ import pytest
 
 from microcnn import cli
 from microcnn.datasets import load_mnist
-from microcnn.errors import MicrocnnError
+from microcnn.errors import InputError, MicrocnnError
 from microcnn.lenet import lenet
+from microcnn.resolve import first
 
 
 def run(capsys, *argv):
@@ -28,14 +29,14 @@ def test_split():
 
 def test_first_takes_exactly_n_and_refuses_more_than_the_split_has():
     images, labels = np.arange(10).reshape(5, 2), np.array([3, 1, 4, 1, 5])
-    got = cli._first(images, labels, 3, "toy")
+    got = first(images, labels, 3, "toy")
     np.testing.assert_array_equal(got[0], images[:3])
     np.testing.assert_array_equal(got[1], labels[:3])
-    assert cli._first(images, labels, None, "toy")[0] is images
-    assert len(cli._first(images, labels, 5, "toy")[1]) == 5  # all of them: allowed
+    assert first(images, labels, None, "toy")[0] is images
+    assert len(first(images, labels, 5, "toy")[1]) == 5  # all of them: allowed
     message = r"--calibration: expected at most 5 \(the toy split's size\), found 6"
-    with pytest.raises(MicrocnnError, match=message):
-        cli._first(images, labels, 6, "toy", "--calibration")
+    with pytest.raises(InputError, match=message):
+        first(images, labels, 6, "toy", "--calibration")
 
 
 @pytest.mark.parametrize(("settings", "expected"), [
