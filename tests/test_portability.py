@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from microcnn.kernels import linalg
-from microcnn.kernels.gemm import DOT_LANES, linear_forward, window_dots
+from microcnn.kernels.gemm import linear_forward, window_dots
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "microcnn"
@@ -28,12 +28,13 @@ def fixed_order_dot(x: np.ndarray, y: np.ndarray) -> np.float32:
     """The order ``gemm._make_dot_kernel`` promises, in NumPy: lane l takes k = l, l + 8, ... by fused
     multiply-adds (the float32 product is exact in float64; the float64 sum rounded to float32 is the
     FMA's single rounding except in double-rounding cases of probability ~2**-29), then lanes (l, l+4),
-    (l, l+2), (0, 1) are added."""
-    lanes = [np.float32(0.0)] * DOT_LANES
+    (l, l+2), (0, 1) are added. The 8 is the documented order, not ``gemm.DOT_LANES``: a changed constant
+    changes the bits and must be caught."""
+    lanes = [np.float32(0.0)] * 8
     for k in range(len(x)):
-        lane = k % DOT_LANES
+        lane = k % 8
         lanes[lane] = np.float32(np.float64(x[k]) * np.float64(y[k]) + np.float64(lanes[lane]))
-    width = DOT_LANES
+    width = 8
     while width > 1:
         width //= 2
         lanes = [np.float32(lanes[i] + lanes[i + width]) for i in range(width)]

@@ -23,6 +23,7 @@ class Mutant(NamedTuple):
 POOL, CONV, INT = "microcnn/kernels/pool.py", "microcnn/kernels/conv.py", "microcnn/kernels/integer.py"
 ELEM, PROG, BACK = "microcnn/kernels/elementwise.py", "microcnn/kernels/program.py", "microcnn/kernels/backward.py"
 GEMM, SHAPES = "microcnn/kernels/gemm.py", "microcnn/kernels/shapes.py"
+LINALG, SIMD = "microcnn/kernels/linalg.py", "microcnn/kernels/simd.py"
 
 T = "tests/"
 NS, TS = T + "test_pool_nonsquare.py", T + "test_ties_shapes_state.py"
@@ -43,6 +44,17 @@ PROG_TESTS = (NS + "::test_sequential_paths_pool_nonsquare", NS + "::test_progra
               NS + "::test_program_never_overwrites_the_callers_input", T + "test_engine.py")
 BACK_TESTS = (TS + "::test_conv_gradients_non_square", T + "test_autograd.py")
 GEMM_TESTS = (T + "test_gemm.py",)
+PORT, EXACT = T + "test_portability.py", T + "test_kernels_exact.py"
+DOT_TESTS = (PORT + "::test_linear_forward_sums_in_the_fixed_order",
+             PORT + "::test_window_dots_accumulates_onto_existing_values_in_the_fixed_order",
+             EXACT + "::test_linear_forward_relu_clamps_only_when_asked", T + "test_gemm.py")
+SAME_TESTS = (EXACT + "::test_same_bits_sees_a_difference_in_any_position",
+              EXACT + "::test_same_bits_compares_bits_not_values",
+              EXACT + "::test_same_bits_refuses_different_sizes_with_the_same_leading_dimension")
+LINALG_TESTS = (PORT + "::test_fixed_order_linear_algebra_matches_numpy", EXACT)
+SIMD_TESTS = (EXACT + "::test_cache_folder_is_inside_numba_cache_dir_and_keyed_on_the_width",
+              EXACT + "::test_microcnn_simd_can_only_lower_the_hardware_width",
+              PORT + "::test_numba_cache_folder_follows_every_kernel_source")
 
 MUTANTS = [
     # -- pool.py -------------------------------------------------------------------------------------------
@@ -241,20 +253,22 @@ MUTANTS = [
     Mutant("prog-01", PROG, "oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[3])",
            "oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[2])", PROG_TESTS,
            "pooled width with the vertical stride"),
-    Mutant("prog-02", PROG, "oh, ow = (h - op[1]) // op[3] + 1, (w - op[2]) // op[4] + 1",
-           "oh, ow = (h - op[1]) // op[3] + 1, (w - op[2]) // op[3] + 1", PROG_TESTS,
+    Mutant("prog-02", PROG, "oh, ow = (h - op[KH]) // op[SH] + 1, (w - op[KW]) // op[SW] + 1",
+           "oh, ow = (h - op[KH]) // op[SH] + 1, (w - op[KW]) // op[SH] + 1", PROG_TESTS,
            "OP_MAXPOOL width with the vertical stride"),
-    Mutant("prog-03", PROG, "y, op[1], op[2], op[3], op[4], floor, 0, n)", "y, op[1], op[2], op[4], op[3], floor, 0, n)",
+    Mutant("prog-03", PROG, "y, op[KH], op[KW], op[SH], op[SW], floor, 0, n)", "y, op[KH], op[KW], op[SW], op[SH], floor, 0, n)",
            PROG_TESTS, "OP_MAXPOOL strides swapped"),
-    Mutant("prog-04", PROG, "floor = np.float32(0.0) if op[5] != 0 else np.float32(-np.inf)",
+    Mutant("prog-04", PROG, "floor = np.float32(0.0) if op[RELU] != 0 else np.float32(-np.inf)",
            "floor = np.float32(-np.inf)", PROG_TESTS, "OP_MAXPOOL ignores its fused ReLU"),
-    Mutant("prog-05", PROG, "pool = (op[7], op[8], op[9], op[10])", "pool = (op[7], op[8], op[10], op[9])", PROG_TESTS,
+    Mutant("prog-05", PROG, "pool = (op[POOL], op[POOL + 1], op[POOL + 2], op[POOL + 3])",
+           "pool = (op[POOL], op[POOL + 1], op[POOL + 3], op[POOL + 2])", PROG_TESTS,
            "OP_CONV pool strides read in the wrong order"),
-    Mutant("prog-06", PROG, "kh, kw, sh, sw, ph, pw = op[1], op[2], op[3], op[4], op[5], op[6]",
-           "kh, kw, sh, sw, ph, pw = op[1], op[2], op[3], op[4], op[6], op[5]", PROG_TESTS,
+    Mutant("prog-06", PROG, "kh, kw, sh, sw, ph, pw = op[KH], op[KW], op[SH], op[SW], op[PH], op[PW]",
+           "kh, kw, sh, sw, ph, pw = op[KH], op[KW], op[SH], op[SW], op[PW], op[PH]", PROG_TESTS,
            "OP_CONV padding read in the wrong order"),
-    Mutant("prog-07", PROG, "arena[op[5]:op[5] + fout], op[3] != 0)", "arena[op[4]:op[4] + fout], op[3] != 0)",
-           PROG_TESTS, "OP_LINEAR bias read from the weights' offset"),
+    Mutant("prog-07", PROG, "carray(_float_pointer(op[BIAS]), (fout,)), op[RELU] != 0)",
+           "carray(_float_pointer(op[WEIGHT]), (fout,)), op[RELU] != 0)", PROG_TESTS,
+           "OP_LINEAR bias read from the weights' address (copy-paste of the line above)"),
     Mutant("prog-08", PROG, "buf = relu_inplace(buf) if owned else relu(buf)", "buf = relu_inplace(buf)", PROG_TESTS,
            "a leading ReLU clamps the caller's array in place"),
     Mutant("prog-09", PROG, "oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)",
@@ -286,4 +300,81 @@ MUTANTS = [
            GEMM_TESTS, "row guard off by one in the 6-row weight loader",
            equivalent="rows i+4 and i+5 are only used by the 6-row pass, which runs when i + 6 <= m: the guard "
                       "is always true there; the 4-row pass discards them"),
+    # -- gemm.py: the fixed-order dot-product kernel (IR) and its driver ------------------------------------
+    Mutant("dot-01", GEMM, "DOT_LANES = 8", "DOT_LANES = 4", DOT_TESTS,
+           "lane count changed (e.g. to match AVX's 4 doubles): portable, but not the documented order"),
+    Mutant("dot-02", GEMM, "tail0 = builder.mul(n_vec, ir.Constant(i64, DOT_LANES))", "tail0 = n_vec", DOT_TESTS,
+           "remainder starts at the vector count instead of vectors x lanes"),
+    Mutant("dot-03", GEMM, "accs = register_loop(builder, builder.sub(n_k, tail0), accs, tail_step, \"dottail\")",
+           "accs = register_loop(builder, builder.sub(builder.sub(n_k, tail0), ir.Constant(i64, 1)), accs, tail_step, \"dottail\")",
+           DOT_TESTS, "remainder loop one short (last k dropped)"),
+    Mutant("dot-04", GEMM, "lane32 = builder.trunc(lane, i32)", "lane32 = ir.Constant(i32, 0)", DOT_TESTS,
+           "every remainder product added into lane 0 (another summation order)"),
+    Mutant("dot-05", GEMM, "list(range(width, 2 * width))))", "list(range(2 * width - 1, width - 1, -1))))",
+           DOT_TESTS, "combination tree pairs lane l with its mirror instead of l + width"),
+    Mutant("dot-06", GEMM, "    while width > 1:\n        width //= 2\n        undef",
+           "    while width > 2:\n        width //= 2\n        undef", DOT_TESTS,
+           "combination tree stops one level early (lanes 1, 3, 5, 7 lost)"),
+    Mutant("dot-07", GEMM, "_dot_column_add = _make_dot_kernel(DOT_ROWS, 1, True)",
+           "_dot_column_add = _make_dot_kernel(DOT_ROWS, 1, False)", DOT_TESTS,
+           "copy-paste: the accumulating 4x1 kernel overwrites"),
+    Mutant("dot-08", GEMM, "rows = DOT_ROWS if m - i >= DOT_ROWS else 1", "rows = DOT_ROWS if m - i > DOT_ROWS else 1",
+           DOT_TESTS, "block guard off by one",
+           equivalent="a last block of exactly 4 rows runs as 4 single rows: every dot product is summed in the "
+                      "same fixed order whatever the blocking (the point of the kernel), so the bits are equal"),
+    Mutant("dot-09", GEMM, "elif n - j >= 2 * DOT_COLS:", "elif n - j >= DOT_COLS:", DOT_TESTS,
+           "1x8 row kernel used for 4..7 remaining columns: reads offsets and writes outputs past the end"),
+    Mutant("dot-10", GEMM, "sa, sc = a.strides[0] // 4, c.strides[0] // 4", "sa, sc = a.strides[0] // 4, a.strides[0] // 4",
+           DOT_TESTS, "output row stride taken from the input (equal only when K == N)"),
+    Mutant("dot-11", GEMM, "oj, cj = o0 + 8 * j, ci + 4 * j", "oj, cj = o0 + 4 * j, ci + 4 * j", DOT_TESTS,
+           "int64 offsets addressed with the float32 element size"),
+    Mutant("dot-12", GEMM, "window_dots(a, bt.reshape(-1), np.arange(bt.shape[0]) * kdim, c, False)",
+           "window_dots(a, bt.reshape(-1), np.arange(bt.shape[0]) * bt.shape[0], c, False)", DOT_TESTS,
+           "weight rows offset by N instead of K (a transposed shape)"),
+    Mutant("dot-13", GEMM, "row[j] = np.float32(0.0) if relu and v < 0 else v", "row[j] = np.float32(0.0) if v < 0 else v",
+           DOT_TESTS, "the dense layer's ReLU applied whether asked or not"),
+    Mutant("dot-14", GEMM, "v = row[j] + b[j]", "v = row[j] + b[i]", DOT_TESTS, "bias indexed by the sample"),
+    # -- elementwise.same_bits (the conv prepared-weight cache check) -----------------------------------------
+    Mutant("same-01", ELEM, "diff |= x[i] ^ y[i]", "diff = x[i] ^ y[i]", SAME_TESTS,
+           "accumulator overwritten: only the last element's difference counts"),
+    Mutant("same-02", ELEM, "    for i in range(x.size):\n        diff |=", "    for i in range(x.size - 1):\n        diff |=",
+           SAME_TESTS, "loop misses the last element"),
+    Mutant("same-03", ELEM, "if a.size != b.size:", "if a.shape[0] != b.shape[0]:", SAME_TESTS,
+           "length check on the leading dimension only"),
+    # -- linalg.py -------------------------------------------------------------------------------------------
+    Mutant("lin-01", LINALG, "for b in range(a, k):", "for b in range(a + 1, k):", LINALG_TESTS,
+           "Gram matrix loses its diagonal"),
+    Mutant("lin-02", LINALG, "g[a, b] = g[b, a]", "g[b, a] = g[a, b]", LINALG_TESTS,
+           "mirror copies the (zero) lower triangle over the upper one"),
+    Mutant("lin-03", LINALG, "if xa != 0.0:", "if xa > 0.0:", LINALG_TESTS, "zero skip also skips negative entries"),
+    Mutant("lin-04", LINALG, "s -= lo[i, k] * lo[j, k]", "s -= lo[i, k] * lo[k, j]", LINALG_TESTS,
+           "Cholesky reads the factor transposed (upper triangle: zeros)"),
+    Mutant("lin-05", LINALG, "if not s > 0.0:", "if s < 0.0:", LINALG_TESTS,
+           "zero pivot accepted: division by zero instead of a clear error"),
+    Mutant("lin-06", LINALG, "            s = a[i, j]\n", "            s = a[j, i]\n", LINALG_TESTS,
+           "input read transposed",
+           equivalent="the input is symmetric (the documented precondition; every caller passes a Hessian): "
+                      "a[j, i] == a[i, j] bit for bit"),
+    Mutant("lin-07", LINALG, "for k in range(j, i):", "for k in range(j + 1, i):", LINALG_TESTS,
+           "forward substitution skips the diagonal term"),
+    Mutant("lin-08", LINALG, "m[i, j] = s / lo[i, i]", "m[i, j] = s / lo[j, j]", LINALG_TESTS,
+           "wrong pivot in the forward substitution"),
+    Mutant("lin-09", LINALG, "s += m[k, i] * m[k, j]", "s += m[i, k] * m[j, k]", LINALG_TESTS,
+           "L^-1 L^-T instead of L^-T L^-1 (transposed product)"),
+    Mutant("lin-10", LINALG, "if p[i] > 0.0:", "if q[i] > 0.0:", LINALG_TESTS, "skip rule tested on the wrong distribution"),
+    Mutant("lin-11", LINALG, "s += p[i] * np.log(p[i] / q[i])", "s += p[i] * np.log(q[i] / p[i])", LINALG_TESTS,
+           "ratio inverted (sign of the divergence)"),
+    Mutant("lin-12", LINALG, "for j in range(ci.size):", "for j in range(kk):", LINALG_TESTS,
+           "inner loop bound from the shared dimension instead of b's columns"),
+    Mutant("lin-13", LINALG, "aik = a[i, k]", "aik = a[k, i]", LINALG_TESTS, "left operand read transposed"),
+    # -- simd.py: the Numba cache folder ---------------------------------------------------------------------
+    Mutant("simd-01", SIMD, 'config.CACHE_DIR = os.path.join(base, f"{_sources_digest()}-simd{width}")',
+           'config.CACHE_DIR = os.path.join(base, f"{_sources_digest()}")', SIMD_TESTS,
+           "cache folder not keyed on the width: a lowered width loads code built for another"),
+    Mutant("simd-02", SIMD, 'base = config.CACHE_DIR or os.path.join(', 'base = None or os.path.join(', SIMD_TESTS,
+           "NUMBA_CACHE_DIR ignored: the cache lands in the package folder"),
+    Mutant("simd-03", SIMD, 'digest.update(name.encode() + b"\\0" + source.read())', "digest.update(name.encode())",
+           SIMD_TESTS, "digest of the file names only: an edited kernel keeps the stale cache"),
+    Mutant("simd-04", SIMD, "width = min(width, int(requested))", "width = int(requested)", SIMD_TESTS,
+           "MICROCNN_SIMD raises the width past the hardware (illegal instructions)"),
 ]

@@ -1,0 +1,83 @@
+"""The modules the first round of ``tools/mutate_python.py`` left for later (issue 19): the bounded JSON
+reader, the CLI functions that build what the commands report, and the safetensors reader/writer of
+``io.py``. Same runner, same options; this file only adds modules and their justified equivalents:
+
+    python tools/mutate_python_extra.py jsonutil
+    python tools/mutate_python_extra.py cli
+    python tools/mutate_python_extra.py io
+
+Run it with ``MICROCNN_MUTATION_DIR`` and ``NUMBA_CACHE_DIR`` of its own while another mutation run is
+going: the runner's default working copy is shared. Results: docs/mutation-kernels.md, section
+"Pure-Python modules left by the first round".
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mutate_python as runner  # noqa: E402
+
+
+def _all_but(path: str, keep: set) -> tuple:
+    """Skip list (for MODULES) that leaves only the top-level functions and classes in ``keep``: every
+    other one, and the module level, is skipped."""
+    import ast
+
+    tree = ast.parse((runner.ROOT / path).read_text())
+    names = [n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    return ("<module>", *[n for n in names if n not in keep])
+
+
+# cli.py: only the functions that build what the commands report (results, precision).
+_CLI_SKIPPED = _all_but("microcnn/cli.py", {"_stored_precision", "_precision_of", "_model_at_precision",
+                                            "cmd_eval", "precision_list"})
+# io.py, first part: the safetensors reader and writer (header checks, tiling of the data section). The
+# .raw format, save_model/load_model and the architecture checks are left for a later round.
+_IO_SKIPPED = _all_but("microcnn/io.py", {"write_safetensors", "_refuse_foreign", "SafetensorsFile",
+                                          "read_safetensors", "_validated_entry"})
+
+EXTRA_MODULES = {
+    "jsonutil": ("microcnn/jsonutil.py", ["tests/test_jsonutil_exact.py"], (), []),
+    "cli": ("microcnn/cli.py", ["tests/test_cli_results.py"], _CLI_SKIPPED, []),
+    "io": ("microcnn/io.py", ["tests/test_io_exact.py", "tests/test_io.py"], _IO_SKIPPED, []),
+}
+
+_PARITY = ("only the parity of this value is ever used (``% 2``), and a - b has the parity of a + b "
+           "(NumPy's remainder of a negative number by 2 is 0 or 1, as Python's)")
+EXTRA_EQUIVALENT = {
+    "jsonutil": {
+        "<module>: 256->257 in np.zeros(256, np.int32)":
+            "the table is indexed by uint8 bytes (0..255): the extra entry is never read",
+        "<module>: 20->21 in 1 << 20":
+            "the chunk size of the depth scan; level, string state and backslash run carry across chunks "
+            "(tests/test_jsonutil_exact.py runs chunks of 1, 2, 3, 5, 7 bytes against the whole)",
+        "_depth: LtE->Lt in data.count(b'[') + data.count(b'{') <= MAX_JSON_DEPTH":
+            "the shortcut only: with exactly MAX_JSON_DEPTH brackets the full scan runs and finds a depth "
+            "<= MAX_JSON_DEPTH, which is accepted like the shortcut's 0",
+        "_depth: 0->1 in return 0":
+            "the shortcut's value is only compared with MAX_JSON_DEPTH (> 1): 0 and 1 are both accepted",
+        "_depth: Add->Sub in index - last_other + np.where(last_other < 0, run, 0)": _PARITY,
+        "_depth: Sub->Add in index - last_other": _PARITY,
+        "_depth: Add->Sub in inside + np.cumsum(quotes)": _PARITY,
+    },
+    "cli": {
+        "_model_at_precision: False->True in getattr(args, 'json', False)":
+            "both callers set args.json (cmd_eval from its --json flag, cmd_predict to False): the default "
+            "is never used",
+    },
+    "io": {
+        "_refuse_foreign: 9->10 in 8:9":
+            "both callers pass exactly 9 bytes (the length field and the header's first byte), so "
+            "first[8:10] is first[8:9]",
+    },
+}
+
+runner.MODULES.update(EXTRA_MODULES)
+for _name, _reasons in EXTRA_EQUIVALENT.items():
+    runner.EQUIVALENT.setdefault(_name, {}).update(_reasons)
+
+if __name__ == "__main__":
+    sys.exit(runner.main())
