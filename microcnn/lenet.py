@@ -51,14 +51,7 @@ def lenet(weights=None, algorithm: str = "im2col", seed: int = 0) -> Sequential:
         Softmax(),
         input_shape=(1, 28, 28),
     )
-    if weights is None:
-        return net
-    if isinstance(weights, str) and weights == "bundled":
-        if not BUNDLED_RAW.exists():
-            raise DataNotFoundError(f"bundled LeNet-5 weights not found at {BUNDLED_RAW}; "
-                                    "train them with `microcnn train --out data/lenet.raw`")
-        weights = BUNDLED_RAW
-    return net.load(weights)
+    return _load_weights(net, weights, BUNDLED_RAW, "microcnn train --out data/lenet.raw")
 
 
 def fashion_cnn(weights=None, algorithm: str = "im2col", seed: int = 0) -> Sequential:
@@ -79,11 +72,17 @@ def fashion_cnn(weights=None, algorithm: str = "im2col", seed: int = 0) -> Seque
         Softmax(),
         input_shape=(1, 28, 28),
     )
+    return _load_weights(net, weights, BUNDLED_FASHION,
+                         "microcnn train --model fashion --dataset fashion-mnist")
+
+
+def _load_weights(net: Sequential, weights, bundled: Path, how_to_train: str) -> Sequential:
+    """``net`` as built (weights None), with the shipped weights (``"bundled"``) or a file's."""
     if weights is None:
         return net
     if isinstance(weights, str) and weights == "bundled":
-        if not BUNDLED_FASHION.exists():
-            raise DataNotFoundError(f"bundled Fashion-MNIST weights not found at {BUNDLED_FASHION}; train "
-                                    "them with `microcnn train --model fashion --dataset fashion-mnist`")
-        weights = BUNDLED_FASHION
+        if not bundled.exists():
+            raise DataNotFoundError(f"bundled weights not found at {bundled}; train them with "
+                                    f"`{how_to_train}`")
+        weights = bundled
     return net.load(weights)

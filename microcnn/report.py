@@ -332,7 +332,8 @@ def notebook_page(nb, source, hide_code: bool = False, error: str | None = None)
     return Page(Path(source), page_name(source), title, headings, body, error, unrendered)
 
 
-_PAGE = """<!DOCTYPE html>
+# One head for every page: its title, and the shared stylesheet (no script, no network).
+_HEAD = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -340,7 +341,9 @@ _PAGE = """<!DOCTYPE html>
 <title>{title}</title>
 <link rel="stylesheet" href="{stylesheet}">
 </head>
-<body>
+"""
+
+_PAGE = _HEAD + """<body>
 <nav class="report-nav">{nav}</nav>
 <main class="report-notebook">
 {error}{body}
@@ -366,15 +369,7 @@ def _page_html(page: Page, previous: Page | None, following: Page | None, execut
                                f"Rendered by <code>microcnn report</code>.")
 
 
-_INDEX_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<link rel="stylesheet" href="{stylesheet}">
-</head>
-<body>
+_INDEX_PAGE = _HEAD + """<body>
 <main class="report-index">
 <h1>{title}</h1>
 <p>{summary}</p>
