@@ -73,6 +73,11 @@ def test_write_idx_dimension_limits(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.idx", "sixteen.idx"]
 
 
+def test_write_idx_takes_array_likes(tmp_path):
+    write_idx(tmp_path / "a.idx", [[1.5, -2.0], [0.25, 8.0], [3.0, 4.0]])  # a list: float64, shape (3, 2)
+    assert (tmp_path / "a.idx").read_bytes() == idx_bytes(0x0E, (3, 2), [1.5, -2.0, 0.25, 8.0, 3.0, 4.0])
+
+
 # ------------------------------------------------------------------------------------------- read_idx
 
 @pytest.mark.parametrize("code", sorted(CODES))
@@ -167,6 +172,16 @@ def test_gzip_declared_size_equal_to_the_bound_is_read(tmp_path, monkeypatch):
     np.testing.assert_array_equal(read_idx(path), np.zeros(n, np.uint8))
     monkeypatch.setattr(datasets, "_MAX_GZIP_RATIO", n // len(packed) - 1)
     assert _format_error(path).found == f"at most {n - len(packed)} bytes"
+
+
+def test_idx_reader_closes_its_file(tmp_path):
+    path = put(tmp_path, "a.idx", idx_bytes(0x08, (2,), [1, 2]))
+    with datasets._IdxReader(path) as reader:
+        assert reader.shape == (2,) and not reader._raw.closed
+    assert reader._raw.closed
+    reader = datasets._IdxReader(path)
+    reader.close()
+    assert reader._raw.closed
 
 
 # ----------------------------------------------------------------------------------- _verify_download
@@ -310,7 +325,36 @@ def test_load_dataset_refuses_headers_over_the_limit(mnist_dir, monkeypatch):
     with pytest.raises(FileFormatError, match="MAX_DATASET_BYTES"):
         datasets._decode_pair(mnist_dir / names[0], mnist_dir / names[1], 10, None, 2 * 784 - 1)
     x, y = datasets._decode_pair(mnist_dir / names[0], mnist_dir / names[1], 10, None, 2 * 784)
-    assert x.shape == (2, 1, 28, 28) and y.tolist() == [1, 9] and not x.flags.writeable
+    # the decoded arrays are what load_dataset caches: read-only, so no caller can alter the cache
+    assert x.shape == (2, 1, 28, 28) and y.tolist() == [1, 9]
+    assert not x.flags.writeable and not y.flags.writeable
+
+
+def test_load_dataset_downloads_by_default_and_passes_the_options(mnist_dir, monkeypatch):
+    _write_pair(mnist_dir, _images(2), np.array([4, 2], np.uint8), split="train")
+    calls = []
+
+    def fake_fetch(name, bases, data_dir, progress, mirrors, timeout):
+        calls.append((name, bases, data_dir, progress, mirrors, timeout))
+        return mnist_dir
+
+    monkeypatch.setattr(datasets, "find_dataset_dir", lambda *args: None)  # nothing on disk
+    monkeypatch.setattr(datasets, "_fetch_files", fake_fetch)
+    assert load_dataset("mnist", "train", "somewhere")[1].tolist() == [4, 2]
+    train = datasets.SPLIT_FILES["train"]
+    assert calls == [("mnist", train, "somewhere", True, None, datasets.DEFAULT_TIMEOUT)]
+    load_dataset("mnist", "train", None, samples=1, progress=False, mirrors=["m"], timeout=3.5)
+    assert calls[1] == ("mnist", train, None, False, ["m"], 3.5)
+    with pytest.raises(datasets.DataNotFoundError, match="download=False, so nothing was downloaded"):
+        load_dataset("mnist", "train", None, download=False)
+    assert len(calls) == 2
+
+
+def test_load_dataset_reports_the_first_bad_argument(mnist_dir):
+    with pytest.raises(InputError, match="unknown dataset 'digits'"):
+        load_dataset("digits", "test", mnist_dir.parent, download=False, samples=0)
+    with pytest.raises(InputError, match="unknown split 'val'"):
+        load_dataset("mnist", "val", mnist_dir.parent, download=False, samples=0)
 
 
 # -------------------------------------------------------------------------------------------- batches
@@ -324,6 +368,10 @@ def test_batches_in_order_with_a_partial_last_batch():
     assert [y for _, y in batches(images, batch_size=np.int64(4))] == [None, None]
     assert [x.tolist() for x, _ in batches(images, batch_size=7)] == [images.tolist()]
     assert len(list(batches(images, labels, batch_size=1))) == 7
+    assert [len(x) for x, _ in batches(np.zeros(130))] == [64, 64, 2]  # the documented default size
+    listed = list(batches([[1, 2], [3, 4], [5, 6]], [7, 8, 9], batch_size=2))  # array-likes
+    assert [x.tolist() for x, _ in listed] == [[[1, 2], [3, 4]], [[5, 6]]]
+    assert [y.tolist() for _, y in listed] == [[7, 8], [9]]
 
 
 def test_batches_shuffle_is_one_seeded_permutation():

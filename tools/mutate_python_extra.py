@@ -51,7 +51,7 @@ EXTRA_MODULES = {
     "cli": ("microcnn/cli.py", ["tests/test_cli_results.py"], _CLI_SKIPPED, []),
     "io": ("microcnn/io.py", ["tests/test_io_exact.py", "tests/test_io.py"], _IO_SKIPPED, []),
     "datasets": ("microcnn/datasets.py", ["tests/test_datasets_exact.py", "tests/test_datasets.py",
-                                          "tests/test_hostile_idx.py", "tests/test_download.py"],
+                                          "tests/test_hostile_idx.py"],
                  _DATASETS_SKIPPED, []),
 }
 
