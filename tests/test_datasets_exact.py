@@ -68,6 +68,8 @@ def test_write_idx_dimension_limits(tmp_path):
     huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), shape=(1 << 32,), strides=(0,))
     with pytest.raises(InputError, match="below 2"):
         write_idx(tmp_path / "huge.idx", huge)
+    with pytest.raises(InputError, match="below 2"):  # one axis too long is enough
+        write_idx(tmp_path / "huge.idx", huge.reshape(1, 1 << 32))
     with pytest.raises(InputError, match="has no IDX code"):
         write_idx(tmp_path / "u16.idx", np.zeros(3, np.uint16))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.idx", "sixteen.idx"]
