@@ -176,6 +176,19 @@ def test_gzip_declared_size_equal_to_the_bound_is_read(tmp_path, monkeypatch):
     assert _format_error(path).found == f"at most {n - len(packed)} bytes"
 
 
+def test_a_refused_header_closes_its_file(tmp_path, monkeypatch):
+    opened = []
+
+    def tracking_open(*args, **kwargs):
+        opened.append(open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(datasets, "open", tracking_open, raising=False)
+    with pytest.raises(FileFormatError):
+        read_idx(put(tmp_path, "bad.idx", b"\1\0\x08\x01" + bytes(5)))
+    assert len(opened) == 1 and opened[0].closed
+
+
 def test_idx_reader_closes_its_file(tmp_path):
     path = put(tmp_path, "a.idx", idx_bytes(0x08, (2,), [1, 2]))
     with datasets._IdxReader(path) as reader:
@@ -350,6 +363,13 @@ def test_load_dataset_downloads_by_default_and_passes_the_options(mnist_dir, mon
     with pytest.raises(datasets.DataNotFoundError, match="download=False, so nothing was downloaded"):
         load_dataset("mnist", "train", None, download=False)
     assert len(calls) == 2
+
+    def failing_fetch(*args):
+        raise datasets.DownloadError("all mirrors down")
+
+    monkeypatch.setattr(datasets, "_fetch_files", failing_fetch)
+    with pytest.raises(datasets.DataNotFoundError, match="Downloading failed: all mirrors down"):
+        load_dataset("mnist", "train", None)
 
 
 def test_load_dataset_reports_the_first_bad_argument(mnist_dir):
