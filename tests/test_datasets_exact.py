@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -54,6 +55,10 @@ def test_write_idx_gzip_is_the_same_bytes_and_reproducible(tmp_path):
     assert gzip.decompress(first) == idx_bytes(0x0B, (2, 3, 4), list(array.reshape(-1)))
     write_idx(tmp_path / "a.idx.gz", array)
     assert (tmp_path / "a.idx.gz").read_bytes() == first
+    # the deflate stream is zlib's at level 6 (a raw stream: header and trailer cut off)
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+    raw = idx_bytes(0x0B, (2, 3, 4), list(array.reshape(-1)))
+    assert first[10:-8] == deflate.compress(raw) + deflate.flush()
 
 
 def test_write_idx_dimension_limits(tmp_path):
@@ -239,6 +244,24 @@ def test_verify_download_reads_in_chunks(monkeypatch):
         datasets._verify_download(_gz(data), FileChecksum(hashlib.sha256(data[:-1]).hexdigest(), 511))
     with pytest.raises(datasets._FetchFailure, match="found 512"):
         datasets._verify_download(_gz(data), FileChecksum(hashlib.sha256(data).hexdigest(), 513))
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_verify_download_decompresses_one_byte_past_the_expected_length(monkeypatch, chunk):
+    returned = []
+
+    class Recording(gzip.GzipFile):
+        def read(self, size=-1):
+            data = super().read(size)
+            returned.append(len(data))
+            return data
+
+    monkeypatch.setattr(datasets, "_CHUNK", chunk)
+    monkeypatch.setattr(gzip, "GzipFile", Recording)
+    data = bytes(5000)  # a payload far larger than the 10 bytes expected: a bomb is cut off early
+    with pytest.raises(datasets._FetchFailure, match="found more than 10"):
+        datasets._verify_download(_gz(data), FileChecksum(hashlib.sha256(data[:10]).hexdigest(), 10))
+    assert sum(returned) == 11
 
 
 def test_read_upto_reads_in_chunks(tmp_path, monkeypatch):
