@@ -5,7 +5,6 @@ reader, the CLI functions that build what the commands report, and the safetenso
     python tools/mutate_python_extra.py jsonutil
     python tools/mutate_python_extra.py cli
     python tools/mutate_python_extra.py io
-
     python tools/mutate_python_extra.py datasets
 
 Run it with ``MICROCNN_MUTATION_DIR`` and ``NUMBA_CACHE_DIR`` of its own while another mutation run is
