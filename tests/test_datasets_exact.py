@@ -357,10 +357,8 @@ def test_load_dataset_cross_checks(mnist_dir, images, labels, bad, found):
     assert info.value.path == str(mnist_dir / base) and info.value.found == found
 
 
-def test_load_dataset_refuses_headers_over_the_limit(mnist_dir, monkeypatch):
+def test_decode_pair_limit_is_inclusive(mnist_dir):
     _write_pair(mnist_dir, _images(2), np.array([1, 9], np.uint8))
-    monkeypatch.setattr(datasets, "MAX_DATASET_BYTES", 2 * 784 - 1)
-    # the default argument was bound at definition: only an explicit max_bytes changes the limit
     names = datasets.SPLIT_FILES["test"]
     with pytest.raises(FileFormatError, match="MAX_DATASET_BYTES"):
         datasets._decode_pair(mnist_dir / names[0], mnist_dir / names[1], 10, None, 2 * 784 - 1)
