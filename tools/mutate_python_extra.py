@@ -5,10 +5,11 @@ reader, the CLI functions that build what the commands report, and the safetenso
     python tools/mutate_python_extra.py jsonutil
     python tools/mutate_python_extra.py cli
     python tools/mutate_python_extra.py io
+    python tools/mutate_python_extra.py datasets
 
 Run it with ``MICROCNN_MUTATION_DIR`` and ``NUMBA_CACHE_DIR`` of its own while another mutation run is
-going: the runner's default working copy is shared. Results: docs/mutation-kernels.md, section
-"Pure-Python modules left by the first round".
+going: the runner's default working copy is shared. Results: docs/mutation-python.md (sections
+"Second part" and "datasets.py").
 """
 
 from __future__ import annotations
@@ -39,10 +40,20 @@ _CLI_SKIPPED = _all_but("microcnn/cli.py", {"_stored_precision", "_precision_of"
 _IO_SKIPPED = _all_but("microcnn/io.py", {"write_safetensors", "_refuse_foreign", "SafetensorsFile",
                                           "read_safetensors", "_validated_entry"})
 
+# datasets.py: the parts that carry numerics and validation -- the IDX reader/writer and header checks,
+# load_dataset's cross-checks and ``samples``, the download checksum, batching and the box filter. Paths,
+# mirrors, the network and the dataset tables are left for a later round (564 mutants in all).
+_DATASETS_SKIPPED = _all_but("microcnn/datasets.py", {
+    "_read_upto", "_IdxReader", "read_idx", "_check_items", "write_idx", "_verify_download",
+    "_decode_pair", "load_dataset", "batches", "_iterate_batches", "box_weights"})
+
 EXTRA_MODULES = {
     "jsonutil": ("microcnn/jsonutil.py", ["tests/test_jsonutil_exact.py"], (), []),
     "cli": ("microcnn/cli.py", ["tests/test_cli_results.py"], _CLI_SKIPPED, []),
     "io": ("microcnn/io.py", ["tests/test_io_exact.py", "tests/test_io.py"], _IO_SKIPPED, []),
+    "datasets": ("microcnn/datasets.py", ["tests/test_datasets_exact.py", "tests/test_datasets.py",
+                                          "tests/test_hostile_idx.py"],
+                 _DATASETS_SKIPPED, []),
 }
 
 _PARITY = ("only the parity of this value is ever used (``% 2``), and a - b has the parity of a + b "
@@ -72,6 +83,22 @@ EXTRA_EQUIVALENT = {
         "_refuse_foreign: 9->10 in 8:9":
             "both callers pass exactly 9 bytes (the length field and the header's first byte), so "
             "first[8:10] is first[8:9]",
+    },
+    "datasets": {
+        "_verify_download: remove out.flush()":
+            "its only caller passes the buffered 'w+b' file of atomic_open, and the seek(0) that follows "
+            "flushes a BufferedRandom's pending writes before moving",
+        "_read_upto: Lt->LtE in len(buf) < n":
+            "the extra turn reads min(_CHUNK, 0) = 0 bytes; read(0) returns b'' (raw files and GzipFile), "
+            "so the loop breaks with the same buffer",
+        "load_dataset: remove samples = int(samples)":
+            "_check_items admits only ints and NumPy integers; a NumPy integer hashes and compares equal to "
+            "the int (same cache key) and slices, min() and reshape treat it alike",
+        "_verify_download: LtE->Lt in size <= expected.nbytes #2":
+            "the message is built only when size != expected.nbytes, where <= and < agree",
+        "_IdxReader.read: False->True in copy=False":
+            "only whether the result shares memory with the local bytearray no one else holds: the values, "
+            "dtype and flags (writable, C-contiguous) are the same",
     },
 }
 
