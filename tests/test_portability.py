@@ -279,3 +279,25 @@ def test_numba_cache_folder_follows_every_kernel_source(tmp_path):
     with open(tmp_path / "microcnn" / "kernels" / "elementwise.py", "a") as f:
         f.write("\n# an edit\n")
     assert folder() != before
+
+
+def test_read_only_install_caches_in_the_users_folder(tmp_path):
+    """Numba falls back to a user folder when the package's __pycache__ is not writable; pointing its
+    cache at our own folder must keep that, or a read-only install would recompile in every process.
+    (The folder is made to look read-only through os.access: as root, chmod would not stop writes.)"""
+    import shutil
+
+    shutil.copytree(ROOT / "microcnn", tmp_path / "pkg" / "microcnn",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "pkg"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env.pop("NUMBA_CACHE_DIR", None)
+
+    def folder(read_only: bool) -> Path:
+        code = ("import os\n"
+                + ("os.access = lambda *args, **kwargs: False\n" if read_only else "")
+                + "from numba.core import config; import microcnn.kernels.simd; print(config.CACHE_DIR)")
+        return Path(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                   check=True, cwd=tmp_path).stdout.strip())
+
+    assert folder(read_only=False).parent == tmp_path / "pkg" / "microcnn" / "kernels" / "__pycache__"
+    assert folder(read_only=True).parent == tmp_path / "xdg" / "microcnn" / "numba"

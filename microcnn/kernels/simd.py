@@ -59,10 +59,20 @@ def _cache_folder(width: int) -> None:
     NUMBA_CACHE_DIR if set). Numba keys cached machine code on the target CPU and its features, not on
     this width, so a width lowered by MICROCNN_SIMD would otherwise load code compiled for the full one
     (whose block layouts differ). Runs before any kernel is defined, which is when Numba picks where its
-    cache lives."""
+    cache lives. (The setting is process-wide: other packages' cached Numba functions land there too.)"""
     from numba.core import config
 
-    base = config.CACHE_DIR or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    base = config.CACHE_DIR
+    if not base:  # beside the sources, as Numba does; a read-only install caches in the user's folder
+        base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+        try:
+            os.makedirs(base, exist_ok=True)
+            writable = os.access(base, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            base = os.path.join(user_cache, "microcnn", "numba")
     config.CACHE_DIR = os.path.join(base, f"{_sources_digest()}-simd{width}")
 
 
