@@ -371,7 +371,7 @@ MUTANTS = [
     Mutant("simd-01", SIMD, 'config.CACHE_DIR = os.path.join(base, f"{_sources_digest()}-simd{width}")',
            'config.CACHE_DIR = os.path.join(base, f"{_sources_digest()}")', SIMD_TESTS,
            "cache folder not keyed on the width: a lowered width loads code built for another"),
-    Mutant("simd-02", SIMD, 'base = config.CACHE_DIR or os.path.join(', 'base = None or os.path.join(', SIMD_TESTS,
+    Mutant("simd-02", SIMD, "    base = config.CACHE_DIR\n", "    base = None\n", SIMD_TESTS,
            "NUMBA_CACHE_DIR ignored: the cache lands in the package folder"),
     Mutant("simd-03", SIMD, 'digest.update(name.encode() + b"\\0" + source.read())', "digest.update(name.encode())",
            SIMD_TESTS, "digest of the file names only: an edited kernel keeps the stale cache"),
