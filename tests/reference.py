@@ -1,5 +1,7 @@
 """Independent plain-NumPy float64 references the kernels are checked against."""
 
+import tracemalloc
+
 import numpy as np
 
 
@@ -55,3 +57,13 @@ def lenet_forward(state, x):
     a = relu(conv2d(a, state["6.weight"], state["6.bias"])).reshape(len(a), -1)
     a = relu(linear(a, state["9.weight"], state["9.bias"]))
     return softmax(linear(a, state["11.weight"], state["11.bias"]))
+
+
+def peak_bytes(fn) -> int:
+    """Peak bytes Python allocated (tracemalloc) while ``fn()`` ran."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from microcnn.errors import FileFormatError
 from microcnn.jsonutil import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, load_json_bounded
 from microcnn.quant import Calibration, calibrate, compress, quantize
 from microcnn.quant.serialize import MAX_BINS, MAX_CANDIDATES, MAX_KL_CANDIDATES, observer_state_layout
+from tests.reference import peak_bytes
 
 X = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
 METHODS = ("minmax", "ema", "percentile", "mse", "entropy")
@@ -95,14 +95,6 @@ def load_any(kind: str, path, net):
         return Calibration.load(path, net)
     return microcnn.load(path)
 
-
-def peak_bytes(fn) -> int:
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 # -- bounded JSON, every field every loader reads -----------------------------------------------------

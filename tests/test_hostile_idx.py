@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import struct
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 from microcnn import datasets
 from microcnn.datasets import MAX_DATASET_BYTES, load_mnist, read_idx, write_idx
 from microcnn.errors import FileFormatError, InputError
+from tests.reference import peak_bytes
 
 IMAGES, LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 
@@ -41,14 +41,6 @@ def _gzip_stream(path, header: bytes, zeros: int, corrupt_after_header: bool = F
                     zeros -= min(zeros, len(chunk))
     return path.stat().st_size
 
-
-def _peak(fn) -> int:
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 @pytest.fixture()
@@ -78,7 +70,7 @@ def test_files_declaring_more_than_the_cap_are_refused_before_decompressing(root
             _load(root, samples=10)
         return info.value
 
-    peak = _peak(refused)
+    peak = peak_bytes(refused)
     err = refused()
     bad = root / (IMAGES if which == "images" else LABELS)
     declared = n_images * 784 if which == "images" else n_labels
@@ -135,7 +127,7 @@ def test_samples_decompresses_only_what_is_asked(root):
         images.append(x)
         labels.append(y)
 
-    peak = _peak(ten)
+    peak = peak_bytes(ten)
     assert images[0].shape == (10, 1, 28, 28) and labels[0].shape == (10,)
     # 10 images as uint8 and float32 (39 KB) plus gzip buffers; a full read would need 157 MB + 627 MB.
     assert peak < 2_000_000

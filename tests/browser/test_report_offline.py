@@ -19,6 +19,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
+from tests.test_report import _markdown_headings
+
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 CHROMIUM = "/usr/bin/chromium"
@@ -51,19 +53,8 @@ def _figure_png() -> str:
 
 
 def _headings(path) -> list[str]:
-    """Markdown heading texts of a notebook, read from its source (outside code fences)."""
-    out = []
-    for cell in nbformat.read(path, as_version=4).cells:
-        if cell.cell_type != "markdown":
-            continue
-        fenced = False
-        for line in cell.source.splitlines():
-            if line.lstrip().startswith("```"):
-                fenced = not fenced
-            m = re.match(r"(#{1,6})\s+(.*?)\s*#*\s*$", line)
-            if m and not fenced:
-                out.append(re.sub(r"[`*_]", "", m.group(2)))
-    return out
+    """Markdown heading texts of a notebook (outside code fences)."""
+    return [text for _, text in _markdown_headings(path)]
 
 
 def _formula_count(path) -> int:
