@@ -82,7 +82,7 @@ def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndar
 def int_pair(v, name: str) -> tuple[int, int]:
     """``v`` (an int, or a pair of ints) as a pair of Python ints: kernel sizes, strides, paddings."""
     try:
-        pair = (v, v) if isinstance(v, int | np.integer) else tuple(v)
+        pair: tuple = (v, v) if isinstance(v, int | np.integer) else tuple(v)
     except TypeError:  # not iterable: None, a float, ...
         pair = ()
     # The bound keeps values inside the kernels' integer types (a file may say 10**30).

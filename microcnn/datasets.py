@@ -241,7 +241,7 @@ def write_idx(path, array) -> None:
             # mtime=0 and no embedded name: the same array always gives the same bytes.
             with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=6, mtime=0) as gz:
                 gz.write(header)
-                gz.write(body)
+                gz.write(memoryview(body))
         else:
             f.write(header)
             f.write(body)
@@ -703,6 +703,8 @@ def load_dataset(
         except DownloadError as err:
             raise DataNotFoundError(_not_found_message(name, split, data_dir, err)) from err
     images_path, labels_path = (_locate_file(directory, base) for base in SPLIT_FILES[split])
+    if images_path is None or labels_path is None:  # removed since it was found
+        raise DataNotFoundError(_not_found_message(name, split, data_dir, None))
     files = (_file_key(images_path), _file_key(labels_path))
     whole = _CACHE.get((files, None))
     if whole is not None:  # a full read serves every request

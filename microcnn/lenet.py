@@ -18,7 +18,8 @@ def _bundled_dir() -> Path:
     maps the repository's top-level data/ folder onto it, see pyproject.toml), else -- running from a
     checkout on PYTHONPATH, or an editable install made before that mapping -- the checkout's data/."""
     try:
-        return Path(importlib.resources.files("microcnn.data").joinpath("lenet.raw")).parent
+        # str(): a Traversable; for a package installed as files (not zipped) it names a real path
+        return Path(str(importlib.resources.files("microcnn.data").joinpath("lenet.raw"))).parent
     except ModuleNotFoundError:
         return Path(__file__).resolve().parent.parent / "data"
 

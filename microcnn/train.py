@@ -35,7 +35,7 @@ class TrainingDivergedError(MicrocnnError, FloatingPointError):
 def mlp(*sizes: int, seed: int = 0):
     """Flatten, then Linear+ReLU between consecutive ``sizes``, a last Linear and Softmax:
     ``mlp(784, 256, 128, 10)`` for 28x28 images."""
-    from .layers import Flatten, Linear, ReLU, Softmax
+    from .layers import Flatten, Layer, Linear, ReLU, Softmax
     from .network import Sequential
 
     sizes = sizes or (784, 256, 128, 10)
@@ -43,7 +43,7 @@ def mlp(*sizes: int, seed: int = 0):
                              for s in sizes):
         raise InputError(f"mlp: expected at least two positive layer sizes, found {sizes}")
     rng = np.random.default_rng(seed)
-    layers = [Flatten()]
+    layers: list[Layer] = [Flatten()]
     for i, (fin, fout) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(Linear(fin, fout, rng=rng))
         if i < len(sizes) - 2:
@@ -114,7 +114,7 @@ def random_affine(images: np.ndarray, rng: np.random.Generator, degrees: float =
     with zeros outside, vectorised over the batch."""
     n, c, h, w = images.shape
     angle = np.deg2rad(rng.uniform(-degrees, degrees, n))[:, None]
-    zoom = rng.uniform(1 - scale, 1 + scale, n)[:, None]
+    zoom = rng.uniform(1 - scale, 1 + scale, (n,))[:, None]  # size as a shape: typed as an array
     ty, tx = rng.uniform(-max_shift, max_shift, (2, n, 1))
     cy, cx = (h - 1) / 2, (w - 1) / 2
     oy, ox = (g.reshape(1, -1) for g in np.mgrid[0:h, 0:w].astype(np.float64))
@@ -229,7 +229,8 @@ def fit(net, images, labels, epochs: int = 10, batch_size: int = 64, optimizer="
             if isinstance(eval_data, tuple | list):
                 found += f" of length {len(eval_data)}"
             raise InputError(f"eval_data: expected an (images, labels) pair, found {found}")
-        eval_images, eval_labels = _check_training_data(net, *eval_data, name="eval_data labels")
+        eval_images, eval_labels = _check_training_data(net, eval_data[0], eval_data[1],
+                                                        name="eval_data labels")
     steps_per_epoch = -(-len(images) // batch_size)
     opt = optimizer if isinstance(optimizer, optim.Optimizer) else make_optimizer(
         optimizer, net.parameters(), lr, weight_decay)
