@@ -20,6 +20,7 @@ import contextlib
 import gzip
 import hashlib
 import http.client
+import io
 import math
 import os
 import struct
@@ -84,7 +85,7 @@ DEFAULT_MAX_IDX_BYTES = 1 << 31
 _CHUNK = 1 << 20
 
 
-def _read_upto(stream: IO[bytes], n: int) -> bytearray:
+def _read_upto(stream: gzip.GzipFile | io.BufferedReader, n: int) -> bytearray:
     """Read at most ``n`` bytes. Memory grows only with bytes that really arrive, never with ``n``."""
     buf = bytearray()
     while len(buf) < n:
@@ -112,7 +113,7 @@ class _IdxReader:
         try:
             self.compressed = self._raw.read(2) == _GZIP_MAGIC
             self._raw.seek(0)
-            self._stream: IO[bytes] = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
+            self._stream: gzip.GzipFile | io.BufferedReader = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
             with self._gzip_errors():
                 self._read_header(file_size, max_bytes, limit_name)
         except BaseException:
@@ -277,7 +278,7 @@ def write_idx(path: StrPath, array: ArrayLike) -> None:
             # mtime=0 and no embedded name: the same array always gives the same bytes.
             with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=6, mtime=0) as gz:
                 gz.write(header)
-                gz.write(memoryview(body))
+                gz.write(body.data)  # the array's buffer (a memoryview), not a copy
         else:
             f.write(header)
             f.write(body)

@@ -84,7 +84,7 @@ class Optimizer:
 
     def step(self) -> None:
         """One update of every parameter that has a gradient; bumps each updated parameter's ``version``."""
-        grads = {}
+        grads: dict[int, np.ndarray] = {}
         for i, p in enumerate(self.params):  # all checked before any parameter moves
             if p.grad is None:
                 continue
