@@ -113,7 +113,8 @@ class _IdxReader:
         try:
             self.compressed = self._raw.read(2) == _GZIP_MAGIC
             self._raw.seek(0)
-            self._stream: gzip.GzipFile | io.BufferedReader = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
+            self._stream: gzip.GzipFile | io.BufferedReader = (
+                gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw)
             with self._gzip_errors():
                 self._read_header(file_size, max_bytes, limit_name)
         except BaseException:
@@ -199,7 +200,8 @@ class _IdxReader:
         return array.astype(self.dtype.newbyteorder("="), copy=False)
 
 
-def read_idx(path: StrPath, *, max_bytes: int = DEFAULT_MAX_IDX_BYTES, items: int | None = None) -> np.ndarray:
+def read_idx(path: StrPath, *, max_bytes: int = DEFAULT_MAX_IDX_BYTES,
+             items: int | None = None) -> np.ndarray:
     """Read an IDX file (raw or gzip, told apart by its first bytes) into a writable, native-endian,
     C-contiguous array whose shape and dtype come from the header.
 
@@ -461,7 +463,8 @@ def _where_to_put(name: str, data_dir: StrPath | None) -> str:
     )
 
 
-def _not_found_message(name: str, split: str | None, data_dir: StrPath | None, download_failure: Exception | None) -> str:
+def _not_found_message(name: str, split: str | None, data_dir: StrPath | None,
+                       download_failure: Exception | None) -> str:
     bases = _split_bases(split)
     what = f"{name} {split} split" if split else f"{name} dataset"
     lines = [f"{what} not found: looked for {' and '.join(b + '[.gz]' for b in bases)} in"]
@@ -501,7 +504,8 @@ def _network_errors() -> Iterator[None]:
         raise _FetchFailure(f"{type(err).__name__}: {reason}", retry=True) from err
 
 
-def _stream_download(url: str, out: IO[bytes], limit: int, label: str, progress: bool, timeout: float) -> None:
+def _stream_download(url: str, out: IO[bytes], limit: int, label: str, progress: bool,
+                     timeout: float) -> None:
     from tqdm.auto import tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": "microcnn-datasets (python urllib)"})
@@ -600,7 +604,8 @@ def _download_file(
 
 
 def _fetch_files(
-    name: str, bases: Sequence[str], data_dir: StrPath | None, progress: bool, mirrors: Sequence[str] | None, timeout: float
+    name: str, bases: Sequence[str], data_dir: StrPath | None, progress: bool, mirrors: Sequence[str] | None,
+    timeout: float,
 ) -> Path:
     target = download_dir(name, data_dir)
     mirrors = MIRRORS.get(name, ()) if mirrors is None else tuple(mirrors)

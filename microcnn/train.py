@@ -199,8 +199,10 @@ def shift_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return flip_images(shift_images(images, rng), rng)
 
 
-AUGMENTATIONS: dict[str, Augmentation] = {"shift": shift_images, "affine": random_affine, "elastic": affine_elastic,
-                 "flip": flip_images, "shift-flip": shift_flip}
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "shift": shift_images, "affine": random_affine, "elastic": affine_elastic, "flip": flip_images,
+    "shift-flip": shift_flip,
+}
 
 
 def _check_training_data(net: Sequential, images: ArrayLike, labels: ArrayLike,
@@ -358,7 +360,8 @@ def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10,
 
 
 # -- throughput ----------------------------------------------------------------------------------
-def train_throughput(net_builder: Callable[[], Sequential], images: ArrayLike, labels: ArrayLike, batch_size: int = 64, batches: int = 30,
+def train_throughput(net_builder: Callable[[], Sequential], images: ArrayLike, labels: ArrayLike,
+                     batch_size: int = 64, batches: int = 30,
                      threads: int | None = 1, repeats: int = 3) -> float:
     """Training images per second (forward, backward, Adam step) at ``batch_size``: the best of
     ``repeats`` timed runs of ``batches`` steps, after two untimed steps that compile the kernels."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FileFormatError, InputError
+from ..fileutil import StrPath
 from ..io import (
     SafetensorsFile,
     architecture_of,
@@ -16,7 +17,6 @@ from ..io import (
     check_declared_sizes,
     check_weights,
 )
-from ..fileutil import StrPath
 from ..network import Sequential
 from .compress import CompressedModel
 from .qnetwork import QuantizedSequential
