@@ -48,7 +48,7 @@ def test_docstring_examples_hold(name, tmp_path, monkeypatch):
     # Numba dispatchers hide their docstrings from doctest's finder: list their Python functions too.
     extra = {attr: obj.py_func for attr, obj in vars(module).items()
              if hasattr(obj, "py_func") and getattr(obj.py_func, "__module__", None) == name}
-    module.__test__ = extra  # type: ignore[attr-defined]  # doctest's hook for extra objects
+    module.__test__ = extra  # doctest's hook for extra objects
     try:
         result = doctest.testmod(module, optionflags=FLAGS, report=True, verbose=False)
     finally:
