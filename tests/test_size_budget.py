@@ -12,6 +12,11 @@ a decision to make in review, with the reason in the commit, not a number to bum
 Raised once (December 2026, review of the merged issue 14/16/17 work): tools 2,700 -> 3,300, for the
 offline report (issue 16: index, MathML formulas, widget previews, +420 lines) and the Dask sweep
 (issue 14, +190 lines); the ratio of 0.55 tools per engine line stays and binds first (~3,100 today).
+
+Raised again (issue 17, types17): engine 5,900 -> 6,700, for PyTorch-style docstrings with doctested
+examples on the public API (optimizers, schedules, losses, datasets, fit, lenet, errors: about +480
+lines, docstrings count) and the checked Python entry points of the raw-pointer GEMM kernels (+150).
+Engine 6,270 after that change; the tools ratio (0.55) is unchanged.
 """
 
 from pathlib import Path
@@ -24,7 +29,7 @@ ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors",
           "jsonutil", "layers", "lenet", "losses", "network", "optim", "resolve", "timing", "train"}
 TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
-BUDGET = {"engine": 5900, "quant": 2050, "tools": 3300}
+BUDGET = {"engine": 6700, "quant": 2050, "tools": 3300}
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 
