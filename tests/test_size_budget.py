@@ -12,6 +12,11 @@ a decision to make in review, with the reason in the commit, not a number to bum
 Raised once (December 2026, review of the merged issue 14/16/17 work): tools 2,700 -> 3,300, for the
 offline report (issue 16: index, MathML formulas, widget previews, +420 lines) and the Dask sweep
 (issue 14, +190 lines); the ratio of 0.55 tools per engine line stays and binds first (~3,100 today).
+
+Raised (December 2026, issue 13 layers): engine 5,900 -> 6,600 for the layers a researcher's CNN
+needs (BatchNorm train/eval and folding, grouped and dilated convolution in the forward, fused and
+backward kernels, pooling with padding and ceil mode, ReLU6/LeakyReLU/Tanh/Dropout/global pooling:
++613 lines, engine 5,639 -> 6,252).
 """
 
 from pathlib import Path
@@ -24,7 +29,7 @@ ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors",
           "jsonutil", "layers", "lenet", "losses", "network", "optim", "resolve", "timing", "train"}
 TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
-BUDGET = {"engine": 5900, "quant": 2050, "tools": 3300}
+BUDGET = {"engine": 6600, "quant": 2050, "tools": 3300}
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 
