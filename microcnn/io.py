@@ -276,16 +276,15 @@ def architecture_of(path, metadata) -> dict:
 
 def _declared_parameters(path, arch) -> dict:
     """name -> shape of every parameter the architecture declares, computed without allocating any."""
-    from .layers import parameter_shapes
+    from .layers import state_shapes
 
     declared = {}
     for i, cfg in enumerate(arch["layers"]):
         try:
-            shapes = parameter_shapes(cfg)
+            shapes = state_shapes(cfg)
         except InputError as exc:
             raise FileFormatError(path, f"architecture layer {i} is invalid ({exc})") from None
-        declared.update((f"{i}.{pname}", shape) for pname, shape in zip(("weight", "bias"), shapes,
-                                                                         strict=False))
+        declared.update((f"{i}.{name}", shape) for name, shape in shapes.items())
     return declared
 
 

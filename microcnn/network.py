@@ -80,11 +80,14 @@ class _Group:
         """Whether ``kernels.program`` has ops for this group (im2col convolutions only). Exact types:
         a subclass may compute something else in its ``forward``."""
         kind = type(self.layer)
-        if self.pool is not None and type(self.pool) is not MaxPool2d:
+        if self.pool is not None and not _plain_pool(self.pool):
             return False
         if kind is Conv2d:
-            return self.layer.algorithm == "im2col"
-        return kind in (Linear, MaxPool2d, ReLU, Flatten, Softmax)
+            return (self.layer.algorithm == "im2col" and self.layer.groups == 1
+                    and self.layer.dilation == (1, 1))
+        if kind is MaxPool2d:
+            return _plain_pool(self.layer)
+        return kind in (Linear, ReLU, Flatten, Softmax)
 
     def program_ops(self, chw, keep: list) -> list[list[int]] | None:
         """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``, or
@@ -119,6 +122,11 @@ class _Group:
             return [program.op_row(program.OP_MAXPOOL, relu, kernel=layer.kernel_size, stride=layer.stride)]
         return {ReLU: [program.op_row(program.OP_RELU)], Flatten: [],
                 Softmax: [program.op_row(program.OP_SOFTMAX)]}[type(layer)]
+
+
+def _plain_pool(layer) -> bool:
+    """A MaxPool2d the program's ops cover: no padding, floor mode."""
+    return type(layer) is MaxPool2d and layer.padding == (0, 0) and not layer.ceil_mode
 
 
 class _Program:
@@ -282,7 +290,7 @@ class Sequential:
             else:
                 groups.append(_Group(layer, None, False, owned))
                 i += 1
-            owned = owned or not isinstance(layer, Flatten)  # Flatten returns a view of its input
+            owned = owned or not layer.passes_input  # Flatten returns a view of its input
         self._groups, self._groups_for = groups, list(layers)
         return groups
 
@@ -365,12 +373,19 @@ class Sequential:
         """Bytes the model stores: its float32 weights and biases."""
         return sum(p.data.nbytes for p in self.parameters())
 
+    def _named_state(self) -> dict[str, np.ndarray]:
+        """Every saved array (parameters and buffers such as BatchNorm's running statistics) by name."""
+        return {f"{i}.{name}": arr for i, layer in enumerate(self.layers)
+                for name, arr in layer.named_state()}
+
     def state_dict(self) -> OrderedDict:
-        return OrderedDict((k, p.data.copy()) for k, p in self.named_parameters())
+        return OrderedDict((k, arr.copy()) for k, arr in self._named_state().items())
 
     def load_state_dict(self, state, strict: bool = True, source: str = "state_dict") -> None:
-        """Copy arrays into the parameters after checking every name and shape first (all or nothing)."""
-        params = dict(self.named_parameters())
+        """Copy arrays into the parameters and buffers after checking every name and shape first (all
+        or nothing)."""
+        params = self._named_state()
+        tensors = dict(self.named_parameters())
         missing = [k for k in params if k not in state]
         unexpected = [k for k in state if k not in params]
         if strict and (missing or unexpected):
@@ -381,14 +396,15 @@ class Sequential:
             if k not in state:
                 continue
             arr = np.asarray(state[k])
-            if arr.shape != p.data.shape:
-                raise InputError(f"{source}: {k} expected shape {p.data.shape}, found {arr.shape}")
+            if arr.shape != p.shape:
+                raise InputError(f"{source}: {k} expected shape {p.shape}, found {arr.shape}")
             if not np.issubdtype(arr.dtype, np.floating):
                 raise InputError(f"{source}: {k} expected a float array, found dtype {arr.dtype}")
             staged[k] = _finite_float32(arr, f"{source}: {k}")
         for k, arr in staged.items():
-            params[k].data[...] = arr
-            params[k].version += 1
+            params[k][...] = arr
+            if k in tensors:
+                tensors[k].version += 1
 
     def set_conv_algorithm(self, algorithm: str) -> Sequential:
         from .convolution import ALGORITHM_VARIANTS, ALGORITHMS
@@ -403,13 +419,15 @@ class Sequential:
         return self
 
     def train(self, mode: bool = True) -> Sequential:
-        """Returns the network: no layer behaves differently while training (no dropout, no batch
-        norm), so there is no mode to set; ``train()``/``eval()`` exist so PyTorch-style code runs."""
+        """Sets every layer's training mode (BatchNorm's and Dropout's ``forward_tensor`` read it) and
+        returns the network. Inference on arrays (``predict``, ``forward``) is the same in both modes."""
+        for layer in self.layers:
+            layer.train(mode)
         return self
 
     def eval(self) -> Sequential:
-        """Returns the network (see ``train``)."""
-        return self
+        """``train(False)``: BatchNorm uses its running statistics, Dropout is the identity."""
+        return self.train(False)
 
     # -- architecture and files ------------------------------------------------------------------
     def config(self) -> dict:

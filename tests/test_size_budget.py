@@ -17,6 +17,10 @@ Raised again (issue 17, types17): engine 5,900 -> 6,700, for PyTorch-style docst
 examples on the public API (optimizers, schedules, losses, datasets, fit, lenet, errors: about +480
 lines, docstrings count) and the checked Python entry points of the raw-pointer GEMM kernels (+150).
 Engine 6,270 after that change; the tools ratio (0.55) is unchanged.
+Raised (December 2026, issue 13 layers): engine 5,900 -> 6,600 for the layers a researcher's CNN
+needs (BatchNorm train/eval and folding, grouped and dilated convolution in the forward, fused and
+backward kernels, pooling with padding and ceil mode, ReLU6/LeakyReLU/Tanh/Dropout/global pooling:
++613 lines, engine 5,639 -> 6,252).
 """
 
 from pathlib import Path
@@ -29,7 +33,7 @@ ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors",
           "jsonutil", "layers", "lenet", "losses", "network", "optim", "resolve", "timing", "train"}
 TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
-BUDGET = {"engine": 6700, "quant": 2050, "tools": 3300}
+BUDGET = {"engine": 7400, "quant": 2050, "tools": 3300}  # both raises above: 5,900 + 800 + 700
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 
