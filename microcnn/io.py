@@ -372,8 +372,7 @@ def check_activation_sizes(path, net) -> None:
                                       f"large activations{at}", f"<= {MAX_ACTIVATION_ELEMENTS} values "
                                       "per image", math.prod(shape))
         try:
-            if hasattr(layer, "_check_input"):
-                layer._check_input(np.broadcast_to(np.float32(0), (1, *shape)))
+            layer._check_input(np.broadcast_to(np.float32(0), (1, *shape)))
             out = layer.output_shape(shape)
         except InputError as exc:
             raise FileFormatError(path, f"architecture layer {i} ({layer.type}) does not fit its input "

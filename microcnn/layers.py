@@ -73,6 +73,9 @@ class Layer:
     def parameters(self) -> list[Tensor]:
         return []
 
+    def _check_input(self, x) -> None:
+        """Refuse an input (N, ...) this layer cannot take; by default any is accepted."""
+
     def config(self) -> dict:
         """The constructor arguments, enough to rebuild the layer (weights are stored apart)."""
         return {}

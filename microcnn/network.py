@@ -10,24 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from .autograd import Tensor
-from .checks import as_image_batch, check_array_batch, check_count
+from .checks import check_array_batch
 from .errors import InputError
-from .kernels import elementwise, program
+from .kernels import program
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
+from .model import INPUT, LayerNode, LayerTrace, Model
+
+__all__ = ["PROGRAM_MAX_BATCH", "FusedGroup", "LayerTrace", "Sequential", "fuse_chain", "layer_names"]
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
-
-
-@dataclass
-class LayerTrace:
-    """One layer's output in ``Sequential.trace``: its position, name, type, output and wall time."""
-
-    index: int
-    name: str
-    type: str
-    output: np.ndarray
-    seconds: float
 
 
 def layer_names(layers) -> list[str]:
@@ -51,8 +43,8 @@ PROGRAM_MAX_BATCH = 32
 
 
 @dataclass(frozen=True)
-class _Group:
-    """One inference call: ``layer`` alone; a Conv2d or Linear followed by a ReLU (``relu``) and, for
+class FusedGroup:
+    """One inference call of a chain of layers (``fuse_chain``): ``layer`` alone; a Conv2d or Linear followed by a ReLU (``relu``) and, for
     Conv2d, the MaxPool2d ``pool``; or a MaxPool2d whose input passes a ReLU first (``relu``).
     ``owned``: the input is an intermediate the network made, so a lone ReLU may overwrite it."""
 
@@ -121,6 +113,34 @@ class _Group:
                 Softmax: [program.op_row(program.OP_SOFTMAX)]}[type(layer)]
 
 
+def fuse_chain(layers, owned: bool = False) -> list[FusedGroup]:
+    """A chain of layers (each reading the previous one's output) as inference calls, with exact
+    rewrites that save memory passes: Conv2d [ReLU] [MaxPool2d] and Linear [ReLU] are one call each
+    (the kernel applies them as it stores its output), ReLU MaxPool2d one pooling pass with a floor of
+    0 (max and relu commute), and other ReLUs overwrite intermediates the chain made. ``owned``: the
+    chain's input is an intermediate nothing else reads, so it may be overwritten too. Sequential and
+    Graph both lower their chains here."""
+    groups, i = [], 0
+    while i < len(layers):
+        layer, after = layers[i], layers[i + 1:i + 3]
+        relu = bool(after) and isinstance(after[0], ReLU)
+        pool = after[relu] if len(after) > relu and isinstance(after[relu], MaxPool2d) else None
+        if isinstance(layer, Conv2d):
+            groups.append(FusedGroup(layer, pool, relu, owned))
+            i += 1 + relu + (pool is not None)
+        elif isinstance(layer, Linear):
+            groups.append(FusedGroup(layer, None, relu, owned))
+            i += 1 + relu
+        elif isinstance(layer, ReLU) and after and isinstance(after[0], MaxPool2d):
+            groups.append(FusedGroup(after[0], None, True, owned))
+            i += 2
+        else:
+            groups.append(FusedGroup(layer, None, False, owned))
+            i += 1
+        owned = owned or not isinstance(layer, Flatten)  # Flatten returns a view of its input
+    return groups
+
+
 class _Program:
     """A network compiled for one sample shape (see ``kernels.program``). Its rows read the layers'
     parameter arrays at every call, so in-place edits need nothing; it is valid while the layer list,
@@ -175,7 +195,7 @@ def _finite_float32(values: np.ndarray, name: str) -> np.ndarray:
                      f"(first at index {first}: {float(values[first]):g}); nothing was loaded")
 
 
-class Sequential:
+class Sequential(Model):
     """A chain of layers run in order; inference fuses Conv/Linear + ReLU (+ MaxPool) groups and runs
     small batches through a compiled program, with the same results as layer by layer.
 
@@ -206,7 +226,7 @@ class Sequential:
             input_shape = tuple(int(d) for d in shape)
         self.input_shape = input_shape
         self.names = layer_names(self.layers)
-        self._groups: list[_Group] = []
+        self._groups: list[FusedGroup] = []
         self._groups_for: list | None = None
         self._program: _Program | None = None
 
@@ -258,33 +278,11 @@ class Sequential:
             self._program = _Program.build(self.layers, self.inference_groups(), sample_shape)
         return x
 
-    def inference_groups(self) -> list[_Group]:
-        """The layers as inference calls, with exact rewrites that save memory passes: Conv2d [ReLU]
-        [MaxPool2d] and Linear [ReLU] are one call each (the kernel applies them as it stores its
-        output), ReLU MaxPool2d one pooling pass with a floor of 0 (max and relu commute), and other
-        ReLUs overwrite intermediates the network made. Rebuilt when ``layers`` changes."""
-        if self._groups_for == self.layers:
-            return self._groups
-        layers, groups, i, owned = self.layers, [], 0, False
-        while i < len(layers):
-            layer, after = layers[i], layers[i + 1:i + 3]
-            relu = bool(after) and isinstance(after[0], ReLU)
-            pool = after[relu] if len(after) > relu and isinstance(after[relu], MaxPool2d) else None
-            if isinstance(layer, Conv2d):
-                groups.append(_Group(layer, pool, relu, owned))
-                i += 1 + relu + (pool is not None)
-            elif isinstance(layer, Linear):
-                groups.append(_Group(layer, None, relu, owned))
-                i += 1 + relu
-            elif isinstance(layer, ReLU) and after and isinstance(after[0], MaxPool2d):
-                groups.append(_Group(after[0], None, True, owned))
-                i += 2
-            else:
-                groups.append(_Group(layer, None, False, owned))
-                i += 1
-            owned = owned or not isinstance(layer, Flatten)  # Flatten returns a view of its input
-        self._groups, self._groups_for = groups, list(layers)
-        return groups
+    def inference_groups(self) -> list[FusedGroup]:
+        """The layers as inference calls (``fuse_chain``); rebuilt when ``layers`` changes."""
+        if self._groups_for != self.layers:
+            self._groups, self._groups_for = fuse_chain(self.layers), list(self.layers)
+        return self._groups
 
     @property
     def body(self) -> list[Layer]:
@@ -299,42 +297,6 @@ class Sequential:
             x = layer(x)
         return x
 
-    def check_input(self, x, name: str = "images") -> np.ndarray:
-        return as_image_batch(x, self.input_shape, name=name)
-
-    def predict(self, x, batch_size: int = 256, progress: bool = False) -> np.ndarray:
-        """Class probabilities for a batch of images (validated, processed in chunks)."""
-        check_count("batch_size", batch_size)
-        x = self.check_input(x)
-        if len(x) <= batch_size:
-            out = self.forward(x)
-        else:
-            starts = range(0, len(x), batch_size)
-            if progress:
-                from tqdm.auto import tqdm
-
-                starts = tqdm(starts, desc="predict", unit="batch")
-            out = np.concatenate([self.forward(x[s:s + batch_size]) for s in starts])
-        if not elementwise.all_finite(out.reshape(-1)):
-            finite = np.isfinite(out).reshape(len(out), -1).all(axis=1)
-            # Finite weights and inputs give NaN only through float32 overflow (|x| of ~1e37 and more).
-            first = int(np.flatnonzero(~finite)[0])
-            raise InputError(f"images: the network's outputs overflowed to NaN/Inf for "
-                             f"{int((~finite).sum())} images (first: image {first}, largest |input| "
-                             f"{float(np.abs(x).max()):g}); scale inputs like the training data "
-                             "(MNIST pixels: 0..1)")
-        return out
-
-    def predict_classes(self, x, batch_size: int = 256) -> np.ndarray:
-        return self.predict(x, batch_size).argmax(axis=1)
-
-    def accuracy(self, images, labels, batch_size: int = 256, progress: bool = False) -> float:
-        labels = np.asarray(labels)
-        pred = self.predict(images, batch_size, progress=progress).argmax(axis=1)
-        if pred.shape != labels.shape:
-            raise InputError(f"labels: expected shape {pred.shape}, found {labels.shape}")
-        return float((pred == labels).mean())
-
     def trace(self, x) -> list[LayerTrace]:
         """Run the network once, keeping every layer's output and wall time."""
         x = self.check_input(x)
@@ -344,6 +306,11 @@ class Sequential:
             x = layer.forward(x)
             records.append(LayerTrace(i, name, layer.type, x, time.perf_counter() - t0))
         return records
+
+    def layer_nodes(self) -> list[LayerNode]:
+        """Each layer reads the previous one's output (the first reads the input)."""
+        return [LayerNode(name, layer, (prev,)) for name, layer, prev in
+                zip(self.names, self.layers, [INPUT, *self.names], strict=False)]
 
     # -- parameters and state ------------------------------------------------------------------
     def named_parameters(self) -> list[tuple[str, Tensor]]:
@@ -428,15 +395,8 @@ class Sequential:
         return cls(*layers, input_shape=cfg.get("input_shape"))
 
     def summary(self):
-        """A table of layers: name, type, output shape, parameter count."""
-        import pandas as pd
-
-        rows, shape = [], self.input_shape
-        for name, layer in zip(self.names, self.layers, strict=True):
-            shape = layer.output_shape(shape) if shape is not None else None
-            rows.append({"Layer": name, "Type": layer.type, "Output Shape": shape,
-                         "Parameters": sum(p.data.size for p in layer.parameters())})
-        return pd.DataFrame(rows)
+        """A table of layers: name, type, output shape, parameter count (``layer_table`` has more)."""
+        return self.layer_table()[["Layer", "Type", "Output Shape", "Parameters"]]
 
     def save(self, path) -> None:
         """Save weights: ``.raw`` writes the bare reference format, anything else a self-describing file."""
