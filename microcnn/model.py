@@ -53,12 +53,21 @@ def layer_macs(layer, out_shape) -> int:
     return 0
 
 
+def sample_output_shape(layer, *shapes) -> tuple:
+    """The output shape of one sample through ``layer`` from its input sample shapes, after the layer's
+    own input check, run on shapes alone (a zero-stride view allocates nothing); InputError when the
+    inputs do not fit. Loaders and graphs check architectures with it before anything runs."""
+    if len(shapes) == 1:
+        layer._check_input(np.broadcast_to(np.float32(0), (1, *shapes[0])))
+    return tuple(layer.output_shape(*shapes))
+
+
 def output_shapes(nodes: list[LayerNode], input_shape: tuple | None) -> dict:
     """Tensor name -> one sample's shape (None throughout when ``input_shape`` is None)."""
     shapes: dict = {INPUT: tuple(input_shape) if input_shape is not None else None}
     for node in nodes:
         ins = [shapes[i] for i in node.inputs]
-        shapes[node.name] = None if None in ins else node.layer.output_shape(*ins)
+        shapes[node.name] = None if None in ins else sample_output_shape(node.layer, *ins)
     return shapes
 
 

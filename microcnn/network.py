@@ -16,7 +16,8 @@ from .kernels import program
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
 from .model import INPUT, LayerNode, LayerTrace, Model
 
-__all__ = ["PROGRAM_MAX_BATCH", "FusedGroup", "LayerTrace", "Sequential", "fuse_chain", "layer_names"]
+__all__ = ["PROGRAM_MAX_BATCH", "FloatModel", "FusedGroup", "LayerTrace", "Sequential", "fuse_chain",
+           "layer_names"]
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
@@ -44,8 +45,9 @@ PROGRAM_MAX_BATCH = 32
 
 @dataclass(frozen=True)
 class FusedGroup:
-    """One inference call of a chain of layers (``fuse_chain``): ``layer`` alone; a Conv2d or Linear followed by a ReLU (``relu``) and, for
-    Conv2d, the MaxPool2d ``pool``; or a MaxPool2d whose input passes a ReLU first (``relu``).
+    """One inference call of a chain of layers (``fuse_chain``): ``layer`` alone; a Conv2d or Linear
+    followed by a ReLU (``relu``) and, for Conv2d, the MaxPool2d ``pool``; or a MaxPool2d whose input
+    passes a ReLU first (``relu``).
     ``owned``: the input is an intermediate the network made, so a lone ReLU may overwrite it."""
 
     layer: Layer
@@ -195,7 +197,100 @@ def _finite_float32(values: np.ndarray, name: str) -> np.ndarray:
                      f"(first at index {first}: {float(values[first]):g}); nothing was loaded")
 
 
-class Sequential(Model):
+class FloatModel(Model):
+    """What every FP32 model shares (``Sequential``, ``graph.Graph``): parameters, state dicts, modes,
+    convolution algorithm and files. A subclass defines ``layers`` (every layer, in run order),
+    ``named_parameters`` and ``config``."""
+
+    layers: list[Layer]
+    training = False
+
+    def named_parameters(self) -> list[tuple[str, Tensor]]:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def parameters(self) -> list[Tensor]:
+        return [p for _, p in self.named_parameters()]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.data.size for p in self.parameters())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the model stores: its float32 weights and biases."""
+        return sum(p.data.nbytes for p in self.parameters())
+
+    def state_dict(self) -> OrderedDict:
+        return OrderedDict((k, p.data.copy()) for k, p in self.named_parameters())
+
+    def load_state_dict(self, state, strict: bool = True, source: str = "state_dict") -> None:
+        """Copy arrays into the parameters after checking every name and shape first (all or nothing)."""
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            raise InputError(f"{source}: keys do not match the network (missing {missing}, "
+                             f"unexpected {unexpected})")
+        staged = {}
+        for k, p in params.items():
+            if k not in state:
+                continue
+            arr = np.asarray(state[k])
+            if arr.shape != p.data.shape:
+                raise InputError(f"{source}: {k} expected shape {p.data.shape}, found {arr.shape}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise InputError(f"{source}: {k} expected a float array, found dtype {arr.dtype}")
+            staged[k] = _finite_float32(arr, f"{source}: {k}")
+        for k, arr in staged.items():
+            params[k].data[...] = arr
+            params[k].version += 1
+
+    def set_conv_algorithm(self, algorithm: str) -> FloatModel:
+        from .convolution import ALGORITHM_VARIANTS, ALGORITHMS
+
+        names = ("auto", *ALGORITHMS, *ALGORITHM_VARIANTS)
+        if algorithm not in names:
+            raise InputError(f"algorithm: expected one of {names}, found {algorithm!r}")
+        for layer in self.layers:
+            if isinstance(layer, Conv2d):
+                layer.algorithm = algorithm
+                layer.conv_state.clear()
+        return self
+
+    def train(self, mode: bool = True) -> FloatModel:
+        """Set every layer's ``training`` flag (layers such as BatchNorm and Dropout behave differently
+        while training) and return the model, as ``nn.Module.train`` does."""
+        self.training = bool(mode)
+        for layer in self.layers:
+            layer.training = bool(mode)
+        return self
+
+    def eval(self) -> FloatModel:
+        """``train(False)``: inference behaviour for every layer."""
+        return self.train(False)
+
+    def save(self, path) -> None:
+        """Save weights: ``.raw`` writes the bare reference format, anything else a self-describing file."""
+        from . import io
+
+        (io.save_raw if Path(path).suffix == ".raw" else io.save_model)(self, path)
+
+    def load(self, path) -> FloatModel:
+        """Load weights into this model from a ``.raw`` or self-describing file."""
+        from . import io
+
+        if Path(path).suffix == ".raw":
+            io.load_raw(self, path)
+        else:
+            declared = {k: p.data.shape for k, p in self.named_parameters()}
+            self.load_state_dict(io.read_model_state(path, self.config(), declared), source=str(path))
+        return self
+
+
+class Sequential(FloatModel):
     """A chain of layers run in order; inference fuses Conv/Linear + ReLU (+ MaxPool) groups and runs
     small batches through a compiled program, with the same results as layer by layer.
 
@@ -320,64 +415,6 @@ class Sequential(Model):
                 out.append((f"{i}.{pname}", p))
         return out
 
-    def parameters(self) -> list[Tensor]:
-        return [p for _, p in self.named_parameters()]
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.data.size for p in self.parameters())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the model stores: its float32 weights and biases."""
-        return sum(p.data.nbytes for p in self.parameters())
-
-    def state_dict(self) -> OrderedDict:
-        return OrderedDict((k, p.data.copy()) for k, p in self.named_parameters())
-
-    def load_state_dict(self, state, strict: bool = True, source: str = "state_dict") -> None:
-        """Copy arrays into the parameters after checking every name and shape first (all or nothing)."""
-        params = dict(self.named_parameters())
-        missing = [k for k in params if k not in state]
-        unexpected = [k for k in state if k not in params]
-        if strict and (missing or unexpected):
-            raise InputError(f"{source}: keys do not match the network (missing {missing}, "
-                             f"unexpected {unexpected})")
-        staged = {}
-        for k, p in params.items():
-            if k not in state:
-                continue
-            arr = np.asarray(state[k])
-            if arr.shape != p.data.shape:
-                raise InputError(f"{source}: {k} expected shape {p.data.shape}, found {arr.shape}")
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise InputError(f"{source}: {k} expected a float array, found dtype {arr.dtype}")
-            staged[k] = _finite_float32(arr, f"{source}: {k}")
-        for k, arr in staged.items():
-            params[k].data[...] = arr
-            params[k].version += 1
-
-    def set_conv_algorithm(self, algorithm: str) -> Sequential:
-        from .convolution import ALGORITHM_VARIANTS, ALGORITHMS
-
-        names = ("auto", *ALGORITHMS, *ALGORITHM_VARIANTS)
-        if algorithm not in names:
-            raise InputError(f"algorithm: expected one of {names}, found {algorithm!r}")
-        for layer in self.layers:
-            if isinstance(layer, Conv2d):
-                layer.algorithm = algorithm
-                layer.conv_state.clear()
-        return self
-
-    def train(self, mode: bool = True) -> Sequential:
-        """Returns the network: no layer behaves differently while training (no dropout, no batch
-        norm), so there is no mode to set; ``train()``/``eval()`` exist so PyTorch-style code runs."""
-        return self
-
-    def eval(self) -> Sequential:
-        """Returns the network (see ``train``)."""
-        return self
-
     # -- architecture and files ------------------------------------------------------------------
     def config(self) -> dict:
         return {"input_shape": list(self.input_shape) if self.input_shape else None,
@@ -397,19 +434,3 @@ class Sequential(Model):
     def summary(self):
         """A table of layers: name, type, output shape, parameter count (``layer_table`` has more)."""
         return self.layer_table()[["Layer", "Type", "Output Shape", "Parameters"]]
-
-    def save(self, path) -> None:
-        """Save weights: ``.raw`` writes the bare reference format, anything else a self-describing file."""
-        from . import io
-
-        (io.save_raw if Path(path).suffix == ".raw" else io.save_model)(self, path)
-
-    def load(self, path) -> Sequential:
-        """Load weights into this network from a ``.raw`` or self-describing file."""
-        from . import io
-
-        if Path(path).suffix == ".raw":
-            io.load_raw(self, path)
-        else:
-            self.load_state_dict(io.read_model_state(path, expected=self.config()), source=str(path))
-        return self

@@ -367,7 +367,8 @@ def explorer_state(models: dict, images, labels, net=None) -> ExplorerState:
     if net is None:
         net = next((m for m in models.values() if isinstance(m, Model)), None)
         if net is None:
-            raise InputError("models: none is a microcnn model (with .trace(x) for feature maps); pass net= explicitly")
+            raise InputError("models: none is a microcnn model (with .trace(x) for feature maps); "
+                             "pass net= explicitly")
     predicted = {name: _probabilities(name, m, images).argmax(1) for name, m in models.items()}
     wrong = {name: misclassified(None, images, labels, predicted=p) for name, p in predicted.items()}
     return ExplorerState(models, images, labels, net, predicted, wrong, layer=layer_choices(net)[0])

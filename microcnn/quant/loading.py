@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FileFormatError, InputError
+from ..graph import is_graph_config, load_graph
 from ..io import (
     SafetensorsFile,
     architecture_of,
@@ -48,6 +49,8 @@ def load_model(path):
     with SafetensorsFile(path) as st:
         metadata = st.metadata
         arch = architecture_of(path, metadata)
+        if is_graph_config(arch):
+            return load_graph(path, st)
         kind = metadata.get("kind", "fp32")
         if kind == KIND_CALIBRATION or kind not in MODEL_KINDS:  # refused before anything is built
             refuse_kind(path, kind)
