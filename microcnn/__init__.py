@@ -7,6 +7,8 @@ from .errors import DataNotFoundError, DownloadError, FileFormatError, InputErro
 from .io import save_model
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
 from .lenet import lenet
+from .graph import Add, Concat, Graph
+from .model import Model
 from .network import Sequential
 
 __version__ = "0.1.0"
@@ -43,6 +45,7 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
+    "Add", "Concat", "Graph", "Model",
     "AvgPool2d", "Conv2d", "DataNotFoundError", "DownloadError", "FileFormatError", "Flatten",
     "InputError", "Linear", "MaxPool2d", "MicrocnnError", "ReLU", "Sequential", "Sigmoid",
     "Softmax", "__version__", "calibrate", "compress", "lenet", "load", "load_model", "quantize",
