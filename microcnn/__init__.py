@@ -4,10 +4,10 @@ Importing microcnn compiles nothing: Numba kernels compile (or load from cache) 
 """
 
 from .errors import DataNotFoundError, DownloadError, FileFormatError, InputError, MicrocnnError
+from .graph import Add, Concat, Graph
 from .io import save_model
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
 from .lenet import lenet
-from .graph import Add, Concat, Graph
 from .model import Model
 from .network import Sequential
 
