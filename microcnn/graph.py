@@ -343,6 +343,14 @@ class Graph(FloatModel):
                            "layer": {"type": n.layer.type, **n.layer.config()}} for n in self.nodes]}
 
     @classmethod
+    def from_sequential(cls, net, input_name: str = INPUT) -> Graph:
+        """The chain ``net`` (a Sequential) as a graph sharing its layers, nodes named as its layers."""
+        names = list(net.names)
+        return cls([(n, layer, [prev]) for n, layer, prev in zip(names, net.layers, [input_name, *names],
+                                                                   strict=False)],
+                   input_name, names[-1], input_shape=net.input_shape)
+
+    @classmethod
     def from_config(cls, cfg: dict) -> Graph:
         """Rebuild a graph from ``config()`` (every node, edge and shape checked)."""
         nodes = _config_nodes(cfg)

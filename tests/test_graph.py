@@ -11,6 +11,7 @@ import pytest
 import microcnn
 from microcnn import losses, optim
 from microcnn.autograd import Tensor
+from microcnn.datasets import load_mnist
 from microcnn.errors import FileFormatError, InputError
 from microcnn.graph import Add, Concat, Graph
 from microcnn.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Softmax
@@ -238,3 +239,16 @@ def test_tensor_read_directly_and_through_an_op_gets_both_gradients():
     g = np.random.default_rng(1).normal(size=out.shape).astype(np.float32)
     (out * Tensor(g)).sum().backward()
     np.testing.assert_allclose(t.grad, g[:, :3] + 2 * g[:, 3:], rtol=1e-6, atol=1e-6)
+
+
+def test_lenet_as_a_graph_is_bit_identical_to_the_sequential():
+    net = microcnn.lenet(weights="bundled")
+    g = Graph.from_sequential(net)
+    images = load_mnist("test")[0][:300]
+    assert [type(gr.layer).__name__ for s in g.plan() for gr in s.groups] == \
+        [type(gr.layer).__name__ for gr in net.inference_groups()]  # the same fused calls
+    assert np.array_equal(g.predict(images), net.predict(images))
+    for n in (1, 7):  # small batches: the Sequential runs its compiled program, same bits
+        net.predict(images[:n])
+        assert np.array_equal(g.predict(images[:n]), net.predict(images[:n]))
+    assert g.layer_table().drop(columns="Inputs").equals(net.layer_table().drop(columns="Inputs"))
