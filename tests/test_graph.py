@@ -252,3 +252,19 @@ def test_lenet_as_a_graph_is_bit_identical_to_the_sequential():
         net.predict(images[:n])
         assert np.array_equal(g.predict(images[:n]), net.predict(images[:n]))
     assert g.layer_table().drop(columns="Inputs").equals(net.layer_table().drop(columns="Inputs"))
+
+
+def test_intermediates_are_dropped_after_their_last_reader():
+    # Eight residual blocks: 24 nodes, 16 activations made. Kept to the end they would peak above 16
+    # inputs' worth; dropped after their last reader, at most the input, a block's input, its conv/ReLU
+    # output (overwritten in place) and the sum are alive.
+    nodes, prev = [], "x"
+    for i in range(8):
+        nodes += [(f"c{i}", Conv2d(8, 8, 1), [prev]), (f"r{i}", ReLU(), [f"c{i}"]),
+                  (f"a{i}", Add(), [f"r{i}", prev])]
+        prev = f"a{i}"
+    g = Graph(nodes, "x", prev, input_shape=(8, 32, 32))
+    x = np.random.default_rng(0).random((64, 8, 32, 32), dtype=np.float32)
+    want = g.trace(x)[-1].output
+    assert np.array_equal(g.forward(x), want)
+    assert ref.peak_bytes(lambda: g.forward(x)) < 4 * x.nbytes
