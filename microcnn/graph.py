@@ -9,6 +9,7 @@ Linear+ReLU run as one call inside a graph too; a tensor is dropped once its las
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from .errors import FileFormatError, InputError
 from .io import MAX_ACTIVATION_ELEMENTS
 from .layers import Layer, Softmax, layer_from_config, parameter_shapes
 from .model import INPUT, LayerNode, LayerTrace, sample_output_shape
-from .network import FloatModel, FusedGroup, fuse_chain
+from .network import FloatModel, FusedGroup, fold_pair, folds_into, fuse_chain
 
 
 def _same_rank(op: str, shapes) -> None:
@@ -330,6 +331,25 @@ class Graph(FloatModel):
         self._plans[target] = steps
         return steps
 
+    def fold_batchnorm(self) -> Graph:
+        """A new Graph with every BatchNorm node merged into the Conv2d/Linear node it reads when the BN
+        is that node's only reader; the merged node keeps the conv's name and the BN's readers read it."""
+        readers: dict = {}
+        for n in self.nodes:
+            for i in n.inputs:
+                readers[i] = readers.get(i, 0) + 1
+        rename, nodes = {}, {}
+        for n in self.nodes:
+            src = self._by_name.get(n.inputs[0])
+            if (src is not None and folds_into(src.layer, n.layer) and readers[src.name] == 1
+                    and src.name != self.output_name):
+                nodes[src.name] = (src.name, fold_pair(src.layer, n.layer), nodes[src.name][2])
+                rename[n.name] = src.name
+            else:
+                nodes[n.name] = (n.name, copy.deepcopy(n.layer), [rename.get(i, i) for i in n.inputs])
+        return Graph(list(nodes.values()), self.input_name, rename.get(self.output_name, self.output_name),
+                     input_shape=self.input_shape)
+
     # -- parameters, architecture, files ------------------------------------------------------------
     def named_parameters(self) -> list[tuple[str, Tensor]]:
         """``("<node>.weight", Tensor)``, ``("<node>.bias", Tensor)`` for each node with parameters."""
@@ -472,19 +492,19 @@ def _checked_nodes(nodes, input_name: str) -> list[LayerNode]:
 
 
 def _topological(nodes: list[LayerNode], input_name: str) -> list[LayerNode]:
-    """``nodes`` in an order where every node comes after its inputs (given order kept where it can
-    be), or InputError naming a node on a cycle."""
+    """``nodes`` in an order where every node comes after its inputs: the given order when it is one,
+    else each time the first node (in the given order) whose inputs are ready; or InputError naming a
+    node on a cycle."""
     done, order, pending = {input_name}, [], list(nodes)
     while pending:
-        ready = [n for n in pending if all(i in done for i in n.inputs)]
-        if not ready:
+        k = next((k for k, n in enumerate(pending) if all(i in done for i in n.inputs)), None)
+        if k is None:
             loop = _cycle({n.name: n for n in pending}, pending[0])
             raise InputError(f"Graph node {loop[0]!r}: on a cycle ({' -> '.join(loop)}); a graph must be "
                              "acyclic")
-        for n in ready:
-            done.add(n.name)
-        order += ready
-        pending = [n for n in pending if n.name not in done]
+        node = pending.pop(k)
+        done.add(node.name)
+        order.append(node)
     return order
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from .kernels import program
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
 from .model import INPUT, LayerNode, LayerTrace, Model
 
-__all__ = ["PROGRAM_MAX_BATCH", "FloatModel", "FusedGroup", "LayerTrace", "Sequential", "fuse_chain",
-           "layer_names"]
+__all__ = ["BATCHNORM_TYPES", "PROGRAM_MAX_BATCH", "FloatModel", "FusedGroup", "LayerTrace", "Sequential",
+           "fold_pair", "folds_into", "fuse_chain", "layer_names"]
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
@@ -35,6 +36,22 @@ def layer_names(layers) -> list[str]:
         if counts.get(short) == 1:
             names[names.index(f"{short}1")] = short
     return names
+
+
+BATCHNORM_TYPES = ("BatchNorm2d", "BatchNorm1d")  # by type name, as the file formats name layers
+
+
+def folds_into(layer, bn) -> bool:
+    """Whether ``bn`` is a batch norm that ``layers.fold_batchnorm`` merges into ``layer`` (its input)."""
+    return bn.type in BATCHNORM_TYPES and isinstance(layer, Conv2d | Linear)
+
+
+def fold_pair(layer, bn) -> Layer:
+    """``layers.fold_batchnorm(layer, bn)``: a new Conv2d/Linear computing ``bn(layer(x))`` with running
+    statistics (inference). Looked up at call time: the function comes with the BatchNorm layers."""
+    from . import layers
+
+    return layers.fold_batchnorm(layer, bn)
 
 
 _F32 = np.dtype(np.float32)
@@ -248,6 +265,12 @@ class FloatModel(Model):
             params[k].data[...] = arr
             params[k].version += 1
 
+    def fold_batchnorm(self) -> FloatModel:
+        """A new model of the same class in which every BatchNorm that reads a Conv2d/Linear (its only
+        reader) is merged into it (``layers.fold_batchnorm``, running statistics): inference and
+        quantization then see one layer. Other layers are copied; this model is unchanged."""
+        raise NotImplementedError
+
     def set_conv_algorithm(self, algorithm: str) -> FloatModel:
         from .convolution import ALGORITHM_VARIANTS, ALGORITHMS
 
@@ -401,6 +424,17 @@ class Sequential(FloatModel):
             x = layer.forward(x)
             records.append(LayerTrace(i, name, layer.type, x, time.perf_counter() - t0))
         return records
+
+    def fold_batchnorm(self) -> Sequential:
+        layers, out, i = self.layers, [], 0
+        while i < len(layers):
+            if i + 1 < len(layers) and folds_into(layers[i], layers[i + 1]):
+                out.append(fold_pair(layers[i], layers[i + 1]))
+                i += 2
+            else:
+                out.append(copy.deepcopy(layers[i]))
+                i += 1
+        return Sequential(*out, input_shape=self.input_shape)
 
     def layer_nodes(self) -> list[LayerNode]:
         """Each layer reads the previous one's output (the first reads the input)."""

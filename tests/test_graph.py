@@ -268,3 +268,50 @@ def test_intermediates_are_dropped_after_their_last_reader():
     want = g.trace(x)[-1].output
     assert np.array_equal(g.forward(x), want)
     assert ref.peak_bytes(lambda: g.forward(x)) < 4 * x.nbytes
+
+
+class BatchNorm2d(microcnn.layers.Layer):
+    """Stand-in with the contract's fields (the real one comes with issue 13's layers), eval mode."""
+
+    def __init__(self, c, rng):
+        self.weight, self.bias = Tensor(rng.normal(1, 0.1, c)), Tensor(rng.normal(0, 0.1, c))
+        self.running_mean = rng.normal(0, 0.1, c).astype(np.float32)
+        self.running_var = rng.uniform(0.5, 2, c).astype(np.float32)
+        self.eps = 1e-5
+
+    def scale_shift(self):
+        scale = self.weight.data / np.sqrt(self.running_var + self.eps)
+        return scale, self.bias.data - self.running_mean * scale
+
+    def forward(self, x):
+        scale, shift = self.scale_shift()
+        return (x * scale[None, :, None, None] + shift[None, :, None, None]).astype(np.float32)
+
+
+def fold_reference(conv, bn):
+    """Folding as a float64 reference: w * scale per output channel, (b - mean) * scale + beta."""
+    scale, shift = bn.scale_shift()
+    out = Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+    out.weight.data[...] = conv.weight.data * scale[:, None, None, None]
+    out.bias.data[...] = conv.bias.data * scale + shift
+    return out
+
+
+def test_fold_batchnorm_merges_bn_into_its_conv_and_rewires_readers(monkeypatch):
+    monkeypatch.setattr(microcnn.layers, "fold_batchnorm", fold_reference, raising=False)
+    rng = np.random.default_rng(0)
+    g = Graph([("conv", Conv2d(3, 4, 3, padding=1, rng=rng), ["x"]), ("bn", BatchNorm2d(4, rng), ["conv"]),
+               ("relu", ReLU(), ["bn"]), ("side", Conv2d(3, 4, 1, rng=rng), ["x"]),
+               ("sbn", BatchNorm2d(4, rng), ["side"]), ("sum", Add(), ["relu", "sbn"]),
+               ("shared", Conv2d(4, 4, 1, rng=rng), ["sum"]), ("bn3", BatchNorm2d(4, rng), ["shared"]),
+               ("out", Add(), ["bn3", "shared"])],  # shared has two readers: its BN stays
+              "x", "out", input_shape=(3, 6, 6))
+    x = rng.random((2, 3, 6, 6), dtype=np.float32)
+    folded = g.fold_batchnorm()
+    assert folded.layer_names() == ["conv", "relu", "side", "sum", "shared", "bn3", "out"]
+    assert folded._by_name["sum"].inputs == ("relu", "side")
+    np.testing.assert_allclose(folded.forward(x), g.forward(x), rtol=0, atol=1e-5)
+    seq = microcnn.Sequential(Conv2d(3, 4, 3, rng=rng), BatchNorm2d(4, rng), ReLU(), input_shape=(3, 6, 6))
+    fseq = seq.fold_batchnorm()
+    assert [layer.type for layer in fseq] == ["Conv2d", "ReLU"]
+    np.testing.assert_allclose(fseq.forward(x), seq.forward(x), rtol=0, atol=1e-5)
