@@ -160,6 +160,10 @@ class Model(ABC):
             raise InputError(f"labels: expected shape {pred.shape}, found {labels.shape}")
         return float((pred == labels).mean())
 
+    def summary(self):
+        """A table of layers: name, type, output shape, parameter count (``layer_table`` has more)."""
+        return self.layer_table()[["Layer", "Type", "Output Shape", "Parameters"]]
+
     def layer_table(self, input_shape: tuple | None = None):
         """A pandas DataFrame, one row per layer: Layer, Type, Inputs, Output Shape (one sample),
         Parameters, MACs (per sample; Conv2d and Linear, 0 for the others). Shapes and MACs need an

@@ -464,7 +464,3 @@ class Sequential(FloatModel):
                 raise InputError(f"architecture: expected a layer object, found {str(c)[:100]}")
             layers.append(layer_from_config(c))
         return cls(*layers, input_shape=cfg.get("input_shape"))
-
-    def summary(self):
-        """A table of layers: name, type, output shape, parameter count (``layer_table`` has more)."""
-        return self.layer_table()[["Layer", "Type", "Output Shape", "Parameters"]]
