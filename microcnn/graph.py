@@ -493,26 +493,38 @@ def _checked_nodes(nodes, input_name: str) -> list[LayerNode]:
 
 def _topological(nodes: list[LayerNode], input_name: str) -> list[LayerNode]:
     """``nodes`` in an order where every node comes after its inputs: the given order when it is one,
-    else each time the first node (in the given order) whose inputs are ready; or InputError naming a
-    node on a cycle."""
-    done, order, pending = {input_name}, [], list(nodes)
-    while pending:
-        k = next((k for k, n in enumerate(pending) if all(i in done for i in n.inputs)), None)
-        if k is None:
-            loop = _cycle({n.name: n for n in pending}, pending[0])
-            raise InputError(f"Graph node {loop[0]!r}: on a cycle ({' -> '.join(loop)}); a graph must be "
-                             "acyclic")
-        node = pending.pop(k)
-        done.add(node.name)
-        order.append(node)
+    else each time the earliest given node whose inputs are ready (a heap: n log n even for a hostile
+    file's hundred thousand nodes in reverse); or InputError naming a node on a cycle."""
+    import heapq
+
+    waiting = [len(set(n.inputs) - {input_name}) for n in nodes]
+    readers: dict = {}
+    for k, n in enumerate(nodes):
+        for i in set(n.inputs) - {input_name}:
+            readers.setdefault(i, []).append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for r in readers.get(nodes[k].name, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) < len(nodes):
+        pending = {n.name: n for k, n in enumerate(nodes) if waiting[k] > 0}
+        loop = _cycle(pending, next(iter(pending.values())))
+        raise InputError(f"Graph node {loop[0]!r}: on a cycle ({' -> '.join(loop)}); a graph must be "
+                         "acyclic")
     return order
 
 
 def _cycle(pending: dict, node: LayerNode) -> list[str]:
     """A cycle among ``pending`` nodes (each has an unfinished input), found by walking inputs back."""
-    path: list[str] = []
+    path: dict[str, int] = {}
     while node.name not in path:
-        path.append(node.name)
+        path[node.name] = len(path)
         node = pending[next(i for i in node.inputs if i in pending)]
-    loop = path[path.index(node.name):][::-1]  # in data-flow order
+    loop = list(path)[path[node.name]:][::-1]  # in data-flow order
     return [*loop, loop[0]]
