@@ -184,6 +184,13 @@ def _rewrite_architecture(src, dst, edit):
     (lambda a: a.update(input_shape=[1, 8, 8]), "'conv1'.*expected input \\(N, 3, H, W\\)"),
     (lambda a: a.update(input_shape=[3, 4096, 4096]), "at most"),
     (lambda a: a["nodes"][9]["layer"].update(in_features=10**9), "tensors do not match"),
+    (lambda a: a["nodes"][1].update(name="conv1"), "'conv1': duplicate"),
+    (lambda a: a["nodes"][1].update(inputs=5), "'relu1': expected a list of input names"),
+    (lambda a: a.update(outputs=["nope"]), "outputs: expected the name of a node"),
+    (lambda a: a["nodes"][0].update(extra=1), "node 0: expected"),
+    (lambda a: a["nodes"].append({"name": "spare", "inputs": ["x"], "layer": {"type": "ReLU"}}),
+     "'spare': its output is never read"),
+    (lambda a: a["nodes"][3].update(inputs=["conv2"]), "'add' \\(Add\\): expected at least 2"),
 ])
 def test_malformed_graph_files_are_refused(tmp_path, edit, message):
     good = tmp_path / "good.safetensors"
