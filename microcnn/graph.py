@@ -417,7 +417,7 @@ def load_graph(path, st) -> Graph:
     checked before any tensor byte is read."""
     from .io import architecture_of, check_declared_sizes, check_weights
 
-    arch = architecture_of(path, st.metadata)
+    arch = architecture_of(path, st.metadata, allow_graph=True)
     kind = st.metadata.get("kind", "fp32")
     if kind != "fp32":
         raise FileFormatError(path, "a graph model is stored in FP32 only", "kind=fp32", f"kind={kind}")

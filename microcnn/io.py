@@ -257,7 +257,9 @@ def save_model(net, path, metadata: dict | None = None) -> None:
     write_safetensors(path, net.state_dict(), meta)
 
 
-def architecture_of(path, metadata) -> dict:
+def architecture_of(path, metadata, allow_graph: bool = False) -> dict:
+    """The architecture a file's metadata declares: ``{"layers": [...]}`` (a Sequential) or, with
+    ``allow_graph``, ``{"nodes": [...], ...}`` (a ``graph.Graph``, checked in full when built)."""
     if metadata.get("format") != FORMAT_NAME:
         raise FileFormatError(path, "not a microcnn model (no architecture in __metadata__)",
                               f"format={FORMAT_NAME}", metadata.get("format"))
@@ -267,11 +269,11 @@ def architecture_of(path, metadata) -> dict:
         arch = load_json_bounded(metadata["architecture"], path, "architecture")
     except FileFormatError as exc:
         raise FileFormatError(path, f"architecture metadata missing or invalid ({exc.what})") from None
-    key = "nodes" if isinstance(arch, dict) and "nodes" in arch else "layers"  # a Graph, or a chain
+    key = "nodes" if allow_graph and isinstance(arch, dict) and "nodes" in arch else "layers"
     if not (isinstance(arch, dict) and isinstance(arch.get(key), list)
             and all(isinstance(c, dict) for c in arch[key])):
-        raise FileFormatError(path, "architecture metadata malformed",
-                              '{"layers": [{...}, ...]} or {"nodes": [{...}, ...], ...}',
+        raise FileFormatError(path, "architecture metadata malformed", '{"layers": [{...}, ...]}' +
+                              (' or {"nodes": [{...}, ...], ...}' if allow_graph else ""),
                               metadata["architecture"][:120])
     return arch
 
@@ -424,7 +426,7 @@ def read_model_state(path, expected: dict | None = None, declared: dict | None =
         metadata = st.metadata
         if metadata.get("kind", "fp32") != "fp32":
             raise FileFormatError(path, "expected FP32 weights", "kind=fp32", f"kind={metadata.get('kind')}")
-        arch = architecture_of(path, metadata) if metadata else None
+        arch = architecture_of(path, metadata, allow_graph=True) if metadata else None
         if expected is not None and arch is not None and _structure(arch) != _structure(expected):
             raise FileFormatError(path, "architecture differs from the network being loaded",
                                   _layer_types(expected), _layer_types(arch))

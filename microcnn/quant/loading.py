@@ -48,7 +48,7 @@ def load_model(path):
                               "net.load(path) (e.g. microcnn.lenet(weights=path))")
     with SafetensorsFile(path) as st:
         metadata = st.metadata
-        arch = architecture_of(path, metadata)
+        arch = architecture_of(path, metadata, allow_graph=True)
         if is_graph_config(arch):
             return load_graph(path, st)
         kind = metadata.get("kind", "fp32")
