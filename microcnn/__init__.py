@@ -4,6 +4,7 @@ Importing microcnn compiles nothing: Numba kernels compile (or load from cache) 
 """
 
 from .errors import DataNotFoundError, DownloadError, FileFormatError, InputError, MicrocnnError
+from .graph import Add, Concat, Graph
 from .io import save_model
 from .layers import (
     AvgPool2d,
@@ -24,6 +25,7 @@ from .layers import (
     fold_batchnorm,
 )
 from .lenet import lenet
+from .model import Model
 from .network import Sequential
 
 __version__ = "0.1.0"
@@ -60,6 +62,7 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
+    "Add", "Concat", "Graph", "Model",
     "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv2d", "DataNotFoundError", "DownloadError", "Dropout",
     "FileFormatError", "Flatten", "GlobalAvgPool2d", "InputError", "LeakyReLU", "Linear", "MaxPool2d",
     "MicrocnnError", "ReLU", "ReLU6", "Sequential", "Sigmoid", "Softmax", "Tanh", "__version__",

@@ -156,16 +156,20 @@ class Tensor:
 
 def _topological_order(root: Tensor) -> list[Tensor]:
     """Nodes that need a gradient, each after all its parents (iterative: deep graphs are fine)."""
-    order, seen, stack = [], {id(root)}, [(root, False)]
+    # A node is marked when it is expanded, not when pushed: a tensor read both directly and through
+    # another op (a residual's skip) must come before that op, wherever the walk first met it.
+    order, seen, stack = [], set(), [(root, False)]
     while stack:
         node, expanded = stack.pop()
         if expanded:
             order.append(node)
             continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
         stack.append((node, True))
         for p in node.parents:
             if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
                 stack.append((p, False))
     return order
 

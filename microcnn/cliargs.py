@@ -76,3 +76,11 @@ def float_in(low: float, high: float | None = None, what: str = "a number", low_
 
     parse.__name__ = "number"
     return parse
+
+
+def dataset_spec(text: str) -> str:
+    """``--dataset``: a dataset name (mnist, fashion-mnist) or the path of an .npz file."""
+    names = ("mnist", "fashion-mnist")
+    if text in names or text.lower().endswith(".npz"):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)} or a .npz file, found {text!r}")

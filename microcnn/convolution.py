@@ -266,9 +266,7 @@ def _conv_layers(net):
 
 
 def _images(net, images):
-    if hasattr(net, "check_input"):
-        return net.check_input(images)
-    return np.ascontiguousarray(images, np.float32)
+    return net.check_input(images)  # every model (``model.Model``) validates its own input
 
 
 def _check_algorithms(algorithms):
@@ -295,7 +293,7 @@ def benchmark_algorithms(net, images, algorithms=ALGORITHMS, repeats=5, progress
 
     algorithms = _check_algorithms(algorithms)
     images = _images(net, images)
-    run = net.logits if hasattr(net, "logits") else net.forward
+    run = net.logits
     layers = _conv_layers(net)
     saved = [layer.algorithm for _, layer in layers]
     order = ("naive",) + tuple(a for a in algorithms if a != "naive")

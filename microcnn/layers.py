@@ -106,6 +106,9 @@ class Layer:
     def eval(self) -> Layer:
         return self.train(False)
 
+    def _check_input(self, x) -> None:
+        """Refuse an input (N, ...) this layer cannot take; by default any is accepted."""
+
     def config(self) -> dict:
         """The constructor arguments, enough to rebuild the layer (weights are stored apart)."""
         return {}
@@ -705,9 +708,3 @@ def state_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     if min(weight) < 1:
         raise InputError(f"{cls.__name__}: expected kernel_size >= 1, found {weight[2:]}")
     return dict(weight=weight, bias=(out,)) if a["bias"] else dict(weight=weight)
-
-
-def parameter_shapes(cfg: dict) -> list[tuple[int, ...]]:
-    """Shapes of the parameters ``layer_from_config(cfg)`` would create, in ``parameters()`` order."""
-    shapes = state_shapes(cfg)
-    return [shapes[name] for name in ("weight", "bias") if name in shapes]

@@ -30,10 +30,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "microcnn"
 # Every module of the package belongs to exactly one layer (kernels/ and quant/ by their folder).
 # (The import layers of tests/test_architecture.py are finer; resolve and timing count as engine here.)
 ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors", "fileutil", "io",
-          "jsonutil", "layers", "lenet", "losses", "network", "optim", "resolve", "timing", "train"}
+          "jsonutil", "layers", "lenet", "losses", "model", "graph", "network", "optim", "resolve", "timing",
+          "train"}
 TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
-BUDGET = {"engine": 7400, "quant": 2050, "tools": 3300}  # both raises above: 5,900 + 800 + 700
+# engine +500 (issue 13): the model interface (model.py) and graphs (graph.py: Add, Concat,
+# Graph with its checks, plans and files), about +500 lines; tools stay bound by the 0.55 ratio.
+BUDGET = {"engine": 7900, "quant": 2050, "tools": 3300}  # 5,900 + the three raises above
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import FileFormatError, InputError
 from ..fileutil import StrPath
+from ..graph import is_graph_config, load_graph
 from ..io import (
     SafetensorsFile,
     architecture_of,
@@ -62,7 +63,9 @@ def load_model(path: StrPath) -> Sequential | QuantizedSequential | CompressedMo
                               "net.load(path) (e.g. microcnn.lenet(weights=path))")
     with SafetensorsFile(path) as st:
         metadata = st.metadata
-        arch = architecture_of(path, metadata)
+        arch = architecture_of(path, metadata, allow_graph=True)
+        if is_graph_config(arch):
+            return load_graph(path, st)
         kind = metadata.get("kind", "fp32")
         if kind == KIND_CALIBRATION or kind not in MODEL_KINDS:  # refused before anything is built
             refuse_kind(path, kind)
