@@ -13,6 +13,7 @@ a quantized network. Feature maps need ``trace(x)`` (``Sequential`` has it).
 
 from __future__ import annotations
 
+import html
 import io
 from dataclasses import dataclass, field
 
@@ -68,13 +69,28 @@ def _probabilities(name, model, x) -> np.ndarray:
     return probs
 
 
-def prediction_panel(models: dict, image) -> pd.DataFrame:
-    """Class probabilities of one image under every model: rows are classes 0-9 (index ``Class``),
-    columns the model names in the dict's order. ``image``: (28, 28), (1, 28, 28) or (1, 1, 28, 28)."""
+def _logits(name, model, x) -> np.ndarray:
+    if not callable(getattr(model, "logits", None)):
+        raise InputError(f"models[{name!r}]: expected an object with .logits(x) for the logits view, "
+                         f"found {type(model).__name__}")
+    out = np.asarray(model.logits(x), dtype=np.float64)
+    if out.shape != (len(x), NUM_CLASSES):
+        raise InputError(f"models[{name!r}].logits: expected shape ({len(x)}, {NUM_CLASSES}), found {out.shape}")
+    return out
+
+
+def prediction_panel(models: dict, image, scores: str = "probabilities") -> pd.DataFrame:
+    """Class probabilities (or, ``scores="logits"``, the scores before the softmax) of one image under
+    every model: rows are classes 0-9 (index ``Class``), columns the model names in the dict's order.
+    ``image``: (28, 28), (1, 28, 28) or (1, 1, 28, 28)."""
+    if scores not in ("probabilities", "logits"):
+        raise InputError(f"scores: expected 'probabilities' or 'logits', found {scores!r}")
     x = _one_image(image)
-    columns = {name: _probabilities(name, model, x)[0] for name, model in _check_models(models).items()}
+    score = _probabilities if scores == "probabilities" else _logits
+    columns = {name: score(name, model, x)[0] for name, model in _check_models(models).items()}
     panel = pd.DataFrame(columns, index=pd.RangeIndex(NUM_CLASSES, name="Class"))
     panel.columns.name = "Model"
+    panel.attrs["scores"] = scores
     return panel
 
 
@@ -89,27 +105,33 @@ def prediction_summary(panel: pd.DataFrame, label: int | None = None) -> str:
 
 
 def probability_figure(panel: pd.DataFrame, label: int | None = None, title: str | None = None,
-                       figsize=(6.4, 2.6)) -> Figure:
+                       figsize=(6.4, 2.6), logits: pd.DataFrame | None = None) -> Figure:
     """Grouped bars: for each class, one bar per model (the panel's columns) side by side.
-    The true ``label``, when given, is marked on the class axis."""
-    fig = Figure(figsize=figsize, layout="constrained")
-    ax = fig.add_subplot()
-    classes = panel.index.to_numpy()
-    width = 0.8 / max(1, panel.shape[1])
-    for j, name in enumerate(panel.columns):
-        offset = (j - (panel.shape[1] - 1) / 2) * width
-        ax.bar(classes + offset, panel[name].to_numpy(), width, label=str(name))
-    ax.set_xticks(classes)
-    ax.set_xlabel("class")
-    ax.set_ylabel("probability")
-    ax.set_ylim(0, 1.05)
-    if label is not None:
-        ax.get_xticklabels()[int(label)].set_fontweight("bold")
-        ax.axvspan(label - 0.45, label + 0.45, color="0.9", zorder=0)
+    The true ``label``, when given, is marked on the class axis. ``logits`` (a
+    ``prediction_panel(..., scores="logits")``) adds a second panel beside it with the logits."""
+    panels = [panel] if logits is None else [panel, logits]
+    fig = Figure(figsize=(figsize[0] * len(panels), figsize[1]), layout="constrained")
+    for ax, part in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
+        classes = part.index.to_numpy()
+        width = 0.8 / max(1, part.shape[1])
+        for j, name in enumerate(part.columns):
+            ax.bar(classes + (j - (part.shape[1] - 1) / 2) * width, part[name].to_numpy(), width,
+                   label=str(name))
+        ax.set_xticks(classes)
+        ax.set_xlabel("class")
+        if part.attrs.get("scores") == "logits":
+            ax.set_ylabel("logit (before softmax)")
+            ax.axhline(0, color="black", linewidth=0.6)
+        else:
+            ax.set_ylabel("probability")
+            ax.set_ylim(0, 1.05)
+        if label is not None:
+            ax.get_xticklabels()[int(label)].set_fontweight("bold")
+            ax.axvspan(label - 0.45, label + 0.45, color="0.9", zorder=0)
+        ax.set_title(title if title is not None else
+                     ("" if label is None else f"true label {int(label)} (shaded)"), fontsize="medium")
     # Outside the axes: inside, it would hide the tall bars of the low classes.
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    ax.set_title(title if title is not None else
-                 ("" if label is None else f"true label {int(label)} (shaded)"), fontsize="medium")
     return fig
 
 
@@ -166,22 +188,43 @@ def _find_record(records, layer):
                      f"0..{len(records) - 1}, found {layer!r}")
 
 
-def feature_maps_figure(net, image, layer, max_maps: int = 16, cmap: str = "viridis") -> Figure:
-    """The output of ``layer`` (name like ``"conv1"`` or index) for one image, from ``net.trace``.
+def _map_colours(values) -> dict:
+    """imshow colours for maps: a diverging colormap centred at zero when the values have both signs
+    (red positive, blue negative, white 0), else viridis over their range."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if lo < 0 < hi:
+        top = max(-lo, hi)
+        return {"cmap": "RdBu_r", "vmin": -top, "vmax": top}
+    return {"cmap": "viridis", "vmin": lo, "vmax": hi if hi > lo else lo + 1}
+
+
+def _show_input(ax, x) -> None:
+    ax.imshow(np.asarray(x).reshape(FIELD, FIELD), cmap="gray", vmin=0, vmax=1)
+    ax.set_title("input", fontsize="x-small")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def feature_maps_figure(net, image, layer, max_maps: int = 16) -> Figure:
+    """The output of ``layer`` (name like ``"conv1"`` or index) for one image, from ``net.trace``, with
+    the input image in the first panel.
 
     Spatial outputs (C, H, W) show up to ``max_maps`` channels as a grid of images sharing one
-    colour scale; flat outputs (F,) and 1x1 maps (F, 1, 1) show as bars, one per unit.
+    colour scale (diverging, centred at 0, for signed maps); flat outputs (F,) and 1x1 maps (F, 1, 1)
+    show as bars, one per unit.
     """
     if max_maps < 1:
         raise InputError(f"max_maps: expected >= 1, found {max_maps}")
-    record = _find_record(net.trace(_one_image(image)), layer)
+    x = _one_image(image)
+    record = _find_record(net.trace(x), layer)
     out = record.output[0]
     heading = f"{record.name} ({record.type}) output, shape {tuple(out.shape)}"
     if out.ndim == 3 and out.shape[1:] == (1, 1):  # 1x1 maps read better as one bar per channel
         out = out.reshape(-1)
     if out.ndim == 1:
-        fig = Figure(figsize=(6.4, 2.4), layout="constrained")
-        ax = fig.add_subplot()
+        fig = Figure(figsize=(7.6, 2.4), layout="constrained")
+        ax_in, ax = fig.subplots(1, 2, width_ratios=(1, 5))
+        _show_input(ax_in, x)
         ax.bar(np.arange(out.size), out, width=0.9)
         ax.set_xlabel("unit")
         ax.set_ylabel("activation")
@@ -191,18 +234,23 @@ def feature_maps_figure(net, image, layer, max_maps: int = 16, cmap: str = "viri
     cols = min(shown, 8)
     rows = -(-shown // cols)
     # A fixed layout: constrained layout would more than double the render time of a slider step.
-    width, height = 1.1 * cols + 1.0, 1.1 * rows + 0.7
+    width, height = 1.1 * (cols + 1) + 1.0, 1.1 * rows + 0.7
     fig = Figure(figsize=(width, height))
     fig.subplots_adjust(left=0.35 / width, right=1 - 0.95 / width, bottom=0.3 / height,
                         top=1 - 0.55 / height, wspace=0.1, hspace=0.3)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    lo, hi = float(out[:shown].min()), float(out[:shown].max())
+    grid = fig.subplots(rows, cols + 1, squeeze=False)
+    for ax in grid[:, 0]:
+        ax.set_axis_off()
+    _show_input(grid[0, 0], x)
+    grid[0, 0].set_axis_on()
+    axes = grid[:, 1:]
+    colours = _map_colours(out[:shown])
     image_artist = None
     for k, ax in enumerate(axes.flat):
         if k >= shown:
             ax.set_axis_off()
             continue
-        image_artist = ax.imshow(out[k], cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1)
+        image_artist = ax.imshow(out[k], **colours)
         ax.set_title(f"ch {k}", fontsize="x-small")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -213,6 +261,110 @@ def feature_maps_figure(net, image, layer, max_maps: int = 16, cmap: str = "viri
     more = f", first {shown} of {out.shape[0]} channels" if shown < out.shape[0] else ""
     fig.suptitle(heading + more, fontsize="medium")
     return fig
+
+
+# ------------------------------------------------------------------------------------ saliency
+OCCLUSION_PATCH = 4  # px: 7x7 patches cover a 28x28 digit; one batch of 49 occluded copies
+
+
+def saliency(model, image, target: int | None = None) -> tuple[np.ndarray, str]:
+    """Which pixels the score of class ``target`` (default: the predicted class) depends on, as a
+    (28, 28) float64 map, and the method used.
+
+    An FP32 ``Sequential`` gets the input gradient d logit_target / d pixel, through microcnn's
+    autograd ("gradient"; the network's own parameter gradients are left as they were). Other models
+    (quantized networks: integer kernels have no gradient) get occlusion ("occlusion"): the drop of
+    the target logit when an ``OCCLUSION_PATCH``-square patch is set to 0 (MNIST's background), spread
+    over the patch's pixels. Both are signed: positive pixels support the class."""
+    from .autograd import Tensor
+    from .network import Sequential
+
+    x = _one_image(image)
+    if target is None:
+        target = int(_probabilities("model", model, x)[0].argmax())
+    if not isinstance(target, int | np.integer) or not 0 <= target < NUM_CLASSES:
+        raise InputError(f"target: expected a class 0..{NUM_CLASSES - 1}, found {target!r}")
+    if isinstance(model, Sequential):
+        params = model.parameters()
+        kept = [p.grad for p in params]
+        t = Tensor(x, requires_grad=True)
+        out = model.logits(t)
+        seed = np.zeros(out.shape, np.float32)
+        seed[0, target] = 1.0
+        out.backward(seed)
+        for p, g in zip(params, kept, strict=True):
+            p.grad = g
+        return t.grad[0, 0].astype(np.float64), "gradient"
+    n = FIELD // OCCLUSION_PATCH
+    batch = np.repeat(x, n * n, axis=0)
+    for k in range(n * n):
+        i, j = divmod(k, n)
+        batch[k, 0, i * OCCLUSION_PATCH:(i + 1) * OCCLUSION_PATCH, j * OCCLUSION_PATCH:(j + 1) * OCCLUSION_PATCH] = 0
+    base = _logits("model", model, x)[0, target]
+    drops = (base - _logits("model", model, batch)[:, target]).reshape(n, n) / OCCLUSION_PATCH ** 2
+    return np.kron(drops, np.ones((OCCLUSION_PATCH, OCCLUSION_PATCH))), "occlusion"
+
+
+def saliency_figure(image, saliency_map, method: str, title: str = "") -> Figure:
+    """The input image beside its saliency map (diverging colours centred at 0, red: supports the class)."""
+    fig = Figure(figsize=(5.2, 2.5), layout="constrained")
+    ax_in, ax = fig.subplots(1, 2)
+    _show_input(ax_in, image)
+    art = ax.imshow(saliency_map, **_map_colours(np.append(saliency_map, [-1e-12, 1e-12])))
+    ax.set_title(f"{method} saliency", fontsize="x-small")
+    ax.set_xlabel("x (px)", fontsize="small")
+    ax.set_ylabel("y (px)", fontsize="small")
+    fig.colorbar(art, ax=ax, label="d logit / d pixel" if method == "gradient" else "logit drop per pixel")
+    if title:
+        fig.suptitle(title, fontsize="small")
+    return fig
+
+
+# ------------------------------------------------------------------------------------ uploads
+MODEL_SUFFIXES = (".safetensors", ".raw", ".onnx")
+
+
+def load_model_bytes(name: str, data: bytes):
+    """A model from an uploaded file (its name and bytes), read by the same loader with the same checks
+    and error messages as a file on disk (``microcnn.resolve.load_model_spec``; ``.onnx`` where the
+    loader reads it). The bytes go to a private temporary file of that name, removed afterwards."""
+    import tempfile
+    from pathlib import Path
+
+    from .resolve import load_model_spec
+
+    name = Path(str(name)).name
+    if Path(name).suffix.lower() not in MODEL_SUFFIXES:
+        raise InputError(f"{name}: expected a model file ending in {', '.join(MODEL_SUFFIXES)}, "
+                         f"found {Path(name).suffix or 'no suffix'}")
+    with tempfile.TemporaryDirectory(prefix="microcnn-upload-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(bytes(data))
+        try:
+            return load_model_spec(str(path))
+        except InputError as exc:  # name the uploaded file, not the temporary copy
+            raise InputError(str(exc).replace(str(path), name)) from None
+
+
+def load_dataset_bytes(name: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 (N, 1, 28, 28), labels int64 (N,)) from an uploaded ``.npz`` holding arrays
+    ``images`` ((N, 28, 28) or (N, 1, 28, 28); uint8 0..255 or float 0..1) and ``labels`` (classes
+    0..9). Read with ``allow_pickle=False``: an upload never runs code."""
+    try:
+        with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in ("images", "labels") if k in archive.files}
+            found = archive.files
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{name}: expected an .npz archive (numpy.savez), could not read it ({exc})") from None
+    if len(arrays) < 2:
+        raise InputError(f"{name}: expected arrays 'images' and 'labels', found {found}")
+    images = as_image_batch(arrays["images"], IMAGE_SHAPE, name=f"{name}: images")
+    labels = arrays["labels"]
+    if (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)
+            or labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise InputError(f"{name}: labels: expected {len(images)} integer classes 0..{NUM_CLASSES - 1}, "
+                         f"found {labels.dtype} of shape {labels.shape}")
+    return images, labels.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------ misclassified
@@ -354,6 +506,7 @@ class ExplorerState:
     predicted: dict = field(default_factory=dict)  # name -> predicted classes of every image
     wrong: dict = field(default_factory=dict)  # name -> misclassified indices
     layer: str = ""
+    saliency_model: str = ""  # whose saliency the explorer shows
 
 
 def explorer_state(models: dict, images, labels, net=None) -> ExplorerState:
@@ -369,7 +522,8 @@ def explorer_state(models: dict, images, labels, net=None) -> ExplorerState:
             raise InputError("models: none has .trace(x) for feature maps; pass net= explicitly")
     predicted = {name: _probabilities(name, m, images).argmax(1) for name, m in models.items()}
     wrong = {name: misclassified(None, images, labels, predicted=p) for name, p in predicted.items()}
-    return ExplorerState(models, images, labels, net, predicted, wrong, layer=layer_choices(net)[0])
+    return ExplorerState(models, images, labels, net, predicted, wrong, layer=layer_choices(net)[0],
+                         saliency_model=next(iter(models)))
 
 
 def _check_index(state: ExplorerState, index) -> int:
@@ -384,13 +538,48 @@ def on_index_change(state: ExplorerState, index: int) -> dict:
     index = _check_index(state, index)
     image, label = state.images[index], int(state.labels[index])
     panel = prediction_panel(state.models, image)
+    # the logits beside the probabilities, when every model exposes them
+    logits = prediction_panel(state.models, image, "logits") if all(
+        callable(getattr(m, "logits", None)) for m in state.models.values()) else None
     return {
         "index": index,
         "panel": panel,
+        "logits": logits,
         "summary": f"test image {index}: " + prediction_summary(panel, label),
-        "probabilities_png": figure_png(probability_figure(panel, label)),
+        "probabilities_png": figure_png(probability_figure(panel, label, logits=logits)),
         "feature_maps_png": figure_png(feature_maps_figure(state.net, image, state.layer)),
     }
+
+
+def on_saliency_change(state: ExplorerState, index: int, model: str | None = None) -> bytes:
+    """Saliency of image ``index`` for its predicted class under ``model`` (default: the last one
+    chosen) as PNG bytes: gradient for an FP32 network, occlusion for the others."""
+    index = _check_index(state, index)
+    model = state.saliency_model if model is None else model
+    if model not in state.models:
+        raise InputError(f"model: expected one of {list(state.models)}, found {model!r}")
+    state.saliency_model = model
+    image, target = state.images[index], int(state.predicted[model][index])
+    sal, method = saliency(state.models[model], image, target)
+    return figure_png(saliency_figure(image, sal, method, f"{model}: class {target} (predicted)"))
+
+
+def on_upload(state: ExplorerState, name: str, data: bytes) -> str:
+    """A file uploaded in the explorer: an ``.npz`` data set replaces the images and labels; a model
+    file joins the models under its file name and becomes the one whose feature maps are shown. The
+    state is rebuilt (every image predicted again); a bad file raises InputError and changes nothing.
+    Returns a line saying what was loaded."""
+    if str(name).lower().endswith(".npz"):
+        images, labels = load_dataset_bytes(name, data)
+        new = explorer_state(state.models, images, labels, net=state.net)
+        what = f"data set {name}: {len(images):,} images"
+    else:
+        model = load_model_bytes(name, data)
+        new = explorer_state({**state.models, name: model}, state.images, state.labels,
+                             net=model if hasattr(model, "trace") else state.net)
+        what = f"model {name}: {len(new.wrong[name])} of {len(new.images):,} images misclassified"
+    state.__dict__.update(vars(new))
+    return "loaded " + what
 
 
 def on_layer_change(state: ExplorerState, index: int, layer: str) -> bytes:
@@ -488,6 +677,11 @@ def explorer(models: dict, images, labels, net=None):
     wrong_model = w.Dropdown(options=list(state.wrong), description="mistakes of")
     page = w.IntSlider(0, 0, 0, description="page")
     count = w.HTML()
+    salient_model = w.Dropdown(options=list(state.models), description="saliency of")
+    salient = w.Image(format="png")
+    uploads = [w.FileUpload(accept=",".join(MODEL_SUFFIXES), description="model"),
+               w.FileUpload(accept=".npz", description="data (.npz)")]
+    status = w.HTML("A model (.safetensors, .raw, .onnx) or a data set (.npz with arrays images, labels)")
 
     shown = {}  # what the view shows now, for the static preview
 
@@ -498,6 +692,7 @@ def explorer(models: dict, images, labels, net=None):
         _show_png(bars, out["probabilities_png"])
         _show_png(maps, out["feature_maps_png"])
         shown.update(summary=out["summary"], bars=out["probabilities_png"], maps=out["feature_maps_png"])
+        _show_png(salient, on_saliency_change(state, slider.value, salient_model.value))
 
     def show_layer(change):
         shown["maps"] = on_layer_change(state, slider.value, change["new"])
@@ -521,15 +716,34 @@ def explorer(models: dict, images, labels, net=None):
         finally:
             updating.clear()
 
+    def show_upload(change):
+        if not change["new"]:
+            return
+        file = change["new"][0]
+        try:
+            status.value = html.escape(on_upload(state, file["name"], file["content"]))
+        except InputError as exc:  # the file's problem, said in the widget; the view stays as it was
+            status.value = f"<span style='color:#b00020'>{html.escape(str(exc))}</span>"
+            return
+        slider.max = len(state.images) - 1
+        layer.options, layer.value = layer_choices(state.net), state.layer
+        wrong_model.options = salient_model.options = list(state.models)
+        show_index()
+        show_mistakes()
+
     slider.observe(show_index, "value")
     layer.observe(show_layer, "value")
     wrong_model.observe(show_mistakes, "value")
     page.observe(show_mistakes, "value")
+    salient_model.observe(lambda change: show_index(), "value")
+    for upload in uploads:
+        upload.observe(show_upload, "value")
     show_index()
     show_mistakes()
-    tabs = w.Tab([w.VBox([layer, maps]), w.VBox([w.HBox([wrong_model, page, count]), grid])])
-    tabs.set_title(0, "feature maps")
-    tabs.set_title(1, "misclassified")
+    tabs = w.Tab([w.VBox([layer, maps]), w.VBox([w.HBox([wrong_model, page, count]), grid]),
+                  w.VBox([salient_model, salient]), w.VBox([w.HBox(uploads), status])])
+    for k, title in enumerate(("feature maps", "misclassified", "saliency", "load your own")):
+        tabs.set_title(k, title)
 
     def preview():
         return (f"Explorer (static preview; interactive in Jupyter): {shown['summary']}; feature maps of "

@@ -130,21 +130,30 @@ def test_feature_maps_show_the_layer_outputs(mnist, net):
     for rec in records:
         fig = W.feature_maps_figure(net, image, rec.name, max_maps=8)
         out = rec.output[0]
+        # the input image first, beside the maps
+        assert fig.axes[0].get_title() == "input"
+        np.testing.assert_array_equal(fig.axes[0].get_images()[0].get_array(), image[0])
         if out.ndim == 3 and out.shape[1:] != (1, 1):
-            shown = [im.get_array() for ax in fig.axes for im in ax.get_images()]
-            assert len(shown) == min(8, out.shape[0])
-            for k, arr in enumerate(shown):
-                np.testing.assert_array_equal(np.asarray(arr), out[k])
-            assert fig.axes[0].get_title() == "ch 0"
+            maps = [im for ax in fig.axes[1:] for im in ax.get_images()]
+            assert len(maps) == min(8, out.shape[0])
+            for k, im in enumerate(maps):
+                np.testing.assert_array_equal(np.asarray(im.get_array()), out[k])
+            assert fig.axes[[ax.get_title() for ax in fig.axes].index("ch 0")].get_images()
+            shown = out[:8]
+            lo, hi = maps[0].get_clim()
+            if shown.min() < 0 < shown.max():  # signed (conv outputs): diverging, centred at 0
+                assert maps[0].get_cmap().name == "RdBu_r" and lo == -hi == -np.abs(shown).max()
+            else:  # ReLU / pooling outputs: one-sided
+                assert maps[0].get_cmap().name == "viridis" and (lo, hi) == (shown.min(), shown.max())
         else:
-            ax = fig.axes[0]
+            ax = fig.axes[1]
             np.testing.assert_allclose([bar.get_height() for bar in ax.containers[0]], out.reshape(-1))
             assert ax.get_xlabel() == "unit" and ax.get_ylabel() == "activation"
-        heading = fig.texts[0].get_text() if fig.texts else fig.axes[0].get_title()
+        heading = fig.texts[0].get_text() if fig.texts else fig.axes[1].get_title()
         assert heading.startswith(f"{rec.name} ({rec.type}) output, shape {out.shape}")
     # A layer can be named by index too; unknown layers list the choices.
     by_index = W.feature_maps_figure(net, image, 3, max_maps=16)
-    assert len([im for ax in by_index.axes for im in ax.get_images()]) == 16
+    assert len([im for ax in by_index.axes for im in ax.get_images()]) == 16 + 1  # + the input
     with pytest.raises(InputError, match=r"expected one of \['conv1'.*found 'conv9'"):
         W.feature_maps_figure(net, image, "conv9")
     with pytest.raises(InputError, match="max_maps"):
