@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from .checks import as_image_batch
 from .datasets import box_weights
-from .errors import InputError
+from .errors import InputError, MicrocnnError
 from .kernels.linalg import matmul
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -342,8 +342,9 @@ def load_model_bytes(name: str, data: bytes):
         path.write_bytes(bytes(data))
         try:
             return load_model_spec(str(path))
-        except InputError as exc:  # name the uploaded file, not the temporary copy
-            raise InputError(str(exc).replace(str(path), name)) from None
+        except MicrocnnError as exc:  # the same error, naming the uploaded file, not the temporary copy
+            exc.args = (str(exc).replace(str(path), name),)
+            raise
 
 
 def load_dataset_bytes(name: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -358,7 +359,8 @@ def load_dataset_bytes(name: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"{name}: expected an .npz archive (numpy.savez), could not read it ({exc})") from None
     if len(arrays) < 2:
         raise InputError(f"{name}: expected arrays 'images' and 'labels', found {found}")
-    images = as_image_batch(arrays["images"], IMAGE_SHAPE, name=f"{name}: images")
+    images = arrays["images"]
+    images = as_image_batch(images[:, None] if images.ndim == 3 else images, IMAGE_SHAPE, name=f"{name}: images")
     labels = arrays["labels"]
     if (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)
             or labels.min() < 0 or labels.max() >= NUM_CLASSES):
@@ -722,7 +724,7 @@ def explorer(models: dict, images, labels, net=None):
         file = change["new"][0]
         try:
             status.value = html.escape(on_upload(state, file["name"], file["content"]))
-        except InputError as exc:  # the file's problem, said in the widget; the view stays as it was
+        except MicrocnnError as exc:  # the file's problem, said in the widget; the view stays as it was
             status.value = f"<span style='color:#b00020'>{html.escape(str(exc))}</span>"
             return
         slider.max = len(state.images) - 1
