@@ -146,15 +146,6 @@ def sweep_pivot(sweep: pd.DataFrame, values: str = "Accuracy (%)") -> pd.DataFra
     return wide.loc[methods, columns]
 
 
-def spread_table(sweep: pd.DataFrame, samples: int) -> pd.DataFrame:
-    """Misclassified test images at ``samples`` calibration images: median and min-max over the seeds,
-    one row per method, one column per precision (``"72 (70-75)"``)."""
-    part = sweep[sweep["Calibration Images"] == samples]
-    stats = part.groupby(["Method", "Precision"], sort=False)["Errors"].agg(["median", "min", "max"])
-    text = stats.apply(lambda r: f"{r['median']:.0f} ({r['min']}-{r['max']})", axis=1).unstack("Precision")
-    return text.loc[list(dict.fromkeys(part["Method"])), list(dict.fromkeys(part["Precision"]))]
-
-
 # ------------------------------------------------------------------------------ worked example
 def requantization_example(net, qnet, image, layer: str = "fc1", unit: int | None = None) -> pd.Series:
     """Every number of one output of one integer layer (a ``QLinear`` stage of ``qnet``, the quantized
@@ -167,16 +158,13 @@ def requantization_example(net, qnet, image, layer: str = "fc1", unit: int | Non
     from .quant.params import fixed_point_multiplier
 
     x = net.check_input(image)[:1]
-    index = net.names.index(layer) if layer in net.names else None
-    stages = qnet.stages
-    k = next((i for i, st in enumerate(stages) if index in st.layers), None)
-    if k is None or not isinstance(stages[k], qlayers.QLinear) or stages[k].out_act is None:
-        raise InputError(f"layer: expected a dense layer with an integer output, one of "
-                         f"{[qnet.names[st.layers[0]] for st in stages if isinstance(st, qlayers.QLinear) and st.out_act]}"
-                         f", found {layer!r}")
-    stage = stages[k]
-    q_in = x
-    for st in stages[:k]:
+    dense = {qnet.names[st.layers[0]]: k for k, st in enumerate(qnet.stages)
+             if isinstance(st, qlayers.QLinear) and st.out_act is not None}
+    if layer not in dense:
+        raise InputError(f"layer: expected a dense layer with an integer output, one of {list(dense)}, "
+                         f"found {layer!r}")
+    stage, q_in = qnet.stages[dense[layer]], x
+    for st in qnet.stages[:dense[layer]]:
         q_in = st.run(q_in)
     fp32 = {r.name: r.output[0] for r in net.trace(x)}
     out_name = net.names[stage.layers[-1]]
@@ -199,7 +187,7 @@ def requantization_example(net, qnet, image, layer: str = "fc1", unit: int | Non
         "acc (int32 accumulator)": acc, "M = s_x s_w / s_y": m, "M0": m0, "n (shift)": shift,
         "M0 * 2^-n": m0 / 2.0 ** shift, "round(acc * M)": rounded, "q_y (clamped)": q_y,
         "q_y (network kernel)": int(stage.run(q_in)[0, unit]), "y = s_y (q_y - z_y)": s_y * (q_y - z_y),
-        "y (FP32 network)": float(fp32[out_name][unit])}, name=f"image 0, {layer} unit {unit}", dtype=object)
+        "y (FP32 network)": float(fp32[out_name][unit])}, name=f"{layer} unit {unit}", dtype=object)
 
 
 # ------------------------------------------------------------------------------ convolution cost

@@ -621,12 +621,8 @@ def on_drawing_change(models: dict, pixels: bytes, width: int, height: int) -> d
 
 def _input_figure(image) -> Figure:
     fig = Figure(figsize=(1.8, 1.9), layout="constrained")
-    ax = fig.add_subplot()
-    ax.imshow(image.reshape(FIELD, FIELD), cmap="gray", vmin=0, vmax=1)
-    ax.set_title("network input (28×28)", fontsize="x-small")
-    ax.set_xlabel("x (px)", fontsize="x-small")
-    ax.set_ylabel("y (px)", fontsize="x-small")
-    ax.tick_params(labelsize="xx-small")
+    _show_input(fig.add_subplot(), image)
+    fig.axes[0].set_title("network input (28×28)", fontsize="x-small")
     return fig
 
 
@@ -758,73 +754,12 @@ def explorer(models: dict, images, labels, net=None):
     return box
 
 
-_CANVAS_ESM = """
-export default {
-  render({ model, el }) {
-    const width = model.get("width"), height = model.get("height");
-    const canvas = document.createElement("canvas");
-    canvas.width = width;
-    canvas.height = height;
-    canvas.className = "microcnn-canvas";
-    canvas.style.cssText = `width:${width}px;height:${height}px;cursor:crosshair;touch-action:none;` +
-      "border:1px solid #888;display:block";
-    const ctx = canvas.getContext("2d", { willReadFrequently: true });
-    const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, width, height); };
-    clear();
-    let drawing = false, last = null, timer = null;
-    // Bright strokes on black, as in MNIST; one grey byte per pixel goes to Python.
-    const send = () => {
-      timer = null;
-      const rgba = ctx.getImageData(0, 0, width, height).data;
-      const grey = new Uint8Array(width * height);
-      for (let i = 0; i < grey.length; i++) grey[i] = rgba[4 * i];
-      model.set("pixels", new DataView(grey.buffer));
-      model.save_changes();
-    };
-    const at = (e) => {
-      const r = canvas.getBoundingClientRect();
-      return [(e.clientX - r.left) * width / r.width, (e.clientY - r.top) * height / r.height];
-    };
-    const line = (a, b) => {
-      ctx.strokeStyle = "#fff";
-      ctx.lineWidth = model.get("stroke_width");
-      ctx.lineCap = "round";
-      ctx.lineJoin = "round";
-      ctx.beginPath();
-      ctx.moveTo(a[0], a[1]);
-      ctx.lineTo(b[0], b[1]);
-      ctx.stroke();
-    };
-    canvas.addEventListener("pointerdown", (e) => {
-      drawing = true;
-      last = at(e);
-      line(last, last);
-      canvas.setPointerCapture(e.pointerId);
-      e.preventDefault();
-    });
-    canvas.addEventListener("pointermove", (e) => {
-      if (!drawing) return;
-      const p = at(e);
-      line(last, p);
-      last = p;
-      if (timer === null) timer = setTimeout(send, 150);  // live, but not on every mouse event
-    });
-    const finish = () => {
-      if (!drawing) return;
-      drawing = false;
-      if (timer !== null) clearTimeout(timer);
-      send();
-    };
-    canvas.addEventListener("pointerup", finish);
-    canvas.addEventListener("pointercancel", finish);
-    const button = document.createElement("button");
-    button.textContent = "Clear";
-    button.className = "microcnn-clear";
-    button.onclick = () => { clear(); send(); };
-    el.append(canvas, button);
-  }
-};
-"""
+def asset(name: str) -> str:
+    """A text file of microcnn/assets/ (the drawing canvas's JavaScript, the report's stylesheet):
+    read at run time, so front-end code lives in files of its own language."""
+    from importlib.resources import files
+
+    return files("microcnn").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def _canvas_class():
@@ -836,7 +771,7 @@ def _canvas_class():
         class DrawingCanvas(anywidget.AnyWidget):
             """A mouse drawing surface; ``pixels`` holds its grey levels, row-major uint8."""
 
-            _esm = _CANVAS_ESM
+            _esm = asset("canvas.js")
             width = traitlets.Int(280).tag(sync=True)
             height = traitlets.Int(280).tag(sync=True)
             stroke_width = traitlets.Int(22).tag(sync=True)
