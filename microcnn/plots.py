@@ -419,14 +419,16 @@ def _artist_arrays(ax) -> list:
 
 def figure_summary(fig: Figure, digits: int = SUMMARY_DIGITS) -> str:
     """A compact text fingerprint of what ``fig`` plots, for the notebooks' compared outputs (nbval sees
-    a changed plot, not only ``<Figure size ... with N Axes>``): one line per axes with its title,
-    y label, y range and artist counts, and a SHA-1 (first 12 hex digits) of every plotted number
-    written to ``digits`` significant digits plus every text shown."""
+    a changed plot, not only ``<Figure size ... with N Axes>``). Each number drawn (line data, bar and
+    histogram geometry, images, error bars, scatter) is written to ``digits`` significant digits and
+    hashed with the texts shown (titles, labels, annotations) into a SHA-1 (12 hex digits): a first
+    line for the whole figure, then one per axes that draws more than images (title, y label and
+    range, artist counts, its own hash)."""
     import hashlib
 
     if not isinstance(fig, Figure):
         raise InputError(f"fig: expected a matplotlib Figure, found {type(fig).__name__}")
-    lines = []
+    whole, lines = hashlib.sha1(), []
     for k, ax in enumerate(fig.axes):
         digest = hashlib.sha1()
         for arr in _artist_arrays(ax):
@@ -434,9 +436,11 @@ def figure_summary(fig: Figure, digits: int = SUMMARY_DIGITS) -> str:
             digest.update(" ".join(f"{v:.{digits}g}" for v in values).encode() + b";")
         texts = [t.get_text() for t in ax.texts] + [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
         digest.update("|".join(texts).encode())
-        lo, hi = ax.get_ylim()
-        lines.append(f"axes {k} {ax.get_title() or ax.get_label()!r}: {ax.get_ylabel()!r} "
-                     f"{lo:.3g}..{hi:.3g} ({ax.get_yscale()}), {len(ax.get_lines())} lines, "
-                     f"{len(ax.patches)} patches, {len(ax.images)} images, {len(ax.collections)} "
-                     f"collections, sha1 {digest.hexdigest()[:12]}")
-    return "\n".join(lines)
+        whole.update(digest.digest())
+        if (ax.get_lines() or ax.patches or ax.collections) and ax.get_label() != "<colorbar>":
+            lo, hi = ax.get_ylim()
+            lines.append(f"axes {k} {ax.get_title()!r}: {ax.get_ylabel()!r} {lo:.3g}..{hi:.3g} "
+                         f"({ax.get_yscale()}), {len(ax.get_lines())} lines, {len(ax.patches)} patches, "
+                         f"{len(ax.collections)} collections, sha1 {digest.hexdigest()[:12]}")
+    images = sum(len(ax.images) for ax in fig.axes)
+    return "\n".join([f"figure: {len(fig.axes)} axes, {images} images, sha1 {whole.hexdigest()[:12]}", *lines])

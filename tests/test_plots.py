@@ -313,12 +313,12 @@ def test_figure_summary_changes_with_the_plotted_data_only():
 
     base = P.figure_summary(figure([3.0, 1.0]))
     lines = base.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("axes 0 't': 'forward time (ms)' 0..3.15 (linear), 0 lines, "
-                                                   "2 patches")
+    assert len(lines) == 3 and lines[0].startswith("figure: 2 axes, 0 images, sha1 ")
+    assert lines[1].startswith("axes 0 't': 'forward time (ms)' 0..3.15 (linear), 0 lines, 2 patches")
     assert P.figure_summary(figure([3.0, 1.0])) == base  # deterministic
     assert P.figure_summary(figure([3.0, 1.0 + 1e-9])) == base  # below the stated precision (6 digits)
     changed = P.figure_summary(figure([3.0, 1.001]))
-    assert changed != base and changed.splitlines()[1] == lines[1]  # only the changed axes differs
+    assert changed != base and changed.splitlines()[2] == lines[2]  # only the changed axes differs
     assert P.figure_summary(figure([3.0, 1.0], title="u")) != base
     with pytest.raises(InputError, match="Figure"):
         P.figure_summary("not a figure")
@@ -335,12 +335,14 @@ def test_figure_summary_sees_images_lines_and_errorbars():
         return P.figure_summary(fig)
 
     image = np.arange(12.0).reshape(3, 4)
-    base = fig_of(image, [1.0, 2.0], [0.1, 0.2])
+    base = fig_of(image, [1.0, 2.0], [0.1, 0.2]).splitlines()
+    assert len(base) == 2 and base[0].startswith("figure: 2 axes, 1 images")  # image axes: in the total only
     bumped = image.copy()
     bumped[1, 1] += 0.01
-    assert fig_of(bumped, [1.0, 2.0], [0.1, 0.2]).splitlines()[0] != base.splitlines()[0]
-    assert fig_of(image, [1.0, 2.5], [0.1, 0.2]).splitlines()[1] != base.splitlines()[1]
-    assert fig_of(image, [1.0, 2.0], [0.1, 0.3]).splitlines()[1] != base.splitlines()[1]
+    bumped_lines = fig_of(bumped, [1.0, 2.0], [0.1, 0.2]).splitlines()
+    assert bumped_lines[0] != base[0] and bumped_lines[1] == base[1]  # the image changed, the plot did not
+    assert fig_of(image, [1.0, 2.5], [0.1, 0.2]).splitlines()[1] != base[1]
+    assert fig_of(image, [1.0, 2.0], [0.1, 0.3]).splitlines()[1] != base[1]
 
 
 def test_notebook_style_sets_the_dpi_once():
