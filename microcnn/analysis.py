@@ -91,13 +91,11 @@ def calibration_sweep(net, calibration_images, images, labels, sizes=(10, 100, 1
     """Accuracy of quantized copies of ``net`` on (images, labels) for every calibration method and
     number of calibration images.
 
-    For each size n, seed and method: ``calibrate(net, calibration_images, method, samples=n, seed=s)``
-    (a seeded random subset of the training images; every method sees the same n images), then each
-    precision of ``microcnn.quant.precision.build_precision`` ("int8" = W8A8, "w4a8", "int4" = W4A4) with the
-    default quantization settings. ``seeds`` (several calibration subsets, for the spread between them)
-    replaces the single ``seed``. Long format, one row per (size, seed, method, precision): Method,
-    Calibration Images, Precision (upper case), Seed, Accuracy (%), Errors (misclassified images) and
-    Test Images.
+    For each size n, seed s (``seeds``: several subsets, for their spread; default ``(seed,)``) and
+    method: ``calibrate(net, calibration_images, method, samples=n, seed=s)`` (every method sees the same
+    images), then each precision of ``microcnn.quant.precision.build_precision`` ("int8" = W8A8,
+    "w4a8", "int4" = W4A4) with the default settings. One row per (size, seed, method, precision):
+    ``SWEEP_COLUMNS`` (Errors: misclassified images).
     """
     from .quant import calibrate
     from .quant.precision import QUANTIZED_PRECISIONS, build_precision
@@ -144,50 +142,6 @@ def sweep_pivot(sweep: pd.DataFrame, values: str = "Accuracy (%)") -> pd.DataFra
     methods = list(dict.fromkeys(sweep["Method"]))
     columns = list(dict.fromkeys(zip(sweep["Precision"], sweep["Calibration Images"], strict=True)))
     return wide.loc[methods, columns]
-
-
-# ------------------------------------------------------------------------------ worked example
-def requantization_example(net, qnet, image, layer: str = "fc1", unit: int | None = None) -> pd.Series:
-    """Every number of one output of one integer layer (a ``QLinear`` stage of ``qnet``, the quantized
-    ``net``) for one image, worked through by hand with Python integers: the int32 accumulator
-    ``sum_k (q_x - z_x) q_w + q_b``, the real multiplier ``M = s_x s_w / s_y``, its fixed-point form
-    ``M0 * 2**-n``, the rounding ``(acc * M0 + 2**(n-1)) >> n``, the clamp, and the real value, next to
-    what the network's kernel computed and the FP32 layer's output. ``unit``: the output unit (default:
-    the one with the largest FP32 output)."""
-    from .quant import qlayers
-    from .quant.params import fixed_point_multiplier
-
-    x = net.check_input(image)[:1]
-    dense = {qnet.names[st.layers[0]]: k for k, st in enumerate(qnet.stages)
-             if isinstance(st, qlayers.QLinear) and st.out_act is not None}
-    if layer not in dense:
-        raise InputError(f"layer: expected a dense layer with an integer output, one of {list(dense)}, "
-                         f"found {layer!r}")
-    stage, q_in = qnet.stages[dense[layer]], x
-    for st in qnet.stages[:dense[layer]]:
-        q_in = st.run(q_in)
-    fp32 = {r.name: r.output[0] for r in net.trace(x)}
-    out_name = net.names[stage.layers[-1]]
-    unit = int(np.argmax(fp32[out_name])) if unit is None else int(unit)
-    s_x, z_x = stage.in_act.scale, stage.in_act.zero_point
-    s_w = float(np.broadcast_to(stage.weight_scale, (stage.weight_shape[0],))[unit])
-    s_y, z_y = stage.out_act.scale, stage.out_act.zero_point
-    x_int = [int(v) - z_x for v in q_in[0].reshape(-1)]
-    w_int = [int(v) for v in stage.weight_values[unit].reshape(-1)]
-    bias = int(stage.bias_q[unit])
-    acc = sum(a * b for a, b in zip(x_int, w_int, strict=True)) + bias
-    m = s_x * s_w / s_y
-    m0, shift = (int(v[0]) for v in fixed_point_multiplier(m))
-    rounded = (acc * m0 + (1 << (shift - 1))) >> shift
-    q_y = min(max(rounded + z_y, stage.lo), stage.hi)
-    return pd.Series({
-        "Layer": "+".join(net.names[i] for i in stage.layers), "Unit": unit, "K (inputs)": len(x_int),
-        "s_x (input scale)": s_x, "z_x (input zero point)": z_x, "s_w (weight scale)": s_w,
-        "s_y (output scale)": s_y, "z_y (output zero point)": z_y, "q_b (int32 bias)": bias,
-        "acc (int32 accumulator)": acc, "M = s_x s_w / s_y": m, "M0": m0, "n (shift)": shift,
-        "M0 * 2^-n": m0 / 2.0 ** shift, "round(acc * M)": rounded, "q_y (clamped)": q_y,
-        "q_y (network kernel)": int(stage.run(q_in)[0, unit]), "y = s_y (q_y - z_y)": s_y * (q_y - z_y),
-        "y (FP32 network)": float(fp32[out_name][unit])}, name=f"{layer} unit {unit}", dtype=object)
 
 
 # ------------------------------------------------------------------------------ convolution cost

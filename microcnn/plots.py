@@ -135,13 +135,6 @@ def _error_spread(rows: pd.DataFrame, by) -> pd.DataFrame:
     return rows.groupby(by, sort=False)["Errors"].agg(["median", "min", "max"])
 
 
-def _spread_bars(ax, x, spread: pd.DataFrame, **style):
-    """Median with a min-max error bar; an ``errorbar`` container whose data ``figure_summary`` sees."""
-    med = spread["median"].to_numpy(float)
-    yerr = np.vstack([med - spread["min"].to_numpy(float), spread["max"].to_numpy(float) - med])
-    return ax.errorbar(x, med, yerr=yerr, capsize=3, **style)
-
-
 def calibration_sweep_figure(sweep: pd.DataFrame, fp32_accuracy: float | None = None,
                              limit: float | None = None) -> Figure:
     """Test errors (misclassified images, linear axis from 0) against the number of calibration images
@@ -161,7 +154,9 @@ def calibration_sweep_figure(sweep: pd.DataFrame, fp32_accuracy: float | None = 
             spread = _error_spread(part[part["Method"] == method], "Calibration Images").sort_index()
             # methods side by side at each size (a small offset on the log axis) so the bars stay apart
             x = spread.index.to_numpy(float) * 1.08 ** (i - (len(methods) - 1) / 2)
-            _spread_bars(ax, x, spread, marker="o", color=f"C{i + 1}", label=method)
+            med = spread["median"].to_numpy(float)
+            ax.errorbar(x, med, yerr=[med - spread["min"], spread["max"] - med], capsize=3, marker="o",
+                        color=f"C{i + 1}", label=method)
         if fp32_accuracy is not None and images:
             ax.axhline(round(images * (1 - fp32_accuracy)), color="black", linestyle=":", linewidth=1,
                        label="FP32")
@@ -403,8 +398,7 @@ def notebook_style() -> None:
 
 
 def _artist_arrays(ax) -> list:
-    """Every number an axes draws, artist by artist: line data, patch geometry (bars, histograms),
-    images, collections (error bars, scatter), and the texts."""
+    """Every number an axes draws: lines, patches (bars, histograms), images, collections (error bars)."""
     out = [line.get_xydata() for line in ax.get_lines()]
     for patch in ax.patches:
         if hasattr(patch, "get_data"):  # StepPatch (histograms): counts and edges
@@ -418,12 +412,9 @@ def _artist_arrays(ax) -> list:
 
 
 def figure_summary(fig: Figure, digits: int = SUMMARY_DIGITS) -> str:
-    """A compact text fingerprint of what ``fig`` plots, for the notebooks' compared outputs (nbval sees
-    a changed plot, not only ``<Figure size ... with N Axes>``). Each number drawn (line data, bar and
-    histogram geometry, images, error bars, scatter) is written to ``digits`` significant digits and
-    hashed with the texts shown (titles, labels, annotations) into a SHA-1 (12 hex digits): a first
-    line for the whole figure, then one per axes that draws more than images (title, y label and
-    range, artist counts, its own hash)."""
+    """A text fingerprint of what ``fig`` plots, so nbval sees a changed plot: every number drawn, to
+    ``digits`` significant digits, and every text, hashed (SHA-1, 12 hex digits) for the whole figure,
+    then a line per axes that draws more than images (title, y label and range, artists, hash)."""
     import hashlib
 
     if not isinstance(fig, Figure):
@@ -443,4 +434,5 @@ def figure_summary(fig: Figure, digits: int = SUMMARY_DIGITS) -> str:
                          f"({ax.get_yscale()}), {len(ax.get_lines())} lines, {len(ax.patches)} patches, "
                          f"{len(ax.collections)} collections, sha1 {digest.hexdigest()[:12]}")
     images = sum(len(ax.images) for ax in fig.axes)
-    return "\n".join([f"figure: {len(fig.axes)} axes, {images} images, sha1 {whole.hexdigest()[:12]}", *lines])
+    head = f"figure: {len(fig.axes)} axes, {images} images, sha1 {whole.hexdigest()[:12]}"
+    return "\n".join([head, *lines])

@@ -349,7 +349,8 @@ def _page_html(page: Page, previous: Page | None, following: Page | None, execut
     error = (f'<p class="report-error">This notebook did not run to the end: {html.escape(page.error)}</p>\n'
              if page.error else "")
     outputs = "executed for this report" if executed else "as stored in the notebook"
-    return _template("page.html").format(title=html.escape(page.title), stylesheet=STYLESHEET, nav=" · ".join(nav),
+    return _template("page.html").format(title=html.escape(page.title), stylesheet=STYLESHEET,
+                                         nav=" · ".join(nav),
                         error=error, body=page.body,
                         footer=f"{html.escape(page.source.name)}; outputs {outputs}. "
                                f"Rendered by <code>microcnn report</code>.")

@@ -75,7 +75,8 @@ def _logits(name, model, x) -> np.ndarray:
                          f"found {type(model).__name__}")
     out = np.asarray(model.logits(x), dtype=np.float64)
     if out.shape != (len(x), NUM_CLASSES):
-        raise InputError(f"models[{name!r}].logits: expected shape ({len(x)}, {NUM_CLASSES}), found {out.shape}")
+        raise InputError(f"models[{name!r}].logits: expected shape ({len(x)}, {NUM_CLASSES}), "
+                         f"found {out.shape}")
     return out
 
 
@@ -106,9 +107,8 @@ def prediction_summary(panel: pd.DataFrame, label: int | None = None) -> str:
 
 def probability_figure(panel: pd.DataFrame, label: int | None = None, title: str | None = None,
                        figsize=(6.4, 2.6), logits: pd.DataFrame | None = None) -> Figure:
-    """Grouped bars: for each class, one bar per model (the panel's columns) side by side.
-    The true ``label``, when given, is marked on the class axis. ``logits`` (a
-    ``prediction_panel(..., scores="logits")``) adds a second panel beside it with the logits."""
+    """Grouped bars: for each class, one bar per model (the panel's columns); the true ``label`` is
+    shaded. ``logits`` (``prediction_panel(..., scores="logits")``) adds a logits panel beside it."""
     panels = [panel] if logits is None else [panel, logits]
     fig = Figure(figsize=(figsize[0] * len(panels), figsize[1]), layout="constrained")
     for ax, part in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
@@ -189,8 +189,7 @@ def _find_record(records, layer):
 
 
 def _map_colours(values) -> dict:
-    """imshow colours for maps: a diverging colormap centred at zero when the values have both signs
-    (red positive, blue negative, white 0), else viridis over their range."""
+    """imshow colours: diverging (red +, blue -, white 0) centred at 0 for signed maps, else viridis."""
     lo, hi = float(np.min(values)), float(np.max(values))
     if lo < 0 < hi:
         top = max(-lo, hi)
@@ -198,7 +197,7 @@ def _map_colours(values) -> dict:
     return {"cmap": "viridis", "vmin": lo, "vmax": hi if hi > lo else lo + 1}
 
 
-def _show_input(ax, x) -> None:
+def _show_input(ax, x) -> None:  # the network's input, in the panel beside maps and saliency
     ax.imshow(np.asarray(x).reshape(FIELD, FIELD), cmap="gray", vmin=0, vmax=1)
     ax.set_title("input", fontsize="x-small")
     ax.set_xticks([])
@@ -268,14 +267,10 @@ OCCLUSION_PATCH = 4  # px: 7x7 patches cover a 28x28 digit; one batch of 49 occl
 
 
 def saliency(model, image, target: int | None = None) -> tuple[np.ndarray, str]:
-    """Which pixels the score of class ``target`` (default: the predicted class) depends on, as a
-    (28, 28) float64 map, and the method used.
-
-    An FP32 ``Sequential`` gets the input gradient d logit_target / d pixel, through microcnn's
-    autograd ("gradient"; the network's own parameter gradients are left as they were). Other models
-    (quantized networks: integer kernels have no gradient) get occlusion ("occlusion"): the drop of
-    the target logit when an ``OCCLUSION_PATCH``-square patch is set to 0 (MNIST's background), spread
-    over the patch's pixels. Both are signed: positive pixels support the class."""
+    """(map (28, 28) float64, method): how the logit of class ``target`` (default: the predicted one)
+    depends on each pixel. An FP32 ``Sequential``: d logit / d pixel by autograd ("gradient"; its
+    parameter gradients are left as they were). Other models (integer kernels have no gradient): the
+    logit's drop when each ``OCCLUSION_PATCH`` square is set to 0, per pixel ("occlusion")."""
     from .autograd import Tensor
     from .network import Sequential
 
@@ -295,14 +290,15 @@ def saliency(model, image, target: int | None = None) -> tuple[np.ndarray, str]:
         for p, g in zip(params, kept, strict=True):
             p.grad = g
         return t.grad[0, 0].astype(np.float64), "gradient"
-    n = FIELD // OCCLUSION_PATCH
+    p = OCCLUSION_PATCH
+    n = FIELD // p
     batch = np.repeat(x, n * n, axis=0)
     for k in range(n * n):
         i, j = divmod(k, n)
-        batch[k, 0, i * OCCLUSION_PATCH:(i + 1) * OCCLUSION_PATCH, j * OCCLUSION_PATCH:(j + 1) * OCCLUSION_PATCH] = 0
+        batch[k, 0, i * p:(i + 1) * p, j * p:(j + 1) * p] = 0
     base = _logits("model", model, x)[0, target]
-    drops = (base - _logits("model", model, batch)[:, target]).reshape(n, n) / OCCLUSION_PATCH ** 2
-    return np.kron(drops, np.ones((OCCLUSION_PATCH, OCCLUSION_PATCH))), "occlusion"
+    drops = (base - _logits("model", model, batch)[:, target]).reshape(n, n) / p ** 2
+    return np.kron(drops, np.ones((p, p))), "occlusion"
 
 
 def saliency_figure(image, saliency_map, method: str, title: str = "") -> Figure:
@@ -325,9 +321,8 @@ MODEL_SUFFIXES = (".safetensors", ".raw", ".onnx")
 
 
 def load_model_bytes(name: str, data: bytes):
-    """A model from an uploaded file (its name and bytes), read by the same loader with the same checks
-    and error messages as a file on disk (``microcnn.resolve.load_model_spec``; ``.onnx`` where the
-    loader reads it). The bytes go to a private temporary file of that name, removed afterwards."""
+    """A model from an uploaded file's name and bytes, through a temporary file of that name and
+    ``microcnn.resolve.load_model_spec``: the same checks and error messages as a file on disk."""
     import tempfile
     from pathlib import Path
 
@@ -348,19 +343,20 @@ def load_model_bytes(name: str, data: bytes):
 
 
 def load_dataset_bytes(name: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(images float32 (N, 1, 28, 28), labels int64 (N,)) from an uploaded ``.npz`` holding arrays
-    ``images`` ((N, 28, 28) or (N, 1, 28, 28); uint8 0..255 or float 0..1) and ``labels`` (classes
-    0..9). Read with ``allow_pickle=False``: an upload never runs code."""
+    """(images (N, 1, 28, 28) float32, labels int64) from an uploaded ``.npz`` with arrays ``images``
+    ((N, [1,] 28, 28), uint8 or float 0..1) and ``labels`` (0..9); no pickles: an upload runs no code."""
     try:
         with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in ("images", "labels") if k in archive.files}
             found = archive.files
     except (ValueError, OSError, EOFError) as exc:
-        raise InputError(f"{name}: expected an .npz archive (numpy.savez), could not read it ({exc})") from None
+        raise InputError(f"{name}: expected an .npz archive (numpy.savez), could not read it "
+                         f"({exc})") from None
     if len(arrays) < 2:
         raise InputError(f"{name}: expected arrays 'images' and 'labels', found {found}")
     images = arrays["images"]
-    images = as_image_batch(images[:, None] if images.ndim == 3 else images, IMAGE_SHAPE, name=f"{name}: images")
+    images = as_image_batch(images[:, None] if images.ndim == 3 else images, IMAGE_SHAPE,
+                            name=f"{name}: images")
     labels = arrays["labels"]
     if (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)
             or labels.min() < 0 or labels.max() >= NUM_CLASSES):
@@ -554,8 +550,7 @@ def on_index_change(state: ExplorerState, index: int) -> dict:
 
 
 def on_saliency_change(state: ExplorerState, index: int, model: str | None = None) -> bytes:
-    """Saliency of image ``index`` for its predicted class under ``model`` (default: the last one
-    chosen) as PNG bytes: gradient for an FP32 network, occlusion for the others."""
+    """PNG of the saliency of image ``index``'s predicted class under ``model`` (default: the last one)."""
     index = _check_index(state, index)
     model = state.saliency_model if model is None else model
     if model not in state.models:
@@ -567,10 +562,8 @@ def on_saliency_change(state: ExplorerState, index: int, model: str | None = Non
 
 
 def on_upload(state: ExplorerState, name: str, data: bytes) -> str:
-    """A file uploaded in the explorer: an ``.npz`` data set replaces the images and labels; a model
-    file joins the models under its file name and becomes the one whose feature maps are shown. The
-    state is rebuilt (every image predicted again); a bad file raises InputError and changes nothing.
-    Returns a line saying what was loaded."""
+    """An uploaded ``.npz`` replaces the images and labels; a model file joins the models under its
+    name, feature maps showing its layers. A bad file raises and changes nothing. Returns a status line."""
     if str(name).lower().endswith(".npz"):
         images, labels = load_dataset_bytes(name, data)
         new = explorer_state(state.models, images, labels, net=state.net)
@@ -755,8 +748,7 @@ def explorer(models: dict, images, labels, net=None):
 
 
 def asset(name: str) -> str:
-    """A text file of microcnn/assets/ (the drawing canvas's JavaScript, the report's stylesheet):
-    read at run time, so front-end code lives in files of its own language."""
+    """A text file of microcnn/assets/: front-end code (canvas JavaScript, report CSS and HTML)."""
     from importlib.resources import files
 
     return files("microcnn").joinpath("assets", name).read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The worked example of notebook 03 (``analysis.requantization_example``) and the seeded calibration
+"""The worked example of notebook 03 (``quant.explain.requantization_example``) and the seeded calibration
 sweep of notebook 02, against independent references: exact integer and rational arithmetic in plain
 Python, NumPy rounding of the FP32 weights, the network's own integer kernel and its FP32 output."""
 
@@ -11,6 +11,7 @@ from microcnn import analysis as A
 from microcnn.bench import build_precision
 from microcnn.errors import InputError
 from microcnn.quant import calibrate
+from microcnn.quant.explain import requantization_example
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def int8(bundled, mnist_train):
 @pytest.mark.parametrize("image, unit", [(0, None), (1, 5), (7, 40)])
 def test_requantization_example_numbers(bundled, int8, mnist_test, image, unit):
     x = mnist_test[0][image]
-    ex = A.requantization_example(bundled, int8, x, layer="fc1", unit=unit)
+    ex = requantization_example(bundled, int8, x, layer="fc1", unit=unit)
     trace = {r.name: r.output for r in bundled.trace(x[None])}
     if unit is None:  # default: the unit with the largest FP32 output
         assert ex["Unit"] == int(np.argmax(trace["relu4"][0]))
@@ -52,8 +53,8 @@ def test_requantization_example_numbers(bundled, int8, mnist_test, image, unit):
 
 def test_requantization_example_refuses_other_layers(bundled, int8, mnist_test):
     for layer in ("fc2", "conv1", "nope"):
-        with pytest.raises(InputError, match=r"expected a dense layer with an integer output, one of \['fc1'\]"):
-            A.requantization_example(bundled, int8, mnist_test[0][0], layer=layer)
+        with pytest.raises(InputError, match=r"a dense layer with an integer output, one of \['fc1'\]"):
+            requantization_example(bundled, int8, mnist_test[0][0], layer=layer)
 
 
 def test_seeded_sweep_counts_errors_per_seed(bundled, mnist_train, mnist_test):

@@ -157,7 +157,8 @@ def test_calibration_sweep_figure_draws_error_counts_with_seed_spread(sweep):
             line, (bars,) = container.lines[0], container.lines[2]
             x = line.get_xdata()
             for k, n in enumerate((10, 100, 1000)):
-                med, lo, hi = spread(sweep, Method=method, Precision=ax.get_title(), **{"Calibration Images": n})
+                med, lo, hi = spread(sweep, Method=method, Precision=ax.get_title(),
+                                     **{"Calibration Images": n})
                 assert x[k] == pytest.approx(n, rel=0.1)  # methods side by side around n
                 assert line.get_ydata()[k] == med
                 np.testing.assert_allclose(bars.get_segments()[k][:, 1], [lo, hi])

@@ -735,7 +735,8 @@ def test_explorer_loads_an_uploaded_model_and_dataset(mnist, net, trained):
                            "content": memoryview((DATA / "lenet.safetensors").read_bytes())},)
     wrong = W.misclassified(trained, images[:50], labels[:50])
     assert status.value == f"loaded model lenet.safetensors: {len(wrong)} of 50 images misclassified"
-    assert "lenet.safetensors: " in summary.value and list(salient_model.options) == ["FP32", "lenet.safetensors"]
+    assert "lenet.safetensors: " in summary.value
+    assert list(salient_model.options) == ["FP32", "lenet.safetensors"]
     before = salient.value
     salient_model.value = "lenet.safetensors"
     assert salient.value != before
