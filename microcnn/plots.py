@@ -177,10 +177,11 @@ def _mark_off_scale(ax, part: pd.DataFrame, limit: float | None) -> None:
         ax.set_ylim(0, None)
         return
     ax.set_ylim(0, limit)
-    high = part[part["Errors"] > limit]
-    for method, n, errors in zip(high["Method"], high["Calibration Images"], high["Errors"], strict=True):
-        ax.annotate(f"{method}: {errors}", (n, limit), xytext=(0, -14), textcoords="offset points",
-                    ha="center", fontsize="x-small", color="red",
+    high = part[part["Errors"] > limit].groupby(["Method", "Calibration Images"], sort=False)["Errors"]
+    for (method, n), errors in high:  # one note per point: the seeds above the limit, as lo-hi
+        ax.annotate(f"{method}: {errors.min()}" + (f"-{errors.max()}" if errors.max() > errors.min() else ""),
+                    (n, limit), xytext=(4, -12),
+                    textcoords="offset points", fontsize="x-small", color="red",
                     arrowprops={"arrowstyle": "-|>", "color": "red"})
 
 
@@ -433,6 +434,6 @@ def figure_summary(fig: Figure, digits: int = SUMMARY_DIGITS) -> str:
             lines.append(f"axes {k} {ax.get_title()!r}: {ax.get_ylabel()!r} {lo:.3g}..{hi:.3g} "
                          f"({ax.get_yscale()}), {len(ax.get_lines())} lines, {len(ax.patches)} patches, "
                          f"{len(ax.collections)} collections, sha1 {digest.hexdigest()[:12]}")
-    images = sum(len(ax.images) for ax in fig.axes)
-    head = f"figure: {len(fig.axes)} axes, {images} images, sha1 {whole.hexdigest()[:12]}"
+    head = (f"figure: {len(fig.axes)} axes, {sum(len(ax.images) for ax in fig.axes)} images, "
+            f"sha1 {whole.hexdigest()[:12]}")
     return "\n".join([head, *lines])

@@ -238,10 +238,9 @@ def feature_maps_figure(net, image, layer, max_maps: int = 16) -> Figure:
     fig.subplots_adjust(left=0.35 / width, right=1 - 0.95 / width, bottom=0.3 / height,
                         top=1 - 0.55 / height, wspace=0.1, hspace=0.3)
     grid = fig.subplots(rows, cols + 1, squeeze=False)
-    for ax in grid[:, 0]:
+    for ax in grid[1:, 0]:  # the first column holds only the input
         ax.set_axis_off()
     _show_input(grid[0, 0], x)
-    grid[0, 0].set_axis_on()
     axes = grid[:, 1:]
     colours = _map_colours(out[:shown])
     image_artist = None
