@@ -87,15 +87,15 @@ def _check_methods(methods) -> tuple:
 
 def calibration_sweep(net, calibration_images, images, labels, sizes=(10, 100, 1000),
                       methods=CALIBRATION_METHODS, precisions=SWEEP_PRECISIONS, seed: int = 0,
-                      progress: bool = False) -> pd.DataFrame:
+                      progress: bool = False, seeds=None) -> pd.DataFrame:
     """Accuracy of quantized copies of ``net`` on (images, labels) for every calibration method and
     number of calibration images.
 
-    For each size n and method: ``calibrate(net, calibration_images, method, samples=n, seed=seed)``
-    (a seeded random subset of the training images; every method sees the same n images), then each
-    precision of ``microcnn.quant.precision.build_precision`` ("int8" = W8A8, "w4a8", "int4" = W4A4) with the
-    default quantization settings. Long format, one row per (size, method, precision): Method,
-    Calibration Images, Precision (upper case), Accuracy (%).
+    For each size n, seed s (``seeds``: several subsets, for their spread; default ``(seed,)``) and
+    method: ``calibrate(net, calibration_images, method, samples=n, seed=s)`` (every method sees the same
+    images), then each precision of ``microcnn.quant.precision.build_precision`` ("int8" = W8A8,
+    "w4a8", "int4" = W4A4) with the default settings. One row per (size, seed, method, precision):
+    ``SWEEP_COLUMNS`` (Errors: misclassified images).
     """
     from .quant import calibrate
     from .quant.precision import QUANTIZED_PRECISIONS, build_precision
@@ -111,26 +111,34 @@ def calibration_sweep(net, calibration_images, images, labels, sizes=(10, 100, 1
     bad = [p for p in precisions if p not in QUANTIZED_PRECISIONS]
     if bad or not precisions:
         raise InputError(f"precisions: expected names from {QUANTIZED_PRECISIONS}, found {precisions}")
+    seeds = (seed,) if seeds is None else tuple(int(s) for s in seeds)
+    if not seeds:
+        raise InputError("seeds: expected at least one seed, found none")
     labels = np.asarray(labels)
-    runs = [(n, m) for n in sizes for m in methods]
+    runs = [(n, s, m) for n in sizes for s in seeds for m in methods]
     if progress:
         from tqdm.auto import tqdm
 
         runs = tqdm(runs, desc="calibration sweep", unit="calibration")
     rows = []
-    for n, method in runs:
-        cal = calibrate(net, calibration_images, method=method, samples=int(n), seed=seed, progress=False)
+    for n, s, method in runs:
+        cal = calibrate(net, calibration_images, method=method, samples=int(n), seed=s, progress=False)
         for precision in precisions:
-            accuracy = build_precision(net, precision, cal).accuracy(images, labels)
+            wrong = int((build_precision(net, precision, cal).predict_classes(images) != labels).sum())
             rows.append({"Method": method, "Calibration Images": int(n), "Precision": precision.upper(),
-                         "Accuracy (%)": 100 * accuracy})
-    return pd.DataFrame(rows, columns=["Method", "Calibration Images", "Precision", "Accuracy (%)"])
+                         "Seed": s, "Accuracy (%)": 100 * (1 - wrong / len(labels)), "Errors": wrong,
+                         "Test Images": len(labels)})
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
 
 
-def sweep_pivot(sweep: pd.DataFrame) -> pd.DataFrame:
+SWEEP_COLUMNS = ["Method", "Calibration Images", "Precision", "Seed", "Accuracy (%)", "Errors", "Test Images"]
+
+
+def sweep_pivot(sweep: pd.DataFrame, values: str = "Accuracy (%)") -> pd.DataFrame:
     """``calibration_sweep``'s table wide: one row per method (in the sweep's order), one column per
-    (Precision, Calibration Images)."""
-    wide = sweep.pivot(index="Method", columns=["Precision", "Calibration Images"], values="Accuracy (%)")
+    (Precision, Calibration Images); with several seeds, the median over them of ``values``."""
+    wide = sweep.pivot_table(index="Method", columns=["Precision", "Calibration Images"], values=values,
+                             aggfunc="median")
     methods = list(dict.fromkeys(sweep["Method"]))
     columns = list(dict.fromkeys(zip(sweep["Precision"], sweep["Calibration Images"], strict=True)))
     return wide.loc[methods, columns]

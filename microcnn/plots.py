@@ -21,6 +21,11 @@ from .quant.observers import HistogramObserver
 FIGURE_FORMATS = {".png": "png", ".svg": "svg"}
 # 200 dpi: a 6.4-inch figure becomes 1280 px wide, sharp on a high-density screen and in print.
 DEFAULT_DPI = 200
+# Inline figures in the notebooks: readable text (a 6.4-inch figure is 640 px) at a stored size that
+# keeps the notebooks small. Set once, by notebook_style().
+NOTEBOOK_DPI = 100
+# figure_summary: significant digits kept of every plotted number before hashing.
+SUMMARY_DIGITS = 6
 
 
 def _grid(n: int, ncols: int) -> tuple[int, int]:
@@ -126,38 +131,67 @@ def activation_histograms(calibrations: dict, tensors=None, bits: int = 8, bins:
     return fig
 
 
-def calibration_sweep_figure(sweep: pd.DataFrame, fp32_accuracy: float | None = None) -> Figure:
-    """Test error (100 - accuracy, in %, log axis) against the number of calibration images (log axis),
-    one line per method and one panel per precision, from ``microcnn.analysis.calibration_sweep``.
-    ``fp32_accuracy`` (a fraction) draws the FP32 reference. The log error axis keeps differences of a
-    few test images visible next to a calibration that fails outright."""
-    _need_columns(sweep, ("Method", "Calibration Images", "Precision", "Accuracy (%)"), "sweep")
+def _error_spread(rows: pd.DataFrame, by) -> pd.DataFrame:
+    """Median, min and max of the test errors (misclassified images) over the seeds of each group."""
+    return rows.groupby(by, sort=False)["Errors"].agg(["median", "min", "max"])
+
+
+def calibration_sweep_figure(sweep: pd.DataFrame, fp32_accuracy: float | None = None,
+                             limit: float | None = None) -> Figure:
+    """Test errors (misclassified images, linear axis from 0) against the number of calibration images
+    (log axis), one line per method and one panel per precision, from
+    ``microcnn.analysis.calibration_sweep``: the median over the seeds, with a bar from the best to the
+    worst seed. ``fp32_accuracy`` (a fraction) draws the FP32 errors. ``limit`` caps the error axis;
+    runs above it (failed calibrations) are marked at the top edge with their count."""
+    _need_columns(sweep, ("Method", "Calibration Images", "Precision", "Errors"), "sweep")
     precisions = list(dict.fromkeys(sweep["Precision"]))
     fig = Figure(figsize=(4.2 * len(precisions) + 1.2, 3.0), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(precisions))).ravel()
+    images = int(sweep["Test Images"].iloc[0]) if "Test Images" in sweep else None
     for ax, precision in zip(axes, precisions, strict=True):
         part = sweep[sweep["Precision"] == precision]
-        for i, method in enumerate(dict.fromkeys(part["Method"])):
-            rows = part[part["Method"] == method].sort_values("Calibration Images")
-            ax.plot(rows["Calibration Images"], 100 - rows["Accuracy (%)"], marker="o", color=f"C{i + 1}",
-                    label=method)
-        if fp32_accuracy is not None:
-            ax.axhline(100 - 100 * fp32_accuracy, color="black", linestyle=":", linewidth=1, label="FP32")
+        methods = list(dict.fromkeys(part["Method"]))
+        for i, method in enumerate(methods):
+            spread = _error_spread(part[part["Method"] == method], "Calibration Images").sort_index()
+            # methods side by side at each size (a small offset on the log axis) so the bars stay apart
+            x = spread.index.to_numpy(float) * 1.08 ** (i - (len(methods) - 1) / 2)
+            med = spread["median"].to_numpy(float)
+            ax.errorbar(x, med, yerr=[med - spread["min"], spread["max"] - med], capsize=3, marker="o",
+                        color=f"C{i + 1}", label=method)
+        if fp32_accuracy is not None and images:
+            ax.axhline(round(images * (1 - fp32_accuracy)), color="black", linestyle=":", linewidth=1,
+                       label="FP32")
+        _mark_off_scale(ax, part, limit)
         ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set_title(precision, fontsize="medium")
         ax.set_xlabel("calibration images (log scale)")
-        ax.set_ylabel("test error (%, log scale)")
+        ax.set_ylabel("misclassified test images" + (f" (of {images:,})" if images else ""))
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize="small", frameon=False, title="method")
+    fig.legend(handles, labels, loc="outside right upper", fontsize="small", frameon=False,
+               title="method (median,\nmin-max of seeds)")
     return fig
+
+
+def _mark_off_scale(ax, part: pd.DataFrame, limit: float | None) -> None:
+    """A linear error axis from 0; with ``limit``, runs above it are written at the top edge."""
+    if limit is None or part["Errors"].max() <= limit:
+        ax.set_ylim(0, None)
+        return
+    ax.set_ylim(0, limit)
+    high = part[part["Errors"] > limit].groupby(["Method", "Calibration Images"], sort=False)["Errors"]
+    for (method, n), errors in high:  # one note per point: the seeds above the limit, as lo-hi
+        ax.annotate(f"{method}: {errors.min()}" + (f"-{errors.max()}" if errors.max() > errors.min() else ""),
+                    (n, limit), xytext=(4, -12),
+                    textcoords="offset points", fontsize="x-small", color="red",
+                    arrowprops={"arrowstyle": "-|>", "color": "red"})
 
 
 def method_comparison_figure(sweep: pd.DataFrame, samples: int | None = None,
                              fp32_accuracy: float | None = None) -> Figure:
-    """Accuracy (%) per calibration method, one bar per precision, at ``samples`` calibration images
-    (default: the sweep's largest), from ``microcnn.analysis.calibration_sweep``."""
-    _need_columns(sweep, ("Method", "Calibration Images", "Precision", "Accuracy (%)"), "sweep")
+    """Test errors (misclassified images, axis from 0) per calibration method, one bar per precision,
+    at ``samples`` calibration images (default: the sweep's largest), from
+    ``microcnn.analysis.calibration_sweep``: the median over the seeds, with a min-max error bar."""
+    _need_columns(sweep, ("Method", "Calibration Images", "Precision", "Errors"), "sweep")
     samples = int(sweep["Calibration Images"].max()) if samples is None else int(samples)
     part = sweep[sweep["Calibration Images"] == samples]
     if part.empty:
@@ -170,19 +204,17 @@ def method_comparison_figure(sweep: pd.DataFrame, samples: int | None = None,
     width = 0.8 / len(precisions)
     x = np.arange(len(methods))
     for j, precision in enumerate(precisions):
-        acc = part[part["Precision"] == precision].set_index("Method").loc[methods, "Accuracy (%)"]
-        ax.bar(x + (j - (len(precisions) - 1) / 2) * width, acc.to_numpy(), width, label=precision,
-               color=f"C{j}")
-    if fp32_accuracy is not None:
-        ax.axhline(100 * fp32_accuracy, color="black", linestyle=":", linewidth=1, label="FP32")
-    low = float(part["Accuracy (%)"].min())
-    top = max(float(part["Accuracy (%)"].max()), 100 * fp32_accuracy if fp32_accuracy is not None else 0)
-    pad = max(0.05, 0.15 * (top - low))
-    ax.set_ylim(low - pad, top + pad)  # the differences are tenths of a point: zoom in on them
+        spread = _error_spread(part[part["Precision"] == precision], "Method").loc[methods]
+        med = spread["median"].to_numpy(float)
+        ax.bar(x + (j - (len(precisions) - 1) / 2) * width, med, width, label=precision, color=f"C{j}",
+               yerr=np.vstack([med - spread["min"], spread["max"] - med]), capsize=3)
+    if fp32_accuracy is not None and "Test Images" in part:
+        ax.axhline(round(int(part["Test Images"].iloc[0]) * (1 - fp32_accuracy)), color="black",
+                   linestyle=":", linewidth=1, label="FP32")
     ax.set_xticks(x, methods)
     ax.set_xlabel("calibration method")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{samples} calibration images", fontsize="medium")
+    ax.set_ylabel("misclassified test images")
+    ax.set_title(f"{samples} calibration images (median, min-max of seeds)", fontsize="medium")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     return fig
 
@@ -248,7 +280,10 @@ def conv_algorithm_figure(table: pd.DataFrame) -> Figure:
     ax_e.bar(x, np.where(error > 0, error, np.nan), color=[f"C{i}" for i in range(len(x))])
     ax_e.set_yscale("log")
     ax_e.set_ylabel("max |logit error| vs naive (log scale)")
-    ax_e.set_title("accuracy", fontsize="medium")
+    ax_e.set_title("max |logit error| vs naive", fontsize="medium")
+    for i in np.flatnonzero(error == 0):  # no bar on a log axis: say why the slot is empty
+        ax_e.text(i, 0.03, "0\n(reference)", ha="center", va="bottom", fontsize="small",
+                  transform=ax_e.get_xaxis_transform())
     for ax in (ax_t, ax_e):
         ax.set_xticks(x, names)
         ax.set_xlabel("convolution algorithm")
@@ -353,3 +388,53 @@ def save_figure(fig: Figure, path, dpi: int = DEFAULT_DPI, overwrite: bool = Tru
     with matplotlib.rc_context({"svg.hashsalt": "microcnn"}), atomic_open(path, "wb", overwrite) as f:
         fig.savefig(f, format=fmt, dpi=int(dpi), metadata=metadata)
     return path
+
+
+def notebook_style() -> None:
+    """The notebooks' one display setting: inline figures at ``NOTEBOOK_DPI``, tables with 4 digits."""
+    import matplotlib
+
+    matplotlib.rcParams["figure.dpi"] = NOTEBOOK_DPI
+    pd.set_option("display.precision", 4)
+    pd.set_option("display.width", 120)
+
+
+def _artist_arrays(ax) -> list:
+    """Every number an axes draws: lines, patches (bars, histograms), images, collections (error bars)."""
+    out = [line.get_xydata() for line in ax.get_lines()]
+    for patch in ax.patches:
+        if hasattr(patch, "get_data"):  # StepPatch (histograms): counts and edges
+            out += list(patch.get_data()[:2])
+        else:  # bars and polygons: the outline in data coordinates
+            out.append(patch.get_patch_transform().transform(patch.get_path().vertices))
+    out += [np.ma.filled(np.ma.asarray(im.get_array(), float), np.nan) for im in ax.images]
+    for c in ax.collections:
+        out += [c.get_offsets()] + [p.vertices for p in c.get_paths()]
+    return out
+
+
+def figure_summary(fig: Figure, digits: int = SUMMARY_DIGITS) -> str:
+    """A text fingerprint of what ``fig`` plots, so nbval sees a changed plot: every number drawn, to
+    ``digits`` significant digits, and every text, hashed (SHA-1, 12 hex digits) for the whole figure,
+    then a line per axes that draws more than images (title, y label and range, artists, hash)."""
+    import hashlib
+
+    if not isinstance(fig, Figure):
+        raise InputError(f"fig: expected a matplotlib Figure, found {type(fig).__name__}")
+    whole, lines = hashlib.sha1(), []
+    for k, ax in enumerate(fig.axes):
+        digest = hashlib.sha1()
+        for arr in _artist_arrays(ax):
+            values = np.asarray(arr, float).ravel()
+            digest.update(" ".join(f"{v:.{digits}g}" for v in values).encode() + b";")
+        texts = [t.get_text() for t in ax.texts] + [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        digest.update("|".join(texts).encode())
+        whole.update(digest.digest())
+        if (ax.get_lines() or ax.patches or ax.collections) and ax.get_label() != "<colorbar>":
+            lo, hi = ax.get_ylim()
+            lines.append(f"axes {k} {ax.get_title()!r}: {ax.get_ylabel()!r} {lo:.3g}..{hi:.3g} "
+                         f"({ax.get_yscale()}), {len(ax.get_lines())} lines, {len(ax.patches)} patches, "
+                         f"{len(ax.collections)} collections, sha1 {digest.hexdigest()[:12]}")
+    head = (f"figure: {len(fig.axes)} axes, {sum(len(ax.images) for ax in fig.axes)} images, "
+            f"sha1 {whole.hexdigest()[:12]}")
+    return "\n".join([head, *lines])

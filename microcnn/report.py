@@ -332,26 +332,12 @@ def notebook_page(nb, source, hide_code: bool = False, error: str | None = None)
     return Page(Path(source), page_name(source), title, headings, body, error, unrendered)
 
 
-# One head for every page: its title, and the shared stylesheet (no script, no network).
-_HEAD = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<link rel="stylesheet" href="{stylesheet}">
-</head>
-"""
+def _template(name: str) -> str:
+    """A page template of microcnn/assets/: one head for every page (its title and the shared
+    stylesheet; no script, no network), then the page's body."""
+    from .widgets import asset
 
-_PAGE = _HEAD + """<body>
-<nav class="report-nav">{nav}</nav>
-<main class="report-notebook">
-{error}{body}
-</main>
-<footer class="report-footer">{footer}</footer>
-</body>
-</html>
-"""
+    return asset("head.html") + asset(name)
 
 
 def _page_html(page: Page, previous: Page | None, following: Page | None, executed: bool) -> str:
@@ -363,25 +349,11 @@ def _page_html(page: Page, previous: Page | None, following: Page | None, execut
     error = (f'<p class="report-error">This notebook did not run to the end: {html.escape(page.error)}</p>\n'
              if page.error else "")
     outputs = "executed for this report" if executed else "as stored in the notebook"
-    return _PAGE.format(title=html.escape(page.title), stylesheet=STYLESHEET, nav=" · ".join(nav),
+    return _template("page.html").format(title=html.escape(page.title), stylesheet=STYLESHEET,
+                                         nav=" · ".join(nav),
                         error=error, body=page.body,
                         footer=f"{html.escape(page.source.name)}; outputs {outputs}. "
                                f"Rendered by <code>microcnn report</code>.")
-
-
-_INDEX_PAGE = _HEAD + """<body>
-<main class="report-index">
-<h1>{title}</h1>
-<p>{summary}</p>
-<nav class="report-toc" aria-label="Contents">
-<ol>
-{entries}
-</ol>
-</nav>
-</main>
-</body>
-</html>
-"""
 
 
 def _index_html(pages: list, executed: bool) -> str:
@@ -396,64 +368,18 @@ def _index_html(pages: list, executed: bool) -> str:
                        + (f"<ul>\n{sub}</ul>\n" if sub else "") + "</li>")
     outputs = "executed for this report" if executed else "as stored in the notebooks"
     summary = f"{len(pages)} notebook{'s' if len(pages) != 1 else ''}; outputs {outputs}."
-    return _INDEX_PAGE.format(title="microcnn notebooks", stylesheet=STYLESHEET, summary=summary,
+    return _template("index.html").format(title="microcnn notebooks", stylesheet=STYLESHEET, summary=summary,
                               entries="\n".join(entries))
-
-
-_CSS = """/* microcnn report: one stylesheet for the index and every notebook page. */
-:root { --text: #1b1b1b; --muted: #5f6368; --rule: #d6d6d6; --code-bg: #f6f7f9; --link: #1a5fb4; }
-* { box-sizing: border-box; }
-body { margin: 0 auto; max-width: 1100px; padding: 0 1.5rem 3rem; color: var(--text);
-       font: 16px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
-a { color: var(--link); }
-code, pre, kbd { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 0.88em; }
-.report-nav { display: flex; flex-wrap: wrap; gap: 0.4rem 1rem; padding: 0.8rem 0;
-              border-bottom: 1px solid var(--rule); margin-bottom: 1rem; font-size: 0.95em; }
-.report-footer { margin-top: 2rem; padding-top: 0.6rem; border-top: 1px solid var(--rule);
-                 color: var(--muted); font-size: 0.85em; }
-.report-error { color: #b00020; font-weight: 600; }
-.report-index h1 { margin-top: 1.5rem; }
-.report-toc > ol { padding-left: 1.4rem; }
-.report-toc > ol > li { margin: 0.9rem 0; }
-.report-toc ul { list-style: none; padding-left: 1rem; margin: 0.2rem 0; }
-.toc-title { font-weight: 600; font-size: 1.1em; }
-.toc-file { color: var(--muted); font-size: 0.85em; margin-left: 0.4rem; }
-.toc-h3 { padding-left: 1.2rem; } .toc-h4, .toc-h5, .toc-h6 { padding-left: 2.4rem; }
-/* notebook cells (nbconvert's "basic" template) */
-.cell { margin: 0.6rem 0; }
-.prompt { display: none; }
-.anchor-link { visibility: hidden; margin-left: 0.3em; text-decoration: none; }
-h1:hover .anchor-link, h2:hover .anchor-link, h3:hover .anchor-link,
-h4:hover .anchor-link { visibility: visible; }
-.input_area { background: var(--code-bg); border: 1px solid #e3e5e8; border-radius: 4px; overflow-x: auto; }
-.input_area pre { margin: 0; padding: 0.5rem 0.7rem; }
-.output_area { margin: 0.3rem 0 0.3rem; overflow-x: auto; }
-.output_area pre { margin: 0.2rem 0; padding: 0.2rem 0.7rem; white-space: pre-wrap; }
-.output_stderr pre { background: #fdecea; }
-.output_png img, .output_jpeg img, .output_svg svg, .rendered_html img { max-width: 100%; height: auto; }
-.rendered_html table { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.9em; }
-.rendered_html th, .rendered_html td { border-bottom: 1px solid var(--rule); padding: 0.25rem 0.6rem;
-                                        text-align: right; }
-.rendered_html th { font-weight: 600; }
-.text_cell_render table th, .text_cell_render table td { text-align: left; }
-.rendered_html tbody tr:nth-child(odd) { background: #fafafa; }
-math[display="block"] { margin: 0.7rem 0; overflow-x: auto; overflow-y: hidden; }
-math { font-size: 1.1em; }
-/* MathML Core has no columnalign attribute: align* columns through CSS, as the converter labels them */
-mtd[columnalign="right"] { text-align: right; padding-right: 0; }
-mtd[columnalign="left"] { text-align: left; padding-left: 0; }
-.math-unrendered { color: #b00020; }
-.ansi-red-fg { color: #b22b31; } .ansi-green-fg { color: #007427; } .ansi-yellow-fg { color: #b27d12; }
-.ansi-blue-fg { color: #0065ca; } .ansi-magenta-fg { color: #a03196; } .ansi-cyan-fg { color: #258f8f; }
-.ansi-bold { font-weight: bold; }
-"""
 
 
 def stylesheet() -> str:
     """The report's CSS, with Pygments' colours for highlighted code."""
     from pygments.formatters import HtmlFormatter
 
-    return _CSS + "/* code highlighting (Pygments) */\n" + HtmlFormatter().get_style_defs(".highlight") + "\n"
+    from .widgets import asset
+
+    pygments = HtmlFormatter().get_style_defs(".highlight")
+    return asset("report.css") + "/* code highlighting (Pygments) */\n" + pygments + "\n"
 
 
 # ------------------------------------------------------------------------------------ the report

@@ -13,6 +13,7 @@ a quantized network. Feature maps need ``trace(x)`` (``Sequential`` has it).
 
 from __future__ import annotations
 
+import html
 import io
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 
 from .checks import as_image_batch
 from .datasets import box_weights
-from .errors import InputError
+from .errors import InputError, MicrocnnError
 from .kernels.linalg import matmul
 from .model import Model
 
@@ -69,13 +70,29 @@ def _probabilities(name, model, x) -> np.ndarray:
     return probs
 
 
-def prediction_panel(models: dict, image) -> pd.DataFrame:
-    """Class probabilities of one image under every model: rows are classes 0-9 (index ``Class``),
-    columns the model names in the dict's order. ``image``: (28, 28), (1, 28, 28) or (1, 1, 28, 28)."""
+def _logits(name, model, x) -> np.ndarray:
+    if not callable(getattr(model, "logits", None)):
+        raise InputError(f"models[{name!r}]: expected an object with .logits(x) for the logits view, "
+                         f"found {type(model).__name__}")
+    out = np.asarray(model.logits(x), dtype=np.float64)
+    if out.shape != (len(x), NUM_CLASSES):
+        raise InputError(f"models[{name!r}].logits: expected shape ({len(x)}, {NUM_CLASSES}), "
+                         f"found {out.shape}")
+    return out
+
+
+def prediction_panel(models: dict, image, scores: str = "probabilities") -> pd.DataFrame:
+    """Class probabilities (or, ``scores="logits"``, the scores before the softmax) of one image under
+    every model: rows are classes 0-9 (index ``Class``), columns the model names in the dict's order.
+    ``image``: (28, 28), (1, 28, 28) or (1, 1, 28, 28)."""
+    if scores not in ("probabilities", "logits"):
+        raise InputError(f"scores: expected 'probabilities' or 'logits', found {scores!r}")
     x = _one_image(image)
-    columns = {name: _probabilities(name, model, x)[0] for name, model in _check_models(models).items()}
+    score = _probabilities if scores == "probabilities" else _logits
+    columns = {name: score(name, model, x)[0] for name, model in _check_models(models).items()}
     panel = pd.DataFrame(columns, index=pd.RangeIndex(NUM_CLASSES, name="Class"))
     panel.columns.name = "Model"
+    panel.attrs["scores"] = scores
     return panel
 
 
@@ -90,27 +107,32 @@ def prediction_summary(panel: pd.DataFrame, label: int | None = None) -> str:
 
 
 def probability_figure(panel: pd.DataFrame, label: int | None = None, title: str | None = None,
-                       figsize=(6.4, 2.6)) -> Figure:
-    """Grouped bars: for each class, one bar per model (the panel's columns) side by side.
-    The true ``label``, when given, is marked on the class axis."""
-    fig = Figure(figsize=figsize, layout="constrained")
-    ax = fig.add_subplot()
-    classes = panel.index.to_numpy()
-    width = 0.8 / max(1, panel.shape[1])
-    for j, name in enumerate(panel.columns):
-        offset = (j - (panel.shape[1] - 1) / 2) * width
-        ax.bar(classes + offset, panel[name].to_numpy(), width, label=str(name))
-    ax.set_xticks(classes)
-    ax.set_xlabel("class")
-    ax.set_ylabel("probability")
-    ax.set_ylim(0, 1.05)
-    if label is not None:
-        ax.get_xticklabels()[int(label)].set_fontweight("bold")
-        ax.axvspan(label - 0.45, label + 0.45, color="0.9", zorder=0)
+                       figsize=(6.4, 2.6), logits: pd.DataFrame | None = None) -> Figure:
+    """Grouped bars: for each class, one bar per model (the panel's columns); the true ``label`` is
+    shaded. ``logits`` (``prediction_panel(..., scores="logits")``) adds a logits panel beside it."""
+    panels = [panel] if logits is None else [panel, logits]
+    fig = Figure(figsize=(figsize[0] * len(panels), figsize[1]), layout="constrained")
+    for ax, part in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
+        classes = part.index.to_numpy()
+        width = 0.8 / max(1, part.shape[1])
+        for j, name in enumerate(part.columns):
+            ax.bar(classes + (j - (part.shape[1] - 1) / 2) * width, part[name].to_numpy(), width,
+                   label=str(name))
+        ax.set_xticks(classes)
+        ax.set_xlabel("class")
+        if part.attrs.get("scores") == "logits":
+            ax.set_ylabel("logit (before softmax)")
+            ax.axhline(0, color="black", linewidth=0.6)
+        else:
+            ax.set_ylabel("probability")
+            ax.set_ylim(0, 1.05)
+        if label is not None:
+            ax.get_xticklabels()[int(label)].set_fontweight("bold")
+            ax.axvspan(label - 0.45, label + 0.45, color="0.9", zorder=0)
+        ax.set_title(title if title is not None else
+                     ("" if label is None else f"true label {int(label)} (shaded)"), fontsize="medium")
     # Outside the axes: inside, it would hide the tall bars of the low classes.
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    ax.set_title(title if title is not None else
-                 ("" if label is None else f"true label {int(label)} (shaded)"), fontsize="medium")
     return fig
 
 
@@ -167,22 +189,42 @@ def _find_record(records, layer):
                      f"0..{len(records) - 1}, found {layer!r}")
 
 
-def feature_maps_figure(net, image, layer, max_maps: int = 16, cmap: str = "viridis") -> Figure:
-    """The output of ``layer`` (name like ``"conv1"`` or index) for one image, from ``net.trace``.
+def _map_colours(values) -> dict:
+    """imshow colours: diverging (red +, blue -, white 0) centred at 0 for signed maps, else viridis."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if lo < 0 < hi:
+        top = max(-lo, hi)
+        return {"cmap": "RdBu_r", "vmin": -top, "vmax": top}
+    return {"cmap": "viridis", "vmin": lo, "vmax": hi if hi > lo else lo + 1}
+
+
+def _show_input(ax, x) -> None:  # the network's input, in the panel beside maps and saliency
+    ax.imshow(np.asarray(x).reshape(FIELD, FIELD), cmap="gray", vmin=0, vmax=1)
+    ax.set_title("input", fontsize="x-small")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def feature_maps_figure(net, image, layer, max_maps: int = 16) -> Figure:
+    """The output of ``layer`` (name like ``"conv1"`` or index) for one image, from ``net.trace``, with
+    the input image in the first panel.
 
     Spatial outputs (C, H, W) show up to ``max_maps`` channels as a grid of images sharing one
-    colour scale; flat outputs (F,) and 1x1 maps (F, 1, 1) show as bars, one per unit.
+    colour scale (diverging, centred at 0, for signed maps); flat outputs (F,) and 1x1 maps (F, 1, 1)
+    show as bars, one per unit.
     """
     if max_maps < 1:
         raise InputError(f"max_maps: expected >= 1, found {max_maps}")
-    record = _find_record(net.trace(_one_image(image)), layer)
+    x = _one_image(image)
+    record = _find_record(net.trace(x), layer)
     out = record.output[0]
     heading = f"{record.name} ({record.type}) output, shape {tuple(out.shape)}"
     if out.ndim == 3 and out.shape[1:] == (1, 1):  # 1x1 maps read better as one bar per channel
         out = out.reshape(-1)
     if out.ndim == 1:
-        fig = Figure(figsize=(6.4, 2.4), layout="constrained")
-        ax = fig.add_subplot()
+        fig = Figure(figsize=(7.6, 2.4), layout="constrained")
+        ax_in, ax = fig.subplots(1, 2, width_ratios=(1, 5))
+        _show_input(ax_in, x)
         ax.bar(np.arange(out.size), out, width=0.9)
         ax.set_xlabel("unit")
         ax.set_ylabel("activation")
@@ -192,18 +234,22 @@ def feature_maps_figure(net, image, layer, max_maps: int = 16, cmap: str = "viri
     cols = min(shown, 8)
     rows = -(-shown // cols)
     # A fixed layout: constrained layout would more than double the render time of a slider step.
-    width, height = 1.1 * cols + 1.0, 1.1 * rows + 0.7
+    width, height = 1.1 * (cols + 1) + 1.0, 1.1 * rows + 0.7
     fig = Figure(figsize=(width, height))
     fig.subplots_adjust(left=0.35 / width, right=1 - 0.95 / width, bottom=0.3 / height,
                         top=1 - 0.55 / height, wspace=0.1, hspace=0.3)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    lo, hi = float(out[:shown].min()), float(out[:shown].max())
+    grid = fig.subplots(rows, cols + 1, squeeze=False)
+    for ax in grid[1:, 0]:  # the first column holds only the input
+        ax.set_axis_off()
+    _show_input(grid[0, 0], x)
+    axes = grid[:, 1:]
+    colours = _map_colours(out[:shown])
     image_artist = None
     for k, ax in enumerate(axes.flat):
         if k >= shown:
             ax.set_axis_off()
             continue
-        image_artist = ax.imshow(out[k], cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1)
+        image_artist = ax.imshow(out[k], **colours)
         ax.set_title(f"ch {k}", fontsize="x-small")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -214,6 +260,109 @@ def feature_maps_figure(net, image, layer, max_maps: int = 16, cmap: str = "viri
     more = f", first {shown} of {out.shape[0]} channels" if shown < out.shape[0] else ""
     fig.suptitle(heading + more, fontsize="medium")
     return fig
+
+
+# ------------------------------------------------------------------------------------ saliency
+OCCLUSION_PATCH = 4  # px: 7x7 patches cover a 28x28 digit; one batch of 49 occluded copies
+
+
+def saliency(model, image, target: int | None = None) -> tuple[np.ndarray, str]:
+    """(map (28, 28) float64, method): how the logit of class ``target`` (default: the predicted one)
+    depends on each pixel. An FP32 ``Sequential``: d logit / d pixel by autograd ("gradient"; its
+    parameter gradients are left as they were). Other models (integer kernels have no gradient): the
+    logit's drop when each ``OCCLUSION_PATCH`` square is set to 0, per pixel ("occlusion")."""
+    from .autograd import Tensor
+    from .network import Sequential
+
+    x = _one_image(image)
+    if target is None:
+        target = int(_probabilities("model", model, x)[0].argmax())
+    if not isinstance(target, int | np.integer) or not 0 <= target < NUM_CLASSES:
+        raise InputError(f"target: expected a class 0..{NUM_CLASSES - 1}, found {target!r}")
+    if isinstance(model, Sequential):
+        params = model.parameters()
+        kept = [p.grad for p in params]
+        t = Tensor(x, requires_grad=True)
+        out = model.logits(t)
+        seed = np.zeros(out.shape, np.float32)
+        seed[0, target] = 1.0
+        out.backward(seed)
+        for p, g in zip(params, kept, strict=True):
+            p.grad = g
+        return t.grad[0, 0].astype(np.float64), "gradient"
+    p = OCCLUSION_PATCH
+    n = FIELD // p
+    batch = np.repeat(x, n * n, axis=0)
+    for k in range(n * n):
+        i, j = divmod(k, n)
+        batch[k, 0, i * p:(i + 1) * p, j * p:(j + 1) * p] = 0
+    base = _logits("model", model, x)[0, target]
+    drops = (base - _logits("model", model, batch)[:, target]).reshape(n, n) / p ** 2
+    return np.kron(drops, np.ones((p, p))), "occlusion"
+
+
+def saliency_figure(image, saliency_map, method: str, title: str = "") -> Figure:
+    """The input image beside its saliency map (diverging colours centred at 0, red: supports the class)."""
+    fig = Figure(figsize=(5.2, 2.5), layout="constrained")
+    ax_in, ax = fig.subplots(1, 2)
+    _show_input(ax_in, image)
+    art = ax.imshow(saliency_map, **_map_colours(np.append(saliency_map, [-1e-12, 1e-12])))
+    ax.set_title(f"{method} saliency", fontsize="x-small")
+    ax.set_xlabel("x (px)", fontsize="small")
+    ax.set_ylabel("y (px)", fontsize="small")
+    fig.colorbar(art, ax=ax, label="d logit / d pixel" if method == "gradient" else "logit drop per pixel")
+    if title:
+        fig.suptitle(title, fontsize="small")
+    return fig
+
+
+# ------------------------------------------------------------------------------------ uploads
+MODEL_SUFFIXES = (".safetensors", ".raw", ".onnx")
+
+
+def load_model_bytes(name: str, data: bytes):
+    """A model from an uploaded file's name and bytes, through a temporary file of that name and
+    ``microcnn.resolve.load_model_spec``: the same checks and error messages as a file on disk."""
+    import tempfile
+    from pathlib import Path
+
+    from .resolve import load_model_spec
+
+    name = Path(str(name)).name
+    if Path(name).suffix.lower() not in MODEL_SUFFIXES:
+        raise InputError(f"{name}: expected a model file ending in {', '.join(MODEL_SUFFIXES)}, "
+                         f"found {Path(name).suffix or 'no suffix'}")
+    with tempfile.TemporaryDirectory(prefix="microcnn-upload-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(bytes(data))
+        try:
+            return load_model_spec(str(path))
+        except MicrocnnError as exc:  # the same error, naming the uploaded file, not the temporary copy
+            exc.args = (str(exc).replace(str(path), name),)
+            raise
+
+
+def load_dataset_bytes(name: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 1, 28, 28) float32, labels int64) from an uploaded ``.npz`` with arrays ``images``
+    ((N, [1,] 28, 28), uint8 or float 0..1) and ``labels`` (0..9); no pickles: an upload runs no code."""
+    try:
+        with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in ("images", "labels") if k in archive.files}
+            found = archive.files
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{name}: expected an .npz archive (numpy.savez), could not read it "
+                         f"({exc})") from None
+    if len(arrays) < 2:
+        raise InputError(f"{name}: expected arrays 'images' and 'labels', found {found}")
+    images = arrays["images"]
+    images = as_image_batch(images[:, None] if images.ndim == 3 else images, IMAGE_SHAPE,
+                            name=f"{name}: images")
+    labels = arrays["labels"]
+    if (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)
+            or labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise InputError(f"{name}: labels: expected {len(images)} integer classes 0..{NUM_CLASSES - 1}, "
+                         f"found {labels.dtype} of shape {labels.shape}")
+    return images, labels.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------ misclassified
@@ -355,6 +504,7 @@ class ExplorerState:
     predicted: dict = field(default_factory=dict)  # name -> predicted classes of every image
     wrong: dict = field(default_factory=dict)  # name -> misclassified indices
     layer: str = ""
+    saliency_model: str = ""  # whose saliency the explorer shows
 
 
 def explorer_state(models: dict, images, labels, net=None) -> ExplorerState:
@@ -371,7 +521,8 @@ def explorer_state(models: dict, images, labels, net=None) -> ExplorerState:
                              "pass net= explicitly")
     predicted = {name: _probabilities(name, m, images).argmax(1) for name, m in models.items()}
     wrong = {name: misclassified(None, images, labels, predicted=p) for name, p in predicted.items()}
-    return ExplorerState(models, images, labels, net, predicted, wrong, layer=layer_choices(net)[0])
+    return ExplorerState(models, images, labels, net, predicted, wrong, layer=layer_choices(net)[0],
+                         saliency_model=next(iter(models)))
 
 
 def _check_index(state: ExplorerState, index) -> int:
@@ -386,13 +537,45 @@ def on_index_change(state: ExplorerState, index: int) -> dict:
     index = _check_index(state, index)
     image, label = state.images[index], int(state.labels[index])
     panel = prediction_panel(state.models, image)
+    # the logits beside the probabilities, when every model exposes them
+    logits = prediction_panel(state.models, image, "logits") if all(
+        callable(getattr(m, "logits", None)) for m in state.models.values()) else None
     return {
         "index": index,
         "panel": panel,
+        "logits": logits,
         "summary": f"test image {index}: " + prediction_summary(panel, label),
-        "probabilities_png": figure_png(probability_figure(panel, label)),
+        "probabilities_png": figure_png(probability_figure(panel, label, logits=logits)),
         "feature_maps_png": figure_png(feature_maps_figure(state.net, image, state.layer)),
     }
+
+
+def on_saliency_change(state: ExplorerState, index: int, model: str | None = None) -> bytes:
+    """PNG of the saliency of image ``index``'s predicted class under ``model`` (default: the last one)."""
+    index = _check_index(state, index)
+    model = state.saliency_model if model is None else model
+    if model not in state.models:
+        raise InputError(f"model: expected one of {list(state.models)}, found {model!r}")
+    state.saliency_model = model
+    image, target = state.images[index], int(state.predicted[model][index])
+    sal, method = saliency(state.models[model], image, target)
+    return figure_png(saliency_figure(image, sal, method, f"{model}: class {target} (predicted)"))
+
+
+def on_upload(state: ExplorerState, name: str, data: bytes) -> str:
+    """An uploaded ``.npz`` replaces the images and labels; a model file joins the models under its
+    name, feature maps showing its layers. A bad file raises and changes nothing. Returns a status line."""
+    if str(name).lower().endswith(".npz"):
+        images, labels = load_dataset_bytes(name, data)
+        new = explorer_state(state.models, images, labels, net=state.net)
+        what = f"data set {name}: {len(images):,} images"
+    else:
+        model = load_model_bytes(name, data)
+        new = explorer_state({**state.models, name: model}, state.images, state.labels,
+                             net=model if hasattr(model, "trace") else state.net)
+        what = f"model {name}: {len(new.wrong[name])} of {len(new.images):,} images misclassified"
+    state.__dict__.update(vars(new))
+    return "loaded " + what
 
 
 def on_layer_change(state: ExplorerState, index: int, layer: str) -> bytes:
@@ -432,12 +615,8 @@ def on_drawing_change(models: dict, pixels: bytes, width: int, height: int) -> d
 
 def _input_figure(image) -> Figure:
     fig = Figure(figsize=(1.8, 1.9), layout="constrained")
-    ax = fig.add_subplot()
-    ax.imshow(image.reshape(FIELD, FIELD), cmap="gray", vmin=0, vmax=1)
-    ax.set_title("network input (28×28)", fontsize="x-small")
-    ax.set_xlabel("x (px)", fontsize="x-small")
-    ax.set_ylabel("y (px)", fontsize="x-small")
-    ax.tick_params(labelsize="xx-small")
+    _show_input(fig.add_subplot(), image)
+    fig.axes[0].set_title("network input (28×28)", fontsize="x-small")
     return fig
 
 
@@ -490,6 +669,11 @@ def explorer(models: dict, images, labels, net=None):
     wrong_model = w.Dropdown(options=list(state.wrong), description="mistakes of")
     page = w.IntSlider(0, 0, 0, description="page")
     count = w.HTML()
+    salient_model = w.Dropdown(options=list(state.models), description="saliency of")
+    salient = w.Image(format="png")
+    uploads = [w.FileUpload(accept=",".join(MODEL_SUFFIXES), description="model"),
+               w.FileUpload(accept=".npz", description="data (.npz)")]
+    status = w.HTML("A model (.safetensors, .raw, .onnx) or a data set (.npz with arrays images, labels)")
 
     shown = {}  # what the view shows now, for the static preview
 
@@ -500,6 +684,7 @@ def explorer(models: dict, images, labels, net=None):
         _show_png(bars, out["probabilities_png"])
         _show_png(maps, out["feature_maps_png"])
         shown.update(summary=out["summary"], bars=out["probabilities_png"], maps=out["feature_maps_png"])
+        _show_png(salient, on_saliency_change(state, slider.value, salient_model.value))
 
     def show_layer(change):
         shown["maps"] = on_layer_change(state, slider.value, change["new"])
@@ -523,15 +708,34 @@ def explorer(models: dict, images, labels, net=None):
         finally:
             updating.clear()
 
+    def show_upload(change):
+        if not change["new"]:
+            return
+        file = change["new"][0]
+        try:
+            status.value = html.escape(on_upload(state, file["name"], file["content"]))
+        except MicrocnnError as exc:  # the file's problem, said in the widget; the view stays as it was
+            status.value = f"<span style='color:#b00020'>{html.escape(str(exc))}</span>"
+            return
+        slider.max = len(state.images) - 1
+        layer.options, layer.value = layer_choices(state.net), state.layer
+        wrong_model.options = salient_model.options = list(state.models)
+        show_index()
+        show_mistakes()
+
     slider.observe(show_index, "value")
     layer.observe(show_layer, "value")
     wrong_model.observe(show_mistakes, "value")
     page.observe(show_mistakes, "value")
+    salient_model.observe(lambda change: show_index(), "value")
+    for upload in uploads:
+        upload.observe(show_upload, "value")
     show_index()
     show_mistakes()
-    tabs = w.Tab([w.VBox([layer, maps]), w.VBox([w.HBox([wrong_model, page, count]), grid])])
-    tabs.set_title(0, "feature maps")
-    tabs.set_title(1, "misclassified")
+    tabs = w.Tab([w.VBox([layer, maps]), w.VBox([w.HBox([wrong_model, page, count]), grid]),
+                  w.VBox([salient_model, salient]), w.VBox([w.HBox(uploads), status])])
+    for k, title in enumerate(("feature maps", "misclassified", "saliency", "load your own")):
+        tabs.set_title(k, title)
 
     def preview():
         return (f"Explorer (static preview; interactive in Jupyter): {shown['summary']}; feature maps of "
@@ -544,73 +748,11 @@ def explorer(models: dict, images, labels, net=None):
     return box
 
 
-_CANVAS_ESM = """
-export default {
-  render({ model, el }) {
-    const width = model.get("width"), height = model.get("height");
-    const canvas = document.createElement("canvas");
-    canvas.width = width;
-    canvas.height = height;
-    canvas.className = "microcnn-canvas";
-    canvas.style.cssText = `width:${width}px;height:${height}px;cursor:crosshair;touch-action:none;` +
-      "border:1px solid #888;display:block";
-    const ctx = canvas.getContext("2d", { willReadFrequently: true });
-    const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, width, height); };
-    clear();
-    let drawing = false, last = null, timer = null;
-    // Bright strokes on black, as in MNIST; one grey byte per pixel goes to Python.
-    const send = () => {
-      timer = null;
-      const rgba = ctx.getImageData(0, 0, width, height).data;
-      const grey = new Uint8Array(width * height);
-      for (let i = 0; i < grey.length; i++) grey[i] = rgba[4 * i];
-      model.set("pixels", new DataView(grey.buffer));
-      model.save_changes();
-    };
-    const at = (e) => {
-      const r = canvas.getBoundingClientRect();
-      return [(e.clientX - r.left) * width / r.width, (e.clientY - r.top) * height / r.height];
-    };
-    const line = (a, b) => {
-      ctx.strokeStyle = "#fff";
-      ctx.lineWidth = model.get("stroke_width");
-      ctx.lineCap = "round";
-      ctx.lineJoin = "round";
-      ctx.beginPath();
-      ctx.moveTo(a[0], a[1]);
-      ctx.lineTo(b[0], b[1]);
-      ctx.stroke();
-    };
-    canvas.addEventListener("pointerdown", (e) => {
-      drawing = true;
-      last = at(e);
-      line(last, last);
-      canvas.setPointerCapture(e.pointerId);
-      e.preventDefault();
-    });
-    canvas.addEventListener("pointermove", (e) => {
-      if (!drawing) return;
-      const p = at(e);
-      line(last, p);
-      last = p;
-      if (timer === null) timer = setTimeout(send, 150);  // live, but not on every mouse event
-    });
-    const finish = () => {
-      if (!drawing) return;
-      drawing = false;
-      if (timer !== null) clearTimeout(timer);
-      send();
-    };
-    canvas.addEventListener("pointerup", finish);
-    canvas.addEventListener("pointercancel", finish);
-    const button = document.createElement("button");
-    button.textContent = "Clear";
-    button.className = "microcnn-clear";
-    button.onclick = () => { clear(); send(); };
-    el.append(canvas, button);
-  }
-};
-"""
+def asset(name: str) -> str:
+    """A text file of microcnn/assets/: front-end code (canvas JavaScript, report CSS and HTML)."""
+    from importlib.resources import files
+
+    return files("microcnn").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def _canvas_class():
@@ -622,7 +764,7 @@ def _canvas_class():
         class DrawingCanvas(anywidget.AnyWidget):
             """A mouse drawing surface; ``pixels`` holds its grey levels, row-major uint8."""
 
-            _esm = _CANVAS_ESM
+            _esm = asset("canvas.js")
             width = traitlets.Int(280).tag(sync=True)
             height = traitlets.Int(280).tag(sync=True)
             stroke_width = traitlets.Int(22).tag(sync=True)

@@ -103,7 +103,7 @@ def test_calibration_sweep_accuracies(bundled, mnist_train, mnist_test):
     images, labels = mnist_test[0][:300], mnist_test[1][:300]
     sweep = A.calibration_sweep(bundled, train, images, labels, sizes=(10, 20),
                                 methods=("minmax", "percentile"), precisions=("int8", "int4"), seed=5)
-    assert list(sweep.columns) == ["Method", "Calibration Images", "Precision", "Accuracy (%)"]
+    assert list(sweep.columns) == A.SWEEP_COLUMNS
     assert len(sweep) == 2 * 2 * 2
     bits = {"INT8": (8, 8), "INT4": (4, 4)}
     for row in sweep.to_dict("records"):

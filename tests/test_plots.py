@@ -122,44 +122,69 @@ def test_activation_histograms_need_a_histogram_observer(mnist_train):
 # ------------------------------------------------------------------------------ calibration sweep
 @pytest.fixture
 def sweep():
-    rows = [(m, n, p, 90 + i + 0.1 * n ** 0.5 + (1 if p == "INT8" else 0))
-            for i, m in enumerate(("minmax", "mse", "entropy")) for n in (10, 100, 1000)
-            for p in ("INT8", "INT4")]
-    return pd.DataFrame(rows, columns=["Method", "Calibration Images", "Precision", "Accuracy (%)"])
+    """Three seeds per (method, size, precision), errors out of 10,000; entropy fails once at 10 images."""
+    rows = []
+    for i, m in enumerate(("minmax", "mse", "entropy")):
+        for n in (10, 100, 1000):
+            for p in ("INT8", "INT4"):
+                for seed in (0, 1, 2):
+                    errors = 70 + 5 * i + (10 if p == "INT4" else 0) + 3 * seed + n // 100
+                    if (m, n, p, seed) == ("entropy", 10, "INT4", 1):
+                        errors = 8990
+                    rows.append((m, n, p, seed, 100 * (1 - errors / 10000), errors, 10000))
+    return pd.DataFrame(rows, columns=A.SWEEP_COLUMNS)
 
 
-def test_calibration_sweep_figure_draws_each_method(sweep):
-    fig = P.calibration_sweep_figure(sweep, fp32_accuracy=0.991)
+def spread(sweep, **where):
+    part = sweep
+    for column, value in where.items():
+        part = part[part[column] == value]
+    return np.median(part["Errors"]), part["Errors"].min(), part["Errors"].max()
+
+
+def test_calibration_sweep_figure_draws_error_counts_with_seed_spread(sweep):
+    fig = P.calibration_sweep_figure(sweep, fp32_accuracy=0.993, limit=200)
     axes = visible_axes(fig)
     assert [ax.get_title() for ax in axes] == ["INT8", "INT4"]
     assert_labelled(fig)
     for ax in axes:
-        assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
-        lines = {line.get_label(): line for line in ax.get_lines()}
-        assert set(lines) == {"minmax", "mse", "entropy", "FP32"}
-        assert lines["FP32"].get_ydata()[0] == pytest.approx(0.9)  # error = 100 - 99.1
-        for method in ("minmax", "mse", "entropy"):
-            rows = sweep[(sweep["Precision"] == ax.get_title()) & (sweep["Method"] == method)]
-            np.testing.assert_array_equal(lines[method].get_xdata(), rows["Calibration Images"])
-            np.testing.assert_allclose(lines[method].get_ydata(), 100 - rows["Accuracy (%)"], rtol=1e-12)
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+        assert "misclassified" in ax.get_ylabel()
+        fp32 = [line for line in ax.get_lines() if line.get_label() == "FP32"]
+        assert fp32[0].get_ydata()[0] == 70  # 10,000 x (1 - 0.993)
+        for container in ax.containers:  # one errorbar per method: median, min-max
+            method = container.get_label()
+            line, (bars,) = container.lines[0], container.lines[2]
+            x = line.get_xdata()
+            for k, n in enumerate((10, 100, 1000)):
+                med, lo, hi = spread(sweep, Method=method, Precision=ax.get_title(),
+                                     **{"Calibration Images": n})
+                assert x[k] == pytest.approx(n, rel=0.1)  # methods side by side around n
+                assert line.get_ydata()[k] == med
+                np.testing.assert_allclose(bars.get_segments()[k][:, 1], [lo, hi])
+    # the failed run is off the axis: written at the top edge with its count
+    (note,) = axes[1].texts
+    assert note.get_text() == "entropy: 8990" and axes[1].get_ylim() == (0, 200)
+    assert not axes[0].texts and axes[0].get_ylim()[1] < 200  # nothing off scale: the axis fits the data
+    with pytest.raises(InputError, match="columns"):
+        P.calibration_sweep_figure(sweep.drop(columns="Errors"))
 
 
 def test_method_comparison_figure_bars(sweep):
-    fig = P.method_comparison_figure(sweep, samples=100)
+    fig = P.method_comparison_figure(sweep, samples=100, fp32_accuracy=0.993)
     ax = visible_axes(fig)[0]
     assert_labelled(fig)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["minmax", "mse", "entropy"]
-    part = sweep[sweep["Calibration Images"] == 100]
-    expected = np.concatenate([part[part["Precision"] == p]["Accuracy (%)"].to_numpy()
-                               for p in ("INT8", "INT4")])
-    np.testing.assert_array_equal(bar_heights(ax), expected)
-    lo, hi = ax.get_ylim()
-    assert lo < expected.min() and hi > expected.max()
+    expected = [spread(sweep, Method=m, Precision=p, **{"Calibration Images": 100})
+                for p in ("INT8", "INT4") for m in ("minmax", "mse", "entropy")]
+    np.testing.assert_array_equal(bar_heights(ax), [e[0] for e in expected])
+    segments = [seg for c in ax.containers if hasattr(c, "lines") and c.lines[2]
+                for seg in c.lines[2][0].get_segments()]
+    np.testing.assert_allclose([seg[:, 1] for seg in segments], [e[1:] for e in expected])
+    assert ax.get_ylim()[0] == 0  # counts from zero: no truncated axis
     assert "1000" in P.method_comparison_figure(sweep).axes[0].get_title()  # default: the largest
     with pytest.raises(InputError, match="samples"):
         P.method_comparison_figure(sweep, samples=7)
-    with pytest.raises(InputError, match="columns"):
-        P.calibration_sweep_figure(sweep.drop(columns="Method"))
 
 
 # ------------------------------------------------------------------------------ per-layer error
@@ -209,6 +234,9 @@ def test_conv_algorithm_figure():
     np.testing.assert_array_equal(bar_heights(ax_t), table["Total Time (ms)"])
     np.testing.assert_array_equal(bar_heights(ax_e), [np.nan, 8e-6, 2.7e-5, 1e-5])
     assert ax_e.get_yscale() == "log"
+    assert ax_e.get_title() == "max |logit error| vs naive"  # what it plots: not "accuracy"
+    (note,) = ax_e.texts  # the reference's empty slot on the log axis says why
+    assert note.get_text() == "0\n(reference)" and note.get_position()[0] == 0
     assert [t.get_text() for t in ax_t.get_xticklabels()] == ["naive", "im2col", "winograd", "fft"]
 
 
@@ -273,3 +301,60 @@ def test_figures_are_not_left_open_in_pyplot():
     before = plt.get_fignums()
     P.digit_grid(np.zeros((2, 28, 28)))
     assert plt.get_fignums() == before
+
+
+# ------------------------------------------------------------------------------ figure summary
+def test_figure_summary_changes_with_the_plotted_data_only():
+    def figure(heights, title="t"):
+        table = pd.DataFrame({"Algorithm": ["naive", "im2col"], "Total Time (ms)": heights,
+                              "Max Error vs Naive": [0.0, 1e-6]})
+        fig = P.conv_algorithm_figure(table)
+        fig.axes[0].set_title(title)
+        return fig
+
+    base = P.figure_summary(figure([3.0, 1.0]))
+    lines = base.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("figure: 2 axes, 0 images, sha1 ")
+    assert lines[1].startswith("axes 0 't': 'forward time (ms)' 0..3.15 (linear), 0 lines, 2 patches")
+    assert P.figure_summary(figure([3.0, 1.0])) == base  # deterministic
+    assert P.figure_summary(figure([3.0, 1.0 + 1e-9])) == base  # below the stated precision (6 digits)
+    changed = P.figure_summary(figure([3.0, 1.001]))
+    assert changed != base and changed.splitlines()[2] == lines[2]  # only the changed axes differs
+    assert P.figure_summary(figure([3.0, 1.0], title="u")) != base
+    with pytest.raises(InputError, match="Figure"):
+        P.figure_summary("not a figure")
+
+
+def test_figure_summary_sees_images_lines_and_errorbars():
+    from matplotlib.figure import Figure
+
+    def fig_of(image, y, err):
+        fig = Figure()
+        ax1, ax2 = fig.subplots(1, 2)
+        ax1.imshow(image)
+        ax2.errorbar([1, 2], y, yerr=err)
+        return P.figure_summary(fig)
+
+    image = np.arange(12.0).reshape(3, 4)
+    base = fig_of(image, [1.0, 2.0], [0.1, 0.2]).splitlines()
+    assert len(base) == 2 and base[0].startswith("figure: 2 axes, 1 images")  # image axes: in the total only
+    bumped = image.copy()
+    bumped[1, 1] += 0.01
+    bumped_lines = fig_of(bumped, [1.0, 2.0], [0.1, 0.2]).splitlines()
+    assert bumped_lines[0] != base[0] and bumped_lines[1] == base[1]  # the image changed, the plot did not
+    assert fig_of(image, [1.0, 2.5], [0.1, 0.2]).splitlines()[1] != base[1]
+    assert fig_of(image, [1.0, 2.0], [0.1, 0.3]).splitlines()[1] != base[1]
+
+
+def test_notebook_style_sets_the_dpi_once():
+    import matplotlib
+
+    before = matplotlib.rcParams["figure.dpi"]
+    try:
+        P.notebook_style()
+        assert matplotlib.rcParams["figure.dpi"] == P.NOTEBOOK_DPI
+        assert pd.get_option("display.precision") == 4
+    finally:
+        matplotlib.rcParams["figure.dpi"] = before
+        pd.reset_option("display.precision")
+        pd.reset_option("display.width")

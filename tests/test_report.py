@@ -189,9 +189,12 @@ def test_pages_stay_small(stored):
         page = path.read_text()
         assert page.count('<link rel="stylesheet" href="style.css">') == 1
         overhead = len(page.encode()) - sum(len(i) for i in _images(page))  # beyond the figures themselves
-        assert overhead < 64_000, (path.name, overhead)
-        styles = sum(len(s) for s in re.findall(r"<style.*?</style>", page, re.S))  # DataFrames' own
-        assert styles < css / 4
+        # 96 KB: notebook 03, which writes the integer arithmetic out, carries ~14 KB of MathML and the
+        # worked example's code and tables (~79 KB in all); a page inlining its CSS or scripts is far larger
+        assert overhead < 96_000, (path.name, overhead)
+        # DataFrames' own scoped styles, ~230 bytes a table (notebook 03 shows 9 tables: ~2.1 KB)
+        styles = sum(len(s) for s in re.findall(r"<style.*?</style>", page, re.S))
+        assert styles < css / 3
     assert css < 32_000
 
 

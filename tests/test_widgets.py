@@ -5,6 +5,7 @@ References are independent: a float64 NumPy softmax-regression stand-in model, h
 """
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ from matplotlib.image import imread
 import microcnn
 from microcnn import widgets as W
 from microcnn.datasets import load_mnist
-from microcnn.errors import InputError
+from microcnn.errors import InputError, MicrocnnError
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -130,21 +131,30 @@ def test_feature_maps_show_the_layer_outputs(mnist, net):
     for rec in records:
         fig = W.feature_maps_figure(net, image, rec.name, max_maps=8)
         out = rec.output[0]
+        # the input image first, beside the maps
+        assert fig.axes[0].get_title() == "input"
+        np.testing.assert_array_equal(fig.axes[0].get_images()[0].get_array(), image[0])
         if out.ndim == 3 and out.shape[1:] != (1, 1):
-            shown = [im.get_array() for ax in fig.axes for im in ax.get_images()]
-            assert len(shown) == min(8, out.shape[0])
-            for k, arr in enumerate(shown):
-                np.testing.assert_array_equal(np.asarray(arr), out[k])
-            assert fig.axes[0].get_title() == "ch 0"
+            maps = [im for ax in fig.axes[1:] for im in ax.get_images()]
+            assert len(maps) == min(8, out.shape[0])
+            for k, im in enumerate(maps):
+                np.testing.assert_array_equal(np.asarray(im.get_array()), out[k])
+            assert fig.axes[[ax.get_title() for ax in fig.axes].index("ch 0")].get_images()
+            shown = out[:8]
+            lo, hi = maps[0].get_clim()
+            if shown.min() < 0 < shown.max():  # signed (conv outputs): diverging, centred at 0
+                assert maps[0].get_cmap().name == "RdBu_r" and lo == -hi == -np.abs(shown).max()
+            else:  # ReLU / pooling outputs: one-sided
+                assert maps[0].get_cmap().name == "viridis" and (lo, hi) == (shown.min(), shown.max())
         else:
-            ax = fig.axes[0]
+            ax = fig.axes[1]
             np.testing.assert_allclose([bar.get_height() for bar in ax.containers[0]], out.reshape(-1))
             assert ax.get_xlabel() == "unit" and ax.get_ylabel() == "activation"
-        heading = fig.texts[0].get_text() if fig.texts else fig.axes[0].get_title()
+        heading = fig.texts[0].get_text() if fig.texts else fig.axes[1].get_title()
         assert heading.startswith(f"{rec.name} ({rec.type}) output, shape {out.shape}")
     # A layer can be named by index too; unknown layers list the choices.
     by_index = W.feature_maps_figure(net, image, 3, max_maps=16)
-    assert len([im for ax in by_index.axes for im in ax.get_images()]) == 16
+    assert len([im for ax in by_index.axes for im in ax.get_images()]) == 16 + 1  # + the input
     with pytest.raises(InputError, match=r"expected one of \['conv1'.*found 'conv9'"):
         W.feature_maps_figure(net, image, "conv9")
     with pytest.raises(InputError, match="max_maps"):
@@ -593,3 +603,149 @@ def test_drawing_pad_output_carries_a_preview_of_the_canvas_and_prediction():
     assert data["text/plain"].endswith(text.value) and text.value.startswith("Prediction: ")
     assert preview.shape[0] == 140 + _rgba(bars.value).shape[0] + _rgba(seen.value).shape[0]
     np.testing.assert_allclose(preview[:140, :140, 0], seven(140) / 255, atol=1 / 255)
+
+
+# ------------------------------------------------------------------------------------ logits, saliency
+@pytest.fixture(scope="module")
+def int8(trained):
+    from microcnn.bench import build_precision
+    from microcnn.quant import calibrate
+
+    train, _ = load_mnist("train")
+    return build_precision(trained, "int8", calibrate(trained, train[:100], method="mse", progress=False))
+
+
+def test_logits_panel_beside_probabilities(mnist, trained, int8):
+    image = mnist[0][5]
+    models = {"FP32": trained, "INT8": int8}
+    logits = W.prediction_panel(models, image, scores="logits")
+    for name, model in models.items():
+        np.testing.assert_array_equal(logits[name], model.logits(image[None])[0].astype(np.float64))
+    # softmax of the logits is the probability panel (independent float64 softmax)
+    z = logits.to_numpy()
+    e = np.exp(z - z.max(axis=0))
+    np.testing.assert_allclose(e / e.sum(axis=0), W.prediction_panel(models, image).to_numpy(), atol=1e-6)
+    fig = W.probability_figure(W.prediction_panel(models, image), label=3, logits=logits)
+    ax_p, ax_l = fig.axes
+    assert ax_p.get_ylabel() == "probability" and ax_l.get_ylabel() == "logit (before softmax)"
+    heights = [b.get_height() for c in ax_l.containers for b in c]
+    np.testing.assert_array_equal(heights, np.concatenate([logits["FP32"], logits["INT8"]]))
+    with pytest.raises(InputError, match="scores"):
+        W.prediction_panel(models, image, scores="odds")
+    with pytest.raises(InputError, match=r"\.logits"):
+        W.prediction_panel({"LR": SoftmaxRegression(0)}, image, scores="logits")
+
+
+def test_gradient_saliency_matches_finite_differences(mnist, trained):
+    x = mnist[0][:1]
+    before = [None if p.grad is None else p.grad.copy() for p in trained.parameters()]
+    sal, method = W.saliency(trained, x, target=7)
+    assert method == "gradient" and sal.shape == (28, 28)
+    # directional derivative of logit 7 along a random direction, central differences (float32 network:
+    # h = 1e-2 keeps rounding noise ~1e-4 below the 5 % tolerance)
+    d = np.random.default_rng(0).normal(size=(28, 28)).astype(np.float32)
+    h = 1e-2
+    fd = (trained.logits(x + h * d)[0, 7].astype(np.float64) - trained.logits(x - h * d)[0, 7]) / (2 * h)
+    assert (sal * d).sum() == pytest.approx(fd, rel=0.05)
+    after = [p.grad for p in trained.parameters()]
+    assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    fig = W.saliency_figure(x, sal, method)
+    art = fig.axes[1].get_images()[0]
+    lo, hi = art.get_clim()
+    assert art.get_cmap().name == "RdBu_r" and lo == -hi == -np.abs(sal).max()  # centred at zero
+    with pytest.raises(InputError, match="target"):
+        W.saliency(trained, x, target=10)
+
+
+def test_occlusion_saliency_of_a_quantized_model(mnist, int8):
+    x = mnist[0][:1]
+    sal, method = W.saliency(int8, x)
+    target = int(int8.predict(x).argmax())
+    assert method == "occlusion" and sal.shape == (28, 28)
+    p = W.OCCLUSION_PATCH
+    base = int8.logits(x)[0, target]
+    for i, j in ((0, 0), (3, 4), (6, 6)):  # patches: each pixel holds its patch's drop / patch area
+        occluded = x.copy()
+        occluded[0, 0, i * p:(i + 1) * p, j * p:(j + 1) * p] = 0
+        drop = (base - int8.logits(occluded)[0, target]) / p ** 2
+        np.testing.assert_allclose(sal[i * p:(i + 1) * p, j * p:(j + 1) * p], drop, rtol=1e-12)
+    assert sal[:p, :p].max() == 0  # a blank corner: occluding it changes nothing
+
+
+# ------------------------------------------------------------------------------------ uploads
+DATA = Path(microcnn.__file__).resolve().parent.parent / "data"
+
+
+@pytest.mark.parametrize("name", ["lenet.safetensors", "lenet.raw"])
+def test_uploaded_model_bytes_load_like_the_file(mnist, trained, name):
+    model = W.load_model_bytes(name, (DATA / name).read_bytes())
+    np.testing.assert_array_equal(model.predict(mnist[0][:20]), trained.predict(mnist[0][:20]))
+
+
+@pytest.mark.parametrize("name, data", [("lenet.raw", b"\0" * 100), ("lenet.safetensors", b"PK\3\4junk"),
+                                        ("lenet.safetensors", b"")])
+def test_bad_uploaded_model_gets_the_files_error_message(tmp_path, name, data):
+    from microcnn.resolve import load_model_spec
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(MicrocnnError) as on_disk:
+        load_model_spec(str(path))
+    with pytest.raises(MicrocnnError) as uploaded:
+        W.load_model_bytes(name, data)
+    assert type(uploaded.value) is type(on_disk.value)
+    assert str(uploaded.value) == str(on_disk.value).replace(str(path), name)
+    with pytest.raises(InputError, match=r"weights.txt: expected a model file ending in \.safetensors"):
+        W.load_model_bytes("weights.txt", b"1")
+
+
+def npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_uploaded_dataset(mnist):
+    pixels = (mnist[0][:30, 0] * 255).round().astype(np.uint8)
+    images, labels = W.load_dataset_bytes("d.npz", npz_bytes(images=pixels, labels=mnist[1][:30]))
+    np.testing.assert_array_equal(images, pixels[:, None] / np.float32(255))
+    np.testing.assert_array_equal(labels, mnist[1][:30])
+    for data, match in [
+        (b"not a zip", r"d.npz: expected an .npz archive"),
+        (npz_bytes(images=pixels), r"expected arrays 'images' and 'labels', found \['images'\]"),
+        (npz_bytes(images=pixels, labels=np.arange(30) % 12), "labels: expected 30 integer classes 0..9"),
+        (npz_bytes(images=pixels[:, :20], labels=mnist[1][:30]), "d.npz: images"),
+        (npz_bytes(images=np.array([object()] * 2), labels=np.zeros(2, int)), "could not read|pickle"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            W.load_dataset_bytes("d.npz", data)
+
+
+STAMP = __import__("datetime").datetime(2026, 12, 7, tzinfo=__import__("datetime").timezone.utc)
+
+
+def test_explorer_loads_an_uploaded_model_and_dataset(mnist, net, trained):
+    images, labels = mnist
+    ui = W.explorer({"FP32": net}, images[:50], labels[:50])
+    slider, summary, tabs = ui.children[0], ui.children[1], ui.children[3]
+    (model_upload, data_upload), status = tabs.children[3].children[0].children, tabs.children[3].children[1]
+    salient_model, salient = tabs.children[2].children
+    assert png_shape(salient.value)
+    model_upload.value = ({"name": "lenet.safetensors", "type": "", "size": 0, "last_modified": STAMP,
+                           "content": memoryview((DATA / "lenet.safetensors").read_bytes())},)
+    wrong = W.misclassified(trained, images[:50], labels[:50])
+    assert status.value == f"loaded model lenet.safetensors: {len(wrong)} of 50 images misclassified"
+    assert "lenet.safetensors: " in summary.value
+    assert list(salient_model.options) == ["FP32", "lenet.safetensors"]
+    before = salient.value
+    salient_model.value = "lenet.safetensors"
+    assert salient.value != before
+    pixels = (images[100:130, 0] * 255).round().astype(np.uint8)
+    data_upload.value = ({"name": "mine.npz", "type": "", "size": 0, "last_modified": STAMP,
+                          "content": memoryview(npz_bytes(images=pixels, labels=labels[100:130]))},)
+    assert status.value == "loaded data set mine.npz: 30 images" and slider.max == 29
+    slider.value = 29
+    assert f"test image 29: label {labels[129]}" in summary.value
+    data_upload.value = ({"name": "bad.npz", "type": "", "size": 0, "last_modified": STAMP,
+                          "content": memoryview(b"junk")},)
+    assert "bad.npz: expected an .npz archive" in status.value and slider.max == 29  # unchanged
