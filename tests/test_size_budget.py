@@ -36,7 +36,9 @@ TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "s
 
 # engine +500 (issue 13): the model interface (model.py) and graphs (graph.py: Add, Concat,
 # Graph with its checks, plans and files), about +500 lines; tools stay bound by the 0.55 ratio.
-BUDGET = {"engine": 7900, "quant": 2050, "tools": 3300}  # 5,900 + the three raises above
+# engine: 5,900 + the three raises above; quant +100 for quant/explain.py (the notebooks' worked
+# requantization example, issue 16).
+BUDGET = {"engine": 7900, "quant": 2150, "tools": 3300}
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 
