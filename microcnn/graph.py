@@ -185,8 +185,8 @@ class Graph(FloatModel):
         self.names = [n.name for n in self.nodes]
         self._by_name = {n.name: n for n in self.nodes}
         self.input_shape = _checked_input_shape(input_shape)
-        if self.input_shape is not None:
-            self.shapes = self._propagate_shapes()
+        # one sample's shape per tensor name, checked now (None without an input shape)
+        self.shapes = self._propagate_shapes() if self.input_shape is not None else None
         self._plans: dict = {}
 
     def _check_usage(self) -> None:
@@ -229,9 +229,8 @@ class Graph(FloatModel):
 
     # -- model interface -------------------------------------------------------------------------
     def layer_nodes(self) -> list[LayerNode]:
-        """The nodes in run order, reading ``model.INPUT`` for the graph input."""
-        rename = {self.input_name: INPUT}
-        return [LayerNode(n.name, n.layer, tuple(rename.get(i, i) for i in n.inputs)) for n in self.nodes]
+        """The nodes in run order."""
+        return list(self.nodes)
 
     @property
     def logits_name(self) -> str:
