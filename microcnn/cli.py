@@ -15,6 +15,7 @@ from .resolve import (
     check_data_fits,
     data_dir,
     dataset_of,
+    is_npz,
     load_calibration_images,
     load_model_spec,
     load_test_images,
@@ -201,7 +202,8 @@ def cmd_quantize(args) -> int:
     _check_outputs([args.out], args.force)
     qnet.save(args.out)
     print(f"wrote {args.out}: {_precision_of(qnet)}, {qnet.nbytes} bytes (FP32 {net.nbytes} bytes), "
-          f"calibrated on {qnet.settings['calibration_samples']} training images")
+          f"calibrated on {qnet.settings['calibration_samples']} "
+          f"{'images of ' + _dataset(args) if is_npz(_dataset(args)) else 'training images'}")
     return 0
 
 

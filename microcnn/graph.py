@@ -23,7 +23,7 @@ from .errors import FileFormatError, InputError
 from .io import MAX_ACTIVATION_ELEMENTS
 from .layers import Layer, Softmax, layer_from_config, state_shapes
 from .model import INPUT, LayerNode, LayerTrace, sample_output_shape
-from .network import FloatModel, FusedGroup, fold_pair, folds_into, fuse_chain
+from .network import CompiledProgram, FloatModel, FusedGroup, fold_pair, folds_into, fuse_chain
 
 
 def _same_rank(op: str, shapes) -> None:
@@ -132,21 +132,32 @@ def _graph_layer(cfg: dict) -> Layer:
 
 @dataclass(frozen=True)
 class _Step:
-    """One inference call of a plan: a fused chain (``groups``) or one multi-input ``layer``, reading
-    ``inputs``, naming its result ``output``, after which the tensors in ``free`` are dropped."""
+    """One inference call of a plan: a fused chain (the layers ``chain`` as ``groups``) or one
+    multi-input ``layer``, reading ``inputs``, naming its result ``output``, after which the tensors in
+    ``free`` are dropped."""
 
     inputs: tuple[str, ...]
     output: str
+    chain: list
     groups: tuple[FusedGroup, ...]
     layer: Layer | None
     free: tuple[str, ...]
 
-    def run(self, env: dict):
+    def run(self, env: dict, programs: dict, key):
+        """The step's result. A chain runs as its compiled program (``network.CompiledProgram``, kept in
+        ``programs`` under ``key``) when it may, as Sequential does, else group by group."""
         if self.layer is not None:
             return self.layer.forward(*(env[i] for i in self.inputs))
         x = env[self.inputs[0]]
+        prog = programs.get(key)
+        if prog is not None and prog.runs(x, self.chain):
+            return prog.run(x)
+        sample_shape = x.shape[1:]
         for group in self.groups:
             x = group.run(x)
+        if len(sample_shape) == 3:  # the program takes NCHW inputs
+            programs[key] = CompiledProgram.refreshed(prog, self.chain, lambda: list(self.groups),
+                                                      sample_shape)
         return x
 
 
@@ -185,9 +196,10 @@ class Graph(FloatModel):
         self.names = [n.name for n in self.nodes]
         self._by_name = {n.name: n for n in self.nodes}
         self.input_shape = _checked_input_shape(input_shape)
-        if self.input_shape is not None:
-            self.shapes = self._propagate_shapes()
+        # one sample's shape per tensor name, checked now (None without an input shape)
+        self.shapes = self._propagate_shapes() if self.input_shape is not None else None
         self._plans: dict = {}
+        self._programs: dict = {}  # (target, step index) -> the chain's compiled program
 
     def _check_usage(self) -> None:
         if self.output_name not in {n.name for n in self.nodes}:
@@ -215,7 +227,8 @@ class Graph(FloatModel):
         return shapes
 
     def __getstate__(self):
-        return {**self.__dict__, "_plans": {}}  # plans hold fused groups of this graph's layers
+        # Plans hold fused groups of this graph's layers, programs the addresses of its arrays.
+        return {**self.__dict__, "_plans": {}, "_programs": {}}
 
     def __len__(self):
         return len(self.nodes)
@@ -229,9 +242,8 @@ class Graph(FloatModel):
 
     # -- model interface -------------------------------------------------------------------------
     def layer_nodes(self) -> list[LayerNode]:
-        """The nodes in run order, reading ``model.INPUT`` for the graph input."""
-        rename = {self.input_name: INPUT}
-        return [LayerNode(n.name, n.layer, tuple(rename.get(i, i) for i in n.inputs)) for n in self.nodes]
+        """The nodes in run order."""
+        return list(self.nodes)
 
     @property
     def logits_name(self) -> str:
@@ -267,8 +279,8 @@ class Graph(FloatModel):
     def _run(self, x, target: str):
         check_array_batch(x)
         env = {self.input_name: x}
-        for step in self.plan(target):
-            env[step.output] = step.run(env)
+        for k, step in enumerate(self.plan(target)):
+            env[step.output] = step.run(env, self._programs, (target, k))
             for name in step.free:
                 del env[name]
         return env[target]
@@ -321,13 +333,14 @@ class Graph(FloatModel):
                 remaining[i] -= 1
             free = tuple(i for i in dict.fromkeys(head.inputs) if remaining[i] == 0)
             if type(head.layer) in GRAPH_LAYER_TYPES.values():
-                steps.append(_Step(head.inputs, last, (), head.layer, free))
+                steps.append(_Step(head.inputs, last, [], (), head.layer, free))
             else:
                 # The head's input may be overwritten only if this chain is its one reader and the
                 # graph made it (an Add/Concat result: never the caller's array, never a view).
                 owned = head.inputs[0] != self.input_name and readers[head.inputs[0]] == 1
-                steps.append(_Step(head.inputs, last, tuple(fuse_chain([n.layer for n in chain], owned)),
-                                   None, free))
+                layers = [n.layer for n in chain]
+                groups = tuple(fuse_chain(layers, owned))
+                steps.append(_Step(head.inputs, last, layers, groups, None, free))
         self._plans[target] = steps
         return steps
 

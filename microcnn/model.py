@@ -62,9 +62,9 @@ def sample_output_shape(layer, *shapes) -> tuple:
     return tuple(layer.output_shape(*shapes))
 
 
-def output_shapes(nodes: list[LayerNode], input_shape: tuple | None) -> dict:
+def output_shapes(nodes: list[LayerNode], input_shape: tuple | None, input_name: str = INPUT) -> dict:
     """Tensor name -> one sample's shape (None throughout when ``input_shape`` is None)."""
-    shapes: dict = {INPUT: tuple(input_shape) if input_shape is not None else None}
+    shapes: dict = {input_name: tuple(input_shape) if input_shape is not None else None}
     for node in nodes:
         ins = [shapes[i] for i in node.inputs]
         shapes[node.name] = None if None in ins else sample_output_shape(node.layer, *ins)
@@ -76,6 +76,7 @@ class Model(ABC):
 
     Attributes:
         input_shape: (C, H, W) of one sample, or None when the model does not record it.
+        input_name: the name the first layers read the input by (``"input"``, a Graph's own).
 
     Shape:
         ``predict``/``logits``: (N, C, H, W) (or one (C, H, W) image) -> (N, classes).
@@ -88,6 +89,7 @@ class Model(ABC):
     """
 
     input_shape: tuple | None = None
+    input_name: str = INPUT  # what the first layers read, in ``layer_nodes``
 
     # -- what each model defines -----------------------------------------------------------------
     @abstractmethod
@@ -177,7 +179,7 @@ class Model(ABC):
                 raise InputError(f"input_shape: expected (C, H, W) positive integers, found {input_shape!r}")
         nodes = self.layer_nodes()
         try:
-            shapes = output_shapes(nodes, shape)
+            shapes = output_shapes(nodes, shape, self.input_name)
         except (InputError, ValueError, IndexError) as exc:
             raise InputError(f"input_shape {shape}: the model cannot run on it ({exc})") from None
         rows = []

@@ -17,8 +17,8 @@ from .kernels import program
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
 from .model import INPUT, LayerNode, LayerTrace, Model
 
-__all__ = ["BATCHNORM_TYPES", "PROGRAM_MAX_BATCH", "FloatModel", "FusedGroup", "LayerTrace", "Sequential",
-           "fold_pair", "folds_into", "fuse_chain", "layer_names"]
+__all__ = ["BATCHNORM_TYPES", "PROGRAM_MAX_BATCH", "CompiledProgram", "FloatModel", "FusedGroup",
+           "LayerTrace", "Sequential", "fold_pair", "folds_into", "fuse_chain", "layer_names"]
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
@@ -168,7 +168,7 @@ def fuse_chain(layers, owned: bool = False) -> list[FusedGroup]:
     return groups
 
 
-class _Program:
+class CompiledProgram:
     """A network compiled for one sample shape (see ``kernels.program``). Its rows read the layers'
     parameter arrays at every call, so in-place edits need nothing; it is valid while the layer list,
     every layer's attributes (``Layer.edits`` counts assignments: a replaced Tensor, stride, algorithm)
@@ -183,7 +183,7 @@ class _Program:
         self.keep = keep
 
     @classmethod
-    def build(cls, layers, groups, sample_shape) -> _Program | None:
+    def build(cls, layers, groups, sample_shape) -> CompiledProgram | None:
         """The program, or None when a group has no ops (checked before anything else is done)."""
         if not all(group.compilable() for group in groups):
             return None
@@ -196,6 +196,24 @@ class _Program:
             chw = group.output_shape(chw)
         table = np.array(rows, np.int64).reshape(len(rows), program.FIELDS)
         return cls(layers, tuple(sample_shape), chw, table, keep)
+
+    @classmethod
+    def refreshed(cls, prog, layers, groups_fn, sample_shape) -> CompiledProgram | None:
+        """``prog`` while it is current for ``layers`` and ``sample_shape``, else a new build (None when
+        the chain has no ops); ``groups_fn()`` gives the chain's fused groups, asked only to build."""
+        if prog is None or prog.sample_shape != sample_shape or not prog.is_current(layers):
+            return cls.build(layers, groups_fn(), sample_shape)
+        return prog
+
+    def runs(self, x, layers) -> bool:
+        """Whether this program may compute ``layers`` on ``x``: a small batch of its sample shape, of
+        the one array type it was compiled for (read-only arrays take the layer path), layers unchanged."""
+        return (type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 4
+                and x.shape[1:] == self.sample_shape and 0 < x.shape[0] < PROGRAM_MAX_BATCH
+                and x.flags.c_contiguous and x.flags.writeable and self.is_current(layers))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return program.run_program(x, self.ops).reshape(x.shape[0], *self.out_shape)
 
     def is_current(self, layers) -> bool:
         if self.edits != Layer.edits or self.layers != layers:
@@ -368,7 +386,7 @@ class Sequential(FloatModel):
         self.names = layer_names(self.layers)
         self._groups: list[FusedGroup] = []
         self._groups_for: list | None = None
-        self._program: _Program | None = None
+        self._program: CompiledProgram | None = None
 
     def __getstate__(self):
         # A copy (copy.deepcopy, pickle) gets no compiled program: the program's rows hold the
@@ -406,16 +424,13 @@ class Sequential(FloatModel):
         arrays take the layer path: one compiled program serves one array type.) The program reads the
         layers' own weight arrays, so every change of a weight or a layer is seen by the next call."""
         prog = self._program
-        if (prog is not None and type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 4
-                and x.shape[1:] == prog.sample_shape and 0 < x.shape[0] < PROGRAM_MAX_BATCH
-                and x.flags.c_contiguous and x.flags.writeable and prog.is_current(self.layers)):
-            return program.run_program(x, prog.ops).reshape(x.shape[0], *prog.out_shape)
+        if prog is not None and prog.runs(x, self.layers):
+            return prog.run(x)
         check_array_batch(x)
         sample_shape = x.shape[1:]
         for group in self.inference_groups():
             x = group.run(x)
-        if prog is None or prog.sample_shape != sample_shape or not prog.is_current(self.layers):
-            self._program = _Program.build(self.layers, self.inference_groups(), sample_shape)
+        self._program = CompiledProgram.refreshed(prog, self.layers, self.inference_groups, sample_shape)
         return x
 
     def inference_groups(self) -> list[FusedGroup]:

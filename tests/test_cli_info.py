@@ -129,3 +129,12 @@ def test_dataset_flag_is_checked_while_parsing(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--dataset", "cifar"])
     assert "expected one of mnist, fashion-mnist or a .npz file, found 'cifar'" in capsys.readouterr().err
+
+
+def test_quantize_calibrates_on_an_npz_dataset(capsys, mnist_npz, tmp_path):
+    path, images, labels = mnist_npz
+    out = tmp_path / "q.safetensors"
+    code, text, _ = run(capsys, "quantize", "--dataset", str(path), "--calibration", "50", "--out", str(out))
+    assert code == 0 and f"calibrated on 50 images of {path}" in text
+    code, text, _ = run(capsys, "eval", "--model", str(out), "--dataset", str(path), "--json")
+    assert code == 0 and json.loads(text)["accuracy"] == microcnn.load(out).accuracy(images, labels)

@@ -337,3 +337,16 @@ def test_a_long_graph_in_reverse_order_is_sorted_quickly():
     nodes[-1] = ("r0", Add(), ["x", f"r{n - 1}"])  # close a loop through all of them
     with pytest.raises(InputError, match="on a cycle"):
         Graph(nodes, "x", f"r{n - 1}")
+
+
+def test_small_batches_run_each_chain_as_a_compiled_program_with_the_same_bits():
+    g = block(input_shape=(3, 8, 8))
+    x = np.random.default_rng(3).random((40, 3, 8, 8), dtype=np.float32)
+    layer_path = g.forward(x)  # 40 >= PROGRAM_MAX_BATCH: group by group; programs are built
+    assert any(p is not None for p in g._programs.values())
+    for n in (1, 5):
+        assert np.array_equal(g.forward(x[:n]), layer_path[:n])
+    g["fc"].weight.data[0, 0] += 1.0  # programs read the layers' own arrays: the edit is seen
+    np.testing.assert_allclose(g.forward(x[:1]), numpy_block(g.state_dict(), x[:1]), rtol=0, atol=2e-6)
+    g["conv1"].padding = 1  # an attribute assignment invalidates every program
+    np.testing.assert_allclose(g.forward(x[:2]), numpy_block(g.state_dict(), x[:2]), rtol=0, atol=2e-6)

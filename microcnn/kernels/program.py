@@ -10,7 +10,7 @@ bias arrays, read at every call, so an edit of a parameter in place (pruning, an
 ``load_state_dict``) is what the next call computes with. Convolution weights are packed for the
 register kernel on each call (O x C*KH*KW values, against O x C*KH*KW x OH*OW multiply-adds).
 The caller (``Sequential``) keeps the arrays alive and checks, before each call, that the program's
-arrays are still the layers' own (see ``network._Program.is_current``).
+arrays are still the layers' own (see ``network.CompiledProgram.is_current``).
 
 Activations travel as a flat buffer plus (C, H, W); a dense layer sees (C*H*W, 1, 1). Every row has
 the fields below (one meaning each, unused ones 0); ``op_row`` writes them, ``run_program`` reads them.
