@@ -572,7 +572,7 @@ def on_upload(state: ExplorerState, name: str, data: bytes) -> str:
     else:
         model = load_model_bytes(name, data)
         new = explorer_state({**state.models, name: model}, state.images, state.labels,
-                             net=model if hasattr(model, "trace") else state.net)
+                             net=model)
         what = f"model {name}: {len(new.wrong[name])} of {len(new.images):,} images misclassified"
     state.__dict__.update(vars(new))
     return "loaded " + what
