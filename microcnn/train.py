@@ -195,8 +195,10 @@ def _check_training_data(net, images, labels, name: str = "labels"):
 
 
 def evaluate(net, images, labels, batch_size: int = 1000) -> float:
-    """Accuracy through the training (autograd) path under no_grad: the math ``fit`` optimises."""
+    """Accuracy through the training (autograd) path under no_grad: the math ``fit`` optimises. Sets
+    eval mode (BatchNorm's running statistics, no dropout)."""
     correct = 0
+    net.eval()
     with no_grad():
         for s in range(0, len(images), batch_size):
             logits = net.logits(Tensor(images[s:s + batch_size])).data
@@ -279,6 +281,7 @@ def fit(net, images, labels, epochs: int = 10, batch_size: int = 64, optimizer="
             bar.close()
             train_seconds = time.perf_counter() - t0
             test_acc = evaluate(net, eval_images, eval_labels) if eval_data is not None else math.nan
+            net.train()
             rows.append({"epoch": epoch, "loss": loss_sum / len(images), "train_acc": correct / len(images),
                          "test_acc": test_acc, "lr": opt.lr, "seconds": train_seconds})
             if progress:

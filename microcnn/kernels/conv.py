@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import register_jitable
 
 from ..errors import InputError
 from .elementwise import relu_inplace
@@ -181,6 +182,7 @@ def pack_group_rows(w2, groups) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(groups * blocks, PACK_ROWS, k).transpose(0, 2, 1))
 
 
+@register_jitable
 def use_packed(o, groups) -> bool:
     """Whether im2col's GEMM runs on packed register blocks (``gemm_packed``): not for groups of fewer
     output channels than a block has rows (depthwise), which ``gemm_acc`` computes row by row with the
@@ -228,7 +230,7 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     # Output rows of the GEMM, row stride ``row``; the pooling and the copy read only q < OW.
     acc = np.empty((1, o, max(oh, -(-ncol_run // row)), row), np.float32)
     out = acc.reshape(o, -1)
-    packed_ok = groups == 1 or og >= PACK_ROWS
+    packed_ok = use_packed(o, groups)
     blocks = packed.shape[0] // groups if packed_ok else 0
     zero_rows = np.zeros(k, np.int64)  # gemm_acc's row index into the 1-row view of the data
     pooled = pool.kh > 0
