@@ -449,8 +449,8 @@ class _BatchNorm(Layer):
     def forward(self, x):
         self._check_input(x)
         scale, shift = self.affine()
-        at = (1, -1) + (1,) * (x.ndim - 2)
-        return x * scale.reshape(at) + shift.reshape(at)
+        x3 = np.ascontiguousarray(x, np.float32).reshape(x.shape[0], x.shape[1], -1)
+        return elementwise.channel_affine(x3, scale, shift).reshape(x.shape)
 
     def forward_tensor(self, x):
         self._check_input(x.data)

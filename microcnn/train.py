@@ -226,8 +226,10 @@ def _check_training_data(net: Sequential, images: ArrayLike, labels: ArrayLike,
 
 
 def evaluate(net: Sequential, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
-    """Accuracy through the training (autograd) path under no_grad: the math ``fit`` optimises."""
+    """Accuracy through the training (autograd) path under no_grad: the math ``fit`` optimises. Sets
+    eval mode (BatchNorm's running statistics, no dropout)."""
     correct = 0
+    net.eval()
     with no_grad():
         for s in range(0, len(images), batch_size):
             logits = net.logits(Tensor(images[s:s + batch_size])).data
@@ -348,6 +350,7 @@ def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10,
             bar.close()
             train_seconds = time.perf_counter() - t0
             test_acc = evaluate(net, eval_images, eval_labels) if eval_data is not None else math.nan
+            net.train()
             rows.append({"epoch": epoch, "loss": loss_sum / len(images), "train_acc": correct / len(images),
                          "test_acc": test_acc, "lr": opt.lr, "seconds": train_seconds})
             if progress:

@@ -185,3 +185,57 @@ def test_train_and_eval_propagate_and_buffers_are_checked():
         BatchNorm2d(3).forward(np.ones((2, 3), np.float32))
     cfg = {"type": "BatchNorm1d", **BatchNorm1d(5, eps=1e-3, momentum=0.01).config()}
     assert layer_from_config(cfg).config() == {k: v for k, v in cfg.items() if k != "type"}
+
+
+def test_training_a_bn_cnn_matches_torch_step_by_step():
+    """A small CNN with every issue-13 layer trained for three SGD steps in train mode: losses, every
+    parameter and the running statistics follow PyTorch (float64) within 1e-4; then eval predictions
+    agree within 1e-5."""
+    torch = pytest.importorskip("torch")
+    from microcnn.layers import Dropout, GlobalAvgPool2d, LeakyReLU, MaxPool2d, ReLU6, Tanh
+    from microcnn.losses import cross_entropy
+    from microcnn.optim import SGD
+
+    nn = torch.nn
+    rng = np.random.default_rng(9)
+    net = Sequential(Conv2d(3, 8, 3, padding=1, rng=rng), BatchNorm2d(8), ReLU6(),
+                     Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=False, rng=rng), BatchNorm2d(8),
+                     LeakyReLU(0.1), MaxPool2d(3, 2, 1, ceil_mode=True),
+                     Conv2d(8, 6, 1, groups=2, rng=rng), Tanh(), GlobalAvgPool2d(), Flatten(), Dropout(0.0),
+                     Linear(6, 4, rng=rng), BatchNorm1d(4))
+    tnet = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+                         nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=False), nn.BatchNorm2d(8),
+                         nn.LeakyReLU(0.1), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+                         nn.Conv2d(8, 6, 1, groups=2), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Dropout(0.0), nn.Linear(6, 4),
+                         nn.BatchNorm1d(4)).double()
+    with torch.no_grad():
+        for ours, theirs in zip(net.layers, tnet, strict=True):
+            for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+                q.copy_(torch.tensor(p.data))
+    opt, topt = SGD(net.parameters(), lr=0.5), torch.optim.SGD(tnet.parameters(), lr=0.5)
+    net.train()
+    for _ in range(3):
+        x = rng.standard_normal((6, 3, 9, 9)).astype(np.float32)
+        y = rng.integers(0, 4, 6)
+        opt.zero_grad()
+        loss = cross_entropy(net(Tensor(x)), y)
+        loss.backward()
+        opt.step()
+        topt.zero_grad()
+        tloss = nn.functional.cross_entropy(tnet(torch.tensor(x, dtype=torch.float64)), torch.tensor(y))
+        tloss.backward()
+        topt.step()
+        assert abs(loss.item() - tloss.item()) < 1e-5
+        for p, q in zip(net.parameters(), tnet.parameters(), strict=True):
+            np.testing.assert_allclose(p.data, q.detach().numpy(), atol=1e-4)
+    for ours, theirs in zip(net.layers, tnet, strict=True):
+        if isinstance(ours, BatchNorm2d | BatchNorm1d):
+            np.testing.assert_allclose(ours.running_mean, theirs.running_mean.numpy(), atol=1e-5)
+            np.testing.assert_allclose(ours.running_var, theirs.running_var.numpy(), rtol=1e-4)
+    net.eval()
+    tnet.eval()
+    x = rng.standard_normal((5, 3, 9, 9)).astype(np.float32)
+    want = tnet(torch.tensor(x, dtype=torch.float64)).detach().numpy()
+    np.testing.assert_allclose(net.forward(x), want, atol=1e-5)
+    np.testing.assert_allclose(net(Tensor(x)).data, want, atol=1e-5)

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import register_jitable
 
 from ..errors import InputError
 from .elementwise import relu_inplace
@@ -181,6 +182,7 @@ def pack_group_rows(w2, groups) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(groups * blocks, PACK_ROWS, k).transpose(0, 2, 1))
 
 
+@register_jitable
 def use_packed(o, groups) -> bool:
     """Whether im2col's GEMM runs on packed register blocks (``gemm_packed``): not for groups of fewer
     output channels than a block has rows (depthwise), which ``gemm_acc`` computes row by row with the
@@ -201,7 +203,7 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     row is a window of the image itself and the GEMM reads the image (or its zero-bordered copy) in
     place; group g reads from channel g*C/groups on. The columns q >= OW of each row are computed and
     dropped -- (Wp - OW)/Wp extra work, less than writing a patch matrix costs at LeNet's sizes.
-    Other strides fill an explicit patch matrix, group by group.
+    Other strides fill an explicit patch matrix (all groups' rows, once per image).
     """
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     o = b.shape[0]
@@ -224,11 +226,11 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
                 offs[t] = ch * hp * wp + u * geom.dh * wp + v * geom.dw if window else t * ncol_run
     in_place = window and ph == 0 and pw == 0 and ncol >= LANES
     padded = np.zeros(0 if in_place else c * hp * wp + LANES, np.float32)
-    patch = np.zeros(0 if window else k * ncol_run, np.float32)
+    patch = np.zeros(0 if window else groups * k * ncol_run, np.float32)
     # Output rows of the GEMM, row stride ``row``; the pooling and the copy read only q < OW.
     acc = np.empty((1, o, max(oh, -(-ncol_run // row)), row), np.float32)
     out = acc.reshape(o, -1)
-    packed_ok = groups == 1 or og >= PACK_ROWS
+    packed_ok = use_packed(o, groups)
     blocks = packed.shape[0] // groups if packed_ok else 0
     zero_rows = np.zeros(k, np.int64)  # gemm_acc's row index into the 1-row view of the data
     pooled = pool.kh > 0
@@ -240,20 +242,20 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
         else:
             pad_into(x, i, ph, pw, padded[:c * hp * wp].reshape(c, hp, wp))
             data, base = padded, 0
+            if not window:  # all groups' patch rows at once: group g's are rows g*K.. of the matrix
+                _im2col_fill(padded[:c * hp * wp].reshape(c, hp, wp), geom, oh, ow,
+                             patch.reshape(groups * k, ncol_run), 0, ow)
+                data = patch
         for g in range(groups):
-            gdata, gbase = data, base + g * cg * hp * wp
-            if not window:
-                _im2col_fill(padded[g * cg * hp * wp:(g + 1) * cg * hp * wp].reshape(cg, hp, wp), geom,
-                             oh, ow, patch.reshape(k, ncol_run), 0, ow)
-                gdata, gbase = patch, 0
+            gbase = base + g * (cg * hp * wp if window else k * ncol_run)
             rows = out[g * og:(g + 1) * og]
             if packed_ok:
-                gemm_packed(packed[g * blocks:(g + 1) * blocks], b[g * og:(g + 1) * og], gdata, gbase, offs,
+                gemm_packed(packed[g * blocks:(g + 1) * blocks], b[g * og:(g + 1) * og], data, gbase, offs,
                             rows, ncol_run)
             else:
                 for f in range(og):
                     rows[f, :ncol_run] = b[g * og + f]
-                gemm_acc(w2[g * og:(g + 1) * og], gdata.reshape(1, -1), zero_rows, offs, gbase, rows, 0,
+                gemm_acc(w2[g * og:(g + 1) * og], data.reshape(1, -1), zero_rows, offs, gbase, rows, 0,
                          ncol_run, 0, k)
         if pooled:  # max and relu commute: a ReLU is a floor of 0 on the maxima
             maxpool_images(acc[:, :, :oh, :ow], y[i:i + 1], pool, floor, 0, 1)
