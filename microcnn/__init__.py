@@ -23,6 +23,13 @@ def load_model(path):
 load = load_model
 
 
+def from_torch(module, input_shape=None):
+    """A microcnn model from a PyTorch ``nn.Module`` (``microcnn.torch_io.from_torch``; torch is optional)."""
+    from .torch_io import from_torch as convert
+
+    return convert(module, input_shape)
+
+
 _QUANT_API = ("calibrate", "quantize", "compress")
 
 
@@ -45,6 +52,6 @@ def set_num_threads(n: int) -> None:
 __all__ = [
     "AvgPool2d", "Conv2d", "DataNotFoundError", "DownloadError", "FileFormatError", "Flatten",
     "InputError", "Linear", "MaxPool2d", "MicrocnnError", "ReLU", "Sequential", "Sigmoid",
-    "Softmax", "__version__", "calibrate", "compress", "lenet", "load", "load_model", "quantize",
-    "save_model", "set_num_threads",
+    "Softmax", "__version__", "calibrate", "compress", "from_torch", "lenet", "load", "load_model",
+    "quantize", "save_model", "set_num_threads",
 ]

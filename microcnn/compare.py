@@ -3,7 +3,7 @@
 * Weight conversion: ``to_torch(net)`` builds an ``nn.Sequential`` whose state_dict keys equal
   microcnn's (``0.weight``, ...); ``from_torch`` goes back from an ``nn.Sequential``, another module
   or a bare state_dict; ``load_torch_file`` reads a ``.pt`` state_dict (``weights_only=True``).
-* ``to_onnx(net, path)`` writes the network as ONNX with the ``onnx`` helper API. It needs neither
+* ``to_onnx(net, path)`` writes the network as ONNX with ``microcnn.onnx_io``'s exporter. It needs neither
   torch nor onnxscript (which torch 2.9+'s default exporter requires and which is not a dependency).
 * ``compare_table`` times and scores FP32, INT8 and 4-bit models of every system on the same test
   images, calibrated on the same training images; ``microcnn compare`` prints it.
@@ -37,6 +37,7 @@ from .checks import as_image_batch
 from .errors import FileFormatError, InputError, MicrocnnError
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
 from .network import Sequential
+from .onnx_io import MissingDependencyError, require
 from .quant.precision import PRECISIONS, build_precision, parse_precision
 from .timing import batch1_latency, median_time, pinned_threads
 
@@ -53,29 +54,6 @@ COLUMNS = ["System", "Precision", "Accuracy", "Time (ms)", "Per Image (us)", "La
 JSON_KEYS = {"System": "system", "Precision": "precision", "Accuracy": "accuracy", "Time (ms)": "time_ms",
              "Per Image (us)": "per_image_us", "Latency (us)": "latency_us", "Model Bytes": "model_bytes",
              "Ratio vs microcnn": "ratio_vs_microcnn"}
-_PIP_NAMES = {"torch": "torch==2.13.0", "onnx": "onnx", "onnxruntime": "onnxruntime"}
-
-
-class MissingDependencyError(MicrocnnError, ImportError):
-    """An optional package of the ``compare`` extra is not installed."""
-
-
-def require(*modules: str):
-    """Import the named optional modules, or raise one error naming every missing one and the fix."""
-    import importlib
-
-    found, missing = [], []
-    for name in modules:
-        try:
-            found.append(importlib.import_module(name))
-        except ImportError:
-            missing.append(name)
-    if missing:
-        pkgs = " ".join(_PIP_NAMES.get(m, m) for m in missing)
-        raise MissingDependencyError(
-            f"the comparison needs the optional package(s) {', '.join(missing)}, which are not installed; "
-            f"install them with `{INSTALL_HINT}` (or `pip install {pkgs}`)")
-    return found[0] if len(found) == 1 else tuple(found)
 
 
 def systems_modules(systems: str) -> tuple[str, ...]:
@@ -118,64 +96,20 @@ def to_torch(net: Sequential):
     return module.eval()
 
 
-def _refuse(module, why: str):
-    raise InputError(f"from_torch: cannot convert {module!r}: {why}")
-
-
-def _microcnn_layer(module):
-    """The microcnn layer for one PyTorch module, or None for modules that are identities at inference."""
-    nn = require("torch").nn
-    if isinstance(module, nn.Conv2d):
-        if isinstance(module.padding, str):
-            _refuse(module, f"padding={module.padding!r}; expected explicit integer padding")
-        if module.groups != 1 or tuple(module.dilation) != (1, 1) or module.padding_mode != "zeros":
-            _refuse(module, "expected groups=1, dilation=1 and zero padding")
-        layer = Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                       module.padding, bias=module.bias is not None)
-    elif isinstance(module, nn.Linear):
-        layer = Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
-        dilation = getattr(module, "dilation", 1)
-        if (module.padding not in (0, (0, 0)) or module.ceil_mode or dilation not in (1, (1, 1))
-                or getattr(module, "return_indices", False) or getattr(module, "divisor_override", None)):
-            _refuse(module, "expected padding=0, dilation=1, ceil_mode=False and no indices or divisor")
-        cls = MaxPool2d if isinstance(module, nn.MaxPool2d) else AvgPool2d
-        layer = cls(module.kernel_size, module.stride)
-    elif isinstance(module, nn.Flatten):
-        if module.start_dim != 1 or module.end_dim != -1:
-            _refuse(module, "expected Flatten(start_dim=1, end_dim=-1)")
-        layer = Flatten()
-    elif isinstance(module, nn.Softmax):
-        if module.dim not in (1, -1):
-            _refuse(module, "expected Softmax over the class axis (dim=1)")
-        layer = Softmax()
-    elif isinstance(module, nn.ReLU):
-        layer = ReLU()
-    elif isinstance(module, nn.Sigmoid):
-        layer = Sigmoid()
-    elif isinstance(module, nn.Dropout | nn.Identity):
-        return None
-    else:
-        _refuse(module, "supported modules are Conv2d, Linear, ReLU, Sigmoid, MaxPool2d, AvgPool2d, "
-                "Flatten, Softmax (Dropout and Identity are skipped)")
-    for p, name in zip(layer.parameters(), ("weight", "bias"), strict=False):
-        p.data[...] = getattr(module, name).detach().cpu().numpy()
-    return layer
-
-
 def from_torch(module_or_state_dict, net: Sequential | None = None, input_shape=None) -> Sequential:
     """A microcnn network from PyTorch.
 
-    * ``nn.Sequential``: converted layer by layer (architecture and weights); ``input_shape``
-      (C, H, W) is attached if given.
-    * any other ``nn.Module`` or a state_dict: a state_dict carries no architecture, so its weights go
-      into ``net`` (default: a fresh LeNet-5), matched by key, else by order and shape
+    * an ``nn.Module``: converted with its architecture by ``microcnn.torch_io.from_torch`` (an
+      ``nn.Sequential`` layer by layer, other modules through ONNX, which needs ``input_shape``).
+    * a state_dict, or a module with ``net`` given: a state_dict carries no architecture, so its weights
+      go into ``net`` (default: a fresh LeNet-5), matched by key, else by order and shape
       (see ``load_torch_state_dict``).
     """
     torch = require("torch")
-    if isinstance(module_or_state_dict, torch.nn.Sequential) and net is None:
-        layers = [m for m in map(_microcnn_layer, module_or_state_dict.children()) if m is not None]
-        return Sequential(*layers, input_shape=input_shape)
+    if isinstance(module_or_state_dict, torch.nn.Module) and net is None:
+        from .torch_io import from_torch as convert
+
+        return convert(module_or_state_dict, input_shape)
     if isinstance(module_or_state_dict, torch.nn.Module):
         module_or_state_dict = module_or_state_dict.state_dict()
     if not isinstance(module_or_state_dict, Mapping):
@@ -296,81 +230,14 @@ def _default_lenet() -> Sequential:
 
 
 # -- ONNX ------------------------------------------------------------------------------------------
-def to_onnx(net: Sequential, path=None, *, softmax: bool = True, linear_as: str = "gemm",
-            opset: int = ONNX_OPSET):
-    """The network as an ONNX ``ModelProto`` (batch axis dynamic), written atomically to ``path`` if given.
+def to_onnx(net, path=None, *, softmax: bool = True, linear_as: str = "gemm", opset: int = ONNX_OPSET):
+    """The model as an ONNX ``ModelProto`` (``microcnn.onnx_io.to_model_proto``: the one exporter),
+    written atomically to ``path`` if given (replacing a file there: an explicit request)."""
+    from .onnx_io import export_onnx, to_model_proto
 
-    Initializers are named like the state_dict (``0.weight``). ``softmax=False`` drops a trailing
-    Softmax so the output is logits. ``linear_as="matmul"`` writes Linear as MatMul + Add instead of
-    Gemm (what torch's exporter writes): ONNX Runtime's 4-bit weight quantizer only handles MatMul.
-    """
-    onnx = require("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    from . import __version__
-    from .fileutil import atomic_write_bytes
-
-    if not isinstance(net, Sequential):
-        raise InputError(f"to_onnx: expected a microcnn Sequential, found {type(net).__name__}")
-    if linear_as not in ("gemm", "matmul"):
-        raise InputError(f"linear_as: expected 'gemm' or 'matmul', found {linear_as!r}")
-    layers = net.layers if softmax else net.body
-    nodes, inits = [], []
-    current = "input"
-    for i, (name, layer) in enumerate(zip(net.names, layers, strict=False)):
-        out = "output" if i == len(layers) - 1 else name
-        w, b = f"{i}.weight", f"{i}.bias"
-        for pname, p in zip((w, b), layer.parameters(), strict=False):
-            transpose = isinstance(layer, Linear) and linear_as == "matmul" and pname == w
-            data = p.data.T if transpose else p.data
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(data, np.float32), pname))
-        has_bias = len(layer.parameters()) == 2
-        if isinstance(layer, Conv2d):
-            (ph, pw) = layer.padding
-            nodes.append(helper.make_node("Conv", [current, w] + ([b] if has_bias else []), [out], name=name,
-                                          kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
-                                          pads=[ph, pw, ph, pw]))
-        elif isinstance(layer, Linear) and linear_as == "gemm":
-            nodes.append(helper.make_node("Gemm", [current, w] + ([b] if has_bias else []), [out],
-                                          name=name, transB=1))
-        elif isinstance(layer, Linear):
-            product = out if not has_bias else f"{name}_matmul"
-            nodes.append(helper.make_node("MatMul", [current, w], [product], name=name))
-            if has_bias:
-                nodes.append(helper.make_node("Add", [product, b], [out], name=f"{name}_bias"))
-        elif isinstance(layer, MaxPool2d | AvgPool2d):
-            op = "MaxPool" if isinstance(layer, MaxPool2d) else "AveragePool"
-            nodes.append(helper.make_node(op, [current], [out], name=name,
-                                          kernel_shape=list(layer.kernel_size), strides=list(layer.stride)))
-        elif type(layer) in (ReLU, Sigmoid):
-            nodes.append(helper.make_node("Relu" if isinstance(layer, ReLU) else "Sigmoid", [current], [out],
-                                          name=name))
-        elif isinstance(layer, Flatten):
-            nodes.append(helper.make_node("Flatten", [current], [out], name=name, axis=1))
-        elif isinstance(layer, Softmax):
-            nodes.append(helper.make_node("Softmax", [current], [out], name=name, axis=1))
-        else:
-            raise InputError(f"to_onnx: no ONNX equivalent for layer {layer!r}")
-        current = out
-    in_shape = ["batch", *(net.input_shape or ("channels", "height", "width"))]
-    out_shape = None
-    if net.input_shape is not None:
-        shape = tuple(net.input_shape)
-        for layer in layers:
-            shape = layer.output_shape(shape)
-        out_shape = ["batch", *shape]
-    graph = helper.make_graph(
-        nodes, "microcnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)], initializer=inits)
-    opsets = [helper.make_opsetid("", opset)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="microcnn",
-                              producer_version=__version__)
-    # The oldest IR version that carries this opset: newer onnx writes IR versions runtimes may not read yet.
-    model.ir_version = helper.find_min_ir_version_for(opsets)
-    onnx.checker.check_model(model)
     if path is not None:
-        atomic_write_bytes(path, model.SerializeToString())
-    return model
+        return export_onnx(net, path, overwrite=True, softmax=softmax, linear_as=linear_as, opset=opset)
+    return to_model_proto(net, softmax=softmax, linear_as=linear_as, opset=opset)
 
 
 def _ort_session(model, threads: int, optimization: str = "all"):
