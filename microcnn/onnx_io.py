@@ -195,6 +195,9 @@ class _Importer:
             self.fail(f"input {value.name!r}: expected fixed C, H, W in 1..{MAX_DIM} (only the batch axis "
                       f"may be symbolic), found {[d or '?' for d in dims[1:]]}; re-export with a fixed "
                       "image size")
+        if math.prod(dims[1:]) > MAX_SAMPLE_ELEMENTS:
+            self.fail(f"input {value.name!r} holds {math.prod(dims[1:])} values per image; expected at most "
+                      f"{MAX_SAMPLE_ELEMENTS}")
         self.input_shape = tuple(dims[1:])
         self.set(value.name, "input", self.input_shape)
 
