@@ -557,6 +557,8 @@ class _Importer:
 
     def folded(self, node, attrs):
         """Constant inputs in, a constant out (the op on small integer or float arrays)."""
+        if any(name in self.shapes for name in node.input):
+            self.fail("unsupported on a computed tensor (read only as shape arithmetic on constants)")
         xs = [self.const(name) for name in node.input if name]
         op = node.op_type
         if op == "Gather":
