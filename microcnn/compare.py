@@ -498,7 +498,8 @@ def _environment(threads: int) -> dict:
 def compare_table(net: Sequential, images, labels, calibration_images, threads: int = 1, repeats: int = 5,
                   systems: str = "all", batch1_samples: int = 200, *, method: str = "mse",
                   precisions=("FP32", "INT8", "W4A8", "W4A4"), torch_compile: bool = True,
-                  ort_calibrations=ORT_CALIBRATIONS, progress: bool = False) -> pd.DataFrame:
+                  ort_calibrations=ORT_CALIBRATIONS, progress: bool = False,
+                  onnx_file: bytes | None = None) -> pd.DataFrame:
     """microcnn next to PyTorch and ONNX Runtime on the same weights, test images and calibration images.
 
     Rows per precision (microcnn first): FP32 -- microcnn, PyTorch eager, ``torch.compile`` (if it
@@ -506,7 +507,9 @@ def compare_table(net: Sequential, images, labels, calibration_images, threads: 
     PTQ (x86, histogram and min-max observers), ONNX Runtime ``quantize_static`` QDQ per
     ``ort_calibrations``; W4A8 / W4A4 -- microcnn, ONNX Runtime QInt4 QDQ, ONNX Runtime MatMulNBits
     (Linear weights only, precision ``W4A32``), and a NaN row for PyTorch, which has no 4-bit path for
-    Conv2d/Linear. ``systems`` limits the other systems to "torch" or "onnxruntime".
+    Conv2d/Linear. ``systems`` limits the other systems to "torch" or "onnxruntime". ``onnx_file``: the
+    bytes of the ONNX file ``net`` was imported from, which ONNX Runtime's FP32 row then runs as it is
+    (PyTorch runs ``to_torch(net)``, the graph as we read it).
 
     Accuracy is the fraction of ``labels`` predicted. Time is the median of ``repeats`` batched runs
     over all ``images`` after a warm-up; Latency the median per-image time of ``batch1_samples``
@@ -561,8 +564,8 @@ def compare_table(net: Sequential, images, labels, calibration_images, threads: 
                 if torch_compile:
                     jobs.append(("PyTorch torch.compile", label, lambda: _compiled_torch(net, images, notes)))
             if want_ort:
-                jobs.append(("ONNX Runtime", label,
-                             lambda: _ort_job(to_onnx(net).SerializeToString(), threads)))
+                jobs.append(("ONNX Runtime", label, lambda: _ort_job(
+                    onnx_file if onnx_file is not None else to_onnx(net).SerializeToString(), threads)))
         elif label == "INT8":
             if want_torch:
                 for obs in ("histogram", "minmax"):
@@ -590,6 +593,9 @@ def compare_table(net: Sequential, images, labels, calibration_images, threads: 
                 if label == "W4A8":
                     jobs.append(("ONNX Runtime MatMulNBits (Linear only)", "W4A32",
                                  lambda: _ort_job(ort_matmul_nbits(net), threads)))
+    if onnx_file is not None:
+        notes.append("ONNX Runtime FP32 runs the original .onnx file; its quantized rows and PyTorch run the "
+                     "graph as microcnn read it (exported again, or rebuilt as torch modules).")
     if want_ort and any(p in precisions for p in ("W4A8", "W4A4")):
         notes.append("ONNX Runtime QInt4 QDQ: no 4-bit Conv/Gemm kernel on CPU, so 4-bit nodes run as "
                      "DequantizeLinear + FP32 op (4-bit accuracy, not 4-bit speed). With 4-bit "
@@ -795,17 +801,19 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
         needed = systems_modules(systems)
         if Path(model).suffix in (".pt", ".pth"):
             needed = ("torch", *needed)
-        require(*dict.fromkeys(needed))
+        onnx = Path(model).suffix == ".onnx"
+        require(*dict.fromkeys(needed + ("onnx",) * onnx))
     except MissingDependencyError as exc:
         print(f"microcnn compare: error: {exc}", file=sys.stderr)
         return 2
     net = load_any_model(model)
+    onnx_file = Path(model).read_bytes() if onnx else None  # read after load_any_model checked it
     images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
     df = compare_table(net, images, labels, load_calibration_images(calibration, data, "--calibration",
                                                                    dataset_of(model)),
                        threads=threads, repeats=repeats, systems=systems, method=method,
                        precisions=parse_precisions(precisions), torch_compile=torch_compile,
-                       progress=output == "table")
+                       progress=output == "table", onnx_file=onnx_file)
     notes = df.attrs["notes"]
     if output == "json":
         print(json.dumps({"rows": records(df), "threads": threads, "samples": len(images),
@@ -816,7 +824,8 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
         print("\n".join(f"- {n}" for n in notes))
     else:
         env = df.attrs["environment"]
-        print(f"LeNet-5 ({model}) on {len(images)} MNIST test images; {threads} thread(s); "
+        title = Path(model).name if onnx else f"LeNet-5 ({model})"
+        print(f"{title} on {len(images)} MNIST test images; {threads} thread(s); "
               f"{env['cpu_count']} CPU core(s), {env['processor']}")
         print(format_compare(df))
         print("\nNotes:")

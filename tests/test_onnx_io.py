@@ -293,3 +293,23 @@ def test_corrupt_missing_and_non_finite_files(tmp_path):
 def test_unsupported_forms_of_supported_ops(tmp_path, node, inits, match):
     with pytest.raises(InputError, match=match):
         load_onnx(write(tmp_path, [node], inits))
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def test_command_line_takes_onnx_models(ort, tmp_path, capsys, bundled, mnist_test):
+    """``eval`` scores the file as the bundled model it was exported from; ``compare`` gives ONNX Runtime
+    the original file (its byte count is the file's) and microcnn the imported graph."""
+    import json
+
+    from microcnn import cli
+
+    path = tmp_path / "lenet.onnx"
+    export_onnx(bundled, path)
+    assert cli.main(["eval", "--model", str(path), "--samples", "300", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == bundled.accuracy(*(a[:300] for a in mnist_test))
+    assert cli.main(["compare", "--model", str(path), "--samples", "50", "--repeats", "1", "--systems",
+                     "onnxruntime", "--precisions", "fp32", "--json"]) == 0
+    rows = {r["system"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["ONNX Runtime"]["model_bytes"] == path.stat().st_size
+    assert rows["ONNX Runtime"]["accuracy"] == rows["microcnn"]["accuracy"]
