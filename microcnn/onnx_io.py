@@ -669,8 +669,6 @@ def to_model_proto(model, *, softmax: bool = True, linear_as: str = "gemm", opse
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
-    from . import __version__
-
     if linear_as not in ("gemm", "matmul"):
         raise InputError(f"linear_as: expected 'gemm' or 'matmul', found {linear_as!r}")
     nodes, output = _export_nodes(model)
@@ -697,8 +695,7 @@ def to_model_proto(model, *, softmax: bool = True, linear_as: str = "gemm", opse
         graph_nodes, "microcnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)], initializer=inits)
     opsets = [helper.make_opsetid("", opset)]
-    proto = helper.make_model(graph, opset_imports=opsets, producer_name="microcnn",
-                              producer_version=__version__)
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="microcnn")
     # The oldest IR version that carries this opset: newer onnx writes IR versions runtimes may not read yet.
     proto.ir_version = helper.find_min_ir_version_for(opsets)
     onnx.checker.check_model(proto)

@@ -21,7 +21,7 @@ LAYERS = {
     "engine": ("microcnn.fileutil", "microcnn.jsonutil", "microcnn.checks",
                "microcnn.autograd", "microcnn.convolution", "microcnn.layers", "microcnn.network",
                "microcnn.losses", "microcnn.optim", "microcnn.io", "microcnn.datasets", "microcnn.lenet",
-               "microcnn.timing"),
+               "microcnn.timing", "microcnn.onnx_io", "microcnn.torch_io"),
     "quant": ("microcnn.quant",),
     "api": ("microcnn", "microcnn.resolve"),
     "tools": ("microcnn.bench", "microcnn.compare", "microcnn.analysis", "microcnn.plots",

@@ -8,7 +8,6 @@ as PyTorch's (x - mean) / sqrt(var + eps) * w + b vs our own order). Our export 
 gives identical bits. torch and onnxruntime are optional: the tests skip without them.
 """
 
-import sys
 import warnings
 
 import numpy as np
@@ -16,24 +15,15 @@ import pytest
 
 import microcnn
 from microcnn import InputError, Sequential
-from microcnn.onnx_io import MissingDependencyError, export_onnx, load_onnx
+from microcnn.onnx_io import export_onnx, load_onnx
+
+torch = pytest.importorskip("torch")
 
 PROB_ATOL = 1e-4
 LOGIT_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def ort():
-    pytest.importorskip("onnx")
-    return pytest.importorskip("onnxruntime")
-
-
-def torch_export(torch, module, shape, path):
+def torch_export(module, shape, path):
     """What a researcher runs: the TorchScript exporter (no onnxscript here), batch axis dynamic."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -44,7 +34,7 @@ def torch_export(torch, module, shape, path):
     return path
 
 
-def randomize_batchnorm(torch, module, seed=0):
+def randomize_batchnorm(module, seed=0):
     """Running statistics and affine parameters far from their defaults, so BatchNorm does something."""
     gen = torch.Generator().manual_seed(seed)
     for m in module.modules():
@@ -143,11 +133,11 @@ MODELS = {"lenet_like": lenet_like, "mlp": mlp, "bn_cnn": bn_cnn, "residual": re
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
-def case(request, torch, tmp_path_factory):
+def case(request, tmp_path_factory):
     torch.manual_seed(0)
     module, shape = MODELS[request.param](torch.nn)
-    module = randomize_batchnorm(torch, module)
-    path = torch_export(torch, module, shape, tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx")
+    module = randomize_batchnorm(module)
+    path = torch_export(module, shape, tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx")
     x = np.random.default_rng(1).random((12, *shape), dtype=np.float32)
     with torch.no_grad():
         expected = module(torch.from_numpy(x)).numpy()
@@ -164,7 +154,8 @@ def as_probabilities(name, out):
 
 
 @pytest.mark.torch
-def test_imported_file_agrees_with_onnx_runtime_and_torch(ort, case):
+def test_imported_file_agrees_with_onnx_runtime_and_torch(case):
+    ort = pytest.importorskip("onnxruntime")
     name, module, shape, path, x, expected = case
     net = load_onnx(path)
     assert net.input_shape == shape
@@ -178,7 +169,7 @@ def test_imported_file_agrees_with_onnx_runtime_and_torch(ort, case):
 
 
 @pytest.mark.torch
-def test_from_torch_computes_what_the_module_computes(torch, case):
+def test_from_torch_computes_what_the_module_computes(case):
     name, module, shape, path, x, expected = case
     net = microcnn.from_torch(module, shape)
     np.testing.assert_allclose(net.forward(x), expected, atol=LOGIT_ATOL, rtol=0)
@@ -201,7 +192,7 @@ def test_export_import_round_trip_is_bit_identical(case, tmp_path):
 
 
 @pytest.mark.torch
-def test_chains_load_as_sequential_and_graphs_as_graph(torch, case):
+def test_chains_load_as_sequential_and_graphs_as_graph(case):
     name, module, shape, path, x, expected = case
     net = load_onnx(path)
     chain = name in ("lenet_like", "mlp", "bn_cnn")
@@ -209,7 +200,7 @@ def test_chains_load_as_sequential_and_graphs_as_graph(torch, case):
 
 
 @pytest.mark.torch
-def test_conversion_errors_are_specific(torch):
+def test_conversion_errors_are_specific():
     nn = torch.nn
     with pytest.raises(InputError, match="from_torch: expected a torch.nn.Module, found dict"):
         microcnn.from_torch({"weight": 1})
@@ -229,14 +220,3 @@ def test_conversion_errors_are_specific(torch):
         microcnn.from_torch(nn.Sequential(nn.GELU()))
     with pytest.raises(InputError, match=r"cannot convert MaxPool2d.*dilation=1"):
         microcnn.from_torch(nn.Sequential(nn.MaxPool2d(2, dilation=2)))
-
-
-def test_missing_packages_name_the_extra(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
-    with pytest.raises(MissingDependencyError, match=r"from_torch needs .* torch.*-e \"\.\[compare"):
-        microcnn.from_torch(object())
-    monkeypatch.setitem(sys.modules, "onnx", None)
-    with pytest.raises(MissingDependencyError, match=r"ONNX import/export needs .* onnx.*-e \"\.\[onnx\]\""):
-        load_onnx(tmp_path / "m.onnx")
-    with pytest.raises(MissingDependencyError, match=r"\.\[onnx\]"):
-        export_onnx(microcnn.lenet(), tmp_path / "m.onnx")

@@ -5,9 +5,12 @@ float32 logits within LOGIT_ATOL), plain NumPy for the layers, and our own model
 (identical bits). Every hostile file gets its own specific error, raised before anything large is made.
 """
 
+import sys
+
 import numpy as np
 import pytest
 
+import microcnn
 from microcnn import InputError, Sequential, lenet
 from microcnn.layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
 from microcnn.resolve import load_model_spec
@@ -17,7 +20,7 @@ from . import reference as ref
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from microcnn.onnx_io import MAX_DIM, export_onnx, load_onnx, to_model_proto  # noqa: E402
+from microcnn.onnx_io import MAX_DIM, MissingDependencyError, export_onnx, load_onnx, to_model_proto  # noqa: E402
 
 PROB_ATOL = 1e-4  # probabilities, ours vs ONNX Runtime (the issue's target)
 LOGIT_ATOL = 1e-5  # float32 engines on O(1) logits: a few ulps of different summation orders
@@ -313,3 +316,14 @@ def test_command_line_takes_onnx_models(ort, tmp_path, capsys, bundled, mnist_te
     rows = {r["system"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["ONNX Runtime"]["model_bytes"] == path.stat().st_size
     assert rows["ONNX Runtime"]["accuracy"] == rows["microcnn"]["accuracy"]
+
+
+def test_missing_packages_name_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    with pytest.raises(MissingDependencyError, match=r"from_torch needs .* torch.*-e \"\.\[compare"):
+        microcnn.from_torch(object())
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(MissingDependencyError, match=r"ONNX import/export needs .* onnx.*-e \"\.\[onnx\]\""):
+        load_onnx(tmp_path / "m.onnx")
+    with pytest.raises(MissingDependencyError, match=r"\.\[onnx\]"):
+        export_onnx(microcnn.lenet(), tmp_path / "m.onnx")

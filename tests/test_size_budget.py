@@ -21,10 +21,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "microcnn"
 # Every module of the package belongs to exactly one layer (kernels/ and quant/ by their folder).
 # (The import layers of tests/test_architecture.py are finer; resolve and timing count as engine here.)
 ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors", "fileutil", "io",
-          "jsonutil", "layers", "lenet", "losses", "network", "optim", "resolve", "timing", "train"}
+          "jsonutil", "layers", "lenet", "losses", "network", "onnx_io", "optim", "resolve", "timing",
+          "torch_io", "train"}
 TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
-BUDGET = {"engine": 5900, "quant": 2050, "tools": 3300}
+# engine 5900 -> 6700 (issue 13, onnx13): ONNX import/export and the PyTorch converter (onnx_io,
+# torch_io: +750 lines; the exporter and converter moved out of compare, -110 tools lines).
+BUDGET = {"engine": 6700, "quant": 2050, "tools": 3300}
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 
