@@ -479,12 +479,15 @@ class _Importer:
 
     def op_clip(self, node, attrs):
         self.tensor(node.input[0])
-        low, high = (float(self.const(n)) if n else None for n in (list(node.input[1:3]) + ["", ""])[:2])
+        bounds = [self.const(n, "bound") if n else np.array(math.inf) for n in list(node.input[1:3]) + ["", ""]]
+        if bounds[0].size != 1 or bounds[1].size != 1:
+            self.fail(f"bounds of shapes {[list(b.shape) for b in bounds[:2]]}: expected scalars")
+        low, high = (float(b.reshape(-1)[0]) for b in bounds[:2])
         if low == 0.0 and high == 6.0:
             from .layers import ReLU6
 
             layer = ReLU6()
-        elif low == 0.0 and high in (None, math.inf):
+        elif low == 0.0 and high == math.inf:
             layer = ReLU()
         else:
             self.fail(f"Clip({low}, {high}): expected Clip(0, 6) (ReLU6) or Clip(0) (ReLU)")
@@ -679,7 +682,7 @@ def to_model_proto(model, *, softmax: bool = True, linear_as: str = "gemm", opse
     graph_nodes, inits = [], []
     for name, layer, inputs, prefix in nodes:
         def init(suffix, data, prefix=prefix):
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(data, np.float32), prefix + suffix))
+            inits.append(numpy_helper.from_array(np.array(data, np.float32, order="C"), prefix + suffix))
             return prefix + suffix
         out = "output" if name == output else name
         ins = ["input" if i == "input" else "output" if i == output else i for i in inputs]
