@@ -25,6 +25,7 @@ named like the state_dict) atomically, and refuses an existing file unless ``ove
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -202,14 +203,20 @@ class _Importer:
         self.set(value.name, "input", self.input_shape)
 
     def check_declared(self, value, shape):
-        """A declared output shape, where it gives numbers, must be what the layers compute."""
+        """A declared output of another rank is refused. Other sizes than the nodes compute are only
+        warned about, as ONNX Runtime does: exporters declare what ONNX shape inference says, which for
+        ceil-mode pooling counts a last window that PyTorch (and the runtime) drop."""
         dims = [d.dim_value if d.HasField("dim_value") else None
                 for d in value.type.tensor_type.shape.dim]
-        if value.type.tensor_type.HasField("shape") and (
-                len(dims) != len(shape) + 1 or any(d not in (None, s) for d, s in zip(dims[1:], shape,
-                                                                                      strict=False))):
-            self.fail(f"output {value.name!r} is declared as {['?' if d is None else d for d in dims]}, "
-                      f"the nodes compute (batch, {', '.join(map(str, shape))})")
+        if not value.type.tensor_type.HasField("shape"):
+            return
+        shown = f"declared as {['?' if d is None else d for d in dims]}, the nodes compute (batch, " \
+                f"{', '.join(map(str, shape))})"
+        if len(dims) != len(shape) + 1:
+            self.fail(f"output {value.name!r} is {shown}")
+        if any(d not in (None, s) for d, s in zip(dims[1:], shape, strict=True)):
+            warnings.warn(f"{self.path}: output {value.name!r} is {shown}; running what the nodes compute",
+                          RuntimeWarning, stacklevel=3)
 
     def ordered(self, output: str) -> list:
         """The nodes ``output`` depends on, in an order where each comes after its inputs' producers."""
@@ -479,7 +486,8 @@ class _Importer:
 
     def op_clip(self, node, attrs):
         self.tensor(node.input[0])
-        bounds = [self.const(n, "bound") if n else np.array(math.inf) for n in list(node.input[1:3]) + ["", ""]]
+        names = list(node.input[1:3]) + ["", ""]
+        bounds = [self.const(n, "bound") if n else np.array(math.inf) for n in names]
         if bounds[0].size != 1 or bounds[1].size != 1:
             self.fail(f"bounds of shapes {[list(b.shape) for b in bounds[:2]]}: expected scalars")
         low, high = (float(b.reshape(-1)[0]) for b in bounds[:2])
