@@ -128,8 +128,16 @@ def concat_depthwise(nn):
     return Inception(), (4, 12, 12)
 
 
+def pools(nn):
+    """Padding, ceil mode (windows that start inside: ONNX shape inference and PyTorch agree, so ONNX
+    Runtime loads the file) and count_include_pad=False."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2, 2, padding=1, ceil_mode=True),
+                         nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False), nn.Flatten(),
+                         nn.Linear(4 * 3 * 3, 5)), (1, 8, 8)
+
+
 MODELS = {"lenet_like": lenet_like, "mlp": mlp, "bn_cnn": bn_cnn, "residual": residual,
-          "concat_depthwise": concat_depthwise}
+          "concat_depthwise": concat_depthwise, "pools": pools}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -195,7 +203,7 @@ def test_export_import_round_trip_is_bit_identical(case, tmp_path):
 def test_chains_load_as_sequential_and_graphs_as_graph(case):
     name, module, shape, path, x, expected = case
     net = load_onnx(path)
-    chain = name in ("lenet_like", "mlp", "bn_cnn")
+    chain = name in ("lenet_like", "mlp", "bn_cnn", "pools")
     assert isinstance(net, Sequential) == chain
 
 
