@@ -4,9 +4,28 @@ Importing microcnn compiles nothing: Numba kernels compile (or load from cache) 
 """
 
 from .errors import DataNotFoundError, DownloadError, FileFormatError, InputError, MicrocnnError
+from .graph import Add, Concat, Graph
 from .io import save_model
-from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
+from .layers import (
+    AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    GlobalAvgPool2d,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    ReLU6,
+    Sigmoid,
+    Softmax,
+    Tanh,
+    fold_batchnorm,
+)
 from .lenet import lenet
+from .model import Model
 from .network import Sequential
 
 __version__ = "0.1.0"
@@ -50,8 +69,10 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
-    "AvgPool2d", "Conv2d", "DataNotFoundError", "DownloadError", "FileFormatError", "Flatten",
-    "InputError", "Linear", "MaxPool2d", "MicrocnnError", "ReLU", "Sequential", "Sigmoid",
-    "Softmax", "__version__", "calibrate", "compress", "from_torch", "lenet", "load", "load_model",
-    "quantize", "save_model", "set_num_threads",
+    "Add", "Concat", "Graph", "Model",
+    "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv2d", "DataNotFoundError", "DownloadError", "Dropout",
+    "FileFormatError", "Flatten", "GlobalAvgPool2d", "InputError", "LeakyReLU", "Linear", "MaxPool2d",
+    "MicrocnnError", "ReLU", "ReLU6", "Sequential", "Sigmoid", "Softmax", "Tanh", "__version__",
+    "fold_batchnorm", "calibrate", "compress", "from_torch", "lenet", "load", "load_model", "quantize",
+    "save_model", "set_num_threads",
 ]

@@ -156,16 +156,20 @@ class Tensor:
 
 def _topological_order(root: Tensor) -> list[Tensor]:
     """Nodes that need a gradient, each after all its parents (iterative: deep graphs are fine)."""
-    order, seen, stack = [], {id(root)}, [(root, False)]
+    # A node is marked when it is expanded, not when pushed: a tensor read both directly and through
+    # another op (a residual's skip) must come before that op, wherever the walk first met it.
+    order, seen, stack = [], set(), [(root, False)]
     while stack:
         node, expanded = stack.pop()
         if expanded:
             order.append(node)
             continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
         stack.append((node, True))
         for p in node.parents:
             if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
                 stack.append((p, False))
     return order
 
@@ -355,63 +359,181 @@ def linear(x, w, b=None) -> Tensor:
     return make_result(y, parents, backward, "linear")
 
 
-def conv2d(x, w, b=None, stride=1, padding=0) -> Tensor:
-    """2-D cross-correlation, NCHW input, (O, C, KH, KW) weights, optional (O,) bias."""
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1) -> Tensor:
+    """2-D cross-correlation, NCHW input, (O, C / groups, KH, KW) weights, optional (O,) bias; PyTorch's
+    ``dilation`` and ``groups``."""
     from .kernels import backward as bk
     from .kernels.conv import conv2d as conv2d_forward
+    from .kernels.conv import conv_geometry
 
     x, w = as_tensor(x), as_tensor(w)
     b = as_tensor(b) if b is not None else None
     (sh, sw), (ph, pw) = int_pair(stride, "stride"), int_pair(padding, "padding")
-    if x.ndim != 4 or w.ndim != 4 or x.shape[1] != w.shape[1]:
-        raise InputError(f"conv2d: expected x (N, {w.shape[1] if w.ndim == 4 else 'C'}, H, W) and "
-                         f"w (O, C, KH, KW), found x {x.shape}, w {w.shape}")
+    (dh, dw) = int_pair(dilation, "dilation")
+    if (x.ndim != 4 or w.ndim != 4 or isinstance(groups, bool) or not isinstance(groups, int) or groups < 1
+            or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups):
+        raise InputError(f"conv2d: expected x (N, {w.shape[1] if w.ndim == 4 else 'C'} * groups, H, W) and "
+                         f"w (O, C / groups, KH, KW) with groups ({groups!r}) dividing O, found x {x.shape}, "
+                         f"w {w.shape}")
     if b is not None and b.shape != (w.shape[0],):
         raise InputError(f"conv2d: bias expected shape ({w.shape[0]},), found {b.shape}")
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
-    if (h, wd) == (kh, kw) and (ph, pw) == (0, 0):
+    if (h, wd) == (kh, kw) and (ph, pw) == (0, 0) and groups == 1:
         # One output pixel per image (LeNet's conv3): a fully connected layer on the flattened input,
         # where batching over images gives the GEMM long rows that per-image im2col would not.
         y = linear(reshape(x, (n, c * h * wd)), reshape(w, (o, c * kh * kw)), b)
         return reshape(y, (n, o, 1, 1))
     bias = b.data if b is not None else np.zeros(o, np.float32)
-    y = conv2d_forward(x.data, w.data, bias, (sh, sw), (ph, pw))
+    y = conv2d_forward(x.data, w.data, bias, (sh, sw), (ph, pw), (dh, dw), groups)
     strided = (sh, sw) != (1, 1)
+    geom = conv_geometry(w.shape, (1, 1), (ph, pw), (dh, dw), groups)
 
     def backward(g):
         if strided:
             # The backward kernel is stride 1: a strided conv is the stride-1 conv sampled every
             # (sh, sw) outputs, so its gradient is dy scattered onto that grid with zeros between.
-            g_full = np.zeros((n, o, h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1), np.float32)
+            g_full = np.zeros((n, o, h + 2 * ph - dh * (kh - 1), wd + 2 * pw - dw * (kw - 1)), np.float32)
             g_full[:, :, ::sh, ::sw] = g
             g = g_full
-        dx, dw, db = bk.conv2d_backward(x.data, w.data, np.ascontiguousarray(g), ph, pw, x.requires_grad)
-        return ((dx if x.requires_grad else None), dw, db)[:len(parents)]
+        dx, dw_, db = bk.conv2d_backward(x.data, w.data, np.ascontiguousarray(g), geom, x.requires_grad)
+        return ((dx if x.requires_grad else None), dw_, db)[:len(parents)]
 
     parents = (x, w) if b is None else (x, w, b)
     return make_result(y, parents, backward, "conv2d")
 
 
-def max_pool2d(x, kernel_size, stride=None) -> Tensor:
+def _pool_args(x, kernel_size, stride, padding, ceil_mode):
+    from .kernels.pool import PoolGeometry, check_pool_geometry
+
+    if x.ndim != 4:
+        raise InputError(f"pooling: expected an (N, C, H, W) input, found shape {x.shape}")
+    kernel = int_pair(kernel_size, "kernel_size")
+    pool = PoolGeometry(*kernel, *int_pair(stride if stride is not None else kernel_size, "stride"),
+                        *int_pair(padding, "padding"), int(bool(ceil_mode)))
+    check_pool_geometry(pool)
+    return pool
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False) -> Tensor:
+    """Max pooling as PyTorch's (padding is -inf; ties: the first maximum gets the gradient)."""
     from .kernels import pool
 
     x = as_tensor(x)
-    (kh, kw) = int_pair(kernel_size, "kernel_size")
-    (sh, sw) = int_pair(stride if stride is not None else kernel_size, "stride")
-    y, arg = pool.maxpool2d_argmax(x.data, kh, kw, sh, sw)
+    geom = _pool_args(x, kernel_size, stride, padding, ceil_mode)
+    y, arg = pool.maxpool2d_argmax(x.data, *geom)
     h, w = x.shape[2], x.shape[3]
     return make_result(y, (x,), lambda g: (
         pool.maxpool2d_backward(np.ascontiguousarray(g), arg, h, w),), "max_pool2d")
 
 
-def avg_pool2d(x, kernel_size, stride=None) -> Tensor:
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True) -> Tensor:
+    """Average pooling as PyTorch's (``count_include_pad``: padding cells count in the divisor)."""
     from .kernels import pool
 
     x = as_tensor(x)
-    (kh, kw) = int_pair(kernel_size, "kernel_size")
-    (sh, sw) = int_pair(stride if stride is not None else kernel_size, "stride")
-    y = pool.avgpool2d(x.data, kh, kw, sh, sw)
+    geom = _pool_args(x, kernel_size, stride, padding, ceil_mode)
+    y = pool.avgpool2d(x.data, *geom, count_include_pad=count_include_pad)
     h, w = x.shape[2], x.shape[3]
     return make_result(y, (x,), lambda g: (
-        pool.avgpool2d_backward(np.ascontiguousarray(g), kh, kw, sh, sw, h, w),), "avg_pool2d")
+        pool.avgpool2d_backward(np.ascontiguousarray(g), geom, bool(count_include_pad), h, w),), "avg_pool2d")
+
+
+def global_avg_pool2d(x) -> Tensor:
+    """(N, C, H, W) -> (N, C, 1, 1): the mean of every map (PyTorch's ``AdaptiveAvgPool2d(1)``)."""
+    x = as_tensor(x)
+    if x.ndim != 4:
+        raise InputError(f"global_avg_pool2d: expected an (N, C, H, W) input, found shape {x.shape}")
+    return avg_pool2d(x, x.shape[2:], 1)
+
+
+# -- more activations --------------------------------------------------------------------------------
+def activation(x, kind, a=0.0, b=0.0) -> Tensor:
+    """``kernels.elementwise.activation`` of ``kind`` (CLAMP: ReLU6 with a=0, b=6; LEAKY_RELU with slope
+    a; TANH), recorded with its gradient (which reads the input, or for TANH the output)."""
+    from .kernels import elementwise as el
+
+    x = as_tensor(x)
+    a, b = np.float32(a), np.float32(b)
+    y = el.activation(x.data.reshape(-1), kind, a, b).reshape(x.shape)
+    saved = y if kind == el.TANH else x.data
+    return make_result(y, (x,), lambda g: (el.activation_backward(
+        np.ascontiguousarray(g).reshape(-1), saved.reshape(-1), kind, a, b).reshape(x.shape),),
+        ("relu6", "leaky_relu", "tanh")[kind])
+
+
+def dropout(x, p, rng) -> Tensor:
+    """Inverted dropout: each value zeroed with probability ``p`` (drawn from ``rng``, a NumPy
+    Generator), the others scaled by 1 / (1 - p), so the expected output is the input."""
+    x = as_tensor(x)
+    keep = rng.random(x.shape) >= p
+    scale = np.float32(0.0) if p >= 1 else np.float32(1.0 / (1.0 - p))
+    mask = keep.astype(np.float32) * scale
+    return make_result(x.data * mask, (x,), lambda g: (g * mask,), "dropout")
+
+
+# -- batch normalization ----------------------------------------------------------------------------
+def _channels_last_axis(a: np.ndarray) -> np.ndarray:
+    """(N, C, ...) as the (N, C, L) view the per-channel kernels take."""
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def batch_norm_affine(gamma, beta, mean, var, eps, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) with y = x * scale + shift the batch norm of x given the statistics:
+    scale = gamma / sqrt(var + eps), shift = beta - mean * scale, computed in float64 and rounded
+    once to ``dtype``. What the eval-mode forward (layer and autograd alike) and BN folding (float64)
+    use."""
+    scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+    shift = np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * scale
+    return scale.astype(dtype), shift.astype(dtype)
+
+
+def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5) -> Tensor:
+    """PyTorch's batch norm over axis 1 of (N, C, ...) input.
+
+    Training: normalise with the batch's mean and biased variance, and update ``running_mean`` and
+    ``running_var`` (float32 arrays, in place) with ``momentum``, the variance unbiased (n / (n - 1)),
+    as PyTorch does. Eval: y = x * scale + shift from the running statistics (``batch_norm_affine``).
+    Statistics and the parameter gradients are summed in float64 in a fixed order."""
+    from .kernels import elementwise as el
+
+    x, gamma, beta = as_tensor(x), as_tensor(gamma), as_tensor(beta)
+    if x.ndim < 2 or x.shape[1] != gamma.shape[0]:
+        raise InputError(f"batch_norm: expected (N, {gamma.shape[0]}, ...) input, found {x.shape}")
+    x3 = _channels_last_axis(x.data)
+    count = x3.shape[0] * x3.shape[2]
+    if not training:
+        scale, shift = batch_norm_affine(gamma.data, beta.data, running_mean, running_var, eps)
+        xhat = None
+        y = x.data * _per_channel(scale, x.ndim) + _per_channel(shift, x.ndim)
+    else:
+        if count < 2:
+            raise InputError(f"batch_norm: training needs more than one value per channel, found input "
+                             f"{x.shape}")
+        mean, var = el.channel_moments(x3)
+        running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1 - momentum) * running_var + momentum * var * (count / (count - 1))
+        inv = (1.0 / np.sqrt(var + eps)).astype(np.float32)
+        xhat = (x.data - _per_channel(mean.astype(np.float32), x.ndim)) * _per_channel(inv, x.ndim)
+        scale = (gamma.data * inv).astype(np.float32)
+        y = xhat * _per_channel(gamma.data, x.ndim) + _per_channel(beta.data, x.ndim)
+
+    def backward(g):
+        g3 = _channels_last_axis(np.ascontiguousarray(g))
+        if xhat is None:  # eval: an affine map per channel
+            inv_eval = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
+            norm = ((x3 - running_mean[None, :, None]) * inv_eval[None, :, None].astype(np.float32))
+            sg, sgx = el.channel_sums(g3, np.ascontiguousarray(norm, np.float32))
+            dx = g * _per_channel(scale, x.ndim)
+            return dx, sgx.astype(np.float32), sg.astype(np.float32)
+        sg, sgx = el.channel_sums(g3, _channels_last_axis(xhat))
+        # dx = gamma * inv * (g - mean(g) - xhat * mean(g * xhat)), per channel
+        mg, mgx = (sg / count).astype(np.float32), (sgx / count).astype(np.float32)
+        dx = (g - _per_channel(mg, x.ndim) - xhat * _per_channel(mgx, x.ndim)) * _per_channel(scale, x.ndim)
+        return dx, sgx.astype(np.float32), sg.astype(np.float32)
+
+    return make_result(y.astype(np.float32, copy=False), (x, gamma, beta), backward, "batch_norm")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .errors import InputError
 from .kernels.elementwise import all_finite
@@ -10,14 +13,24 @@ from .kernels.elementwise import all_finite
 _F32 = np.dtype(np.float32)
 
 
-def check_count(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum`` (sizes, batch sizes, epochs), or InputError naming it."""
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (sizes, batch sizes, epochs), or InputError naming it.
+
+    Example::
+
+        >>> check_count("batch_size", np.int64(64))
+        64
+        >>> check_count("epochs", True)
+        Traceback (most recent call last):
+        ...
+        microcnn.errors.InputError: epochs: expected an integer >= 1, found True
+    """
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise InputError(f"{name}: expected an integer >= {minimum}, found {value!r}")
     return int(value)
 
 
-def check_array_batch(x, name: str = "forward") -> None:
+def check_array_batch(x: object, name: str = "forward") -> None:
     """Refuse, naming the real problem, what ``Sequential.forward`` (which takes arrays as they are)
     cannot run: anything but a numpy array, and a batch of no images."""
     if not isinstance(x, np.ndarray):
@@ -27,13 +40,22 @@ def check_array_batch(x, name: str = "forward") -> None:
         raise InputError(f"{name}: expected at least one image, found an empty batch {x.shape}")
 
 
-def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndarray:
+def as_image_batch(x: ArrayLike, chw: tuple[int, int, int] | None = None, name: str = "images") -> np.ndarray:
     """Return ``x`` as a C-contiguous float32 (N, C, H, W) batch, or raise ``InputError``.
 
     Accepted: float arrays (cast to float32), and uint8 arrays, which are scaled by 1/255 as MNIST
     pixels are. Other integer and boolean dtypes are refused because their scale is ambiguous.
     A single image may be given as (H, W) when C is 1, or as (C, H, W). Non-contiguous and
     Fortran-ordered arrays are copied to C order, so results do not depend on memory layout.
+
+    Example::
+
+        >>> as_image_batch(np.full((28, 28), 255, np.uint8), chw=(1, 28, 28)).shape
+        (1, 1, 28, 28)
+        >>> as_image_batch(np.zeros((2, 28, 28), np.int32), chw=(1, 28, 28))
+        Traceback (most recent call last):
+        ...
+        microcnn.errors.InputError: images: expected float32 (or uint8 pixels 0..255), found dtype int32
     """
     if (type(x) is np.ndarray and x.dtype == _F32 and x.ndim == 4 and x.shape[0] > 0
             and (chw is None or x.shape[1:] == chw) and x.flags.c_contiguous
@@ -79,13 +101,19 @@ def as_image_batch(x, chw: tuple | None = None, name: str = "images") -> np.ndar
     return np.ascontiguousarray(x)
 
 
-def int_pair(v, name: str) -> tuple[int, int]:
-    """``v`` (an int, or a pair of ints) as a pair of Python ints: kernel sizes, strides, paddings."""
+def int_pair(v: Any, name: str) -> tuple[int, int]:
+    """``v`` (an int, or a pair of ints) as a pair of Python ints: kernel sizes, strides, paddings.
+
+    Example::
+
+        >>> int_pair(3, "kernel_size"), int_pair((1, 2), "stride")
+        ((3, 3), (1, 2))
+    """
     try:
-        pair = (v, v) if isinstance(v, int | np.integer) else tuple(v)
+        pair: tuple = (v, v) if isinstance(v, int | np.integer) else tuple(v)
     except TypeError:  # not iterable: None, a float, ...
         pair = ()
     # The bound keeps values inside the kernels' integer types (a file may say 10**30).
-    if len(pair) != 2 or not all(isinstance(p, int | np.integer) and abs(p) < 2**31 for p in pair):
+    if len(pair) != 2 or not all(isinstance(p, int | np.integer) and abs(int(p)) < 2**31 for p in pair):
         raise InputError(f"{name}: expected an int or a pair of ints (|value| < 2**31), found {v!r}")
     return int(pair[0]), int(pair[1])

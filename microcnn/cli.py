@@ -11,7 +11,14 @@ from .errors import MicrocnnError
 from .quant.observers import OBSERVERS
 from .quant.params import KERNEL_BITS
 from .quant.precision import PRECISIONS, build_precision, precision_of, stored_precision
-from .resolve import data_dir, dataset_of, load_calibration_images, load_model_spec, load_test_images
+from .resolve import (
+    check_data_fits,
+    data_dir,
+    dataset_of,
+    load_calibration_images,
+    load_model_spec,
+    load_test_images,
+)
 
 METHODS = list(OBSERVERS)  # calibration methods: the observer registry's names
 BITS = sorted(KERNEL_BITS, reverse=True)  # bit widths the integer kernels run, widest first
@@ -27,7 +34,14 @@ def _precision_of(model) -> str:
 
 
 def _dataset(args) -> str:
-    return dataset_of(getattr(args, "model", "bundled"))
+    """``--dataset`` if given, else the dataset the model spec is scored on."""
+    return getattr(args, "dataset", None) or dataset_of(getattr(args, "model", "bundled"))
+
+
+def _fitting(model, images, labels, args):
+    """The data, refused with a clear error when the model cannot score it (another image shape)."""
+    check_data_fits(model, images, labels, f"--dataset {_dataset(args)}")
+    return images, labels
 
 
 def _calibration_images(args, n: int):
@@ -81,8 +95,28 @@ def cmd_info(args) -> int:
         "mnist_found": str(find_dataset_dir("mnist", data_dir(args.data))),
         "bundled_weights": str(BUNDLED_RAW) if BUNDLED_RAW.exists() else None,
     }
-    for k, v in info.items():
-        print(f"{k:16s} {v}")
+    if args.model is None:
+        if args.json:
+            print(json.dumps(info))
+        else:
+            for k, v in info.items():
+                print(f"{k:16s} {v}")
+        return 0
+    model = load_model_spec(args.model)
+    table = model.layer_table()
+    if args.json:
+        records = table.assign(**{"Output Shape": table["Output Shape"].map(
+            lambda s: None if s is None else list(s))}).to_dict(orient="records")
+        print(json.dumps({"model": args.model, "input_shape": model.input_shape, "bytes": int(model.nbytes),
+                          "parameters": int(table["Parameters"].sum()),
+                          "macs": None if table["MACs"].isna().any() else int(table["MACs"].sum()),
+                          "layers": records}))
+        return 0
+    shape = "unknown" if model.input_shape is None else "x".join(map(str, model.input_shape))
+    print(f"{args.model}: {type(model).__name__}, input {shape}, {model.nbytes} bytes")
+    print(table.to_string(index=False))
+    macs = "unknown (no input shape)" if table["MACs"].isna().any() else f"{int(table['MACs'].sum()):,}"
+    print(f"total: {int(table['Parameters'].sum()):,} parameters, {macs} MACs per image")
     return 0
 
 
@@ -98,18 +132,21 @@ def cmd_fetch(args) -> int:
 def cmd_predict(args) -> int:
     import numpy as np
 
-    from .datasets import CLASSES, ascii_digit, load_dataset
+    from .datasets import CLASSES, ascii_digit
 
-    images, labels = load_dataset(_dataset(args), "test", data_dir=data_dir(args.data))
+    images, labels = load_test_images(None, args.data, "--index", _dataset(args))
     if not 0 <= args.index < len(images):
         raise MicrocnnError(f"--index: expected 0..{len(images) - 1}, found {args.index}")
     args.json = False
     model = _model_at_precision(load_model_spec(args.model), args)
-    probs = model.predict(images[args.index:args.index + 1])[0]
-    print(ascii_digit(images[args.index]))
-    print(f"test image {args.index}: label {labels[args.index]}, predicted {int(np.argmax(probs))} "
+    one = slice(args.index, args.index + 1)
+    images, labels = _fitting(model, images[one], labels[one], args)
+    probs = model.predict(images)[0]
+    if images.shape[1] == 1:  # a grey image draws as text
+        print(ascii_digit(images[0]))
+    print(f"test image {args.index}: label {labels[0]}, predicted {int(np.argmax(probs))} "
           f"[{_precision_of(model)}]")
-    classes = CLASSES[_dataset(args)]
+    classes = CLASSES.get(_dataset(args)) or [str(k) for k in range(len(probs))]
     width = max(map(len, classes))
     for k, p in enumerate(probs):
         print(f"  {classes[k]:>{width}s} {p:7.4f} {'#' * int(round(p * 40))}")
@@ -119,6 +156,7 @@ def cmd_predict(args) -> int:
 def cmd_eval(args) -> int:
     images, labels = load_test_images(args.samples, args.data, "--samples", _dataset(args))
     model = _model_at_precision(load_model_spec(args.model), args)
+    images, labels = _fitting(model, images, labels, args)
     acc = model.accuracy(images, labels, progress=not args.json)
     result = {"model": args.model, "precision": _precision_of(model), "samples": len(labels),
               "accuracy": acc, "model_bytes": int(model.nbytes)}
@@ -303,7 +341,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cliargs import image_count, index_value, repeat_count, thread_count
+    from .cliargs import dataset_spec, image_count, index_value, repeat_count, thread_count
 
     p = _Parser(prog="microcnn", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -323,17 +361,24 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--force", action="store_true",
                         help="replace existing output files (default: refuse)")
 
-    def model_options(sp, precision=True):
+    def model_options(sp, precision=True, dataset=True):
         sp.add_argument("--model", default="bundled", help="'bundled' or 'lenet' (LeNet-5, MNIST), 'fashion' "
                         "(Fashion-MNIST CNN), a LeNet-5 .raw file, a .safetensors model or an .onnx file "
                         "(default: bundled)")
+        if dataset:
+            sp.add_argument("--dataset", type=dataset_spec, default=None,
+                            help="mnist, fashion-mnist or an .npz file with images (N, C, H, W) "
+                            "uint8/float32 and labels (default: the model's own dataset)")
         if precision:
             sp.add_argument("--precision", choices=list(PRECISIONS), default=None,
                             help="int4 means W4A4 (4-bit weights and activations); default: fp32 for an "
                             "FP32 model, the file's own for a quantized one (others are refused)")
             calibration_options(sp)
 
-    command("info", cmd_info, "versions, threading layer, data directory")
+    sp = command("info", cmd_info, "versions, threading layer, data directory; with --model, its layer table")
+    sp.add_argument("--model", default=None, help="a model spec (as --model elsewhere): print its layers "
+                    "with output shapes, parameters and MACs per image")
+    sp.add_argument("--json", action="store_true")
     sp = command("fetch", cmd_fetch, "download (or find) datasets, verifying checksums")
     # A str default: argparse checks a list default against `choices` as a whole and refuses it.
     sp.add_argument("dataset", nargs="*", default="mnist", choices=["mnist", "fashion-mnist"],
@@ -349,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
 
     sp = command("bench", cmd_bench, "speed tables (headline, per-layer, conv algorithms, training)")
-    model_options(sp, precision=False)
+    model_options(sp, precision=False, dataset=False)
     sp.add_argument("--samples", type=image_count, default=1000)
     sp.add_argument("--threads", type=thread_count, default=1)
     sp.add_argument("--repeats", type=repeat_count, default=5)

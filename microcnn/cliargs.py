@@ -5,6 +5,7 @@ data is loaded or any work is done."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 # Bounds for counts where a huge value is not wrong, only endless; far beyond any real use.
 MAX_REPEATS = 1000
@@ -13,8 +14,18 @@ MAX_IMAGES = 10_000_000  # images per request; the real limit (the split's size)
 MAX_SEED = 2**63 - 1
 
 
-def int_in(low: int, high: int | None = None, what: str = "an integer"):
-    """An argparse ``type`` accepting integers in ``low..high`` (``high`` None: no upper bound)."""
+def int_in(low: int, high: int | None = None, what: str = "an integer") -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers in ``low..high`` (``high`` None: no upper bound).
+
+    Example::
+
+        >>> int_in(1, 10, "a digit")("7")
+        7
+        >>> int_in(1, 10, "a digit")("11")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: expected a digit in 1..10, found 11
+    """
 
     def parse(text: str) -> int:
         try:
@@ -46,7 +57,7 @@ index_value = int_in(0, MAX_IMAGES, "an image index")
 
 
 def float_in(low: float, high: float | None = None, what: str = "a number", low_open: bool = False,
-             high_open: bool = False):
+             high_open: bool = False) -> Callable[[str], float]:
     """An argparse ``type`` accepting finite floats between ``low`` and ``high`` (open ends as given)."""
     import math
 
@@ -65,3 +76,11 @@ def float_in(low: float, high: float | None = None, what: str = "a number", low_
 
     parse.__name__ = "number"
     return parse
+
+
+def dataset_spec(text: str) -> str:
+    """``--dataset``: a dataset name (mnist, fashion-mnist) or the path of an .npz file."""
+    names = ("mnist", "fashion-mnist")
+    if text in names or text.lower().endswith(".npz"):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)} or a .npz file, found {text!r}")

@@ -66,33 +66,85 @@ def systems_modules(systems: str) -> tuple[str, ...]:
 
 # -- microcnn <-> PyTorch ----------------------------------------------------------------------------
 def _torch_module(layer):
+    """The ``torch.nn`` module computing one FP32 layer (a graph's Add and Concat run in its forward)."""
+    from . import layers
+
     nn = require("torch").nn
-    if isinstance(layer, Conv2d):
+    kind = type(layer)
+    if kind is Conv2d:
         return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                         layer.padding, bias=layer.bias is not None)
-    if isinstance(layer, Linear):
+                         layer.padding, layer.dilation, layer.groups, bias=layer.bias is not None)
+    if kind is Linear:
         return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    if isinstance(layer, MaxPool2d):
-        return nn.MaxPool2d(layer.kernel_size, layer.stride)
-    if isinstance(layer, AvgPool2d):
-        return nn.AvgPool2d(layer.kernel_size, layer.stride)
-    simple = {ReLU: nn.ReLU, Sigmoid: nn.Sigmoid, Flatten: nn.Flatten}
-    if type(layer) in simple:
-        return simple[type(layer)]()
-    if isinstance(layer, Softmax):
-        return nn.Softmax(dim=1)
-    raise InputError(f"to_torch: no PyTorch equivalent for layer {layer!r}; expected an FP32 network of "
-                     "Conv2d/Linear/ReLU/Sigmoid/MaxPool2d/AvgPool2d/Flatten/Softmax")
+    if kind is MaxPool2d:
+        return nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding, ceil_mode=layer.ceil_mode)
+    if kind is AvgPool2d:
+        return nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
+                            layer.count_include_pad)
+    if kind in (layers.BatchNorm1d, layers.BatchNorm2d):
+        cls = nn.BatchNorm2d if kind is layers.BatchNorm2d else nn.BatchNorm1d
+        return cls(layer.num_features, layer.eps, layer.momentum)
+    if kind is layers.LeakyReLU:
+        return nn.LeakyReLU(layer.negative_slope)
+    if kind is layers.Dropout:
+        return nn.Dropout(layer.p)
+    simple = {ReLU: nn.ReLU, Sigmoid: nn.Sigmoid, Flatten: nn.Flatten, layers.ReLU6: nn.ReLU6,
+              layers.Tanh: nn.Tanh, layers.GlobalAvgPool2d: lambda: nn.AdaptiveAvgPool2d(1),
+              Softmax: lambda: nn.Softmax(dim=1)}
+    if kind in simple:
+        return simple[kind]()
+    raise InputError(f"to_torch: no PyTorch equivalent for layer {layer!r}; expected an FP32 model")
 
 
-def to_torch(net: Sequential):
-    """An ``nn.Sequential`` in eval mode with the same layers and weights; state_dict keys are equal."""
+def _torch_graph(net):
+    """An ``nn.Module`` running a Graph's nodes in order; submodules are named after the nodes."""
     torch = require("torch")
-    if not isinstance(net, Sequential):
-        raise InputError(f"to_torch: expected a microcnn Sequential, found {type(net).__name__}")
-    module = torch.nn.Sequential(*[_torch_module(layer) for layer in net.layers])
+    from .graph import Add, Concat
+    from .model import INPUT
+
+    class TorchGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.steps = []  # (node name, Add/Concat layer or None for a submodule, input names)
+            for node in net.layer_nodes():
+                joins = isinstance(node.layer, Add | Concat)
+                if not joins:
+                    self.add_module(node.name, _torch_module(node.layer))
+                self.steps.append((node.name, node.layer if joins else None, node.inputs))
+
+        def forward(self, x):
+            env = {INPUT: x}
+            for name, join, inputs in self.steps:
+                xs = [env[i] for i in inputs]
+                if join is None:
+                    env[name] = getattr(self, name)(xs[0])
+                elif isinstance(join, Add):
+                    env[name] = sum(xs[1:], xs[0])  # in the inputs' order, as ours
+                else:
+                    env[name] = torch.cat(xs, dim=join.axis)
+            return env[name]
+
+    return TorchGraph()
+
+
+def to_torch(net):
+    """A ``torch.nn`` module in eval mode with the same layers and weights, state_dict keys equal to ours:
+    an ``nn.Sequential`` for a Sequential, a module running the nodes in order for a Graph."""
+    torch = require("torch")
+    from .graph import Graph
+
+    if isinstance(net, Sequential):
+        module = torch.nn.Sequential(*[_torch_module(layer) for layer in net.layers])
+    elif isinstance(net, Graph):
+        module = _torch_graph(net)
+    else:
+        raise InputError(f"to_torch: expected a microcnn Sequential or Graph, found {type(net).__name__}")
     state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in net.state_dict().items()}
-    module.load_state_dict(state, strict=True)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a torch BatchNorm counter
+    if missing or unexpected:
+        raise InputError(f"to_torch: state_dict keys do not match (missing {missing}, unexpected "
+                         f"{unexpected})")
     return module.eval()
 
 
@@ -567,7 +619,10 @@ def compare_table(net: Sequential, images, labels, calibration_images, threads: 
                 jobs.append(("ONNX Runtime", label, lambda: _ort_job(
                     onnx_file if onnx_file is not None else to_onnx(net).SerializeToString(), threads)))
         elif label == "INT8":
-            if want_torch:
+            if want_torch and not isinstance(net, Sequential):
+                notes.append("PyTorch eager INT8: its static quantization flow needs QuantStub/DeQuantStub "
+                             "placed around every residual Add and Concat by hand; no rows for a graph.")
+            elif want_torch:
                 for obs in ("histogram", "minmax"):
                     def build(obs=obs):
                         q = torch_int8(net, calibration_images, obs)

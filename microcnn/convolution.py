@@ -52,9 +52,11 @@ def _batch_bucket(n: int) -> int:
     return len(_BUCKETS)
 
 
-def ineligibility(algorithm: str, w_shape, stride, padding) -> str | None:
+def ineligibility(algorithm: str, w_shape, stride, padding, dilation=(1, 1), groups=1) -> str | None:
     """Why ``algorithm`` cannot run this convolution, or None when it can."""
     kh, kw = w_shape[2], w_shape[3]
+    if algorithm in ("winograd", "winograd4", "fft") and (tuple(dilation) != (1, 1) or groups != 1):
+        return f"{algorithm} needs dilation (1, 1) and groups 1, found {tuple(dilation)} and {groups}"
     if algorithm in _WINOGRAD_TILE:
         if tuple(stride) != (1, 1):
             return f"{algorithm} needs stride (1, 1), found {tuple(stride)}"
@@ -63,15 +65,15 @@ def ineligibility(algorithm: str, w_shape, stride, padding) -> str | None:
     return None
 
 
-def eligible_algorithms(w_shape, stride=(1, 1), padding=(0, 0)) -> tuple[str, ...]:
+def eligible_algorithms(w_shape, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1) -> tuple[str, ...]:
     """The algorithms of ``ALGORITHMS`` (and variants) that run this convolution without fallback.
 
     FFT handles any stride by subsampling a stride-1 result (correct but wasteful)."""
     names = ALGORITHMS + ALGORITHM_VARIANTS
-    return tuple(a for a in names if ineligibility(a, w_shape, stride, padding) is None)
+    return tuple(a for a in names if ineligibility(a, w_shape, stride, padding, dilation, groups) is None)
 
 
-def _check(x, w, b, stride, padding):
+def _check(x, w, b, stride, padding, dilation, groups):
     if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4 and x.flags.c_contiguous):
         arr = np.asarray(x)
         if arr.ndim != 4 or not np.issubdtype(arr.dtype, np.floating):
@@ -82,15 +84,19 @@ def _check(x, w, b, stride, padding):
     if not (isinstance(b, np.ndarray) and b.dtype == np.float32 and b.flags.c_contiguous):
         b = np.ascontiguousarray(b, dtype=np.float32)
     n, c, h, wd = x.shape
-    if w.ndim != 4 or w.shape[1] != c:
-        raise InputError(f"conv2d w: expected (O, {c}, KH, KW) for input {x.shape}, found {w.shape}")
+    if groups < 1 or c % groups or w.ndim != 4 or w.shape[0] % groups or w.shape[1] * groups != c:
+        cg = c // groups if groups >= 1 and c % groups == 0 else f"{c} / {groups}"
+        raise InputError(f"conv2d w: expected (O, {cg}, KH, KW) for input {x.shape} and groups {groups} "
+                         f"(dividing C and O), found {w.shape}")
     if b.shape != (w.shape[0],):
         raise InputError(f"conv2d b: expected shape ({w.shape[0]},), found {b.shape}")
-    (sh, sw), (ph, pw) = stride, padding
-    if sh < 1 or sw < 1 or ph < 0 or pw < 0:
-        raise InputError(f"conv2d: expected stride >= 1 and padding >= 0, found {stride}, {padding}")
-    if h + 2 * ph < w.shape[2] or wd + 2 * pw < w.shape[3] or n == 0:
-        raise InputError(f"conv2d: input {x.shape} with padding {padding} is smaller than kernel {w.shape}")
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    if sh < 1 or sw < 1 or ph < 0 or pw < 0 or dh < 1 or dw < 1:
+        raise InputError(f"conv2d: expected stride >= 1, padding >= 0 and dilation >= 1, found {stride}, "
+                         f"{padding}, {dilation}")
+    if h + 2 * ph < dh * (w.shape[2] - 1) + 1 or wd + 2 * pw < dw * (w.shape[3] - 1) + 1 or n == 0:
+        raise InputError(f"conv2d: input {x.shape} with padding {padding} is smaller than kernel {w.shape} "
+                         f"dilated by {dilation}")
     return x, w, b
 
 
@@ -101,17 +107,17 @@ def _prepared(state, key, make):
     return item
 
 
-def _runner(algorithm, x_shape, w, stride, padding, state):
+def _runner(algorithm, x_shape, w, stride, padding, state, dilation=(1, 1), groups=1):
     """A ``run(x, b, pool=None, relu=False)`` (see ``kernels.conv.im2col_runner``) for this algorithm and
     input shape (any batch size), cached in the state."""
-    key = (algorithm, x_shape[1:], stride, padding)
+    key = (algorithm, x_shape[1:], stride, padding, dilation, groups)
     run = state["runners"].get(key)
     if run is not None:
         return run
     (sh, sw), (ph, pw) = stride, padding
     kh, kw = w.shape[2], w.shape[3]
     if algorithm == "im2col":
-        run = K.im2col_runner(x_shape, w, sh, sw, ph, pw)
+        run = K.im2col_runner(x_shape, w, sh, sw, ph, pw, dilation, groups)
     elif algorithm in _WINOGRAD_TILE:
         m = _WINOGRAD_TILE[algorithm]
         u = _prepared(state, ("winograd", m), lambda: K.winograd_weights(w, m))
@@ -122,24 +128,24 @@ def _runner(algorithm, x_shape, w, stride, padding, state):
         run = K.fft_runner(x_shape, wf, kh, kw, sh, sw, ph, pw)
     else:
         def run(x, b):
-            return K.conv2d_naive(x, w, b, sh, sw, ph, pw)
+            return K.conv2d_naive(x, w, b, sh, sw, ph, pw, dilation, groups)
     if algorithm != "im2col":
         run = K.with_pool(run)
     state["runners"][key] = run
     return run
 
 
-def _auto_key(x, w, stride, padding):
-    return (x.shape[1:], w.shape, stride, padding, _batch_bucket(x.shape[0]))
+def _auto_key(x, w, stride, padding, dilation=(1, 1), groups=1):
+    return (x.shape[1:], w.shape, stride, padding, _batch_bucket(x.shape[0]), dilation, groups)
 
 
-def _tune(key, x, w, b, stride, padding, state) -> str:
+def _tune(key, x, w, b, stride, padding, state, dilation, groups) -> str:
     sample = x[:AUTO_SAMPLE]
     times = {}
     for algorithm in AUTO_CANDIDATES:
-        if ineligibility(algorithm, w.shape, stride, padding) is not None:
+        if ineligibility(algorithm, w.shape, stride, padding, dilation, groups) is not None:
             continue
-        run = _runner(algorithm, x.shape, w, stride, padding, state)
+        run = _runner(algorithm, x.shape, w, stride, padding, state, dilation, groups)
         run(sample, b)  # compile / first touch, not timed
         best = np.inf
         for _ in range(3):
@@ -158,7 +164,7 @@ def auto_choices():
 
     rows = []
     for key, choice in _auto_cache.items():
-        (c, h, wd), wshape, stride, padding, bucket = key
+        (c, h, wd), wshape, stride, padding, bucket = key[:5]
         lo = 1 if bucket == 0 else _BUCKETS[bucket - 1] + 1
         hi = _BUCKETS[bucket] if bucket < len(_BUCKETS) else None
         row = {"Input": f"{c}x{h}x{wd}", "Kernel": "x".join(map(str, wshape)), "Stride": stride,
@@ -174,16 +180,16 @@ def reset_auto_choices() -> None:
     _auto_timings.clear()
 
 
-def _resolve(algorithm, x, w, b, stride, padding, state):
+def _resolve(algorithm, x, w, b, stride, padding, state, dilation, groups):
     """(algorithm that will run, why it differs from the requested one or None)."""
     if algorithm == "auto":
-        key = _auto_key(x, w, stride, padding)
+        key = _auto_key(x, w, stride, padding, dilation, groups)
         used = _auto_cache.get(key)
         if used is None:
-            used = _tune(key, x, w, b, stride, padding, state)
+            used = _tune(key, x, w, b, stride, padding, state, dilation, groups)
         return used, None
     if algorithm in _WINOGRAD_TILE or algorithm in ALGORITHMS:
-        reason = ineligibility(algorithm, w.shape, stride, padding)
+        reason = ineligibility(algorithm, w.shape, stride, padding, dilation, groups)
         if reason is None:
             return algorithm, None
         reason = f"{reason}; used im2col"
@@ -197,14 +203,16 @@ def _resolve(algorithm, x, w, b, stride, padding, state):
 
 
 def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", state=None, pool=None,
-                   relu=False):
+                   relu=False, dilation=(1, 1), groups=1):
     """y (N, O, OH, OW) float32 = conv2d(x, w) + b by ``algorithm`` ("auto", one of ``ALGORITHMS``,
     or a variant in ``ALGORITHM_VARIANTS``); then ReLU when ``relu``, then max pooling when ``pool`` =
-    (kh, kw, sh, sw) -- which im2col does in the convolution's own pass.
+    (kh, kw, sh, sw[, ph, pw, ceil]) or a ``kernels.pool.PoolGeometry`` -- which im2col does in the
+    convolution's own pass. ``dilation`` and ``groups`` as PyTorch's (w is (O, C / groups, KH, KW)).
 
     ``state``: a dict owned by the calling layer (see the module docstring). A requested algorithm
-    that cannot run this shape (Winograd with stride 2 or a 7x7 kernel) falls back to im2col, records
-    why in ``state["fallback"]`` and warns once per state; unknown names raise ``InputError``.
+    that cannot run this shape (Winograd with stride 2 or a 7x7 kernel, Winograd and FFT with dilation
+    or groups) falls back to im2col, records why in ``state["fallback"]`` and warns once per state;
+    unknown names raise ``InputError``.
 
     A repeat call with the same input shape and weight array, whose values are unchanged, goes
     straight to the prepared kernel (about 1 us of Python), which keeps batch-1 latency low.
@@ -219,6 +227,8 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", sta
         and memo[2] == algorithm
         and memo[3] == stride
         and memo[4] == padding
+        and memo[7] == dilation
+        and memo[8] == groups
         and type(x) is np.ndarray
         and x.dtype == _F32
         and x.flags.c_contiguous
@@ -228,19 +238,20 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", sta
         and same_bits(w, state["weights"])
     ):
         return memo[6](x, b, pool, relu)
-    stride, padding = tuple(stride), tuple(padding)
-    x, w2, b = _check(x, w, b, stride, padding)
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    x, w2, b = _check(x, w, b, stride, padding, dilation, groups)
     seen = state.get("weights")
     if seen is None or seen.shape != w2.shape or not same_bits(w2, seen):
         state["prepared"] = {}
         state["runners"] = {}
         state["weights"] = w2.copy()
-    used, fallback = _resolve(algorithm, x, w2, b, stride, padding, state)
-    run = _runner(used, x.shape, w2, stride, padding, state)
+    used, fallback = _resolve(algorithm, x, w2, b, stride, padding, state, dilation, groups)
+    run = _runner(used, x.shape, w2, stride, padding, state, dilation, groups)
     state["used"] = used
     state["fallback"] = fallback
     # Only a float32 contiguous weight array may be remembered by identity (others are converted copies).
-    state["memo"] = (w, x.shape, algorithm, stride, padding, b.shape, run) if w2 is w else None
+    memo = (w, x.shape, algorithm, stride, padding, b.shape, run, dilation, groups)
+    state["memo"] = memo if w2 is w else None
     return run(x, b, pool, relu)
 
 
@@ -255,9 +266,7 @@ def _conv_layers(net):
 
 
 def _images(net, images):
-    if hasattr(net, "check_input"):
-        return net.check_input(images)
-    return np.ascontiguousarray(images, np.float32)
+    return net.check_input(images)  # every model (``model.Model``) validates its own input
 
 
 def _check_algorithms(algorithms):
@@ -284,7 +293,7 @@ def benchmark_algorithms(net, images, algorithms=ALGORITHMS, repeats=5, progress
 
     algorithms = _check_algorithms(algorithms)
     images = _images(net, images)
-    run = net.logits if hasattr(net, "logits") else net.forward
+    run = net.logits
     layers = _conv_layers(net)
     saved = [layer.algorithm for _, layer in layers]
     order = ("naive",) + tuple(a for a in algorithms if a != "naive")
@@ -367,8 +376,10 @@ def per_layer_algorithm_table(net, images, algorithms=ALGORITHMS, repeats=5, pro
                        "Kernel": f"{w.shape[2]}x{w.shape[3]}", "Stride": stride, "Padding": padding}
                 for algorithm in algorithms:
                     seconds = np.nan
-                    if ineligibility(algorithm, w.shape, stride, padding) is None:
-                        args = (x, w, b, stride, padding, algorithm, {})
+                    why = ineligibility(algorithm, w.shape, stride, padding, layer.dilation, layer.groups)
+                    if why is None:
+                        args = (x, w, b, stride, padding, algorithm, {}, None, False, layer.dilation,
+                                layer.groups)
                         seconds = median_time(lambda args=args: conv2d_forward(*args), repeats)
                     row[f"{algorithm} (ms)"] = seconds * 1e3
                     if bar is not None:
@@ -376,7 +387,8 @@ def per_layer_algorithm_table(net, images, algorithms=ALGORITHMS, repeats=5, pro
                 timed = {a: row[f"{a} (ms)"] for a in algorithms if np.isfinite(row[f"{a} (ms)"])}
                 row["Fastest"] = min(timed, key=timed.get)
                 auto_state: dict = {}
-                conv2d_forward(x, w, b, stride, padding, "auto", auto_state)
+                conv2d_forward(x, w, b, stride, padding, "auto", auto_state, dilation=layer.dilation,
+                               groups=layer.groups)
                 row["Auto"] = auto_state["used"]
                 rows.append(row)
             x = layer.forward(x)

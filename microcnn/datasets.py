@@ -20,6 +20,7 @@ import contextlib
 import gzip
 import hashlib
 import http.client
+import io
 import math
 import os
 import struct
@@ -28,12 +29,13 @@ import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .errors import DataNotFoundError, DownloadError, FileFormatError, InputError
-from .fileutil import atomic_open, regular_file_size
+from .fileutil import StrPath, atomic_open, regular_file_size
 
 __all__ = [
     "ASCII_RAMP",
@@ -83,7 +85,7 @@ DEFAULT_MAX_IDX_BYTES = 1 << 31
 _CHUNK = 1 << 20
 
 
-def _read_upto(stream, n: int) -> bytearray:
+def _read_upto(stream: gzip.GzipFile | io.BufferedReader, n: int) -> bytearray:
     """Read at most ``n`` bytes. Memory grows only with bytes that really arrive, never with ``n``."""
     buf = bytearray()
     while len(buf) < n:
@@ -103,31 +105,33 @@ class _IdxReader:
     ``dtype`` and ``shape`` let a caller compare files with each other and with a request before
     ``read(items)`` decompresses only the first ``items`` entries along axis 0."""
 
-    def __init__(self, path, max_bytes: int = DEFAULT_MAX_IDX_BYTES, limit_name: str = "read_idx max_bytes"):
+    def __init__(self, path: StrPath, max_bytes: int = DEFAULT_MAX_IDX_BYTES,
+                 limit_name: str = "read_idx max_bytes"):
         self.path = path = Path(path)
         file_size = regular_file_size(path, "IDX file")
         self._raw = open(path, "rb")  # noqa: SIM115 -- closed by close() / __exit__
         try:
             self.compressed = self._raw.read(2) == _GZIP_MAGIC
             self._raw.seek(0)
-            self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
+            self._stream: gzip.GzipFile | io.BufferedReader = (
+                gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw)
             with self._gzip_errors():
                 self._read_header(file_size, max_bytes, limit_name)
         except BaseException:
             self.close()
             raise
 
-    def __enter__(self):
+    def __enter__(self) -> _IdxReader:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
         self._raw.close()
 
     @contextlib.contextmanager
-    def _gzip_errors(self):
+    def _gzip_errors(self) -> Iterator[None]:
         try:
             yield
         except (gzip.BadGzipFile, EOFError, zlib.error) as err:
@@ -196,14 +200,34 @@ class _IdxReader:
         return array.astype(self.dtype.newbyteorder("="), copy=False)
 
 
-def read_idx(path, *, max_bytes: int = DEFAULT_MAX_IDX_BYTES, items: int | None = None) -> np.ndarray:
-    """Read an IDX file (raw or gzip) into a writable, native-endian, C-contiguous array.
+def read_idx(path: StrPath, *, max_bytes: int = DEFAULT_MAX_IDX_BYTES,
+             items: int | None = None) -> np.ndarray:
+    """Read an IDX file (raw or gzip, told apart by its first bytes) into a writable, native-endian,
+    C-contiguous array whose shape and dtype come from the header.
 
-    Shape and dtype come from the header. Malformed input raises ``FileFormatError`` naming the file,
-    expectation and finding; declared sizes are checked against the bytes that can exist (file size
-    for raw files, 1032 times it for gzip, deflate's limit) before memory for them is used, headers
-    declaring more than ``max_bytes`` are refused outright, and bytes are kept only as they really
-    decompress. ``items``: read only the first ``items`` entries along axis 0 (at most).
+    Declared sizes are checked against the bytes that can exist (the file size for raw files, 1032
+    times it for gzip, deflate's limit) before memory for them is used, and bytes are kept only as
+    they really decompress.
+
+    Args:
+        path: the file.
+        max_bytes: headers declaring more data than this are refused before anything is read.
+        items: read only the first ``items`` entries along axis 0 (at most); None reads them all.
+
+    Raises:
+        FileFormatError: malformed, truncated or oversized file, naming the file, the expectation and
+            the finding.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "labels-idx1-ubyte.gz"
+        >>> write_idx(path, np.array([7, 2, 1], np.uint8))
+        >>> read_idx(path)
+        array([7, 2, 1], dtype=uint8)
+        >>> read_idx(path, items=2)
+        array([7, 2], dtype=uint8)
     """
     if items is not None:
         _check_items(items)
@@ -211,16 +235,31 @@ def read_idx(path, *, max_bytes: int = DEFAULT_MAX_IDX_BYTES, items: int | None 
         return reader.read(items)
 
 
-def _check_items(items) -> None:
+def _check_items(items: object) -> None:
     if isinstance(items, bool) or not isinstance(items, int | np.integer) or items < 1:
         raise InputError(f"samples: expected a positive integer (or None for all), found {items!r}")
 
 
-def write_idx(path, array) -> None:
-    """Write ``array`` as an IDX file, atomically; gzip-compressed when the name ends in ``.gz``.
+def write_idx(path: StrPath, array: ArrayLike) -> None:
+    """Write ``array`` as an IDX file, atomically (``fileutil.atomic_open``); gzip-compressed when the
+    name ends in ``.gz``, with no time stamp, so the same array always gives the same bytes.
 
-    Supported dtypes: uint8, int8, int16, int32, float32, float64 (any byte order), 1 to
-    ``MAX_IDX_NDIM`` dimensions, each below 2**32.
+    Args:
+        path: the file to write (replaced if it exists).
+        array: uint8, int8, int16, int32, float32 or float64 (any byte order), 1 to ``MAX_IDX_NDIM``
+            dimensions, each below 2**32.
+
+    Raises:
+        InputError: for another dtype or shape.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "x-idx2-float"
+        >>> write_idx(path, np.eye(2, dtype=np.float32))
+        >>> path.read_bytes()[:4].hex(), path.stat().st_size  # magic: float32 (0x0D), 2 dimensions
+        ('00000d02', 28)
     """
     array = np.asarray(array)
     native = array.dtype.newbyteorder("=") if array.dtype.byteorder in "<>" else array.dtype
@@ -241,7 +280,7 @@ def write_idx(path, array) -> None:
             # mtime=0 and no embedded name: the same array always gives the same bytes.
             with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=6, mtime=0) as gz:
                 gz.write(header)
-                gz.write(body)
+                gz.write(body.data)  # the array's buffer (a memoryview), not a copy
         else:
             f.write(header)
             f.write(body)
@@ -354,7 +393,7 @@ def user_cache_dir() -> Path:
     return base / "microcnn"
 
 
-def _roots(name: str, data_dir) -> list[Path]:
+def _roots(name: str, data_dir: StrPath | None) -> list[Path]:
     roots = []
     if data_dir is not None:
         roots.append(Path(data_dir).expanduser())
@@ -370,7 +409,7 @@ def _dataset_dir_in(root: Path, name: str) -> Path:
     return root if root.name == name else root / name
 
 
-def candidate_dirs(name: str, data_dir=None) -> list[Path]:
+def candidate_dirs(name: str, data_dir: StrPath | None = None) -> list[Path]:
     """Folders searched for dataset ``name``, in order of precedence."""
     _check_name(name)
     dirs: list[Path] = []
@@ -396,7 +435,7 @@ def _split_bases(split: str | None) -> tuple[str, ...]:
     return SPLIT_FILES[split]
 
 
-def find_dataset_dir(name: str, data_dir=None, split: str | None = None) -> Path | None:
+def find_dataset_dir(name: str, data_dir: StrPath | None = None, split: str | None = None) -> Path | None:
     """First candidate folder holding the image and label files of ``split`` (both splits if None)."""
     bases = _split_bases(split)
     for directory in candidate_dirs(name, data_dir):
@@ -405,7 +444,7 @@ def find_dataset_dir(name: str, data_dir=None, split: str | None = None) -> Path
     return None
 
 
-def download_dir(name: str, data_dir=None) -> Path:
+def download_dir(name: str, data_dir: StrPath | None = None) -> Path:
     """Where missing files are downloaded: ``data_dir``, else ``$MICROCNN_DATA``, else the user cache."""
     _check_name(name)
     if data_dir is not None:
@@ -417,14 +456,15 @@ def download_dir(name: str, data_dir=None) -> Path:
     return _dataset_dir_in(root, name)
 
 
-def _where_to_put(name: str, data_dir) -> str:
+def _where_to_put(name: str, data_dir: StrPath | None) -> str:
     return (
         f"Put the files (gzip or raw) in {download_dir(name, data_dir)}, or set {_ENV_VAR} to a folder "
         f"holding a '{name}' subfolder (or to the '{name}' folder itself), or pass data_dir=..."
     )
 
 
-def _not_found_message(name: str, split: str | None, data_dir, download_failure: Exception | None) -> str:
+def _not_found_message(name: str, split: str | None, data_dir: StrPath | None,
+                       download_failure: Exception | None) -> str:
     bases = _split_bases(split)
     what = f"{name} {split} split" if split else f"{name} dataset"
     lines = [f"{what} not found: looked for {' and '.join(b + '[.gz]' for b in bases)} in"]
@@ -452,7 +492,7 @@ class _FetchFailure(Exception):
 
 
 @contextlib.contextmanager
-def _network_errors():
+def _network_errors() -> Iterator[None]:
     # Only network calls run inside this; disk errors must propagate, not count as a bad mirror.
     try:
         yield
@@ -464,7 +504,8 @@ def _network_errors():
         raise _FetchFailure(f"{type(err).__name__}: {reason}", retry=True) from err
 
 
-def _stream_download(url: str, out, limit: int, label: str, progress: bool, timeout: float) -> None:
+def _stream_download(url: str, out: IO[bytes], limit: int, label: str, progress: bool,
+                     timeout: float) -> None:
     from tqdm.auto import tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": "microcnn-datasets (python urllib)"})
@@ -498,7 +539,7 @@ def _stream_download(url: str, out, limit: int, label: str, progress: bool, time
         response.close()
 
 
-def _verify_download(out, expected: FileChecksum) -> None:
+def _verify_download(out: IO[bytes], expected: FileChecksum) -> None:
     """Check the SHA-256 and length of the decompressed content of the downloaded gzip ``out``."""
     out.flush()
     out.seek(0)
@@ -563,7 +604,8 @@ def _download_file(
 
 
 def _fetch_files(
-    name: str, bases: Sequence[str], data_dir, progress: bool, mirrors: Sequence[str] | None, timeout: float
+    name: str, bases: Sequence[str], data_dir: StrPath | None, progress: bool, mirrors: Sequence[str] | None,
+    timeout: float,
 ) -> Path:
     target = download_dir(name, data_dir)
     mirrors = MIRRORS.get(name, ()) if mirrors is None else tuple(mirrors)
@@ -576,7 +618,7 @@ def _fetch_files(
 
 def fetch(
     name: str = "mnist",
-    data_dir=None,
+    data_dir: StrPath | None = None,
     progress: bool = True,
     *,
     mirrors: Sequence[str] | None = None,
@@ -602,7 +644,7 @@ def fetch(
 # ------------------------------------------------------------------------------------------- loading
 
 # Decoded uint8 images and int64 labels, keyed by both files' resolved path, mtime and size.
-_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_CACHE: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
 _CACHE_MAX = 6
 
 
@@ -611,7 +653,7 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _file_key(path: Path) -> tuple:
+def _file_key(path: Path) -> tuple[str, int, int]:
     stat = path.stat()
     return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
@@ -668,7 +710,7 @@ def _decode_pair(images_path: Path, labels_path: Path, n_classes: int, samples: 
 def load_dataset(
     name: str,
     split: str = "test",
-    data_dir=None,
+    data_dir: StrPath | None = None,
     download: bool = True,
     *,
     samples: int | None = None,
@@ -676,18 +718,30 @@ def load_dataset(
     mirrors: Sequence[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Load ``split`` of dataset ``name`` as (images float32 (N,1,28,28) in [0,1], labels int64 (N,)).
+    """Load ``split`` of dataset ``name`` ("mnist" or "fashion-mnist") as (images, labels).
 
-    ``samples``: only the first ``samples`` images and labels (all of them when the files hold fewer;
-    ``len`` of the result says how many); the files are read and decompressed no further. Both files'
-    headers are checked against each other first, and files declaring more than
-    ``MAX_DATASET_BYTES`` are refused before any data is read.
+    Searches ``candidate_dirs(name, data_dir)``; when nothing is found and ``download`` is true the
+    files are fetched and verified (see ``fetch``). Both files' headers are checked against each other
+    first, and files declaring more than ``MAX_DATASET_BYTES`` are refused before any data is read.
+    Every call returns NEW writable arrays owned by the caller; only the decoded uint8 bytes are cached
+    in-process (keyed by path, mtime, size and ``samples``), so repeated loads skip the decompression.
 
-    Images are ``uint8 / 255``. Every call returns NEW writable arrays owned by the caller; only the
-    decoded uint8 bytes are cached in-process (keyed by path, mtime, size and ``samples``), so repeated
-    loads skip the decompression. Searches ``candidate_dirs(name, data_dir)``; when nothing is found and
-    ``download`` is true the files are fetched (see ``fetch``). Raises ``DataNotFoundError`` listing
-    where it looked and where to put the files.
+    Args:
+        name: "mnist" or "fashion-mnist".
+        split: "test" or "train".
+        data_dir: a folder searched first (and where missing files are downloaded).
+        download: fetch missing files (False: raise instead).
+        samples: only the first ``samples`` images and labels (all of them when the files hold fewer);
+            the files are read and decompressed no further.
+        progress: a tqdm bar while downloading.
+        mirrors, timeout: where and how long to try downloading (default ``MIRRORS[name]``).
+
+    Returns:
+        images float32 (N, 1, 28, 28) in [0, 1] (``uint8 / 255``) and labels int64 (N,).
+
+    Raises:
+        DataNotFoundError: listing where it looked and where to put the files.
+        FileFormatError: a malformed file, or images and labels that do not match.
     """
     _check_name(name)
     _check_split(split)
@@ -703,6 +757,8 @@ def load_dataset(
         except DownloadError as err:
             raise DataNotFoundError(_not_found_message(name, split, data_dir, err)) from err
     images_path, labels_path = (_locate_file(directory, base) for base in SPLIT_FILES[split])
+    if images_path is None or labels_path is None:  # removed since it was found
+        raise DataNotFoundError(_not_found_message(name, split, data_dir, None))
     files = (_file_key(images_path), _file_key(labels_path))
     whole = _CACHE.get((files, None))
     if whole is not None:  # a full read serves every request
@@ -721,7 +777,7 @@ def load_dataset(
 
 def load_mnist(
     split: str = "test",
-    data_dir=None,
+    data_dir: StrPath | None = None,
     download: bool = True,
     *,
     samples: int | None = None,
@@ -729,7 +785,24 @@ def load_mnist(
     mirrors: Sequence[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST ``split`` ("test" or "train"); see ``load_dataset`` for search order, download and caching."""
+    """MNIST ``split`` ("test" or "train") as (images float32 (N, 1, 28, 28) in [0, 1], labels int64 (N,)).
+
+    Args: as ``load_dataset`` (search order, download, caching, ``samples``).
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> folder = Path(tempfile.mkdtemp())  # a data folder holding the test split's two files
+        >>> pixels = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+        >>> write_idx(folder / "mnist" / "t10k-images-idx3-ubyte.gz", pixels)
+        >>> write_idx(folder / "mnist" / "t10k-labels-idx1-ubyte", np.arange(5, dtype=np.uint8))
+        >>> images, labels = load_mnist("test", data_dir=folder, download=False)
+        >>> images.shape, images.dtype, labels
+        ((5, 1, 28, 28), dtype('float32'), array([0, 1, 2, 3, 4]))
+        >>> bool(images.max() <= 1.0), bool((images[0, 0] * 255 == pixels[0]).all())
+        (True, True)
+    """
     return load_dataset(
         "mnist", split, data_dir, download, samples=samples, progress=progress, mirrors=mirrors,
         timeout=timeout,
@@ -738,7 +811,7 @@ def load_mnist(
 
 def load_fashion_mnist(
     split: str = "test",
-    data_dir=None,
+    data_dir: StrPath | None = None,
     download: bool = True,
     *,
     samples: int | None = None,
@@ -746,7 +819,21 @@ def load_fashion_mnist(
     mirrors: Sequence[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST ``split``; class names in ``FASHION_MNIST_CLASSES``. See ``load_dataset``."""
+    """Fashion-MNIST ``split`` as (images float32 (N, 1, 28, 28) in [0, 1], labels int64 (N,)); the
+    class names are ``FASHION_MNIST_CLASSES``. Also found in Debian's ``/usr/share/datasets/fashion-mnist``
+    (``apt-get install dataset-fashion-mnist``).
+
+    Args: as ``load_dataset``.
+
+    Example::
+
+        >>> FASHION_MNIST_CLASSES[:3]
+        ('T-shirt/top', 'Trouser', 'Pullover')
+        >>> load_fashion_mnist("valid")
+        Traceback (most recent call last):
+        ...
+        microcnn.errors.InputError: unknown split 'valid'; expected 'train' or 'test'
+    """
     return load_dataset(
         "fashion-mnist", split, data_dir, download, samples=samples, progress=progress, mirrors=mirrors,
         timeout=timeout,
@@ -761,13 +848,18 @@ def batches(
     labels: np.ndarray | None = None,
     batch_size: int = 64,
     shuffle: bool = False,
-    seed=None,
+    seed: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yield ``(x, y)`` batches along axis 0, the last one partial; ``y`` is None without labels.
 
     Without ``shuffle`` the batches are views in order (``seed`` is unused). With ``shuffle`` one
     permutation from ``numpy.random.default_rng(seed)`` orders the whole pass: the same seed gives the
     same batches. Arguments are checked at the call, not at the first ``next``.
+
+    Example::
+
+        >>> [y.tolist() for _, y in batches(np.zeros((5, 1)), np.arange(5), batch_size=2)]
+        [[0, 1], [2, 3], [4]]
     """
     images = np.asarray(images)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
@@ -784,7 +876,8 @@ def batches(
     return _iterate_batches(images, labels, int(batch_size), order)
 
 
-def _iterate_batches(images, labels, batch_size, order):
+def _iterate_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int,
+                     order: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     for start in range(0, len(images), batch_size):
         index = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
         yield images[index], (None if labels is None else labels[index])
@@ -804,12 +897,18 @@ def box_weights(n_out: int, n_in: int) -> np.ndarray:
     return overlap / overlap.sum(axis=1, keepdims=True)
 
 
-def ascii_digit(image, width: int = 28) -> str:
+def ascii_digit(image: ArrayLike, width: int = 28) -> str:
     """Render a grey image as text, one ``ASCII_RAMP`` character per cell (dark ' ' to bright '@').
 
     ``image``: float in [0, 1] or uint8, shape (H, W) optionally with leading axes of length 1, e.g.
     (28, 28), (1, 28, 28) or (1, 1, 28, 28). ``width`` columns; rows keep the aspect ratio (one
     character per pixel at the native width), cells are box-averaged. Lines are joined by newlines.
+
+    Example::
+
+        >>> print(ascii_digit(np.array([[0, 255], [128, 0]], np.uint8), width=2))
+         @
+        +
     """
     image = np.asarray(image)
     if image.ndim < 2 or any(d != 1 for d in image.shape[:-2]):

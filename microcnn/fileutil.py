@@ -29,9 +29,14 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 from .errors import FileFormatError, InputError
+
+# What every function taking a file or folder accepts: a str or a path-like object (pathlib.Path).
+StrPath = str | os.PathLike[str]
 
 # mkstemp creates files readable by their owner only; a saved model or dataset should get the
 # permissions open() would give it. Read once, at import, as os.umask can only be read by setting it.
@@ -47,7 +52,7 @@ def _kind(mode: int) -> str:
             "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other special file")
 
 
-def regular_file_size(path, what: str) -> int:
+def regular_file_size(path: StrPath, what: str) -> int:
     """Size of the regular file ``path``; FileNotFoundError naming ``what`` if it is missing, and
     FileFormatError for a directory (which fails late with a bare OSError) or a FIFO, device or socket
     (which would block a reader or never end)."""
@@ -60,14 +65,14 @@ def regular_file_size(path, what: str) -> int:
     return size
 
 
-def _renamed(exc: OSError, path) -> OSError:
+def _renamed(exc: OSError, path: StrPath) -> OSError:
     """The same error, naming ``path`` (what the caller asked to write) instead of a temporary file."""
     if exc.errno is None:
         return OSError(f"{path}: {exc}")
     return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
-def check_destination(path, overwrite: bool = True, probe: bool = True) -> Path:
+def check_destination(path: StrPath, overwrite: bool = True, probe: bool = True) -> Path:
     """Raise unless ``path`` can be written as a regular file under the policy above; return it as a Path.
 
     ``probe`` creates and removes an empty temporary file where the write will put its own, which finds
@@ -75,6 +80,7 @@ def check_destination(path, overwrite: bool = True, probe: bool = True) -> Path:
     directories are not created here; the nearest existing one must be a writable directory.
     """
     path = Path(path)
+    info: os.stat_result | None
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -114,12 +120,22 @@ def check_destination(path, overwrite: bool = True, probe: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode: str = "wb", overwrite: bool = True):
+def atomic_open(path: StrPath, mode: str = "wb", overwrite: bool = True) -> Iterator[IO[Any]]:
     """Yield a file object on a temporary sibling of ``path``; rename it over ``path`` only on success.
 
     The temporary file lives in the same directory so the final ``os.replace`` is atomic on POSIX.
     On any exception (including KeyboardInterrupt) the temporary file is removed and ``path`` is left
     untouched. Inside ``all_or_nothing()`` the rename waits for the end of that block.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "out.txt"
+        >>> with atomic_open(path, "w") as f:
+        ...     _ = f.write("complete")
+        >>> path.read_text()
+        'complete'
     """
     path = check_destination(path, overwrite, probe=False)  # mkstemp below is the probe
     try:
@@ -153,15 +169,31 @@ def atomic_open(path, mode: str = "wb", overwrite: bool = True):
         raise
 
 
-def atomic_write_bytes(path, data: bytes, overwrite: bool = True) -> None:
+def atomic_write_bytes(path: StrPath, data: bytes, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` through ``atomic_open``."""
     with atomic_open(path, "wb", overwrite) as f:
         f.write(data)
 
 
 @contextlib.contextmanager
-def all_or_nothing():
+def all_or_nothing() -> Iterator[None]:
     """Writes made (through ``atomic_open``) inside the block replace their destinations together at
-    its end, and only if the block and every write succeeded; otherwise no destination changes."""
+    its end, and only if the block and every write succeeded; otherwise no destination changes.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> a, b = Path(tempfile.mkdtemp()) / "a.bin", Path(tempfile.mkdtemp()) / "b.bin"
+        >>> try:
+        ...     with all_or_nothing():
+        ...         atomic_write_bytes(a, b"first")
+        ...         raise KeyboardInterrupt  # before the second file is written
+        ... except KeyboardInterrupt:
+        ...     pass
+        >>> a.exists()
+        False
+    """
     staged: list = []
     token = _STAGED.set(staged)
     try:
@@ -174,13 +206,13 @@ def all_or_nothing():
     _commit(staged)
 
 
-def _discard(staged) -> None:
+def _discard(staged: list) -> None:
     for tmp, _ in staged:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
-def _commit(staged) -> None:
+def _commit(staged: list) -> None:
     """Rename every temporary over its destination, keeping each replaced file's old content in a
     backup (a hard link, so the destination never disappears) until all renames have succeeded."""
     done, backup = [], None  # done: (destination, backup or None) of each rename that succeeded

@@ -257,7 +257,9 @@ def save_model(net, path, metadata: dict | None = None) -> None:
     write_safetensors(path, net.state_dict(), meta)
 
 
-def architecture_of(path, metadata) -> dict:
+def architecture_of(path, metadata, allow_graph: bool = False) -> dict:
+    """The architecture a file's metadata declares: ``{"layers": [...]}`` (a Sequential) or, with
+    ``allow_graph``, ``{"nodes": [...], ...}`` (a ``graph.Graph``, checked in full when built)."""
     if metadata.get("format") != FORMAT_NAME:
         raise FileFormatError(path, "not a microcnn model (no architecture in __metadata__)",
                               f"format={FORMAT_NAME}", metadata.get("format"))
@@ -267,34 +269,37 @@ def architecture_of(path, metadata) -> dict:
         arch = load_json_bounded(metadata["architecture"], path, "architecture")
     except FileFormatError as exc:
         raise FileFormatError(path, f"architecture metadata missing or invalid ({exc.what})") from None
-    if not (isinstance(arch, dict) and isinstance(arch.get("layers"), list)
-            and all(isinstance(c, dict) for c in arch["layers"])):
-        raise FileFormatError(path, "architecture metadata malformed", '{"layers": [{...}, ...]}',
+    key = "nodes" if allow_graph and isinstance(arch, dict) and "nodes" in arch else "layers"
+    if not (isinstance(arch, dict) and isinstance(arch.get(key), list)
+            and all(isinstance(c, dict) for c in arch[key])):
+        raise FileFormatError(path, "architecture metadata malformed", '{"layers": [{...}, ...]}' +
+                              (' or {"nodes": [{...}, ...], ...}' if allow_graph else ""),
                               metadata["architecture"][:120])
     return arch
 
 
 def _declared_parameters(path, arch) -> dict:
     """name -> shape of every parameter the architecture declares, computed without allocating any."""
-    from .layers import parameter_shapes
+    from .layers import state_shapes
 
     declared = {}
     for i, cfg in enumerate(arch["layers"]):
         try:
-            shapes = parameter_shapes(cfg)
+            shapes = state_shapes(cfg)
         except InputError as exc:
             raise FileFormatError(path, f"architecture layer {i} is invalid ({exc})") from None
-        declared.update((f"{i}.{pname}", shape) for pname, shape in zip(("weight", "bias"), shapes,
-                                                                         strict=False))
+        declared.update((f"{i}.{name}", shape) for name, shape in shapes.items())
     return declared
 
 
-def check_declared_sizes(path, arch, entries: dict, kind: str) -> None:
+def check_declared_sizes(path, arch, entries: dict, kind: str, declared: dict | None = None) -> None:
     """Refuse an architecture the file's tensors cannot back, and tensors the architecture cannot use,
     from the header alone: before any layer allocates its weights (a forged ``Linear(10**9, 10**9)``
     would otherwise ask for gigabytes) and before any tensor byte is read (a sparse file can declare
-    gigabytes of data it never needed). ``entries``: name -> (dtype, shape)."""
-    declared = _declared_parameters(path, arch)
+    gigabytes of data it never needed). ``entries``: name -> (dtype, shape); ``declared``: name ->
+    shape of the parameters, when the architecture is not a chain of layers
+    (``graph.declared_parameters``)."""
+    declared = _declared_parameters(path, arch) if declared is None else declared
     if kind == "fp32":
         found = {name: shape for name, (_, shape) in entries.items()}
         if found != declared:
@@ -356,6 +361,7 @@ def check_activation_sizes(path, net) -> None:
     forged padding of 10**5 would make predict ask for terabytes). A file that declares no input shape
     is checked from the MNIST image (C, 28, 28), each layer given the nearest input it accepts."""
     from .layers import Conv2d
+    from .model import sample_output_shape
 
     declared = net.input_shape is not None
     shape = net.input_shape if declared else _default_input_shape(net.layers)
@@ -372,9 +378,7 @@ def check_activation_sizes(path, net) -> None:
                                       f"large activations{at}", f"<= {MAX_ACTIVATION_ELEMENTS} values "
                                       "per image", math.prod(shape))
         try:
-            if hasattr(layer, "_check_input"):
-                layer._check_input(np.broadcast_to(np.float32(0), (1, *shape)))
-            out = layer.output_shape(shape)
+            out = sample_output_shape(layer, shape)
         except InputError as exc:
             raise FileFormatError(path, f"architecture layer {i} ({layer.type}) does not fit its input "
                                   f"{shape} ({exc})") from None
@@ -403,20 +407,30 @@ def check_weights(path, name: str, arr: np.ndarray) -> None:
                                   f"largest |w| {float(np.abs(arr).max()):.4g}")
 
 
-def read_model_state(path, expected: dict | None = None) -> dict:
-    """FP32 weights of a self-describing file, checked against an expected architecture if given.
-    Header and architecture are checked before any tensor is read."""
+def _structure(arch: dict):
+    return arch.get("layers", arch.get("nodes"))
+
+
+def _layer_types(arch: dict) -> list:
+    if "nodes" in arch:
+        return [c["layer"].get("type") if isinstance(c.get("layer"), dict) else None for c in arch["nodes"]]
+    return [c.get("type") for c in arch["layers"]]
+
+
+def read_model_state(path, expected: dict | None = None, declared: dict | None = None) -> dict:
+    """FP32 weights of a self-describing file, checked against an expected architecture if given
+    (``declared``: its parameters' names and shapes, needed for a Graph's). Header and architecture
+    are checked before any tensor is read."""
     with SafetensorsFile(path) as st:
         metadata = st.metadata
         if metadata.get("kind", "fp32") != "fp32":
             raise FileFormatError(path, "expected FP32 weights", "kind=fp32", f"kind={metadata.get('kind')}")
-        arch = architecture_of(path, metadata) if metadata else None
-        if expected is not None and arch is not None and arch["layers"] != expected["layers"]:
+        arch = architecture_of(path, metadata, allow_graph=True) if metadata else None
+        if expected is not None and arch is not None and _structure(arch) != _structure(expected):
             raise FileFormatError(path, "architecture differs from the network being loaded",
-                                  [c["type"] for c in expected["layers"]],
-                                  [c.get("type") for c in arch["layers"]])
+                                  _layer_types(expected), _layer_types(arch))
         if expected is not None:
-            check_declared_sizes(path, expected, st.entries, "fp32")
+            check_declared_sizes(path, expected, st.entries, "fp32", declared)
         tensors = st.read()
     for name, arr in tensors.items():
         check_weights(path, name, arr)

@@ -6,10 +6,13 @@ and keep the last of two equal keys silently."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from .errors import FileFormatError
+from .fileutil import StrPath
 
 MAX_JSON_DEPTH = 32  # microcnn's own files nest at most 5 levels
 MAX_NUMBER_CHARS = 40  # float32/float64 reprs and 64-bit integers need at most 25
@@ -48,7 +51,7 @@ def _depth(data: bytes) -> int:
     return deepest
 
 
-def _number(text: str, convert):
+def _number(text: str, convert: Callable[[str], Any]) -> Any:
     if len(text) > MAX_NUMBER_CHARS:
         raise _Refused(f"a number of {len(text)} characters (at most {MAX_NUMBER_CHARS})")
     value = convert(text)
@@ -57,14 +60,14 @@ def _number(text: str, convert):
     return value
 
 
-def _constant(name: str):
+def _constant(name: str) -> None:
     raise _Refused(f"{name} is not JSON")
 
 
-def _object(pairs):
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen = set()
+        seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
                 raise _Refused(f"duplicate key {key!r}")
@@ -72,10 +75,20 @@ def _object(pairs):
     return obj
 
 
-def load_json_bounded(text: str | bytes, source, what: str = "JSON"):
+def load_json_bounded(text: str | bytes, source: StrPath, what: str = "JSON") -> Any:
     """Parse ``text`` (from file ``source``, described as ``what``) or raise ``FileFormatError``
     naming both. Refused: invalid JSON or UTF-8, nesting deeper than ``MAX_JSON_DEPTH``, number literals
-    longer than ``MAX_NUMBER_CHARS``, numbers overflowing float64, NaN/Infinity, duplicate keys."""
+    longer than ``MAX_NUMBER_CHARS``, numbers overflowing float64, NaN/Infinity, duplicate keys.
+
+    Example::
+
+        >>> load_json_bounded('{"bits": 8}', "model.json")
+        {'bits': 8}
+        >>> load_json_bounded('{"bits": 8, "bits": 4}', "model.json", "header")
+        Traceback (most recent call last):
+        ...
+        microcnn.errors.FileFormatError: model.json: header refused: duplicate key 'bits'
+    """
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
     depth = _depth(data)
     if depth > MAX_JSON_DEPTH:

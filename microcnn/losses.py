@@ -6,29 +6,32 @@ inputs, then stored as float32 like every tensor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .autograd import Tensor, as_tensor, make_result
 from .errors import InputError
 from .kernels import elementwise
 
 
-def _elementwise(kernel, x):
+def _elementwise(kernel: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float64)
     return kernel(x.reshape(-1)).reshape(x.shape)
 
 
 # Float64 exp and logs through the C library (kernels.elementwise): NumPy's own loops differ in the last
 # bits between CPUs with and without AVX-512, and so would every trained weight.
-def _exp(x):
+def _exp(x: np.ndarray) -> np.ndarray:
     return _elementwise(elementwise.libm_exp, x)
 
 
-def _log(x):
+def _log(x: np.ndarray) -> np.ndarray:
     return _elementwise(elementwise.libm_log, x)
 
 
-def _log1p(x):
+def _log1p(x: np.ndarray) -> np.ndarray:
     return _elementwise(elementwise.libm_log1p, x)
 
 _REDUCTIONS = ("mean", "sum")
@@ -40,7 +43,7 @@ def _reduce_scale(reduction: str, count: int) -> float:
     return 1.0 / max(count, 1) if reduction == "mean" else 1.0
 
 
-def _same_shape_targets(pred: Tensor, target, name: str) -> np.ndarray:
+def _same_shape_targets(pred: Tensor, target: Tensor | ArrayLike, name: str) -> np.ndarray:
     t = target.data if isinstance(target, Tensor) else np.asarray(target)
     if t.shape != pred.shape:
         raise InputError(f"{name}: targets expected shape {pred.shape} (as the predictions), found {t.shape}")
@@ -50,11 +53,34 @@ def _same_shape_targets(pred: Tensor, target, name: str) -> np.ndarray:
     return t.astype(np.float64)
 
 
-def cross_entropy(logits, target, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
-    """Softmax cross-entropy from raw scores (N, K) and class indices (N,), via log-sum-exp.
+def cross_entropy(logits: Tensor | ArrayLike, target: ArrayLike, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy from raw scores and class indices, via log-sum-exp (``F.cross_entropy``).
 
-    ``label_smoothing`` e mixes the one-hot target with the uniform distribution, as PyTorch does:
-    target = (1 - e) * onehot + e / K.
+    Args:
+        logits: raw scores (not probabilities), a Tensor or an array.
+        target: one class index per row, integers in [0, K).
+        reduction: ``"mean"`` over the rows or ``"sum"``.
+        label_smoothing: e in [0, 1] mixes the one-hot target with the uniform distribution, as
+            PyTorch does: target = (1 - e) * onehot + e / K.
+
+    Shape:
+        logits (N, K), target (N,); the result is a scalar Tensor (shape ()).
+
+    Raises:
+        InputError: for other shapes, non-integer targets or a class index outside [0, K).
+
+    Example::
+
+        >>> import numpy as np
+        >>> from microcnn.autograd import Tensor
+        >>> z = Tensor(np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], np.float32), requires_grad=True)
+        >>> loss = cross_entropy(z, [0, 2])  # mean of -log(e^2 / (e^2 + 2)) and log(3)
+        >>> round(loss.item(), 4)
+        0.6691
+        >>> loss.backward(); z.grad.round(4)  # (softmax - onehot) / N
+        array([[-0.1065,  0.0533,  0.0533],
+               [ 0.1667,  0.1667, -0.3333]], dtype=float32)
     """
     logits = as_tensor(logits)
     if logits.ndim != 2 or logits.shape[1] < 1:
@@ -80,14 +106,33 @@ def cross_entropy(logits, target, reduction: str = "mean", label_smoothing: floa
     soft[rows, t] += 1.0 - label_smoothing
     loss = -(soft * log_probs).sum() * scale
 
-    def backward(g):
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (((_exp(log_probs) - soft) * (scale * float(g))).astype(np.float32),)
 
     return make_result(np.float32(loss), (logits,), backward, "cross_entropy")
 
 
-def mse_loss(pred, target, reduction: str = "mean") -> Tensor:
-    """Mean (or sum) of squared differences; shapes must match exactly (no silent broadcasting)."""
+def mse_loss(pred: Tensor | ArrayLike, target: Tensor | ArrayLike, reduction: str = "mean") -> Tensor:
+    """Mean (or sum) of squared differences (``F.mse_loss``), with no silent broadcasting.
+
+    Args:
+        pred: predictions, a Tensor or an array.
+        target: numeric targets of the same shape.
+        reduction: ``"mean"`` over all elements or ``"sum"``.
+
+    Shape:
+        pred and target: any shape, the same; the result is a scalar Tensor.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from microcnn.autograd import Tensor
+        >>> p = Tensor(np.array([1.0, 2.0], np.float32), requires_grad=True)
+        >>> loss = mse_loss(p, [0.0, 0.0]); loss.item()  # (1 + 4) / 2
+        2.5
+        >>> loss.backward(); p.grad  # 2 (p - t) / N
+        array([1., 2.], dtype=float32)
+    """
     pred = as_tensor(pred)
     t = _same_shape_targets(pred, target, "mse_loss")
     scale = _reduce_scale(reduction, pred.size)
@@ -99,8 +144,24 @@ def mse_loss(pred, target, reduction: str = "mean") -> Tensor:
 _LOG_FLOOR = -100.0  # PyTorch clamps log(p) here, so p = 0 or 1 gives a large finite loss
 
 
-def binary_cross_entropy(probs, target, reduction: str = "mean") -> Tensor:
-    """-[t log p + (1-t) log(1-p)] for probabilities p in [0, 1]; prefer the logits version."""
+def binary_cross_entropy(probs: Tensor | ArrayLike, target: Tensor | ArrayLike,
+                         reduction: str = "mean") -> Tensor:
+    """Binary cross-entropy ``-[t log p + (1 - t) log(1 - p)]`` of probabilities (``F.binary_cross_entropy``);
+    prefer ``binary_cross_entropy_with_logits``, which is stable for extreme scores.
+
+    Args:
+        probs: probabilities in [0, 1] (log p is clamped at -100, as PyTorch does).
+        target: targets of the same shape, usually 0 or 1.
+        reduction: ``"mean"`` or ``"sum"``.
+
+    Shape:
+        probs and target: any shape, the same; the result is a scalar Tensor.
+
+    Example::
+
+        >>> round(binary_cross_entropy([0.5, 0.9], [1.0, 1.0]).item(), 4)  # -(log 0.5 + log 0.9) / 2
+        0.3993
+    """
     probs = as_tensor(probs)
     t = _same_shape_targets(probs, target, "binary_cross_entropy")
     p = probs.data.astype(np.float64)
@@ -113,7 +174,7 @@ def binary_cross_entropy(probs, target, reduction: str = "mean") -> Tensor:
         log_1p = np.maximum(_log1p(-p), _LOG_FLOOR)
     loss = -(t * log_p + (1 - t) * log_1p).sum() * scale
 
-    def backward(g):
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
         # PyTorch's epsilon keeps the gradient finite at p = 0 or 1.
         denom = np.maximum(p * (1 - p), 1e-12)
         return (((p - t) / denom * (scale * float(g))).astype(np.float32),)
@@ -121,15 +182,31 @@ def binary_cross_entropy(probs, target, reduction: str = "mean") -> Tensor:
     return make_result(np.float32(loss), (probs,), backward, "binary_cross_entropy")
 
 
-def binary_cross_entropy_with_logits(logits, target, reduction: str = "mean") -> Tensor:
-    """BCE on sigmoid(logits) in the stable form max(x, 0) - x t + log(1 + exp(-|x|))."""
+def binary_cross_entropy_with_logits(logits: Tensor | ArrayLike, target: Tensor | ArrayLike,
+                                     reduction: str = "mean") -> Tensor:
+    """Binary cross-entropy of ``sigmoid(logits)`` in the stable form ``max(x, 0) - x t + log(1 + exp(-|x|))``
+    (``F.binary_cross_entropy_with_logits``).
+
+    Args:
+        logits: raw scores.
+        target: targets of the same shape, usually 0 or 1.
+        reduction: ``"mean"`` or ``"sum"``.
+
+    Shape:
+        logits and target: any shape, the same; the result is a scalar Tensor.
+
+    Example::
+
+        >>> round(binary_cross_entropy_with_logits([0.0, 2.0], [1.0, 1.0]).item(), 4)
+        0.41
+    """
     logits = as_tensor(logits)
     t = _same_shape_targets(logits, target, "binary_cross_entropy_with_logits")
     x = logits.data.astype(np.float64)
     scale = _reduce_scale(reduction, x.size)
     loss = (np.maximum(x, 0) - x * t + _log1p(_exp(-np.abs(x)))).sum() * scale
 
-    def backward(g):
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
         e = _exp(-np.abs(x))
         sig = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
         return (((sig - t) * (scale * float(g))).astype(np.float32),)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -10,24 +11,17 @@ from pathlib import Path
 import numpy as np
 
 from .autograd import Tensor
-from .checks import as_image_batch, check_array_batch, check_count
+from .checks import check_array_batch
 from .errors import InputError
-from .kernels import elementwise, program
+from .kernels import program
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
+from .model import INPUT, LayerNode, LayerTrace, Model
+
+__all__ = ["BATCHNORM_TYPES", "PROGRAM_MAX_BATCH", "FloatModel", "FusedGroup", "LayerTrace", "Sequential",
+           "fold_pair", "folds_into", "fuse_chain", "layer_names"]
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
-
-
-@dataclass
-class LayerTrace:
-    """One layer's output in ``Sequential.trace``: its position, name, type, output and wall time."""
-
-    index: int
-    name: str
-    type: str
-    output: np.ndarray
-    seconds: float
 
 
 def layer_names(layers) -> list[str]:
@@ -44,6 +38,22 @@ def layer_names(layers) -> list[str]:
     return names
 
 
+BATCHNORM_TYPES = ("BatchNorm2d", "BatchNorm1d")  # by type name, as the file formats name layers
+
+
+def folds_into(layer, bn) -> bool:
+    """Whether ``bn`` is a batch norm that ``layers.fold_batchnorm`` merges into ``layer`` (its input)."""
+    return bn.type in BATCHNORM_TYPES and isinstance(layer, Conv2d | Linear)
+
+
+def fold_pair(layer, bn) -> Layer:
+    """``layers.fold_batchnorm(layer, bn)``: a new Conv2d/Linear computing ``bn(layer(x))`` with running
+    statistics (inference). Looked up at call time: the function comes with the BatchNorm layers."""
+    from . import layers
+
+    return layers.fold_batchnorm(layer, bn)
+
+
 _F32 = np.dtype(np.float32)
 # Batches up to this size run as a compiled program; larger ones go layer by layer, where the
 # convolutions split the batch over Numba's threads and per-call costs no longer matter.
@@ -51,9 +61,10 @@ PROGRAM_MAX_BATCH = 32
 
 
 @dataclass(frozen=True)
-class _Group:
-    """One inference call: ``layer`` alone; a Conv2d or Linear followed by a ReLU (``relu``) and, for
-    Conv2d, the MaxPool2d ``pool``; or a MaxPool2d whose input passes a ReLU first (``relu``).
+class FusedGroup:
+    """One inference call of a chain of layers (``fuse_chain``): ``layer`` alone; a Conv2d or Linear
+    followed by a ReLU (``relu``) and, for Conv2d, the MaxPool2d ``pool``; or a MaxPool2d whose input
+    passes a ReLU first (``relu``).
     ``owned``: the input is an intermediate the network made, so a lone ReLU may overwrite it."""
 
     layer: Layer
@@ -80,11 +91,14 @@ class _Group:
         """Whether ``kernels.program`` has ops for this group (im2col convolutions only). Exact types:
         a subclass may compute something else in its ``forward``."""
         kind = type(self.layer)
-        if self.pool is not None and type(self.pool) is not MaxPool2d:
+        if self.pool is not None and not _plain_pool(self.pool):
             return False
         if kind is Conv2d:
-            return self.layer.algorithm == "im2col"
-        return kind in (Linear, MaxPool2d, ReLU, Flatten, Softmax)
+            return (self.layer.algorithm == "im2col" and self.layer.groups == 1
+                    and self.layer.dilation == (1, 1))
+        if kind is MaxPool2d:
+            return _plain_pool(self.layer)
+        return kind in (Linear, ReLU, Flatten, Softmax)
 
     def program_ops(self, chw, keep: list) -> list[list[int]] | None:
         """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``, or
@@ -119,6 +133,39 @@ class _Group:
             return [program.op_row(program.OP_MAXPOOL, relu, kernel=layer.kernel_size, stride=layer.stride)]
         return {ReLU: [program.op_row(program.OP_RELU)], Flatten: [],
                 Softmax: [program.op_row(program.OP_SOFTMAX)]}[type(layer)]
+
+
+def _plain_pool(layer) -> bool:
+    """A MaxPool2d the program's ops cover: no padding, floor mode."""
+    return type(layer) is MaxPool2d and layer.padding == (0, 0) and not layer.ceil_mode
+
+
+def fuse_chain(layers, owned: bool = False) -> list[FusedGroup]:
+    """A chain of layers (each reading the previous one's output) as inference calls, with exact
+    rewrites that save memory passes: Conv2d [ReLU] [MaxPool2d] and Linear [ReLU] are one call each
+    (the kernel applies them as it stores its output), ReLU MaxPool2d one pooling pass with a floor of
+    0 (max and relu commute), and other ReLUs overwrite intermediates the chain made. ``owned``: the
+    chain's input is an intermediate nothing else reads, so it may be overwritten too. Sequential and
+    Graph both lower their chains here."""
+    groups, i = [], 0
+    while i < len(layers):
+        layer, after = layers[i], layers[i + 1:i + 3]
+        relu = bool(after) and isinstance(after[0], ReLU)
+        pool = after[relu] if len(after) > relu and isinstance(after[relu], MaxPool2d) else None
+        if isinstance(layer, Conv2d):
+            groups.append(FusedGroup(layer, pool, relu, owned))
+            i += 1 + relu + (pool is not None)
+        elif isinstance(layer, Linear):
+            groups.append(FusedGroup(layer, None, relu, owned))
+            i += 1 + relu
+        elif isinstance(layer, ReLU) and after and isinstance(after[0], MaxPool2d):
+            groups.append(FusedGroup(after[0], None, True, owned))
+            i += 2
+        else:
+            groups.append(FusedGroup(layer, None, False, owned))
+            i += 1
+        owned = owned or not layer.passes_input  # Flatten returns a view of its input
+    return groups
 
 
 class _Program:
@@ -175,7 +222,120 @@ def _finite_float32(values: np.ndarray, name: str) -> np.ndarray:
                      f"(first at index {first}: {float(values[first]):g}); nothing was loaded")
 
 
-class Sequential:
+class FloatModel(Model):
+    """What every FP32 model shares (``Sequential``, ``graph.Graph``): parameters, state dicts, modes,
+    convolution algorithm and files. A subclass defines ``layers`` (every layer, in run order),
+    ``named_parameters`` and ``config``."""
+
+    layers: list[Layer]
+    training = False
+
+    def prefixed_layers(self) -> list[tuple[str, Layer]]:
+        """(prefix, layer) pairs that name the state: ``"<prefix>.weight"`` and so on."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def named_parameters(self) -> list[tuple[str, Tensor]]:
+        return [(f"{prefix}.{pname}", p) for prefix, layer in self.prefixed_layers()
+                for pname, p in zip(("weight", "bias"), layer.parameters(), strict=False)]
+
+    def named_state(self) -> dict[str, np.ndarray]:
+        """Every saved array (parameters, then buffers such as BatchNorm's running statistics) by name:
+        the arrays themselves, so loading writes into them."""
+        return {f"{prefix}.{name}": arr for prefix, layer in self.prefixed_layers()
+                for name, arr in layer.named_state()}
+
+    def parameters(self) -> list[Tensor]:
+        return [p for _, p in self.named_parameters()]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.data.size for p in self.parameters())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the model stores: its float32 weights and biases."""
+        return sum(p.data.nbytes for p in self.parameters())
+
+    def state_dict(self) -> OrderedDict:
+        return OrderedDict((k, arr.copy()) for k, arr in self.named_state().items())
+
+    def load_state_dict(self, state, strict: bool = True, source: str = "state_dict") -> None:
+        """Copy arrays into the parameters and buffers after checking every name and shape first (all
+        or nothing)."""
+        params = self.named_state()
+        tensors = dict(self.named_parameters())
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            raise InputError(f"{source}: keys do not match the network (missing {missing}, "
+                             f"unexpected {unexpected})")
+        staged = {}
+        for k, p in params.items():
+            if k not in state:
+                continue
+            arr = np.asarray(state[k])
+            if arr.shape != p.shape:
+                raise InputError(f"{source}: {k} expected shape {p.shape}, found {arr.shape}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise InputError(f"{source}: {k} expected a float array, found dtype {arr.dtype}")
+            staged[k] = _finite_float32(arr, f"{source}: {k}")
+        for k, arr in staged.items():
+            params[k][...] = arr
+            if k in tensors:
+                tensors[k].version += 1
+
+    def fold_batchnorm(self) -> FloatModel:
+        """A new model of the same class in which every BatchNorm that reads a Conv2d/Linear (its only
+        reader) is merged into it (``layers.fold_batchnorm``, running statistics): inference and
+        quantization then see one layer. Other layers are copied; this model is unchanged."""
+        raise NotImplementedError
+
+    def set_conv_algorithm(self, algorithm: str) -> FloatModel:
+        from .convolution import ALGORITHM_VARIANTS, ALGORITHMS
+
+        names = ("auto", *ALGORITHMS, *ALGORITHM_VARIANTS)
+        if algorithm not in names:
+            raise InputError(f"algorithm: expected one of {names}, found {algorithm!r}")
+        for layer in self.layers:
+            if isinstance(layer, Conv2d):
+                layer.algorithm = algorithm
+                layer.conv_state.clear()
+        return self
+
+    def train(self, mode: bool = True) -> FloatModel:
+        """Set every layer's ``training`` flag (layers such as BatchNorm and Dropout behave differently
+        while training) and return the model, as ``nn.Module.train`` does."""
+        self.training = bool(mode)
+        for layer in self.layers:
+            layer.training = bool(mode)
+        return self
+
+    def eval(self) -> FloatModel:
+        """``train(False)``: inference behaviour for every layer."""
+        return self.train(False)
+
+    def save(self, path) -> None:
+        """Save weights: ``.raw`` writes the bare reference format, anything else a self-describing file."""
+        from . import io
+
+        (io.save_raw if Path(path).suffix == ".raw" else io.save_model)(self, path)
+
+    def load(self, path) -> FloatModel:
+        """Load weights into this model from a ``.raw`` or self-describing file."""
+        from . import io
+
+        if Path(path).suffix == ".raw":
+            io.load_raw(self, path)
+        else:
+            declared = {k: arr.shape for k, arr in self.named_state().items()}
+            self.load_state_dict(io.read_model_state(path, self.config(), declared), source=str(path))
+        return self
+
+
+class Sequential(FloatModel):
     """A chain of layers run in order; inference fuses Conv/Linear + ReLU (+ MaxPool) groups and runs
     small batches through a compiled program, with the same results as layer by layer.
 
@@ -206,7 +366,7 @@ class Sequential:
             input_shape = tuple(int(d) for d in shape)
         self.input_shape = input_shape
         self.names = layer_names(self.layers)
-        self._groups: list[_Group] = []
+        self._groups: list[FusedGroup] = []
         self._groups_for: list | None = None
         self._program: _Program | None = None
 
@@ -258,33 +418,11 @@ class Sequential:
             self._program = _Program.build(self.layers, self.inference_groups(), sample_shape)
         return x
 
-    def inference_groups(self) -> list[_Group]:
-        """The layers as inference calls, with exact rewrites that save memory passes: Conv2d [ReLU]
-        [MaxPool2d] and Linear [ReLU] are one call each (the kernel applies them as it stores its
-        output), ReLU MaxPool2d one pooling pass with a floor of 0 (max and relu commute), and other
-        ReLUs overwrite intermediates the network made. Rebuilt when ``layers`` changes."""
-        if self._groups_for == self.layers:
-            return self._groups
-        layers, groups, i, owned = self.layers, [], 0, False
-        while i < len(layers):
-            layer, after = layers[i], layers[i + 1:i + 3]
-            relu = bool(after) and isinstance(after[0], ReLU)
-            pool = after[relu] if len(after) > relu and isinstance(after[relu], MaxPool2d) else None
-            if isinstance(layer, Conv2d):
-                groups.append(_Group(layer, pool, relu, owned))
-                i += 1 + relu + (pool is not None)
-            elif isinstance(layer, Linear):
-                groups.append(_Group(layer, None, relu, owned))
-                i += 1 + relu
-            elif isinstance(layer, ReLU) and after and isinstance(after[0], MaxPool2d):
-                groups.append(_Group(after[0], None, True, owned))
-                i += 2
-            else:
-                groups.append(_Group(layer, None, False, owned))
-                i += 1
-            owned = owned or not isinstance(layer, Flatten)  # Flatten returns a view of its input
-        self._groups, self._groups_for = groups, list(layers)
-        return groups
+    def inference_groups(self) -> list[FusedGroup]:
+        """The layers as inference calls (``fuse_chain``); rebuilt when ``layers`` changes."""
+        if self._groups_for != self.layers:
+            self._groups, self._groups_for = fuse_chain(self.layers), list(self.layers)
+        return self._groups
 
     @property
     def body(self) -> list[Layer]:
@@ -299,42 +437,6 @@ class Sequential:
             x = layer(x)
         return x
 
-    def check_input(self, x, name: str = "images") -> np.ndarray:
-        return as_image_batch(x, self.input_shape, name=name)
-
-    def predict(self, x, batch_size: int = 256, progress: bool = False) -> np.ndarray:
-        """Class probabilities for a batch of images (validated, processed in chunks)."""
-        check_count("batch_size", batch_size)
-        x = self.check_input(x)
-        if len(x) <= batch_size:
-            out = self.forward(x)
-        else:
-            starts = range(0, len(x), batch_size)
-            if progress:
-                from tqdm.auto import tqdm
-
-                starts = tqdm(starts, desc="predict", unit="batch")
-            out = np.concatenate([self.forward(x[s:s + batch_size]) for s in starts])
-        if not elementwise.all_finite(out.reshape(-1)):
-            finite = np.isfinite(out).reshape(len(out), -1).all(axis=1)
-            # Finite weights and inputs give NaN only through float32 overflow (|x| of ~1e37 and more).
-            first = int(np.flatnonzero(~finite)[0])
-            raise InputError(f"images: the network's outputs overflowed to NaN/Inf for "
-                             f"{int((~finite).sum())} images (first: image {first}, largest |input| "
-                             f"{float(np.abs(x).max()):g}); scale inputs like the training data "
-                             "(MNIST pixels: 0..1)")
-        return out
-
-    def predict_classes(self, x, batch_size: int = 256) -> np.ndarray:
-        return self.predict(x, batch_size).argmax(axis=1)
-
-    def accuracy(self, images, labels, batch_size: int = 256, progress: bool = False) -> float:
-        labels = np.asarray(labels)
-        pred = self.predict(images, batch_size, progress=progress).argmax(axis=1)
-        if pred.shape != labels.shape:
-            raise InputError(f"labels: expected shape {pred.shape}, found {labels.shape}")
-        return float((pred == labels).mean())
-
     def trace(self, x) -> list[LayerTrace]:
         """Run the network once, keeping every layer's output and wall time."""
         x = self.check_input(x)
@@ -345,71 +447,25 @@ class Sequential:
             records.append(LayerTrace(i, name, layer.type, x, time.perf_counter() - t0))
         return records
 
+    def fold_batchnorm(self) -> Sequential:
+        layers, out, i = self.layers, [], 0
+        while i < len(layers):
+            if i + 1 < len(layers) and folds_into(layers[i], layers[i + 1]):
+                out.append(fold_pair(layers[i], layers[i + 1]))
+                i += 2
+            else:
+                out.append(copy.deepcopy(layers[i]))
+                i += 1
+        return Sequential(*out, input_shape=self.input_shape)
+
+    def layer_nodes(self) -> list[LayerNode]:
+        """Each layer reads the previous one's output (the first reads the input)."""
+        return [LayerNode(name, layer, (prev,)) for name, layer, prev in
+                zip(self.names, self.layers, [INPUT, *self.names], strict=False)]
+
     # -- parameters and state ------------------------------------------------------------------
-    def named_parameters(self) -> list[tuple[str, Tensor]]:
-        out = []
-        for i, layer in enumerate(self.layers):
-            for pname, p in zip(("weight", "bias"), layer.parameters(), strict=False):
-                out.append((f"{i}.{pname}", p))
-        return out
-
-    def parameters(self) -> list[Tensor]:
-        return [p for _, p in self.named_parameters()]
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.data.size for p in self.parameters())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the model stores: its float32 weights and biases."""
-        return sum(p.data.nbytes for p in self.parameters())
-
-    def state_dict(self) -> OrderedDict:
-        return OrderedDict((k, p.data.copy()) for k, p in self.named_parameters())
-
-    def load_state_dict(self, state, strict: bool = True, source: str = "state_dict") -> None:
-        """Copy arrays into the parameters after checking every name and shape first (all or nothing)."""
-        params = dict(self.named_parameters())
-        missing = [k for k in params if k not in state]
-        unexpected = [k for k in state if k not in params]
-        if strict and (missing or unexpected):
-            raise InputError(f"{source}: keys do not match the network (missing {missing}, "
-                             f"unexpected {unexpected})")
-        staged = {}
-        for k, p in params.items():
-            if k not in state:
-                continue
-            arr = np.asarray(state[k])
-            if arr.shape != p.data.shape:
-                raise InputError(f"{source}: {k} expected shape {p.data.shape}, found {arr.shape}")
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise InputError(f"{source}: {k} expected a float array, found dtype {arr.dtype}")
-            staged[k] = _finite_float32(arr, f"{source}: {k}")
-        for k, arr in staged.items():
-            params[k].data[...] = arr
-            params[k].version += 1
-
-    def set_conv_algorithm(self, algorithm: str) -> Sequential:
-        from .convolution import ALGORITHM_VARIANTS, ALGORITHMS
-
-        names = ("auto", *ALGORITHMS, *ALGORITHM_VARIANTS)
-        if algorithm not in names:
-            raise InputError(f"algorithm: expected one of {names}, found {algorithm!r}")
-        for layer in self.layers:
-            if isinstance(layer, Conv2d):
-                layer.algorithm = algorithm
-                layer.conv_state.clear()
-        return self
-
-    def train(self, mode: bool = True) -> Sequential:
-        """Returns the network: no layer behaves differently while training (no dropout, no batch
-        norm), so there is no mode to set; ``train()``/``eval()`` exist so PyTorch-style code runs."""
-        return self
-
-    def eval(self) -> Sequential:
-        """Returns the network (see ``train``)."""
-        return self
+    def prefixed_layers(self) -> list[tuple[str, Layer]]:
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
     # -- architecture and files ------------------------------------------------------------------
     def config(self) -> dict:
@@ -426,30 +482,3 @@ class Sequential:
                 raise InputError(f"architecture: expected a layer object, found {str(c)[:100]}")
             layers.append(layer_from_config(c))
         return cls(*layers, input_shape=cfg.get("input_shape"))
-
-    def summary(self):
-        """A table of layers: name, type, output shape, parameter count."""
-        import pandas as pd
-
-        rows, shape = [], self.input_shape
-        for name, layer in zip(self.names, self.layers, strict=True):
-            shape = layer.output_shape(shape) if shape is not None else None
-            rows.append({"Layer": name, "Type": layer.type, "Output Shape": shape,
-                         "Parameters": sum(p.data.size for p in layer.parameters())})
-        return pd.DataFrame(rows)
-
-    def save(self, path) -> None:
-        """Save weights: ``.raw`` writes the bare reference format, anything else a self-describing file."""
-        from . import io
-
-        (io.save_raw if Path(path).suffix == ".raw" else io.save_model)(self, path)
-
-    def load(self, path) -> Sequential:
-        """Load weights into this network from a ``.raw`` or self-describing file."""
-        from . import io
-
-        if Path(path).suffix == ".raw":
-            io.load_raw(self, path)
-        else:
-            self.load_state_dict(io.read_model_state(path, expected=self.config()), source=str(path))
-        return self

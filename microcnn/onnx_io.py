@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import InputError, MicrocnnError
 from .layers import AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
+from .model import sample_output_shape
 from .network import Sequential, layer_names
 
 OPSETS = range(13, 21)
@@ -287,9 +288,9 @@ class _Importer:
                       f"{rank} dimensions")
         return shape
 
-    def add(self, layer: Layer, inputs, out: str, shape=None):
+    def add(self, layer: Layer, inputs, out: str):
         """Append ``layer`` computing tensor ``out`` from the computed tensors ``inputs``."""
-        shape = shape if shape is not None else layer.output_shape(self.shapes[inputs[0]])
+        shape = sample_output_shape(layer, *(self.shapes[i] for i in inputs))  # the layer's own checks
         self.nodes.append([layer, [self.source[i] for i in inputs], out])
         self.set(out, len(self.nodes) - 1, shape)
 
@@ -344,8 +345,8 @@ class _Importer:
         bias = self.const(node.input[2], "bias") if len(node.input) > 2 and node.input[2] else None
         if bias is not None and bias.shape != (out,):
             self.fail(f"bias {node.input[2]!r}: expected shape [{out}], found {list(bias.shape)}")
-        extra = {} if (dilation, groups) == ((1, 1), 1) else {"dilation": dilation, "groups": groups}
-        layer = Conv2d(c, out, (kh, kw), stride, padding, bias=bias is not None, **extra)
+        layer = Conv2d(c, out, (kh, kw), stride, padding, bias=bias is not None, dilation=dilation,
+                       groups=groups)
         self.load(layer, weight, bias)
         self.add(layer, node.input[:1], node.output[0])
 
@@ -404,7 +405,7 @@ class _Importer:
                       "equal shapes (no broadcasting)")
         from .graph import Add
 
-        self.add(Add(), [a, b], node.output[0], self.shapes[a])
+        self.add(Add(), [a, b], node.output[0])
 
     def op_concat(self, node, attrs):
         if all(name in self.consts for name in node.input):
@@ -418,8 +419,7 @@ class _Importer:
                       "axis 1 and equal other dimensions")
         from .graph import Concat
 
-        shape = (sum(s[0] for s in shapes), *shapes[0][1:])
-        self.add(Concat(axis=1), list(node.input), node.output[0], shape)
+        self.add(Concat(axis=1), list(node.input), node.output[0])
 
     def op_pool(self, node, attrs):
         _, h, w = self.tensor(node.input[0], rank=4)
@@ -431,15 +431,10 @@ class _Importer:
         ceil = bool(attrs.get("ceil_mode", 0))
         if kernel[0] > h + 2 * padding[0] or kernel[1] > w + 2 * padding[1]:
             self.fail(f"kernel {list(kernel)} is larger than its padded input ({h}, {w})")
-        extra = {}
-        if padding != (0, 0) or ceil:
-            extra = {"padding": padding, "ceil_mode": ceil}
         if node.op_type == "MaxPool":
-            layer = MaxPool2d(kernel, stride, **extra)
+            layer = MaxPool2d(kernel, stride, padding, ceil)
         else:
-            if padding != (0, 0):
-                extra["count_include_pad"] = bool(attrs.get("count_include_pad", 0))
-            layer = AvgPool2d(kernel, stride, **extra)
+            layer = AvgPool2d(kernel, stride, padding, ceil, bool(attrs.get("count_include_pad", 0)))
         self.add(layer, node.input[:1], node.output[0])
 
     def op_global_pool(self, node, attrs):
@@ -626,46 +621,82 @@ class _Importer:
 
 
 # -- export -------------------------------------------------------------------------------------------
-def _export_nodes(model):
-    """(name, layer, input tensor names, state_dict prefix) of each node, and the output tensor."""
-    if isinstance(model, Sequential):
-        names = ["input", *model.names]
-        nodes = [(names[i + 1], layer, [names[i]], f"{i}.") for i, layer in enumerate(model.layers)]
-        return nodes, names[-1]
-    raise InputError(f"export_onnx: expected a microcnn Sequential or Graph, found {type(model).__name__}")
+def _export_nodes(model, softmax: bool):
+    """(name, layer, input tensor names, state_dict prefix) of each node, and the output tensor's name."""
+    from .graph import Graph
+    from .model import INPUT
+
+    if not isinstance(model, Sequential | Graph):
+        raise InputError(f"export_onnx: expected a microcnn Sequential or Graph, found "
+                         f"{type(model).__name__}")
+    chain = isinstance(model, Sequential)  # state_dict keys: "0.weight" here, "conv1.weight" in a Graph
+    nodes = [(n.name, n.layer, ["input" if i == INPUT else i for i in n.inputs],
+              f"{k}." if chain else f"{n.name}.") for k, n in enumerate(model.layer_nodes())]
+    if not softmax and nodes and isinstance(nodes[-1][1], Softmax):  # the last node is the output
+        nodes = nodes[:-1]
+    if not nodes:
+        raise InputError("export_onnx: expected a model with at least one layer before its output")
+    return nodes, nodes[-1][0]
 
 
 def _onnx_nodes(layer, name, inputs, out, linear_as, init):
     """The ONNX node(s) computing ``layer``; ``init(suffix, array)`` adds an initializer, returns its name."""
     from onnx import helper
 
-    params = []
-    if isinstance(layer, Conv2d) or isinstance(layer, Linear) and linear_as == "gemm":
+    from . import layers
+    from .graph import Add, Concat
+
+    node = lambda op, ins, **kw: helper.make_node(op, ins, [out], name=name, **kw)  # noqa: E731
+    kind = type(layer)
+    if kind is Conv2d:
+        (ph, pw) = layer.padding
         params = [init("weight", layer.weight.data)]
         params += [init("bias", layer.bias.data)] if layer.bias is not None else []
-    node = lambda op, ins, **kw: helper.make_node(op, ins, [out], name=name, **kw)  # noqa: E731
-    if isinstance(layer, Conv2d):
-        (ph, pw) = layer.padding
         return [node("Conv", [*inputs, *params], kernel_shape=list(layer.kernel_size),
-                     strides=list(layer.stride), pads=[ph, pw, ph, pw])]
-    if isinstance(layer, Linear) and linear_as == "gemm":
+                     strides=list(layer.stride), pads=[ph, pw, ph, pw], dilations=list(layer.dilation),
+                     group=layer.groups)]
+    if kind is Linear and linear_as == "gemm":
+        params = [init("weight", layer.weight.data)]
+        params += [init("bias", layer.bias.data)] if layer.bias is not None else []
         return [node("Gemm", [*inputs, *params], transB=1)]
-    if isinstance(layer, Linear):  # MatMul + Add, as torch writes it (ORT's 4-bit quantizer takes it)
+    if kind is Linear:  # MatMul + Add, as torch writes it (ORT's 4-bit quantizer takes it)
         weight = init("weight", layer.weight.data.T)
         if layer.bias is None:
             return [node("MatMul", [*inputs, weight])]
         product = f"{name}_matmul"
         return [helper.make_node("MatMul", [*inputs, weight], [product], name=name),
                 helper.make_node("Add", [product, init("bias", layer.bias.data)], [out], name=f"{name}_bias")]
-    if isinstance(layer, MaxPool2d | AvgPool2d):
-        return [node("MaxPool" if isinstance(layer, MaxPool2d) else "AveragePool", inputs,
-                     kernel_shape=list(layer.kernel_size), strides=list(layer.stride))]
-    simple = {ReLU: "Relu", Sigmoid: "Sigmoid"}
-    if type(layer) in simple:
-        return [node(simple[type(layer)], inputs)]
-    if isinstance(layer, Flatten):
+    if kind in (MaxPool2d, AvgPool2d):
+        (ph, pw) = layer.padding
+        extra = {} if kind is MaxPool2d else {"count_include_pad": int(layer.count_include_pad)}
+        return [node("MaxPool" if kind is MaxPool2d else "AveragePool", inputs,
+                     kernel_shape=list(layer.kernel_size), strides=list(layer.stride), pads=[ph, pw, ph, pw],
+                     ceil_mode=int(layer.ceil_mode), **extra)]
+    if kind in (layers.BatchNorm1d, layers.BatchNorm2d):
+        stats = [init(k, getattr(layer, k).data if k in ("weight", "bias") else getattr(layer, k))
+                 for k in ("weight", "bias", "running_mean", "running_var")]
+        # ONNX's momentum weighs the running value, PyTorch's the new batch statistic.
+        return [node("BatchNormalization", [*inputs, *stats], epsilon=float(layer.eps),
+                     momentum=1.0 - float(layer.momentum))]
+    if kind is layers.ReLU6:
+        return [node("Clip", [*inputs, init("min", np.float32(0)), init("max", np.float32(6))])]
+    if kind is layers.LeakyReLU:
+        return [node("LeakyRelu", inputs, alpha=float(layer.negative_slope))]
+    if kind is layers.Dropout:  # the identity at inference; the ratio travels for training
+        return [node("Dropout", [*inputs, init("ratio", np.float32(layer.p))])]
+    if kind is Add:  # ONNX's Add takes two inputs: a chain for more
+        sums = [f"{name}_sum{k}" for k in range(1, len(inputs) - 1)] + [out]
+        return [helper.make_node("Add", [a, b], [s], name=f"{name}" if k == 0 else f"{name}_{k}")
+                for k, (a, b, s) in enumerate(zip([inputs[0], *sums[:-1]], inputs[1:], sums, strict=True))]
+    if kind is Concat:
+        return [node("Concat", inputs, axis=layer.axis)]
+    simple = {ReLU: "Relu", Sigmoid: "Sigmoid", layers.Tanh: "Tanh",
+              layers.GlobalAvgPool2d: "GlobalAveragePool"}
+    if kind in simple:
+        return [node(simple[kind], inputs)]
+    if kind is Flatten:
         return [node("Flatten", inputs, axis=1)]
-    if isinstance(layer, Softmax):
+    if kind is Softmax:
         return [node("Softmax", inputs, axis=1)]
     raise InputError(f"export_onnx: no ONNX equivalent for layer {layer!r}")
 
@@ -673,35 +704,32 @@ def _onnx_nodes(layer, name, inputs, out, linear_as, init):
 def to_model_proto(model, *, softmax: bool = True, linear_as: str = "gemm", opset: int = EXPORT_OPSET):
     """``model`` as an ONNX ``ModelProto`` (batch axis dynamic), checked with ``onnx.checker``.
 
-    Initializers are named like the state_dict (``0.weight``). ``softmax=False`` drops a trailing
-    Softmax so the output is logits. ``linear_as="matmul"`` writes Linear as MatMul + Add instead of
-    Gemm (as torch's exporter does).
+    Initializers are named like the state_dict (``0.weight`` in a Sequential, ``conv1.weight`` in a Graph).
+    ``softmax=False`` drops a final Softmax so the output is logits. ``linear_as="matmul"`` writes Linear
+    as MatMul + Add instead of Gemm (as torch's exporter does).
     """
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
+    from .model import output_shapes
+
     if linear_as not in ("gemm", "matmul"):
         raise InputError(f"linear_as: expected 'gemm' or 'matmul', found {linear_as!r}")
-    nodes, output = _export_nodes(model)
-    if not softmax and isinstance(nodes[-1][1], Softmax):
-        nodes, output = nodes[:-1], nodes[-1][2][0]
-    if not nodes:
-        raise InputError("export_onnx: expected a model with at least one layer")
+    nodes, output = _export_nodes(model, softmax)
     graph_nodes, inits = [], []
     for name, layer, inputs, prefix in nodes:
         def init(suffix, data, prefix=prefix):
             inits.append(numpy_helper.from_array(np.array(data, np.float32, order="C"), prefix + suffix))
             return prefix + suffix
-        out = "output" if name == output else name
-        ins = ["input" if i == "input" else "output" if i == output else i for i in inputs]
-        graph_nodes += _onnx_nodes(layer, name, ins, out, linear_as, init)
+        rename = lambda t: "output" if t == output else t  # noqa: E731
+        graph_nodes += _onnx_nodes(layer, name, [rename(i) for i in inputs], rename(name), linear_as, init)
     in_shape = ["batch", *(model.input_shape or ("channels", "height", "width"))]
     out_shape = None
-    if isinstance(model, Sequential) and model.input_shape is not None:
-        shape = tuple(model.input_shape)
-        for _, layer, _, _ in nodes:
-            shape = layer.output_shape(shape)
-        out_shape = ["batch", *shape]
+    if model.input_shape is not None:
+        from .model import LayerNode
+
+        shapes = output_shapes([LayerNode(n, layer, tuple(i)) for n, layer, i, _ in nodes], model.input_shape)
+        out_shape = ["batch", *shapes[output]]
     graph = helper.make_graph(
         graph_nodes, "microcnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)], initializer=inits)

@@ -15,6 +15,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from .errors import InputError
+from .quant.observers import HistogramObserver
 
 # Formats save_figure writes, by file suffix.
 FIGURE_FORMATS = {".png": "png", ".svg": "svg"}
@@ -75,7 +76,7 @@ def digit_grid(images, labels=None, predicted=None, ncols: int = 8, title: str |
 def histogram_counts(observer, bins: int = 60) -> tuple[np.ndarray, np.ndarray]:
     """(edges, counts) of a histogram observer's data on ``bins`` equal bins over its observed
     [min, max] (each of the observer's fine bins counted at its centre)."""
-    if not hasattr(observer, "histogram"):
+    if not isinstance(observer, HistogramObserver):
         raise InputError(f"observer of {getattr(observer, 'tensor', '?')}: a {observer.kind} observer keeps "
                          "no histogram; use a percentile, mse or entropy calibration")
     fine_edges, fine_counts = observer.histogram()
@@ -99,7 +100,7 @@ def activation_histograms(calibrations: dict, tensors=None, bits: int = 8, bins:
     ranges = calibration_ranges(calibrations, bits, tensors)
     names = list(dict.fromkeys(ranges["Tensor"]))
     source = next((c for c in calibrations.values()
-                   if all(hasattr(c.observer(t), "histogram") for t in names)), None)
+                   if all(isinstance(c.observer(t), HistogramObserver) for t in names)), None)
     if source is None:
         raise InputError("calibrations: none keeps histograms; include a percentile, mse or entropy one")
     rows, cols = _grid(len(names), ncols)

@@ -9,10 +9,14 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
 
 
 @contextlib.contextmanager
-def pinned_threads(threads: int | None):
+def pinned_threads(threads: int | None) -> Iterator[None]:
     """Run the block with Numba (and BLAS, via env for children) limited to ``threads``."""
     import numba
 
@@ -27,8 +31,16 @@ def pinned_threads(threads: int | None):
         numba.set_num_threads(before)
 
 
-def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls."""
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls.
+
+    Example::
+
+        >>> calls = []
+        >>> seconds = median_time(lambda: calls.append(1), repeats=3)
+        >>> len(calls), seconds >= 0
+        (4, True)
+    """
     for _ in range(warmup):
         fn()
     times = []
@@ -39,11 +51,11 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def batch1_latency(model, images, n: int = 200, repeats: int = 5) -> float:
+def batch1_latency(model: Any, images: np.ndarray, n: int = 200, repeats: int = 5) -> float:
     """Median over repeats of the mean seconds per image when images are predicted one at a time."""
     singles = [images[i:i + 1] for i in range(min(n, len(images)))]
 
-    def run():
+    def run() -> None:
         for x in singles:
             model.predict(x)
 

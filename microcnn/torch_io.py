@@ -48,24 +48,20 @@ def layer_of(module):
     if isinstance(module, nn.Conv2d):
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             _refuse(module, "expected explicit integer zero padding (padding=<int or pair>)")
-        extra = {}
-        if tuple(module.dilation) != (1, 1) or module.groups != 1:
-            extra = {"dilation": module.dilation, "groups": module.groups}
         layer = Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                       module.padding, bias=module.bias is not None, **extra)
+                       module.padding, bias=module.bias is not None, dilation=module.dilation,
+                       groups=module.groups)
     elif isinstance(module, nn.Linear):
         layer = Linear(module.in_features, module.out_features, bias=module.bias is not None)
     elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
         if (_pair_of(getattr(module, "dilation", 1)) != (1, 1) or getattr(module, "return_indices", False)
                 or getattr(module, "divisor_override", None)):
             _refuse(module, "expected dilation=1 and no indices or divisor_override")
-        extra = {}
-        if _pair_of(module.padding) != (0, 0) or module.ceil_mode:
-            extra = {"padding": module.padding, "ceil_mode": module.ceil_mode}
-            if isinstance(module, nn.AvgPool2d):
-                extra["count_include_pad"] = module.count_include_pad
-        cls = MaxPool2d if isinstance(module, nn.MaxPool2d) else AvgPool2d
-        layer = cls(module.kernel_size, module.stride, **extra)
+        if isinstance(module, nn.MaxPool2d):
+            layer = MaxPool2d(module.kernel_size, module.stride, module.padding, module.ceil_mode)
+        else:
+            layer = AvgPool2d(module.kernel_size, module.stride, module.padding, module.ceil_mode,
+                              module.count_include_pad)
     elif isinstance(module, nn.Flatten):
         if module.start_dim != 1 or module.end_dim != -1:
             _refuse(module, "expected Flatten(start_dim=1, end_dim=-1)")

@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from . import optim
 from .autograd import Tensor, no_grad
 from .checks import check_count
 from .errors import InputError, MicrocnnError
+from .fileutil import StrPath
 from .kernels.linalg import matmul
 from .losses import cross_entropy
+
+if TYPE_CHECKING:  # annotations only (built inside the functions that need them)
+    from .network import Sequential
+
+# An augmentation: a batch (N, C, H, W) and the training run's generator -> a new batch of that shape.
+Augmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
@@ -32,10 +42,24 @@ class TrainingDivergedError(MicrocnnError, FloatingPointError):
     """The loss became NaN or Inf; the message names the epoch and step."""
 
 
-def mlp(*sizes: int, seed: int = 0):
-    """Flatten, then Linear+ReLU between consecutive ``sizes``, a last Linear and Softmax:
-    ``mlp(784, 256, 128, 10)`` for 28x28 images."""
-    from .layers import Flatten, Linear, ReLU, Softmax
+def mlp(*sizes: int, seed: int = 0) -> Sequential:
+    """A multi-layer perceptron: Flatten, then Linear+ReLU between consecutive ``sizes``, a last Linear
+    and Softmax.
+
+    Args:
+        sizes: the layer widths, input first (default 784, 256, 128, 10: 28x28 images, 10 classes).
+        seed: seed of the random initialisation.
+
+    Shape:
+        input (N, sizes[0]), or (N, 1, s, s) when sizes[0] is a square s * s; output (N, sizes[-1]).
+
+    Example::
+
+        >>> net = mlp(4, 3, 2)
+        >>> [type(layer).__name__ for layer in net.layers], net.input_shape
+        (['Flatten', 'Linear', 'ReLU', 'Linear', 'Softmax'], (1, 2, 2))
+    """
+    from .layers import Flatten, Layer, Linear, ReLU, Softmax
     from .network import Sequential
 
     sizes = sizes or (784, 256, 128, 10)
@@ -43,7 +67,7 @@ def mlp(*sizes: int, seed: int = 0):
                              for s in sizes):
         raise InputError(f"mlp: expected at least two positive layer sizes, found {sizes}")
     rng = np.random.default_rng(seed)
-    layers = [Flatten()]
+    layers: list[Layer] = [Flatten()]
     for i, (fin, fout) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(Linear(fin, fout, rng=rng))
         if i < len(sizes) - 2:
@@ -54,7 +78,8 @@ def mlp(*sizes: int, seed: int = 0):
     return Sequential(*layers, input_shape=shape)
 
 
-def build_model(name: str, seed: int = 0):
+def build_model(name: str, seed: int = 0) -> Sequential:
+    """A freshly initialised model by name: one of ``MODELS`` ("lenet", "fashion", "mlp")."""
     from .lenet import fashion_cnn, lenet
 
     if name == "lenet":
@@ -66,7 +91,10 @@ def build_model(name: str, seed: int = 0):
     raise InputError(f"model: expected one of {MODELS}, found {name!r}")
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float | None = None) -> optim.Optimizer:
+def make_optimizer(name: str, params: Iterable[Tensor], lr: float,
+                   weight_decay: float | None = None) -> optim.Optimizer:
+    """An optimizer by name (one of ``OPTIMIZERS``): Adam, AdamW (decay 0.01 unless given) or SGD with
+    Nesterov momentum 0.9."""
     if name == "adam":
         return optim.Adam(params, lr, weight_decay=weight_decay or 0.0)
     if name == "adamw":
@@ -76,7 +104,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float | None = No
     raise InputError(f"optimizer: expected one of {OPTIMIZERS}, found {name!r}")
 
 
-def make_schedule(name: str | None, optimizer, total_steps: int):
+def make_schedule(name: str | None, optimizer: optim.Optimizer, total_steps: int) -> optim.Schedule | None:
     """A per-batch schedule over ``total_steps``; "step" multiplies the rate by 0.3 each quarter."""
     if name in (None, "none"):
         return None
@@ -114,7 +142,7 @@ def random_affine(images: np.ndarray, rng: np.random.Generator, degrees: float =
     with zeros outside, vectorised over the batch."""
     n, c, h, w = images.shape
     angle = np.deg2rad(rng.uniform(-degrees, degrees, n))[:, None]
-    zoom = rng.uniform(1 - scale, 1 + scale, n)[:, None]
+    zoom = rng.uniform(1 - scale, 1 + scale, (n,))[:, None]  # size as a shape: typed as an array
     ty, tx = rng.uniform(-max_shift, max_shift, (2, n, 1))
     cy, cx = (h - 1) / 2, (w - 1) / 2
     oy, ox = (g.reshape(1, -1) for g in np.mgrid[0:h, 0:w].astype(np.float64))
@@ -134,7 +162,7 @@ def random_affine(images: np.ndarray, rng: np.random.Generator, degrees: float =
     return _bilinear(images, sy, sx)
 
 
-def _bilinear(images, sy, sx) -> np.ndarray:
+def _bilinear(images: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndarray:
     """out[i, :, p] = images[i, :] sampled at (sy[i, p], sx[i, p]), zero outside the image."""
     n, c, h, w = images.shape
     y0, x0 = np.floor(sy), np.floor(sx)
@@ -144,7 +172,7 @@ def _bilinear(images, sy, sx) -> np.ndarray:
     yi, yj = (np.clip(v, -1, h).astype(np.int64) + 1 for v in (y0, y0 + 1))
     xi, xj = (np.clip(v, -1, w).astype(np.int64) + 1 for v in (x0, x0 + 1))
 
-    def tap(yy, xx):
+    def tap(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
         return np.take_along_axis(padded, (yy * (w + 2) + xx)[:, None, :], axis=2)
 
     out = ((1 - wy) * ((1 - wx) * tap(yi, xi) + wx * tap(yi, xj))
@@ -171,11 +199,14 @@ def shift_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return flip_images(shift_images(images, rng), rng)
 
 
-AUGMENTATIONS = {"shift": shift_images, "affine": random_affine, "elastic": affine_elastic,
-                 "flip": flip_images, "shift-flip": shift_flip}
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "shift": shift_images, "affine": random_affine, "elastic": affine_elastic, "flip": flip_images,
+    "shift-flip": shift_flip,
+}
 
 
-def _check_training_data(net, images, labels, name: str = "labels"):
+def _check_training_data(net: Sequential, images: ArrayLike, labels: ArrayLike,
+                         name: str = "labels") -> tuple[np.ndarray, np.ndarray]:
     """Validated (images, int64 labels). Every label is checked against the network's class count
     before any training step, so a bad label late in the data never leaves a half-trained network."""
     from .checks import as_image_batch
@@ -194,7 +225,7 @@ def _check_training_data(net, images, labels, name: str = "labels"):
     return images, labels.astype(np.int64)
 
 
-def evaluate(net, images, labels, batch_size: int = 1000) -> float:
+def evaluate(net: Sequential, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
     """Accuracy through the training (autograd) path under no_grad: the math ``fit`` optimises."""
     correct = 0
     with no_grad():
@@ -204,20 +235,55 @@ def evaluate(net, images, labels, batch_size: int = 1000) -> float:
     return correct / len(images)
 
 
-def fit(net, images, labels, epochs: int = 10, batch_size: int = 64, optimizer="adam",
-        lr: float = 3e-3, weight_decay: float | None = None, schedule="onecycle", seed: int = 0,
-        augment: bool | str = False, progress: bool = True, eval_data=None,
-        label_smoothing: float = 0.0) -> pd.DataFrame:
-    """Train ``net`` in place; return one row per epoch: epoch, loss, train_acc, test_acc, lr, seconds.
+def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10, batch_size: int = 64,
+        optimizer: str | optim.Optimizer = "adam", lr: float = 3e-3, weight_decay: float | None = None,
+        schedule: str | optim.Schedule | None = "onecycle", seed: int = 0,
+        augment: bool | str | Augmentation = False, progress: bool = True,
+        eval_data: tuple[ArrayLike, ArrayLike] | None = None, label_smoothing: float = 0.0) -> pd.DataFrame:
+    """Train ``net`` in place with mini-batch softmax cross-entropy on its logits; return one row per epoch.
 
-    ``optimizer``: "adam" | "adamw" | "sgd" (built with ``lr`` and ``weight_decay``) or an
-    ``optim.Optimizer`` on ``net.parameters()``. ``schedule``: "onecycle" | "cosine" | "step" |
-    "none", or an ``optim.Schedule`` stepped once per batch. ``augment``: False, True or "shift"
-    (random shifts of up to 2 pixels), "affine" (also +-10 degree rotations and +-10% scaling),
-    "elastic" (affine plus a 1-pixel elastic distortion) or a function ``(images, rng) -> images``.
-    ``eval_data=(images, labels)`` is scored after each epoch (else test_acc is NaN). ``loss`` and
-    ``train_acc`` are averages over the epoch's batches, taken while the weights moved.
-    ``label_smoothing`` is passed to ``cross_entropy``.
+    Everything random (shuffling, augmentation) comes from ``seed``, and the kernels sum in a fixed
+    order whatever the thread count, so a seed reproduces the weights bit for bit. All labels are
+    checked before the first step. The network is left in eval mode.
+
+    Args:
+        net: the network to train (``lenet()``, ``fashion_cnn()``, ``mlp(...)`` or any Sequential).
+        images: float32 in [0, 1] (or uint8 pixels), (N, C, H, W) as ``net.input_shape``.
+        labels: class indices (N,).
+        epochs, batch_size: integers >= 1.
+        optimizer: "adam" | "adamw" | "sgd" (built with ``lr`` and ``weight_decay``) or an
+            ``optim.Optimizer`` on ``net.parameters()``.
+        lr, weight_decay: for an optimizer built by name.
+        schedule: "onecycle" | "cosine" | "step" | "none", or an ``optim.Schedule`` stepped once per batch.
+        seed: seeds the shuffling and the augmentation.
+        augment: False, True or "shift" (random shifts of up to 2 pixels), "affine" (also +-10 degree
+            rotations and +-10% scaling), "elastic" (affine plus a 1-pixel elastic distortion), "flip",
+            "shift-flip", or a function ``(images, rng) -> images``.
+        progress: tqdm bars and a line per epoch.
+        eval_data: ``(images, labels)`` scored after each epoch (else test_acc is NaN).
+        label_smoothing: passed to ``cross_entropy``.
+
+    Returns:
+        A DataFrame with columns epoch, loss, train_acc, test_acc, lr, seconds; ``loss`` and
+        ``train_acc`` are averages over the epoch's batches, taken while the weights moved.
+
+    Raises:
+        InputError: bad arguments or data (before any step).
+        TrainingDivergedError: the loss became NaN or Inf (naming the epoch and step).
+
+    Example::
+
+        >>> rng = np.random.default_rng(0)
+        >>> images = rng.random((8, 1, 2, 2), dtype=np.float32)
+        >>> labels = (images.mean(axis=(1, 2, 3)) > 0.5).astype(np.int64)
+        >>> net = mlp(4, 3, 2)
+        >>> history = fit(net, images, labels, epochs=2, batch_size=4, progress=False)
+        >>> list(history.columns), len(history)
+        (['epoch', 'loss', 'train_acc', 'test_acc', 'lr', 'seconds'], 2)
+        >>> again = mlp(4, 3, 2)
+        >>> _ = fit(again, images, labels, epochs=2, batch_size=4, progress=False)
+        >>> all(np.array_equal(a.data, b.data) for a, b in zip(net.parameters(), again.parameters()))
+        True
     """
     from tqdm.auto import tqdm
 
@@ -229,7 +295,8 @@ def fit(net, images, labels, epochs: int = 10, batch_size: int = 64, optimizer="
             if isinstance(eval_data, tuple | list):
                 found += f" of length {len(eval_data)}"
             raise InputError(f"eval_data: expected an (images, labels) pair, found {found}")
-        eval_images, eval_labels = _check_training_data(net, *eval_data, name="eval_data labels")
+        eval_images, eval_labels = _check_training_data(net, eval_data[0], eval_data[1],
+                                                        name="eval_data labels")
     steps_per_epoch = -(-len(images) // batch_size)
     opt = optimizer if isinstance(optimizer, optim.Optimizer) else make_optimizer(
         optimizer, net.parameters(), lr, weight_decay)
@@ -237,6 +304,7 @@ def fit(net, images, labels, epochs: int = 10, batch_size: int = 64, optimizer="
         schedule, opt, epochs * steps_per_epoch)
     if augment is True:
         augment = "shift"
+    transform: Augmentation | None
     if callable(augment):
         transform = augment
     elif augment and augment not in AUGMENTATIONS:
@@ -245,7 +313,8 @@ def fit(net, images, labels, epochs: int = 10, batch_size: int = 64, optimizer="
     else:
         transform = AUGMENTATIONS[augment] if augment else None
     rng = np.random.default_rng(seed)
-    rows, step = [], 0
+    rows: list[dict[str, float]] = []
+    step = 0
     net.train()
     try:
         for epoch in range(1, epochs + 1):
@@ -291,7 +360,8 @@ def fit(net, images, labels, epochs: int = 10, batch_size: int = 64, optimizer="
 
 
 # -- throughput ----------------------------------------------------------------------------------
-def train_throughput(net_builder, images, labels, batch_size: int = 64, batches: int = 30,
+def train_throughput(net_builder: Callable[[], Sequential], images: ArrayLike, labels: ArrayLike,
+                     batch_size: int = 64, batches: int = 30,
                      threads: int | None = 1, repeats: int = 3) -> float:
     """Training images per second (forward, backward, Adam step) at ``batch_size``: the best of
     ``repeats`` timed runs of ``batches`` steps, after two untimed steps that compile the kernels."""
@@ -303,7 +373,7 @@ def train_throughput(net_builder, images, labels, batch_size: int = 64, batches:
     rng = np.random.default_rng(0)
     picks = [rng.integers(0, len(images), batch_size) for _ in range(batches)]
 
-    def run(idx_list):
+    def run(idx_list: list[np.ndarray]) -> None:
         for idx in idx_list:
             loss = cross_entropy(net.logits(Tensor(images[idx])), labels[idx])
             opt.zero_grad()
@@ -320,7 +390,7 @@ def train_throughput(net_builder, images, labels, batch_size: int = 64, batches:
     return batches * batch_size / best
 
 
-def throughput_table(threads: int = 1, data_dir=None, compare: bool = False,
+def throughput_table(threads: int = 1, data_dir: StrPath | None = None, compare: bool = False,
                      batches: int = 30) -> pd.DataFrame:
     """System, Dataset, Images/s at batch 64 for LeNet-5 and the MLP on the MNIST training split and on
     full Fashion-MNIST (60,000 images, when installed), plus PyTorch's LeNet-5 with ``compare``."""
@@ -352,16 +422,22 @@ def throughput_table(threads: int = 1, data_dir=None, compare: bool = False,
 
 
 # -- command line ----------------------------------------------------------------------------------
-def output_paths(out) -> list[Path]:
-    """Files ``microcnn train --out out`` writes: a .raw file and its self-describing twin, or one file."""
-    out = Path(out)
-    return [out, out.with_suffix(".safetensors")] if out.suffix == ".raw" else [out]
+def output_paths(out: StrPath) -> list[Path]:
+    """Files ``microcnn train --out out`` writes: a .raw file and its self-describing twin, or one file.
+
+    Example::
+
+        >>> [str(p) for p in output_paths("lenet.raw")]
+        ['lenet.raw', 'lenet.safetensors']
+    """
+    path = Path(out)
+    return [path, path.with_suffix(".safetensors")] if path.suffix == ".raw" else [path]
 
 
 def run_train(model: str = "lenet", dataset: str = "mnist", *, epochs: int = 240, batch_size: int = 64,
               lr: float = 3e-3, weight_decay: float | None = None, optimizer: str = "adamw",
               schedule: str = "onecycle", label_smoothing: float = 0.1, seed: int = 0,
-              augment: str | bool = "elastic", holdout: int = 0, threads: int = 1, out=None,
+              augment: str | bool = "elastic", holdout: int = 0, threads: int = 1, out: StrPath | None = None,
               progress: bool = True, data: str | None = None, force: bool = False) -> int:
     """``microcnn train``: load the training split, fit, print per-epoch figures, save the weights to
     ``out`` (default ``<model>-<dataset>.raw``; a .raw file gets a .safetensors twin). The defaults are

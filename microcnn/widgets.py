@@ -24,6 +24,7 @@ from .checks import as_image_batch
 from .datasets import box_weights
 from .errors import InputError
 from .kernels.linalg import matmul
+from .model import Model
 
 IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
@@ -364,9 +365,10 @@ def explorer_state(models: dict, images, labels, net=None) -> ExplorerState:
     if labels.shape != (len(images),):
         raise InputError(f"labels: expected shape ({len(images)},), found {labels.shape}")
     if net is None:
-        net = next((m for m in models.values() if hasattr(m, "trace")), None)
+        net = next((m for m in models.values() if isinstance(m, Model)), None)
         if net is None:
-            raise InputError("models: none has .trace(x) for feature maps; pass net= explicitly")
+            raise InputError("models: none is a microcnn model (with .trace(x) for feature maps); "
+                             "pass net= explicitly")
     predicted = {name: _probabilities(name, m, images).argmax(1) for name, m in models.items()}
     wrong = {name: misclassified(None, images, labels, predicted=p) for name, p in predicted.items()}
     return ExplorerState(models, images, labels, net, predicted, wrong, layer=layer_choices(net)[0])

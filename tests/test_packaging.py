@@ -128,7 +128,7 @@ def test_wheel_carries_the_bundled_weights_and_works_outside_the_checkout(tmp_pa
 
 def test_bundled_weights_resolve_to_the_checkout_when_run_from_source():
     """On PYTHONPATH (no microcnn.data package in the source tree) the weights are the repository's data/."""
-    from microcnn.lenet import BUNDLED_MODEL, BUNDLED_RAW
+    from microcnn.lenet import BUNDLED_RAW, DATA_DIR
 
     assert BUNDLED_RAW.read_bytes() == (ROOT / "data" / "lenet.raw").read_bytes()
-    assert BUNDLED_MODEL.read_bytes() == (ROOT / "data" / "lenet.safetensors").read_bytes()
+    assert (DATA_DIR / "lenet.safetensors").read_bytes() == (ROOT / "data" / "lenet.safetensors").read_bytes()

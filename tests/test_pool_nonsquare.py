@@ -51,7 +51,7 @@ def test_maxpool_nonsquare_matches_reference(kernel, stride, h, w):
     np.testing.assert_array_equal(MaxPool2d(kernel, stride).forward(x, relu=True), relu(expected))
     # the threaded driver (chunks of images), whatever Numba's thread count
     out = np.empty_like(expected, dtype=np.float32)
-    pool._maxpool_parallel(x, out, *kernel, *stride, np.float32(-np.inf), 3)
+    pool._maxpool_parallel(x, out, pool.PoolGeometry(*kernel, *stride), np.float32(-np.inf), 3)
     np.testing.assert_array_equal(out, expected)
     yv, arg = pool.maxpool2d_argmax(x, *kernel, *stride)
     np.testing.assert_array_equal(yv, expected)

@@ -183,7 +183,7 @@ ARCHITECTURE_LIES = {
     "linear in_features": (_set(9, in_features=100), r"tensors do not match the architecture \(first: "
                            r"9.weight\) \(expected \(84, 100\), found \(84, 120\)\)"),
     "conv out_channels": (_set(0, out_channels=7), r"tensors do not match the architecture"),
-    "unknown layer type": (_set(1, type="Dropout"), r"layer 1 is invalid \(unknown layer type 'Dropout'"),
+    "unknown layer type": (_set(1, type="Upsample"), r"layer 1 is invalid \(unknown layer type 'Upsample'"),
     "type not a string": (_set(1, type=["ReLU"]), r"layer 1 is invalid \(unknown layer type"),
     "zero features": (_set(11, out_features=0), r"layer 11 is invalid \(Linear out_features: expected an "
                       r"integer >= 1, found 0\)"),
@@ -229,7 +229,7 @@ def test_metadata_that_lies_is_refused_naming_the_file(files, tmp_path, lie):
 
 @pytest.mark.parametrize("kind", ["int8", "w4a4", "compressed"])
 def test_quantized_files_with_a_lying_architecture_are_refused(files, tmp_path, kind):
-    for change in (_set(9, in_features=100), _set(1, type="Dropout"), _set(0, kernel_size=3)):
+    for change in (_set(9, in_features=100), _set(1, type="Upsample"), _set(0, kernel_size=3)):
         with pytest.raises(FileFormatError, match="lie.safetensors"):
             microcnn.load(rewrite(tmp_path, files[kind], metadata=change))
 

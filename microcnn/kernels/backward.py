@@ -15,7 +15,9 @@ row of the im2col matrix into a contiguous window of the padded image. With dy o
 
 No patch matrix is ever built; the price is (WP - OW)/OW extra multiply-adds (14% for LeNet's
 conv1, 40% for conv2), far cheaper than writing and re-reading im2col/col2im buffers. Kernels are
-stride 1; ``autograd.conv2d`` handles strides by scattering dy onto the stride-1 output grid.
+stride 1; ``autograd.conv2d`` handles strides by scattering dy onto the stride-1 output grid. A
+dilated kernel's windows are its taps ``dh``/``dw`` apart; groups run one after the other on their
+own rows of dy and weights and their own channels of the padded image.
 
 Images are split into a fixed number of chunks (run in order, or by ``prange`` with several
 threads); each chunk sums its own partial weight gradient and the partials are added in chunk
@@ -32,10 +34,11 @@ from .gemm import sgemm, window_dots
 _CHUNKS = 8
 
 
-def window_offsets(c_in, kh, kw, hp, wp) -> np.ndarray:
-    """Start of every (c, ky, kx) window in a flattened padded image (C, HP, WP), in w's K order."""
+def window_offsets(c_in, kh, kw, hp, wp, dh=1, dw=1) -> np.ndarray:
+    """Start of every (c, ky, kx) window in a flattened padded image (C, HP, WP), in w's K order
+    (taps ``dh``/``dw`` apart: a dilated kernel's windows)."""
     c, ky, kx = np.ix_(np.arange(c_in), np.arange(kh), np.arange(kw))
-    return ((c * hp + ky) * wp + kx).reshape(-1).astype(np.int64)
+    return ((c * hp + ky * dh) * wp + kx * dw).reshape(-1).astype(np.int64)
 
 
 @njit(cache=True)
@@ -61,10 +64,14 @@ def window_scatter_acc(at, g, offs, dst):
 
 
 @njit(cache=True)
-def _backward_images(x, w2t, dy, offs, ph, pw, need_dx, n0, n1, dw, db, dx):
-    """Add images n0..n1-1's weight and bias gradients into dw (O, K) and db (O,); write their dx."""
+def _backward_images(x, w2t, dy, offs, geom, need_dx, n0, n1, dw, db, dx):
+    """Add images n0..n1-1's weight and bias gradients into dw (O, K) and db (O,); write their dx.
+    ``w2t`` (groups, K, O / groups): each group's weights transposed; group g's rows of dy read and
+    scatter to its own channels, from g*C/groups on."""
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     o, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
+    ph, pw, groups = geom.ph, geom.pw, geom.groups
+    og, plane = o // groups, (c // groups) * (h + 2 * ph) * (wd + 2 * pw)
     hp, wp = h + 2 * ph, wd + 2 * pw
     p = (oh - 1) * wp + ow
     xpad = np.zeros((c, hp, wp), np.float32)
@@ -81,10 +88,14 @@ def _backward_images(x, w2t, dy, offs, ph, pw, need_dx, n0, n1, dw, db, dx):
                     s += src[ox]
             db[a] += s
         pad_into(x, i, ph, pw, xpad)
-        window_dots(gw, xpad.reshape(-1), offs, dw, True)
         if need_dx:
             dxpad[:] = 0.0
-            window_scatter_acc(w2t, gw, offs, dxpad.reshape(-1))
+        for g in range(groups):
+            rows = gw[g * og:(g + 1) * og]
+            window_dots(rows, xpad.reshape(-1)[g * plane:], offs, dw[g * og:(g + 1) * og], True)
+            if need_dx:
+                window_scatter_acc(w2t[g], rows, offs, dxpad.reshape(-1)[g * plane:])
+        if need_dx:
             for ch in range(c):
                 for yy in range(h):
                     src = dxpad[ch, yy + ph]
@@ -94,34 +105,36 @@ def _backward_images(x, w2t, dy, offs, ph, pw, need_dx, n0, n1, dw, db, dx):
 
 
 @njit(cache=True, parallel=True)
-def _backward_parallel(x, w2t, dy, offs, ph, pw, need_dx, dw_parts, db_parts, dx):
+def _backward_parallel(x, w2t, dy, offs, geom, need_dx, dw_parts, db_parts, dx):
     n, nchunks = x.shape[0], dw_parts.shape[0]
     for t in prange(nchunks):
-        _backward_images(x, w2t, dy, offs, ph, pw, need_dx, t * n // nchunks, (t + 1) * n // nchunks,
+        _backward_images(x, w2t, dy, offs, geom, need_dx, t * n // nchunks, (t + 1) * n // nchunks,
                          dw_parts[t], db_parts[t], dx)
 
 
-def conv2d_backward(x, w, dy, ph, pw, need_dx):
-    """Gradients of the stride-1 conv2d: (dx, or an empty array when not needed; dw; db).
+def conv2d_backward(x, w, dy, geom, need_dx):
+    """Gradients of the stride-1 conv2d ``geom`` (a ``conv.ConvGeometry``; its stride is ignored: dy is
+    on the stride-1 grid): (dx, or an empty array when not needed; dw; db).
 
     The images are cut into the same chunks whether one thread runs them in order or ``prange``
     spreads them (the parallel driver compiles only when more than one thread is in use), and the
     per-chunk partial sums are added in chunk order: the result does not depend on the threads.
     """
     n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    k = c * kh * kw
-    offs = window_offsets(c, kh, kw, h + 2 * ph, wd + 2 * pw)
-    w2t = np.ascontiguousarray(w.reshape(o, k).T)
+    o, cg, kh, kw = w.shape
+    k = cg * kh * kw
+    groups = geom.groups
+    offs = window_offsets(cg, kh, kw, h + 2 * geom.ph, wd + 2 * geom.pw, geom.dh, geom.dw)
+    w2t = np.ascontiguousarray(w.reshape(groups, o // groups, k).transpose(0, 2, 1))
     nchunks = min(n, _CHUNKS)
     dw_parts = np.zeros((nchunks, o, k), np.float32)
     db_parts = np.zeros((nchunks, o), np.float32)
     dx = np.zeros((n if need_dx else 0, c, h, wd), np.float32)
     if numba.get_num_threads() > 1 and nchunks > 1:
-        _backward_parallel(x, w2t, dy, offs, ph, pw, need_dx, dw_parts, db_parts, dx)
+        _backward_parallel(x, w2t, dy, offs, geom, need_dx, dw_parts, db_parts, dx)
     else:
         for t in range(nchunks):
-            _backward_images(x, w2t, dy, offs, ph, pw, need_dx, t * n // nchunks, (t + 1) * n // nchunks,
+            _backward_images(x, w2t, dy, offs, geom, need_dx, t * n // nchunks, (t + 1) * n // nchunks,
                              dw_parts[t], db_parts[t], dx)
     dw, db = dw_parts[0].copy(), db_parts[0].copy()
     for t in range(1, nchunks):

@@ -1,7 +1,9 @@
 """FP32 2-D convolution (cross-correlation, as in PyTorch) by four algorithms.
 
 All entry points take x (N, C, H, W) float32, w (O, C, KH, KW) float32, b (O,) float32, C-contiguous,
-and return y (N, O, OH, OW) float32 with OH = (H + 2*ph - KH) // sh + 1 (likewise OW).
+and return y (N, O, OH, OW) float32 with OH = (H + 2*ph - KH) // sh + 1 (likewise OW). ``naive`` and
+``im2col`` also take a dilation and groups (a ``ConvGeometry``): w is then (O, C / groups, KH, KW) and
+OH = (H + 2*ph - dh*(KH - 1) - 1) // sh + 1; Winograd and FFT are for dilation 1 and one group.
 
 naive     ``conv2d_naive``: seven nested loops, one multiply-add at a time, float32 accumulation.
           The reference every other algorithm is measured against.
@@ -28,6 +30,7 @@ has more than one thread and the batch is large enough (``_use_parallel``).
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -35,37 +38,76 @@ from numba import njit, prange
 
 from ..errors import InputError
 from .elementwise import relu_inplace
-from .gemm import gemm_acc, gemm_packed, linear_forward, pack_rows
-from .pool import maxpool2d, maxpool_images
+from .gemm import PACK_ROWS, gemm_acc, gemm_packed, linear_forward, pack_rows
+from .pool import NO_POOL, maxpool2d, maxpool_images, pool_geometry, pool_output_size, pooled_shape
 from .shapes import conv_output_size
 from .simd import LANES
+
+# -- geometry ----------------------------------------------------------------------------------
+
+
+class ConvGeometry(NamedTuple):
+    """Kernel (kh, kw), stride, zero padding, dilation and groups of a convolution: the kernels take it
+    as one argument (Numba passes a named tuple of ints). Weights are (O, C // groups, kh, kw); output
+    channel f reads the C // groups input channels of its group f // (O // groups)."""
+
+    kh: int
+    kw: int
+    sh: int = 1
+    sw: int = 1
+    ph: int = 0
+    pw: int = 0
+    dh: int = 1
+    dw: int = 1
+    groups: int = 1
+
+
+def conv_geometry(w_shape, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1) -> ConvGeometry:
+    """The ConvGeometry of weights of shape ``w_shape`` with these settings (Python ints)."""
+    return ConvGeometry(int(w_shape[2]), int(w_shape[3]), *(int(v) for v in stride),
+                        *(int(v) for v in padding), *(int(v) for v in dilation), int(groups))
+
+
+def conv_output_shape(h, wd, geom) -> tuple[int, int]:
+    """(OH, OW) of the convolution ``geom`` on an h x wd input."""
+    return (conv_output_size(h, geom.kh, geom.sh, geom.ph, geom.dh),
+            conv_output_size(wd, geom.kw, geom.sw, geom.pw, geom.dw))
+
 
 # -- naive -------------------------------------------------------------------------------------
 
 
 @njit(cache=True)
-def conv2d_naive(x, w, b, sh, sw, ph, pw):
-    """Direct convolution: the textbook loops, any stride and zero padding. The reference."""
+def _naive(x, w, b, geom):
     n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
+    o, cg, kh, kw = w.shape
+    og = o // geom.groups
+    oh = conv_output_size(h, kh, geom.sh, geom.ph, geom.dh)
+    ow = conv_output_size(wd, kw, geom.sw, geom.pw, geom.dw)
     y = np.empty((n, o, oh, ow), np.float32)
     for i in range(n):
         for f in range(o):
+            c0 = (f // og) * cg  # first input channel of f's group
             for r in range(oh):
                 for q in range(ow):
                     acc = b[f]
-                    for ch in range(c):
+                    for ch in range(cg):
                         for u in range(kh):
-                            iy = r * sh + u - ph
+                            iy = r * geom.sh + u * geom.dh - geom.ph
                             if iy < 0 or iy >= h:
                                 continue
                             for v in range(kw):
-                                ix = q * sw + v - pw
+                                ix = q * geom.sw + v * geom.dw - geom.pw
                                 if 0 <= ix < wd:
-                                    acc += w[f, ch, u, v] * x[i, ch, iy, ix]
+                                    acc += w[f, ch, u, v] * x[i, c0 + ch, iy, ix]
                     y[i, f, r, q] = acc
     return y
+
+
+def conv2d_naive(x, w, b, sh=1, sw=1, ph=0, pw=0, dilation=(1, 1), groups=1):
+    """Direct convolution: the textbook loops, any stride, zero padding, dilation and groups.
+    The reference."""
+    return _naive(x, w, b, conv_geometry(w.shape, (sh, sw), (ph, pw), dilation, groups))
 
 
 # -- im2col ------------------------------------------------------------------------------------
@@ -84,10 +126,11 @@ def pad_into(x, i, ph, pw, buf):
 
 
 @njit(cache=True)
-def _im2col_fill(src, kh, kw, sh, sw, oh, ow, dst, col0, rstride):
-    """dst[(c*kh + u)*kw + v, col0 + r*rstride + q] = src[c, r*sh + u, q*sw + v] for one (padded)
+def _im2col_fill(src, geom, oh, ow, dst, col0, rstride):
+    """dst[(c*kh + u)*kw + v, col0 + r*rstride + q] = src[c, r*sh + u*dh, q*sw + v*dw] for one (padded)
     image src (C, Hp, Wp), r < oh, q < ow. Any dtype; dst must have src's dtype."""
     c = src.shape[0]
+    kh, kw, sh, sw, dh, dw = geom.kh, geom.kw, geom.sh, geom.sw, geom.dh, geom.dw
     for ch in range(c):
         for u in range(kh):
             for v in range(kw):
@@ -95,13 +138,13 @@ def _im2col_fill(src, kh, kw, sh, sw, oh, ow, dst, col0, rstride):
                 for r in range(oh):
                     d = row[col0 + r * rstride : col0 + r * rstride + ow]
                     if sw == 1:
-                        s = src[ch, r * sh + u, v : v + ow]
+                        s = src[ch, r * sh + u * dh, v * dw : v * dw + ow]
                         for q in range(ow):
                             d[q] = s[q]
                     else:
-                        s_row = src[ch, r * sh + u]
+                        s_row = src[ch, r * sh + u * dh]
                         for q in range(ow):
-                            d[q] = s_row[q * sw + v]
+                            d[q] = s_row[q * sw + v * dw]
 
 
 @njit(cache=True)
@@ -118,45 +161,77 @@ def im2col(x, kh, kw, sh, sw, ph, pw, pad_value=0):
     oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
     cols = np.empty((c * kh * kw, n * oh * ow), x.dtype)
     buf = np.full((c, h + 2 * ph, wd + 2 * pw), pad_value, x.dtype)
+    geom = ConvGeometry(kh, kw, sh, sw, ph, pw, 1, 1, 1)
     for i in range(n):
         pad_into(x, i, ph, pw, buf)
-        _im2col_fill(buf, kh, kw, sh, sw, oh, ow, cols, i * oh * ow, ow)
+        _im2col_fill(buf, geom, oh, ow, cols, i * oh * ow, ow)
     return cols
 
 
+def pack_group_rows(w2, groups) -> np.ndarray:
+    """``gemm.pack_rows`` of each group's rows of w2 (O, K), the groups' blocks one after the other:
+    (groups * ceil(O / groups / PACK_ROWS), K, PACK_ROWS). One reshape for all groups, no loop."""
+    if groups == 1:
+        return pack_rows(w2)
+    o, k = w2.shape
+    og = o // groups
+    blocks = -(-og // PACK_ROWS)
+    padded = np.zeros((groups, blocks * PACK_ROWS, k), np.float32)
+    padded[:, :og] = w2.reshape(groups, og, k)
+    return np.ascontiguousarray(padded.reshape(groups * blocks, PACK_ROWS, k).transpose(0, 2, 1))
+
+
+def use_packed(o, groups) -> bool:
+    """Whether im2col's GEMM runs on packed register blocks (``gemm_packed``): not for groups of fewer
+    output channels than a block has rows (depthwise), which ``gemm_acc`` computes row by row with the
+    same arithmetic (one fused multiply-add per tap, in tap order, from the bias) instead of padding
+    every group to a whole block."""
+    return groups == 1 or o // groups >= PACK_ROWS
+
+
 @njit(cache=True)
-def im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, n0, n1):
-    """y[n] = conv(x[n]) + b for n0 <= n < n1, one GEMM per image (``packed``: the weights as
-    ``gemm.pack_rows(w.reshape(O, K))``), then ReLU when ``relu``, then max pooling when pool =
-    (kh, kw, sh, sw) is not all zeros -- both on the GEMM's output as it is stored.
+def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
+    """y[n] = conv(x[n]) + b for n0 <= n < n1, one GEMM per image and group, then ReLU when ``relu``,
+    then max pooling when ``pool`` (a ``pool.PoolGeometry``) has a window (kh > 0) -- both on the GEMM's
+    output as it is stored. ``w2``: the weights as (O, K) = w.reshape(O, C/groups*KH*KW); ``packed``:
+    ``pack_group_rows(w2, groups)`` when ``use_packed`` (else unused).
 
     Stride 1 needs no patch matrix at all: with GEMM columns j = r*Wp + q (Wp the padded width), tap
-    (c, u, v) of column j is the padded image's element c*Hp*Wp + u*Wp + v + j, so each patch row is a
-    window of the image itself and the GEMM reads the image (or its zero-bordered copy) in place. The
-    columns q >= OW of each row are computed and dropped -- (Wp - OW)/Wp extra work, less than
-    writing a patch matrix costs at LeNet's sizes. Other strides fill an explicit patch matrix.
+    (c, u, v) of column j is the padded image's element c*Hp*Wp + u*dh*Wp + v*dw + j, so each patch
+    row is a window of the image itself and the GEMM reads the image (or its zero-bordered copy) in
+    place; group g reads from channel g*C/groups on. The columns q >= OW of each row are computed and
+    dropped -- (Wp - OW)/Wp extra work, less than writing a patch matrix costs at LeNet's sizes.
+    Other strides fill an explicit patch matrix, group by group.
     """
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     o = b.shape[0]
+    groups = geom.groups
+    cg, og = c // groups, o // groups
+    ph, pw = geom.ph, geom.pw
     hp, wp = h + 2 * ph, wd + 2 * pw
-    oh, ow = conv_output_size(hp, kh, sh), conv_output_size(wp, kw, sw)
-    k = c * kh * kw
-    window = sh == 1 and sw == 1
+    oh = conv_output_size(hp, geom.kh, geom.sh, 0, geom.dh)
+    ow = conv_output_size(wp, geom.kw, geom.sw, 0, geom.dw)
+    k = cg * geom.kh * geom.kw
+    window = geom.sh == 1 and geom.sw == 1
     row = wp if window else ow  # GEMM columns per output row
     ncol = (oh - 1) * row + ow
     ncol_run = max(ncol, LANES)  # the GEMM works on whole vectors; extra columns read zeros
     offs = np.empty(k, np.int64)
-    for ch in range(c):
-        for u in range(kh):
-            for v in range(kw):
-                t = (ch * kh + u) * kw + v
-                offs[t] = ch * hp * wp + u * wp + v if window else t * ncol_run
+    for ch in range(cg):
+        for u in range(geom.kh):
+            for v in range(geom.kw):
+                t = (ch * geom.kh + u) * geom.kw + v
+                offs[t] = ch * hp * wp + u * geom.dh * wp + v * geom.dw if window else t * ncol_run
     in_place = window and ph == 0 and pw == 0 and ncol >= LANES
     padded = np.zeros(0 if in_place else c * hp * wp + LANES, np.float32)
     patch = np.zeros(0 if window else k * ncol_run, np.float32)
     # Output rows of the GEMM, row stride ``row``; the pooling and the copy read only q < OW.
     acc = np.empty((1, o, max(oh, -(-ncol_run // row)), row), np.float32)
-    pooled = pool[0] > 0
+    out = acc.reshape(o, -1)
+    packed_ok = groups == 1 or og >= PACK_ROWS
+    blocks = packed.shape[0] // groups if packed_ok else 0
+    zero_rows = np.zeros(k, np.int64)  # gemm_acc's row index into the 1-row view of the data
+    pooled = pool.kh > 0
     floor = np.float32(0.0) if relu else np.float32(-np.inf)
     flat = x.reshape(-1)
     for i in range(n0, n1):
@@ -165,13 +240,23 @@ def im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, n0, n1):
         else:
             pad_into(x, i, ph, pw, padded[:c * hp * wp].reshape(c, hp, wp))
             data, base = padded, 0
+        for g in range(groups):
+            gdata, gbase = data, base + g * cg * hp * wp
             if not window:
-                _im2col_fill(padded[:c * hp * wp].reshape(c, hp, wp), kh, kw, sh, sw, oh, ow,
-                             patch.reshape(k, ncol_run), 0, ow)
-                data = patch
-        gemm_packed(packed, b, data, base, offs, acc.reshape(o, -1), ncol_run)
+                _im2col_fill(padded[g * cg * hp * wp:(g + 1) * cg * hp * wp].reshape(cg, hp, wp), geom,
+                             oh, ow, patch.reshape(k, ncol_run), 0, ow)
+                gdata, gbase = patch, 0
+            rows = out[g * og:(g + 1) * og]
+            if packed_ok:
+                gemm_packed(packed[g * blocks:(g + 1) * blocks], b[g * og:(g + 1) * og], gdata, gbase, offs,
+                            rows, ncol_run)
+            else:
+                for f in range(og):
+                    rows[f, :ncol_run] = b[g * og + f]
+                gemm_acc(w2[g * og:(g + 1) * og], gdata.reshape(1, -1), zero_rows, offs, gbase, rows, 0,
+                         ncol_run, 0, k)
         if pooled:  # max and relu commute: a ReLU is a floor of 0 on the maxima
-            maxpool_images(acc, y[i:i + 1], pool[0], pool[1], pool[2], pool[3], floor, 0, 1)
+            maxpool_images(acc[:, :, :oh, :ow], y[i:i + 1], pool, floor, 0, 1)
         else:
             for f in range(o):
                 for r in range(oh):
@@ -185,23 +270,24 @@ def im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, n0, n1):
 
 
 @njit(cache=True)
-def _im2col_batch(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu):
+def _im2col_batch(x, w2, packed, b, geom, pool, relu):
     """``im2col_images`` over the whole batch into a new array (allocated here: one dispatch less)."""
     n, h, wd = x.shape[0], x.shape[2], x.shape[3]
-    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
-    if pool[0] > 0:
-        oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[3])
+    oh = conv_output_size(h, geom.kh, geom.sh, geom.ph, geom.dh)
+    ow = conv_output_size(wd, geom.kw, geom.sw, geom.pw, geom.dw)
+    if pool.kh > 0:
+        oh = pool_output_size(oh, pool.kh, pool.sh, pool.ph, pool.ceil)
+        ow = pool_output_size(ow, pool.kw, pool.sw, pool.pw, pool.ceil)
     y = np.empty((n, b.shape[0], oh, ow), np.float32)
-    im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, 0, n)
+    im2col_images(x, w2, packed, b, geom, pool, relu, y, 0, n)
     return y
 
 
 @njit(cache=True, parallel=True)
-def _im2col_parallel(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, nchunks):
+def _im2col_parallel(x, w2, packed, b, geom, pool, relu, y, nchunks):
     n = x.shape[0]
     for t in prange(nchunks):
-        im2col_images(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, t * n // nchunks,
-                       (t + 1) * n // nchunks)
+        im2col_images(x, w2, packed, b, geom, pool, relu, y, t * n // nchunks, (t + 1) * n // nchunks)
 
 
 def _use_parallel(n: int, group: int) -> bool:
@@ -209,7 +295,6 @@ def _use_parallel(n: int, group: int) -> bool:
     return n >= 4 * group and numba.get_num_threads() > 1
 
 
-_NO_POOL = (0, 0, 0, 0)
 _PARALLEL_IMAGES = 8  # a batch is split over threads from 4 x this many images
 
 
@@ -220,52 +305,54 @@ def with_pool(run):
     def run_then_pool(x, b, pool=None, relu=False):
         y = run(x, b)
         if pool is not None:
-            return maxpool2d(y, *pool, floor=0 if relu else None)
+            return maxpool2d(y, *pool_geometry(pool), floor=0 if relu else None)
         return relu_inplace(y.reshape(-1)).reshape(y.shape) if relu else y
 
     return run_then_pool
 
 
-def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0):
+def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0, dilation=(1, 1), groups=1):
     """A function ``run(x, b, pool=None, relu=False) -> y`` for inputs of shape (any N, C, H, W) =
     x_shape[1:], with the weight layout decided once, so a repeated call costs one kernel dispatch.
-    ``relu`` and ``pool`` = (kh, kw, sh, sw) apply ReLU and max pooling to the result in the same pass."""
+    ``relu`` and ``pool`` (a ``PoolGeometry`` or (kh, kw, sh, sw[, ph, pw, ceil])) apply ReLU and max
+    pooling to the result in the same pass."""
     _, c, h, wd = x_shape
-    o, _, kh, kw = w.shape
-    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
-    k = c * kh * kw
+    o = w.shape[0]
+    geom = conv_geometry(w.shape, (sh, sw), (ph, pw), dilation, groups)
+    oh, ow = conv_output_shape(h, wd, geom)
+    k = w.shape[1] * geom.kh * geom.kw
     w2 = np.ascontiguousarray(w.reshape(o, k))
-    if oh == 1 and ow == 1 and kh == h and kw == wd and ph == 0 and pw == 0:
+    if (oh == 1 and ow == 1 and geom.kh == h and geom.kw == wd and ph == 0 and pw == 0 and groups == 1
+            and geom.dh == 1 and geom.dw == 1):
         # The patch matrix is x itself: a dense layer.
         def run_dense(x, b, pool=None, relu=False):
             y = linear_forward(x.reshape(x.shape[0], k), w2, b, relu).reshape(x.shape[0], o, 1, 1)
-            return y if pool is None else maxpool2d(y, *pool)
+            return y if pool is None else maxpool2d(y, *pool_geometry(pool))
 
         return run_dense
-    packed = pack_rows(w2)
+    packed = pack_group_rows(w2, groups) if use_packed(o, groups) else np.zeros((0, k, PACK_ROWS), np.float32)
 
     def run(x, b, pool=None, relu=False):
+        pool = NO_POOL if pool is None else pool_geometry(pool)
         n = x.shape[0]
-        pool = _NO_POOL if pool is None else pool
         if not _use_parallel(n, _PARALLEL_IMAGES):
-            return _im2col_batch(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu)
-        qh, qw = (oh, ow) if pool[0] == 0 else (conv_output_size(oh, pool[0], pool[2]),
-                                                 conv_output_size(ow, pool[1], pool[3]))
-        y = np.empty((n, o, qh, qw), np.float32)
-        _im2col_parallel(x, packed, b, kh, kw, sh, sw, ph, pw, pool, relu, y, numba.get_num_threads())
+            return _im2col_batch(x, w2, packed, b, geom, pool, relu)
+        oh, ow = conv_output_shape(x.shape[2], x.shape[3], geom)
+        y = np.empty((n, o, *(pooled_shape(oh, ow, pool) if pool.kh > 0 else (oh, ow))), np.float32)
+        _im2col_parallel(x, w2, packed, b, geom, pool, relu, y, numba.get_num_threads())
         return y
 
     return run
 
 
-def conv2d_im2col(x, w, b, sh=1, sw=1, ph=0, pw=0):
+def conv2d_im2col(x, w, b, sh=1, sw=1, ph=0, pw=0, dilation=(1, 1), groups=1):
     """Convolution as GEMMs with our blocked kernel (see the module docstring for the layouts)."""
-    return im2col_runner(x.shape, w, sh, sw, ph, pw)(x, b)
+    return im2col_runner(x.shape, w, sh, sw, ph, pw, dilation, groups)(x, b)
 
 
-def conv2d(x, w, b, stride=(1, 1), padding=(0, 0)):
-    """The default FP32 convolution (im2col + our GEMM), any stride and padding."""
-    return conv2d_im2col(x, w, b, stride[0], stride[1], padding[0], padding[1])
+def conv2d(x, w, b, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """The default FP32 convolution (im2col + our GEMM), any stride, padding, dilation and groups."""
+    return conv2d_im2col(x, w, b, stride[0], stride[1], padding[0], padding[1], dilation, groups)
 
 
 # -- Winograd ----------------------------------------------------------------------------------

@@ -39,6 +39,81 @@ def relu_backward(dy, y):
     return dx
 
 
+# Activations by kind: one loop serves them all (the branch is the same for every value).
+CLAMP, LEAKY_RELU, TANH = 0, 1, 2
+
+
+@njit(cache=True)
+def activation(x, kind, a, b):
+    """Elementwise ``kind``: CLAMP min(max(x, a), b) (ReLU6: a = 0, b = 6), LEAKY_RELU x or a * x for
+    x <= 0, TANH one C-library tanhf per value (NumPy's own SIMD loops give other last bits on other
+    CPUs). ``a`` and ``b`` are float32; unused ones are ignored."""
+    out = np.empty_like(x)
+    for i in range(x.size):
+        v = x[i]
+        if kind == CLAMP:
+            out[i] = a if v < a else (b if v > b else v)
+        elif kind == LEAKY_RELU:
+            out[i] = v if v > 0 else v * a
+        else:
+            out[i] = np.tanh(v)
+    return out
+
+
+@njit(cache=True)
+def activation_backward(dy, saved, kind, a, b):
+    """The gradient of ``activation``: ``saved`` is its input for CLAMP (dy where a < x < b, as PyTorch's
+    hardtanh_backward) and LEAKY_RELU, its output y for TANH (dy * (1 - y^2))."""
+    dx = np.empty_like(dy)
+    for i in range(dy.size):
+        s = saved[i]
+        if kind == CLAMP:
+            dx[i] = dy[i] if a < s < b else np.float32(0.0)
+        elif kind == LEAKY_RELU:
+            dx[i] = dy[i] if s > 0 else dy[i] * a
+        else:
+            dx[i] = dy[i] * (1 - s * s)
+    return dx
+
+
+@njit(cache=True)
+def channel_moments(x):
+    """Per-channel mean and biased variance of x (N, C, L) in float64, summed in a fixed order (images,
+    then positions) and in two passes (the variance sums squared deviations: no cancellation)."""
+    n, c, m = x.shape
+    mean = np.zeros(c, np.float64)
+    var = np.zeros(c, np.float64)
+    for ch in range(c):
+        s = 0.0
+        for i in range(n):
+            for t in range(m):
+                s += x[i, ch, t]
+        mu = s / (n * m)
+        q = 0.0
+        for i in range(n):
+            for t in range(m):
+                d = x[i, ch, t] - mu
+                q += d * d
+        mean[ch], var[ch] = mu, q / (n * m)
+    return mean, var
+
+
+@njit(cache=True)
+def channel_sums(a, b):
+    """Per-channel sum(a) and sum(a * b) of (N, C, L) arrays, in float64 and a fixed order: the
+    batch norm's gradients of beta and gamma."""
+    n, c, m = a.shape
+    sa = np.zeros(c, np.float64)
+    sab = np.zeros(c, np.float64)
+    for ch in range(c):
+        for i in range(n):
+            for t in range(m):
+                v = np.float64(a[i, ch, t])
+                sa[ch] += v
+                sab[ch] += v * b[i, ch, t]
+    return sa, sab
+
+
 @njit(cache=True)
 def sigmoid(x):
     # Branch on the sign so exp never overflows: 1/(1+e^-x) for x>=0, e^x/(1+e^x) otherwise.

@@ -22,14 +22,28 @@ bits on every x86-64 CPU with FMA, whatever vector width Numba compiles for:
   convolution's weight gradient (``b_j`` a window of the image). Reductions left to LLVM
   (``reassoc``) change their last bits with the CPU they are compiled for. At batch 1 this is
   bound by reading the weights from L2 (LeNet's conv3: 192 KB, a few us).
+
+The kernels read and write through raw addresses (``.ctypes.data``) or unchecked indexing, so a wrong
+dtype, memory layout or shape would read or write outside the arrays. Called from Python, each public
+kernel name is a checked wrapper (end of this file) that refuses such inputs with an ``InputError``
+before the kernel runs; called from another Numba kernel, which builds its arrays itself, the same name
+compiles to the unchecked kernel (a Numba ``overload``), at no cost.
 """
 
 from __future__ import annotations
 
+import operator
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 from numba import njit
+from numba.extending import overload
 
+from ..errors import InputError
 from .simd import LANES, register_loop, splat
+
+if TYPE_CHECKING:
+    from llvmlite import ir
 
 # Contraction into FMAs only: NN results do not depend on vector width.
 _CONTRACT = {"contract"}
@@ -39,7 +53,7 @@ _K_BLOCK = 256  # rows of b per pass: a 256 x 1024 block of b (1 MiB) stays in L
 
 
 @njit(cache=True, fastmath=_CONTRACT)
-def gemm_acc(a, b, rows, offs, col0, c, ccol0, n, k0, k1):
+def _gemm_acc(a, b, rows, offs, col0, c, ccol0, n, k0, k1):
     """c[i, ccol0:ccol0+n] += sum_{k0<=k<k1} a[i, k] * b[rows[k], offs[k]+col0 : ...+n] for all i.
 
     Rows of c go in passes of 6 (then 4, then 1): a pass of 6 rows x 4 k keeps 24 broadcast weights
@@ -134,7 +148,7 @@ PACK_ROWS = 8 if LANES == 16 else 4
 _STRIP_VECTORS = 2
 
 
-def _fmuladd(builder, vector_type):
+def _fmuladd(builder: ir.IRBuilder, vector_type: ir.VectorType) -> ir.Function:
     """llvm.fmuladd on vectors: a fused multiply-add where the target has one, as ``contract`` allows."""
     from llvmlite import ir
     from numba.core import cgutils
@@ -143,7 +157,7 @@ def _fmuladd(builder, vector_type):
                                           f"llvm.fmuladd.v{vector_type.count}f32")
 
 
-def _real_row(builder, r: int, rows):
+def _real_row(builder: ir.IRBuilder, r: int, rows: ir.Value) -> ir.Value:
     """Row ``r`` of a block if it is one of the ``rows`` real ones, else the last real row: padding rows
     read memory that exists and compute values that are never stored."""
     from llvmlite import ir
@@ -153,7 +167,7 @@ def _real_row(builder, r: int, rows):
     return builder.select(real, ir.Constant(i64, r), builder.sub(rows, ir.Constant(i64, 1)))
 
 
-def _make_register_kernel(vectors: int):
+def _make_register_kernel(vectors: int) -> Any:
     """``kernel(data_addr, off_addr, n_k, w_addr, bias_addr, rows, out_addr, out_stride)``: for the
     PACK_ROWS rows of one packed block (see ``pack_rows``) and ``vectors * LANES`` columns,
 
@@ -234,7 +248,7 @@ def pack_rows(a: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
-def gemm_packed(packed, b, data, base, offs, out, ncol):
+def _gemm_packed(packed, b, data, base, offs, out, ncol):
     """out[i, j] = b[i] + sum_k a[i, k] * data[base + offs[k] + j] for i < out.shape[0], j < ncol,
     where ``packed = pack_rows(a)``; the same indirection as ``gemm_acc`` (implicit im2col windows),
     with offs flattened into element offsets of the 1-D ``data``.
@@ -267,7 +281,7 @@ def gemm_packed(packed, b, data, base, offs, out, ncol):
 
 
 @njit(cache=True)
-def sgemm(a, b):
+def _sgemm(a, b):
     """C = A @ B for float32 C-contiguous A (M, K) and B (K, N); our blocked kernel, no BLAS.
 
     Column blocks of 1024 and K blocks of 256 keep the B block in L2 while all rows of A sweep over
@@ -295,7 +309,7 @@ DOT_LANES = 8
 DOT_ROWS, DOT_COLS = 4, 4  # outputs per block: 16 vector accumulators (row blocks of 1 use 1 x 8)
 
 
-def _make_dot_kernel(rows: int, cols: int, accumulate: bool):
+def _make_dot_kernel(rows: int, cols: int, accumulate: bool) -> Any:
     """``kernel(a_addr, a_stride, b_addr, off_addr, n_k, out_addr, out_stride)``: for r < rows,
     c < cols, ``out[r * out_stride + c] (+)= dot(a[r * a_stride + k], b[off[c] + k] for k < n_k)``,
     summed as described above (float32 addresses, element strides and offsets)."""
@@ -362,7 +376,7 @@ def _make_dot_kernel(rows: int, cols: int, accumulate: bool):
     return kernel
 
 
-def _sum_lanes(builder, vector):
+def _sum_lanes(builder: ir.IRBuilder, vector: ir.Value) -> ir.Value:
     """The lanes of a DOT_LANES vector added by the fixed tree: halves, then halves again (no fast-math
     flags: LLVM keeps this order)."""
     from llvmlite import ir
@@ -390,7 +404,7 @@ _dot_one_add = _make_dot_kernel(1, 1, True)
 
 
 @njit(cache=True)
-def window_dots(a, b, offs, c, accumulate):
+def _window_dots(a, b, offs, c, accumulate):
     """c[i, j] = a[i, :] . b[offs[j] : offs[j] + K] (or += with ``accumulate``) for a (M, K) with
     contiguous rows, b 1-D, c (M, len(offs)) with contiguous rows; each dot product summed in the
     fixed order of ``_make_dot_kernel``, so the bits depend neither on the CPU nor on the blocking."""
@@ -440,7 +454,7 @@ def _gemm_nt(a, bt, c):
 
 
 @njit(cache=True)
-def linear_forward(x, w, b, relu=False):
+def _linear_forward(x, w, b, relu=False):
     """y = x @ w.T + b for x (N, in), w (out, in) in PyTorch layout, b (out,); float32 contiguous;
     with ``relu``, max(y, 0) in the same pass.
 
@@ -456,3 +470,177 @@ def linear_forward(x, w, b, relu=False):
             v = row[j] + b[j]
             row[j] = np.float32(0.0) if relu and v < 0 else v
     return y
+
+
+# -- checked entry points ---------------------------------------------------------------------------
+# Called from Python, the public names below check what the kernels above take for granted; called from
+# a Numba kernel, ``overload`` compiles the same name straight to the unchecked kernel.
+_F32, _I64 = np.dtype(np.float32), np.dtype(np.int64)
+
+
+def _refuse(kernel: str, what: str, found: object) -> InputError:
+    return InputError(f"{kernel}: expected {what}, found {found}")
+
+
+def _array(kernel: str, name: str, x: Any, dtype: np.dtype, ndim: int, layout: str = "") -> np.ndarray:
+    """``x`` if it is a ``dtype`` array of ``ndim`` dimensions in ``layout`` ("C": C-contiguous, "rows":
+    each row contiguous, "": any strides), else the InputError naming the kernel and the argument."""
+    if not isinstance(x, np.ndarray) or x.dtype != dtype or x.ndim != ndim:
+        found = (f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__)
+        raise _refuse(kernel, f"{name} as a {ndim}-D {dtype} array", found)
+    if layout == "C" and not x.flags.c_contiguous:
+        raise _refuse(kernel, f"{name} C-contiguous (the kernel computes addresses from its shape)",
+                      f"strides {x.strides}")
+    if layout == "rows" and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+        raise _refuse(kernel, f"{name} with contiguous rows", f"strides {x.strides}")
+    return x
+
+
+def _index(kernel: str, name: str, value: Any, low: int = 0) -> int:
+    try:
+        i = operator.index(value)
+    except TypeError:
+        raise _refuse(kernel, f"{name} as an integer", repr(value)) from None
+    if i < low:
+        raise _refuse(kernel, f"{name} >= {low}", i)
+    return i
+
+
+def _windows(kernel: str, offs: np.ndarray, start: int, width: int, size: int, what: str) -> None:
+    """Every window ``[start + offs[k], start + offs[k] + width)`` lies inside ``[0, size)``."""
+    if len(offs) and (start + int(offs.min()) < 0 or start + int(offs.max()) + width > size):
+        raise _refuse(kernel, f"windows of {width} inside the {size} {what}",
+                      f"offsets {int(offs.min())}..{int(offs.max())} from {start}")
+
+
+def gemm_acc(a: np.ndarray, b: np.ndarray, rows: np.ndarray, offs: np.ndarray, col0: int, c: np.ndarray,
+             ccol0: int, n: int, k0: int, k1: int) -> None:
+    """``c[i, ccol0:ccol0+n] += sum_{k0<=k<k1} a[i, k] * b[rows[k], offs[k]+col0 : ...+n]`` for all rows
+    i of ``a`` (float32, any strides; ``rows`` and ``offs`` int64), checked; see ``_gemm_acc``."""
+    a = _array("gemm_acc", "a", a, _F32, 2)
+    b = _array("gemm_acc", "b", b, _F32, 2)
+    c = _array("gemm_acc", "c", c, _F32, 2)
+    rows = _array("gemm_acc", "rows", rows, _I64, 1)
+    offs = _array("gemm_acc", "offs", offs, _I64, 1)
+    col0, ccol0, n = (_index("gemm_acc", k, v) for k, v in (("col0", col0), ("ccol0", ccol0), ("n", n)))
+    k0, k1 = _index("gemm_acc", "k0", k0), _index("gemm_acc", "k1", k1, k0)
+    if k1 > min(a.shape[1], len(rows), len(offs)):
+        raise _refuse("gemm_acc", f"k1 <= a's {a.shape[1]} columns and {len(rows)} rows / {len(offs)} offs",
+                      k1)
+    if c.shape[0] < a.shape[0] or ccol0 + n > c.shape[1]:
+        raise _refuse("gemm_acc", f"c with >= {a.shape[0]} rows and >= {ccol0 + n} columns", c.shape)
+    used = rows[k0:k1]
+    if len(used) and (int(used.min()) < 0 or int(used.max()) >= b.shape[0]):
+        raise _refuse("gemm_acc", f"rows in 0..{b.shape[0] - 1}", f"{int(used.min())}..{int(used.max())}")
+    _windows("gemm_acc", offs[k0:k1], col0, n, b.shape[1], "columns of b")
+    _gemm_acc(a, b, rows, offs, col0, c, ccol0, n, k0, k1)
+
+
+def gemm_packed(packed: np.ndarray, b: np.ndarray, data: np.ndarray, base: int, offs: np.ndarray,
+                out: np.ndarray, ncol: int) -> None:
+    """``out[i, j] = b[i] + sum_k a[i, k] * data[base + offs[k] + j]`` for ``packed = pack_rows(a)``,
+    checked (the register micro-kernel reads and writes through raw addresses); see ``_gemm_packed``."""
+    out = _array("gemm_packed", "out", out, _F32, 2, "C")
+    offs = _array("gemm_packed", "offs", offs, _I64, 1, "C")
+    packed = _array("gemm_packed", "packed", packed, _F32, 3, "C")
+    blocks = -(-out.shape[0] // PACK_ROWS)
+    if packed.shape != (blocks, len(offs), PACK_ROWS):
+        raise _refuse("gemm_packed", f"packed of shape {(blocks, len(offs), PACK_ROWS)} (pack_rows of "
+                      f"{out.shape[0]} rows x {len(offs)} offsets)", packed.shape)
+    b = _array("gemm_packed", "b", b, _F32, 1, "C")
+    if len(b) < out.shape[0]:
+        raise _refuse("gemm_packed", f"at least {out.shape[0]} biases", len(b))
+    data = _array("gemm_packed", "data", data, _F32, 1, "C")
+    base, ncol = _index("gemm_packed", "base", base), _index("gemm_packed", "ncol", ncol)
+    if not LANES <= ncol <= out.shape[1]:
+        raise _refuse("gemm_packed", f"ncol in {LANES}..{out.shape[1]} (a vector, at most out's width)", ncol)
+    _windows("gemm_packed", offs, base, ncol, len(data), "elements of data")
+    _gemm_packed(packed, b, data, base, offs, out, ncol)
+
+
+def window_dots(a: np.ndarray, b: np.ndarray, offs: np.ndarray, c: np.ndarray, accumulate: bool) -> None:
+    """``c[i, j] = a[i, :] . b[offs[j] : offs[j] + K]`` (or ``+=`` with ``accumulate``), checked (the
+    dot-product kernels read and write through raw addresses); see ``_window_dots``."""
+    a = _array("window_dots", "a", a, _F32, 2, "rows")
+    b = _array("window_dots", "b", b, _F32, 1, "C")
+    offs = _array("window_dots", "offs", offs, _I64, 1, "C")
+    c = _array("window_dots", "c", c, _F32, 2, "rows")
+    if c.shape != (a.shape[0], len(offs)):
+        raise _refuse("window_dots", f"c of shape {(a.shape[0], len(offs))} (rows of a x offsets)", c.shape)
+    _windows("window_dots", offs, 0, a.shape[1], len(b), "elements of b")
+    _window_dots(a, b, offs, c, bool(accumulate))
+
+
+def sgemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for float32 C-contiguous ``a`` (M, K) and ``b`` (K, N) with the blocked kernel (no BLAS),
+    checked; see ``_sgemm``.
+
+    Example::
+
+        >>> sgemm(np.ones((2, 3), np.float32), np.full((3, 1), 2, np.float32))
+        array([[6.],
+               [6.]], dtype=float32)
+    """
+    a = _array("sgemm", "a", a, _F32, 2, "C")
+    b = _array("sgemm", "b", b, _F32, 2, "C")
+    if a.shape[1] != b.shape[0]:
+        raise _refuse("sgemm", f"b with {a.shape[1]} rows (a is {a.shape})", b.shape)
+    return _sgemm(a, b)
+
+
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, relu: bool = False) -> np.ndarray:
+    """``x @ w.T + b`` (then ``max(., 0)`` with ``relu``) with every dot product summed in the fixed order
+    of ``_make_dot_kernel``: the same bits on every CPU. Checked; see ``_linear_forward``.
+
+    Args:
+        x: float32 (N, in), rows contiguous.
+        w: float32 (out, in), C-contiguous (PyTorch's layout).
+        b: float32 (out,).
+        relu: clamp negative outputs to 0 in the same pass.
+
+    Returns:
+        float32 (N, out).
+
+    Example::
+
+        >>> x = np.array([[1.0, 2.0]], np.float32)
+        >>> w = np.array([[1.0, 1.0], [-1.0, 0.0]], np.float32)
+        >>> linear_forward(x, w, np.array([0.5, 0.0], np.float32))
+        array([[ 3.5, -1. ]], dtype=float32)
+        >>> linear_forward(x, w, np.zeros(2, np.float32), relu=True)
+        array([[3., 0.]], dtype=float32)
+    """
+    x = _array("linear_forward", "x", x, _F32, 2, "rows")
+    w = _array("linear_forward", "w", w, _F32, 2, "C")
+    b = _array("linear_forward", "b", b, _F32, 1)
+    if w.shape[1] != x.shape[1] or len(b) != w.shape[0]:
+        raise _refuse("linear_forward", f"w (out, {x.shape[1]}) and b (out,) for x {x.shape}",
+                      f"w {w.shape}, b {b.shape}")
+    return _linear_forward(x, w, b, bool(relu))
+
+
+# Inside Numba kernels: the unchecked kernels under the public names.
+@overload(gemm_acc)
+def _gemm_acc_nopython(a, b, rows, offs, col0, c, ccol0, n, k0, k1):
+    return lambda a, b, rows, offs, col0, c, ccol0, n, k0, k1: _gemm_acc(a, b, rows, offs, col0, c, ccol0,
+                                                                          n, k0, k1)
+
+
+@overload(gemm_packed)
+def _gemm_packed_nopython(packed, b, data, base, offs, out, ncol):
+    return lambda packed, b, data, base, offs, out, ncol: _gemm_packed(packed, b, data, base, offs, out, ncol)
+
+
+@overload(window_dots)
+def _window_dots_nopython(a, b, offs, c, accumulate):
+    return lambda a, b, offs, c, accumulate: _window_dots(a, b, offs, c, accumulate)
+
+
+@overload(sgemm)
+def _sgemm_nopython(a, b):
+    return lambda a, b: _sgemm(a, b)
+
+
+@overload(linear_forward)
+def _linear_forward_nopython(x, w, b, relu=False):
+    return lambda x, w, b, relu=False: _linear_forward(x, w, b, relu)

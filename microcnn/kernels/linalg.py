@@ -10,12 +10,21 @@ The sizes involved are small (K <= a few hundred), so plain loops are fast enoug
 import numpy as np
 from numba import njit
 
+# Annotations document the Python-side types; Numba ignores them and types each call from its arguments.
+
 
 @njit(cache=True, fastmath={"contract"})
-def gram(x):
+def gram(x: np.ndarray) -> np.ndarray:
     """x.T @ x (float64, K x K) for x (P, K), rows added in order p = 0, 1, ... (rank-1 updates that
     vectorise along the row without reordering any sum). Rows' zero entries are skipped: they add
-    exact zeros."""
+    exact zeros.
+
+    Example::
+
+        >>> gram(np.array([[1.0, 2.0], [0.0, 1.0]]))
+        array([[1., 2.],
+               [2., 5.]])
+    """
     p, k = x.shape
     g = np.zeros((k, k))
     for t in range(p):
@@ -33,8 +42,15 @@ def gram(x):
 
 
 @njit(cache=True)
-def cholesky_lower(a):
-    """L with L @ L.T = a for a symmetric positive definite a (float64); sums in increasing k."""
+def cholesky_lower(a: np.ndarray) -> np.ndarray:
+    """L with L @ L.T = a for a symmetric positive definite a (float64); sums in increasing k.
+
+    Example::
+
+        >>> cholesky_lower(np.array([[4.0, 2.0], [2.0, 5.0]]))
+        array([[2., 0.],
+               [1., 2.]])
+    """
     n = a.shape[0]
     lo = np.zeros((n, n))
     for j in range(n):
@@ -54,7 +70,7 @@ def cholesky_lower(a):
 
 
 @njit(cache=True)
-def inverse_spd(a):
+def inverse_spd(a: np.ndarray) -> np.ndarray:
     """a^-1 for a symmetric positive definite a, as L^-T L^-1 from its Cholesky factor."""
     lo = cholesky_lower(a)
     n = a.shape[0]
@@ -78,7 +94,7 @@ def inverse_spd(a):
 
 
 @njit(cache=True)
-def kl_sum(p, q):
+def kl_sum(p: np.ndarray, q: np.ndarray) -> float:
     """sum p * log(p / q) over the entries with p > 0 (q > 0 there), in index order."""
     s = 0.0
     for i in range(p.shape[0]):
@@ -88,9 +104,15 @@ def kl_sum(p, q):
 
 
 @njit(cache=True, fastmath={"contract"})
-def matmul(a, b):
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b for float64 2-D arrays, every entry summed over k in increasing order (rank-1 updates
-    along the rows of b, which vectorise without reordering any sum)."""
+    along the rows of b, which vectorise without reordering any sum).
+
+    Example::
+
+        >>> matmul(np.array([[1.0, 2.0]]), np.array([[3.0], [4.0]]))
+        array([[11.]])
+    """
     m, kk = a.shape
     c = np.zeros((m, b.shape[1]))
     for i in range(m):

@@ -20,10 +20,10 @@ import numpy as np
 from numba import carray, njit, types
 from numba.core.extending import intrinsic
 
-from .conv import im2col_images
+from .conv import ConvGeometry, im2col_images
 from .elementwise import relu, relu_inplace, softmax_rows
 from .gemm import PACK_ROWS, linear_forward
-from .pool import maxpool_images
+from .pool import PoolGeometry, maxpool_images
 from .shapes import conv_output_size
 
 OP_CONV, OP_LINEAR, OP_RELU, OP_MAXPOOL, OP_SOFTMAX = 1, 2, 3, 4, 5
@@ -95,17 +95,19 @@ def run_program(x, ops):
         code = op[CODE]
         if code == OP_CONV:
             kh, kw, sh, sw, ph, pw = op[KH], op[KW], op[SH], op[SW], op[PH], op[PW]
-            pool = (op[POOL], op[POOL + 1], op[POOL + 2], op[POOL + 3])
+            geom = ConvGeometry(kh, kw, sh, sw, ph, pw, 1, 1, 1)
+            pool = PoolGeometry(op[POOL], op[POOL + 1], op[POOL + 2], op[POOL + 3], 0, 0, 0)
             o = op[OUT]
             k = c * kh * kw
+            w2 = carray(_float_pointer(op[WEIGHT]), (o, k))
             packed = np.empty(((o + PACK_ROWS - 1) // PACK_ROWS, k, PACK_ROWS), np.float32)
-            pack_weights(carray(_float_pointer(op[WEIGHT]), (o, k)), packed)
+            pack_weights(w2, packed)
             oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
             if pool[0] > 0:
                 oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[3])
             y = np.empty((n, o, oh, ow), np.float32)
-            im2col_images(buf.reshape(n, c, h, w), packed, carray(_float_pointer(op[BIAS]), (o,)),
-                           kh, kw, sh, sw, ph, pw, pool, op[RELU] != 0, y, 0, n)
+            im2col_images(buf.reshape(n, c, h, w), w2, packed, carray(_float_pointer(op[BIAS]), (o,)),
+                          geom, pool, op[RELU] != 0, y, 0, n)
             buf, c, h, w = y.reshape(-1), o, oh, ow
         elif code == OP_LINEAR:
             fin, fout = c * h * w, op[OUT]
@@ -118,7 +120,8 @@ def run_program(x, ops):
             oh, ow = (h - op[KH]) // op[SH] + 1, (w - op[KW]) // op[SW] + 1
             y = np.empty((n, c, oh, ow), np.float32)
             floor = np.float32(0.0) if op[RELU] != 0 else np.float32(-np.inf)
-            maxpool_images(buf.reshape(n, c, h, w), y, op[KH], op[KW], op[SH], op[SW], floor, 0, n)
+            maxpool_images(buf.reshape(n, c, h, w), y, PoolGeometry(op[KH], op[KW], op[SH], op[SW], 0, 0, 0),
+                           floor, 0, n)
             buf, h, w = y.reshape(-1), oh, ow
         elif code == OP_SOFTMAX:
             buf = softmax_rows(buf.reshape(n, c * h * w)).reshape(-1)

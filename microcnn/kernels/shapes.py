@@ -5,7 +5,7 @@ from numba.extending import register_jitable
 
 
 @register_jitable
-def conv_output_size(size, kernel, stride=1, padding=0, dilation=1):
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
     """Positions of a ``kernel``-wide window, dilated by ``dilation``, sliding by ``stride`` over ``size``
     values padded by ``padding`` on each side: floor((size + 2p - d(k - 1) - 1) / s) + 1, as in
     PyTorch's Conv2d and MaxPool2d. Pooling is the case ``padding=0``.

@@ -12,6 +12,11 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # llvmlite is imported where IR is built, never at import time
+    from llvmlite import ir
 
 
 def host_simd() -> int:
@@ -81,7 +86,7 @@ _cache_folder(SIMD)
 LANES = SIMD or 8  # 32-bit lanes per vector; the portable IR uses 8, which LLVM splits as the target needs
 
 
-def splat(builder, value, vector_type):
+def splat(builder: ir.IRBuilder, value: ir.Value, vector_type: ir.VectorType) -> ir.Value:
     """A vector of ``vector_type`` with every lane set to the scalar ``value``."""
     from llvmlite import ir
 
@@ -91,7 +96,8 @@ def splat(builder, value, vector_type):
     return builder.shuffle_vector(first, undef, zeros)
 
 
-def register_loop(builder, count, init, body, name: str):
+def register_loop(builder: ir.IRBuilder, count: ir.Value, init: Sequence[ir.Value],
+                  body: Callable[[ir.Value, list[ir.Value]], list[ir.Value]], name: str) -> list[ir.Value]:
     """Emit ``for i in range(count): values = body(i, values)`` with ``values`` (a list of IR values,
     starting as ``init``) carried in phi nodes, i.e. in registers; return the values after the loop.
     ``count`` is an i64 that may be 0."""

@@ -7,25 +7,40 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FileFormatError, InputError
+from ..model import LayerNode, LayerTrace, Model
 from ..network import Sequential
 from .quantize import quantize_weight
 
 FORMATS = ("int8", "fp16")
 
 
-class CompressedModel:
-    """A Sequential whose stored form is compressed. Inference (``predict``, ``accuracy``, ``trace``,
-    ...) is the decompressed FP32 network's; ``nbytes`` and ``save`` are the compressed form's."""
+class CompressedModel(Model):
+    """A Sequential whose stored form is compressed. Inference (``forward``, ``logits``, ``trace``,
+    hence ``predict`` and ``accuracy``) is the decompressed FP32 network's; ``nbytes`` and ``save`` are
+    the compressed form's."""
 
     def __init__(self, stored: dict, fmt: str, network: Sequential):
         self.stored = stored  # tensor name -> stored array
         self.format = fmt
         self.network = network
+        self.input_shape = network.input_shape
 
-    def __getattr__(self, name):  # predict, predict_classes, accuracy, trace, logits, names, ...
+    def __getattr__(self, name):  # the FP32 network's other attributes: names, layers, config, ...
         if name in ("network", "stored", "format"):
             raise AttributeError(name)
         return getattr(self.network, name)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.network.forward(x)
+
+    def logits(self, x):
+        return self.network.logits(x)
+
+    def trace(self, x) -> list[LayerTrace]:
+        return self.network.trace(x)
+
+    def layer_nodes(self) -> list[LayerNode]:
+        return self.network.layer_nodes()
 
     @property
     def nbytes(self) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FileFormatError, InputError
+from ..fileutil import StrPath
+from ..graph import is_graph_config, load_graph
 from ..io import (
     SafetensorsFile,
     architecture_of,
@@ -29,17 +31,31 @@ from .serialize import (
 )
 
 
-def load_model(path):
+def load_model(path: StrPath) -> Sequential | QuantizedSequential | CompressedModel:
     """Rebuild a network (FP32, quantized or storage-compressed) from a self-describing file. The header
     and the architecture it carries are checked (sizes, activations) before any layer is built and
     before any tensor byte is read.
+
+    Args:
+        path: a ``.safetensors`` file written by ``net.save``, ``microcnn.save_model`` or ``microcnn
+            quantize`` (a ``.raw`` file has no architecture: use ``lenet(weights=path)``).
+
+    Returns:
+        A ``Sequential`` (FP32), ``QuantizedSequential`` or ``CompressedModel``, each with ``predict``.
 
     Raises:
         FileFormatError: naming the file, what was expected and what was found.
 
     Example::
 
-        >>> qnet = load_model("lenet-int8.safetensors"); qnet.predict(images)
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from microcnn import lenet
+        >>> path = Path(tempfile.mkdtemp()) / "lenet.safetensors"
+        >>> lenet(weights="bundled").save(path)
+        >>> net = load_model(path)
+        >>> type(net).__name__, sum(p.data.size for p in net.parameters())
+        ('Sequential', 61706)
     """
     path = Path(path)
     if path.suffix == ".raw":
@@ -47,7 +63,9 @@ def load_model(path):
                               "net.load(path) (e.g. microcnn.lenet(weights=path))")
     with SafetensorsFile(path) as st:
         metadata = st.metadata
-        arch = architecture_of(path, metadata)
+        arch = architecture_of(path, metadata, allow_graph=True)
+        if is_graph_config(arch):
+            return load_graph(path, st)
         kind = metadata.get("kind", "fp32")
         if kind == KIND_CALIBRATION or kind not in MODEL_KINDS:  # refused before anything is built
             refuse_kind(path, kind)

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
+
+if TYPE_CHECKING:  # annotations only
+    from ..network import Sequential
+    from .calibrate import Calibration
+    from .qnetwork import QuantizedSequential
 
 FLOAT_BITS = 32
 
@@ -40,6 +46,7 @@ class Precision:
 
     @property
     def is_float(self) -> bool:
+        """True for FP32 (nothing quantized)."""
         return self.weight_bits == FLOAT_BITS and self.act_bits == FLOAT_BITS
 
     @property
@@ -64,7 +71,13 @@ _WXAY = re.compile(r"w(\d{1,2})a(\d{1,2})")
 
 
 def precision_of_bits(weight_bits: int, act_bits: int) -> Precision:
-    """The precision of a bit-width pair: a named one (``(4, 4)`` is ``int4``) or ``wXaY``."""
+    """The precision of a bit-width pair: a named one (``(4, 4)`` is ``int4``) or ``wXaY``.
+
+    Example::
+
+        >>> precision_of_bits(4, 4).name, precision_of_bits(8, 4).name
+        ('int4', 'w8a4')
+    """
     found = _BY_BITS.get((weight_bits, act_bits))
     return found if found is not None else Precision(f"w{weight_bits}a{act_bits}", weight_bits, act_bits)
 
@@ -74,6 +87,11 @@ def parse_precision(text: str) -> Precision:
 
     Raises:
         InputError: for anything else (the message lists the names).
+
+    Example::
+
+        >>> parse_precision(" INT8 ").name, parse_precision("w4a8").label
+        ('int8', 'W4A8')
     """
     key = str(text).strip().lower()
     for p in PRECISIONS.values():
@@ -85,7 +103,7 @@ def parse_precision(text: str) -> Precision:
     raise InputError(f"precision: expected one of {', '.join(PRECISIONS)} or wXaY, found {text!r}")
 
 
-def stored_precision(model) -> Precision | None:
+def stored_precision(model: Any) -> Precision | None:
     """The precision a quantized model (read from a file or built here) computes in, from its own
     ``settings``; None for a model that computes in FP32 (plain or storage-compressed)."""
     settings = getattr(model, "settings", None)
@@ -94,18 +112,34 @@ def stored_precision(model) -> Precision | None:
     return precision_of_bits(settings.get("weight_bits"), settings.get("act_bits"))
 
 
-def precision_of(model) -> Precision:
+def precision_of(model: Any) -> Precision:
     """What ``model`` computes in, read from the model itself (never from how it was asked for)."""
     return stored_precision(model) or FP32
 
 
-def build_precision(net, precision: str | Precision, calibration=None):
+def build_precision(net: Sequential, precision: str | Precision, calibration: Calibration | None = None
+                    ) -> Sequential | QuantizedSequential:
     """The model that runs ``precision``: the FP32 ``net`` itself, or a copy quantized with
     ``calibration`` (a ``microcnn.quant.Calibration``) at the precision's bit widths.
 
+    Args:
+        net: the FP32 network.
+        precision: a name of ``PRECISIONS`` or a ``Precision``.
+        calibration: activation ranges of ``net`` (``microcnn.quant.calibrate``); needed unless FP32.
+
+    Returns:
+        ``net`` itself for FP32, else a ``QuantizedSequential``.
+
     Example::
 
-        >>> int4 = build_precision(net, "int4", calibrate(net, images))   # W4A4
+        >>> import numpy as np
+        >>> from microcnn import lenet
+        >>> from microcnn.quant import calibrate
+        >>> net = lenet(weights="bundled")
+        >>> images = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+        >>> int4 = build_precision(net, "int4", calibrate(net, images, progress=False))
+        >>> precision_of(int4).label, build_precision(net, "fp32") is net
+        ('W4A4', True)
     """
     if isinstance(precision, str):
         if precision not in PRECISIONS:
@@ -113,6 +147,9 @@ def build_precision(net, precision: str | Precision, calibration=None):
         precision = PRECISIONS[precision]
     if precision.is_float:
         return net
+    if calibration is None:
+        raise InputError(f"precision {precision.name}: expected a calibration (microcnn.quant.calibrate), "
+                         "found None")
     from .quantize import quantize
 
     return quantize(net, calibration, weight_bits=precision.weight_bits, act_bits=precision.act_bits)

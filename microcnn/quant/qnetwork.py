@@ -9,7 +9,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..kernels.elementwise import all_finite
-from ..network import LayerTrace, Sequential
+from ..model import LayerNode, LayerTrace, Model
+from ..network import Sequential
 from .qlayers import FloatStage, QWeighted, Stage, refuse_nonfinite
 from .serialize import save_quantized
 
@@ -22,18 +23,13 @@ def _refuse_nonfinite_input(x) -> None:
         refuse_nonfinite(x)
 
 
-class QuantizedSequential:
+class QuantizedSequential(Model):
     """Integer inference of a Sequential. ``predict``, ``predict_classes``, ``accuracy`` and
-    ``check_input`` are the FP32 network's own (same validation and batching); ``trace`` returns one
+    ``check_input`` are every model's (``Model``: same validation and batching); ``trace`` returns one
     record per FP32 layer, in the same order and with the same names, outputs as real (float32) values.
 
     ``architecture`` is the FP32 network's config; ``settings`` records how it was quantized.
     """
-
-    predict = Sequential.predict
-    predict_classes = Sequential.predict_classes
-    accuracy = Sequential.accuracy
-    check_input = Sequential.check_input
 
     def __init__(self, stages: list[Stage], architecture: dict, settings: dict | None = None):
         self.stages = list(stages)
@@ -97,6 +93,10 @@ class QuantizedSequential:
         return records
 
     # -- memory and description ------------------------------------------------------------------
+    def layer_nodes(self) -> list[LayerNode]:
+        """The FP32 layers this model quantizes (rebuilt from ``architecture``: types and shapes)."""
+        return Sequential.from_config(self.architecture).layer_nodes()
+
     @property
     def nbytes(self) -> int:
         """Bytes stored: integer weights (packed for 4 bits), scales, zero points, biases, and the
