@@ -197,6 +197,36 @@ def test_export_import_round_trip_is_bit_identical(case, tmp_path):
     np.testing.assert_array_equal(back.forward(x), net.forward(x))
     assert {k: v.tobytes() for k, v in back.state_dict().items()} == \
         {k: v.tobytes() for k, v in net.state_dict().items()}
+    ort = pytest.importorskip("onnxruntime")  # our file runs in ONNX Runtime as the original did
+    session = ort.InferenceSession(str(again), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(as_probabilities(name, session.run(None, {"input": x})[0]),
+                               as_probabilities(name, net.forward(x)), atol=PROB_ATOL, rtol=0)
+
+
+@pytest.mark.torch
+def test_to_torch_rebuilds_any_model_and_compare_runs_graphs(case):
+    """``compare.to_torch`` (PyTorch's side of ``microcnn compare``) on Sequentials and Graphs: same
+    state_dict keys and values, same logits; the residual Graph runs through the FP32 comparison, with
+    ONNX Runtime on the original file (its byte count is the file's)."""
+    from microcnn import compare
+
+    name, module, shape, path, x, expected = case
+    net = load_onnx(path)
+    rebuilt = compare.to_torch(net)
+    state = {k: v.numpy() for k, v in rebuilt.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert list(state) == list(net.state_dict())
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(state[k], v)
+    with torch.no_grad():
+        theirs = rebuilt(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(theirs, net.forward(x), atol=LOGIT_ATOL, rtol=0)
+    if name == "residual":
+        df = compare.compare_table(net, x, expected.argmax(1), x[:4], repeats=1, batch1_samples=0,
+                                   precisions=("FP32",), torch_compile=False, onnx_file=path.read_bytes())
+        rows = df.set_index("System")
+        assert list(rows.index) == ["microcnn", "PyTorch eager", "ONNX Runtime"]
+        assert (rows["Accuracy"] == 1.0).all()
+        assert rows.loc["ONNX Runtime", "Model Bytes"] == path.stat().st_size
 
 
 @pytest.mark.torch
