@@ -4,7 +4,8 @@ Import translates a graph of opsets 13-20 into our layers, one node at a time (`
 Conv (groups, dilation), Gemm, MatMul [+ Add of a constant bias], Relu, Clip(0, 6) as ReLU6, LeakyRelu,
 Sigmoid, Tanh, MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape to (batch, features),
 BatchNormalization (kept as a layer: the model folds it for inference and quantization), Add, Concat
-along channels, Identity, Dropout and Softmax. The small integer arithmetic exporters write to compute
+along channels, ReduceMean over H and W (global average pooling), Identity, Dropout (the identity at
+inference: no layer) and Softmax. Only image inputs (batch, C, H, W) are read. The small integer arithmetic exporters write to compute
 a Reshape's target (Shape, Gather, Unsqueeze, Concat, Cast, Constant, ...) is evaluated here, with the
 batch dimension as a marker that must end up as the first entry of the target. The result is a
 ``Sequential`` when the nodes form a chain, a ``Graph`` otherwise.
@@ -30,8 +31,26 @@ import warnings
 import numpy as np
 
 from .errors import InputError, MicrocnnError
-from .layers import AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
-from .model import sample_output_shape
+from .graph import Add, Concat, Graph
+from .layers import (
+    AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    GlobalAvgPool2d,
+    Layer,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    ReLU6,
+    Sigmoid,
+    Softmax,
+    Tanh,
+)
+from .model import INPUT, LayerNode, output_shapes, sample_output_shape
 from .network import Sequential, layer_names
 
 OPSETS = range(13, 21)
@@ -403,8 +422,6 @@ class _Importer:
         if self.tensor(a) != self.tensor(b):
             self.fail(f"inputs of shapes (batch, {self.shapes[a]}) and (batch, {self.shapes[b]}): expected "
                       "equal shapes (no broadcasting)")
-        from .graph import Add
-
         self.add(Add(), [a, b], node.output[0])
 
     def op_concat(self, node, attrs):
@@ -417,8 +434,6 @@ class _Importer:
         if axis != 1 or any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
             self.fail(f"inputs {[list(s) for s in shapes]} along axis {attrs['axis']}: expected the channel "
                       "axis 1 and equal other dimensions")
-        from .graph import Concat
-
         self.add(Concat(axis=1), list(node.input), node.output[0])
 
     def op_pool(self, node, attrs):
@@ -438,10 +453,21 @@ class _Importer:
         self.add(layer, node.input[:1], node.output[0])
 
     def op_global_pool(self, node, attrs):
-        from .layers import GlobalAvgPool2d
-
         self.tensor(node.input[0], rank=4)
         self.add(GlobalAvgPool2d(), node.input[:1], node.output[0])
+
+    def op_reduce_mean(self, node, attrs):
+        """A mean over H and W (``x.mean((2, 3))`` in PyTorch): global average pooling, then a Flatten
+        unless the dimensions are kept."""
+        self.tensor(node.input[0], rank=4)
+        axes = attrs.get("axes") if len(node.input) < 2 else self.const(node.input[1], "axes").tolist()
+        if sorted(a % 4 for a in axes or ()) != [2, 3] or attrs.get("noop_with_empty_axes", 0):
+            self.fail(f"axes {axes}: expected the mean over H and W (axes 2 and 3)")
+        if attrs.get("keepdims", 1):
+            self.add(GlobalAvgPool2d(), node.input[:1], node.output[0])
+            return
+        self.add(GlobalAvgPool2d(), node.input[:1], f"{node.output[0]}/pooled")
+        self.add(Flatten(), [f"{node.output[0]}/pooled"], node.output[0])
 
     def op_batchnorm(self, node, attrs):
         shape = self.tensor(node.input[0])
@@ -455,8 +481,6 @@ class _Importer:
                       "input of 2 or 4 dimensions")
         if (var < 0).any():
             self.fail("negative running variance")
-        from .layers import BatchNorm1d, BatchNorm2d
-
         cls = BatchNorm2d if len(shape) == 3 else BatchNorm1d
         # ONNX's momentum weighs the running value, PyTorch's the new batch statistic.
         layer = cls(shape[0], eps=float(attrs.get("epsilon", 1e-5)),
@@ -468,12 +492,8 @@ class _Importer:
     def op_activation(self, node, attrs):
         self.tensor(node.input[0])
         if node.op_type == "LeakyRelu":
-            from .layers import LeakyReLU
-
             layer = LeakyReLU(float(attrs.get("alpha", 0.01)))
         elif node.op_type == "Tanh":
-            from .layers import Tanh
-
             layer = Tanh()
         else:
             layer = {"Relu": ReLU, "Sigmoid": Sigmoid}[node.op_type]()
@@ -487,8 +507,6 @@ class _Importer:
             self.fail(f"bounds of shapes {[list(b.shape) for b in bounds[:2]]}: expected scalars")
         low, high = (float(b.reshape(-1)[0]) for b in bounds[:2])
         if low == 0.0 and high == 6.0:
-            from .layers import ReLU6
-
             layer = ReLU6()
         elif low == 0.0 and high == math.inf:
             layer = ReLU()
@@ -596,7 +614,8 @@ class _Importer:
            "LeakyRelu": (op_activation, (1, 1)), "Clip": (op_clip, (1, 3)),
            "Softmax": (op_softmax, (1, 1)), "Flatten": (op_flatten, (1, 1)), "Reshape": (op_reshape, (2, 2)),
            "Identity": (op_identity, (1, 1)),
-           "Dropout": (op_dropout, (1, 3)), "Shape": (op_shape, (1, 1)), "Constant": (op_constant, (0, 0)),
+           "Dropout": (op_dropout, (1, 3)), "ReduceMean": (op_reduce_mean, (1, 2)),
+           "Shape": (op_shape, (1, 1)), "Constant": (op_constant, (0, 0)),
            "Gather": (folded, (2, 2)), "Unsqueeze": (folded, (2, 2)), "Squeeze": (folded, (1, 2)),
            "Cast": (folded, (1, 1)), "Slice": (folded, (3, 5)), "Mul": (folded, (2, 2)),
            "Div": (folded, (2, 2)), "Sub": (folded, (2, 2))}
@@ -613,8 +632,6 @@ class _Importer:
         if all(inputs == [i - 1 if i else "input"] for i, (_, inputs, _) in enumerate(self.nodes)) and \
                 self.source[output] == len(self.nodes) - 1:
             return Sequential(*layers, input_shape=self.input_shape)
-        from .graph import Graph
-
         nodes = [(names[i], layer, [names[j] if j != "input" else "input" for j in inputs])
                  for i, (layer, inputs, _) in enumerate(self.nodes)]
         return Graph(nodes, ["input"], [names[self.source[output]]], input_shape=self.input_shape)
@@ -623,9 +640,6 @@ class _Importer:
 # -- export -------------------------------------------------------------------------------------------
 def _export_nodes(model, softmax: bool):
     """(name, layer, input tensor names, state_dict prefix) of each node, and the output tensor's name."""
-    from .graph import Graph
-    from .model import INPUT
-
     if not isinstance(model, Sequential | Graph):
         raise InputError(f"export_onnx: expected a microcnn Sequential or Graph, found "
                          f"{type(model).__name__}")
@@ -642,9 +656,6 @@ def _export_nodes(model, softmax: bool):
 def _onnx_nodes(layer, name, inputs, out, linear_as, init):
     """The ONNX node(s) computing ``layer``; ``init(suffix, array)`` adds an initializer, returns its name."""
     from onnx import helper
-
-    from . import layers
-    from .graph import Add, Concat
 
     node = lambda op, ins, **kw: helper.make_node(op, ins, [out], name=name, **kw)  # noqa: E731
     kind = type(layer)
@@ -672,17 +683,17 @@ def _onnx_nodes(layer, name, inputs, out, linear_as, init):
         return [node("MaxPool" if kind is MaxPool2d else "AveragePool", inputs,
                      kernel_shape=list(layer.kernel_size), strides=list(layer.stride), pads=[ph, pw, ph, pw],
                      ceil_mode=int(layer.ceil_mode), **extra)]
-    if kind in (layers.BatchNorm1d, layers.BatchNorm2d):
+    if kind in (BatchNorm1d, BatchNorm2d):
         stats = [init(k, getattr(layer, k).data if k in ("weight", "bias") else getattr(layer, k))
                  for k in ("weight", "bias", "running_mean", "running_var")]
         # ONNX's momentum weighs the running value, PyTorch's the new batch statistic.
         return [node("BatchNormalization", [*inputs, *stats], epsilon=float(layer.eps),
                      momentum=1.0 - float(layer.momentum))]
-    if kind is layers.ReLU6:
+    if kind is ReLU6:
         return [node("Clip", [*inputs, init("min", np.float32(0)), init("max", np.float32(6))])]
-    if kind is layers.LeakyReLU:
+    if kind is LeakyReLU:
         return [node("LeakyRelu", inputs, alpha=float(layer.negative_slope))]
-    if kind is layers.Dropout:  # the identity at inference; the ratio travels for training
+    if kind is Dropout:  # the identity at inference; the ratio travels for training
         return [node("Dropout", [*inputs, init("ratio", np.float32(layer.p))])]
     if kind is Add:  # ONNX's Add takes two inputs: a chain for more
         sums = [f"{name}_sum{k}" for k in range(1, len(inputs) - 1)] + [out]
@@ -690,8 +701,8 @@ def _onnx_nodes(layer, name, inputs, out, linear_as, init):
                 for k, (a, b, s) in enumerate(zip([inputs[0], *sums[:-1]], inputs[1:], sums, strict=True))]
     if kind is Concat:
         return [node("Concat", inputs, axis=layer.axis)]
-    simple = {ReLU: "Relu", Sigmoid: "Sigmoid", layers.Tanh: "Tanh",
-              layers.GlobalAvgPool2d: "GlobalAveragePool"}
+    simple = {ReLU: "Relu", Sigmoid: "Sigmoid", Tanh: "Tanh",
+              GlobalAvgPool2d: "GlobalAveragePool"}
     if kind in simple:
         return [node(simple[kind], inputs)]
     if kind is Flatten:
@@ -711,8 +722,6 @@ def to_model_proto(model, *, softmax: bool = True, linear_as: str = "gemm", opse
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
-    from .model import output_shapes
-
     if linear_as not in ("gemm", "matmul"):
         raise InputError(f"linear_as: expected 'gemm' or 'matmul', found {linear_as!r}")
     nodes, output = _export_nodes(model, softmax)
@@ -726,8 +735,6 @@ def to_model_proto(model, *, softmax: bool = True, linear_as: str = "gemm", opse
     in_shape = ["batch", *(model.input_shape or ("channels", "height", "width"))]
     out_shape = None
     if model.input_shape is not None:
-        from .model import LayerNode
-
         shapes = output_shapes([LayerNode(n, layer, tuple(i)) for n, layer, i, _ in nodes], model.input_shape)
         out_shape = ["batch", *shapes[output]]
     graph = helper.make_graph(

@@ -331,3 +331,23 @@ def test_missing_packages_name_the_extra(monkeypatch, tmp_path):
         load_onnx(tmp_path / "m.onnx")
     with pytest.raises(MissingDependencyError, match=r"\.\[onnx\]"):
         export_onnx(microcnn.lenet(), tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_reduce_mean_over_h_and_w_is_global_average_pooling(ort, tmp_path, opset):
+    """``x.mean((2, 3))`` as exporters write it: axes an attribute before opset 18, an input from 18."""
+    axes = {"axes": [-1, 2]} if opset == 17 else {}
+    inputs = ["c"] if opset == 17 else ["c", "axes"]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("ReduceMean", inputs, ["m"], keepdims=0, **axes),
+             helper.make_node("Gemm", ["m", "fc"], ["y"], transB=1)]
+    inits = {"w": rand(4, 1, 3, 3), "fc": rand(3, 4), "axes": np.array([2, 3], np.int64)}
+    path = write(tmp_path, nodes, inits if opset == 18 else {k: v for k, v in inits.items() if k != "axes"},
+                 opset=opset)
+    net = load_onnx(path)
+    assert [layer.type for layer in net] == ["Conv2d", "GlobalAvgPool2d", "Flatten", "Linear"]
+    x = images(5, (1, 8, 8))
+    np.testing.assert_allclose(net.forward(x), ort_run(ort, path, x), atol=LOGIT_ATOL, rtol=0)
+    bad = write(tmp_path, [helper.make_node("ReduceMean", ["x"], ["y"], name="r", axes=[1])], name="bad.onnx")
+    with pytest.raises(InputError, match=r"node 'r' \(ReduceMean\): axes \[1\]: expected the mean over H"):
+        load_onnx(bad)
