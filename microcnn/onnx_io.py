@@ -5,10 +5,10 @@ Conv (groups, dilation), Gemm, MatMul [+ Add of a constant bias], Relu, Clip(0, 
 Sigmoid, Tanh, MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape to (batch, features),
 BatchNormalization (kept as a layer: the model folds it for inference and quantization), Add, Concat
 along channels, ReduceMean over H and W (global average pooling), Identity, Dropout (the identity at
-inference: no layer) and Softmax. Only image inputs (batch, C, H, W) are read. The small integer arithmetic exporters write to compute
-a Reshape's target (Shape, Gather, Unsqueeze, Concat, Cast, Constant, ...) is evaluated here, with the
-batch dimension as a marker that must end up as the first entry of the target. The result is a
-``Sequential`` when the nodes form a chain, a ``Graph`` otherwise.
+inference: no layer) and Softmax. Only image inputs (batch, C, H, W) are read. The small integer
+arithmetic exporters write to compute a Reshape's target (Shape, Gather, Unsqueeze, Concat, Cast,
+Constant, ...) is evaluated here, with the batch dimension as a marker that must end up as the first
+entry of the target. The result is a ``Sequential`` when the nodes form a chain, a ``Graph`` otherwise.
 
 Bad files are refused before anything large is made, each with one ``InputError`` naming the file and,
 for a node, its name and op type: the file is parsed without external data (a tensor stored in
@@ -30,26 +30,10 @@ import warnings
 
 import numpy as np
 
+from . import layers
 from .errors import InputError, MicrocnnError
 from .graph import Add, Concat, Graph
-from .layers import (
-    AvgPool2d,
-    BatchNorm1d,
-    BatchNorm2d,
-    Conv2d,
-    Dropout,
-    Flatten,
-    GlobalAvgPool2d,
-    Layer,
-    LeakyReLU,
-    Linear,
-    MaxPool2d,
-    ReLU,
-    ReLU6,
-    Sigmoid,
-    Softmax,
-    Tanh,
-)
+from .layers import AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
 from .model import INPUT, LayerNode, output_shapes, sample_output_shape
 from .network import Sequential, layer_names
 
@@ -454,7 +438,7 @@ class _Importer:
 
     def op_global_pool(self, node, attrs):
         self.tensor(node.input[0], rank=4)
-        self.add(GlobalAvgPool2d(), node.input[:1], node.output[0])
+        self.add(layers.GlobalAvgPool2d(), node.input[:1], node.output[0])
 
     def op_reduce_mean(self, node, attrs):
         """A mean over H and W (``x.mean((2, 3))`` in PyTorch): global average pooling, then a Flatten
@@ -464,9 +448,9 @@ class _Importer:
         if sorted(a % 4 for a in axes or ()) != [2, 3] or attrs.get("noop_with_empty_axes", 0):
             self.fail(f"axes {axes}: expected the mean over H and W (axes 2 and 3)")
         if attrs.get("keepdims", 1):
-            self.add(GlobalAvgPool2d(), node.input[:1], node.output[0])
+            self.add(layers.GlobalAvgPool2d(), node.input[:1], node.output[0])
             return
-        self.add(GlobalAvgPool2d(), node.input[:1], f"{node.output[0]}/pooled")
+        self.add(layers.GlobalAvgPool2d(), node.input[:1], f"{node.output[0]}/pooled")
         self.add(Flatten(), [f"{node.output[0]}/pooled"], node.output[0])
 
     def op_batchnorm(self, node, attrs):
@@ -481,7 +465,7 @@ class _Importer:
                       "input of 2 or 4 dimensions")
         if (var < 0).any():
             self.fail("negative running variance")
-        cls = BatchNorm2d if len(shape) == 3 else BatchNorm1d
+        cls = layers.BatchNorm2d if len(shape) == 3 else layers.BatchNorm1d
         # ONNX's momentum weighs the running value, PyTorch's the new batch statistic.
         layer = cls(shape[0], eps=float(attrs.get("epsilon", 1e-5)),
                     momentum=1.0 - float(attrs.get("momentum", 0.9)))
@@ -492,9 +476,9 @@ class _Importer:
     def op_activation(self, node, attrs):
         self.tensor(node.input[0])
         if node.op_type == "LeakyRelu":
-            layer = LeakyReLU(float(attrs.get("alpha", 0.01)))
+            layer = layers.LeakyReLU(float(attrs.get("alpha", 0.01)))
         elif node.op_type == "Tanh":
-            layer = Tanh()
+            layer = layers.Tanh()
         else:
             layer = {"Relu": ReLU, "Sigmoid": Sigmoid}[node.op_type]()
         self.add(layer, node.input[:1], node.output[0])
@@ -507,7 +491,7 @@ class _Importer:
             self.fail(f"bounds of shapes {[list(b.shape) for b in bounds[:2]]}: expected scalars")
         low, high = (float(b.reshape(-1)[0]) for b in bounds[:2])
         if low == 0.0 and high == 6.0:
-            layer = ReLU6()
+            layer = layers.ReLU6()
         elif low == 0.0 and high == math.inf:
             layer = ReLU()
         else:
@@ -683,17 +667,17 @@ def _onnx_nodes(layer, name, inputs, out, linear_as, init):
         return [node("MaxPool" if kind is MaxPool2d else "AveragePool", inputs,
                      kernel_shape=list(layer.kernel_size), strides=list(layer.stride), pads=[ph, pw, ph, pw],
                      ceil_mode=int(layer.ceil_mode), **extra)]
-    if kind in (BatchNorm1d, BatchNorm2d):
+    if kind in (layers.BatchNorm1d, layers.BatchNorm2d):
         stats = [init(k, getattr(layer, k).data if k in ("weight", "bias") else getattr(layer, k))
                  for k in ("weight", "bias", "running_mean", "running_var")]
         # ONNX's momentum weighs the running value, PyTorch's the new batch statistic.
         return [node("BatchNormalization", [*inputs, *stats], epsilon=float(layer.eps),
                      momentum=1.0 - float(layer.momentum))]
-    if kind is ReLU6:
+    if kind is layers.ReLU6:
         return [node("Clip", [*inputs, init("min", np.float32(0)), init("max", np.float32(6))])]
-    if kind is LeakyReLU:
+    if kind is layers.LeakyReLU:
         return [node("LeakyRelu", inputs, alpha=float(layer.negative_slope))]
-    if kind is Dropout:  # the identity at inference; the ratio travels for training
+    if kind is layers.Dropout:  # the identity at inference; the ratio travels for training
         return [node("Dropout", [*inputs, init("ratio", np.float32(layer.p))])]
     if kind is Add:  # ONNX's Add takes two inputs: a chain for more
         sums = [f"{name}_sum{k}" for k in range(1, len(inputs) - 1)] + [out]
@@ -701,8 +685,8 @@ def _onnx_nodes(layer, name, inputs, out, linear_as, init):
                 for k, (a, b, s) in enumerate(zip([inputs[0], *sums[:-1]], inputs[1:], sums, strict=True))]
     if kind is Concat:
         return [node("Concat", inputs, axis=layer.axis)]
-    simple = {ReLU: "Relu", Sigmoid: "Sigmoid", Tanh: "Tanh",
-              GlobalAvgPool2d: "GlobalAveragePool"}
+    simple = {ReLU: "Relu", Sigmoid: "Sigmoid", layers.Tanh: "Tanh",
+              layers.GlobalAvgPool2d: "GlobalAveragePool"}
     if kind in simple:
         return [node(simple[kind], inputs)]
     if kind is Flatten:
