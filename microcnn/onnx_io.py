@@ -81,7 +81,8 @@ def load_onnx(path):
 
     Example::
 
-        >>> net = load_onnx("resnet_tiny.onnx"); net.predict(images)
+        net = load_onnx("resnet_tiny.onnx")  # a Sequential or a Graph
+        probabilities = net.predict(images)
     """
     from .fileutil import regular_file_size
 

@@ -122,7 +122,8 @@ def from_torch(module, input_shape=None):
 
     Example::
 
-        >>> net = from_torch(torchvision_like_block.eval(), (3, 32, 32)); net.predict(images)
+        net = from_torch(my_resnet_block, (3, 32, 32))  # any nn.Module of the supported layers
+        probabilities = net.predict(images)
     """
     torch = _torch()
     if not isinstance(module, torch.nn.Module):
