@@ -42,6 +42,13 @@ def load_model(path):
 load = load_model
 
 
+def from_torch(module, input_shape=None):
+    """A microcnn model from a PyTorch ``nn.Module`` (``microcnn.torch_io.from_torch``; torch is optional)."""
+    from .torch_io import from_torch as convert
+
+    return convert(module, input_shape)
+
+
 _QUANT_API = ("calibrate", "quantize", "compress")
 
 
@@ -66,6 +73,6 @@ __all__ = [
     "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv2d", "DataNotFoundError", "DownloadError", "Dropout",
     "FileFormatError", "Flatten", "GlobalAvgPool2d", "InputError", "LeakyReLU", "Linear", "MaxPool2d",
     "MicrocnnError", "ReLU", "ReLU6", "Sequential", "Sigmoid", "Softmax", "Tanh", "__version__",
-    "fold_batchnorm", "calibrate", "compress", "lenet", "load", "load_model", "quantize",
+    "fold_batchnorm", "calibrate", "compress", "from_torch", "lenet", "load", "load_model", "quantize",
     "save_model", "set_num_threads",
 ]

@@ -312,8 +312,8 @@ def compare_arguments(parser) -> None:
     from .compare import SYSTEMS
 
     parser.add_argument("--model", default="bundled",
-                        help="'bundled', a LeNet-5 .raw file, a .safetensors model, or a PyTorch .pt "
-                             "state_dict of LeNet-5 (default: bundled)")
+                        help="'bundled', a LeNet-5 .raw file, a .safetensors model, an .onnx file, or a "
+                             "PyTorch .pt state_dict of LeNet-5 (default: bundled)")
     parser.add_argument("--samples", type=image_count, default=1000,
                         help="first N test images (default 1000)")
     parser.add_argument("--threads", type=thread_count, default=1,
@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(sp, precision=True, dataset=True):
         sp.add_argument("--model", default="bundled", help="'bundled' or 'lenet' (LeNet-5, MNIST), 'fashion' "
-                        "(Fashion-MNIST CNN), a LeNet-5 .raw file or a .safetensors model (default: bundled)")
+                        "(Fashion-MNIST CNN), a LeNet-5 .raw file, a .safetensors model or an .onnx file "
+                        "(default: bundled)")
         if dataset:
             sp.add_argument("--dataset", type=dataset_spec, default=None,
                             help="mnist, fashion-mnist or an .npz file with images (N, C, H, W) "

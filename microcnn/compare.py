@@ -3,7 +3,7 @@
 * Weight conversion: ``to_torch(net)`` builds an ``nn.Sequential`` whose state_dict keys equal
   microcnn's (``0.weight``, ...); ``from_torch`` goes back from an ``nn.Sequential``, another module
   or a bare state_dict; ``load_torch_file`` reads a ``.pt`` state_dict (``weights_only=True``).
-* ``to_onnx(net, path)`` writes the network as ONNX with the ``onnx`` helper API. It needs neither
+* ``to_onnx(net, path)`` writes the network as ONNX with ``microcnn.onnx_io``'s exporter. It needs neither
   torch nor onnxscript (which torch 2.9+'s default exporter requires and which is not a dependency).
 * ``compare_table`` times and scores FP32, INT8 and 4-bit models of every system on the same test
   images, calibrated on the same training images; ``microcnn compare`` prints it.
@@ -37,6 +37,7 @@ from .checks import as_image_batch
 from .errors import FileFormatError, InputError, MicrocnnError
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
 from .network import Sequential
+from .onnx_io import MissingDependencyError, require
 from .quant.precision import PRECISIONS, build_precision, parse_precision
 from .timing import batch1_latency, median_time, pinned_threads
 
@@ -53,29 +54,6 @@ COLUMNS = ["System", "Precision", "Accuracy", "Time (ms)", "Per Image (us)", "La
 JSON_KEYS = {"System": "system", "Precision": "precision", "Accuracy": "accuracy", "Time (ms)": "time_ms",
              "Per Image (us)": "per_image_us", "Latency (us)": "latency_us", "Model Bytes": "model_bytes",
              "Ratio vs microcnn": "ratio_vs_microcnn"}
-_PIP_NAMES = {"torch": "torch==2.13.0", "onnx": "onnx", "onnxruntime": "onnxruntime"}
-
-
-class MissingDependencyError(MicrocnnError, ImportError):
-    """An optional package of the ``compare`` extra is not installed."""
-
-
-def require(*modules: str):
-    """Import the named optional modules, or raise one error naming every missing one and the fix."""
-    import importlib
-
-    found, missing = [], []
-    for name in modules:
-        try:
-            found.append(importlib.import_module(name))
-        except ImportError:
-            missing.append(name)
-    if missing:
-        pkgs = " ".join(_PIP_NAMES.get(m, m) for m in missing)
-        raise MissingDependencyError(
-            f"the comparison needs the optional package(s) {', '.join(missing)}, which are not installed; "
-            f"install them with `{INSTALL_HINT}` (or `pip install {pkgs}`)")
-    return found[0] if len(found) == 1 else tuple(found)
 
 
 def systems_modules(systems: str) -> tuple[str, ...]:
@@ -88,94 +66,102 @@ def systems_modules(systems: str) -> tuple[str, ...]:
 
 # -- microcnn <-> PyTorch ----------------------------------------------------------------------------
 def _torch_module(layer):
+    """The ``torch.nn`` module computing one FP32 layer (a graph's Add and Concat run in its forward)."""
+    from . import layers
+
     nn = require("torch").nn
-    if isinstance(layer, Conv2d):
+    kind = type(layer)
+    if kind is Conv2d:
         return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                         layer.padding, bias=layer.bias is not None)
-    if isinstance(layer, Linear):
+                         layer.padding, layer.dilation, layer.groups, bias=layer.bias is not None)
+    if kind is Linear:
         return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    if isinstance(layer, MaxPool2d):
-        return nn.MaxPool2d(layer.kernel_size, layer.stride)
-    if isinstance(layer, AvgPool2d):
-        return nn.AvgPool2d(layer.kernel_size, layer.stride)
-    simple = {ReLU: nn.ReLU, Sigmoid: nn.Sigmoid, Flatten: nn.Flatten}
-    if type(layer) in simple:
-        return simple[type(layer)]()
-    if isinstance(layer, Softmax):
-        return nn.Softmax(dim=1)
-    raise InputError(f"to_torch: no PyTorch equivalent for layer {layer!r}; expected an FP32 network of "
-                     "Conv2d/Linear/ReLU/Sigmoid/MaxPool2d/AvgPool2d/Flatten/Softmax")
+    if kind is MaxPool2d:
+        return nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding, ceil_mode=layer.ceil_mode)
+    if kind is AvgPool2d:
+        return nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
+                            layer.count_include_pad)
+    if kind in (layers.BatchNorm1d, layers.BatchNorm2d):
+        cls = nn.BatchNorm2d if kind is layers.BatchNorm2d else nn.BatchNorm1d
+        return cls(layer.num_features, layer.eps, layer.momentum)
+    if kind is layers.LeakyReLU:
+        return nn.LeakyReLU(layer.negative_slope)
+    if kind is layers.Dropout:
+        return nn.Dropout(layer.p)
+    simple = {ReLU: nn.ReLU, Sigmoid: nn.Sigmoid, Flatten: nn.Flatten, layers.ReLU6: nn.ReLU6,
+              layers.Tanh: nn.Tanh, layers.GlobalAvgPool2d: lambda: nn.AdaptiveAvgPool2d(1),
+              Softmax: lambda: nn.Softmax(dim=1)}
+    if kind in simple:
+        return simple[kind]()
+    raise InputError(f"to_torch: no PyTorch equivalent for layer {layer!r}; expected an FP32 model")
 
 
-def to_torch(net: Sequential):
-    """An ``nn.Sequential`` in eval mode with the same layers and weights; state_dict keys are equal."""
+def _torch_graph(net):
+    """An ``nn.Module`` running a Graph's nodes in order; submodules are named after the nodes."""
     torch = require("torch")
-    if not isinstance(net, Sequential):
-        raise InputError(f"to_torch: expected a microcnn Sequential, found {type(net).__name__}")
-    module = torch.nn.Sequential(*[_torch_module(layer) for layer in net.layers])
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in net.state_dict().items()}
-    module.load_state_dict(state, strict=True)
-    return module.eval()
+    from .graph import Add, Concat
+    from .model import INPUT
+
+    class TorchGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.steps = []  # (node name, Add/Concat layer or None for a submodule, input names)
+            for node in net.layer_nodes():
+                joins = isinstance(node.layer, Add | Concat)
+                if not joins:
+                    self.add_module(node.name, _torch_module(node.layer))
+                self.steps.append((node.name, node.layer if joins else None, node.inputs))
+
+        def forward(self, x):
+            env = {INPUT: x}
+            for name, join, inputs in self.steps:
+                xs = [env[i] for i in inputs]
+                if join is None:
+                    env[name] = getattr(self, name)(xs[0])
+                elif isinstance(join, Add):
+                    env[name] = sum(xs[1:], xs[0])  # in the inputs' order, as ours
+                else:
+                    env[name] = torch.cat(xs, dim=join.axis)
+            return env[name]
+
+    return TorchGraph()
 
 
-def _refuse(module, why: str):
-    raise InputError(f"from_torch: cannot convert {module!r}: {why}")
+def to_torch(net):
+    """A ``torch.nn`` module in eval mode with the same layers and weights, state_dict keys equal to ours:
+    an ``nn.Sequential`` for a Sequential, a module running the nodes in order for a Graph."""
+    torch = require("torch")
+    from .graph import Graph
 
-
-def _microcnn_layer(module):
-    """The microcnn layer for one PyTorch module, or None for modules that are identities at inference."""
-    nn = require("torch").nn
-    if isinstance(module, nn.Conv2d):
-        if isinstance(module.padding, str):
-            _refuse(module, f"padding={module.padding!r}; expected explicit integer padding")
-        if module.groups != 1 or tuple(module.dilation) != (1, 1) or module.padding_mode != "zeros":
-            _refuse(module, "expected groups=1, dilation=1 and zero padding")
-        layer = Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                       module.padding, bias=module.bias is not None)
-    elif isinstance(module, nn.Linear):
-        layer = Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
-        dilation = getattr(module, "dilation", 1)
-        if (module.padding not in (0, (0, 0)) or module.ceil_mode or dilation not in (1, (1, 1))
-                or getattr(module, "return_indices", False) or getattr(module, "divisor_override", None)):
-            _refuse(module, "expected padding=0, dilation=1, ceil_mode=False and no indices or divisor")
-        cls = MaxPool2d if isinstance(module, nn.MaxPool2d) else AvgPool2d
-        layer = cls(module.kernel_size, module.stride)
-    elif isinstance(module, nn.Flatten):
-        if module.start_dim != 1 or module.end_dim != -1:
-            _refuse(module, "expected Flatten(start_dim=1, end_dim=-1)")
-        layer = Flatten()
-    elif isinstance(module, nn.Softmax):
-        if module.dim not in (1, -1):
-            _refuse(module, "expected Softmax over the class axis (dim=1)")
-        layer = Softmax()
-    elif isinstance(module, nn.ReLU):
-        layer = ReLU()
-    elif isinstance(module, nn.Sigmoid):
-        layer = Sigmoid()
-    elif isinstance(module, nn.Dropout | nn.Identity):
-        return None
+    if isinstance(net, Sequential):
+        module = torch.nn.Sequential(*[_torch_module(layer) for layer in net.layers])
+    elif isinstance(net, Graph):
+        module = _torch_graph(net)
     else:
-        _refuse(module, "supported modules are Conv2d, Linear, ReLU, Sigmoid, MaxPool2d, AvgPool2d, "
-                "Flatten, Softmax (Dropout and Identity are skipped)")
-    for p, name in zip(layer.parameters(), ("weight", "bias"), strict=False):
-        p.data[...] = getattr(module, name).detach().cpu().numpy()
-    return layer
+        raise InputError(f"to_torch: expected a microcnn Sequential or Graph, found {type(net).__name__}")
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in net.state_dict().items()}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a torch BatchNorm counter
+    if missing or unexpected:
+        raise InputError(f"to_torch: state_dict keys do not match (missing {missing}, unexpected "
+                         f"{unexpected})")
+    return module.eval()
 
 
 def from_torch(module_or_state_dict, net: Sequential | None = None, input_shape=None) -> Sequential:
     """A microcnn network from PyTorch.
 
-    * ``nn.Sequential``: converted layer by layer (architecture and weights); ``input_shape``
-      (C, H, W) is attached if given.
-    * any other ``nn.Module`` or a state_dict: a state_dict carries no architecture, so its weights go
-      into ``net`` (default: a fresh LeNet-5), matched by key, else by order and shape
+    * an ``nn.Module``: converted with its architecture by ``microcnn.torch_io.from_torch`` (an
+      ``nn.Sequential`` layer by layer, other modules through ONNX, which needs ``input_shape``).
+    * a state_dict, or a module with ``net`` given: a state_dict carries no architecture, so its weights
+      go into ``net`` (default: a fresh LeNet-5), matched by key, else by order and shape
       (see ``load_torch_state_dict``).
     """
     torch = require("torch")
-    if isinstance(module_or_state_dict, torch.nn.Sequential) and net is None:
-        layers = [m for m in map(_microcnn_layer, module_or_state_dict.children()) if m is not None]
-        return Sequential(*layers, input_shape=input_shape)
+    if isinstance(module_or_state_dict, torch.nn.Module) and net is None:
+        from .torch_io import from_torch as convert
+
+        return convert(module_or_state_dict, input_shape)
     if isinstance(module_or_state_dict, torch.nn.Module):
         module_or_state_dict = module_or_state_dict.state_dict()
     if not isinstance(module_or_state_dict, Mapping):
@@ -296,81 +282,14 @@ def _default_lenet() -> Sequential:
 
 
 # -- ONNX ------------------------------------------------------------------------------------------
-def to_onnx(net: Sequential, path=None, *, softmax: bool = True, linear_as: str = "gemm",
-            opset: int = ONNX_OPSET):
-    """The network as an ONNX ``ModelProto`` (batch axis dynamic), written atomically to ``path`` if given.
+def to_onnx(net, path=None, *, softmax: bool = True, linear_as: str = "gemm", opset: int = ONNX_OPSET):
+    """The model as an ONNX ``ModelProto`` (``microcnn.onnx_io.to_model_proto``: the one exporter),
+    written atomically to ``path`` if given (replacing a file there: an explicit request)."""
+    from .onnx_io import export_onnx, to_model_proto
 
-    Initializers are named like the state_dict (``0.weight``). ``softmax=False`` drops a trailing
-    Softmax so the output is logits. ``linear_as="matmul"`` writes Linear as MatMul + Add instead of
-    Gemm (what torch's exporter writes): ONNX Runtime's 4-bit weight quantizer only handles MatMul.
-    """
-    onnx = require("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    from . import __version__
-    from .fileutil import atomic_write_bytes
-
-    if not isinstance(net, Sequential):
-        raise InputError(f"to_onnx: expected a microcnn Sequential, found {type(net).__name__}")
-    if linear_as not in ("gemm", "matmul"):
-        raise InputError(f"linear_as: expected 'gemm' or 'matmul', found {linear_as!r}")
-    layers = net.layers if softmax else net.body
-    nodes, inits = [], []
-    current = "input"
-    for i, (name, layer) in enumerate(zip(net.names, layers, strict=False)):
-        out = "output" if i == len(layers) - 1 else name
-        w, b = f"{i}.weight", f"{i}.bias"
-        for pname, p in zip((w, b), layer.parameters(), strict=False):
-            transpose = isinstance(layer, Linear) and linear_as == "matmul" and pname == w
-            data = p.data.T if transpose else p.data
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(data, np.float32), pname))
-        has_bias = len(layer.parameters()) == 2
-        if isinstance(layer, Conv2d):
-            (ph, pw) = layer.padding
-            nodes.append(helper.make_node("Conv", [current, w] + ([b] if has_bias else []), [out], name=name,
-                                          kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
-                                          pads=[ph, pw, ph, pw]))
-        elif isinstance(layer, Linear) and linear_as == "gemm":
-            nodes.append(helper.make_node("Gemm", [current, w] + ([b] if has_bias else []), [out],
-                                          name=name, transB=1))
-        elif isinstance(layer, Linear):
-            product = out if not has_bias else f"{name}_matmul"
-            nodes.append(helper.make_node("MatMul", [current, w], [product], name=name))
-            if has_bias:
-                nodes.append(helper.make_node("Add", [product, b], [out], name=f"{name}_bias"))
-        elif isinstance(layer, MaxPool2d | AvgPool2d):
-            op = "MaxPool" if isinstance(layer, MaxPool2d) else "AveragePool"
-            nodes.append(helper.make_node(op, [current], [out], name=name,
-                                          kernel_shape=list(layer.kernel_size), strides=list(layer.stride)))
-        elif type(layer) in (ReLU, Sigmoid):
-            nodes.append(helper.make_node("Relu" if isinstance(layer, ReLU) else "Sigmoid", [current], [out],
-                                          name=name))
-        elif isinstance(layer, Flatten):
-            nodes.append(helper.make_node("Flatten", [current], [out], name=name, axis=1))
-        elif isinstance(layer, Softmax):
-            nodes.append(helper.make_node("Softmax", [current], [out], name=name, axis=1))
-        else:
-            raise InputError(f"to_onnx: no ONNX equivalent for layer {layer!r}")
-        current = out
-    in_shape = ["batch", *(net.input_shape or ("channels", "height", "width"))]
-    out_shape = None
-    if net.input_shape is not None:
-        shape = tuple(net.input_shape)
-        for layer in layers:
-            shape = layer.output_shape(shape)
-        out_shape = ["batch", *shape]
-    graph = helper.make_graph(
-        nodes, "microcnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)], initializer=inits)
-    opsets = [helper.make_opsetid("", opset)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="microcnn",
-                              producer_version=__version__)
-    # The oldest IR version that carries this opset: newer onnx writes IR versions runtimes may not read yet.
-    model.ir_version = helper.find_min_ir_version_for(opsets)
-    onnx.checker.check_model(model)
     if path is not None:
-        atomic_write_bytes(path, model.SerializeToString())
-    return model
+        return export_onnx(net, path, overwrite=True, softmax=softmax, linear_as=linear_as, opset=opset)
+    return to_model_proto(net, softmax=softmax, linear_as=linear_as, opset=opset)
 
 
 def _ort_session(model, threads: int, optimization: str = "all"):
@@ -631,7 +550,8 @@ def _environment(threads: int) -> dict:
 def compare_table(net: Sequential, images, labels, calibration_images, threads: int = 1, repeats: int = 5,
                   systems: str = "all", batch1_samples: int = 200, *, method: str = "mse",
                   precisions=("FP32", "INT8", "W4A8", "W4A4"), torch_compile: bool = True,
-                  ort_calibrations=ORT_CALIBRATIONS, progress: bool = False) -> pd.DataFrame:
+                  ort_calibrations=ORT_CALIBRATIONS, progress: bool = False,
+                  onnx_file: bytes | None = None) -> pd.DataFrame:
     """microcnn next to PyTorch and ONNX Runtime on the same weights, test images and calibration images.
 
     Rows per precision (microcnn first): FP32 -- microcnn, PyTorch eager, ``torch.compile`` (if it
@@ -639,7 +559,9 @@ def compare_table(net: Sequential, images, labels, calibration_images, threads: 
     PTQ (x86, histogram and min-max observers), ONNX Runtime ``quantize_static`` QDQ per
     ``ort_calibrations``; W4A8 / W4A4 -- microcnn, ONNX Runtime QInt4 QDQ, ONNX Runtime MatMulNBits
     (Linear weights only, precision ``W4A32``), and a NaN row for PyTorch, which has no 4-bit path for
-    Conv2d/Linear. ``systems`` limits the other systems to "torch" or "onnxruntime".
+    Conv2d/Linear. ``systems`` limits the other systems to "torch" or "onnxruntime". ``onnx_file``: the
+    bytes of the ONNX file ``net`` was imported from, which ONNX Runtime's FP32 row then runs as it is
+    (PyTorch runs ``to_torch(net)``, the graph as we read it).
 
     Accuracy is the fraction of ``labels`` predicted. Time is the median of ``repeats`` batched runs
     over all ``images`` after a warm-up; Latency the median per-image time of ``batch1_samples``
@@ -694,10 +616,13 @@ def compare_table(net: Sequential, images, labels, calibration_images, threads: 
                 if torch_compile:
                     jobs.append(("PyTorch torch.compile", label, lambda: _compiled_torch(net, images, notes)))
             if want_ort:
-                jobs.append(("ONNX Runtime", label,
-                             lambda: _ort_job(to_onnx(net).SerializeToString(), threads)))
+                jobs.append(("ONNX Runtime", label, lambda: _ort_job(
+                    onnx_file if onnx_file is not None else to_onnx(net).SerializeToString(), threads)))
         elif label == "INT8":
-            if want_torch:
+            if want_torch and not isinstance(net, Sequential):
+                notes.append("PyTorch eager INT8: its static quantization flow needs QuantStub/DeQuantStub "
+                             "placed around every residual Add and Concat by hand; no rows for a graph.")
+            elif want_torch:
                 for obs in ("histogram", "minmax"):
                     def build(obs=obs):
                         q = torch_int8(net, calibration_images, obs)
@@ -723,6 +648,9 @@ def compare_table(net: Sequential, images, labels, calibration_images, threads: 
                 if label == "W4A8":
                     jobs.append(("ONNX Runtime MatMulNBits (Linear only)", "W4A32",
                                  lambda: _ort_job(ort_matmul_nbits(net), threads)))
+    if onnx_file is not None:
+        notes.append("ONNX Runtime FP32 runs the original .onnx file; its quantized rows and PyTorch run the "
+                     "graph as microcnn read it (exported again, or rebuilt as torch modules).")
     if want_ort and any(p in precisions for p in ("W4A8", "W4A4")):
         notes.append("ONNX Runtime QInt4 QDQ: no 4-bit Conv/Gemm kernel on CPU, so 4-bit nodes run as "
                      "DequantizeLinear + FP32 op (4-bit accuracy, not 4-bit speed). With 4-bit "
@@ -928,17 +856,19 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
         needed = systems_modules(systems)
         if Path(model).suffix in (".pt", ".pth"):
             needed = ("torch", *needed)
-        require(*dict.fromkeys(needed))
+        onnx = Path(model).suffix == ".onnx"
+        require(*dict.fromkeys(needed + ("onnx",) * onnx))
     except MissingDependencyError as exc:
         print(f"microcnn compare: error: {exc}", file=sys.stderr)
         return 2
     net = load_any_model(model)
+    onnx_file = Path(model).read_bytes() if onnx else None  # read after load_any_model checked it
     images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
     df = compare_table(net, images, labels, load_calibration_images(calibration, data, "--calibration",
                                                                    dataset_of(model)),
                        threads=threads, repeats=repeats, systems=systems, method=method,
                        precisions=parse_precisions(precisions), torch_compile=torch_compile,
-                       progress=output == "table")
+                       progress=output == "table", onnx_file=onnx_file)
     notes = df.attrs["notes"]
     if output == "json":
         print(json.dumps({"rows": records(df), "threads": threads, "samples": len(images),
@@ -949,7 +879,8 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
         print("\n".join(f"- {n}" for n in notes))
     else:
         env = df.attrs["environment"]
-        print(f"LeNet-5 ({model}) on {len(images)} MNIST test images; {threads} thread(s); "
+        title = Path(model).name if onnx else f"LeNet-5 ({model})"
+        print(f"{title} on {len(images)} MNIST test images; {threads} thread(s); "
               f"{env['cpu_count']} CPU core(s), {env['processor']}")
         print(format_compare(df))
         print("\nNotes:")

@@ -2,8 +2,8 @@
 calibration images. The command line, the benchmarks and the comparison all resolve through here.
 
 Model specs: ``"bundled"`` or ``"lenet"`` (the trained LeNet-5 shipped in data/), ``"fashion"`` (the
-bundled Fashion-MNIST CNN), a ``.raw`` LeNet-5 weight file, or any self-describing model file (FP32
-Sequential or Graph, quantized or storage-compressed).
+bundled Fashion-MNIST CNN), a ``.raw`` LeNet-5 weight file, an ``.onnx`` file (``onnx_io.load_onnx``), or
+any self-describing model file (FP32 Sequential or Graph, quantized or storage-compressed).
 
 Datasets: ``"mnist"``, ``"fashion-mnist"`` (test split for scoring, training split for calibration), or
 a ``.npz`` file with ``images`` (N, C, H, W) uint8 or float32 and ``labels`` (N,) integers: one set of
@@ -38,6 +38,10 @@ def load_model_spec(spec: str):
         return fashion_cnn(weights="bundled")
     if Path(spec).suffix == ".raw":
         return lenet(weights=spec)
+    if Path(spec).suffix == ".onnx":
+        from .onnx_io import load_onnx
+
+        return load_onnx(spec)
     from .quant.loading import load_model  # only here: a LeNet-5 needs no quantization package
 
     return load_model(spec)

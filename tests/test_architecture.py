@@ -22,7 +22,7 @@ LAYERS = {
                "microcnn.autograd", "microcnn.convolution", "microcnn.layers", "microcnn.model",
                "microcnn.network", "microcnn.graph",
                "microcnn.losses", "microcnn.optim", "microcnn.io", "microcnn.datasets", "microcnn.lenet",
-               "microcnn.timing"),
+               "microcnn.timing", "microcnn.onnx_io", "microcnn.torch_io"),
     "quant": ("microcnn.quant",),
     "api": ("microcnn", "microcnn.resolve"),
     "tools": ("microcnn.bench", "microcnn.compare", "microcnn.analysis", "microcnn.plots",

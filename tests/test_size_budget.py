@@ -30,15 +30,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "microcnn"
 # Every module of the package belongs to exactly one layer (kernels/ and quant/ by their folder).
 # (The import layers of tests/test_architecture.py are finer; resolve and timing count as engine here.)
 ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors", "fileutil", "io",
-          "jsonutil", "layers", "lenet", "losses", "model", "graph", "network", "optim", "resolve", "timing",
-          "train"}
+          "jsonutil", "layers", "lenet", "losses", "model", "graph", "network", "onnx_io", "optim",
+          "resolve", "timing", "torch_io", "train"}
 TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
 # engine +500 (issue 13): the model interface (model.py) and graphs (graph.py: Add, Concat,
 # Graph with its checks, plans and files), about +500 lines; tools stay bound by the 0.55 ratio.
-# engine: 5,900 + the three raises above; quant +100 for quant/explain.py (the notebooks' worked
-# requantization example, issue 16).
-BUDGET = {"engine": 7900, "quant": 2150, "tools": 3300}
+# engine +800 (issue 13, onnx13): ONNX import/export and the PyTorch converter (onnx_io, torch_io:
+# +750 lines; the exporter and converter moved out of compare, -110 tools lines).
+# quant +100 for quant/explain.py (the notebooks' worked requantization example, issue 16).
+BUDGET = {"engine": 8700, "quant": 2150, "tools": 3300}  # engine: 5,900 + the four raises above
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 
