@@ -197,12 +197,22 @@ def conv_taps(c, kh, kw, sh):
 
 @njit(cache=True)
 def _block_size(remaining):
-    """Micro-kernel width for the next output channels: 8 while they last, then 4, 2, 1."""
-    if remaining >= 8:
+    """Micro-kernel width for the next ``remaining`` output channels: 8 (padded with zero-weight channels
+    when fewer than 8 remain but more than 4: one pass over the words beats a 4 + 2 split), 4, 2, 1."""
+    if remaining > 4:
         return 8
-    if remaining >= 4:
+    if remaining > 2:
         return 4
-    return 2 if remaining >= 2 else 1
+    return remaining
+
+
+@njit(cache=True)
+def packed_channels(o):
+    """Output channels including the zero channels padding the last block (every other block is full)."""
+    o0 = 0
+    while o - o0 > 8:
+        o0 += 8
+    return o0 + _block_size(o - o0)
 
 
 @njit(cache=True)
@@ -211,11 +221,11 @@ def pack_quads(w, taps):
     channels o0.. at o0 * W * PAIR_WORDS, inside it [word, channel, PAIR_WORDS] (see ``qdot``)."""
     o = w.shape[0]
     n = taps.shape[0]
-    out = np.zeros(o * n * PAIR_WORDS, np.uint32)
+    out = np.zeros(packed_channels(o) * n * PAIR_WORDS, np.uint32)
     o0 = 0
     while o0 < o:
         width = _block_size(o - o0)
-        for c in range(width):
+        for c in range(min(width, o - o0)):  # padding channels keep zero weights
             row = w[o0 + c]
             for i in range(n):
                 b = np.zeros(4, np.int64)
@@ -283,8 +293,9 @@ def pack_linear(w, bias, zero_point: int, qmax: int = 255) -> PackedWeights:
 # -- GEMM and epilogues -----------------------------------------------------------------------------
 @njit(cache=True)
 def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc):
-    """acc[c, :n] = bias[o0 + c] + sum over words for the ``width`` channels of the block at quads[q0:];
-    position j's words are words_flat[start + word_off[w] + j].
+    """acc[c, :n] = bias[o0 + c] + sum over words for the ``width`` channels of the block at quads[q0:]
+    (channels past the bias are padding: start at 0, computed, never read); position j's words are
+    words_flat[start + word_off[w] + j].
 
     acc rows must hold n rounded up to STRIP, and words_flat extend STRIP words past the last word
     read: the last strip computes (and drops) a few positions beyond n."""
@@ -293,7 +304,7 @@ def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc)
     a_addr, stride = acc.ctypes.data, acc.shape[1]
     n_words = word_off.shape[0]
     for c in range(width):
-        acc[c, :] = bias[o0 + c]
+        acc[c, :] = bias[o0 + c] if o0 + c < bias.shape[0] else 0
     for j0 in range(0, n, STRIP):
         wa, aa = w_addr + 4 * j0, a_addr + 4 * j0
         if width == 8:
@@ -310,7 +321,8 @@ def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc)
 def _finish(values, o, rq, dst_q, dst_f, start, step):
     """Write one output channel: values[j] goes to index start + j*step of dst_q (requantized uint8) or of
     dst_f (real value, MODE_DEQUANT: the accumulator clamped to [lo, hi] -- a fused ReLU is lo = 0 --
-    times the scale)."""
+    times the scale). (Hot loops index slices from 0: a computed signed index costs Numba's
+    negative-index check, which stops LLVM from vectorising.)"""
     n = values.shape[0]
     zero_point, lo, hi = rq.zero_point, rq.lo, rq.hi
     if rq.mode == MODE_DEQUANT:
@@ -335,14 +347,22 @@ def _finish(values, o, rq, dst_q, dst_f, start, step):
 
 
 @njit(cache=True)
-def _max_pool_acc(acc, ow, geo, qh, qw, pooled):
-    """Max pooling of one channel's accumulators (oh x ow, row-major) into pooled (qh * qw)."""
+def _max_pool_acc(acc, rs, geo, qh, qw, pooled):
+    """Max pooling of one channel's accumulators (output row oy at oy * rs) into pooled (qh * qw)."""
     pkh, pkw, psh, psw = geo.pkh, geo.pkw, geo.psh, geo.psw
+    if pkh == 2 and pkw == 2 and psh == 2 and psw == 2:  # the common case, branch-free
+        for qy in range(qh):
+            r0 = acc[2 * qy * rs:2 * qy * rs + 2 * qw]
+            r1 = acc[(2 * qy + 1) * rs:(2 * qy + 1) * rs + 2 * qw]
+            dst = pooled[qy * qw:(qy + 1) * qw]
+            for qx in range(qw):
+                dst[qx] = max(max(r0[2 * qx], r0[2 * qx + 1]), max(r1[2 * qx], r1[2 * qx + 1]))
+        return
     for qy in range(qh):
         for qx in range(qw):
-            best = acc[(qy * psh) * ow + qx * psw]
+            best = acc[(qy * psh) * rs + qx * psw]
             for dy in range(pkh):
-                row = (qy * psh + dy) * ow + qx * psw
+                row = (qy * psh + dy) * rs + qx * psw
                 for dx in range(pkw):
                     v = acc[row + dx]
                     if v > best:
@@ -351,77 +371,108 @@ def _max_pool_acc(acc, ow, geo, qh, qw, pooled):
 
 
 @njit(cache=True)
-def _conv_epilogue(acc, width, o0, oh, ow, geo, pooled, rq, dst_q, dst_f):
-    """Write ``width`` accumulator rows of one image (optionally max-pooled) into its output planes.
+def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f):
+    """Write ``channels`` accumulator rows of one image (optionally max-pooled) into its output planes; output
+    row oy of an accumulator row starts at oy * rs (rs >= ow: the wide layout computes extra columns).
 
     Max pooling runs on the accumulators: requantization is monotonic, so pooling first gives the same
     integers and requantizes a quarter as many values."""
     plain = geo.pkh == 1 and geo.pkw == 1 and geo.psh == 1 and geo.psw == 1
     pool2 = geo.pkh == 2 and geo.pkw == 2 and geo.psh == 2 and geo.psw == 2
     qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
-    for c in range(width):
-        o = o0 + c
-        row = acc[c]
-        if plain:
-            _finish(row[:oh * ow], o, rq, dst_q, dst_f, o * oh * ow, 1)
-            continue
-        if pool2:  # the common case, branch-free
+    if pool2 and rq.mode == MODE_FIXEDPOINT:  # the hot path in one loop nest: calls cost refcounting
+        m0, shift, zero_point, lo, hi = rq.m0, rq.shift, rq.zero_point, rq.lo, rq.hi
+        for c in range(channels):
+            o = o0 + c
+            m, sh = np.int64(m0[o]), np.int64(shift[o])
+            rounding = np.int64(1) << (sh - 1)
+            row = acc[c]
             for qy in range(qh):
-                r0 = row[2 * qy * ow:(2 * qy + 1) * ow]
-                r1 = row[(2 * qy + 1) * ow:(2 * qy + 2) * ow]
+                r0 = row[2 * qy * rs:2 * qy * rs + 2 * qw]
+                r1 = row[(2 * qy + 1) * rs:(2 * qy + 1) * rs + 2 * qw]
                 dst = pooled[qy * qw:(qy + 1) * qw]
                 for qx in range(qw):
                     dst[qx] = max(max(r0[2 * qx], r0[2 * qx + 1]), max(r1[2 * qx], r1[2 * qx + 1]))
+            out = dst_q[o * qh * qw:(o + 1) * qh * qw]
+            for j in range(qh * qw):  # separate loop: this one vectorises
+                y = ((np.int64(pooled[j]) * m + rounding) >> sh) + zero_point
+                out[j] = np.uint8(min(max(y, lo), hi))
+        return
+    for c in range(channels):
+        o = o0 + c
+        row = acc[c]
+        if plain and rs == ow:
+            _finish(row[:oh * ow], o, rq, dst_q, dst_f, o * oh * ow, 1)
+        elif plain:
+            for oy in range(oh):
+                _finish(row[oy * rs:oy * rs + ow], o, rq, dst_q, dst_f, (o * oh + oy) * ow, 1)
         else:
-            _max_pool_acc(row, ow, geo, qh, qw, pooled)
-        _finish(pooled, o, rq, dst_q, dst_f, o * qh * qw, 1)
+            _max_pool_acc(row, rs, geo, qh, qw, pooled)
+            _finish(pooled, o, rq, dst_q, dst_f, o * qh * qw, 1)
 
 
 # -- convolution ------------------------------------------------------------------------------------
 @njit(cache=True)
-def _fill_padded(src, zero_point, qmax, padded, ph, pw):
-    """padded[:, ph:ph+h, pw:pw+w] = min(src, qmax); padded is pre-filled with the zero point."""
+def _fill_padded(src, qmax, padded, ph, pw):
+    """padded[:, ph:ph+h, pw:pw+w] = min(src, qmax) for one image src (C, H, W); padded keeps the zero
+    point elsewhere."""
     c, h, w = src.shape
     for ch in range(c):
         for y in range(h):
             s = src[ch, y]
             d = padded[ch, y + ph, pw:pw + w]
             if qmax >= 255:
-                d[:] = s
+                for xx in range(w):
+                    d[xx] = s[xx]
             else:
                 for xx in range(w):
                     d[xx] = min(s[xx], qmax)
 
 
 @njit(cache=True)
+def _fill_wide(group, padded, hp, words):
+    """The wide implicit im2col (stride 1): words[cg, y, xx] byte r*G + g = padded[cg*G + g, y + r, xx]
+    for y < hp and every column xx; tap (kq, kx) of output (oy, ox) is word (cg, oy + kq*R, ox + kx), so
+    one word per input pixel serves every kx (the outputs are computed with row stride wp)."""
+    g_ = group
+    wp = padded.shape[2]
+    for cg in range(padded.shape[0] // g_):
+        c0 = cg * g_  # byte b reads channel c0 + b % G, row y + b // G
+        c1, c2, c3 = c0 + 1 % g_, c0 + 2 % g_, c0 + 3 % g_
+        y1, y2, y3 = 1 // g_, 2 // g_, 3 // g_
+        for y in range(hp):
+            d = words[cg, y]
+            a, b, e, f = padded[c0, y], padded[c1, y + y1], padded[c2, y + y2], padded[c3, y + y3]
+            for xx in range(wp):
+                d[xx] = (np.uint32(a[xx]) | (np.uint32(b[xx]) << 8) | (np.uint32(e[xx]) << 16)
+                         | (np.uint32(f[xx]) << 24))
+
+
+@njit(cache=True)
 def _fill_words(group, padded, kw, sw, ow, hp, words):
     """Implicit im2col: words[cg*kw + kx, y*ow + ox] byte r*G + g = padded[cg*G + g, y + r, ox*sw + kx]
     for y < hp (padded has R - 1 extra rows; they meet zero weights)."""
-    c = padded.shape[0]
     g_ = group
-    for cg in range(c // g_):
+    for cg in range(padded.shape[0] // g_):
+        c0 = cg * g_  # byte b reads channel c0 + b % G, row y + b // G
+        c1, c2, c3 = c0 + 1 % g_, c0 + 2 % g_, c0 + 3 % g_
+        y1, y2, y3 = 1 // g_, 2 // g_, 3 // g_
         for kx in range(kw):
             dst = words[cg * kw + kx]
             for y in range(hp):
                 d = dst[y * ow:(y + 1) * ow]
-                if g_ == 4:
-                    r0, r1, r2, r3 = (padded[4 * cg, y], padded[4 * cg + 1, y], padded[4 * cg + 2, y],
-                                      padded[4 * cg + 3, y])
-                elif g_ == 2:
-                    r0, r1, r2, r3 = (padded[2 * cg, y], padded[2 * cg + 1, y], padded[2 * cg, y + 1],
-                                      padded[2 * cg + 1, y + 1])
-                else:
-                    r0, r1, r2, r3 = padded[cg, y], padded[cg, y + 1], padded[cg, y + 2], padded[cg, y + 3]
-                if sw == 1:
-                    a, b, e, f = r0[kx:kx + ow], r1[kx:kx + ow], r2[kx:kx + ow], r3[kx:kx + ow]
+                if sw == 1:  # slices indexed from 0: a loop LLVM vectorises
+                    a, b = padded[c0, y, kx:kx + ow], padded[c1, y + y1, kx:kx + ow]
+                    e, f = padded[c2, y + y2, kx:kx + ow], padded[c3, y + y3, kx:kx + ow]
                     for ox in range(ow):
                         d[ox] = (np.uint32(a[ox]) | (np.uint32(b[ox]) << 8) | (np.uint32(e[ox]) << 16)
                                  | (np.uint32(f[ox]) << 24))
                 else:
+                    a, b, e, f = padded[c0, y], padded[c1, y + y1], padded[c2, y + y2], padded[c3, y + y3]
                     for ox in range(ow):
                         t = ox * sw + kx
-                        d[ox] = (np.uint32(r0[t]) | (np.uint32(r1[t]) << 8) | (np.uint32(r2[t]) << 16)
-                                 | (np.uint32(r3[t]) << 24))
+                        d[ox] = (np.uint32(a[t]) | (np.uint32(b[t]) << 8) | (np.uint32(e[t]) << 16)
+                                 | (np.uint32(f[t]) << 24))
 
 
 @njit(cache=True)
@@ -451,31 +502,39 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
     group, taps = conv_taps(c, kh, kw, sh)
     n_words = taps.shape[0]
-    hp = h + 2 * ph
-    padded = np.full((c, hp + 3, w + 2 * pw), np.uint8(pk.zero_point))
+    hp, wp = h + 2 * ph, w + 2 * pw
+    padded = np.full((c, hp + 3, wp), np.uint8(pk.zero_point))
+    wide = group > 0 and sw == 1
+    rs = wp if wide else ow  # accumulator row stride
+    word_off = np.empty(n_words, np.int64)
     if group == 0:
         n_rows, row_len = n_words, oh * ow
-        word_off = np.arange(n_words) * row_len
+        word_off[:] = np.arange(n_words) * row_len
     else:
-        n_rows, row_len = (c // group) * kw, hp * ow
-        word_off = np.empty(n_words, np.int64)
+        n_rows, row_len = ((c // group), hp * wp) if wide else ((c // group) * kw, hp * ow)
         r_ = 4 // group
-        nq = (kh + r_ - 1) // r_
         i = 0
         for cg in range(c // group):
-            for kq in range(nq):
+            for kq in range(-(-kh // r_)):
                 for kx in range(kw):
-                    word_off[i] = (cg * kw + kx) * row_len + kq * r_ * ow
+                    if wide:
+                        word_off[i] = cg * row_len + kq * r_ * wp + kx
+                    else:
+                        word_off[i] = (cg * kw + kx) * row_len + kq * r_ * ow
                     i += 1
-    words_flat = np.zeros(n_rows * row_len + STRIP, np.uint32)
+    n_pos = (oh - 1) * rs + ow
+    # the last strip reads up to STRIP words past the last position (kw more in the wide layout)
+    words_flat = np.zeros(n_rows * row_len + kw + STRIP, np.uint32)
     words = words_flat[:n_rows * row_len].reshape(n_rows, row_len)
-    acc = np.empty((8, -(-(oh * ow) // STRIP) * STRIP), np.int32)
+    acc = np.empty((8, -(-n_pos // STRIP) * STRIP), np.int32)
     qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
     pooled = np.empty(qh * qw, np.int32)
     for i in range(n0, n1):
-        _fill_padded(x[i], pk.zero_point, pk.qmax, padded, ph, pw)
+        _fill_padded(x[i], pk.qmax, padded, ph, pw)
         if group == 0:
             _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, taps, words)
+        elif wide:
+            _fill_wide(group, padded, hp, words.reshape(n_rows, hp, wp))
         else:
             _fill_words(group, padded, kw, sw, ow, hp, words)
         dst_q = out_q[i].reshape(-1) if rq.mode != MODE_DEQUANT else out_q.reshape(-1)
@@ -484,9 +543,9 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
         while o0 < n_out:
             width = _block_size(n_out - o0)
             _gemm_block(words_flat, 0, word_off, pk.quads, o0 * n_words * PAIR_WORDS, width, pk.bias, o0,
-                        oh * ow, acc)
-            _conv_epilogue(acc, width, o0, oh, ow, geo, pooled, rq, dst_q, dst_f)
-            o0 += width
+                        n_pos, acc)
+            _conv_epilogue(acc, min(width, n_out - o0), o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f)
+            o0 += min(width, n_out - o0)
 
 
 _pools: dict = {}
@@ -523,7 +582,7 @@ def _check_call(pk: PackedWeights, n_words: int, rq: Requant, out_shape: tuple, 
     """What the njit kernels assume and never check: the weights' and outputs' sizes and types."""
     o = out_shape[1]
     _check_array(pk.bias, "bias", np.int32, (o,))
-    _check_array(pk.quads, "packed weights", np.uint32, (o * n_words * PAIR_WORDS,))
+    _check_array(pk.quads, "packed weights", np.uint32, (packed_channels(o) * n_words * PAIR_WORDS,))
     if pk.n_words != n_words:
         raise InputError(f"packed weights: built for {pk.n_words} words per channel, this input needs "
                          f"{n_words}")
@@ -573,12 +632,12 @@ def qlinear_rows(x, pk, rq, out_q, out_f, r0, r1):
     acc = np.empty((8, LINEAR_ROWS), np.int32)
     out_block = np.empty((8, LINEAR_ROWS), np.uint8)
     codes = np.zeros(4 * n_words, np.uint8)  # one row, clamped, with a zero tail (zero weights)
+    xf = x.reshape(-1)
     for t0 in range(r0, r1, LINEAR_ROWS):
         m = min(r1, t0 + LINEAR_ROWS) - t0
         for r in range(m):
-            src = x[t0 + r]
             for kk in range(f):
-                codes[kk] = min(src[kk], qmax)
+                codes[kk] = min(xf[(t0 + r) * f + kk], qmax)
             for kk in range(n_words):
                 words[kk, r] = (np.uint32(codes[4 * kk]) | (np.uint32(codes[4 * kk + 1]) << 8)
                                 | (np.uint32(codes[4 * kk + 2]) << 16) | (np.uint32(codes[4 * kk + 3]) << 24))
@@ -587,19 +646,19 @@ def qlinear_rows(x, pk, rq, out_q, out_f, r0, r1):
             width = _block_size(n_out - o0)
             _gemm_block(words_flat, 0, word_off, pk.quads, o0 * n_words * PAIR_WORDS, width, pk.bias, o0, m,
                         acc)
+            channels = min(width, n_out - o0)
             if rq.mode == MODE_DEQUANT:
-                for c_ in range(width):
+                for c_ in range(channels):
                     _finish(acc[c_, :m], o0 + c_, rq, out_q, out_f, t0 * n_out + o0 + c_, n_out)
             else:
                 # requantize contiguously per channel, then scatter the small block into the rows
                 flat = out_block.reshape(-1)
-                for c_ in range(width):
+                for c_ in range(channels):
                     _finish(acc[c_, :m], o0 + c_, rq, flat, out_f, c_ * LINEAR_ROWS, 1)
                 for r in range(m):
-                    dst = out_q[(t0 + r) * n_out + o0:(t0 + r) * n_out + o0 + width]
-                    for c_ in range(width):
-                        dst[c_] = out_block[c_, r]
-            o0 += width
+                    for c_ in range(channels):
+                        out_q[(t0 + r) * n_out + o0 + c_] = out_block[c_, r]
+            o0 += channels
 
 
 def linear_packed(x, pk: PackedWeights, rq: Requant, out_q, out_f) -> None:
