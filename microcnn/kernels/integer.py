@@ -45,8 +45,18 @@ import numpy as np
 from numba import njit
 
 from ..errors import InputError
-from .qdot import PAIR_WORDS, STRIP, microkernel1, microkernel2, microkernel4, microkernel8
+from .qdot import (
+    DENSE_VECTORS,
+    PAIR_WORDS,
+    STRIP,
+    dense_kernel,
+    microkernel1,
+    microkernel2,
+    microkernel4,
+    microkernel8,
+)
 from .shapes import conv_output_size
+from .simd import LANES
 
 MODE_FIXEDPOINT = 0  # uint8 output, integer multiplier and shift
 MODE_FLOAT = 1  # uint8 output, float32 multiplier
@@ -55,8 +65,11 @@ LINEAR_ROWS = 256  # batch rows per tile of the linear kernel (its words stay in
 
 # Weights in the micro-kernel's order: ``quads`` uint32 (see ``pack_quads``), ``bias`` int32 with the
 # input zero point folded in, ``n_words`` quads per output channel, the input's ``zero_point`` and the
-# largest code ``qmax`` (inputs are clamped to it).
-PackedWeights = namedtuple("PackedWeights", ["quads", "bias", "n_words", "zero_point", "qmax"])
+# largest code ``qmax`` (inputs are clamped to it); dense layers also ``lanes`` (``pack_lanes``: the
+# small-batch layout), empty for convolutions.
+PackedWeights = namedtuple("PackedWeights", ["quads", "bias", "n_words", "zero_point", "qmax", "lanes"])
+DENSE_BLOCK = DENSE_VECTORS * LANES  # channels per dense-kernel call
+SMALL_ROWS = 4  # dense layers with fewer rows than this run the channels-in-lanes kernel
 # Convolution kernel, stride, padding, and a fused max pooling's window and stride (1s: none).
 ConvGeometry = namedtuple("ConvGeometry", ["kh", "kw", "sh", "sw", "ph", "pw", "pkh", "pkw", "psh", "psw"])
 # The epilogue: per-channel multipliers, MODE_*, output zero point and clamp bounds.
@@ -244,6 +257,32 @@ def pack_quads(w, taps):
 
 
 @njit(cache=True)
+def pack_lanes(w, taps):
+    """The (O, K) int8 weights for ``qdot.dense_kernel``: blocks of DENSE_BLOCK channels (the last padded
+    with zero channels), each (W, DENSE_VECTORS, PAIR_WORDS, LANES) -- lane l of vector v is channel
+    v * LANES + l of the block; quads or int16 pairs as in ``pack_quads``."""
+    o = w.shape[0]
+    n = taps.shape[0]
+    blocks = -(-o // DENSE_BLOCK)
+    out = np.zeros(blocks * n * DENSE_BLOCK * PAIR_WORDS, np.uint32)
+    for ch in range(o):
+        blk, v, lane = ch // DENSE_BLOCK, (ch % DENSE_BLOCK) // LANES, ch % LANES
+        for i in range(n):
+            b = np.zeros(4, np.int64)
+            for j in range(4):
+                if taps[i, j] >= 0:
+                    b[j] = w[ch, taps[i, j]]
+            at = (((blk * n + i) * DENSE_VECTORS + v) * PAIR_WORDS) * LANES + lane
+            if PAIR_WORDS == 1:
+                out[at] = np.uint32((b[0] & 0xFF) | ((b[1] & 0xFF) << 8) | ((b[2] & 0xFF) << 16)
+                                    | ((b[3] & 0xFF) << 24))
+            else:
+                out[at] = np.uint32((b[0] & 0xFFFF) | ((b[2] & 0xFFFF) << 16))
+                out[at + LANES] = np.uint32((b[1] & 0xFFFF) | ((b[3] & 0xFFFF) << 16))
+    return out
+
+
+@njit(cache=True)
 def corrected_bias(w, bias, zero_point):
     """bias[o] - zero_point * sum_k w[o, k], wrapped to int32 (exact modulo 2**32; see the docstring)."""
     o, k = w.shape
@@ -256,15 +295,16 @@ def corrected_bias(w, bias, zero_point):
     return out
 
 
-def _packed(w2, bias, taps, zero_point: int, qmax: int) -> PackedWeights:
+def _packed(w2, bias, taps, zero_point: int, qmax: int, dense: bool = False) -> PackedWeights:
     if not (0 <= zero_point <= qmax <= 255):
         raise InputError(f"input zero point and qmax: expected 0 <= zero_point <= qmax <= 255, found "
                          f"{zero_point}, {qmax}")
     bias = np.ascontiguousarray(bias, np.int32)
     if bias.shape != (w2.shape[0],):
         raise InputError(f"bias: expected shape ({w2.shape[0]},), found {bias.shape}")
+    lanes = pack_lanes(w2, taps) if dense else np.zeros(0, np.uint32)
     return PackedWeights(pack_quads(w2, taps), corrected_bias(w2, bias, int(zero_point)), int(taps.shape[0]),
-                         int(zero_point), int(qmax))
+                         int(zero_point), int(qmax), lanes)
 
 
 def _int8_codes(w, ndim: int) -> np.ndarray:
@@ -287,7 +327,7 @@ def pack_linear(w, bias, zero_point: int, qmax: int = 255) -> PackedWeights:
     """Dense weights (O, F) int8 codes for ``linear_packed``: words of four consecutive features."""
     w = _int8_codes(w, 2)
     _, taps = conv_taps(w.shape[1], 1, 1, 2)  # explicit patches of a 1x1 "image": consecutive taps
-    return _packed(w, bias, taps, zero_point, qmax)
+    return _packed(w, bias, taps, zero_point, qmax, dense=True)
 
 
 # -- GEMM and epilogues -----------------------------------------------------------------------------
@@ -617,6 +657,49 @@ def conv2d_packed(x, pk: PackedWeights, geo: ConvGeometry, rq: Requant, out_q, o
 
 
 # -- dense ------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _linear_epilogue(acc, channels, o0, m, rq, out_q, out_f, base):
+    """out[base + r * O + o0 + c] for rows r < m and the block's channels c: requantized into out_q, or
+    real values (MODE_DEQUANT) into out_f; one call per block, scalars only inside (a call per channel
+    costs more than its work at small batches)."""
+    n_out = rq.m0.shape[0]
+    zero_point, lo, hi, mode = rq.zero_point, rq.lo, rq.hi, rq.mode
+    for c in range(channels):
+        o = o0 + c
+        m0, sh, f = np.int64(rq.m0[o]), np.int64(rq.shift[o]), rq.fmult[o]
+        for r in range(m):
+            at = base + r * n_out + o
+            if mode == MODE_DEQUANT:
+                out_f[at] = np.float32(min(max(acc[c, r], lo), hi)) * f
+            elif mode == MODE_FIXEDPOINT:
+                out_q[at] = requantize_one(acc[c, r], m0, sh, zero_point, lo, hi)
+            else:
+                out_q[at] = requantize_float_one(acc[c, r], f, zero_point, lo, hi)
+
+
+@njit(cache=True)
+def _dense_small(x, pk, rq, out_q, out_f, r0, r1):
+    """Rows r0..r1 of the dense layer one at a time, the channels in the vector lanes (``pk.lanes``)."""
+    f = x.shape[1]
+    n_out = pk.bias.shape[0]
+    n_words = (f + 3) // 4
+    blocks = -(-n_out // DENSE_BLOCK)
+    codes = np.zeros(4 * n_words, np.uint8)
+    words = codes.view(np.uint32)  # little-endian: byte b of a word is feature 4w + b
+    acc = np.zeros(blocks * DENSE_BLOCK, np.int32)
+    block_words = n_words * DENSE_BLOCK * PAIR_WORDS
+    qmax = np.uint8(pk.qmax)
+    for r in range(r0, r1):
+        for kk in range(f):
+            codes[kk] = min(x[r, kk], qmax)
+        acc[:n_out] = pk.bias
+        acc[n_out:] = 0
+        for blk in range(blocks):
+            dense_kernel(words.ctypes.data, n_words, pk.lanes.ctypes.data + 4 * blk * block_words,
+                         acc.ctypes.data + 4 * blk * DENSE_BLOCK)
+        _linear_epilogue(acc.reshape(-1, 1), n_out, 0, 1, rq, out_q, out_f, r * n_out)
+
+
 @njit(cache=True, nogil=True)
 def qlinear_rows(x, pk, rq, out_q, out_f, r0, r1):
     """Rows r0..r1 of the quantized dense layer (see ``linear_packed``), in tiles of LINEAR_ROWS rows
@@ -626,15 +709,18 @@ def qlinear_rows(x, pk, rq, out_q, out_f, r0, r1):
     n_out = pk.bias.shape[0]
     n_words = (f + 3) // 4
     qmax = np.uint8(pk.qmax)
-    words_flat = np.zeros(n_words * LINEAR_ROWS + STRIP, np.uint32)
-    words = words_flat[:n_words * LINEAR_ROWS].reshape(n_words, LINEAR_ROWS)
-    word_off = np.arange(n_words) * LINEAR_ROWS
-    acc = np.empty((8, LINEAR_ROWS), np.int32)
-    out_block = np.empty((8, LINEAR_ROWS), np.uint8)
+    if r1 - r0 < SMALL_ROWS:
+        _dense_small(x, pk, rq, out_q, out_f, r0, r1)
+        return
+    tile = min(LINEAR_ROWS, -(-(r1 - r0) // STRIP) * STRIP)  # small batches: small buffers to clear
+    words_flat = np.zeros(n_words * tile + STRIP, np.uint32)
+    words = words_flat[:n_words * tile].reshape(n_words, tile)
+    word_off = np.arange(n_words) * tile
+    acc = np.empty((8, tile), np.int32)
     codes = np.zeros(4 * n_words, np.uint8)  # one row, clamped, with a zero tail (zero weights)
     xf = x.reshape(-1)
-    for t0 in range(r0, r1, LINEAR_ROWS):
-        m = min(r1, t0 + LINEAR_ROWS) - t0
+    for t0 in range(r0, r1, tile):
+        m = min(r1, t0 + tile) - t0
         for r in range(m):
             for kk in range(f):
                 codes[kk] = min(xf[(t0 + r) * f + kk], qmax)
@@ -647,17 +733,7 @@ def qlinear_rows(x, pk, rq, out_q, out_f, r0, r1):
             _gemm_block(words_flat, 0, word_off, pk.quads, o0 * n_words * PAIR_WORDS, width, pk.bias, o0, m,
                         acc)
             channels = min(width, n_out - o0)
-            if rq.mode == MODE_DEQUANT:
-                for c_ in range(channels):
-                    _finish(acc[c_, :m], o0 + c_, rq, out_q, out_f, t0 * n_out + o0 + c_, n_out)
-            else:
-                # requantize contiguously per channel, then scatter the small block into the rows
-                flat = out_block.reshape(-1)
-                for c_ in range(channels):
-                    _finish(acc[c_, :m], o0 + c_, rq, flat, out_f, c_ * LINEAR_ROWS, 1)
-                for r in range(m):
-                    for c_ in range(channels):
-                        out_q[(t0 + r) * n_out + o0 + c_] = out_block[c_, r]
+            _linear_epilogue(acc, channels, o0, m, rq, out_q, out_f, t0 * n_out)
             o0 += channels
 
 
@@ -668,7 +744,10 @@ def linear_packed(x, pk: PackedWeights, rq: Requant, out_q, out_f) -> None:
         raise InputError(f"x: expected a C-contiguous uint8 (N, F) array, found {type(x).__name__} "
                          f"{getattr(x, 'dtype', '')} {np.shape(x)}")
     n, f = x.shape
-    _check_call(pk, (f + 3) // 4, rq, (n, pk.bias.shape[0]), out_q, out_f)
+    o = pk.bias.shape[0]
+    _check_call(pk, (f + 3) // 4, rq, (n, o), out_q, out_f)
+    _check_array(pk.lanes, "packed weights (lanes)", np.uint32,
+                 (-(-o // DENSE_BLOCK) * DENSE_BLOCK * ((f + 3) // 4) * PAIR_WORDS,))
     _in_threads(qlinear_rows, (x, pk, rq, out_q.reshape(-1), out_f.reshape(-1)), n, LINEAR_ROWS)
 
 

@@ -129,3 +129,83 @@ microkernel8 = _make_microkernel(8)
 microkernel4 = _make_microkernel(4)
 microkernel2 = _make_microkernel(2)
 microkernel1 = _make_microkernel(1)
+
+
+DENSE_VECTORS = 4  # channel vectors per dense-kernel call: independent accumulator chains
+
+
+def _make_dense_kernel():
+    """``kernel(x_addr, n_words, w_addr, acc_addr)`` for one activation row, channels in the lanes:
+    acc[v * LANES + l] += sum_w dot4(x[w], quad[w, v, l]) for DENSE_VECTORS vectors -- the small-batch
+    layout of a dense layer, where one row would fill one lane of the position-major micro-kernel.
+
+    x_addr: n_words uint32 activation words. w_addr: uint32 (n_words, DENSE_VECTORS, PAIR_WORDS, LANES)
+    (``integer.pack_lanes``). The same instructions and exactness argument as the micro-kernel, with
+    the activation word broadcast instead of the weight quad."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.core.extending import intrinsic
+
+    lanes, vectors = LANES, DENSE_VECTORS
+
+    @intrinsic
+    def kernel(typingctx, x_addr, n_words, w_addr, acc_addr):
+        sig = types.void(types.intp, types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            x_addr, n_words, w_addr, acc_addr = args
+            i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+            vi, vh = ir.VectorType(i32, lanes), ir.VectorType(i16, 2 * lanes)
+            x_p = builder.inttoptr(x_addr, i32.as_pointer())
+            w_p = builder.bitcast(builder.inttoptr(w_addr, i32.as_pointer()), vi.as_pointer())
+            acc_p = builder.bitcast(builder.inttoptr(acc_addr, i32.as_pointer()), vi.as_pointer())
+            ptrs = [builder.gep(acc_p, [ir.Constant(i64, v)]) for v in range(vectors)]
+            init = [builder.load(ptr, align=4) for ptr in ptrs]
+
+            def const(value):
+                return ir.Constant(vi, [value] * lanes)
+
+            if VNNI:
+                dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vi, vi, vi]),
+                                                     f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
+            elif SIMD:
+                name = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
+                pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vh, vh]), name)
+
+            def wvec(w, v, half):
+                idx = builder.add(builder.mul(w, ir.Constant(i64, vectors * PAIR_WORDS)),
+                                  ir.Constant(i64, v * PAIR_WORDS + half))
+                return builder.load(builder.gep(w_p, [idx]), align=4)
+
+            def step(w, accs):
+                xs = splat(builder, builder.load(builder.gep(x_p, [w])), vi)
+                new = []
+                if VNNI:
+                    return [builder.call(dot, [accs[v], xs, wvec(w, v, 0)]) for v in range(vectors)]
+                if SIMD:  # even and odd activation bytes as int16 pairs, against the weights' pairs
+                    even = builder.bitcast(builder.and_(xs, const(0x00FF00FF)), vh)
+                    odd = builder.bitcast(builder.and_(builder.lshr(xs, const(8)), const(0x00FF00FF)), vh)
+                    for v in range(vectors):
+                        product = builder.add(builder.call(pmadd, [even, builder.bitcast(wvec(w, v, 0), vh)]),
+                                              builder.call(pmadd, [odd, builder.bitcast(wvec(w, v, 1), vh)]))
+                        new.append(builder.add(accs[v], product))
+                    return new
+                xb = [builder.and_(builder.lshr(xs, const(8 * b)), const(0xFF)) for b in range(4)]
+                for v in range(vectors):
+                    quad, total = wvec(w, v, 0), accs[v]
+                    for b in range(4):
+                        signed = builder.ashr(builder.shl(quad, const(24 - 8 * b)), const(24))
+                        total = builder.add(total, builder.mul(xb[b], signed))
+                    new.append(total)
+                return new
+
+            for ptr, value in zip(ptrs, register_loop(builder, n_words, init, step, "qdense"), strict=True):
+                builder.store(value, ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
+
+
+dense_kernel = _make_dense_kernel()

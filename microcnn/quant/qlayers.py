@@ -13,7 +13,7 @@ import numpy as np
 from ..checks import int_pair
 from ..errors import InputError
 from ..kernels import integer as ki
-from ..kernels import pool
+from ..kernels import pool, program
 from ..kernels.elementwise import all_finite
 from ..kernels.shapes import conv_output_size
 from ..layers import MaxPool2d
@@ -37,6 +37,12 @@ class Stage:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def program_ops(self, chw: tuple, keep: list):
+        """(rows of ``kernels.program``, output (C, H, W)) for inputs of sample shape ``chw``, or None
+        when the stage has no ops there. Arrays the rows point at that the stage does not hold go to
+        ``keep``, which must outlive the rows."""
+        return None
 
     def tensors(self) -> dict:
         """Arrays this stage stores, by short name."""
@@ -95,6 +101,13 @@ class QuantizeStage(Stage):
             refuse_nonfinite(x)
         return ki.quantize_u8(flat, a.scale, a.zero_point, a.qmax).reshape(x.shape)
 
+    def program_ops(self, chw, keep):
+        a = self.out_act
+        scale = np.array([a.scale], np.float32)  # what quantize_u8 rounds the float scale to
+        keep.append(scale)
+        row = program.integer_row(program.OP_QUANTIZE, scale=scale, zero_point=a.zero_point, qmax=a.qmax)
+        return [row], chw
+
     def spec(self):
         return {**super().spec(), "bits": self.out_act.bits}
 
@@ -114,6 +127,12 @@ class DequantizeStage(Stage):
     def run(self, x):
         a = self.in_act
         return ki.dequantize_u8(x.reshape(-1), a.scale, a.zero_point).reshape(x.shape)
+
+    def program_ops(self, chw, keep):
+        scale = np.array([self.in_act.scale], np.float32)
+        keep.append(scale)
+        return [program.integer_row(program.OP_DEQUANTIZE, scale=scale, zero_point=self.in_act.zero_point)], \
+            chw
 
 
 class QWeighted(Stage):
@@ -282,6 +301,20 @@ class QConv2d(QWeighted):
         pool = (1, 1, 1, 1) if self.pool is None else (*self.pool[0], *self.pool[1])
         return ki.ConvGeometry(*self.weight_shape[2:], *self.stride, *self.padding, *pool)
 
+    def program_ops(self, chw, keep):
+        o = self.weight_shape[0]
+        if self.packed_dense is not None and tuple(chw[1:]) == self.weight_shape[2:]:
+            row = program.integer_row(program.OP_QLINEAR, self.packed_dense, self.requant_run, o)
+            return [row], (o, 1, 1)
+        geo = self.geometry()
+        h = conv_output_size(chw[1], geo.kh, geo.sh, geo.ph)
+        w = conv_output_size(chw[2], geo.kw, geo.sw, geo.pw)
+        if h < max(1, geo.pkh) or w < max(1, geo.pkw):
+            return None  # the layer path reports the error
+        out = (o, conv_output_size(h, geo.pkh, geo.psh), conv_output_size(w, geo.pkw, geo.psw))
+        return [program.integer_row(program.OP_QCONV, self.packed, self.requant_run, o, geo[:2], geo[2:4],
+                                    geo[4:6], geo[6:])], out
+
     def _run(self, x, rq):
         self._check_input(x, 4)
         n, c, h, w = x.shape
@@ -317,6 +350,10 @@ class QLinear(QWeighted):
             raise InputError(f"linear weight: expected (O, F), found {self.weight_shape}")
         self.packed_dense = self._pack_dense()
 
+    def program_ops(self, chw, keep):
+        o = self.weight_shape[0]
+        return [program.integer_row(program.OP_QLINEAR, self.packed_dense, self.requant_run, o)], (o, 1, 1)
+
     def _run(self, x, rq):
         self._check_input(x, 2)
         q, f = self._outputs((x.shape[0], self.weight_shape[0]), rq.mode)
@@ -338,6 +375,10 @@ class QMaxPool2d(Stage):
         self.layer._check_input(x)
         return pool.maxpool2d(x, *self.kernel_size, *self.stride)
 
+    def program_ops(self, chw, keep):
+        out = self.layer.output_shape(tuple(chw))
+        return [program.op_row(program.OP_QMAXPOOL, kernel=self.kernel_size, stride=self.stride)], out
+
     def spec(self):
         return {**super().spec(), "kernel_size": list(self.kernel_size), "stride": list(self.stride)}
 
@@ -353,6 +394,9 @@ class QReLU(Stage):
     def run(self, x):
         return np.maximum(x, np.uint8(self.in_act.zero_point))
 
+    def program_ops(self, chw, keep):
+        return [program.integer_row(program.OP_QRELU, zero_point=self.in_act.zero_point)], chw
+
 
 class FlattenStage(Stage):
     """Flatten is a reshape in either domain: free."""
@@ -364,6 +408,9 @@ class FlattenStage(Stage):
 
     def run(self, x):
         return x.reshape(x.shape[0], -1)
+
+    def program_ops(self, chw, keep):
+        return [], (int(np.prod(chw)), 1, 1)
 
 
 class FloatStage(Stage):
@@ -378,6 +425,11 @@ class FloatStage(Stage):
 
     def run(self, x):
         return self.layer.forward(x)
+
+    def program_ops(self, chw, keep):
+        if self.layer.type != "Softmax":
+            return None
+        return [program.op_row(program.OP_SOFTMAX)], chw
 
     def tensors(self):
         return {pname: p.data for pname, p in zip(("weight", "bias"), self.layer.parameters(), strict=False)}
