@@ -622,10 +622,10 @@ def _check_call(pk: PackedWeights, n_words: int, rq: Requant, out_shape: tuple, 
     """What the njit kernels assume and never check: the weights' and outputs' sizes and types."""
     o = out_shape[1]
     _check_array(pk.bias, "bias", np.int32, (o,))
-    _check_array(pk.quads, "packed weights", np.uint32, (packed_channels(o) * n_words * PAIR_WORDS,))
     if pk.n_words != n_words:
         raise InputError(f"packed weights: built for {pk.n_words} words per channel, this input needs "
                          f"{n_words}")
+    _check_array(pk.quads, "packed weights", np.uint32, (packed_channels(o) * n_words * PAIR_WORDS,))
     for name in ("m0", "shift"):
         _check_array(getattr(rq, name), name, np.int32, (o,))
     _check_array(rq.fmult, "fmult", np.float32, (o,))
