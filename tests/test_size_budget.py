@@ -24,7 +24,10 @@ ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors",
           "jsonutil", "layers", "lenet", "losses", "network", "optim", "resolve", "timing", "train"}
 TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
-BUDGET = {"engine": 5900, "quant": 2050, "tools": 3300}
+# engine 5,900 -> 6,350 (issue 15, +414 lines): the u8 x s8 integer micro-kernels in three instruction
+# forms (VNNI, pmaddwd, portable IR; kernels/qdot.py), the small-batch dense kernel, weight repacking,
+# and the integer ops of the compiled program -- what makes quantized inference faster than FP32.
+BUDGET = {"engine": 6350, "quant": 2050, "tools": 3300}
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 
