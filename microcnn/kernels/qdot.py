@@ -27,6 +27,25 @@ STRIP = 16  # output positions per micro-kernel call (one AVX-512 vector, two AV
 PAIR_WORDS = 2 if (SIMD and not VNNI) else 1  # uint32 words per (word, channel) in a packed weight block
 
 
+def _instructions(builder, vi, vh):
+    """(const, dot, pmadd): a splat constant maker and the x86 instructions of this build -- vpdpbusd
+    on VNNI, pmaddwd on other SIMD (None where not used)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    def const(value):
+        return ir.Constant(vi, [value] * vi.count)
+
+    dot = pmadd = None
+    if VNNI:
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vi, vi, vi]),
+                                             f"llvm.x86.avx512.vpdpbusd.{32 * vi.count}")
+    elif SIMD:
+        name = "llvm.x86.avx512.pmaddw.d.512" if vi.count == 16 else "llvm.x86.avx2.pmadd.wd"
+        pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vh, vh]), name)
+    return const, dot, pmadd
+
+
 def _make_microkernel(channels: int):
     """``kernel(words_addr, word_off_addr, n_words, wts_addr, acc_addr, acc_stride)``: ``channels``
     output channels x STRIP positions.
@@ -39,7 +58,7 @@ def _make_microkernel(channels: int):
     the initial values and receives the sums.
     """
     from llvmlite import ir
-    from numba.core import cgutils, types
+    from numba.core import types
     from numba.core.extending import intrinsic
 
     lanes = LANES
@@ -65,15 +84,7 @@ def _make_microkernel(channels: int):
                     ptrs.append(builder.bitcast(builder.gep(acc_p, [idx]), vi.as_pointer()))
             init = [builder.load(ptr, align=4) for ptr in ptrs]
 
-            def const(value):
-                return ir.Constant(vi, [value] * lanes)
-
-            if VNNI:
-                dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vi, vi, vi]),
-                                                     f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
-            elif SIMD:
-                name = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
-                pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vh, vh]), name)
+            const, dot, pmadd = _instructions(builder, vi, vh)
 
             def weight(w, c, half):
                 idx = builder.add(builder.mul(w, ir.Constant(i64, channels * PAIR_WORDS)),
@@ -143,7 +154,7 @@ def _make_dense_kernel():
     (``integer.pack_lanes``). The same instructions and exactness argument as the micro-kernel, with
     the activation word broadcast instead of the weight quad."""
     from llvmlite import ir
-    from numba.core import cgutils, types
+    from numba.core import types
     from numba.core.extending import intrinsic
 
     lanes, vectors = LANES, DENSE_VECTORS
@@ -162,15 +173,7 @@ def _make_dense_kernel():
             ptrs = [builder.gep(acc_p, [ir.Constant(i64, v)]) for v in range(vectors)]
             init = [builder.load(ptr, align=4) for ptr in ptrs]
 
-            def const(value):
-                return ir.Constant(vi, [value] * lanes)
-
-            if VNNI:
-                dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vi, vi, vi]),
-                                                     f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
-            elif SIMD:
-                name = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
-                pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vh, vh]), name)
+            const, dot, pmadd = _instructions(builder, vi, vh)
 
             def wvec(w, v, half):
                 idx = builder.add(builder.mul(w, ir.Constant(i64, vectors * PAIR_WORDS)),
