@@ -19,7 +19,8 @@ from .quant.precision import PRECISIONS, build_precision, precision_of, stored_p
 from .timing import batch1_latency, median_time, pinned_threads
 
 __all__ = ["PRECISIONS", "batch1_latency", "build_precision", "format_table", "headline_records",
-           "headline_table", "median_time", "pinned_threads", "random_images", "run", "startup_times"]
+           "headline_table", "median_time", "pinned_threads", "random_images", "run", "startup_times",
+           "threads_table"]
 
 
 def headline_table(models: dict, images, labels, repeats: int = 5, threads: int | None = 1,
@@ -40,6 +41,22 @@ def headline_table(models: dict, images, labels, repeats: int = 5, threads: int 
     df.insert(5, "Speedup", df["Inference Time (ms)"].iloc[0] / df["Inference Time (ms)"])
     df.insert(6, "Savings (%)", 100 * (1 - df["model_bytes"] / df["model_bytes"].iloc[0]))
     return df
+
+
+def threads_table(models: dict, images, threads: list[int], repeats: int = 5) -> pd.DataFrame:
+    """Batched inference time per precision and thread count: Precision, Threads, Time (ms), and the
+    Scaling against the first thread count (time at threads[0] / time here), measured side by side.
+    Thread counts are capped by NUMBA_NUM_THREADS (the CLI refuses larger ones)."""
+    rows = []
+    for name, model in models.items():
+        first = None
+        for t in threads:
+            with pinned_threads(t):
+                seconds = median_time(lambda m=model: m.predict(images, batch_size=len(images)), repeats)
+            first = first or seconds
+            rows.append({"Precision": name.upper(), "Threads": t, "Time (ms)": seconds * 1e3,
+                         "Scaling": first / seconds})
+    return pd.DataFrame(rows)
 
 
 _STARTUP_SCRIPT = """
@@ -97,7 +114,7 @@ def _records(df: pd.DataFrame, columns: dict) -> list[dict]:
     return json.loads(df[list(columns)].rename(columns=columns).to_json(orient="records"))
 
 
-def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000, threads: int = 1,
+def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000, threads: int | list = 1,
         repeats: int = 5, calibration: int = 100, method: str = "mse", precisions=None, conv: bool = False,
         per_layer: bool = False, train: bool = False, compare: str | None = None, startup: bool = True,
         quiet: bool = False) -> dict:
@@ -105,13 +122,17 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
 
     ``model``: a spec of ``microcnn.resolve.load_model_spec``; ``data``: the dataset directory;
     ``precisions``: names of ``microcnn.quant.precision.PRECISIONS`` (default: all for an FP32 model, the
-    file's own for a quantized one); ``compare``: None, "torch", "onnxruntime" or "all"."""
+    file's own for a quantized one); ``compare``: None, "torch", "onnxruntime" or "all"; ``threads``: a
+    count, or a list of counts -- the tables use the first, and a ``threads`` scaling table (batched
+    time of every precision at each count) is added."""
     import numba
 
     from .errors import InputError
     from .resolve import data_dir, dataset_of, load_calibration_images, load_model_spec, load_test_images
 
     say = (lambda *a: None) if quiet else print
+    thread_counts = [int(t) for t in threads] if isinstance(threads, list | tuple) else [int(threads)]
+    threads = thread_counts[0]
     images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
     net = load_model_spec(model)
     stored = stored_precision(net)
@@ -149,6 +170,13 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
     say(format_table(head))
     report["headline"] = headline_records(head)
     report["latency_us"] = {r["precision"]: r["latency_us"] for r in report["headline"]}
+
+    if len(thread_counts) > 1:
+        table = threads_table(models, images, thread_counts, repeats=repeats)
+        say(f"\nThreads (batched, {len(images)} images; Scaling = time at {thread_counts[0]} / time):\n"
+            + format_table(table))
+        report["threads_table"] = _records(table, {"Precision": "precision", "Threads": "threads",
+                                                   "Time (ms)": "time_ms", "Scaling": "scaling"})
 
     if startup:
         times = startup_times(model)

@@ -343,7 +343,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cliargs import dataset_spec, image_count, index_value, repeat_count, thread_count
+    from .cliargs import dataset_spec, image_count, index_value, repeat_count, thread_counts
 
     p = _Parser(prog="microcnn", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("bench", cmd_bench, "speed tables (headline, per-layer, conv algorithms, training)")
     model_options(sp, precision=False, dataset=False)
     sp.add_argument("--samples", type=image_count, default=1000)
-    sp.add_argument("--threads", type=thread_count, default=1)
+    sp.add_argument("--threads", type=thread_counts, default=[1],
+                    help="thread count, or a list (1,2) for a scaling table; the other tables use the first")
     sp.add_argument("--repeats", type=repeat_count, default=5)
     calibration_options(sp)
     sp.add_argument("--precisions", type=precision_list, default=None,

@@ -49,6 +49,15 @@ def thread_count(text: str) -> int:
     return int_in(1, numba.config.NUMBA_NUM_THREADS, "a thread count (NUMBA_NUM_THREADS limits it)")(text)
 
 
+def thread_counts(text: str) -> list[int]:
+    """A comma-separated list of distinct ``thread_count`` values (``bench --threads 1,2``)."""
+    parts = [p.strip() for p in text.split(",")]
+    counts = [thread_count(p) for p in parts]
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"expected distinct thread counts, found {text!r}")
+    return counts
+
+
 image_count = int_in(1, MAX_IMAGES, "a number of images")
 repeat_count = int_in(1, MAX_REPEATS, "a number of repeats")
 epoch_count = int_in(1, MAX_EPOCHS, "a number of epochs")

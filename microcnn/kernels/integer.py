@@ -1,25 +1,27 @@
-"""Integer inference kernels: quantize/dequantize, int4 packing, im2col into int16 pairs, an integer
-GEMM micro-kernel, requantization, and the quantized convolution / dense layers built from them.
+"""Integer inference kernels: quantize/dequantize, int4 packing, weight repacking, im2col into
+unsigned byte quads, the u8 x s8 GEMM (``qdot``), requantization, and the quantized convolution /
+dense layers built from them.
 
 Number formats (see ``microcnn.quant`` for how the parameters are chosen):
 
 * activations: unsigned integers in a uint8 container, ``real = scale * (q - zero_point)``, with
-  ``0 <= q <= 2**bits - 1`` (8-bit: 0..255, 4-bit: 0..15);
-* weights: signed, symmetric (zero point 0), per output channel. 8-bit weights are int8 bytes,
-  4-bit weights are packed two per byte, element ``e`` of the flattened (O, K) matrix in byte ``e >> 1``,
-  low nibble first, as two's-complement nibbles -8..7. Kernels widen one block of output channels at a
-  time, never the whole tensor;
-* accumulators: int32, ``bias + sum (q_x - zero_point_x) * q_w``. Activations are centred while the
-  im2col words are built, so padding is an exact 0 and no zero-point correction term is needed, and
-  |acc| <= K * 255 * 128 + |bias| (the layers refuse shapes where that could pass 2**31 - 1).
+  ``0 <= q <= qmax = 2**bits - 1``; the kernels clamp codes to the stage's ``qmax`` as they read them;
+* weights: signed, symmetric (zero point 0), per output channel, as int8 codes (any width 2..8). 4-bit
+  weights are stored two per byte (``pack_int4``; element ``e`` in byte ``e >> 1``, low nibble first);
+  the kernels never read the stored bytes: ``pack_conv`` / ``pack_linear`` repack the int8 codes once
+  into the micro-kernel's word order (``PackedWeights``);
+* accumulators: int32, ``bias + sum (q_x - zero_point_x) * q_w``, computed as
+  ``(bias - zero_point_x * sum q_w) + sum q_x * q_w``: the zero point is folded into a per-output-channel
+  correction of the bias (computed at packing), so the products are u8 x s8 (``qdot``). Padding is the
+  code ``zero_point_x`` (a real 0). Int32 adds wrap, and wrapping is associative: the result is exact
+  whenever the true accumulator fits int32, |acc| <= |bias| + K * qmax * 2**(bits_w - 1) (the layers
+  refuse shapes where it could not), whatever the corrected bias or the partial sums are.
 
-im2col: every uint32 "word" holds two centred int16 taps of one output position; the micro-kernel
-multiplies it with a pair of weights by pmaddwd (vpdpwssd on VNNI hardware), keeping 8 output channels x
-16 positions of accumulators in registers. For stride 1 the patch matrix is implicit, as in
-``kernels.conv``: one row of words per (channel pair, kx) -- or (channel, kx) with kernel rows ky, ky+1
-paired when the channel count is odd -- and tap row ky is a window of it at offset ky*OW. That pairing,
-the widening to int16 and the centring are why ``kernels.conv.im2col`` (one value per entry, in the
-input dtype) is not reused here.
+im2col: a uint32 word holds four activation codes of one output position, multiplied by a quad of
+weights. For vertical stride 1 the patch matrix is implicit, as in ``kernels.conv``: a word packs G
+channels x R = 4 / G consecutive input rows (G = 4, 2 or 1 as the channel count allows), one row of
+words per (channel group, kx), and tap rows ky..ky+R-1 are a window of it at offset ky*OW. Vertical
+stride > 1 builds explicit patch words of four consecutive taps (``conv_taps``).
 
 Requantization (fixed point, the one rounding rule used everywhere and mirrored by the tests):
 
@@ -30,20 +32,48 @@ i.e. the real multiplier ``M = m0 * 2**-shift`` (``2**30 <= m0 < 2**31``) is app
 half-way cases rounding towards +infinity (TFLite's single-rounding ``MultiplyByQuantizedMultiplier``).
 A fused ReLU is only a larger ``lo`` (the zero point of real 0). The float mode computes
 ``rint(acc * multiplier)`` in float32 (half to even) instead.
+
+Kernel arguments travel in three named tuples (``PackedWeights``, ``QConvGeometry``, ``Requant``); the
+Python wrappers (``conv2d_packed``, ``linear_packed``) check dtypes, contiguity and sizes before
+any njit code reads raw addresses.
 """
+
+from collections import namedtuple
 
 import numba
 import numpy as np
 from numba import njit
 
+from ..errors import InputError
+from .qdot import (
+    DENSE_VECTORS,
+    PAIR_WORDS,
+    STRIP,
+    dense_kernel,
+    microkernel1,
+    microkernel2,
+    microkernel4,
+    microkernel8,
+)
 from .shapes import conv_output_size
-from .simd import LANES, SIMD, register_loop, splat
+from .simd import LANES
 
 MODE_FIXEDPOINT = 0  # uint8 output, integer multiplier and shift
 MODE_FLOAT = 1  # uint8 output, float32 multiplier
 MODE_DEQUANT = 2  # float32 output: clamp(acc, lo, hi) * scale (logits, or a fused ReLU's real output)
 LINEAR_ROWS = 256  # batch rows per tile of the linear kernel (its words stay in L2)
-IMAGE_GROUP = 16  # images whose im2col words are built before the convolution's channel loop
+
+# Weights in the micro-kernel's order: ``quads`` uint32 (see ``pack_quads``), ``bias`` int32 with the
+# input zero point folded in, ``n_words`` quads per output channel, the input's ``zero_point`` and the
+# largest code ``qmax`` (inputs are clamped to it); dense layers also ``lanes`` (``pack_lanes``: the
+# small-batch layout), empty for convolutions.
+PackedWeights = namedtuple("PackedWeights", ["quads", "bias", "n_words", "zero_point", "qmax", "lanes"])
+DENSE_BLOCK = DENSE_VECTORS * LANES  # channels per dense-kernel call
+SMALL_ROWS = 4  # dense layers with fewer rows than this run the channels-in-lanes kernel
+# Convolution kernel, stride, padding, and a fused max pooling's window and stride (1s: none).
+QConvGeometry = namedtuple("QConvGeometry", ["kh", "kw", "sh", "sw", "ph", "pw", "pkh", "pkw", "psh", "psw"])
+# The epilogue: per-channel multipliers, MODE_*, output zero point and clamp bounds.
+Requant = namedtuple("Requant", ["m0", "shift", "fmult", "mode", "zero_point", "lo", "hi"])
 
 
 @njit(cache=True)
@@ -139,168 +169,208 @@ def requantize(acc, m0, shift, zero_point, lo, hi):
     return out
 
 
+# -- weight repacking ---------------------------------------------------------------------------------
 @njit(cache=True)
-def _pair_word(a, b):
-    """Two int16 values in one uint32 word, ``a`` in the low half."""
-    return np.uint32(np.uint16(a)) | (np.uint32(np.uint16(b)) << 16)
+def _conv_group(c):
+    """Channels per word in the implicit im2col (4, 2 or 1); R = 4 // G input rows complete the word."""
+    return 4 if c % 4 == 0 else (2 if c % 2 == 0 else 1)
 
 
-STRIP = 16  # output positions per micro-kernel call
+@njit(cache=True)
+def conv_taps(c, kh, kw, sh):
+    """Which weight taps (of the flattened (C, KH, KW) kernel) each byte of a word multiplies.
 
-
-
-def _make_microkernel(channels: int):
-    """An LLVM-level micro-kernel: ``channels`` output channels x STRIP positions of int32 accumulators
-    held in vector registers across the whole reduction.
-
-    words_addr: the first of STRIP consecutive uint32 words of position j0 at word offset 0; word w of
-    the reduction starts ``word_off[w]`` words further (each word holds two int16 taps, low first).
-    wts_addr: int32 (W, channels) weight pairs packed as (w0 & 0xFFFF) | (w1 << 16).
-    acc_addr: position j0 of channel 0's int32 accumulator row, rows ``acc_stride`` elements apart; holds
-    the initial values (bias) and receives the sums.
-    Per channel and vector: acc += pmaddwd(words, splat(pair)) -- on AVX512-VNNI / AVX-VNNI hardware the
-    backend fuses it into vpdpwssd. Without AVX2 the same arithmetic is portable vector IR.
-    """
-    from llvmlite import ir
-    from numba.core import cgutils, types
-    from numba.core.extending import intrinsic
-
-    lanes = LANES
-    vectors = STRIP // lanes
-
-    @intrinsic
-    def microkernel(typingctx, words_addr, word_off_addr, n_words, wts_addr, acc_addr, acc_stride):
-        sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            words_addr, word_off_addr, n_words, wts_addr, acc_addr, acc_stride = args
-            i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
-            vi, vh = ir.VectorType(i32, lanes), ir.VectorType(i16, 2 * lanes)
-            words_p = builder.inttoptr(words_addr, i32.as_pointer())
-            off_p = builder.inttoptr(word_off_addr, i64.as_pointer())
-            wts_p = builder.inttoptr(wts_addr, i32.as_pointer())
-            acc_p = builder.inttoptr(acc_addr, i32.as_pointer())
-            ptrs = []
-            for c in range(channels):
-                for v in range(vectors):
-                    idx = builder.add(builder.mul(acc_stride, ir.Constant(i64, c)),
-                                      ir.Constant(i64, lanes * v))
-                    ptrs.append(builder.bitcast(builder.gep(acc_p, [idx]), vi.as_pointer()))
-            init = [builder.load(ptr, align=4) for ptr in ptrs]
-            if SIMD:
-                name = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
-                pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vh, vh]), name)
-
-            def step(w, accs):
-                offset = builder.load(builder.gep(off_p, [w]))
-                src = builder.bitcast(builder.gep(words_p, [offset]), vi.as_pointer())
-                data = [builder.load(builder.gep(src, [ir.Constant(i64, v)]), align=4)
-                        for v in range(vectors)]
-                if SIMD:
-                    data = [builder.bitcast(d, vh) for d in data]
-                else:
-                    sixteen = ir.Constant(vi, [16] * lanes)
-                    data = [(builder.ashr(builder.shl(d, sixteen), sixteen), builder.ashr(d, sixteen))
-                            for d in data]
-                new = []
-                for c in range(channels):
-                    idx = builder.add(builder.mul(w, ir.Constant(i64, channels)), ir.Constant(i64, c))
-                    pair = builder.load(builder.gep(wts_p, [idx]))
-                    if SIMD:
-                        pairs = builder.bitcast(splat(builder, pair, vi), vh)
-                        for v in range(vectors):
-                            product = builder.call(pmadd, [data[v], pairs])
-                            new.append(builder.add(accs[c * vectors + v], product))
-                    else:
-                        s0 = splat(builder, builder.ashr(builder.shl(pair, ir.Constant(i32, 16)),
-                                                         ir.Constant(i32, 16)), vi)
-                        s1 = splat(builder, builder.ashr(pair, ir.Constant(i32, 16)), vi)
-                        for v in range(vectors):
-                            lo, hi = data[v]
-                            prod = builder.add(builder.mul(lo, s0), builder.mul(hi, s1))
-                            new.append(builder.add(accs[c * vectors + v], prod))
-                return new
-
-            for ptr, value in zip(ptrs, register_loop(builder, n_words, init, step, "mk"), strict=True):
-                builder.store(value, ptr, align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return microkernel
-
-
-_microkernel8 = _make_microkernel(8)
-_microkernel4 = _make_microkernel(4)
-_microkernel2 = _make_microkernel(2)
-_microkernel1 = _make_microkernel(1)
+    Returns (group, taps), taps int64 (W, 4) with -1 for a byte that meets no weight. group G > 0
+    (vertical stride 1): word w = (channel group cg, row group kq, kx), byte r*G + g is tap
+    (cg*G + g, kq*R + r, kx). group 0 (vertical stride > 1): explicit patches, word w holds taps
+    4w..4w+3."""
+    k = c * kh * kw
+    if sh != 1:
+        n = (k + 3) // 4
+        taps = np.full((n, 4), -1, np.int64)
+        for t in range(k):
+            taps[t // 4, t % 4] = t
+        return 0, taps
+    g_ = _conv_group(c)
+    r_ = 4 // g_
+    nq = (kh + r_ - 1) // r_
+    taps = np.full(((c // g_) * nq * kw, 4), -1, np.int64)
+    w = 0
+    for cg in range(c // g_):
+        for kq in range(nq):
+            for kx in range(kw):
+                for r in range(r_):
+                    ky = kq * r_ + r
+                    if ky < kh:
+                        for g in range(g_):
+                            taps[w, r * g_ + g] = ((cg * g_ + g) * kh + ky) * kw + kx
+                w += 1
+    return g_, taps
 
 
 @njit(cache=True)
 def _block_size(remaining):
-    """Micro-kernel width for the next output channels: 8 while they last, then 4, 2, 1."""
-    if remaining >= 8:
+    """Micro-kernel width for the next ``remaining`` output channels: 8 (padded with zero-weight channels
+    when fewer than 8 remain but more than 4: one pass over the words beats a 4 + 2 split), 4, 2, 1."""
+    if remaining > 4:
         return 8
-    if remaining >= 4:
+    if remaining > 2:
         return 4
-    return 2 if remaining >= 2 else 1
+    return remaining
 
 
 @njit(cache=True)
-def _weight_block(wbytes, bits, o0, channels, k, tap0, tap1, block):
-    """Weights of channels o0..o0+channels-1 in word order, as packed int16 pairs:
-    block[w, c] = (w[tap0[w]] & 0xFFFF) | (w[tap1[w]] << 16), a missing tap (tap1 < 0) being 0."""
-    for c in range(channels):
-        base = (o0 + c) * k
-        for w in range(tap0.shape[0]):
-            w0 = _weight_at(wbytes, base + tap0[w], bits)
-            w1 = _weight_at(wbytes, base + tap1[w], bits) if tap1[w] >= 0 else 0
-            block[w, c] = (w0 & 0xFFFF) | (w1 << 16)
-    block[:, channels:] = 0  # padding channels of a wider micro-kernel
+def packed_channels(o):
+    """Output channels including the zero channels padding the last block (every other block is full)."""
+    o0 = 0
+    while o - o0 > 8:
+        o0 += 8
+    return o0 + _block_size(o - o0)
 
 
 @njit(cache=True)
-def _gemm_block(words_flat, start, word_off, block, channels, bias, o0, n, acc):
-    """acc[c, :n] = bias[o0 + c] + sum over words for the ``channels`` real output channels of a block
-    of width block.shape[1] (8, 4, 2 or 1; extra channels have zero weights); position j's words are
+def pack_quads(w, taps):
+    """The (O, K) int8 weights in micro-kernel order: blocks of ``_block_size`` channels, the block of
+    channels o0.. at o0 * W * PAIR_WORDS, inside it [word, channel, PAIR_WORDS] (see ``qdot``)."""
+    o = w.shape[0]
+    n = taps.shape[0]
+    out = np.zeros(packed_channels(o) * n * PAIR_WORDS, np.uint32)
+    o0 = 0
+    while o0 < o:
+        width = _block_size(o - o0)
+        for c in range(min(width, o - o0)):  # padding channels keep zero weights
+            row = w[o0 + c]
+            for i in range(n):
+                b = np.zeros(4, np.int64)
+                for j in range(4):
+                    if taps[i, j] >= 0:
+                        b[j] = row[taps[i, j]]
+                at = o0 * n * PAIR_WORDS + (i * width + c) * PAIR_WORDS
+                if PAIR_WORDS == 1:
+                    out[at] = np.uint32((b[0] & 0xFF) | ((b[1] & 0xFF) << 8) | ((b[2] & 0xFF) << 16)
+                                        | ((b[3] & 0xFF) << 24))
+                else:  # int16 pairs (byte 0, byte 2) and (byte 1, byte 3)
+                    out[at] = np.uint32((b[0] & 0xFFFF) | ((b[2] & 0xFFFF) << 16))
+                    out[at + 1] = np.uint32((b[1] & 0xFFFF) | ((b[3] & 0xFFFF) << 16))
+        o0 += width
+    return out
+
+
+@njit(cache=True)
+def pack_lanes(w, taps):
+    """The (O, K) int8 weights for ``qdot.dense_kernel``: blocks of DENSE_BLOCK channels (the last padded
+    with zero channels), each (W, DENSE_VECTORS, PAIR_WORDS, LANES) -- lane l of vector v is channel
+    v * LANES + l of the block; quads or int16 pairs as in ``pack_quads``."""
+    o = w.shape[0]
+    n = taps.shape[0]
+    blocks = -(-o // DENSE_BLOCK)
+    out = np.zeros(blocks * n * DENSE_BLOCK * PAIR_WORDS, np.uint32)
+    for ch in range(o):
+        blk, v, lane = ch // DENSE_BLOCK, (ch % DENSE_BLOCK) // LANES, ch % LANES
+        for i in range(n):
+            b = np.zeros(4, np.int64)
+            for j in range(4):
+                if taps[i, j] >= 0:
+                    b[j] = w[ch, taps[i, j]]
+            at = (((blk * n + i) * DENSE_VECTORS + v) * PAIR_WORDS) * LANES + lane
+            if PAIR_WORDS == 1:
+                out[at] = np.uint32((b[0] & 0xFF) | ((b[1] & 0xFF) << 8) | ((b[2] & 0xFF) << 16)
+                                    | ((b[3] & 0xFF) << 24))
+            else:
+                out[at] = np.uint32((b[0] & 0xFFFF) | ((b[2] & 0xFFFF) << 16))
+                out[at + LANES] = np.uint32((b[1] & 0xFFFF) | ((b[3] & 0xFFFF) << 16))
+    return out
+
+
+@njit(cache=True)
+def corrected_bias(w, bias, zero_point):
+    """bias[o] - zero_point * sum_k w[o, k], wrapped to int32 (exact modulo 2**32; see the docstring)."""
+    o, k = w.shape
+    out = np.empty(o, np.int32)
+    for i in range(o):
+        total = np.int64(0)
+        for t in range(k):
+            total += w[i, t]
+        out[i] = np.int32((np.int64(bias[i]) - zero_point * total) & 0xFFFFFFFF)
+    return out
+
+
+def _packed(w2, bias, taps, zero_point: int, qmax: int, dense: bool = False) -> PackedWeights:
+    if not (0 <= zero_point <= qmax <= 255):
+        raise InputError(f"input zero point and qmax: expected 0 <= zero_point <= qmax <= 255, found "
+                         f"{zero_point}, {qmax}")
+    bias = np.ascontiguousarray(bias, np.int32)
+    if bias.shape != (w2.shape[0],):
+        raise InputError(f"bias: expected shape ({w2.shape[0]},), found {bias.shape}")
+    lanes = pack_lanes(w2, taps) if dense else np.zeros(0, np.uint32)
+    return PackedWeights(pack_quads(w2, taps), corrected_bias(w2, bias, int(zero_point)), int(taps.shape[0]),
+                         int(zero_point), int(qmax), lanes)
+
+
+def _int8_codes(w, ndim: int) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != ndim or w.dtype.kind not in "iu" or (w.size and (w.min() < -128 or w.max() > 127)):
+        raise InputError(f"weights: expected {ndim}-D integer codes in -128..127, found {w.dtype} {w.shape}")
+    return np.ascontiguousarray(w, np.int8)
+
+
+def pack_conv(w, bias, stride_h: int, zero_point: int, qmax: int = 255) -> PackedWeights:
+    """Convolution weights (O, C, KH, KW) int8 codes for ``conv2d_packed`` at vertical stride ``stride_h``,
+    on inputs with that zero point and largest code."""
+    w = _int8_codes(w, 4)
+    o, c, kh, kw = w.shape
+    _, taps = conv_taps(c, kh, kw, int(stride_h))
+    return _packed(w.reshape(o, -1), bias, taps, zero_point, qmax)
+
+
+def pack_linear(w, bias, zero_point: int, qmax: int = 255) -> PackedWeights:
+    """Dense weights (O, F) int8 codes for ``linear_packed``: words of four consecutive features."""
+    w = _int8_codes(w, 2)
+    _, taps = conv_taps(w.shape[1], 1, 1, 2)  # explicit patches of a 1x1 "image": consecutive taps
+    return _packed(w, bias, taps, zero_point, qmax, dense=True)
+
+
+# -- GEMM and epilogues -----------------------------------------------------------------------------
+@njit(cache=True)
+def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc):
+    """acc[c, :n] = bias[o0 + c] + sum over words for the ``width`` channels of the block at quads[q0:]
+    (channels past the bias are padding: start at 0, computed, never read); position j's words are
     words_flat[start + word_off[w] + j].
 
     acc rows must hold n rounded up to STRIP, and words_flat extend STRIP words past the last word
     read: the last strip computes (and drops) a few positions beyond n."""
     w_addr = words_flat.ctypes.data + 4 * start
-    o_addr, b_addr = word_off.ctypes.data, block.ctypes.data
+    o_addr, b_addr = word_off.ctypes.data, quads.ctypes.data + 4 * q0
     a_addr, stride = acc.ctypes.data, acc.shape[1]
     n_words = word_off.shape[0]
-    width = block.shape[1]
     for c in range(width):
-        row = acc[c]
-        b = bias[o0 + c] if c < channels else 0
-        for j in range(stride):
-            row[j] = b
+        acc[c, :] = bias[o0 + c] if o0 + c < bias.shape[0] else 0
     for j0 in range(0, n, STRIP):
         wa, aa = w_addr + 4 * j0, a_addr + 4 * j0
         if width == 8:
-            _microkernel8(wa, o_addr, n_words, b_addr, aa, stride)
+            microkernel8(wa, o_addr, n_words, b_addr, aa, stride)
         elif width == 4:
-            _microkernel4(wa, o_addr, n_words, b_addr, aa, stride)
+            microkernel4(wa, o_addr, n_words, b_addr, aa, stride)
         elif width == 2:
-            _microkernel2(wa, o_addr, n_words, b_addr, aa, stride)
+            microkernel2(wa, o_addr, n_words, b_addr, aa, stride)
         else:
-            _microkernel1(wa, o_addr, n_words, b_addr, aa, stride)
+            microkernel1(wa, o_addr, n_words, b_addr, aa, stride)
 
 
 @njit(cache=True)
-def _finish(values, o, m0, shift, fmult, mode, zero_point, lo, hi, dst_q, dst_f, start, step):
+def _finish(values, o, rq, dst_q, dst_f, start, step):
     """Write one output channel: values[j] goes to index start + j*step of dst_q (requantized uint8) or of
     dst_f (real value, MODE_DEQUANT: the accumulator clamped to [lo, hi] -- a fused ReLU is lo = 0 --
-    times the scale). One call per channel: array arguments cost reference counting."""
+    times the scale). (Hot loops index slices from 0: a computed signed index costs Numba's
+    negative-index check, which stops LLVM from vectorising.)"""
     n = values.shape[0]
-    if mode == MODE_DEQUANT:
-        s = fmult[o]
+    zero_point, lo, hi = rq.zero_point, rq.lo, rq.hi
+    if rq.mode == MODE_DEQUANT:
+        s = rq.fmult[o]
         for j in range(n):
             dst_f[start + j * step] = np.float32(min(max(values[j], lo), hi)) * s
-    elif mode == MODE_FIXEDPOINT:
-        m, sh = np.int64(m0[o]), np.int64(shift[o])
+    elif rq.mode == MODE_FIXEDPOINT:
+        m, sh = np.int64(rq.m0[o]), np.int64(rq.shift[o])
         rounding = np.int64(1) << (sh - 1)
         if step == 1:  # contiguous: a vectorisable loop (the same rule as requantize_one)
             out = dst_q[start:start + n]
@@ -311,27 +381,28 @@ def _finish(values, o, m0, shift, fmult, mode, zero_point, lo, hi, dst_q, dst_f,
             for j in range(n):
                 dst_q[start + j * step] = requantize_one(values[j], m, sh, zero_point, lo, hi)
     else:
-        f = fmult[o]
+        f = rq.fmult[o]
         for j in range(n):
             dst_q[start + j * step] = requantize_float_one(values[j], f, zero_point, lo, hi)
 
 
 @njit(cache=True)
-def _max_pool_acc(acc, ow, pkh, pkw, psh, psw, qh, qw, pooled):
-    """Max pooling of one channel's accumulators (oh x ow, row-major) into pooled (qh * qw)."""
+def _max_pool_acc(acc, rs, geo, qh, qw, pooled):
+    """Max pooling of one channel's accumulators (output row oy at oy * rs) into pooled (qh * qw)."""
+    pkh, pkw, psh, psw = geo.pkh, geo.pkw, geo.psh, geo.psw
     if pkh == 2 and pkw == 2 and psh == 2 and psw == 2:  # the common case, branch-free
         for qy in range(qh):
-            r0 = acc[2 * qy * ow:(2 * qy + 1) * ow]
-            r1 = acc[(2 * qy + 1) * ow:(2 * qy + 2) * ow]
+            r0 = acc[2 * qy * rs:2 * qy * rs + 2 * qw]
+            r1 = acc[(2 * qy + 1) * rs:(2 * qy + 1) * rs + 2 * qw]
             dst = pooled[qy * qw:(qy + 1) * qw]
             for qx in range(qw):
                 dst[qx] = max(max(r0[2 * qx], r0[2 * qx + 1]), max(r1[2 * qx], r1[2 * qx + 1]))
         return
     for qy in range(qh):
         for qx in range(qw):
-            best = acc[(qy * psh) * ow + qx * psw]
+            best = acc[(qy * psh) * rs + qx * psw]
             for dy in range(pkh):
-                row = (qy * psh + dy) * ow + qx * psw
+                row = (qy * psh + dy) * rs + qx * psw
                 for dx in range(pkw):
                     v = acc[row + dx]
                     if v > best:
@@ -340,25 +411,25 @@ def _max_pool_acc(acc, ow, pkh, pkw, psh, psw, qh, qw, pooled):
 
 
 @njit(cache=True)
-def _conv_epilogue(acc, channels, o0, n_pos, ow, pkh, pkw, psh, psw, qh, qw, pooled, m0, shift, fmult, mode,
-                   zero_point, lo, hi, dst_q, dst_f):
-    """Write ``channels`` accumulator rows of one image (optionally max-pooled) into its output planes.
+def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f):
+    """Write ``channels`` accumulator rows of one image (optionally max-pooled) into its output planes; output
+    row oy of an accumulator row starts at oy * rs (rs >= ow: the wide layout computes extra columns).
 
     Max pooling runs on the accumulators: requantization is monotonic, so pooling first gives the same
     integers and requantizes a quarter as many values."""
-    plain = pkh == 1 and pkw == 1 and psh == 1 and psw == 1
-    pool2 = pkh == 2 and pkw == 2 and psh == 2 and psw == 2
-    for c in range(channels):
-        o = o0 + c
-        row = acc[c]
-        if plain:
-            _finish(row[:n_pos], o, m0, shift, fmult, mode, zero_point, lo, hi, dst_q, dst_f, o * n_pos, 1)
-        elif pool2 and mode == MODE_FIXEDPOINT:  # the hot path, in one loop nest
+    plain = geo.pkh == 1 and geo.pkw == 1 and geo.psh == 1 and geo.psw == 1
+    pool2 = geo.pkh == 2 and geo.pkw == 2 and geo.psh == 2 and geo.psw == 2
+    qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
+    if pool2 and rq.mode == MODE_FIXEDPOINT:  # the hot path in one loop nest: calls cost refcounting
+        m0, shift, zero_point, lo, hi = rq.m0, rq.shift, rq.zero_point, rq.lo, rq.hi
+        for c in range(channels):
+            o = o0 + c
             m, sh = np.int64(m0[o]), np.int64(shift[o])
             rounding = np.int64(1) << (sh - 1)
+            row = acc[c]
             for qy in range(qh):
-                r0 = row[2 * qy * ow:(2 * qy + 1) * ow]
-                r1 = row[(2 * qy + 1) * ow:(2 * qy + 2) * ow]
+                r0 = row[2 * qy * rs:2 * qy * rs + 2 * qw]
+                r1 = row[(2 * qy + 1) * rs:(2 * qy + 1) * rs + 2 * qw]
                 dst = pooled[qy * qw:(qy + 1) * qw]
                 for qx in range(qw):
                     dst[qx] = max(max(r0[2 * qx], r0[2 * qx + 1]), max(r1[2 * qx], r1[2 * qx + 1]))
@@ -366,162 +437,155 @@ def _conv_epilogue(acc, channels, o0, n_pos, ow, pkh, pkw, psh, psw, qh, qw, poo
             for j in range(qh * qw):  # separate loop: this one vectorises
                 y = ((np.int64(pooled[j]) * m + rounding) >> sh) + zero_point
                 out[j] = np.uint8(min(max(y, lo), hi))
+        return
+    for c in range(channels):
+        o = o0 + c
+        row = acc[c]
+        if plain and rs == ow:
+            _finish(row[:oh * ow], o, rq, dst_q, dst_f, o * oh * ow, 1)
+        elif plain:
+            for oy in range(oh):
+                _finish(row[oy * rs:oy * rs + ow], o, rq, dst_q, dst_f, (o * oh + oy) * ow, 1)
         else:
-            _max_pool_acc(row[:n_pos], ow, pkh, pkw, psh, psw, qh, qw, pooled)
-            _finish(pooled, o, m0, shift, fmult, mode, zero_point, lo, hi, dst_q, dst_f, o * qh * qw, 1)
+            _max_pool_acc(row, rs, geo, qh, qw, pooled)
+            _finish(pooled, o, rq, dst_q, dst_f, o * qh * qw, 1)
 
 
+# -- convolution ------------------------------------------------------------------------------------
 @njit(cache=True)
-def _consecutive_pairs(k):
-    """Word plan pairing taps 2w and 2w+1 (-1 past the end), each word in its own row at offset 0."""
-    n = (k + 1) // 2
-    rows, offs = np.empty(n, np.int64), np.zeros(n, np.int64)
-    tap0, tap1 = np.empty(n, np.int64), np.empty(n, np.int64)
-    for w in range(n):
-        rows[w], tap0[w] = w, 2 * w
-        tap1[w] = 2 * w + 1 if 2 * w + 1 < k else -1
-    return rows, offs, tap0, tap1
-
-
-@njit(cache=True)
-def conv_plan(c, kh, kw, sh, ow):
-    """How qconv2d pairs the K = c*kh*kw taps into uint32 words, and where each word row lives.
-
-    Returns (layout, rows, offs, tap0, tap1): word w of output position p is
-    ``words[rows[w], offs[w] + p]``; it multiplies weight taps tap0[w] and tap1[w] (-1: none).
-    layout 0 (stride 1, even c): channels 2i and 2i+1 share a word; 1 (stride 1, odd c): kernel rows
-    ky and ky+1 share a word; both use the implicit im2col buffer of ``_fill_words`` (a window
-    at offset ky*ow of a row per (channel pair or channel, kx)). Layout 2 (vertical stride > 1):
-    explicit patch words, consecutive taps paired.
-    """
-    k = c * kh * kw
-    if sh != 1:
-        rows, offs, tap0, tap1 = _consecutive_pairs(k)
-        return 2, rows, offs, tap0, tap1
-    if c % 2 == 0:
-        n = (c // 2) * kh * kw
-        rows, offs = np.empty(n, np.int64), np.empty(n, np.int64)
-        tap0, tap1 = np.empty(n, np.int64), np.empty(n, np.int64)
-        w = 0
-        for cp in range(c // 2):
-            for ky in range(kh):
-                for kx in range(kw):
-                    rows[w], offs[w] = cp * kw + kx, ky * ow
-                    tap0[w] = ((2 * cp) * kh + ky) * kw + kx
-                    tap1[w] = ((2 * cp + 1) * kh + ky) * kw + kx
-                    w += 1
-        return 0, rows, offs, tap0, tap1
-    n = c * ((kh + 1) // 2) * kw
-    rows, offs = np.empty(n, np.int64), np.empty(n, np.int64)
-    tap0, tap1 = np.empty(n, np.int64), np.empty(n, np.int64)
-    w = 0
+def _fill_padded(src, qmax, padded, ph, pw):
+    """padded[:, ph:ph+h, pw:pw+w] = min(src, qmax) for one image src (C, H, W); padded keeps the zero
+    point elsewhere."""
+    c, h, w = src.shape
     for ch in range(c):
-        for kp in range((kh + 1) // 2):
-            for kx in range(kw):
-                rows[w], offs[w] = ch * kw + kx, 2 * kp * ow
-                tap0[w] = (ch * kh + 2 * kp) * kw + kx
-                tap1[w] = (ch * kh + 2 * kp + 1) * kw + kx if 2 * kp + 1 < kh else -1
-                w += 1
-    return 1, rows, offs, tap0, tap1
+        for y in range(h):
+            s = src[ch, y]
+            d = padded[ch, y + ph, pw:pw + w]
+            if qmax >= 255:
+                for xx in range(w):
+                    d[xx] = s[xx]
+            else:
+                for xx in range(w):
+                    d[xx] = min(s[xx], qmax)
 
 
 @njit(cache=True)
-def _fill_words(layout, padded, kw, sw, ow, words):
-    """Implicit im2col rows from the centred, zero-bordered image ``padded`` (C, Hp + 1, Wp).
+def _fill_wide(group, padded, hp, words):
+    """The wide implicit im2col (stride 1): words[cg, y, xx] byte r*G + g = padded[cg*G + g, y + r, xx]
+    for y < hp and every column xx; tap (kq, kx) of output (oy, ox) is word (cg, oy + kq*R, ox + kx), so
+    one word per input pixel serves every kx (the outputs are computed with row stride wp)."""
+    g_ = group
+    wp = padded.shape[2]
+    for cg in range(padded.shape[0] // g_):
+        c0 = cg * g_  # byte b reads channel c0 + b % G, row y + b // G
+        c1, c2, c3 = c0 + 1 % g_, c0 + 2 % g_, c0 + 3 % g_
+        y1, y2, y3 = 1 // g_, 2 // g_, 3 // g_
+        for y in range(hp):
+            d = words[cg, y]
+            a, b, e, f = padded[c0, y], padded[c1, y + y1], padded[c2, y + y2], padded[c3, y + y3]
+            for xx in range(wp):
+                d[xx] = (np.uint32(a[xx]) | (np.uint32(b[xx]) << 8) | (np.uint32(e[xx]) << 16)
+                         | (np.uint32(f[xx]) << 24))
 
-    layout 0: words[cp*kw + kx, y*ow + ox] = (padded[2cp, y, ox*sw + kx], padded[2cp+1, y, ...]);
-    layout 1: words[c*kw + kx, y*ow + ox] = (padded[c, y, ox*sw + kx], padded[c, y+1, ...]) -- the extra
-    zero row makes y+1 valid; for an odd kernel height the last high half pairs with a zero weight.
-    """
-    c, hp1, _ = padded.shape
-    hp = hp1 - 1
-    groups = c // 2 if layout == 0 else c
-    for g in range(groups):
+
+@njit(cache=True)
+def _fill_words(group, padded, kw, sw, ow, hp, words):
+    """Implicit im2col: words[cg*kw + kx, y*ow + ox] byte r*G + g = padded[cg*G + g, y + r, ox*sw + kx]
+    for y < hp (padded has R - 1 extra rows; they meet zero weights)."""
+    g_ = group
+    for cg in range(padded.shape[0] // g_):
+        c0 = cg * g_  # byte b reads channel c0 + b % G, row y + b // G
+        c1, c2, c3 = c0 + 1 % g_, c0 + 2 % g_, c0 + 3 % g_
+        y1, y2, y3 = 1 // g_, 2 // g_, 3 // g_
         for kx in range(kw):
-            dst = words[g * kw + kx]
+            dst = words[cg * kw + kx]
             for y in range(hp):
                 d = dst[y * ow:(y + 1) * ow]
-                if layout == 0:
-                    r0, r1 = padded[2 * g, y], padded[2 * g + 1, y]
-                else:
-                    r0, r1 = padded[g, y], padded[g, y + 1]
-                if sw == 1:
-                    a, b = r0[kx:kx + ow], r1[kx:kx + ow]
+                if sw == 1:  # slices indexed from 0: a loop LLVM vectorises
+                    a, b = padded[c0, y, kx:kx + ow], padded[c1, y + y1, kx:kx + ow]
+                    e, f = padded[c2, y + y2, kx:kx + ow], padded[c3, y + y3, kx:kx + ow]
                     for ox in range(ow):
-                        d[ox] = _pair_word(a[ox], b[ox])
+                        d[ox] = (np.uint32(a[ox]) | (np.uint32(b[ox]) << 8) | (np.uint32(e[ox]) << 16)
+                                 | (np.uint32(f[ox]) << 24))
                 else:
+                    a, b, e, f = padded[c0, y], padded[c1, y + y1], padded[c2, y + y2], padded[c3, y + y3]
                     for ox in range(ow):
-                        d[ox] = _pair_word(r0[ox * sw + kx], r1[ox * sw + kx])
+                        t = ox * sw + kx
+                        d[ox] = (np.uint32(a[t]) | (np.uint32(b[t]) << 8) | (np.uint32(e[t]) << 16)
+                                 | (np.uint32(f[t]) << 24))
 
 
 @njit(cache=True)
-def _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, tap0, tap1, words):
-    """Explicit im2col words (layout 2): words[w, oy*ow + ox] pairs taps tap0[w], tap1[w]."""
-    taps = kh * kw
-    for w in range(tap0.shape[0]):
-        t0, t1 = tap0[w], tap1[w]
-        c0, ky0, kx0 = t0 // taps, (t0 % taps) // kw, t0 % kw
+def _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, taps, words):
+    """Explicit im2col words (group 0): words[w, oy*ow + ox] byte b = tap taps[w, b] (0 if none)."""
+    per = kh * kw
+    for w in range(taps.shape[0]):
+        row = words[w]
         for oy in range(oh):
             for ox in range(ow):
-                a = padded[c0, oy * sh + ky0, ox * sw + kx0]
-                b = np.int16(0)
-                if t1 >= 0:
-                    b = padded[t1 // taps, oy * sh + (t1 % taps) // kw, ox * sw + t1 % kw]
-                words[w, oy * ow + ox] = _pair_word(a, b)
+                word = np.uint32(0)
+                for b in range(4):
+                    t = taps[w, b]
+                    if t >= 0:
+                        v = padded[t // per, oy * sh + (t % per) // kw, ox * sw + t % kw]
+                        word |= np.uint32(v) << (8 * b)
+                row[oy * ow + ox] = word
 
 
 @njit(cache=True, nogil=True)
-def _conv_images(x, x_zero_point, wbytes, bits, kh, kw, sh, sw, ph, pw, pkh, pkw, psh, psw, bias, m0,
-                 shift, fmult, mode, zero_point, lo, hi, out_q, out_f, n0, n1):
+def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
+    """Images n0..n1-1 of the quantized convolution (see ``conv2d_packed``, which checks the arguments):
+    per image, build the words, then per block of output channels accumulate and run the epilogue."""
     n, c, h, w = x.shape
-    n_out = bias.shape[0]
+    n_out = pk.bias.shape[0]
+    kh, kw, sh, sw, ph, pw = geo.kh, geo.kw, geo.sh, geo.sw, geo.ph, geo.pw
     oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
-    qh, qw = conv_output_size(oh, pkh, psh), conv_output_size(ow, pkw, psw)
-    k = c * kh * kw
-    layout, rows, offs, tap0, tap1 = conv_plan(c, kh, kw, sh, ow)
-    hp = h + 2 * ph
-    padded = np.zeros((c, hp + 1, w + 2 * pw), np.int16)
-    if layout == 2:
-        n_rows, row_len = rows.shape[0], oh * ow
+    group, taps = conv_taps(c, kh, kw, sh)
+    n_words = taps.shape[0]
+    hp, wp = h + 2 * ph, w + 2 * pw
+    padded = np.full((c, hp + 3, wp), np.uint8(pk.zero_point))
+    wide = group > 0 and sw == 1
+    rs = wp if wide else ow  # accumulator row stride
+    word_off = np.empty(n_words, np.int64)
+    if group == 0:
+        n_rows, row_len = n_words, oh * ow
+        word_off[:] = np.arange(n_words) * row_len
     else:
-        n_rows, row_len = (c // 2 if layout == 0 else c) * kw, hp * ow
-    # Images go in groups: each group's im2col words are built once, then every block of output
-    # channels has its weights widened once per group and runs over all images of the group.
-    group = max(1, min(IMAGE_GROUP, n1 - n0))
-    stride = n_rows * row_len
-    words_flat = np.zeros(group * stride + STRIP, np.uint32)
-    word_off = rows * row_len + offs
-    block = np.empty((rows.shape[0], 8), np.int32)
-    acc = np.empty((8, -(-(oh * ow) // STRIP) * STRIP), np.int32)
+        n_rows, row_len = ((c // group), hp * wp) if wide else ((c // group) * kw, hp * ow)
+        r_ = 4 // group
+        i = 0
+        for cg in range(c // group):
+            for kq in range(-(-kh // r_)):
+                for kx in range(kw):
+                    if wide:
+                        word_off[i] = cg * row_len + kq * r_ * wp + kx
+                    else:
+                        word_off[i] = (cg * kw + kx) * row_len + kq * r_ * ow
+                    i += 1
+    n_pos = (oh - 1) * rs + ow
+    # the last strip reads up to STRIP words past the last position (kw more in the wide layout)
+    words_flat = np.zeros(n_rows * row_len + kw + STRIP, np.uint32)
+    words = words_flat[:n_rows * row_len].reshape(n_rows, row_len)
+    acc = np.empty((8, -(-n_pos // STRIP) * STRIP), np.int32)
+    qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
     pooled = np.empty(qh * qw, np.int32)
-    zp = np.int16(x_zero_point)
-    for g0 in range(n0, n1, group):
-        g1 = min(n1, g0 + group)
-        for i in range(g0, g1):
-            for ch in range(c):
-                for y in range(h):
-                    src = x[i, ch, y]
-                    dst = padded[ch, y + ph, pw:pw + w]
-                    for xx in range(w):
-                        dst[xx] = np.int16(src[xx]) - zp
-            words = words_flat[(i - g0) * stride:(i - g0 + 1) * stride].reshape(n_rows, row_len)
-            if layout == 2:
-                _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, tap0, tap1, words)
-            else:
-                _fill_words(layout, padded, kw, sw, ow, words)
+    for i in range(n0, n1):
+        _fill_padded(x[i], pk.qmax, padded, ph, pw)
+        if group == 0:
+            _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, taps, words)
+        elif wide:
+            _fill_wide(group, padded, hp, words.reshape(n_rows, hp, wp))
+        else:
+            _fill_words(group, padded, kw, sw, ow, hp, words)
+        dst_q = out_q[i].reshape(-1) if rq.mode != MODE_DEQUANT else out_q.reshape(-1)
+        dst_f = out_f[i].reshape(-1) if rq.mode == MODE_DEQUANT else out_f.reshape(-1)
         o0 = 0
         while o0 < n_out:
             width = _block_size(n_out - o0)
-            channels = min(width, n_out - o0)
-            blk = block[:, :width].copy()
-            _weight_block(wbytes, bits, o0, channels, k, tap0, tap1, blk)
-            for i in range(g0, g1):
-                dst_q = out_q[i].reshape(-1) if mode != MODE_DEQUANT else out_q.reshape(-1)
-                dst_f = out_f[i].reshape(-1) if mode == MODE_DEQUANT else out_f.reshape(-1)
-                _gemm_block(words_flat, (i - g0) * stride, word_off, blk, channels, bias, o0, oh * ow, acc)
-                _conv_epilogue(acc, channels, o0, oh * ow, ow, pkh, pkw, psh, psw, qh, qw, pooled, m0, shift,
-                               fmult, mode, zero_point, lo, hi, dst_q, dst_f)
-            o0 += channels
+            _gemm_block(words_flat, 0, word_off, pk.quads, o0 * n_words * PAIR_WORDS, width, pk.bias, o0,
+                        n_pos, acc)
+            _conv_epilogue(acc, min(width, n_out - o0), o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f)
+            o0 += min(width, n_out - o0)
 
 
 _pools: dict = {}
@@ -546,74 +610,169 @@ def _in_threads(kernel, args, n: int, min_per_thread: int) -> None:
         f.result()
 
 
-def qconv2d(x, x_zero_point, wbytes, bits, kernel, stride, padding, pool, bias, m0, shift, fmult, mode,
-            zero_point, lo, hi, out_q, out_f):
-    """Quantized convolution (+ optional fused max pooling) of uint8 NCHW ``x``.
+def _check_array(a, name: str, dtype, shape: tuple | None) -> None:
+    """a is a C-contiguous array of that dtype and shape (any shape if None)."""
+    if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous
+            and (shape is None or a.shape == shape)):
+        raise InputError(f"{name}: expected a C-contiguous {np.dtype(dtype).name} array of shape {shape}, "
+                         f"found {type(a).__name__} {getattr(a, 'dtype', '')} {np.shape(a)}")
 
-    Per image: centre (q - zero point) into a zero-bordered int16 copy, build the int16-pair im2col words
-    (``conv_plan``), then per output channel widen the int8 / packed int4 weights into word order,
-    accumulate in int32 and write requantized uint8 (MODE_FIXEDPOINT / MODE_FLOAT) to ``out_q`` or real
-    values (MODE_DEQUANT) to ``out_f``, shape (N, O, OH', OW') with OH' the pooled size when ``pool`` =
-    (kh, kw, sh, sw) is given, else (1, 1, 1, 1). The unused output may be an empty array.
-    """
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    n = x.shape[0]
-    _in_threads(_conv_images, (x, x_zero_point, wbytes, bits, kh, kw, sh, sw, ph, pw, *pool, bias, m0, shift,
-                               fmult, mode, zero_point, lo, hi, out_q, out_f), n, 16)
+
+def _check_call(pk: PackedWeights, n_words: int, rq: Requant, out_shape: tuple, out_q, out_f) -> None:
+    """What the njit kernels assume and never check: the weights' and outputs' sizes and types."""
+    o = out_shape[1]
+    _check_array(pk.bias, "bias", np.int32, (o,))
+    if pk.n_words != n_words:
+        raise InputError(f"packed weights: built for {pk.n_words} words per channel, this input needs "
+                         f"{n_words}")
+    _check_array(pk.quads, "packed weights", np.uint32, (packed_channels(o) * n_words * PAIR_WORDS,))
+    for name in ("m0", "shift"):
+        _check_array(getattr(rq, name), name, np.int32, (o,))
+    _check_array(rq.fmult, "fmult", np.float32, (o,))
+    if rq.mode not in (MODE_FIXEDPOINT, MODE_FLOAT, MODE_DEQUANT):
+        raise InputError(f"requant mode: expected 0, 1 or 2, found {rq.mode}")
+    dequant = rq.mode == MODE_DEQUANT
+    _check_array(out_q, "out_q", np.uint8, None if dequant else out_shape)  # the unused one: any size
+    _check_array(out_f, "out_f", np.float32, out_shape if dequant else None)
+
+
+def conv2d_packed(x, pk: PackedWeights, geo: QConvGeometry, rq: Requant, out_q, out_f) -> None:
+    """Quantized convolution (+ fused max pooling) of uint8 NCHW ``x`` with weights from ``pack_conv``:
+    requantized uint8 (MODE_FIXEDPOINT / MODE_FLOAT) into ``out_q`` or real values (MODE_DEQUANT) into
+    ``out_f``, shape (N, O, OH', OW') with OH' the pooled size; the unused output is an empty array."""
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and x.flags.c_contiguous):
+        raise InputError(f"x: expected a C-contiguous uint8 NCHW array, found {type(x).__name__} "
+                         f"{getattr(x, 'dtype', '')} {np.shape(x)}")
+    n, c, h, w = x.shape
+    if min(geo.kh, geo.kw, geo.sh, geo.sw, geo.pkh, geo.pkw, geo.psh, geo.psw) < 1 or min(geo.ph, geo.pw) < 0:
+        raise InputError(f"geometry: expected kernel, strides and pool >= 1, padding >= 0, found {geo}")
+    oh, ow = conv_output_size(h, geo.kh, geo.sh, geo.ph), conv_output_size(w, geo.kw, geo.sw, geo.pw)
+    if oh < geo.pkh or ow < geo.pkw or h + 2 * geo.ph < geo.kh or w + 2 * geo.pw < geo.kw:
+        raise InputError(f"x: {x.shape} is smaller than the kernel or pool window of {geo}")
+    group, taps = conv_taps(c, geo.kh, geo.kw, geo.sh)
+    qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
+    shape = (n, pk.bias.shape[0], qh, qw)
+    _check_call(pk, taps.shape[0], rq, shape, out_q, out_f)
+    _in_threads(qconv_images, (x, pk, geo, rq, out_q, out_f), n, 4)
+
+
+# -- dense ------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _linear_epilogue(acc, channels, o0, m, rq, out_q, out_f, base):
+    """out[base + r * O + o0 + c] for rows r < m and the block's channels c: requantized into out_q, or
+    real values (MODE_DEQUANT) into out_f; one call per block, scalars only inside (a call per channel
+    costs more than its work at small batches)."""
+    n_out = rq.m0.shape[0]
+    zero_point, lo, hi, mode = rq.zero_point, rq.lo, rq.hi, rq.mode
+    for c in range(channels):
+        o = o0 + c
+        m0, sh, f = np.int64(rq.m0[o]), np.int64(rq.shift[o]), rq.fmult[o]
+        for r in range(m):
+            at = base + r * n_out + o
+            if mode == MODE_DEQUANT:
+                out_f[at] = np.float32(min(max(acc[c, r], lo), hi)) * f
+            elif mode == MODE_FIXEDPOINT:
+                out_q[at] = requantize_one(acc[c, r], m0, sh, zero_point, lo, hi)
+            else:
+                out_q[at] = requantize_float_one(acc[c, r], f, zero_point, lo, hi)
+
+
+@njit(cache=True)
+def _dense_small(x, pk, rq, out_q, out_f, r0, r1):
+    """Rows r0..r1 of the dense layer one at a time, the channels in the vector lanes (``pk.lanes``)."""
+    f = x.shape[1]
+    n_out = pk.bias.shape[0]
+    n_words = (f + 3) // 4
+    blocks = -(-n_out // DENSE_BLOCK)
+    codes = np.zeros(4 * n_words, np.uint8)
+    words = codes.view(np.uint32)  # little-endian: byte b of a word is feature 4w + b
+    acc = np.zeros(blocks * DENSE_BLOCK, np.int32)
+    block_words = n_words * DENSE_BLOCK * PAIR_WORDS
+    qmax = np.uint8(pk.qmax)
+    for r in range(r0, r1):
+        for kk in range(f):
+            codes[kk] = min(x[r, kk], qmax)
+        acc[:n_out] = pk.bias
+        acc[n_out:] = 0
+        for blk in range(blocks):
+            dense_kernel(words.ctypes.data, n_words, pk.lanes.ctypes.data + 4 * blk * block_words,
+                         acc.ctypes.data + 4 * blk * DENSE_BLOCK)
+        _linear_epilogue(acc.reshape(-1, 1), n_out, 0, 1, rq, out_q, out_f, r * n_out)
 
 
 @njit(cache=True, nogil=True)
-def _linear_rows(x, x_zero_point, wbytes, bits, bias, m0, shift, fmult, mode, zero_point, lo, hi, out_q,
-                 out_f, r0, r1):
-    """Rows r0..r1 of the quantized dense layer, in tiles of LINEAR_ROWS rows transposed into words
-    (features 2i, 2i+1 of a row share a word) so the accumulation runs along the batch."""
+def qlinear_rows(x, pk, rq, out_q, out_f, r0, r1):
+    """Rows r0..r1 of the quantized dense layer (see ``linear_packed``), in tiles of LINEAR_ROWS rows
+    transposed into words (features 4i..4i+3 of a row share a word) so the accumulation runs along the
+    batch; out_q / out_f are flat (N * O)."""
     f = x.shape[1]
-    n_out = bias.shape[0]
-    n_pairs = (f + 1) // 2
-    rows, _, tap0, tap1 = _consecutive_pairs(f)
-    zp = np.int16(x_zero_point)
-    words_flat = np.zeros(n_pairs * LINEAR_ROWS + STRIP, np.uint32)
-    words = words_flat[:n_pairs * LINEAR_ROWS].reshape(n_pairs, LINEAR_ROWS)
-    word_off = rows * LINEAR_ROWS
-    block = np.empty((n_pairs, 8), np.int32)
-    acc = np.empty((8, LINEAR_ROWS), np.int32)
-    out_block = np.empty((8, LINEAR_ROWS), np.uint8)
-    for t0 in range(r0, r1, LINEAR_ROWS):
-        m = min(r1, t0 + LINEAR_ROWS) - t0
+    n_out = pk.bias.shape[0]
+    n_words = (f + 3) // 4
+    qmax = np.uint8(pk.qmax)
+    if r1 - r0 < SMALL_ROWS:
+        _dense_small(x, pk, rq, out_q, out_f, r0, r1)
+        return
+    tile = min(LINEAR_ROWS, -(-(r1 - r0) // STRIP) * STRIP)  # small batches: small buffers to clear
+    words_flat = np.zeros(n_words * tile + STRIP, np.uint32)
+    words = words_flat[:n_words * tile].reshape(n_words, tile)
+    word_off = np.arange(n_words) * tile
+    acc = np.empty((8, tile), np.int32)
+    codes = np.zeros(4 * n_words, np.uint8)  # one row, clamped, with a zero tail (zero weights)
+    xf = x.reshape(-1)
+    for t0 in range(r0, r1, tile):
+        m = min(r1, t0 + tile) - t0
         for r in range(m):
-            src = x[t0 + r]
-            for kk in range(f // 2):
-                words[kk, r] = _pair_word(np.int16(src[2 * kk]) - zp, np.int16(src[2 * kk + 1]) - zp)
-            if f & 1:
-                words[n_pairs - 1, r] = _pair_word(np.int16(src[f - 1]) - zp, 0)
+            for kk in range(f):
+                codes[kk] = min(xf[(t0 + r) * f + kk], qmax)
+            for kk in range(n_words):
+                words[kk, r] = (np.uint32(codes[4 * kk]) | (np.uint32(codes[4 * kk + 1]) << 8)
+                                | (np.uint32(codes[4 * kk + 2]) << 16) | (np.uint32(codes[4 * kk + 3]) << 24))
         o0 = 0
         while o0 < n_out:
             width = _block_size(n_out - o0)
+            _gemm_block(words_flat, 0, word_off, pk.quads, o0 * n_words * PAIR_WORDS, width, pk.bias, o0, m,
+                        acc)
             channels = min(width, n_out - o0)
-            blk = block[:, :width].copy()
-            _weight_block(wbytes, bits, o0, channels, f, tap0, tap1, blk)
-            _gemm_block(words_flat, 0, word_off, blk, channels, bias, o0, m, acc)
-            if mode == MODE_DEQUANT:
-                for c_ in range(channels):
-                    _finish(acc[c_, :m], o0 + c_, m0, shift, fmult, mode, zero_point, lo, hi, out_q, out_f,
-                            t0 * n_out + o0 + c_, n_out)
-            else:
-                # requantize contiguously per channel, then scatter the small block into the rows
-                flat = out_block.reshape(-1)
-                for c_ in range(channels):
-                    _finish(acc[c_, :m], o0 + c_, m0, shift, fmult, mode, zero_point, lo, hi, flat, out_f,
-                            c_ * LINEAR_ROWS, 1)
-                for r in range(m):
-                    dst = out_q[(t0 + r) * n_out + o0:(t0 + r) * n_out + o0 + channels]
-                    for c_ in range(channels):
-                        dst[c_] = out_block[c_, r]
+            _linear_epilogue(acc, channels, o0, m, rq, out_q, out_f, t0 * n_out)
             o0 += channels
 
 
+def linear_packed(x, pk: PackedWeights, rq: Requant, out_q, out_f) -> None:
+    """Quantized fully connected layer on uint8 (N, F) rows with weights from ``pack_linear``; output
+    (N, O) in ``out_q`` (uint8) or ``out_f`` (float32, MODE_DEQUANT), the other an empty array."""
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.flags.c_contiguous):
+        raise InputError(f"x: expected a C-contiguous uint8 (N, F) array, found {type(x).__name__} "
+                         f"{getattr(x, 'dtype', '')} {np.shape(x)}")
+    n, f = x.shape
+    o = pk.bias.shape[0]
+    _check_call(pk, (f + 3) // 4, rq, (n, o), out_q, out_f)
+    _check_array(pk.lanes, "packed weights (lanes)", np.uint32,
+                 (-(-o // DENSE_BLOCK) * DENSE_BLOCK * ((f + 3) // 4) * PAIR_WORDS,))
+    _in_threads(qlinear_rows, (x, pk, rq, out_q.reshape(-1), out_f.reshape(-1)), n, LINEAR_ROWS)
+
+
+# -- the unpacked-weights entry points (tests, one-off calls) -----------------------------------------
+def requant_params(m0, shift, fmult, mode, zero_point, lo, hi) -> Requant:
+    """A ``Requant`` with the array types the kernels read."""
+    return Requant(np.ascontiguousarray(m0, np.int32), np.ascontiguousarray(shift, np.int32),
+                   np.ascontiguousarray(fmult, np.float32), int(mode), int(zero_point), int(lo), int(hi))
+
+
+def qconv2d(x, x_zero_point, wbytes, bits, kernel, stride, padding, pool, bias, m0, shift, fmult, mode,
+            zero_point, lo, hi, out_q, out_f):
+    """``conv2d_packed`` with the weights as stored (int8 bytes or packed int4, ``bits``), repacked on
+    each call; ``pool`` = (kh, kw, sh, sw) or (1, 1, 1, 1)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    o, c = len(bias), x.shape[1]
+    w = unpack_weights(wbytes, bits, o * c * kh * kw).reshape(o, c, kh, kw)
+    geo = QConvGeometry(*(int(v) for v in (kh, kw, sh, sw, ph, pw, *pool)))
+    conv2d_packed(x, pack_conv(w, bias, sh, x_zero_point), geo,
+                  requant_params(m0, shift, fmult, mode, zero_point, lo, hi), out_q, out_f)
+
+
 def qlinear(x, x_zero_point, wbytes, bits, bias, m0, shift, fmult, mode, zero_point, lo, hi, out_q, out_f):
-    """Quantized fully connected layer on uint8 (N, F) rows; output (N, O) in ``out_q`` (uint8) or
-    ``out_f`` (float32, MODE_DEQUANT), the other may be empty. Same weights and epilogue as qconv2d."""
-    n = x.shape[0]
-    args = (x, x_zero_point, wbytes, bits, bias, m0, shift, fmult, mode, zero_point, lo, hi,
-            out_q.reshape(-1), out_f.reshape(-1))
-    _in_threads(_linear_rows, args, n, LINEAR_ROWS)
+    """``linear_packed`` with the weights as stored (int8 bytes or packed int4, ``bits``)."""
+    o, f = len(bias), x.shape[1]
+    w = unpack_weights(wbytes, bits, o * f).reshape(o, f)
+    rq = requant_params(m0, shift, fmult, mode, zero_point, lo, hi)
+    linear_packed(x, pack_linear(w, bias, x_zero_point), rq, out_q, out_f)

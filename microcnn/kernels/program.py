@@ -14,6 +14,10 @@ arrays are still the layers' own (see ``network.CompiledProgram.is_current``).
 
 Activations travel as a flat buffer plus (C, H, W); a dense layer sees (C*H*W, 1, 1). Every row has
 the fields below (one meaning each, unused ones 0); ``op_row`` writes them, ``run_program`` reads them.
+
+Quantized networks run on the same interpreter: OP_QUANTIZE turns the float32 buffer into uint8 codes,
+the integer ops (``kernels.integer``, weights as repacked by the stage at construction) work on those,
+and OP_DEQUANTIZE -- or an integer layer with real output (MODE_DEQUANT) -- goes back to float32.
 """
 
 import numpy as np
@@ -23,10 +27,24 @@ from numba.core.extending import intrinsic
 from .conv import ConvGeometry, im2col_images
 from .elementwise import relu, relu_inplace, softmax_rows
 from .gemm import PACK_ROWS, linear_forward
+from .integer import (
+    DENSE_BLOCK,
+    MODE_DEQUANT,
+    PAIR_WORDS,
+    PackedWeights,
+    QConvGeometry,
+    Requant,
+    dequantize_u8,
+    packed_channels,
+    qconv_images,
+    qlinear_rows,
+    quantize_u8,
+)
 from .pool import PoolGeometry, maxpool_images
 from .shapes import conv_output_size
 
 OP_CONV, OP_LINEAR, OP_RELU, OP_MAXPOOL, OP_SOFTMAX = 1, 2, 3, 4, 5
+OP_QUANTIZE, OP_DEQUANTIZE, OP_QCONV, OP_QLINEAR, OP_QMAXPOOL, OP_QRELU = 6, 7, 8, 9, 10, 11
 
 # Fields of an op row.
 CODE = 0
@@ -37,7 +55,15 @@ OUT = 4  # output channels (OP_CONV) or features (OP_LINEAR)
 KH, KW, SH, SW = 5, 6, 7, 8  # OP_CONV: kernel and stride; OP_MAXPOOL: window and stride
 PH, PW = 9, 10  # OP_CONV: zero padding
 POOL = 11  # OP_CONV: POOL..POOL+3 = a fused MaxPool2d's window and stride (kh, kw, sh, sw); kh 0: none
-FIELDS = 15
+# Integer ops. OP_QCONV / OP_QLINEAR: WEIGHT = the uint32 quads of an ``integer.PackedWeights``, BIAS its
+# int32 corrected bias, OUT, KH.. PH, PW and POOL as above (here (1, 1, 1, 1): none); the rest below.
+# OP_QUANTIZE / OP_DEQUANTIZE: SCALE, ZERO_POINT (and QMAX for OP_QUANTIZE). OP_QRELU: ZERO_POINT.
+# OP_QMAXPOOL: KH, KW, SH, SW.
+M0, SHIFT, SCALE = 15, 16, 17  # addresses: int32 m0 and shift, float32 multipliers (or one scale)
+MODE, ZERO_POINT, LO, HI = 18, 19, 20, 21  # requantization mode, output zero point, clamp bounds
+IN_ZERO_POINT, QMAX, WORDS = 22, 23, 24  # the input's zero point and largest code; quads per channel
+LANES_WEIGHT = 25  # address of the PackedWeights' uint32 ``lanes`` (dense layers: the small-batch layout)
+FIELDS = 26
 
 
 def pointable(values, shape: tuple) -> bool:
@@ -57,12 +83,51 @@ def op_row(code: int, relu_after=False, weight=0, bias=0, out=0, kernel=(0, 0), 
     return row
 
 
-@intrinsic
-def _float_pointer(typingctx, addr):
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+def integer_row(code: int, packed=None, requant=None, out=0, kernel=(0, 0), stride=(0, 0), padding=(0, 0),
+                pool=(0, 0, 0, 0), scale=None, zero_point=0, qmax=0) -> list[int]:
+    """A row of an integer op. ``packed`` (``integer.PackedWeights``), ``requant`` (``integer.Requant``)
+    and ``scale`` (a float32 array) must stay alive, and unchanged, while the program runs."""
+    row = op_row(code, False, 0, 0, out, kernel, stride, padding, pool)
+    if packed is not None:
+        row[WEIGHT], row[BIAS] = packed.quads.ctypes.data, packed.bias.ctypes.data
+        row[IN_ZERO_POINT], row[QMAX], row[WORDS] = packed.zero_point, packed.qmax, packed.n_words
+        row[LANES_WEIGHT] = packed.lanes.ctypes.data
+    if requant is not None:
+        row[M0], row[SHIFT], row[SCALE] = (a.ctypes.data for a in requant[:3])
+        row[MODE], row[ZERO_POINT], row[LO], row[HI] = requant[3:]
+    if scale is not None:
+        row[SCALE], row[ZERO_POINT], row[QMAX] = scale.ctypes.data, zero_point, qmax
+    return row
 
-    return types.CPointer(types.float32)(types.int64), codegen
+
+def _pointer(element_type):
+    """An intrinsic turning an int64 address into a pointer to ``element_type`` (for ``carray``)."""
+    @intrinsic
+    def pointer(typingctx, addr):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return types.CPointer(element_type)(types.int64), codegen
+
+    return pointer
+
+
+_float_pointer = _pointer(types.float32)
+_int_pointer = _pointer(types.int32)
+_word_pointer = _pointer(types.uint32)
+
+
+@njit(cache=True)
+def _integer_args(op, o):
+    """The PackedWeights and Requant an OP_QCONV / OP_QLINEAR row points at."""
+    n_words = op[WORDS]
+    lanes = -(-o // DENSE_BLOCK) * DENSE_BLOCK * n_words * PAIR_WORDS if op[CODE] == OP_QLINEAR else 0
+    pk = PackedWeights(carray(_word_pointer(op[WEIGHT]), (packed_channels(o) * n_words * PAIR_WORDS,)),
+                       carray(_int_pointer(op[BIAS]), (o,)), n_words, op[IN_ZERO_POINT], op[QMAX],
+                       carray(_word_pointer(op[LANES_WEIGHT]), (lanes,)))
+    rq = Requant(carray(_int_pointer(op[M0]), (o,)), carray(_int_pointer(op[SHIFT]), (o,)),
+                 carray(_float_pointer(op[SCALE]), (o,)), op[MODE], op[ZERO_POINT], op[LO], op[HI])
+    return pk, rq
 
 
 @njit(cache=True)
@@ -90,9 +155,49 @@ def run_program(x, ops):
     n, c, h, w = x.shape
     buf = x.reshape(-1)
     owned = False  # buf is x itself until the first op has made a new array
+    qbuf = np.empty(0, np.uint8)  # the activations of integer ops (codes)
+    empty_q, empty_f = np.empty((0, 0, 0, 0), np.uint8), np.empty((0, 0, 0, 0), np.float32)
     for t in range(ops.shape[0]):
         op = ops[t]
         code = op[CODE]
+        if code >= OP_QUANTIZE:
+            if code == OP_QUANTIZE:
+                qbuf = quantize_u8(buf, _float_pointer(op[SCALE])[0], op[ZERO_POINT], op[QMAX])
+            elif code == OP_DEQUANTIZE:
+                buf = dequantize_u8(qbuf, _float_pointer(op[SCALE])[0], op[ZERO_POINT])
+            elif code == OP_QRELU:
+                zp = np.uint8(op[ZERO_POINT])
+                for i in range(qbuf.size):
+                    qbuf[i] = max(qbuf[i], zp)
+            elif code == OP_QMAXPOOL:
+                oh, ow = conv_output_size(h, op[KH], op[SH]), conv_output_size(w, op[KW], op[SW])
+                yq = np.empty((n, c, oh, ow), np.uint8)
+                pool = PoolGeometry(op[KH], op[KW], op[SH], op[SW], 0, 0, 0)
+                maxpool_images(qbuf.reshape(n, c, h, w), yq, pool, np.uint8(0), 0, n)
+                qbuf, h, w = yq.reshape(-1), oh, ow
+            else:  # OP_QCONV, OP_QLINEAR
+                o = op[OUT]
+                pk, rq = _integer_args(op, o)
+                geo = QConvGeometry(op[KH], op[KW], op[SH], op[SW], op[PH], op[PW], op[POOL], op[POOL + 1],
+                                   op[POOL + 2], op[POOL + 3])
+                oh = ow = 1
+                if code == OP_QCONV:
+                    oh = conv_output_size(conv_output_size(h, geo.kh, geo.sh, geo.ph), geo.pkh, geo.psh)
+                    ow = conv_output_size(conv_output_size(w, geo.kw, geo.sw, geo.pw), geo.pkw, geo.psw)
+                real = op[MODE] == MODE_DEQUANT
+                yq = np.empty((n, o, oh, ow), np.uint8) if not real else empty_q
+                yf = np.empty((n, o, oh, ow), np.float32) if real else empty_f
+                if code == OP_QLINEAR:
+                    qlinear_rows(qbuf.reshape(n, c * h * w), pk, rq, yq.reshape(-1), yf.reshape(-1), 0, n)
+                else:
+                    qconv_images(qbuf.reshape(n, c, h, w), pk, geo, rq, yq, yf, 0, n)
+                if real:
+                    buf = yf.reshape(-1)
+                else:
+                    qbuf = yq.reshape(-1)
+                c, h, w = o, oh, ow
+            owned = True
+            continue
         if code == OP_CONV:
             kh, kw, sh, sw, ph, pw = op[KH], op[KW], op[SH], op[SW], op[PH], op[PW]
             geom = ConvGeometry(kh, kw, sh, sw, ph, pw, 1, 1, 1)

@@ -46,6 +46,20 @@ def _hardware_simd() -> int:
     return 16 if features.get("avx512bw", False) else (8 if features.get("avx2", False) else 0)
 
 
+def host_vnni(width: int) -> bool:
+    """Whether the integer kernels may use vpdpbusd (AVX512-VNNI; at 8 lanes also AVX512VL) at ``width``.
+    MICROCNN_VNNI=0 turns it off, so tests can run the AVX-512BW / AVX2 fallback on VNNI hardware."""
+    if width == 0 or os.environ.get("MICROCNN_VNNI", "").strip() == "0":
+        return False
+    from llvmlite import binding
+
+    try:
+        features = binding.get_host_cpu_features()
+    except Exception:  # feature detection unavailable: no VNNI
+        return False
+    return bool(features.get("avx512vnni", False) and (width == 16 or features.get("avx512vl", False)))
+
+
 def _sources_digest() -> str:
     """A digest of every kernel source file. Numba validates a cached function against its own file's
     timestamp only, so a kernel inlined from another file (softmax into the program, the GEMM into a
@@ -59,12 +73,13 @@ def _sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_folder(width: int) -> None:
+def _cache_folder(width: int, vnni: bool = False) -> None:
     """Point Numba's cache at a folder keyed on the kernel sources and on the SIMD width (inside
     NUMBA_CACHE_DIR if set). Numba keys cached machine code on the target CPU and its features, not on
-    this width, so a width lowered by MICROCNN_SIMD would otherwise load code compiled for the full one
-    (whose block layouts differ). Runs before any kernel is defined, which is when Numba picks where its
-    cache lives. (The setting is process-wide: other packages' cached Numba functions land there too.)"""
+    this width (nor on VNNI use), so a width lowered by MICROCNN_SIMD (or MICROCNN_VNNI=0) would
+    otherwise load code compiled for the full one (whose block layouts differ). Runs before any kernel
+    is defined, which is when Numba picks where its cache lives. (The setting is process-wide: other
+    packages' cached Numba functions land there too.)"""
     from numba.core import config
 
     base = config.CACHE_DIR
@@ -78,11 +93,12 @@ def _cache_folder(width: int) -> None:
         if not writable:
             user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             base = os.path.join(user_cache, "microcnn", "numba")
-    config.CACHE_DIR = os.path.join(base, f"{_sources_digest()}-simd{width}")
+    config.CACHE_DIR = os.path.join(base, f"{_sources_digest()}-simd{width}{'-vnni' * vnni}")
 
 
 SIMD = host_simd()
-_cache_folder(SIMD)
+VNNI = host_vnni(SIMD)
+_cache_folder(SIMD, VNNI)
 LANES = SIMD or 8  # 32-bit lanes per vector; the portable IR uses 8, which LLVM splits as the target needs
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from ..checks import int_pair
 from ..errors import InputError
 from ..kernels import integer as ki
-from ..kernels import pool
+from ..kernels import pool, program
 from ..kernels.elementwise import all_finite
 from ..kernels.shapes import conv_output_size
 from ..layers import MaxPool2d
@@ -37,6 +37,12 @@ class Stage:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def program_ops(self, chw: tuple, keep: list):
+        """(rows of ``kernels.program``, output (C, H, W)) for inputs of sample shape ``chw``, or None
+        when the stage has no ops there. Arrays the rows point at that the stage does not hold go to
+        ``keep``, which must outlive the rows."""
+        return None
 
     def tensors(self) -> dict:
         """Arrays this stage stores, by short name."""
@@ -95,6 +101,13 @@ class QuantizeStage(Stage):
             refuse_nonfinite(x)
         return ki.quantize_u8(flat, a.scale, a.zero_point, a.qmax).reshape(x.shape)
 
+    def program_ops(self, chw, keep):
+        a = self.out_act
+        scale = np.array([a.scale], np.float32)  # what quantize_u8 rounds the float scale to
+        keep.append(scale)
+        row = program.integer_row(program.OP_QUANTIZE, scale=scale, zero_point=a.zero_point, qmax=a.qmax)
+        return [row], chw
+
     def spec(self):
         return {**super().spec(), "bits": self.out_act.bits}
 
@@ -114,6 +127,12 @@ class DequantizeStage(Stage):
     def run(self, x):
         a = self.in_act
         return ki.dequantize_u8(x.reshape(-1), a.scale, a.zero_point).reshape(x.shape)
+
+    def program_ops(self, chw, keep):
+        scale = np.array([self.in_act.scale], np.float32)
+        keep.append(scale)
+        return [program.integer_row(program.OP_DEQUANTIZE, scale=scale, zero_point=self.in_act.zero_point)], \
+            chw
 
 
 class QWeighted(Stage):
@@ -173,6 +192,11 @@ class QWeighted(Stage):
             self.zp = out_act.zero_point
             self.lo = max(0, out_act.zero_point) if relu else 0
             self.hi = out_act.qmax
+        # What the kernels read, derived once: the epilogues of run and preactivation.
+        self.requant_run = ki.requant_params(self.m0, self.shift, self.fmult, self.mode, self.zp, self.lo,
+                                             self.hi)
+        self.requant_pre = ki.requant_params(self.m0, self.shift, self.acc_scale, ki.MODE_DEQUANT, 0,
+                                             -ACC_LIMIT - 1, ACC_LIMIT)
 
     @property
     def reduction(self) -> int:
@@ -212,11 +236,16 @@ class QWeighted(Stage):
         return f"W{self.weight_bits}A{self.in_act.bits}"
 
     def run(self, x):
-        return self._run(x, self.mode, self.fmult, self.lo, self.hi)
+        return self._run(x, self.requant_run)
 
     def preactivation(self, x) -> np.ndarray:
         """Real value of the integer accumulators (bias included, no clamp); bias correction uses it."""
-        return self._run(x, ki.MODE_DEQUANT, self.acc_scale, -ACC_LIMIT - 1, ACC_LIMIT)
+        return self._run(x, self.requant_pre)
+
+    def _pack_dense(self) -> ki.PackedWeights:
+        """The weights as (O, K) rows for the dense kernel (a conv over its whole input is one too)."""
+        w = self.weight_values.reshape(self.weight_shape[0], -1)
+        return ki.pack_linear(w, self.bias_q, self.in_act.zero_point, self.in_act.qmax)
 
     def _check_input(self, x, ndim: int):
         # The kernels index the weights by the input's sizes and have no bounds checks: an input that
@@ -258,12 +287,35 @@ class QConv2d(QWeighted):
                 raise InputError(f"pool: expected (kernel_size, stride), found {pool!r}")
             fused = MaxPool2d(*pool)
             self.pool = (fused.kernel_size, fused.stride)
+        # The int8 codes repacked once for the kernels (derived, never stored); a convolution that
+        # covers its whole unpadded input runs as a dense layer (see _run).
+        self.packed = ki.pack_conv(self.weight_values, self.bias_q, self.stride[0], in_act.zero_point,
+                                   in_act.qmax)
+        self.packed_dense = self._pack_dense() if self.pool is None and self.padding == (0, 0) else None
 
     def spec(self):
         return {**super().spec(), "stride": list(self.stride), "padding": list(self.padding),
                 "pool": None if self.pool is None else [list(self.pool[0]), list(self.pool[1])]}
 
-    def _run(self, x, mode, fmult, lo, hi):
+    def geometry(self) -> ki.QConvGeometry:
+        pool = (1, 1, 1, 1) if self.pool is None else (*self.pool[0], *self.pool[1])
+        return ki.QConvGeometry(*self.weight_shape[2:], *self.stride, *self.padding, *pool)
+
+    def program_ops(self, chw, keep):
+        o = self.weight_shape[0]
+        if self.packed_dense is not None and tuple(chw[1:]) == self.weight_shape[2:]:
+            row = program.integer_row(program.OP_QLINEAR, self.packed_dense, self.requant_run, o)
+            return [row], (o, 1, 1)
+        geo = self.geometry()
+        h = conv_output_size(chw[1], geo.kh, geo.sh, geo.ph)
+        w = conv_output_size(chw[2], geo.kw, geo.sw, geo.pw)
+        if h < max(1, geo.pkh) or w < max(1, geo.pkw):
+            return None  # the layer path reports the error
+        out = (o, conv_output_size(h, geo.pkh, geo.psh), conv_output_size(w, geo.pkw, geo.psw))
+        return [program.integer_row(program.OP_QCONV, self.packed, self.requant_run, o, geo[:2], geo[2:4],
+                                    geo[4:6], geo[6:])], out
+
+    def _run(self, x, rq):
         self._check_input(x, 4)
         n, c, h, w = x.shape
         o, _, kh, kw = self.weight_shape
@@ -276,16 +328,14 @@ class QConv2d(QWeighted):
         if self.pool is None and (kh, kw) == (h, w) and (ph, pw) == (0, 0):
             # One output position per image: a dense layer over the flattened input, which the linear
             # kernel runs along the batch instead of along the (single) positions.
-            q, f = self._outputs((n, o), mode)
-            ki.qlinear(x.reshape(n, -1), self.in_act.zero_point, self.weight_bytes, self.weight_bits,
-                       self.bias_q, self.m0, self.shift, fmult, mode, self.zp, lo, hi, q, f)
-            return (f if mode == ki.MODE_DEQUANT else q).reshape(n, o, 1, 1)
-        pool = (1, 1, 1, 1) if self.pool is None else (*self.pool[0], *self.pool[1])
-        oh, ow = conv_output_size(oh, pool[0], pool[2]), conv_output_size(ow, pool[1], pool[3])
-        q, f = self._outputs((n, o, oh, ow), mode)
-        ki.qconv2d(x, self.in_act.zero_point, self.weight_bytes, self.weight_bits, (kh, kw), self.stride,
-                   self.padding, pool, self.bias_q, self.m0, self.shift, fmult, mode, self.zp, lo, hi, q, f)
-        return f if mode == ki.MODE_DEQUANT else q
+            q, f = self._outputs((n, o), rq.mode)
+            ki.linear_packed(np.ascontiguousarray(x).reshape(n, -1), self.packed_dense, rq, q, f)
+            return (f if rq.mode == ki.MODE_DEQUANT else q).reshape(n, o, 1, 1)
+        geo = self.geometry()
+        oh, ow = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
+        q, f = self._outputs((n, o, oh, ow), rq.mode)
+        ki.conv2d_packed(np.ascontiguousarray(x), self.packed, geo, rq, q, f)
+        return f if rq.mode == ki.MODE_DEQUANT else q
 
 
 class QLinear(QWeighted):
@@ -298,13 +348,17 @@ class QLinear(QWeighted):
         super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant)
         if len(self.weight_shape) != 2:
             raise InputError(f"linear weight: expected (O, F), found {self.weight_shape}")
+        self.packed_dense = self._pack_dense()
 
-    def _run(self, x, mode, fmult, lo, hi):
+    def program_ops(self, chw, keep):
+        o = self.weight_shape[0]
+        return [program.integer_row(program.OP_QLINEAR, self.packed_dense, self.requant_run, o)], (o, 1, 1)
+
+    def _run(self, x, rq):
         self._check_input(x, 2)
-        q, f = self._outputs((x.shape[0], self.weight_shape[0]), mode)
-        ki.qlinear(x, self.in_act.zero_point, self.weight_bytes, self.weight_bits, self.bias_q, self.m0,
-                   self.shift, fmult, mode, self.zp, lo, hi, q, f)
-        return f if mode == ki.MODE_DEQUANT else q
+        q, f = self._outputs((x.shape[0], self.weight_shape[0]), rq.mode)
+        ki.linear_packed(np.ascontiguousarray(x), self.packed_dense, rq, q, f)
+        return f if rq.mode == ki.MODE_DEQUANT else q
 
 
 class QMaxPool2d(Stage):
@@ -321,6 +375,10 @@ class QMaxPool2d(Stage):
         self.layer._check_input(x)
         return pool.maxpool2d(x, *self.kernel_size, *self.stride)
 
+    def program_ops(self, chw, keep):
+        out = self.layer.output_shape(tuple(chw))
+        return [program.op_row(program.OP_QMAXPOOL, kernel=self.kernel_size, stride=self.stride)], out
+
     def spec(self):
         return {**super().spec(), "kernel_size": list(self.kernel_size), "stride": list(self.stride)}
 
@@ -336,6 +394,9 @@ class QReLU(Stage):
     def run(self, x):
         return np.maximum(x, np.uint8(self.in_act.zero_point))
 
+    def program_ops(self, chw, keep):
+        return [program.integer_row(program.OP_QRELU, zero_point=self.in_act.zero_point)], chw
+
 
 class FlattenStage(Stage):
     """Flatten is a reshape in either domain: free."""
@@ -347,6 +408,9 @@ class FlattenStage(Stage):
 
     def run(self, x):
         return x.reshape(x.shape[0], -1)
+
+    def program_ops(self, chw, keep):
+        return [], (int(np.prod(chw)), 1, 1)
 
 
 class FloatStage(Stage):
@@ -361,6 +425,11 @@ class FloatStage(Stage):
 
     def run(self, x):
         return self.layer.forward(x)
+
+    def program_ops(self, chw, keep):
+        if self.layer.type != "Softmax":
+            return None
+        return [program.op_row(program.OP_SOFTMAX)], chw
 
     def tensors(self):
         return {pname: p.data for pname, p in zip(("weight", "bias"), self.layer.parameters(), strict=False)}

@@ -8,9 +8,10 @@ import time
 import numpy as np
 
 from ..errors import InputError
+from ..kernels import program
 from ..kernels.elementwise import all_finite
 from ..model import LayerNode, LayerTrace, Model
-from ..network import Sequential
+from ..network import PROGRAM_MAX_BATCH, Sequential
 from .qlayers import FloatStage, QWeighted, Stage, refuse_nonfinite
 from .serialize import save_quantized
 
@@ -54,12 +55,45 @@ class QuantizedSequential(Model):
     def _stage_name(self, stage: Stage) -> str:
         return "+".join(self.names[i] for i in stage.layers) or stage.kind
 
+    def __getstate__(self):
+        # A copy gets no compiled program: its rows hold the addresses of this network's arrays.
+        return {**self.__dict__, "_program": None}
+
     # -- inference -----------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Inference, stage by stage; a small batch (fewer than PROGRAM_MAX_BATCH images) of a float32
+        sample shape seen before runs as one compiled program instead (``kernels.program``: the same
+        kernels, so the same bits, without the per-stage checks and calls)."""
+        prog = getattr(self, "_program", None)
+        if (prog is not None and type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 4
+                and x.shape[1:] == prog[1] and 0 < x.shape[0] < PROGRAM_MAX_BATCH and x.flags.c_contiguous
+                and x.flags.writeable and prog[0] == self.stages):
+            _refuse_nonfinite_input(x)
+            return program.run_program(x, prog[3]).reshape(x.shape[0], *prog[2])
         _refuse_nonfinite_input(x)
+        sample_shape = x.shape[1:] if isinstance(x, np.ndarray) else None
         for stage in self.stages:
             x = stage.run(x)
+        if (prog is None or prog[1] != sample_shape or prog[0] != self.stages) and sample_shape is not None:
+            self._program = self._build_program(tuple(sample_shape), x.shape[1:])
         return x
+
+    def _build_program(self, sample_shape: tuple, out_shape: tuple):
+        """(stages, sample shape, output shape, op table, kept arrays), or None when a stage has no ops
+        or the network does not end in float32 (the interpreter returns its float buffer)."""
+        if len(sample_shape) != 3:
+            return None
+        rows, keep, chw = [], [], sample_shape
+        for stage in self.stages:
+            built = stage.program_ops(chw, keep)
+            if built is None:
+                return None
+            ops, chw = built
+            rows += ops  # chw: what the next stage's rows see (a flattened vector is (F, 1, 1))
+        if self.stages[-1].out_act is not None:
+            return None
+        table = np.array(rows, np.int64).reshape(len(rows), program.FIELDS)
+        return list(self.stages), sample_shape, out_shape, table, keep
 
     def _ends_in_softmax(self) -> bool:
         last = self.stages[-1]

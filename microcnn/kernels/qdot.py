@@ -1,0 +1,214 @@
+"""The integer micro-kernel: unsigned 8-bit activations x signed 8-bit weights, four products per
+32-bit lane, accumulated in int32 vector registers across a whole reduction (LLVM IR, like the FP32
+register kernel of ``gemm``; the loop is ``simd.register_loop``).
+
+A *word* is a uint32 holding four activation codes (bytes 0..3, unsigned 0..255) of one output
+position; a *weight quad* holds the four matching signed weights of one output channel. Per word and
+channel every lane adds ``sum_b u8(word byte b) * s8(quad byte b)``. The instruction depends on the
+hardware, never the result:
+
+* VNNI (``simd.VNNI``): one ``vpdpbusd`` per vector -- the four products and their sum into the
+  32-bit lane are exact (at most 4 * 255 * 128 per step), and its add wraps like every int32 add here;
+* AVX-512BW / AVX2 without VNNI: ``vpmaddubsw`` would saturate its int16 pair sums (255 * -128 * 2 <
+  -32768), so it is not used. The word is split into its even and odd bytes as int16 lanes (0..255)
+  and each half goes through ``pmaddwd`` with a pair of int16 weights: products and pair sums are
+  exact in int32. Weight quads are then stored as two pair words (``PAIR_WORDS`` = 2);
+* portable IR (no SIMD, or a NUMBA_CPU_NAME target): the four bytes are widened by shifts and
+  multiplied lane by lane in plain vector IR.
+
+Every path adds the same int32 values in two's-complement arithmetic, which is associative: the
+result is the exact sum whenever that sum fits int32 (the layers refuse weights and shapes where it
+could not), however the partial sums wrap on the way.
+"""
+
+from .simd import LANES, SIMD, VNNI, register_loop, splat
+
+STRIP = 16  # output positions per micro-kernel call (one AVX-512 vector, two AVX2 / portable ones)
+PAIR_WORDS = 2 if (SIMD and not VNNI) else 1  # uint32 words per (word, channel) in a packed weight block
+
+
+def _instructions(builder, vi, vh):
+    """(const, dot, pmadd): a splat constant maker and the x86 instructions of this build -- vpdpbusd
+    on VNNI, pmaddwd on other SIMD (None where not used)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    def const(value):
+        return ir.Constant(vi, [value] * vi.count)
+
+    dot = pmadd = None
+    if VNNI:
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vi, vi, vi]),
+                                             f"llvm.x86.avx512.vpdpbusd.{32 * vi.count}")
+    elif SIMD:
+        name = "llvm.x86.avx512.pmaddw.d.512" if vi.count == 16 else "llvm.x86.avx2.pmadd.wd"
+        pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vh, vh]), name)
+    return const, dot, pmadd
+
+
+def _make_microkernel(channels: int):
+    """``kernel(words_addr, word_off_addr, n_words, wts_addr, acc_addr, acc_stride)``: ``channels``
+    output channels x STRIP positions.
+
+    words_addr: the uint32 word of position j0 at word offset 0; word w of the reduction starts
+    ``word_off[w]`` (int64) words further, the STRIP positions consecutive.
+    wts_addr: uint32 weights (n_words, channels, PAIR_WORDS): quads, or (PAIR_WORDS = 2) the int16 pairs
+    (byte 0, byte 2) and (byte 1, byte 3) of each quad.
+    acc_addr: position j0 of channel 0's int32 accumulator row, rows ``acc_stride`` elements apart; holds
+    the initial values and receives the sums.
+    """
+    from llvmlite import ir
+    from numba.core import types
+    from numba.core.extending import intrinsic
+
+    lanes = LANES
+    vectors = STRIP // lanes
+
+    @intrinsic
+    def microkernel(typingctx, words_addr, word_off_addr, n_words, wts_addr, acc_addr, acc_stride):
+        sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            words_addr, word_off_addr, n_words, wts_addr, acc_addr, acc_stride = args
+            i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+            vi, vh = ir.VectorType(i32, lanes), ir.VectorType(i16, 2 * lanes)
+            words_p = builder.inttoptr(words_addr, i32.as_pointer())
+            off_p = builder.inttoptr(word_off_addr, i64.as_pointer())
+            wts_p = builder.inttoptr(wts_addr, i32.as_pointer())
+            acc_p = builder.inttoptr(acc_addr, i32.as_pointer())
+            ptrs = []
+            for c in range(channels):
+                for v in range(vectors):
+                    idx = builder.add(builder.mul(acc_stride, ir.Constant(i64, c)),
+                                      ir.Constant(i64, lanes * v))
+                    ptrs.append(builder.bitcast(builder.gep(acc_p, [idx]), vi.as_pointer()))
+            init = [builder.load(ptr, align=4) for ptr in ptrs]
+
+            const, dot, pmadd = _instructions(builder, vi, vh)
+
+            def weight(w, c, half):
+                idx = builder.add(builder.mul(w, ir.Constant(i64, channels * PAIR_WORDS)),
+                                  ir.Constant(i64, c * PAIR_WORDS + half))
+                return builder.load(builder.gep(wts_p, [idx]))
+
+            def step(w, accs):
+                offset = builder.load(builder.gep(off_p, [w]))
+                src = builder.bitcast(builder.gep(words_p, [offset]), vi.as_pointer())
+                data = [builder.load(builder.gep(src, [ir.Constant(i64, v)]), align=4)
+                        for v in range(vectors)]
+                if SIMD and not VNNI:  # even bytes and odd bytes as int16 lanes 0..255
+                    data = [(builder.bitcast(builder.and_(d, const(0x00FF00FF)), vh),
+                             builder.bitcast(builder.and_(builder.lshr(d, const(8)), const(0x00FF00FF)), vh))
+                            for d in data]
+                elif not SIMD:  # the four bytes, zero-extended into int32 lanes
+                    data = [[builder.and_(builder.lshr(d, const(8 * b)), const(0xFF)) for b in range(4)]
+                            for d in data]
+                new = []
+                for c in range(channels):
+                    if VNNI:
+                        quad = splat(builder, weight(w, c, 0), vi)
+                        new += [builder.call(dot, [accs[c * vectors + v], data[v], quad])
+                                for v in range(vectors)]
+                    elif SIMD:
+                        even = builder.bitcast(splat(builder, weight(w, c, 0), vi), vh)
+                        odd = builder.bitcast(splat(builder, weight(w, c, 1), vi), vh)
+                        for v in range(vectors):
+                            product = builder.add(builder.call(pmadd, [data[v][0], even]),
+                                                  builder.call(pmadd, [data[v][1], odd]))
+                            new.append(builder.add(accs[c * vectors + v], product))
+                    else:
+                        quad = weight(w, c, 0)
+                        signed = [splat(builder, builder.ashr(builder.shl(quad, ir.Constant(i32, 24 - 8 * b)),
+                                                              ir.Constant(i32, 24)), vi) for b in range(4)]
+                        for v in range(vectors):
+                            total = accs[c * vectors + v]
+                            for b in range(4):
+                                total = builder.add(total, builder.mul(data[v][b], signed[b]))
+                            new.append(total)
+                return new
+
+            for ptr, value in zip(ptrs, register_loop(builder, n_words, init, step, "qmk"), strict=True):
+                builder.store(value, ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return microkernel
+
+
+microkernel8 = _make_microkernel(8)
+microkernel4 = _make_microkernel(4)
+microkernel2 = _make_microkernel(2)
+microkernel1 = _make_microkernel(1)
+
+
+DENSE_VECTORS = 4  # channel vectors per dense-kernel call: independent accumulator chains
+
+
+def _make_dense_kernel():
+    """``kernel(x_addr, n_words, w_addr, acc_addr)`` for one activation row, channels in the lanes:
+    acc[v * LANES + l] += sum_w dot4(x[w], quad[w, v, l]) for DENSE_VECTORS vectors -- the small-batch
+    layout of a dense layer, where one row would fill one lane of the position-major micro-kernel.
+
+    x_addr: n_words uint32 activation words. w_addr: uint32 (n_words, DENSE_VECTORS, PAIR_WORDS, LANES)
+    (``integer.pack_lanes``). The same instructions and exactness argument as the micro-kernel, with
+    the activation word broadcast instead of the weight quad."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.core.extending import intrinsic
+
+    lanes, vectors = LANES, DENSE_VECTORS
+
+    @intrinsic
+    def kernel(typingctx, x_addr, n_words, w_addr, acc_addr):
+        sig = types.void(types.intp, types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            x_addr, n_words, w_addr, acc_addr = args
+            i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+            vi, vh = ir.VectorType(i32, lanes), ir.VectorType(i16, 2 * lanes)
+            x_p = builder.inttoptr(x_addr, i32.as_pointer())
+            w_p = builder.bitcast(builder.inttoptr(w_addr, i32.as_pointer()), vi.as_pointer())
+            acc_p = builder.bitcast(builder.inttoptr(acc_addr, i32.as_pointer()), vi.as_pointer())
+            ptrs = [builder.gep(acc_p, [ir.Constant(i64, v)]) for v in range(vectors)]
+            init = [builder.load(ptr, align=4) for ptr in ptrs]
+
+            const, dot, pmadd = _instructions(builder, vi, vh)
+
+            def wvec(w, v, half):
+                idx = builder.add(builder.mul(w, ir.Constant(i64, vectors * PAIR_WORDS)),
+                                  ir.Constant(i64, v * PAIR_WORDS + half))
+                return builder.load(builder.gep(w_p, [idx]), align=4)
+
+            def step(w, accs):
+                xs = splat(builder, builder.load(builder.gep(x_p, [w])), vi)
+                new = []
+                if VNNI:
+                    return [builder.call(dot, [accs[v], xs, wvec(w, v, 0)]) for v in range(vectors)]
+                if SIMD:  # even and odd activation bytes as int16 pairs, against the weights' pairs
+                    even = builder.bitcast(builder.and_(xs, const(0x00FF00FF)), vh)
+                    odd = builder.bitcast(builder.and_(builder.lshr(xs, const(8)), const(0x00FF00FF)), vh)
+                    for v in range(vectors):
+                        product = builder.add(builder.call(pmadd, [even, builder.bitcast(wvec(w, v, 0), vh)]),
+                                              builder.call(pmadd, [odd, builder.bitcast(wvec(w, v, 1), vh)]))
+                        new.append(builder.add(accs[v], product))
+                    return new
+                xb = [builder.and_(builder.lshr(xs, const(8 * b)), const(0xFF)) for b in range(4)]
+                for v in range(vectors):
+                    quad, total = wvec(w, v, 0), accs[v]
+                    for b in range(4):
+                        signed = builder.ashr(builder.shl(quad, const(24 - 8 * b)), const(24))
+                        total = builder.add(total, builder.mul(xb[b], signed))
+                    new.append(total)
+                return new
+
+            for ptr, value in zip(ptrs, register_loop(builder, n_words, init, step, "qdense"), strict=True):
+                builder.store(value, ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
+
+
+dense_kernel = _make_dense_kernel()
