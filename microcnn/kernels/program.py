@@ -172,8 +172,8 @@ def run_program(x, ops):
             elif code == OP_QMAXPOOL:
                 oh, ow = conv_output_size(h, op[KH], op[SH]), conv_output_size(w, op[KW], op[SW])
                 yq = np.empty((n, c, oh, ow), np.uint8)
-                pool = PoolGeometry(op[KH], op[KW], op[SH], op[SW], 0, 0, 0)
-                maxpool_images(qbuf.reshape(n, c, h, w), yq, pool, np.uint8(0), 0, n)
+                qpool = PoolGeometry(op[KH], op[KW], op[SH], op[SW], 0, 0, 0)
+                maxpool_images(qbuf.reshape(n, c, h, w), yq, qpool, np.uint8(0), 0, n)
                 qbuf, h, w = yq.reshape(-1), oh, ow
             else:  # OP_QCONV, OP_QLINEAR
                 o = op[OUT]
