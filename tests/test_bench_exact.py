@@ -212,8 +212,9 @@ def test_run_of_a_quantized_file_times_it_as_stored(world):
                                          r"and runs only as stored; omit --precisions$"):
         bench.run("q4.safetensors", precisions=["int8"], quiet=True)
     for option in ({"per_layer": True}, {"conv": True}, {"compare": "torch"}):
-        with pytest.raises(InputError, match=r"^--per-layer, --conv and --compare compare against FP32: they "
-                                             r"need an FP32 model, and q4.safetensors is quantized \(w4a8\)$"):
+        with pytest.raises(InputError, match=r"^--per-layer, --conv and --compare compare against FP32: "
+                                             r"they need an FP32 model, and q4.safetensors is quantized "
+                                             r"\(w4a8\)$"):
             bench.run("q4.safetensors", startup=False, quiet=True, **option)
 
 
@@ -233,13 +234,13 @@ def test_run_adds_each_optional_table_as_records(world):
          "int8_mse": 1e-4, "int4_mse": 1e-3},
         {"layer": "relu1", "type": "ReLU", "fp32_ms": 0.5, "int8_ms": 0.0, "int4_ms": 0.0, "int8_mse": 0.0,
          "int4_mse": 0.0},
-        {"layer": "fc1", "type": "Linear", "fp32_ms": 0.25, "int8_ms": 0.125, "int4_ms": 0.5, "int8_mse": 2e-4,
-         "int4_mse": 3e-3}]
+        {"layer": "fc1", "type": "Linear", "fp32_ms": 0.25, "int8_ms": 0.125, "int4_ms": 0.5,
+         "int8_mse": 2e-4, "int4_mse": 3e-3}]
     assert report["conv"] == [{"algorithm": "naive", "total_ms": 2.0, "per_image_us": 400.0, "speedup": 1.0,
                                "max_error": 0.0}]
     assert report["train"] == [{"system": "microcnn", "dataset": "MNIST", "images_per_s": 1234.0}]
-    assert report["compare"] == [{"system": "torch", "precision": "fp32", "time_ms": 3.0, "per_image_us": 600.0,
-                                  "accuracy": 0.8}]
+    assert report["compare"] == [{"system": "torch", "precision": "fp32", "time_ms": 3.0,
+                                  "per_image_us": 600.0, "accuracy": 0.8}]
     # train compares with PyTorch only when asked for torch or all
     bench.run("bundled", samples=5, precisions=["fp32"], train=True, compare="onnxruntime", startup=False,
               quiet=True)

@@ -8,9 +8,9 @@ Linear with float logits."""
 import numpy as np
 import pytest
 
+from microcnn.errors import InputError
 from microcnn.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU
 from microcnn.network import Sequential
-from microcnn.errors import InputError
 from microcnn.quant import calibrate, quantize
 from microcnn.quant.qlayers import ACC_LIMIT, QConv2d, QLinear
 from microcnn.quant.quantize import quantize_bias
@@ -56,11 +56,12 @@ def expected_biases(net, cal, qnet, plain):
         x_quant = simulate(qnet.stages[:k], x)
         if isinstance(stage, QConv2d):
             assert stage.pool is None or stage.pool == ((2, 1), (2, 1))
-            acc = conv_acc_ref(x_quant, stage.in_act.zero_point, stage.weight_values, before.bias_q, stage.stride,
-                               stage.padding)
+            acc = conv_acc_ref(x_quant, stage.in_act.zero_point, stage.weight_values, before.bias_q,
+                               stage.stride, stage.padding)
             scale, axes = stage.acc_scale[None, :, None, None], (0, 2, 3)
         else:
-            acc = (x_quant.astype(np.int64) - stage.in_act.zero_point) @ stage.weight_values.T.astype(np.int64)
+            centred = x_quant.astype(np.int64) - stage.in_act.zero_point
+            acc = centred @ stage.weight_values.T.astype(np.int64)
             acc += before.bias_q
             scale, axes = stage.acc_scale[None, :], (0,)
         preactivation = acc.astype(np.float32) * scale  # the real value of each accumulator
@@ -124,7 +125,9 @@ def test_quantize_bias_rounds_in_accumulator_units_up_to_half_the_int32_range():
     q = quantize_bias(b, in_scale, w_scale)
     assert q.dtype == np.int32 and q.tolist() == [0, -2, 2]
     half = ACC_LIMIT // 2  # 2**30 - 1
-    assert quantize_bias(np.array([half * 0.5, -3.0]), 0.5, np.array([1.0, 1.0], np.float32)).tolist() == [half, -6]
-    with pytest.raises(InputError, match=r"bias too large for int32 accumulators at these scales \(max 1.07e\+09\)"):
-        quantize_bias(np.array([-(half + 1) * 0.5, 1.0]), 0.5, np.array([1.0, 1.0], np.float32))
+    ones = np.array([1.0, 1.0], np.float32)
+    assert quantize_bias(np.array([half * 0.5, -3.0]), 0.5, ones).tolist() == [half, -6]
+    with pytest.raises(InputError, match=r"bias too large for int32 accumulators at these scales "
+                                         r"\(max 1.07e\+09\)"):
+        quantize_bias(np.array([-(half + 1) * 0.5, 1.0]), 0.5, ones)
     assert quantize_bias(np.zeros(0), 1.0, np.zeros(0, np.float32)).shape == (0,)

@@ -180,7 +180,8 @@ OBSERVER_LIES = [
     ("minmax", lambda s: s.append(s[0]), ("calibration field observers", ONE_PER_TENSOR, "6 entries")),
     ("minmax", lambda s: s.__setitem__(slice(None), []), ("calibration field observers", ONE_PER_TENSOR,
                                                           "0 entries")),
-    ("minmax", lambda s: s[2].pop("params"), ("calibration field observers[2]", '{"tensor", "kind", "params"}',
+    ("minmax", lambda s: s[2].pop("params"), ("calibration field observers[2]",
+                                              '{"tensor", "kind", "params"}',
                                               "{'tensor': 'relu1', 'kind': 'minmax'}")),
     ("minmax", _set(3, "extra", 1), ("calibration field observers[3]", '{"tensor", "kind", "params"}',
                                      "{'tensor': 'flatten', 'kind': 'minmax', 'params': {}, 'extra': 1}")),
@@ -197,7 +198,8 @@ OBSERVER_LIES = [
                                               "keys ['bins', 'candidates']", "{'bins': 64}")),
     ("mse", _set(0, "params", [64, 5]), ("calibration field observers[0].params",
                                          "keys ['bins', 'candidates']", "[64, 5]")),
-    ("mse", _param(1, "bins", 63), ("calibration field observers[1].params.bins", "int in [64, 65536]", "63")),
+    ("mse", _param(1, "bins", 63), ("calibration field observers[1].params.bins", "int in [64, 65536]",
+                                    "63")),
     ("mse", _param(1, "bins", 65537), ("calibration field observers[1].params.bins", "int in [64, 65536]",
                                        "65537")),
     ("mse", _param(1, "bins", 64.0), ("calibration field observers[1].params.bins", "int in [64, 65536]",
@@ -218,8 +220,8 @@ OBSERVER_LIES = [
                                                    "float in [50, 100]", "'99'")),
     ("ema", _param(3, "averaging_constant", 1.5), ("calibration field observers[3].params.averaging_constant",
                                                    "float in [0, 1]", "1.5")),
-    ("ema", _param(3, "averaging_constant", -0.5), ("calibration field observers[3].params.averaging_constant",
-                                                    "float in [0, 1]", "-0.5")),
+    ("ema", _param(3, "averaging_constant", -0.5),
+     ("calibration field observers[3].params.averaging_constant", "float in [0, 1]", "-0.5")),
     # within the file's bounds, refused by the observer's own rule (named with the tensor)
     ("ema", _param(3, "averaging_constant", 0), ("calibration field observer flatten",
                                                  "averaging_constant: expected 0 < c <= 1, found 0",
@@ -269,7 +271,8 @@ TENSOR_LIES = [
      ("calibration field images", IMAGES, "(dtype('float32'), (0, 1, 3, 3))")),
     ("minmax", lambda t: t.__setitem__("images", np.zeros((2, 1, 3, 4), np.float32)),
      ("calibration field images", "images of the architecture's input_shape [1, 3, 3]", "[2, 1, 3, 4]")),
-    ("minmax", _put("images", (3, 0, 2, 1), np.inf), ("calibration field images", "finite values", "NaN/Inf")),
+    ("minmax", _put("images", (3, 0, 2, 1), np.inf),
+     ("calibration field images", "finite values", "NaN/Inf")),
     ("minmax", lambda t: t.pop("relu1.count"), ("calibration field tensor relu1.count",
                                                 "(dtype('int64'), (1,))", "missing")),
     ("minmax", lambda t: t.__setitem__("fc1.extra", np.zeros(1)), ("calibration field tensor fc1.extra",
@@ -368,7 +371,8 @@ def test_histogram_counts_must_add_up_to_the_value_count(cals, tmp_path, count, 
     if ok:
         assert Calibration.load(path).observer("relu1").count == 9
     else:
-        assert refusal(path) == ("calibration field tensor relu1 histogram", f"counts adding up to {count}", "9")
+        assert refusal(path) == ("calibration field tensor relu1 histogram", f"counts adding up to {count}",
+                                 "9")
 
 
 def test_histogram_counts_are_added_as_python_integers(cals, tmp_path):

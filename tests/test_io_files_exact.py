@@ -209,12 +209,14 @@ ARCH = json.dumps({"layers": [{"type": "ReLU"}]})
 
 
 def test_architecture_of_returns_the_parsed_architecture():
-    assert io.architecture_of("f", {"format": "microcnn", "architecture": ARCH}) == {"layers": [{"type": "ReLU"}]}
+    relu = {"format": "microcnn", "architecture": ARCH}
+    assert io.architecture_of("f", relu) == {"layers": [{"type": "ReLU"}]}
     assert io.architecture_of("f", {"format": "microcnn", "architecture": '{"layers": []}'}) == {"layers": []}
 
 
 @pytest.mark.parametrize("metadata, what, expected, found", [
-    ({"architecture": ARCH}, "not a microcnn model (no architecture in __metadata__)", "format=microcnn", None),
+    ({"architecture": ARCH}, "not a microcnn model (no architecture in __metadata__)", "format=microcnn",
+     None),
     ({"format": "other", "architecture": ARCH}, "not a microcnn model (no architecture in __metadata__)",
      "format=microcnn", "other"),
     ({"format": "microcnn"}, "architecture metadata missing or invalid (no 'architecture' key)", None, None),
@@ -256,7 +258,8 @@ def test_fp32_tensors_must_be_exactly_the_declared_ones():
     ]
     for entries, name, expected, found in cases:
         err = refused(io.check_declared_sizes, "m.safetensors", FP32_ARCH, entries, "fp32")
-        assert (err.path, err.what) == ("m.safetensors", f"tensors do not match the architecture (first: {name})")
+        assert err.path == "m.safetensors"
+        assert err.what == f"tensors do not match the architecture (first: {name})"
         assert (err.expected, err.found) == (expected, found)
 
 
@@ -284,7 +287,8 @@ def test_quantized_kinds_store_between_4_bits_and_16_bytes_per_parameter():
 # -- check_activation_sizes: declared input shape ---------------------------------------------------------
 def test_declared_input_shapes_pass_at_the_bound_and_fail_one_over():
     assert io.check_activation_sizes("f", Sequential(ReLU(), input_shape=(1, 2**13, 2**13))) is None
-    err = refused(io.check_activation_sizes, "m.safetensors", Sequential(ReLU(), input_shape=(1, 2**13, 2**13 + 1)))
+    wide = Sequential(ReLU(), input_shape=(1, 2**13, 2**13 + 1))
+    err = refused(io.check_activation_sizes, "m.safetensors", wide)
     assert (err.path, err.what) == ("m.safetensors", "architecture input_shape is implausibly large")
     assert (err.expected, err.found) == (f"<= {LIMIT} values per image", [1, 8192, 8193])
 
@@ -322,7 +326,8 @@ def test_a_layer_output_is_bounded_at_exactly_the_limit():
     # a 1x1 convolution from 1 to 4 channels over 4096 x 4096: the output is exactly 2**26 values
     ok = Sequential(Conv2d(1, 4, 1), input_shape=(1, 4096, 4096))
     assert io.check_activation_sizes("f", ok) is None
-    err = refused(io.check_activation_sizes, "m.safetensors", Sequential(Conv2d(1, 4, 1), input_shape=(1, 4096, 4097)))
+    over = Sequential(Conv2d(1, 4, 1), input_shape=(1, 4096, 4097))
+    err = refused(io.check_activation_sizes, "m.safetensors", over)
     assert err.found == 4 * 4096 * 4097
 
 
@@ -330,7 +335,8 @@ def test_a_layer_output_is_bounded_at_exactly_the_limit():
 def default_refusal(net):
     """The (layer, default input, found) of the guard's refusal of ``net`` (declared without input)."""
     err = refused(io.check_activation_sizes, "m.safetensors", net)
-    head, _, default = err.what.partition("; the file declares no input_shape, checked from the default input ")
+    note = "; the file declares no input_shape, checked from the default input "
+    head, _, default = err.what.partition(note)
     assert head.startswith("architecture layer ") and head.endswith("needs implausibly large activations")
     assert err.expected == f"<= {LIMIT} values per image"
     return head.removeprefix("architecture layer ").split(" needs")[0], default, err.found
@@ -371,8 +377,8 @@ def test_a_kernel_larger_than_the_default_image_gets_an_input_it_fits():
 
 def test_after_flattening_a_window_layer_gets_a_single_pixel():
     # Linear -> (6,), then a pool 1 x 2**27: its nearest input is (1, 1, 2**27) -- refused before it is used
-    assert default_refusal(Sequential(Linear(4, 6), MaxPool2d((1, 2**27)))) == ("1 (MaxPool2d)", "[1, 28, 28]",
-                                                                               2**27)
+    net = Sequential(Linear(4, 6), MaxPool2d((1, 2**27)))
+    assert default_refusal(net) == ("1 (MaxPool2d)", "[1, 28, 28]", 2**27)
 
 
 def test_a_fitted_input_is_bounded_at_exactly_the_limit_before_the_layer_runs():

@@ -24,8 +24,9 @@ def data(tmp_path, monkeypatch):
         folder = tmp_path / name
         folder.mkdir()
         for split, base, n in (("t10k", 10, 4), ("train", 100, 6)):
-            images = np.broadcast_to((base + extra + np.arange(n, dtype=np.uint8))[:, None, None], (n, 28, 28))
-            write_idx(folder / f"{split}-images-idx3-ubyte", np.ascontiguousarray(images))
+            values = (base + extra + np.arange(n, dtype=np.uint8))[:, None, None]
+            write_idx(folder / f"{split}-images-idx3-ubyte", np.ascontiguousarray(np.broadcast_to(values,
+                                                                                              (n, 28, 28))))
             write_idx(folder / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
     return str(tmp_path)
 
@@ -48,7 +49,8 @@ def test_calibration_images_come_from_the_training_split_without_labels(data):
     images = resolve.load_calibration_images(5, data)
     assert images.shape == (5, 1, 28, 28) and images.dtype == np.float32
     assert pixels(images) == [100, 101, 102, 103, 104]
-    assert pixels(resolve.load_calibration_images(6, data, dataset="fashion-mnist")) == [150 + i for i in range(6)]
+    fashion = resolve.load_calibration_images(6, data, dataset="fashion-mnist")
+    assert pixels(fashion) == [150, 151, 152, 153, 154, 155]
 
 
 def test_asking_for_more_images_than_the_split_holds_is_refused(data):
@@ -57,7 +59,8 @@ def test_asking_for_more_images_than_the_split_holds_is_refused(data):
     assert str(info.value) == "--samples: expected at most 4 (the MNIST test split's size), found 5"
     with pytest.raises(InputError) as info:
         resolve.load_calibration_images(7, data, dataset="fashion-mnist")
-    assert str(info.value) == "calibration: expected at most 6 (the Fashion-MNIST training split's size), found 7"
+    assert str(info.value) == ("calibration: expected at most 6 (the Fashion-MNIST training split's size), "
+                               "found 7")
 
 
 def test_first_takes_exactly_n_and_refuses_one_more():

@@ -7,6 +7,12 @@
     python tools/mutate_python.py all --rerun       # only what the last run did not kill (tests added since)
     python tools/mutate_python.py all --report      # the saved results as Markdown
 
+One table of entries, MODULES: a module (or a part of one, chosen with ``_all_but``) with the test files
+run against each of its mutants, and EQUIVALENT, the mutants shown equivalent with the reason. Give a run
+its own working copy and Numba cache while another mutation run is going (the default ones are shared):
+
+    MICROCNN_MUTATION_DIR=/tmp/m1/work NUMBA_CACHE_DIR=/tmp/m1/numba python tools/mutate_python.py io-files
+
 Each mutant is one small AST edit of the module (operator swap, comparison boundary, and/or, removed
 `not` or unary minus, constant tweak 0->1, 1->0, n->n+1, True<->False, min<->max, swapped first two call
 arguments, a removed statement, `return x` -> `return None`). Docstrings, annotations and the text of
