@@ -245,3 +245,27 @@ def test_run_adds_each_optional_table_as_records(world):
     bench.run("bundled", samples=5, precisions=["fp32"], train=True, compare="onnxruntime", startup=False,
               quiet=True)
     assert world["train"][2] is False
+
+
+def test_run_defaults(world, timers, capsys):
+    """``run(model)`` alone: 1000 test images, 5 repeats on 1 thread, every precision calibrated with MSE
+    on 100 training images (progress shown), start-up timed, tables printed, no optional table."""
+    report = bench.run("bundled")
+    fp32 = world["fp32"]
+    assert world["test"] == (1000, None, "--samples", "mnist")
+    assert world["calibration"] == [(100, None, "--calibration", "mnist")]
+    assert world["calibrate"] == (fp32, 100, 100, "mse", True)
+    assert [b[1] for b in world["built"]] == ["int8", "w4a8", "int4"] and world["startup"] == "bundled"
+    assert {c[2] for c in timers if c[0] == "median"} == {5}
+    assert {c[2:4] for c in timers if c[0] == "latency"} == {(200, 3)}
+    assert report["threads"] == 1 and [r["precision"] for r in report["headline"]] == ["fp32", "int8", "w4a8",
+                                                                                        "int4"]
+    assert not {"per_layer", "conv", "train", "compare"} & set(world)
+    out = capsys.readouterr().out
+    assert "median of 5" in out and "first prediction: cold cache (compile) 3.00 s" in out
+
+
+def test_headline_table_defaults(timers):
+    bench.headline_table({"fp32": models()["fp32"]}, IMAGES, LABELS)
+    assert [c[2:] for c in timers if c[0] == "latency"] == [(200, 3, 5)]
+    assert [c[2] for c in timers if c[0] == "median"] == [5]

@@ -217,6 +217,30 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             "both callers pass exactly 9 bytes (the length field and the header's first byte), so "
             "first[8:10] is first[8:9]",
     },
+    "io-files": {
+        "check_weights: And->Or in arr.dtype.itemsize > 4 and arr.dtype.kind == 'f' and arr.size":
+            "its callers pass tensors read from safetensors (the dtypes of io._DTYPES): entering the range "
+            "check for an F16/F32, integer or bool tensor cannot refuse it, since no such value exceeds "
+            "float32's largest (finite F32 values are checked just before), and an empty one has none",
+        "check_weights: Gt->GtE in arr.dtype.itemsize > 4":
+            "admits 4-byte tensors to the range check: finite F32 values never exceed float32's largest and "
+            "I32 tensors are not floats",
+        "check_weights: 4->5 in arr.dtype.itemsize > 4":
+            "no float dtype a file can hold has 5 to 7 bytes: F64 (8) is still checked, F16/F32 still not",
+        "check_activation_sizes: 0->1 in np.float32(0)":
+            "the zero-stride view is only handed to _check_input, which every layer implements on shapes "
+            "alone (ndim, channels, features, window sizes): the value is never read",
+        "check_activation_sizes: 1->0 in (1, *shape)":
+            "a batch of 0 instead of 1: no layer's _check_input looks at the batch axis",
+        "_fit_input: 1->0 in (1, 1, 1) #2":
+            "h = 0 instead of 1 for an input that is not an image: it only enters max(h, kh - 2ph, 1), which "
+            "the final 1 keeps the same",
+        "_fit_input: 1->0 in (1, 1, 1) #3": "as #2, for w",
+        "_fit_input: 1->0 in max(h, kh - 2 * ph, 1)":
+            "h >= 1 always: the guard's shapes are the default image, (1, 1, 1), or an output of a layer "
+            "whose own check passed (convolution and pooling outputs are then >= 1)",
+        "_fit_input: 1->0 in max(w, kw - 2 * pw, 1)": "as for h: w >= 1 always",
+    },
     "datasets": {
         "_verify_download: remove out.flush()":
             "its only caller passes the buffered 'w+b' file of atomic_open, and the seek(0) that follows "
