@@ -30,7 +30,8 @@ def _nets():
 
 @pytest.fixture(scope="module")
 def setups():
-    images = np.random.default_rng(4).random((60, 2, 5, 6), dtype=np.float32)
+    # values in [-0.5, 1.5): the input's zero point is not 0 (after a ReLU it is)
+    images = np.random.default_rng(4).random((60, 2, 5, 6), dtype=np.float32) * 2 - np.float32(0.5)
     return [(net, calibrate(net, images, method="minmax", samples=40, progress=False, seed=2))
             for net in _nets()]
 
@@ -109,6 +110,7 @@ def test_a_network_ending_in_a_convolution_is_corrected_too(setups):
 def test_gptq_rounds_each_layer_on_the_quantized_networks_own_inputs(setup):
     net, cal = setup
     qnet = quantize(net, cal, 4, 8, rounding="gptq", bias_correction=False)
+    assert qnet.stages[1].in_act.zero_point != 0
     for k, stage in enumerate(qnet.stages):
         if not isinstance(stage, QConv2d | QLinear):
             continue

@@ -221,6 +221,9 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "quantize_bias: FloorDiv->Div in ACC_LIMIT // 2":
             "q is rounded to integers (np.rint) before the comparison, and no integer lies between "
             "ACC_LIMIT // 2 = 2**30 - 1 and ACC_LIMIT / 2 = 2**30 - 0.5",
+        "quantize_bias: 0->1 in initial=0":
+            "the maximum of |q| changes only when every q is 0 (or there is none): 1 and 0 are both far "
+            "below the bound",
     },
     "io-files": {
         "check_weights: And->Or in arr.dtype.itemsize > 4 and arr.dtype.kind == 'f' and arr.size":
