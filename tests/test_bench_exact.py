@@ -86,6 +86,8 @@ def test_headline_table_rows_are_computed_from_each_models_measurements(timers):
 def test_headline_records_are_the_json_rows(timers):
     df = bench.headline_table(models(), IMAGES, LABELS, repeats=1)
     df.loc[1, "Inference Time (ms)"] = 5.00049  # rounding to 3 decimals shows
+    df.loc[1, "Per Image (us)"] = 1000.00049
+    df.loc[1, "Latency (us)"] = 1000.00049
     assert bench.headline_records(df) == [
         {"precision": "fp32", "time_ms": 20.0, "per_image_us": 4000.0, "latency_us": 4000.0,
          "model_bytes": 4000, "accuracy": 1.0},
@@ -269,3 +271,13 @@ def test_headline_table_defaults(timers):
     bench.headline_table({"fp32": models()["fp32"]}, IMAGES, LABELS)
     assert [c[2:] for c in timers if c[0] == "latency"] == [(200, 3, 5)]
     assert [c[2] for c in timers if c[0] == "median"] == [5]
+
+
+def test_run_prints_every_optional_table(world, capsys):
+    bench.run("bundled", samples=5, precisions=["fp32", "int8"], per_layer=True, conv=True, train=True,
+              compare="all", startup=False)
+    out = capsys.readouterr().out
+    for title in ("\nPer layer:\n", "\nConv layers, FP32 im2col vs INT8 im2col (fused conv+relu+pool "
+                  "group):\n", "\nConvolution algorithms:\n", "\nTraining throughput (batch 64):\n", "\nComparison:\n"):
+        assert title in out
+    assert "1234" in out and "naive" in out and "torch" in out
