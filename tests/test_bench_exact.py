@@ -278,6 +278,7 @@ def test_run_prints_every_optional_table(world, capsys):
               compare="all", startup=False)
     out = capsys.readouterr().out
     for title in ("\nPer layer:\n", "\nConv layers, FP32 im2col vs INT8 im2col (fused conv+relu+pool "
-                  "group):\n", "\nConvolution algorithms:\n", "\nTraining throughput (batch 64):\n", "\nComparison:\n"):
+                  "group):\n", "\nConvolution algorithms:\n", "\nTraining throughput (batch 64):\n",
+                  "\nComparison:\n"):
         assert title in out
     assert "1234" in out and "naive" in out and "torch" in out
