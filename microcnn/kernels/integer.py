@@ -1,4 +1,4 @@
-"""Integer inference kernels: quantize/dequantize, int4 packing, im2col into int16 pairs, an integer
+"""Integer inference kernels: quantize/dequantize, im2col into int16 pairs, an integer
 GEMM micro-kernel, requantization, and the quantized convolution / dense layers built from them.
 
 Number formats (see ``microcnn.quant`` for how the parameters are chosen):
@@ -72,20 +72,6 @@ def dequantize_u8(q, scale, zero_point):
 
 
 @njit(cache=True)
-def pack_int4(values):
-    """Signed values in -8..7 (flat int8) -> bytes holding two each, low nibble first."""
-    n = values.size
-    out = np.zeros((n + 1) // 2, np.uint8)
-    for e in range(n):
-        nib = np.uint8(values[e] & 0xF)
-        if e & 1:
-            out[e >> 1] |= np.uint8(nib << 4)
-        else:
-            out[e >> 1] |= nib
-    return out
-
-
-@njit(cache=True)
 def _weight_at(wbytes, e, bits):
     """Signed weight number ``e`` of the flattened matrix, from int8 bytes or packed nibbles."""
     if bits == 4:
@@ -94,16 +80,6 @@ def _weight_at(wbytes, e, bits):
         return v - 16 if v >= 8 else v
     b = np.int32(wbytes[e])
     return b - 256 if b >= 128 else b
-
-
-@njit(cache=True)
-def unpack_weights(wbytes, bits, n):
-    """The n signed weights as int8 (for inspection and tests; the GEMM unpacks block by block)."""
-    out = np.empty(n, np.int8)
-    for e in range(n):
-        out[e] = _weight_at(wbytes, e, bits)
-    return out
-
 
 
 @njit(cache=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..errors import InputError
 
 FLOAT_BITS = 32
+MIN_BITS, MAX_BITS = 2, 8  # the integer widths weights and activations may have
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
 )}
 QUANTIZED_PRECISIONS = tuple(name for name, p in PRECISIONS.items() if not p.is_float)
 _BY_BITS = {(p.weight_bits, p.act_bits): p for p in PRECISIONS.values()}
-_WXAY = re.compile(r"w(\d{1,2})a(\d{1,2})")
+_WXAY = re.compile(r"w(\d{1,3})a(\d{1,3})")
 
 
 def precision_of_bits(weight_bits: int, act_bits: int) -> Precision:
@@ -81,8 +82,13 @@ def parse_precision(text: str) -> Precision:
             return p
     match = _WXAY.fullmatch(key)
     if match:
-        return precision_of_bits(int(match[1]), int(match[2]))
-    raise InputError(f"precision: expected one of {', '.join(PRECISIONS)} or wXaY, found {text!r}")
+        bits = int(match[1]), int(match[2])
+        for b, what in zip(bits, ("weight", "activation"), strict=True):
+            if not MIN_BITS <= b <= MAX_BITS:
+                raise InputError(f"precision {text!r}: {what} bits outside {MIN_BITS}..{MAX_BITS} (found {b})")
+        return precision_of_bits(*bits)
+    raise InputError(f"precision: expected one of {', '.join(PRECISIONS)} or wXaY (X, Y in "
+                     f"{MIN_BITS}..{MAX_BITS}), found {text!r}")
 
 
 def stored_precision(model) -> Precision | None:
@@ -99,20 +105,20 @@ def precision_of(model) -> Precision:
     return stored_precision(model) or FP32
 
 
-def build_precision(net, precision: str | Precision, calibration=None):
+def build_precision(net, precision: str | Precision, calibration=None, **options):
     """The model that runs ``precision``: the FP32 ``net`` itself, or a copy quantized with
-    ``calibration`` (a ``microcnn.quant.Calibration``) at the precision's bit widths.
+    ``calibration`` (a ``microcnn.quant.Calibration``) at the precision's bit widths (``options``: the
+    other arguments of ``quantize``, e.g. ``rounding="adaround"``).
 
     Example::
 
         >>> int4 = build_precision(net, "int4", calibrate(net, images))   # W4A4
     """
     if isinstance(precision, str):
-        if precision not in PRECISIONS:
-            raise InputError(f"precision: expected one of {tuple(PRECISIONS)}, found {precision!r}")
-        precision = PRECISIONS[precision]
+        precision = parse_precision(precision)
     if precision.is_float:
         return net
     from .quantize import quantize
 
-    return quantize(net, calibration, weight_bits=precision.weight_bits, act_bits=precision.act_bits)
+    return quantize(net, calibration, weight_bits=precision.weight_bits, act_bits=precision.act_bits,
+                    **options)
