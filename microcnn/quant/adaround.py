@@ -18,7 +18,7 @@ where h(V) equals the fractional part of W / s (the FP32 weights), and the final
 exactly where h(V) >= 0.5, i.e. V >= 0.
 
 Each iteration takes a random batch of ``batch`` calibration images (seeded). Matrix products run on
-``kernels.gemm.sgemm`` and the element-wise steps in ``kernels.relax`` (fixed order, scalar exp/pow),
+``kernels.gemm`` (``sgemm``, ``linear_forward``) and the element-wise steps in ``kernels.relax`` (fixed order, scalar exp/pow),
 so the chosen codes are the same on every CPU.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..kernels.conv import im2col
-from ..kernels.gemm import sgemm
+from ..kernels.gemm import linear_forward, sgemm
 from ..kernels.relax import adam_step, hard_codes, initial_v, soft_weights
 from ..layers import Conv2d, Linear
 from .params import check_bits, qrange
@@ -117,6 +117,7 @@ def adaround(layer, scale, zero_point, bits: int, x_quant: np.ndarray, target: n
     n = len(x_quant)
     batch = min(s.batch, n)
     losses = []
+    zeros_k = np.zeros(w.shape[1], np.float32)
     from tqdm.auto import tqdm
 
     bar = tqdm(range(s.iterations), desc=f"adaround {name}", unit="it", disable=not progress, leave=False)
@@ -134,7 +135,8 @@ def adaround(layer, scale, zero_point, bits: int, x_quant: np.ndarray, target: n
         grad_out = diff * (np.float32(2.0) / rows)
         if relu:
             grad_out = np.where(live, grad_out, np.float32(0.0))
-        grad_w = sgemm(np.ascontiguousarray(grad_out), np.ascontiguousarray(cols.T)).astype(np.float64)
+        # d loss / d W~ = grad_out @ cols.T: the dot products of their rows (no transposed copy)
+        grad_w = linear_forward(np.ascontiguousarray(grad_out), cols, zeros_k).astype(np.float64)
         beta = beta_at(t, s)
         adam_step(v, grad_w, base, scale, qmin, qmax, beta or 0.0, 0.0 if beta is None else s.lam, s.lr,
                   t + 1, m, u)
