@@ -39,7 +39,8 @@ def parse_precision(name: str) -> tuple[int, int]:
 
     p = parse(name)
     if p.is_float:
-        raise InputError(f"precision {name!r}: expected a quantized precision (fp32 is every row's reference)")
+        raise InputError(f"precision {name!r}: expected a quantized precision (fp32 is every row's "
+                         "reference)")
     return p.weight_bits, p.act_bits
 
 

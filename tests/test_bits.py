@@ -68,7 +68,8 @@ def _stage_case(kind, wbits, abits, symmetric):
     else:
         stage = QLinear((0, 1), wq, wbits, scale, bias, in_act, out_act, True, weight_zero_point=zp)
         x = RNG.integers(0, 1 << abits, (7, 40)).astype(np.uint8)
-    centred = wq.astype(np.int64) - (0 if zp is None else zp.astype(np.int64).reshape(-1, *[1] * (wq.ndim - 1)))
+    zp_rows = 0 if zp is None else zp.astype(np.int64).reshape(-1, *[1] * (wq.ndim - 1))
+    centred = wq.astype(np.int64) - zp_rows
     return stage, x, centred
 
 
@@ -81,7 +82,8 @@ def test_low_bit_stages_match_the_integer_reference(kind, wbits, abits, symmetri
         acc = conv_acc_ref(x, stage.in_act.zero_point, centred, stage.bias_q, (1, 1), (1, 1))
     else:
         acc = (x.astype(np.int64) - stage.in_act.zero_point) @ centred.T + stage.bias_q
-    want = finish_ref(acc, stage.mode, stage.m0, stage.shift, stage.fmult, stage.zp, stage.lo, stage.hi, axis=1)
+    want = finish_ref(acc, stage.mode, stage.m0, stage.shift, stage.fmult, stage.zp, stage.lo, stage.hi,
+                      axis=1)
     got = stage.run(x)
     np.testing.assert_array_equal(got, want)
     assert got.max() <= (1 << abits) - 1  # clamped to the activation grid

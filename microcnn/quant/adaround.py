@@ -18,8 +18,8 @@ where h(V) equals the fractional part of W / s (the FP32 weights), and the final
 exactly where h(V) >= 0.5, i.e. V >= 0.
 
 Each iteration takes a random batch of ``batch`` calibration images (seeded). Matrix products run on
-``kernels.gemm`` (``sgemm``, ``linear_forward``) and the element-wise steps in ``kernels.relax`` (fixed order, scalar exp/pow),
-so the chosen codes are the same on every CPU.
+``kernels.gemm`` (``sgemm``, ``linear_forward``) and the element-wise steps in ``kernels.relax``
+(fixed order, scalar exp/pow), so the chosen codes are the same on every CPU.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ class AdaRoundSettings:
                   "beta_start": self.beta_start >= self.beta_end > 0, "lr": self.lr > 0}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise InputError(f"adaround settings: bad {bad[0]} = {getattr(self, bad[0])!r} (expected iterations, "
-                             "batch >= 1; lam >= 0; 0 <= warmup < 1; beta_start >= beta_end > 0; lr > 0)")
+            raise InputError(f"adaround settings: bad {bad[0]} = {getattr(self, bad[0])!r} "
+                             "(expected iterations, batch >= 1; lam >= 0; 0 <= warmup < 1; "
+                             "beta_start >= beta_end > 0; lr > 0)")
 
 
 def beta_at(t: int, s: AdaRoundSettings) -> float | None:

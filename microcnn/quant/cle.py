@@ -60,7 +60,8 @@ def equalize(net, iterations: int = 20, tol: float = 1e-6):
     out.load_state_dict(net.state_dict())
     pairs = equalization_pairs(out)
     weights = {k: out.layers[k].weight.data.astype(np.float64) for pair in pairs for k in pair}
-    biases = {k: out.layers[k].bias.data.astype(np.float64) for k in weights if out.layers[k].bias is not None}
+    biases = {k: out.layers[k].bias.data.astype(np.float64) for k in weights
+              if out.layers[k].bias is not None}
     for _ in range(iterations):
         worst = 0.0
         for i, j in pairs:

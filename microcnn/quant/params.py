@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .precision import MAX_BITS, MIN_BITS
+
+MIN_BITS, MAX_BITS = 2, 8  # the integer widths weights and activations may have
+
 KERNEL_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))  # what the integer stages run: every width 2..8
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from ..errors import InputError
 
 FLOAT_BITS = 32
-MIN_BITS, MAX_BITS = 2, 8  # the integer widths weights and activations may have
 
 
 @dataclass(frozen=True)
@@ -82,10 +81,13 @@ def parse_precision(text: str) -> Precision:
             return p
     match = _WXAY.fullmatch(key)
     if match:
+        from .params import MAX_BITS, MIN_BITS
+
         bits = int(match[1]), int(match[2])
         for b, what in zip(bits, ("weight", "activation"), strict=True):
             if not MIN_BITS <= b <= MAX_BITS:
-                raise InputError(f"precision {text!r}: {what} bits outside {MIN_BITS}..{MAX_BITS} (found {b})")
+                raise InputError(f"precision {text!r}: {what} bits outside {MIN_BITS}..{MAX_BITS} "
+                                 f"(found {b})")
         return precision_of_bits(*bits)
     raise InputError(f"precision: expected one of {', '.join(PRECISIONS)} or wXaY (X, Y in "
                      f"{MIN_BITS}..{MAX_BITS}), found {text!r}")

@@ -238,7 +238,8 @@ class _Builder:
                                           self.symmetric)
         if self.rounding != "nearest":
             x_in = (self.x_quant.astype(np.float32) - in_act.zero_point) * np.float32(in_act.scale)
-            per_row = np.broadcast_to(wscale, (len(wq),)), np.broadcast_to(0 if wzp is None else wzp, (len(wq),))
+            per_row = (np.broadcast_to(wscale, (len(wq),)),
+                       np.broadcast_to(0 if wzp is None else wzp, (len(wq),)))
             job = RoundingJob(name, layer, wq, *per_row, self.bits[name], x_in, self.x_float, relu,
                               **self.rounding_run)
             wq = np.asarray(ROUNDINGS[self.rounding](job), np.int8).reshape(wq.shape)
