@@ -12,6 +12,10 @@ a decision to make in review, with the reason in the commit, not a number to bum
 Raised once (December 2026, review of the merged issue 14/16/17 work): tools 2,700 -> 3,300, for the
 offline report (issue 16: index, MathML formulas, widget previews, +420 lines) and the Dask sweep
 (issue 14, +190 lines); the ratio of 0.55 tools per engine line stays and binds first (~3,100 today).
+
+Raised again (issue 14, post-training side): quant 2,050 -> 2,450 for AdaRound (quant/adaround.py, the
+rounding registry), cross-layer equalization (quant/cle.py) and weights of any width 2..8, symmetric
+or asymmetric (+~230 lines, quant at 2,273).
 """
 
 from pathlib import Path
@@ -24,7 +28,7 @@ ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors",
           "jsonutil", "layers", "lenet", "losses", "network", "optim", "resolve", "timing", "train"}
 TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
-BUDGET = {"engine": 5900, "quant": 2050, "tools": 3300}
+BUDGET = {"engine": 5900, "quant": 2450, "tools": 3300}
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 

@@ -75,14 +75,14 @@ def parse_precision(text: str) -> Precision:
     Raises:
         InputError: for anything else (the message lists the names).
     """
+    from .params import MAX_BITS, MIN_BITS  # (numpy: loaded only when a precision is parsed)
+
     key = str(text).strip().lower()
     for p in PRECISIONS.values():
         if key == p.name or key in p.aliases:
             return p
     match = _WXAY.fullmatch(key)
     if match:
-        from .params import MAX_BITS, MIN_BITS
-
         bits = int(match[1]), int(match[2])
         for b, what in zip(bits, ("weight", "activation"), strict=True):
             if not MIN_BITS <= b <= MAX_BITS:
