@@ -208,3 +208,24 @@ def test_bits_outside_2_to_8_are_refused_by_name(small):
     with pytest.raises(InputError, match="asymmetric weights need at most 7 bits"):
         quantize(net, cal, 8, 8, symmetric=False)
     assert parse_precision("W3A3").label == "W3A3" and parse_precision("w2a4").weight_bits == 2
+
+
+# -- the command line --------------------------------------------------------------------------------
+def test_command_line_widths_rounding_and_equalization(capsys, tmp_path):
+    from tests.test_cli_safety import run
+
+    code, _, err = run(capsys, "eval", "--precision", "w9a8")
+    assert code == 2 and "argument --precision: precision 'w9a8': weight bits outside 2..8 (found 9)" in err
+    out = tmp_path / "w3.safetensors"
+    code, text, _ = run(capsys, "quantize", "--bits", "3", "--act-bits", "3", "--calibration", "40",
+                        "--asymmetric", "--granularity", "tensor", "--cle", "--rounding", "adaround",
+                        "--adaround-iterations", "5", "--out", str(out))
+    assert code == 0, text
+    q = load_model(out)
+    assert q.settings["rounding"] == "adaround" and q.settings["symmetric"] is False
+    assert (q.settings["weight_bits"], q.settings["act_bits"], q.settings["per_channel"]) == (3, 3, False)
+    code, text, _ = run(capsys, "eval", "--model", str(out), "--samples", "200", "--json")
+    assert code == 0 and json.loads(text)["precision"] == "w3a3"
+    code, text, _ = run(capsys, "eval", "--precision", "W2A4", "--calibration", "40", "--samples", "200",
+                        "--json")
+    assert code == 0 and json.loads(text)["precision"] == "w2a4"
