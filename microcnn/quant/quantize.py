@@ -1,12 +1,12 @@
 """Post-training quantization: FP32 Sequential + Calibration -> QuantizedSequential.
 
-Per layer with weights: signed symmetric weights (per output channel by default; the clipping range
-searched for least squared error), int32 bias in accumulator units (scale_in * scale_w), activations
-unsigned asymmetric (uint8 container; 0..255 or 0..15), a following ReLU fused as a clamp. A layer's
-output is requantized to the quantization of the tensor the next weighted layer reads (max pooling and
-flatten in between run on integers); the last weighted layer outputs real-valued logits directly from
-its accumulators. Weights are rounded with GPTQ (error feedback through the inputs' Hessian on the
-calibration images) unless ``rounding="nearest"``; optional empirical bias correction then shifts each
+Per layer with weights: signed 2..8-bit weights, symmetric or with a zero point (per output channel
+by default; the clipping range searched for least squared error), int32 bias in accumulator units
+(scale_in * scale_w), activations unsigned asymmetric (uint8 container; 0..2**bits - 1), a following
+ReLU fused as a clamp. A layer's output is requantized to the quantization of the tensor the next
+weighted layer reads (max pooling and flatten in between run on integers); the last weighted layer
+outputs real-valued logits directly from its accumulators. Weights are rounded by a method of
+``rounding.ROUNDINGS`` (nearest, GPTQ, AdaRound); optional empirical bias correction then shifts each
 bias by the mean difference between the FP32 layer's output and the quantized one on the calibration
 images.
 """
