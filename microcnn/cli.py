@@ -61,12 +61,31 @@ def _model_at_precision(net, args):
         return net
     if requested in (None, "fp32"):
         return net
+    fp32 = getattr(net, "network", net)  # a storage-compressed model quantizes its decompressed network
+    fp32, cal = _calibrated(fp32, args, progress=not getattr(args, "json", False))
+    return build_precision(fp32, requested, cal, **_quantize_options(args))
+
+
+def _calibrated(net, args, progress: bool = True):
+    """(the FP32 network to quantize -- cross-layer equalized with ``--cle`` --, its calibration)."""
     from .quant import calibrate
 
-    fp32 = getattr(net, "network", net)  # a storage-compressed model quantizes its decompressed network
-    cal = calibrate(fp32, _calibration_images(args, args.calibration), samples=args.calibration,
-                    method=args.method, progress=not getattr(args, "json", False))
-    return build_precision(fp32, requested, cal)
+    if args.cle:
+        from .quant.cle import equalize
+
+        net = equalize(net)  # before calibrating: equalization changes the activation ranges
+    cal = calibrate(net, _calibration_images(args, args.calibration), samples=args.calibration,
+                    method=args.method, progress=progress)
+    return net, cal
+
+
+def _quantize_options(args) -> dict:
+    """``quantize`` arguments of the quantization options (``--rounding``, ``--granularity``, ...)."""
+    options = {"rounding": args.rounding, "per_channel": args.granularity == "channel",
+               "symmetric": args.symmetric, "progress": not getattr(args, "json", False)}
+    if args.rounding == "adaround":
+        options["rounding_options"] = {"iterations": args.adaround_iterations}
+    return options
 
 
 def _check_outputs(paths, force: bool) -> None:
@@ -184,7 +203,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .quant import calibrate, quantize
+    from .quant import quantize
 
     if Path(args.out).suffix == ".raw":
         raise MicrocnnError(f"--out {args.out}: a .raw file holds only FP32 LeNet-5 weights and could not be "
@@ -195,10 +214,9 @@ def cmd_quantize(args) -> int:
         raise MicrocnnError(f"--model {args.model}: already quantized ({_stored_precision(net)}); quantize "
                             "an FP32 model")
     net = getattr(net, "network", net)  # a storage-compressed model: its decompressed FP32 network
-    cal = calibrate(net, _calibration_images(args, args.calibration), samples=args.calibration,
-                    method=args.method)
+    fp32, cal = _calibrated(net, args)
     bits = args.bits
-    qnet = quantize(net, cal, weight_bits=bits, act_bits=args.act_bits or bits)
+    qnet = quantize(fp32, cal, weight_bits=bits, act_bits=args.act_bits or bits, **_quantize_options(args))
     _check_outputs([args.out], args.force)
     qnet.save(args.out)
     print(f"wrote {args.out}: {_precision_of(qnet)}, {qnet.nbytes} bytes (FP32 {net.nbytes} bytes), "
@@ -335,6 +353,37 @@ def compare_arguments(parser) -> None:
     out.add_argument("--markdown", action="store_true", help="a markdown table (for the README)")
 
 
+def precision_name(text: str) -> str:
+    """argparse type of ``--precision``: a named precision or wXaY, as its canonical name."""
+    from .errors import InputError
+    from .quant.precision import parse_precision
+
+    try:
+        return parse_precision(text).name
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def quantization_options(parser) -> None:
+    """How weights are quantized: rounding method, grid granularity and symmetry, equalization."""
+    from .cliargs import int_in
+    from .quant.rounding import ROUNDINGS
+
+    parser.add_argument("--rounding", choices=list(ROUNDINGS), default="nearest",
+                        help="weight rounding (default nearest; adaround: layer-wise reconstruction)")
+    parser.add_argument("--adaround-iterations", type=int_in(1, 100_000, "a number of iterations"),
+                        default=1000, metavar="N", help="AdaRound iterations per layer (default 1000)")
+    parser.add_argument("--granularity", choices=["channel", "tensor"], default="channel",
+                        help="one weight scale per output channel (default) or per tensor")
+    sym = parser.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=True,
+                     help="weights on a grid symmetric about 0 (default)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                     help="weights with a zero point (at most 7 bits)")
+    parser.add_argument("--cle", action="store_true",
+                        help="cross-layer equalization of the FP32 weights before calibrating")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (the usage is one ``--help`` away); subcommands inherit this class."""
 
@@ -372,10 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
                             help="mnist, fashion-mnist or an .npz file with images (N, C, H, W) "
                             "uint8/float32 and labels (default: the model's own dataset)")
         if precision:
-            sp.add_argument("--precision", choices=list(PRECISIONS), default=None,
-                            help="int4 means W4A4 (4-bit weights and activations); default: fp32 for an "
-                            "FP32 model, the file's own for a quantized one (others are refused)")
+            sp.add_argument("--precision", type=precision_name, default=None,
+                            help=f"{', '.join(PRECISIONS)} or wXaY (X, Y in 2..8; int4 means W4A4); default: "
+                            "fp32 for an FP32 model, the file's own for a quantized one (others are refused)")
             calibration_options(sp)
+            quantization_options(sp)
 
     sp = command("info", cmd_info, "versions, threading layer, data directory; with --model, its layer table")
     sp.add_argument("--model", default=None, help="a model spec (as --model elsewhere): print its layers "
@@ -414,10 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("quantize", cmd_quantize, "calibrate and write a quantized model")
     model_options(sp, precision=False)
-    sp.add_argument("--bits", type=int, choices=BITS, default=8)
+    sp.add_argument("--bits", type=int, choices=BITS, default=8, help="weight bits, 2..8 (default 8)")
     sp.add_argument("--act-bits", type=int, choices=BITS, default=None,
-                    help="activation bits (default: same as --bits)")
+                    help="activation bits, 2..8 (default: same as --bits)")
     calibration_options(sp)
+    quantization_options(sp)
     sp.add_argument("--out", required=True, help="the .safetensors file to write")
     force_option(sp)
 

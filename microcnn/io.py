@@ -310,10 +310,10 @@ def check_declared_sizes(path, arch, entries: dict, kind: str, declared: dict | 
         return
     count = sum(math.prod(s) for s in declared.values())
     stored = sum(math.prod(shape) * dtype.itemsize for dtype, shape in entries.values())
-    # Other kinds store every parameter in at least 4 bits (packed int4 weights, wider biases) ...
-    if count > 2 * stored:
+    # Other kinds store every parameter in at least 2 bits (packed 2-bit weights, wider biases) ...
+    if count > 4 * stored:
         raise FileFormatError(path, "architecture declares more parameters than the file can hold",
-                              f"<= {2 * stored} (4 bits each in {stored} bytes)", f"{count} parameters")
+                              f"<= {4 * stored} (2 bits each in {stored} bytes)", f"{count} parameters")
     # ... and at most 16 bytes (an int8 weight alone in its output channel also brings a float32 scale
     # and an int32 bias, even in a layer without bias: 9 bytes), plus output quantization per layer.
     allowed = 16 * count + 64 * (len(arch["layers"]) + 2)

@@ -6,7 +6,7 @@ Parquet after every finished configuration, atomically, so an interrupted sweep 
 and a rerun with the same ``out`` skips it.
 
 What a seed changes: the ``calibration`` images, drawn at random from the model's TRAINING split with
-that seed (the rounding methods available today are deterministic). Accuracy is on the first
+that seed, and AdaRound's batches (nearest and GPTQ rounding are deterministic). Accuracy is on the first
 ``samples`` images of the TEST split, and ``drop`` is the FP32 model's accuracy on those same images
 minus the quantized one's (both fractions of 1). Workers find the datasets by the same search as
 ``load_dataset`` (``data_dir`` passed on, else $MICROCNN_DATA and the defaults on the worker's machine).
@@ -23,7 +23,6 @@ from .errors import InputError, MicrocnnError
 
 # Named models a sweep can load on any worker, and the dataset each was trained on.
 MODEL_DATASETS = {"lenet": "mnist", "fashion": "fashion-mnist"}
-PRECISION_ALIASES = {"int8": "w8a8", "int4": "w4a4"}
 KEY = ("model", "precision", "method", "rounding", "seed", "calibration", "samples")
 COLUMNS = (*KEY, "accuracy", "fp32_accuracy", "drop", "model_bytes", "seconds", "finished")
 CONNECT_TIMEOUT = 10.0  # seconds to reach an existing scheduler before giving up
@@ -34,21 +33,15 @@ class SweepError(MicrocnnError):
 
 
 def parse_precision(name: str) -> tuple[int, int]:
-    """(weight bits, activation bits) of ``wXaY`` (``int8`` = w8a8, ``int4`` = w4a4); bit widths the
-    quantizer does not run yet are refused by name."""
-    from .quant.params import KERNEL_BITS, MAX_BITS, MIN_BITS
+    """(weight bits, activation bits) of a quantized precision: ``wXaY`` with X, Y in 2..8, ``int8`` =
+    w8a8, ``int4`` = w4a4 (``quant.precision.parse_precision``; ``bits outside 2..8`` refused by name)."""
+    from .quant.precision import parse_precision as parse
 
-    m = re.fullmatch(r"w(\d+)a(\d+)", PRECISION_ALIASES.get(name, name))
-    if not m:
-        raise InputError(f"precision: expected wXaY (e.g. w8a8, w4a4), int8 or int4, found {name!r}")
-    bits = int(m[1]), int(m[2])
-    for b, what in zip(bits, ("weight", "activation"), strict=True):
-        if not MIN_BITS <= b <= MAX_BITS:
-            raise InputError(f"precision {name!r}: {what} bits expected in {MIN_BITS}..{MAX_BITS}, found {b}")
-        if b not in KERNEL_BITS:
-            raise InputError(f"precision {name!r}: {b}-bit {what}s are not supported by the quantizer yet "
-                             f"(supported: {', '.join(map(str, KERNEL_BITS))})")
-    return bits
+    p = parse(name)
+    if p.is_float:
+        raise InputError(f"precision {name!r}: expected a quantized precision (fp32 is every row's "
+                         "reference)")
+    return p.weight_bits, p.act_bits
 
 
 def _names(what: str, values, known=None) -> list:
@@ -66,16 +59,16 @@ def grid(models, precisions, methods, roundings, seeds, calibration: int = 100,
     """The configurations of a sweep, validated against the registries (names are checked before any
     work). ``fp32`` among the precisions is skipped: it is the reference every row's ``drop`` uses."""
     from .quant.observers import OBSERVERS
-    from .quant.quantize import ROUNDING
+    from .quant.rounding import ROUNDINGS
 
     models = _names("models", models, MODEL_DATASETS)
-    precisions = [p for p in _names("precisions", precisions) if p != "fp32"]
+    precisions = [p for p in _names("precisions", precisions) if str(p).strip().lower() != "fp32"]
     if not precisions:
         raise InputError("precisions: expected at least one quantized precision (fp32 is the reference of "
                          "every row, not a row), found only fp32")
     precisions = list(dict.fromkeys(f"w{w}a{a}" for w, a in map(parse_precision, precisions)))
     methods = _names("methods", methods, OBSERVERS)
-    roundings = _names("roundings", roundings, ROUNDING)
+    roundings = _names("roundings", roundings, ROUNDINGS)
     seeds = _names("seeds", seeds)
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise InputError(f"seeds: expected non-negative integers, found {seeds}")
@@ -113,7 +106,7 @@ def run_configuration(config: dict, data_dir=None) -> dict:
         cal = calibrate(net, train, method=config["method"], samples=config["calibration"],
                         seed=config["seed"], progress=False)
         w, a = parse_precision(config["precision"])
-        qnet = quantize(net, cal, weight_bits=w, act_bits=a, rounding=config["rounding"])
+        qnet = quantize(net, cal, weight_bits=w, act_bits=a, rounding=config["rounding"], seed=config["seed"])
         acc = qnet.accuracy(test, labels)
         seconds = time.perf_counter() - t0
     return {**config, "accuracy": acc, "fp32_accuracy": fp32, "drop": fp32 - acc,

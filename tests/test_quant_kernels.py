@@ -6,6 +6,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from microcnn.errors import InputError
 from microcnn.kernels import integer as ki
+from microcnn.kernels.packing import pack_bits, unpack_bits
 from microcnn.quant.params import ActQuant, fixed_point_multiplier
 from microcnn.quant.qlayers import QLinear
 
@@ -47,7 +48,7 @@ def finish_ref(acc, mode, m0, shift, fmult, zp, lo, hi, axis):
 
 def packed(w, bits):
     flat = np.ascontiguousarray(w, np.int8).reshape(-1)
-    return ki.pack_int4(flat) if bits == 4 else flat.view(np.uint8)
+    return pack_bits(flat, 4) if bits == 4 else flat.view(np.uint8)
 
 
 def multipliers(o, lo=1e-4, hi=1e-2):
@@ -91,9 +92,9 @@ def test_quantize_u8_matches_numpy():
 def test_int4_pack_unpack_round_trip(n):
     values = np.resize(np.arange(-8, 8, dtype=np.int8), n)
     RNG.shuffle(values)
-    p = ki.pack_int4(values)
+    p = pack_bits(values, 4)
     assert p.dtype == np.uint8 and p.size == (n + 1) // 2
-    np.testing.assert_array_equal(ki.unpack_weights(p, 4, n), values)
+    np.testing.assert_array_equal(unpack_bits(p, 4, n, True), values)
     # layout: element 2i in the low nibble of byte i, element 2i+1 in the high nibble (two's complement)
     low = (p & 0xF).astype(np.int8)
     np.testing.assert_array_equal(np.where(low >= 8, low - 16, low), values[0::2])
@@ -101,10 +102,10 @@ def test_int4_pack_unpack_round_trip(n):
 
 def test_int4_extremes_and_int8_bytes():
     extremes = np.array([-8, 7, 7, -8, 0, -1], np.int8)
-    np.testing.assert_array_equal(ki.pack_int4(extremes), [0x78, 0x87, 0xF0])
-    np.testing.assert_array_equal(ki.unpack_weights(ki.pack_int4(extremes), 4, 6), extremes)
+    np.testing.assert_array_equal(pack_bits(extremes, 4), [0x78, 0x87, 0xF0])
+    np.testing.assert_array_equal(unpack_bits(pack_bits(extremes, 4), 4, 6, True), extremes)
     full = np.arange(-128, 128, dtype=np.int8)
-    np.testing.assert_array_equal(ki.unpack_weights(full.view(np.uint8), 8, 256), full)
+    np.testing.assert_array_equal(unpack_bits(full.view(np.uint8), 8, 256, True), full)
 
 
 # -- convolution and dense kernels ------------------------------------------------------------------

@@ -36,14 +36,14 @@ def test_qrange_refuses_widths_outside_2_to_8(bits):
         qrange(bits, signed=True)
 
 
-def test_kernel_widths_accept_exactly_4_and_8():
+def test_kernel_widths_accept_exactly_2_to_8():
     accepted = []
     for bits in range(1, 17):
         try:
             accepted.append(check_bits(bits, "weight_bits", KERNEL_BITS))
         except InputError:
             pass
-    assert accepted == [4, 8]
+    assert accepted == [2, 3, 4, 5, 6, 7, 8]
 
 
 def test_lo_and_hi_of_different_shapes_are_refused():

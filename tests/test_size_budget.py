@@ -21,6 +21,9 @@ Raised (December 2026, issue 13 layers): engine 5,900 -> 6,600 for the layers a 
 needs (BatchNorm train/eval and folding, grouped and dilated convolution in the forward, fused and
 backward kernels, pooling with padding and ceil mode, ReLU6/LeakyReLU/Tanh/Dropout/global pooling:
 +613 lines, engine 5,639 -> 6,252).
+Raised again (issue 14, post-training side): quant 2,050 -> 2,450 for AdaRound (quant/adaround.py, the
+rounding registry), cross-layer equalization (quant/cle.py) and weights of any width 2..8, symmetric
+or asymmetric (+~230 lines, quant at 2,273).
 """
 
 from pathlib import Path
@@ -38,11 +41,11 @@ TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "s
 # Graph with its checks, plans and files), about +500 lines; tools stay bound by the 0.55 ratio.
 # engine +800 (issue 13, onnx13): ONNX import/export and the PyTorch converter (onnx_io, torch_io:
 # +750 lines; the exporter and converter moved out of compare, -110 tools lines).
-# quant +100 for quant/explain.py (the notebooks' worked requantization example, issue 16).
+# quant 2,450 (docstring) + 100 for quant/explain.py (the notebooks' worked requantization example, issue 16).
 # engine +450 (issue 15, +414 lines): the u8 x s8 integer micro-kernels in three instruction
 # forms (VNNI, pmaddwd, portable IR; kernels/qdot.py), the small-batch dense kernel, weight repacking,
 # and the integer ops of the compiled program -- what makes quantized inference faster than FP32.
-BUDGET = {"engine": 9150, "quant": 2150, "tools": 3300}  # engine: 5,900 + the five raises above
+BUDGET = {"engine": 9150, "quant": 2550, "tools": 3300}  # engine: 5,900 + the five raises above
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 

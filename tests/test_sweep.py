@@ -69,18 +69,18 @@ def test_grid_is_the_full_product_with_canonical_precisions():
 
 
 @pytest.mark.parametrize("name, bits", [("int8", (8, 8)), ("int4", (4, 4)), ("w4a8", (4, 8)),
-                                        ("w8a4", (8, 4))])
+                                        ("w8a4", (8, 4)), ("w3a3", (3, 3)), ("w2a4", (2, 4)),
+                                        ("W8A8", (8, 8))])
 def test_parse_precision(name, bits):
     assert parse_precision(name) == bits
 
 
 @pytest.mark.parametrize("name, message", [
-    ("w3a3", "3-bit weights are not supported by the quantizer yet"),
-    ("w8a2", "2-bit activations are not supported by the quantizer yet"),
-    ("w9a8", "weight bits expected in 2..8, found 9"),
-    ("w8a1", "activation bits expected in 2..8, found 1"),
-    ("int16", "expected wXaY"),
-    ("W8A8", "expected wXaY"),
+    ("w9a8", r"weight bits outside 2..8 \(found 9\)"),
+    ("w8a1", r"activation bits outside 2..8 \(found 1\)"),
+    ("w8a16", r"activation bits outside 2..8 \(found 16\)"),
+    ("int16", "or wXaY"),
+    ("fp32", "expected a quantized precision"),
 ])
 def test_bad_precisions_are_refused_by_name(name, message):
     with pytest.raises(InputError, match=message):
@@ -97,6 +97,7 @@ def test_bad_precisions_are_refused_by_name(name, message):
     ("methods", ["minmax", "median"], r"found \['median'\]"),
     ("roundings", ["stochastic"], r"roundings: expected names from .*'gptq'.*found \['stochastic'\]"),
     ("precisions", ["fp32"], "found only fp32"),
+    ("precisions", ["w4a9"], "bits outside 2..8"),
     ("seeds", [-1], "seeds: expected non-negative integers"),
 ])
 def test_bad_grids_are_refused_before_any_work(tmp_path, field, value, message):

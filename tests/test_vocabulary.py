@@ -28,7 +28,7 @@ from microcnn.quant.precision import (
     ("int8", "int8", (8, 8), "INT8"), ("w8a8", "int8", (8, 8), "INT8"), (" W8A8 ", "int8", (8, 8), "INT8"),
     ("w4a8", "w4a8", (4, 8), "W4A8"),
     ("int4", "int4", (4, 4), "W4A4"), ("W4A4", "int4", (4, 4), "W4A4"),
-    ("w8a4", "w8a4", (8, 4), "W8A4"), ("w2a16", "w2a16", (2, 16), "W2A16"),
+    ("w8a4", "w8a4", (8, 4), "W8A4"), ("w2a8", "w2a8", (2, 8), "W2A8"), ("W3A3", "w3a3", (3, 3), "W3A3"),
 ])
 def test_parse_precision_names_aliases_and_wxay(text, name, bits, label):
     p = parse_precision(text)
@@ -36,7 +36,7 @@ def test_parse_precision_names_aliases_and_wxay(text, name, bits, label):
     assert p.is_float == (name == "fp32")
 
 
-@pytest.mark.parametrize("text", ["int3", "w4", "a8", "w4a8x", "fp16", "", "w100a8"])
+@pytest.mark.parametrize("text", ["int3", "w4", "a8", "w4a8x", "fp16", "", "w1000a8"])
 def test_parse_precision_refuses_anything_else(text):
     with pytest.raises(InputError, match="precision: expected one of fp32, int8, w4a8, int4 or wXaY"):
         parse_precision(text)
@@ -72,8 +72,11 @@ def test_build_precision_quantizes_at_the_named_bit_widths(bundled, mnist_train)
         assert precision_of(q) is p
     w8a4 = build_precision(bundled, parse_precision("w8a4"), cal)
     assert precision_of(w8a4).name == "w8a4"
-    with pytest.raises(InputError, match="precision: expected one of"):
-        build_precision(bundled, "w4a4", cal)  # names only: aliases are for parse_precision
+    assert precision_of(build_precision(bundled, "w4a4", cal)).name == "int4"  # any spelling
+    assert precision_of(build_precision(bundled, "w3a5", cal)).name == "w3a5"
+    for text, what in (("w2a16", "activation"), ("w9a8", "weight"), ("w1a4", "weight")):
+        with pytest.raises(InputError, match=f"{what} bits outside 2..8"):
+            parse_precision(text)
 
 
 # -- output sizes ------------------------------------------------------------------------------------

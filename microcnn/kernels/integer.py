@@ -1,4 +1,4 @@
-"""Integer inference kernels: quantize/dequantize, int4 packing, weight repacking, im2col into
+"""Integer inference kernels: quantize/dequantize, weight repacking, im2col into
 unsigned byte quads, the u8 x s8 GEMM (``qdot``), requantization, and the quantized convolution /
 dense layers built from them.
 
@@ -6,8 +6,8 @@ Number formats (see ``microcnn.quant`` for how the parameters are chosen):
 
 * activations: unsigned integers in a uint8 container, ``real = scale * (q - zero_point)``, with
   ``0 <= q <= qmax = 2**bits - 1``; the kernels clamp codes to the stage's ``qmax`` as they read them;
-* weights: signed, symmetric (zero point 0), per output channel, as int8 codes (any width 2..8). 4-bit
-  weights are stored two per byte (``pack_int4``; element ``e`` in byte ``e >> 1``, low nibble first);
+* weights: signed, per output channel, as int8 codes (any width 2..8; an asymmetric weight's zero point
+  is subtracted before they get here). Files store them packed at their width (``kernels.packing``);
   the kernels never read the stored bytes: ``pack_conv`` / ``pack_linear`` repack the int8 codes once
   into the micro-kernel's word order (``PackedWeights``);
 * accumulators: int32, ``bias + sum (q_x - zero_point_x) * q_w``, computed as
@@ -45,6 +45,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import InputError
+from .packing import unpack_bits
 from .qdot import (
     DENSE_VECTORS,
     PAIR_WORDS,
@@ -99,41 +100,6 @@ def dequantize_u8(q, scale, zero_point):
     for i in range(q.size):
         out[i] = np.float32(np.int32(q[i]) - zero_point) * s
     return out
-
-
-@njit(cache=True)
-def pack_int4(values):
-    """Signed values in -8..7 (flat int8) -> bytes holding two each, low nibble first."""
-    n = values.size
-    out = np.zeros((n + 1) // 2, np.uint8)
-    for e in range(n):
-        nib = np.uint8(values[e] & 0xF)
-        if e & 1:
-            out[e >> 1] |= np.uint8(nib << 4)
-        else:
-            out[e >> 1] |= nib
-    return out
-
-
-@njit(cache=True)
-def _weight_at(wbytes, e, bits):
-    """Signed weight number ``e`` of the flattened matrix, from int8 bytes or packed nibbles."""
-    if bits == 4:
-        b = np.int32(wbytes[e >> 1])
-        v = (b >> 4) if (e & 1) else (b & 0xF)
-        return v - 16 if v >= 8 else v
-    b = np.int32(wbytes[e])
-    return b - 256 if b >= 128 else b
-
-
-@njit(cache=True)
-def unpack_weights(wbytes, bits, n):
-    """The n signed weights as int8 (for inspection and tests; the GEMM unpacks block by block)."""
-    out = np.empty(n, np.int8)
-    for e in range(n):
-        out[e] = _weight_at(wbytes, e, bits)
-    return out
-
 
 
 @njit(cache=True)
@@ -760,19 +726,19 @@ def requant_params(m0, shift, fmult, mode, zero_point, lo, hi) -> Requant:
 
 def qconv2d(x, x_zero_point, wbytes, bits, kernel, stride, padding, pool, bias, m0, shift, fmult, mode,
             zero_point, lo, hi, out_q, out_f):
-    """``conv2d_packed`` with the weights as stored (int8 bytes or packed int4, ``bits``), repacked on
+    """``conv2d_packed`` with the weights as stored (packed at ``bits``, ``kernels.packing``), repacked on
     each call; ``pool`` = (kh, kw, sh, sw) or (1, 1, 1, 1)."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     o, c = len(bias), x.shape[1]
-    w = unpack_weights(wbytes, bits, o * c * kh * kw).reshape(o, c, kh, kw)
+    w = unpack_bits(wbytes, bits, o * c * kh * kw, True).reshape(o, c, kh, kw)
     geo = QConvGeometry(*(int(v) for v in (kh, kw, sh, sw, ph, pw, *pool)))
     conv2d_packed(x, pack_conv(w, bias, sh, x_zero_point), geo,
                   requant_params(m0, shift, fmult, mode, zero_point, lo, hi), out_q, out_f)
 
 
 def qlinear(x, x_zero_point, wbytes, bits, bias, m0, shift, fmult, mode, zero_point, lo, hi, out_q, out_f):
-    """``linear_packed`` with the weights as stored (int8 bytes or packed int4, ``bits``)."""
+    """``linear_packed`` with the weights as stored (packed at ``bits``, ``kernels.packing``)."""
     o, f = len(bias), x.shape[1]
-    w = unpack_weights(wbytes, bits, o * f).reshape(o, f)
+    w = unpack_bits(wbytes, bits, o * f, True).reshape(o, f)
     rq = requant_params(m0, shift, fmult, mode, zero_point, lo, hi)
     linear_packed(x, pack_linear(w, bias, x_zero_point), rq, out_q, out_f)

@@ -140,7 +140,7 @@ def compress(net, fmt: str = "int8", weight_clipping: str = "mse") -> Compressed
             if not np.isfinite(stored[name]).all():
                 raise InputError(f"{name}: values beyond float16's range (max |w| {np.abs(p.data).max():g})")
         elif name.endswith(".weight"):
-            q, scale = quantize_weight(p.data, 8, per_channel=True, clipping=weight_clipping)
+            q, scale, _ = quantize_weight(p.data, 8, per_channel=True, clipping=weight_clipping)
             stored[name], stored[name + "_scale"] = q, scale
         else:
             stored[name] = p.data.astype(np.float32)

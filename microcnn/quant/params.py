@@ -15,8 +15,9 @@ import numpy as np
 
 from ..errors import InputError
 
-MIN_BITS, MAX_BITS = 2, 8
-KERNEL_BITS = (4, 8)  # what the integer kernels run
+MIN_BITS, MAX_BITS = 2, 8  # the integer widths weights and activations may have
+
+KERNEL_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))  # what the integer stages run: every width 2..8
 
 
 def check_bits(bits, name: str = "bits", allowed=None) -> int:
@@ -24,7 +25,7 @@ def check_bits(bits, name: str = "bits", allowed=None) -> int:
     ok = isinstance(bits, int | np.integer) and not isinstance(bits, bool)
     if allowed is None:
         ok = ok and MIN_BITS <= bits <= MAX_BITS
-        expected = f"an integer in {MIN_BITS}..{MAX_BITS}"
+        expected = f"an integer in {MIN_BITS}..{MAX_BITS} (bits outside {MIN_BITS}..{MAX_BITS} are not run)"
     else:
         ok = ok and bits in allowed
         expected = f"one of {tuple(allowed)}"

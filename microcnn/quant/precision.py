@@ -67,7 +67,7 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
 )}
 QUANTIZED_PRECISIONS = tuple(name for name, p in PRECISIONS.items() if not p.is_float)
 _BY_BITS = {(p.weight_bits, p.act_bits): p for p in PRECISIONS.values()}
-_WXAY = re.compile(r"w(\d{1,2})a(\d{1,2})")
+_WXAY = re.compile(r"w(\d{1,3})a(\d{1,3})")
 
 
 def precision_of_bits(weight_bits: int, act_bits: int) -> Precision:
@@ -93,14 +93,22 @@ def parse_precision(text: str) -> Precision:
         >>> parse_precision(" INT8 ").name, parse_precision("w4a8").label
         ('int8', 'W4A8')
     """
+    from .params import MAX_BITS, MIN_BITS  # (numpy: loaded only when a precision is parsed)
+
     key = str(text).strip().lower()
     for p in PRECISIONS.values():
         if key == p.name or key in p.aliases:
             return p
     match = _WXAY.fullmatch(key)
     if match:
-        return precision_of_bits(int(match[1]), int(match[2]))
-    raise InputError(f"precision: expected one of {', '.join(PRECISIONS)} or wXaY, found {text!r}")
+        bits = int(match[1]), int(match[2])
+        for b, what in zip(bits, ("weight", "activation"), strict=True):
+            if not MIN_BITS <= b <= MAX_BITS:
+                raise InputError(f"precision {text!r}: {what} bits outside {MIN_BITS}..{MAX_BITS} "
+                                 f"(found {b})")
+        return precision_of_bits(*bits)
+    raise InputError(f"precision: expected one of {', '.join(PRECISIONS)} or wXaY (X, Y in "
+                     f"{MIN_BITS}..{MAX_BITS}), found {text!r}")
 
 
 def stored_precision(model: Any) -> Precision | None:
@@ -117,10 +125,11 @@ def precision_of(model: Any) -> Precision:
     return stored_precision(model) or FP32
 
 
-def build_precision(net: Sequential, precision: str | Precision, calibration: Calibration | None = None
-                    ) -> Sequential | QuantizedSequential:
+def build_precision(net: Sequential, precision: str | Precision, calibration: Calibration | None = None,
+                    **options: Any) -> Sequential | QuantizedSequential:
     """The model that runs ``precision``: the FP32 ``net`` itself, or a copy quantized with
-    ``calibration`` (a ``microcnn.quant.Calibration``) at the precision's bit widths.
+    ``calibration`` (a ``microcnn.quant.Calibration``) at the precision's bit widths (``options``: the
+    other arguments of ``quantize``, e.g. ``rounding="adaround"``).
 
     Args:
         net: the FP32 network.
@@ -142,9 +151,7 @@ def build_precision(net: Sequential, precision: str | Precision, calibration: Ca
         ('W4A4', True)
     """
     if isinstance(precision, str):
-        if precision not in PRECISIONS:
-            raise InputError(f"precision: expected one of {tuple(PRECISIONS)}, found {precision!r}")
-        precision = PRECISIONS[precision]
+        precision = parse_precision(precision)
     if precision.is_float:
         return net
     if calibration is None:
@@ -152,4 +159,5 @@ def build_precision(net: Sequential, precision: str | Precision, calibration: Ca
                          "found None")
     from .quantize import quantize
 
-    return quantize(net, calibration, weight_bits=precision.weight_bits, act_bits=precision.act_bits)
+    return quantize(net, calibration, weight_bits=precision.weight_bits, act_bits=precision.act_bits,
+                    **options)

@@ -15,9 +15,10 @@ from ..errors import InputError
 from ..kernels import integer as ki
 from ..kernels import pool, program
 from ..kernels.elementwise import all_finite
+from ..kernels.packing import pack_bits, unpack_bits
 from ..kernels.shapes import conv_output_size
 from ..layers import MaxPool2d
-from .params import ActQuant, fixed_point_multiplier
+from .params import ActQuant, check_bits, fixed_point_multiplier, qrange
 
 REQUANT_MODES = {"fixedpoint": ki.MODE_FIXEDPOINT, "float": ki.MODE_FLOAT}
 ACC_LIMIT = 2**31 - 1
@@ -142,20 +143,29 @@ class QWeighted(Stage):
     stores_act = True
 
     def __init__(self, layers, weight_q: np.ndarray, weight_bits: int, weight_scale, bias_q, in_act: ActQuant,
-                 out_act: ActQuant | None, relu: bool, requant: str = "fixedpoint"):
+                 out_act: ActQuant | None, relu: bool, requant: str = "fixedpoint", weight_zero_point=None):
         super().__init__(layers, in_act, out_act)
-        if weight_bits not in (4, 8):
-            raise InputError(f"weight bits: expected 4 or 8, found {weight_bits}")
+        weight_bits = check_bits(weight_bits, "weight bits")
+        for what, act in (("input", in_act), ("output", out_act)):
+            if act is not None:
+                check_bits(act.bits, f"{what} activation bits")
         if requant not in REQUANT_MODES:
             raise InputError(f"requant: expected one of {sorted(REQUANT_MODES)}, found {requant!r}")
         weight_q = np.asarray(weight_q)
-        lo_w, hi_w = -(1 << (weight_bits - 1)), (1 << (weight_bits - 1)) - 1
+        lo_w, hi_w = qrange(weight_bits, signed=True)
         if weight_q.size and (weight_q.min() < lo_w or weight_q.max() > hi_w):
             raise InputError(f"weights: {weight_bits}-bit values must lie in {lo_w}..{hi_w}")
         self.weight_shape = tuple(weight_q.shape)
         self.weight_bits = weight_bits
-        flat = np.ascontiguousarray(weight_q, np.int8).reshape(-1)
-        self.weight_bytes = ki.pack_int4(flat) if weight_bits == 4 else flat.view(np.uint8)
+        codes = np.ascontiguousarray(weight_q, np.int8).reshape(-1)
+        self.weight_bytes = pack_bits(codes, weight_bits)  # what is stored: the codes at their bit width
+        self.weight_zero_point = self._zero_point(weight_zero_point, lo_w, hi_w)
+        # The kernels take one int8 code per weight (zero point 0): real = scale * (q - zp), so the
+        # centred codes q - zp are what they multiply; unpacked once here, not per call.
+        centred = codes.reshape(self.weight_shape[0], -1).astype(np.int16) - self.weight_zero_point[:, None]
+        self.weight_codes = np.ascontiguousarray(centred.reshape(-1), np.int8)
+        # Largest |centred code| the grid allows: 2**(b-1) symmetric, 2**b - 1 asymmetric.
+        self.code_limit = (1 << (weight_bits - 1)) if self.symmetric else (1 << weight_bits) - 1
         self.weight_scale = np.ascontiguousarray(weight_scale, np.float32)
         self.bias_q = np.ascontiguousarray(bias_q, np.int32)
         self.relu = bool(relu)
@@ -206,28 +216,57 @@ class QWeighted(Stage):
         """The worst case |acc| = |bias| + K * max|x - zp| * max|w|, refused unless it fits int32 with no
         wrap-around."""
         worst = (int(np.abs(self.bias_q.astype(np.int64)).max(initial=0))
-                 + self.reduction * ((1 << self.in_act.bits) - 1) * (1 << (self.weight_bits - 1)))
+                 + self.reduction * ((1 << self.in_act.bits) - 1) * self.code_limit)
         if worst > ACC_LIMIT:
             raise InputError(f"layer {self.layers}: worst-case accumulator {worst} exceeds int32 "
                              f"(K={self.reduction}, {self.in_act.bits}-bit activations)")
         return worst
 
+    def _zero_point(self, zero_point, lo_w: int, hi_w: int) -> np.ndarray:
+        """Per-row int16 weight zero points (all 0 when symmetric, ``zero_point`` None)."""
+        n_out = self.weight_shape[0]
+        self.symmetric = zero_point is None
+        if self.symmetric:
+            return np.zeros(n_out, np.int16)
+        zp = np.asarray(zero_point)
+        if zp.shape not in ((n_out,), (1,)) or zp.dtype.kind not in "iu" or (zp.size and (
+                zp.min() < lo_w or zp.max() > hi_w)):
+            raise InputError(f"weight zero point: expected integers in {lo_w}..{hi_w} of shape ({n_out},) or "
+                             f"(1,), found {zp.dtype} {zp.shape}")
+        if self.weight_bits > 7:  # q - zp spans -(2**b - 1)..2**b - 1: int8 holds it up to 7 bits
+            raise InputError(f"asymmetric weights: expected at most 7 bits (the kernels' int8 codes hold "
+                             f"q - zero_point), found {self.weight_bits}")
+        self.weight_zp_stored = np.ascontiguousarray(zp, np.int8)
+        return np.broadcast_to(zp.astype(np.int16), (n_out,)).copy()
+
     @property
     def weight_values(self) -> np.ndarray:
-        """The signed integer weights (unpacked), shape ``weight_shape``."""
+        """The signed integer weight codes as stored (unpacked, zero point not subtracted)."""
         n = int(np.prod(self.weight_shape))
-        return ki.unpack_weights(self.weight_bytes, self.weight_bits, n).reshape(self.weight_shape)
+        return unpack_bits(self.weight_bytes, self.weight_bits, n, True).reshape(self.weight_shape)
+
+    @property
+    def weight_real(self) -> np.ndarray:
+        """The real weights the stage computes with: scale * (q - zero_point), float64."""
+        codes = self.weight_codes.reshape(self.weight_shape[0], -1).astype(np.float64)
+        scale = np.broadcast_to(self.weight_scale.astype(np.float64), (self.weight_shape[0],))
+        return (codes * scale[:, None]).reshape(self.weight_shape)
 
     def tensors(self):
-        stored = self.weight_bytes if self.weight_bits == 4 else self.weight_bytes.view(np.int8).reshape(
-            self.weight_shape)
+        # 8-bit weights stay an int8 tensor of the weight's shape (files of earlier versions); narrower
+        # ones are the packed stream.
+        stored = (self.weight_bytes.view(np.int8).reshape(self.weight_shape) if self.weight_bits == 8
+                  else self.weight_bytes)
         out = {"weight": stored, "weight_scale": self.weight_scale, "bias": self.bias_q}
+        if not self.symmetric:
+            out["weight_zero_point"] = self.weight_zp_stored
         if self.out_act is not None:
             out.update(_act_tensors(self.out_act))
         return out
 
     def spec(self):
         return {**super().spec(), "weight_bits": self.weight_bits, "weight_shape": list(self.weight_shape),
+                "weight_symmetric": self.symmetric,
                 "relu": self.relu, "requant": self.requant, "act_bits": self.in_act.bits,
                 "float_output": self.out_act is None}
 
@@ -244,7 +283,7 @@ class QWeighted(Stage):
 
     def _pack_dense(self) -> ki.PackedWeights:
         """The weights as (O, K) rows for the dense kernel (a conv over its whole input is one too)."""
-        w = self.weight_values.reshape(self.weight_shape[0], -1)
+        w = self.weight_codes.reshape(self.weight_shape[0], -1)
         return ki.pack_linear(w, self.bias_q, self.in_act.zero_point, self.in_act.qmax)
 
     def _check_input(self, x, ndim: int):
@@ -272,8 +311,9 @@ class QConv2d(QWeighted):
     kind = "qconv2d"
 
     def __init__(self, layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu,
-                 stride=(1, 1), padding=(0, 0), pool=None, requant="fixedpoint"):
-        super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant)
+                 stride=(1, 1), padding=(0, 0), pool=None, requant="fixedpoint", weight_zero_point=None):
+        super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant,
+                         weight_zero_point)
         if len(self.weight_shape) != 4:
             raise InputError(f"conv weight: expected (O, C, KH, KW), found {self.weight_shape}")
         self.stride, self.padding = int_pair(stride, "stride"), int_pair(padding, "padding")
@@ -289,8 +329,8 @@ class QConv2d(QWeighted):
             self.pool = (fused.kernel_size, fused.stride)
         # The int8 codes repacked once for the kernels (derived, never stored); a convolution that
         # covers its whole unpadded input runs as a dense layer (see _run).
-        self.packed = ki.pack_conv(self.weight_values, self.bias_q, self.stride[0], in_act.zero_point,
-                                   in_act.qmax)
+        self.packed = ki.pack_conv(self.weight_codes.reshape(self.weight_shape), self.bias_q, self.stride[0],
+                                   in_act.zero_point, in_act.qmax)
         self.packed_dense = self._pack_dense() if self.pool is None and self.padding == (0, 0) else None
 
     def spec(self):
@@ -344,8 +384,9 @@ class QLinear(QWeighted):
     kind = "qlinear"
 
     def __init__(self, layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu,
-                 requant="fixedpoint"):
-        super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant)
+                 requant="fixedpoint", weight_zero_point=None):
+        super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant,
+                         weight_zero_point)
         if len(self.weight_shape) != 2:
             raise InputError(f"linear weight: expected (O, F), found {self.weight_shape}")
         self.packed_dense = self._pack_dense()

@@ -1,12 +1,12 @@
 """Post-training quantization: FP32 Sequential + Calibration -> QuantizedSequential.
 
-Per layer with weights: signed symmetric weights (per output channel by default; the clipping range
-searched for least squared error), int32 bias in accumulator units (scale_in * scale_w), activations
-unsigned asymmetric (uint8 container; 0..255 or 0..15), a following ReLU fused as a clamp. A layer's
-output is requantized to the quantization of the tensor the next weighted layer reads (max pooling and
-flatten in between run on integers); the last weighted layer outputs real-valued logits directly from
-its accumulators. Weights are rounded with GPTQ (error feedback through the inputs' Hessian on the
-calibration images) unless ``rounding="nearest"``; optional empirical bias correction then shifts each
+Per layer with weights: signed 2..8-bit weights, symmetric or with a zero point (per output channel
+by default; the clipping range searched for least squared error), int32 bias in accumulator units
+(scale_in * scale_w), activations unsigned asymmetric (uint8 container; 0..2**bits - 1), a following
+ReLU fused as a clamp. A layer's output is requantized to the quantization of the tensor the next
+weighted layer reads (max pooling and flatten in between run on integers); the last weighted layer
+outputs real-valued logits directly from its accumulators. Weights are rounded by a method of
+``rounding.ROUNDINGS`` (nearest, GPTQ, AdaRound); optional empirical bias correction then shifts each
 bias by the mean difference between the FP32 layer's output and the quantized one on the calibration
 images.
 """
@@ -32,42 +32,56 @@ from .qlayers import (
     QuantizeStage,
 )
 from .qnetwork import QuantizedSequential
+from .rounding import NEEDS_DATA, ROUNDINGS, RoundingJob
 
 CLIPPING = ("mse", "minmax")
-ROUNDING = ("nearest", "gptq")
+ROUNDING = tuple(ROUNDINGS)
 _ALPHAS = np.linspace(1.0, 0.3, 71)  # candidate fractions of |w|max for the MSE weight-range search
 
 
-def quantize_weight(w: np.ndarray, bits: int, per_channel: bool = True, clipping: str = "mse"):
-    """Signed symmetric quantization of a weight tensor (output channels on axis 0).
+def quantize_weight(w: np.ndarray, bits: int, per_channel: bool = True, clipping: str = "mse",
+                    symmetric: bool = True):
+    """Quantization of a weight tensor (output channels on axis 0) on the signed ``bits``-bit grid.
 
-    Returns (q int8 with w's shape, scale float32 of shape (O,) or (1,)). ``clipping="mse"`` picks, per
-    channel, the range alpha * max|w| (alpha in 0.3..1) with the least squared error; "minmax" uses
-    max|w|. All-zero channels get the tensor's scale (their weights stay 0).
+    Returns (q int8 with w's shape, scale float32 of shape (O,) or (1,), zero point int32 of the scale's
+    shape, or None when ``symmetric``). Symmetric: the range is +-alpha * max|w|; asymmetric: alpha *
+    [min w, max w] (stretched to include 0) over the whole grid, which gains a level when a channel's
+    weights are skewed. ``clipping="mse"`` picks alpha in 0.3..1, per channel, for the least squared
+    error; "minmax" uses alpha = 1. All-zero channels get the tensor's range (their weights stay 0).
     """
     bits = check_bits(bits, "weight bits")
     if clipping not in CLIPPING:
         raise InputError(f"weight_clipping: expected one of {CLIPPING}, found {clipping!r}")
     w = np.asarray(w, np.float64)
     rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
-    absmax = np.abs(rows).max(axis=1)
-    if not absmax.any():
-        absmax = np.ones_like(absmax)
-    absmax = np.where(absmax > 0, absmax, absmax.max())
+    if symmetric:
+        hi = np.abs(rows).max(axis=1)
+        lo = -hi
+    else:
+        lo, hi = np.minimum(rows.min(axis=1), 0.0), np.maximum(rows.max(axis=1), 0.0)
+    dead = hi - lo == 0
+    if dead.all():
+        lo, hi = np.full_like(lo, -1.0), np.ones_like(hi)
+    lo, hi = np.where(dead, lo[~dead].min(initial=0), lo), np.where(dead, hi[~dead].max(initial=0), hi)
     qmin, qmax = qrange(bits, signed=True)
+
+    def grid(alpha):
+        return qparams_from_range(alpha * lo, alpha * hi, bits, symmetric=symmetric, signed=True,
+                                  name="weight range")
+
     alpha = np.ones(len(rows))
     if clipping == "mse":
         best = np.full(len(rows), np.inf)
         for a in _ALPHAS:
-            s = (a * absmax / qmax)[:, None]
-            err = ((rows - np.clip(np.rint(rows / s), qmin, qmax) * s) ** 2).sum(axis=1)
+            s, z = (v.astype(np.float64)[:, None] for v in grid(np.full(len(rows), a)))
+            err = ((rows - (np.clip(np.rint(rows / s) + z, qmin, qmax) - z) * s) ** 2).sum(axis=1)
             better = err < best
             best[better], alpha[better] = err[better], a
-    scale, _ = qparams_from_range(-alpha * absmax, alpha * absmax, bits, symmetric=True, signed=True,
-                                  name="weight range")
+    scale, zero_point = grid(alpha)
     axis_scale = scale if per_channel else np.full(w.shape[0], scale[0], np.float32)
-    q = quantize_values(w, axis_scale, 0, bits, signed=True, axis=0).astype(np.int8)
-    return q, scale.astype(np.float32)
+    axis_zp = zero_point if per_channel else np.full(w.shape[0], zero_point[0], np.int32)
+    q = quantize_values(w, axis_scale, axis_zp, bits, signed=True, axis=0).astype(np.int8)
+    return q, scale.astype(np.float32), None if symmetric else zero_point.astype(np.int32)
 
 
 def quantize_bias(b: np.ndarray, in_scale: float, weight_scale: np.ndarray) -> np.ndarray:
@@ -80,19 +94,26 @@ def quantize_bias(b: np.ndarray, in_scale: float, weight_scale: np.ndarray) -> n
 
 def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int = 8, per_channel: bool = True,
              weight_clipping: str = "mse", bias_correction: bool = True, requant: str = "fixedpoint",
-             layer_bits: dict | None = None, rounding: str = "nearest") -> QuantizedSequential:
+             layer_bits: dict | None = None, rounding: str = "nearest", symmetric: bool = True,
+             rounding_options: dict | None = None, seed: int = 0, progress: bool = False
+             ) -> QuantizedSequential:
     """Quantize ``net`` with activation ranges from ``calibration``.
 
-    weight_bits / act_bits: 8 or 4 (W8A8, W4A8, W4A4, ...). per_channel: one weight scale per output
-    channel (else per tensor). weight_clipping: "mse" | "minmax". bias_correction: empirical, on the
-    calibration images. requant: "fixedpoint" (integer multiplier + shift) | "float".
-    layer_bits: per-layer weight bits overriding ``weight_bits``, {layer name: 4 | 8 | 32}; 32 keeps the
-    layer in FP32 (mixed precision). rounding: "gptq" (data-aware rounding on the calibration images,
-    ``microcnn.quant.rounding``; on LeNet-5 it lifts W4A8 logits from ~26 to ~33 dB SQNR on the
-    calibration images) or "nearest" (default). The default was chosen on 9,000 held-out TRAINING
-    images (never the test set): with 100 calibration images GPTQ fits their Hessian too closely, and
-    nearest rounding + MSE clipping + bias correction agreed with FP32 more often at W8A8, W4A8 and
-    W4A4 (100.00 / 99.96 / 99.91 % vs 99.97 / 99.84 / 99.87 % for GPTQ, bundled LeNet-5).
+    weight_bits / act_bits: any width in 2..8, independently (W8A8, W4A8, W3A3, W2A4, ...).
+    per_channel: one weight scale per output channel (else per tensor). symmetric: weights on a grid
+    symmetric about 0 (zero point 0); False: asymmetric weights with a zero point (at most 7 bits).
+    weight_clipping: "mse" | "minmax". bias_correction: empirical, on the calibration images.
+    requant: "fixedpoint" (integer multiplier + shift) | "float".
+    layer_bits: per-layer weight bits overriding ``weight_bits``, {layer name: 2..8 | 32}; 32 keeps the
+    layer in FP32 (mixed precision). rounding: a name of ``rounding.ROUNDINGS``: "nearest" (default),
+    "gptq" (error feedback through the inputs' Hessian on the calibration images; on LeNet-5 it lifts
+    W4A8 logits from ~26 to ~33 dB SQNR on the calibration images) or "adaround" (layer-wise
+    reconstruction, ``quant.adaround``; ``rounding_options``: its ``AdaRoundSettings``, e.g.
+    ``{"iterations": 500}``; ``seed`` draws its batches; ``progress`` shows its bars). The default
+    was chosen on 9,000 held-out TRAINING images (never the test set): with 100 calibration images
+    GPTQ fits their Hessian too closely, and nearest rounding + MSE clipping + bias correction agreed
+    with FP32 more often at W8A8, W4A8 and W4A4 (100.00 / 99.96 / 99.91 % vs 99.97 / 99.84 / 99.87 %
+    for GPTQ, bundled LeNet-5); AdaRound pays off below 4 bits.
     """
     from ..network import Sequential
 
@@ -102,8 +123,11 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
         raise InputError(f"calibration: expected the result of calibrate(), found "
                          f"{type(calibration).__name__}")
     calibration.check_network(net)
-    weight_bits = check_bits(weight_bits, "weight_bits", KERNEL_BITS)
-    act_bits = check_bits(act_bits, "act_bits", KERNEL_BITS)
+    weight_bits = check_bits(weight_bits, "weight_bits")
+    act_bits = check_bits(act_bits, "act_bits")
+    if not symmetric and weight_bits > 7:
+        raise InputError(f"symmetric=False: asymmetric weights need at most 7 bits (the integer kernels hold "
+                         f"q - zero_point in int8), found weight_bits={weight_bits}")
     if requant not in REQUANT_MODES:
         raise InputError(f"requant: expected one of {sorted(REQUANT_MODES)}, found {requant!r}")
     if weight_clipping not in CLIPPING:
@@ -118,15 +142,16 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
         if name not in bits:
             raise InputError(f"layer_bits: {name!r} is not a layer with weights; expected one of "
                              f"{list(bits)}")
-        bits[name] = check_bits(b, f"layer_bits[{name!r}]", (4, 8, 32))
+        bits[name] = check_bits(b, f"layer_bits[{name!r}]", (*KERNEL_BITS, 32))
     settings = {"weight_bits": weight_bits, "act_bits": act_bits, "per_channel": bool(per_channel),
                 "weight_clipping": weight_clipping, "bias_correction": bool(bias_correction),
-                "requant": requant, "rounding": rounding, "layer_bits": bits,
+                "requant": requant, "rounding": rounding, "layer_bits": bits, "symmetric": bool(symmetric),
                 "calibration": calibration.method,
                 "calibration_samples": calibration.samples}
     builder = _Builder(net, calibration, bits, act_bits, per_channel, weight_clipping, requant,
-                       calibration.images if bias_correction or rounding == "gptq" else None,
-                       bias_correction, rounding)
+                       calibration.images if bias_correction or rounding in NEEDS_DATA else None,
+                       bias_correction, rounding, symmetric,
+                       dict(options=dict(rounding_options or {}), seed=seed, progress=progress))
     return QuantizedSequential(builder.build(), net.config(), settings)
 
 
@@ -135,9 +160,10 @@ class _Builder:
     quantized activations of those images at the current point, for bias correction."""
 
     def __init__(self, net, calibration, bits, act_bits, per_channel, clipping, requant, images,
-                 bias_correction=True, rounding="nearest"):
+                 bias_correction=True, rounding="nearest", symmetric=True, rounding_run=None):
         self.net, self.cal, self.bits, self.act_bits = net, calibration, bits, act_bits
-        self.bias_correction, self.rounding = bias_correction, rounding
+        self.bias_correction, self.rounding, self.symmetric = bias_correction, rounding, symmetric
+        self.rounding_run = rounding_run or {}  # options, seed, progress of the rounding method
         self.per_channel, self.clipping, self.requant = per_channel, clipping, requant
         self.layers, self.names = net.layers, net.names
         self.stages = []
@@ -208,13 +234,15 @@ class _Builder:
             pool = (self.layers[end].kernel_size, self.layers[end].stride)
         out_act = self._output_quant(end)
         covered = tuple(range(i, end + 1))
-        wq, wscale = quantize_weight(layer.weight.data, self.bits[name], self.per_channel, self.clipping)
-        if self.rounding == "gptq":
-            from .rounding import gptq_round, input_gram
-
+        wq, wscale, wzp = quantize_weight(layer.weight.data, self.bits[name], self.per_channel, self.clipping,
+                                          self.symmetric)
+        if self.rounding != "nearest":
             x_in = (self.x_quant.astype(np.float32) - in_act.zero_point) * np.float32(in_act.scale)
-            gram = input_gram(layer, x_in)
-            wq = gptq_round(layer.weight.data, wscale, self.bits[name], gram).reshape(wq.shape)
+            per_row = (np.broadcast_to(wscale, (len(wq),)),
+                       np.broadcast_to(0 if wzp is None else wzp, (len(wq),)))
+            job = RoundingJob(name, layer, wq, *per_row, self.bits[name], x_in, self.x_float, relu,
+                              **self.rounding_run)
+            wq = np.asarray(ROUNDINGS[self.rounding](job), np.int8).reshape(wq.shape)
         bias = layer.bias.data.astype(np.float64) if layer.bias is not None else np.zeros(len(wq))
         channel_scale = np.broadcast_to(wscale, (len(wq),)).astype(np.float32)
 
@@ -223,8 +251,8 @@ class _Builder:
                     in_act, out_act, relu and fused)
             if isinstance(layer, Conv2d):
                 return QConv2d(*args, stride=layer.stride, padding=layer.padding,
-                               pool=pool if fused else None, requant=self.requant)
-            return QLinear(*args, requant=self.requant)
+                               pool=pool if fused else None, requant=self.requant, weight_zero_point=wzp)
+            return QLinear(*args, requant=self.requant, weight_zero_point=wzp)
 
         if self.bias_correction:
             # Empirical bias correction: the mean per-channel gap between the FP32 layer's output on FP32

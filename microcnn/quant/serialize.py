@@ -189,9 +189,11 @@ def _check_settings(path, settings: dict, stages, layers_cfg) -> None:
     widths = set(used.values()) - {32}
     wbits = settings.get("weight_bits", next(iter(widths), 8))
     ok = ok and type(wbits) is int and wbits in KERNEL_BITS and (len(widths) != 1 or widths == {wbits})
+    ok = ok and settings.get("symmetric", True) == all(
+        s.symmetric for s in stages if isinstance(s, QWeighted))
     if not ok:
         raise FileFormatError(path, "settings report other bit widths than the stages compute with",
-                              {"weight_bits": widths.pop() if len(widths) == 1 else "4 or 8 (mixed)",
+                              {"weight_bits": widths.pop() if len(widths) == 1 else "mixed",
                                "act_bits": sorted(acts), "layer_bits": used}, found)
 
 
@@ -217,7 +219,7 @@ def _stage(kind, spec, covered, layers, act, reader, i, path):
     )
 
     if kind == "quantize":  # bits are checked before any use (1 << 2**31 is a 256 MB integer)
-        return QuantizeStage(reader.act(str(i), check_bits(spec.get("bits"), "bits", KERNEL_BITS)))
+        return QuantizeStage(reader.act(str(i), check_bits(spec.get("bits"), "bits")))
     if kind == "dequantize":
         return DequantizeStage(act)
     if kind == "qmaxpool2d":
@@ -240,34 +242,47 @@ def _stage(kind, spec, covered, layers, act, reader, i, path):
     shape = layer.weight.data.shape
     _agree(path, i, spec, "weight_shape", list(shape))
     _agree(path, i, spec, "relu", relu)
-    wbits = check_bits(spec.get("weight_bits"), "weight_bits", KERNEL_BITS)
-    abits = check_bits(spec.get("act_bits"), "act_bits", KERNEL_BITS)
+    wbits = check_bits(spec.get("weight_bits"), "weight_bits")
+    abits = check_bits(spec.get("act_bits"), "act_bits")
     if act.bits != abits:
         raise FileFormatError(path, f"stage {i}: input activation bits", abits, act.bits)
     float_output = spec.get("float_output")
     if not isinstance(float_output, bool):
         raise FileFormatError(path, f"stage {i}: float_output", "true or false", float_output)
-    n = int(np.prod(shape))
-    if wbits == 8:
-        wq = reader.get(f"{i}.weight", np.int8, shape)
-    else:
-        from ..kernels.integer import unpack_weights
-
-        wq = unpack_weights(reader.get(f"{i}.weight", np.uint8, ((n + 1) // 2,)), 4, n).reshape(shape)
+    wq = _weight_codes(reader, f"{i}.weight", shape, wbits)
     o = shape[0]
     wscale = reader.tensors.get(f"{i}.weight_scale")
     wscale = reader.get(f"{i}.weight_scale", np.float32,
                         (1,) if wscale is not None and wscale.shape == (1,) else (o,))
     bias = reader.get(f"{i}.bias", np.int32, (o,))
+    symmetric = spec.get("weight_symmetric", True)  # files before asymmetric weights: symmetric
+    if not isinstance(symmetric, bool):
+        raise FileFormatError(path, f"stage {i}: weight_symmetric", "true or false", symmetric)
+    wzp = None if symmetric else reader.get(f"{i}.weight_zero_point", np.int8, wscale.shape)
     out_act = None if float_output else reader.act(str(i), abits)
     common = (covered, wq, wbits, wscale, bias, act, out_act, relu)
     if kind == "qlinear":
-        return QLinear(*common, requant=spec.get("requant"))
+        return QLinear(*common, requant=spec.get("requant"), weight_zero_point=wzp)
     _agree(path, i, spec, "stride", list(layer.stride))
     _agree(path, i, spec, "padding", list(layer.padding))
     _agree(path, i, spec, "pool", None if pool is None else [list(pool[0]), list(pool[1])])
     return QConv2d(*common, stride=layer.stride, padding=layer.padding, pool=pool,
-                   requant=spec.get("requant"))
+                   requant=spec.get("requant"), weight_zero_point=wzp)
+
+
+def _weight_codes(reader, key, shape, bits: int) -> np.ndarray:
+    """The signed weight codes of a stage: an int8 tensor of the weight's shape at 8 bits, else the
+    packed stream of exactly ceil(n * bits / 8) bytes whose unused last bits are 0."""
+    from ..kernels.packing import packed_size, padding_is_zero, unpack_bits
+
+    if bits == 8:
+        return reader.get(key, np.int8, shape)
+    n = int(np.prod(shape))
+    packed = reader.get(key, np.uint8, (packed_size(n, bits),))
+    if not padding_is_zero(packed, n, bits):
+        raise FileFormatError(reader.path, f"tensor {key}: bits set after the last of {n} {bits}-bit codes",
+                              "zero padding bits", f"last byte {int(packed[-1]):#04x}")
+    return unpack_bits(packed, bits, n, True).reshape(shape)
 
 
 def _need(act, path, i):
