@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .checks import int_pair
 from .errors import InputError
+
+if TYPE_CHECKING:  # for annotations only: this module imports the kernels inside its functions
+    from .kernels.pool import PoolGeometry
 
 _state = threading.local()
 
@@ -403,7 +407,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1) -> Tensor:
     return make_result(y, parents, backward, "conv2d")
 
 
-def _pool_args(x, kernel_size, stride, padding, ceil_mode):
+def _pool_args(x, kernel_size, stride, padding, ceil_mode) -> PoolGeometry:
     from .kernels.pool import PoolGeometry, check_pool_geometry
 
     if x.ndim != 4:

@@ -346,7 +346,9 @@ def torch_int8(net: Sequential, calibration_images: np.ndarray, observer: str = 
             if isinstance(model[i], nn.Conv2d | nn.Linear) and isinstance(model[i + 1], nn.ReLU)]
     if fuse:
         tq.fuse_modules(model, fuse, inplace=True)
-    activation = {"histogram": tq.HistogramObserver, "minmax": tq.MinMaxObserver}.get(observer)
+    observers: dict[str, type[tq.ObserverBase]] = {"histogram": tq.HistogramObserver,
+                                                   "minmax": tq.MinMaxObserver}
+    activation = observers.get(observer)
     if activation is None:
         raise InputError(f"observer: expected 'histogram' or 'minmax', found {observer!r}")
     model.qconfig = tq.QConfig(activation=activation.with_args(reduce_range=True),
@@ -825,12 +827,12 @@ def parse_precisions(text: str) -> tuple[str, ...]:
             out.append(parse_precision(part).label)
         except InputError:
             unknown.append(part)
-    out = tuple(dict.fromkeys(out))
-    unknown += [p for p in out if p not in MICROCNN_PRECISIONS]
-    if unknown or not out:
+    labels = tuple(dict.fromkeys(out))
+    unknown += [p for p in labels if p not in MICROCNN_PRECISIONS]
+    if unknown or not labels:
         raise InputError(f"--precisions: expected a comma-separated subset of fp32,int8,w4a8,w4a4, "
                          f"found {text!r}")
-    return out
+    return labels
 
 
 def load_any_model(spec: str) -> Sequential:

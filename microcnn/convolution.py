@@ -141,7 +141,7 @@ def _auto_key(x, w, stride, padding, dilation=(1, 1), groups=1):
 
 def _tune(key, x, w, b, stride, padding, state, dilation, groups) -> str:
     sample = x[:AUTO_SAMPLE]
-    times = {}
+    times: dict[str, float] = {}
     for algorithm in AUTO_CANDIDATES:
         if ineligibility(algorithm, w.shape, stride, padding, dilation, groups) is not None:
             continue
@@ -154,7 +154,7 @@ def _tune(key, x, w, b, stride, padding, state, dilation, groups) -> str:
             best = min(best, time.perf_counter() - t0)
         times[algorithm] = best
     _auto_timings[key] = times
-    choice = _auto_cache[key] = min(times, key=times.get)
+    choice = _auto_cache[key] = min(times, key=times.__getitem__)
     return choice
 
 

@@ -217,13 +217,13 @@ class Graph(FloatModel):
         for node in self.nodes:
             ins = [shapes[i] for i in node.inputs]
             try:
-                shapes[node.name] = sample_output_shape(node.layer, *ins)
+                out = shapes[node.name] = sample_output_shape(node.layer, *ins)
             except (InputError, ValueError, IndexError) as exc:
                 raise InputError(f"Graph node {node.name!r} ({node.layer.type}): inputs "
                                  f"{dict(zip(node.inputs, ins, strict=True))} do not fit ({exc})") from None
-            if math.prod(shapes[node.name]) > MAX_ACTIVATION_ELEMENTS:
+            if math.prod(out) > MAX_ACTIVATION_ELEMENTS:
                 raise InputError(f"Graph node {node.name!r} ({node.layer.type}): expected at most "
-                                 f"{MAX_ACTIVATION_ELEMENTS} values per sample, found {shapes[node.name]}")
+                                 f"{MAX_ACTIVATION_ELEMENTS} values per sample, found {out}")
         return shapes
 
     def __getstate__(self):
@@ -351,7 +351,8 @@ class Graph(FloatModel):
         for n in self.nodes:
             for i in n.inputs:
                 readers[i] = readers.get(i, 0) + 1
-        rename, nodes = {}, {}
+        rename: dict[str, str] = {}
+        nodes: dict[str, tuple[str, Layer, list[str]]] = {}
         for n in self.nodes:
             src = self._by_name.get(n.inputs[0])
             if (src is not None and folds_into(src.layer, n.layer) and readers[src.name] == 1
@@ -410,7 +411,7 @@ def _config_nodes(cfg) -> list:
 def declared_parameters(arch) -> dict:
     """``"<node>.<param>"`` -> shape of every parameter a graph architecture declares, computed without
     allocating any (loaders compare it with a file's tensors before building anything)."""
-    declared = {}
+    declared: dict[str, tuple[int, ...]] = {}
     for c in _config_nodes(arch):
         cfg = c["layer"]
         if cfg.get("type") in GRAPH_LAYER_TYPES:
@@ -486,7 +487,7 @@ def _checked_nodes(nodes, input_name: str) -> list[LayerNode]:
         if not (isinstance(inputs, list | tuple) and all(isinstance(i, str) for i in inputs)):
             raise InputError(f"Graph node {name!r}: expected a list of input names, found {inputs!r:.100}")
         multi = type(layer) in GRAPH_LAYER_TYPES.values()
-        low = layer.min_inputs if multi else 1
+        low = layer.min_inputs if multi and isinstance(layer, Add | Concat) else 1  # multi implies Add/Concat
         if len(inputs) < low or (not multi and len(inputs) != 1):
             want = f"at least {low}" if multi else "exactly 1"
             raise InputError(f"Graph node {name!r} ({layer.type}): expected {want} input(s), "

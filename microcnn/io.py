@@ -204,7 +204,7 @@ class SafetensorsFile:
         tensors = {}
         for name, dtype, shape, nbytes in self._entries:
             arr = np.empty(shape, dtype)
-            got = self._file.readinto(memoryview(arr.reshape(-1).view(np.uint8))) if nbytes else 0
+            got = self._file.readinto(arr.reshape(-1).view(np.uint8).data) if nbytes else 0
             if got != nbytes:
                 raise FileFormatError(self.path, "file changed while reading", f"{nbytes} bytes of tensor "
                                       f"{name}", f"{got} bytes")
@@ -282,7 +282,7 @@ def _declared_parameters(path, arch) -> dict:
     """name -> shape of every parameter the architecture declares, computed without allocating any."""
     from .layers import state_shapes
 
-    declared = {}
+    declared: dict[str, tuple[int, ...]] = {}
     for i, cfg in enumerate(arch["layers"]):
         try:
             shapes = state_shapes(cfg)

@@ -86,6 +86,10 @@ class Layer:
     def __call__(self, x):
         return self.forward_tensor(x) if isinstance(x, Tensor) else self.forward(x)
 
+    def forward(self, x):
+        """Inference on an array (N, ...): every layer type defines its own."""
+        raise NotImplementedError(f"{self.type} defines no forward")
+
     def parameters(self) -> list[Tensor]:
         return []
 
@@ -231,11 +235,12 @@ class Conv2d(Layer):
         """Inference. ``relu`` (a ReLU after this layer) and ``pool`` (the MaxPool2d after that) are
         applied in the same pass: Sequential fuses Conv2d [ReLU] [MaxPool2d] this way."""
         self._check_input(x)
+        geom = None
         if pool is not None:
             pool.check_shape(self.output_shape(x.shape[1:]))
-            pool = pool.geometry()
+            geom = pool.geometry()
         return conv2d_forward(x, self.weight.data, bias_or_zeros(self), self.stride, self.padding,
-                              self.algorithm, self.conv_state, pool, relu, self.dilation, self.groups)
+                              self.algorithm, self.conv_state, geom, relu, self.dilation, self.groups)
 
     def forward_tensor(self, x):
         self._check_input(x.data)
@@ -517,7 +522,8 @@ class _Pool2d(Layer):
 
     def geometry(self) -> pool.PoolGeometry:
         """The window, stride, padding and ceil mode as the kernels take them."""
-        return pool.PoolGeometry(*self.kernel_size, *self.stride, *self.padding, int(self.ceil_mode))
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return pool.PoolGeometry(kh, kw, sh, sw, ph, pw, int(self.ceil_mode))
 
     def config(self):
         cfg = dict(kernel_size=list(self.kernel_size), stride=list(self.stride))
@@ -689,11 +695,11 @@ def state_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     if cls not in (Conv2d, Linear, BatchNorm2d, BatchNorm1d):
         return {}
     try:
-        a = inspect.signature(cls).bind(**args)
+        bound = inspect.signature(cls).bind(**args)
     except TypeError as exc:
         raise InputError(f"bad arguments for {cls.__name__}: {args} ({exc})") from None
-    a.apply_defaults()
-    a = a.arguments
+    bound.apply_defaults()
+    a = bound.arguments
     if issubclass(cls, _BatchNorm):
         c = (check_count(f"{cls.__name__} num_features", a["num_features"]),)
         return dict(weight=c, bias=c, running_mean=c, running_var=c)
@@ -701,7 +707,7 @@ def state_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         out = check_count("Conv2d out_channels", a["out_channels"])
         cin = check_count("Conv2d in_channels", a["in_channels"])
         groups = _check_groups(cin, out, a["groups"])
-        weight = (out, cin // groups, *int_pair(a["kernel_size"], "kernel_size"))
+        weight: tuple[int, ...] = (out, cin // groups, *int_pair(a["kernel_size"], "kernel_size"))
     else:
         out = check_count("Linear out_features", a["out_features"])
         weight = (out, check_count("Linear in_features", a["in_features"]))

@@ -17,6 +17,7 @@ import numpy as np
 from .checks import as_image_batch, check_count
 from .errors import InputError
 from .kernels import elementwise
+from .layers import Layer
 
 INPUT = "input"  # the name of a model's input in layer tables and graphs
 
@@ -38,7 +39,7 @@ class LayerNode:
     tensors it reads (``INPUT`` or other layers' names)."""
 
     name: str
-    layer: object
+    layer: Layer
     inputs: tuple[str, ...]
 
 

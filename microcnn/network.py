@@ -7,6 +7,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -90,15 +91,14 @@ class FusedGroup:
     def compilable(self) -> bool:
         """Whether ``kernels.program`` has ops for this group (im2col convolutions only). Exact types:
         a subclass may compute something else in its ``forward``."""
-        kind = type(self.layer)
+        layer = self.layer
         if self.pool is not None and not _plain_pool(self.pool):
             return False
-        if kind is Conv2d:
-            return (self.layer.algorithm == "im2col" and self.layer.groups == 1
-                    and self.layer.dilation == (1, 1))
-        if kind is MaxPool2d:
-            return _plain_pool(self.layer)
-        return kind in (Linear, ReLU, Flatten, Softmax)
+        if type(layer) is Conv2d:
+            return layer.algorithm == "im2col" and layer.groups == 1 and layer.dilation == (1, 1)
+        if type(layer) is MaxPool2d:
+            return _plain_pool(layer)
+        return type(layer) in (Linear, ReLU, Flatten, Softmax)
 
     def program_ops(self, chw, keep: list) -> list[list[int]] | None:
         """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``, or
@@ -108,15 +108,18 @@ class FusedGroup:
         outlive them."""
         layer, relu = self.layer, self.relu
         if isinstance(layer, Conv2d | Linear):
-            conv = isinstance(layer, Conv2d)
-            out = layer.out_channels if conv else layer.out_features
-            shape = (out, chw[0], *layer.kernel_size) if conv else (out, int(np.prod(chw)))
-            weight, bias = layer.weight.data, bias_or_zeros(layer)
-            if not (program.pointable(weight, shape) and program.pointable(bias, (out,))):
+            if isinstance(layer, Conv2d):
+                out = layer.out_channels
+                shape: tuple[int, ...] = (out, chw[0], *layer.kernel_size)
+            else:
+                out = layer.out_features
+                shape = (out, int(np.prod(chw)))
+            weight_arr, bias_arr = layer.weight.data, bias_or_zeros(layer)
+            if not (program.pointable(weight_arr, shape) and program.pointable(bias_arr, (out,))):
                 return None
             if layer.bias is None:
-                keep.append(bias)
-            weight, bias = weight.ctypes.data, bias.ctypes.data
+                keep.append(bias_arr)
+            weight, bias = weight_arr.ctypes.data, bias_arr.ctypes.data  # the addresses the rows hold
         if isinstance(layer, Conv2d):
             pool = (0, 0, 0, 0) if self.pool is None else (*self.pool.kernel_size, *self.pool.stride)
             if (layer.output_shape(chw)[1:] == (1, 1) and layer.kernel_size == chw[1:]
@@ -187,7 +190,9 @@ class CompiledProgram:
         """The program, or None when a group has no ops (checked before anything else is done)."""
         if not all(group.compilable() for group in groups):
             return None
-        rows, keep, chw = [], [], tuple(sample_shape)
+        rows: list[list[int]] = []
+        keep: list[np.ndarray] = []
+        chw = tuple(sample_shape)
         for group in groups:
             ops = group.program_ops(chw, keep)
             if ops is None:
@@ -341,7 +346,7 @@ class FloatModel(Model):
 
         (io.save_raw if Path(path).suffix == ".raw" else io.save_model)(self, path)
 
-    def load(self, path) -> FloatModel:
+    def load(self, path) -> Self:
         """Load weights into this model from a ``.raw`` or self-describing file."""
         from . import io
 

@@ -335,6 +335,7 @@ def confusion_figure(matrices: dict) -> Figure:
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         ax.set_title(f"{name}: {np.trace(counts)} / {counts.sum()} correct", fontsize="medium")
+    assert image is not None  # matrices is not empty: the loop drew at least one
     fig.colorbar(image, ax=list(axes), label="images (log scale)", shrink=0.8)
     return fig
 

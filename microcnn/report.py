@@ -82,7 +82,7 @@ def notebook_paths(paths) -> list[Path]:
         out.append(p)
     if not out:
         raise InputError("notebooks: expected at least one notebook, found an empty list")
-    pages = {}
+    pages: dict[str, Path] = {}
     for p in out:  # one page per notebook: two notebooks must not share a page, nor take the index's
         page = page_name(p)
         if page == INDEX:
@@ -107,12 +107,21 @@ def report_destinations(notebooks, out_dir) -> list[Path]:
     return [out_dir / page_name(p) for p in notebooks] + [out_dir / INDEX, out_dir / STYLESHEET]
 
 
+class NotebookError(MicrocnnError):
+    """A notebook cell failed or timed out while executing; ``notebook`` is the executed notebook (with
+    the error output), so the report can still show it."""
+
+    def __init__(self, message: str, notebook):
+        super().__init__(message)
+        self.notebook = notebook
+
+
 def execute_notebook(path, timeout: int = 600):
     """Run every cell of the notebook at ``path`` in its own directory; return the executed notebook.
     ``timeout``: seconds any one cell may run.
 
-    On a failing cell raises ``MicrocnnError`` naming the notebook; the notebook (with the error
-    output) is attached as the exception's ``notebook`` attribute.
+    On a failing cell raises ``NotebookError`` (a ``MicrocnnError``) naming the notebook; the notebook
+    (with the error output) is the exception's ``notebook`` attribute.
     """
     import nbformat
     from jupyter_core.utils import run_sync
@@ -127,14 +136,10 @@ def execute_notebook(path, timeout: int = 600):
     try:
         client.execute(env=_kernel_env())
     except CellExecutionError as exc:
-        err = MicrocnnError(f"{path}: a cell failed while executing the notebook: "
-                            f"{str(exc).strip().splitlines()[-1]}")
-        err.notebook = nb
-        raise err from exc
+        raise NotebookError(f"{path}: a cell failed while executing the notebook: "
+                            f"{str(exc).strip().splitlines()[-1]}", nb) from exc
     except TimeoutError as exc:  # nbclient's CellTimeoutError
-        err = MicrocnnError(f"{path}: a cell ran longer than the timeout of {timeout} s")
-        err.notebook = nb
-        raise err from exc
+        raise NotebookError(f"{path}: a cell ran longer than the timeout of {timeout} s", nb) from exc
     finally:
         if km.has_kernel:  # a kernel manager handed to nbclient is ours to shut down
             run_sync(km.shutdown_kernel)(now=True)
@@ -413,9 +418,7 @@ def render_report(paths=None, out_dir="reports", execute: bool = True, hide_code
         if execute:
             try:
                 nb, error = execute_notebook(path, timeout=timeout), None
-            except MicrocnnError as exc:
-                if getattr(exc, "notebook", None) is None:
-                    raise
+            except NotebookError as exc:
                 nb, error = exc.notebook, str(exc)
                 failures.append(str(exc))
         else:

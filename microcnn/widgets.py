@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import io
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -256,6 +257,7 @@ def feature_maps_figure(net, image, layer, max_maps: int = 16) -> Figure:
     axes[-1, 0].set_xlabel("x (px)", fontsize="small")
     axes[-1, 0].set_ylabel("y (px)", fontsize="small")
     bar_axes = fig.add_axes((1 - 0.8 / width, 0.3 / height, 0.12 / width, 1 - 0.85 / height))
+    assert image_artist is not None  # shown >= 1: the loop drew at least one map
     fig.colorbar(image_artist, cax=bar_axes, label="activation")
     more = f", first {shown} of {out.shape[0]} channels" if shown < out.shape[0] else ""
     fig.suptitle(heading + more, fontsize="medium")
@@ -287,8 +289,9 @@ def saliency(model, image, target: int | None = None) -> tuple[np.ndarray, str]:
         seed = np.zeros(out.shape, np.float32)
         seed[0, target] = 1.0
         out.backward(seed)
-        for p, g in zip(params, kept, strict=True):
-            p.grad = g
+        for param, g in zip(params, kept, strict=True):
+            param.grad = g
+        assert t.grad is not None  # backward() just set it: t is a leaf that requires grad
         return t.grad[0, 0].astype(np.float64), "gradient"
     p = OCCLUSION_PATCH
     n = FIELD // p
@@ -675,7 +678,7 @@ def explorer(models: dict, images, labels, net=None):
                w.FileUpload(accept=".npz", description="data (.npz)")]
     status = w.HTML("A model (.safetensors, .raw, .onnx) or a data set (.npz with arrays images, labels)")
 
-    shown = {}  # what the view shows now, for the static preview
+    shown: dict[str, Any] = {}  # what the view shows now, for the static preview
 
     def show_index(change=None):
         out = on_index_change(state, slider.value)
@@ -690,7 +693,8 @@ def explorer(models: dict, images, labels, net=None):
         shown["maps"] = on_layer_change(state, slider.value, change["new"])
         _show_png(maps, shown["maps"])
 
-    updating = []  # set while show_mistakes adjusts the page slider, whose change would re-enter it
+    # set while show_mistakes adjusts the page slider, whose change would re-enter it
+    updating: list[bool] = []
 
     def show_mistakes(change=None):
         if updating:

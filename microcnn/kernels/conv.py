@@ -65,8 +65,10 @@ class ConvGeometry(NamedTuple):
 
 def conv_geometry(w_shape, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1) -> ConvGeometry:
     """The ConvGeometry of weights of shape ``w_shape`` with these settings (Python ints)."""
-    return ConvGeometry(int(w_shape[2]), int(w_shape[3]), *(int(v) for v in stride),
-                        *(int(v) for v in padding), *(int(v) for v in dilation), int(groups))
+    sh, sw = (int(v) for v in stride)
+    ph, pw = (int(v) for v in padding)
+    dh, dw = (int(v) for v in dilation)
+    return ConvGeometry(int(w_shape[2]), int(w_shape[3]), sh, sw, ph, pw, dh, dw, int(groups))
 
 
 def conv_output_shape(h, wd, geom) -> tuple[int, int]:
@@ -541,7 +543,8 @@ def _winograd_parallel(x, u, b, ph, pw, m, at, bt, y, group, nchunks):
         _winograd_images(x, u, b, ph, pw, m, at, bt, y, t * n // nchunks, (t + 1) * n // nchunks, group)
 
 
-_WINOGRAD_F32 = {}
+# (m, r) -> the float32 (A^T, B^T) transform matrices, built once per tile shape.
+_WINOGRAD_F32: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def winograd_runner(x_shape, u, ph, pw, m, r):
