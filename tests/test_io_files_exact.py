@@ -269,15 +269,16 @@ def test_an_invalid_layer_is_named_by_its_index():
     assert err.what.startswith("architecture layer 1 is invalid (") and "out_features" in err.what
 
 
-def test_quantized_kinds_store_between_4_bits_and_16_bytes_per_parameter():
-    # 2*3 + 2 + 4*2 = 16 parameters in 3 layers: at least 8 bytes, at most 16*16 + 64*(3+2) = 576 bytes
+def test_quantized_kinds_store_between_2_bits_and_16_bytes_per_parameter():
+    # 2*3 + 2 + 4*2 = 16 parameters in 3 layers: at least 4 bytes, at most 16*16 + 64*(3+2) = 576 bytes
     arch, u8 = FP32_ARCH, np.dtype("u1")
-    for entries in ({"a": (u8, (8,))}, {"a": (F32, (2,))}, {"a": (u8, (576,))}, {"a": (F32, (144,))},
+    for entries in ({"a": (u8, (4,))}, {"a": (u8, (8,))}, {"a": (F32, (2,))}, {"a": (u8, (576,))},
+                    {"a": (F32, (144,))},
                     {"a": (u8, (500,)), "b": (np.dtype("<i4"), (19,))}):
         assert io.check_declared_sizes("f", arch, entries, "int8") is None
-    err = refused(io.check_declared_sizes, "m.safetensors", arch, {"a": (u8, (3,)), "b": (u8, (4,))}, "w4a4")
+    err = refused(io.check_declared_sizes, "m.safetensors", arch, {"a": (u8, (1,)), "b": (u8, (2,))}, "w2a2")
     assert (err.what, err.expected, err.found) == ("architecture declares more parameters than the file can "
-                                                   "hold", "<= 14 (4 bits each in 7 bytes)", "16 parameters")
+                                                   "hold", "<= 12 (2 bits each in 3 bytes)", "16 parameters")
     err = refused(io.check_declared_sizes, "m.safetensors", arch, {"a": (F32, (144,)), "b": (u8, (1,))},
                   "compressed-int8")
     assert (err.what, err.expected, err.found) == ("tensors hold more data than the architecture can use",
