@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # annotations only (built inside the functions that need them
 
 # An augmentation: a batch (N, C, H, W) and the training run's generator -> a new batch of that shape.
 Augmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# A training loss: the batch's logits, labels and (augmented) images -> a scalar Tensor.
+LossFunction = Callable[[Tensor, np.ndarray, np.ndarray], Tensor]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
@@ -239,7 +241,8 @@ def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10,
         optimizer: str | optim.Optimizer = "adam", lr: float = 3e-3, weight_decay: float | None = None,
         schedule: str | optim.Schedule | None = "onecycle", seed: int = 0,
         augment: bool | str | Augmentation = False, progress: bool = True,
-        eval_data: tuple[ArrayLike, ArrayLike] | None = None, label_smoothing: float = 0.0) -> pd.DataFrame:
+        eval_data: tuple[ArrayLike, ArrayLike] | None = None, label_smoothing: float = 0.0,
+        loss_fn: LossFunction | None = None) -> pd.DataFrame:
     """Train ``net`` in place with mini-batch softmax cross-entropy on its logits; return one row per epoch.
 
     Everything random (shuffling, augmentation) comes from ``seed``, and the kernels sum in a fixed
@@ -262,6 +265,8 @@ def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10,
         progress: tqdm bars and a line per epoch.
         eval_data: ``(images, labels)`` scored after each epoch (else test_acc is NaN).
         label_smoothing: passed to ``cross_entropy``.
+        loss_fn: ``(logits, labels, images) -> loss`` replacing the cross-entropy (distillation needs the
+            batch's images, augmented as the network saw them).
 
     Returns:
         A DataFrame with columns epoch, loss, train_acc, test_acc, lr, seconds; ``loss`` and
@@ -329,7 +334,8 @@ def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10,
                 if transform is not None:
                     x = transform(x, rng)
                 logits = net.logits(Tensor(x))
-                loss = cross_entropy(logits, y, label_smoothing=label_smoothing)
+                loss = loss_fn(logits, y, x) if loss_fn is not None else \
+                    cross_entropy(logits, y, label_smoothing=label_smoothing)
                 value = float(loss.data)
                 step += 1
                 if not math.isfinite(value):
