@@ -194,7 +194,7 @@ def cmd_train(args) -> int:
 
 
 def _train_qat(args, augment) -> int:
-    from .quant.qat import run_qat
+    from .train import run_qat
 
     if args.out is None:
         raise InputError("train --qat: expected --out F.safetensors (the quantized model to write)")
@@ -308,9 +308,9 @@ def train_arguments(parser) -> None:
                      help="weight of the KL divergence to the FP32 model's softened logits (default 0)")
     qat.add_argument("--temperature", type=float_in(0, None, "a temperature", low_open=True), default=4.0,
                      help="distillation temperature (default 4)")
-    qat.add_argument("--qat-init", choices=("lsq", "calibration"), default="lsq",
-                     help="activation step initialisation: LSQ's 2 mean|x| / sqrt(Qp) (default) or MSE "
-                     "calibration")
+    qat.add_argument("--qat-init", choices=("lsq", "calibration"), default="calibration",
+                     help="activation step initialisation: LSQ's 2 mean|x| / sqrt(Qp) or MSE "
+                     "calibration (default: measured better after one W2A2 epoch, 97.85 vs 97.46%%)")
     qat.add_argument("--train-images", type=int_in(1, 60000, "a number of images"), default=None,
                      help="fine-tune on the first N training images (default all)")
 

@@ -8,6 +8,7 @@ order whatever the thread count, so a seed reproduces the weights bit for bit.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -363,6 +364,93 @@ def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10,
     finally:
         net.eval()
     return pd.DataFrame(rows, columns=["epoch", "loss", "train_acc", "test_acc", "lr", "seconds"])
+
+
+# -- quantization-aware training (microcnn.quant.qat) ---------------------------------------------
+
+def qat_fit(net, images: np.ndarray, labels: np.ndarray, weight_bits: int, act_bits: int, *, epochs: int = 8,
+            batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam", schedule: str = "cosine",
+            weight_decay: float | None = None, seed: int = 0, augment: str | bool = False,
+            distill: float = 0.0, temperature: float = 4.0, label_smoothing: float = 0.0, init: str = "lsq",
+            init_samples: int = 256, eval_data=None, progress: bool = True):
+    """Quantization-aware fine-tuning of ``net`` (changed in place) with ``train.fit``.
+
+    ``distill`` > 0 mixes in the KL divergence to a frozen copy of the FP32 ``net`` (weight ``distill``,
+    temperature ``temperature``). The activation steps start from the first ``init_samples`` images of a
+    seeded permutation. Returns (QATNetwork, per-epoch DataFrame).
+    """
+    from .checks import as_image_batch
+    from .quant.qat import QATNetwork, distillation_loss
+
+    if not 0.0 <= distill <= 1.0:
+        raise InputError(f"distill: expected a weight in [0, 1], found {distill}")
+    if not temperature > 0:
+        raise InputError(f"temperature: expected a number > 0, found {temperature}")
+    images = as_image_batch(images, net.input_shape)
+    start = images[np.random.default_rng(seed).permutation(len(images))[:init_samples]]
+    teacher = copy.deepcopy(net)
+    qat = QATNetwork(net, weight_bits, act_bits, start, init=init)
+
+    def hard(logits, y):
+        return cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+    loss_fn = None
+    if distill > 0:
+        def loss_fn(logits, y, x):
+            return distillation_loss(logits, teacher.logits(x), y, temperature, distill, hard)
+
+    history = fit(qat, images, labels, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                  weight_decay=weight_decay, schedule=schedule, seed=seed, augment=augment,
+                  label_smoothing=label_smoothing, progress=progress, eval_data=eval_data, loss_fn=loss_fn)
+    return qat, history
+
+
+def run_qat(net, precision: str, out, *, dataset: str = "mnist", data_dir=None, force: bool = False,
+            train_images: int | None = None, threads: int = 1, progress: bool = True, **options) -> int:
+    """``microcnn train --qat wXaY --init MODEL``: fine-tune ``net`` with fake quantization on the training
+    split of ``dataset`` (its first ``train_images`` images, default all), convert, check that the integer
+    model scores what the fake-quantized one does, and save it to ``out`` (a .safetensors model that
+    ``microcnn eval`` runs at its own precision). ``options`` go to ``qat_fit``. ``out`` is checked before
+    any work and again before writing; an existing file is replaced only with ``force``."""
+    import numba
+
+    from .datasets import load_dataset
+    from .fileutil import check_destination
+    from .network import Sequential
+    from .quant.params import check_bits
+    from .quant.precision import parse_precision
+
+    if not isinstance(net, Sequential):
+        raise InputError(f"--init: expected an FP32 model (bundled, lenet, fashion, a .raw or FP32 "
+                         f".safetensors file), found a {type(net).__name__}")
+    p = parse_precision(precision)
+    if p.is_float:
+        raise InputError(f"--qat: expected a quantized precision wXaY (X, Y in 2..8), found {precision!r}")
+    check_bits(p.weight_bits, "--qat weight bits")
+    check_bits(p.act_bits, "--qat activation bits")
+    check_destination(out, overwrite=force)
+    numba.set_num_threads(threads)
+    images, labels = load_dataset(dataset, "train", data_dir=data_dir)
+    test = load_dataset(dataset, "test", data_dir=data_dir)
+    if train_images is not None:
+        images, labels = images[:train_images], labels[:train_images]
+    fp32 = net.accuracy(*test)
+    print(f"QAT {p.label} of a {fp32 * 100:.2f}% FP32 model on {len(images)} {dataset} images for "
+          f"{options.get('epochs', 8)} epoch(s); output: {out}", flush=True)
+    t0 = time.perf_counter()
+    qat, history = qat_fit(net, images, labels, p.weight_bits, p.act_bits, eval_data=test, progress=progress,
+                           **options)
+    seconds = time.perf_counter() - t0
+    fake = evaluate(qat, *test)
+    qnet = qat.quantized()
+    integer = qnet.accuracy(*test)
+    check_destination(out, overwrite=force)
+    qnet.save(out)
+    if not progress:
+        print(history.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"QAT {p.label} in {seconds:.1f} s: fake-quant test accuracy {fake * 100:.2f}%, integer model "
+          f"{integer * 100:.2f}% (FP32 {fp32 * 100:.2f}%); saved {out} ({qnet.nbytes} bytes)")
+    return 0
 
 
 # -- throughput ----------------------------------------------------------------------------------

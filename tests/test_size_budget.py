@@ -17,6 +17,9 @@ Raised again (issue 17, types17): engine 5,900 -> 6,700, for PyTorch-style docst
 examples on the public API (optimizers, schedules, losses, datasets, fit, lenet, errors: about +480
 lines, docstrings count) and the checked Python entry points of the raw-pointer GEMM kernels (+150).
 Engine 6,270 after that change; the tools ratio (0.55) is unchanged.
+
+Raised (issue 14, qat14): quant 2,050 -> 2,300 for quantization-aware training (quant/qat.py: LSQ fake
+quantization on the tape, the QAT network, conversion to integer stages, distillation: about +190 lines).
 """
 
 from pathlib import Path
@@ -29,7 +32,7 @@ ENGINE = {"__init__", "autograd", "checks", "convolution", "datasets", "errors",
           "jsonutil", "layers", "lenet", "losses", "network", "optim", "resolve", "timing", "train"}
 TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "sweep", "widgets"}
 
-BUDGET = {"engine": 6700, "quant": 2050, "tools": 3300}
+BUDGET = {"engine": 6700, "quant": 2300, "tools": 3300}
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 
