@@ -10,6 +10,7 @@ import pytest
 from microcnn.autograd import Tensor
 from microcnn.errors import InputError
 from microcnn.quant.qat import QATNetwork, distillation_loss, fake_quant, lsq_grad_scale, lsq_init
+from tests.test_cli_safety import run  # the one CLI runner of the tests
 
 
 def _grads(x, s, qn, qp, g=1.0, axis=None, upstream=None):
@@ -160,17 +161,6 @@ def _fake_predictions(qat, images):
         return qat.logits(Tensor(images)).data.argmax(axis=1)
 
 
-def _cli(capsys, *argv):
-    from microcnn import cli
-
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_train_qat_command_writes_an_integer_model_eval_scores(tmp_path, capsys, mnist_test):
     """`train --qat` writes a quantized model whose own accuracy (as `eval` computes it) is the one the
     command printed for the integer model; it refuses to replace the file without --force, and refuses
@@ -184,17 +174,17 @@ def test_train_qat_command_writes_an_integer_model_eval_scores(tmp_path, capsys,
     out = tmp_path / f"w{bits}a{bits}.safetensors"
     args = ("train", "--qat", f"w{bits}a{bits}", "--init", "lenet", "--epochs", 1, "--train-images", 256,
             "--no-progress", "--out", out)
-    code, stdout, err = _cli(capsys, *args)
+    code, stdout, err = run(capsys, *args)
     assert code == 0, err
     printed = float(re.search(r"integer model (\d+\.\d+)%", stdout)[1])
     qnet = load_model(out)
     assert (qnet.settings["weight_bits"], qnet.settings["act_bits"]) == (bits, bits)
     assert round(qnet.accuracy(*mnist_test) * 100, 2) == printed
     before = out.read_bytes()
-    code, _, err = _cli(capsys, *args)
+    code, _, err = run(capsys, *args)
     assert code != 0 and "already exists" in err and out.read_bytes() == before
     bad = tmp_path / "x.safetensors"
-    code, _, err = _cli(capsys, "train", "--qat", "w1a2", "--init", "lenet", "--out", bad)
+    code, _, err = run(capsys, "train", "--qat", "w1a2", "--init", "lenet", "--out", bad)
     assert code != 0 and "expected an integer in 2..8, found 1" in err and not bad.exists()
-    code, _, err = _cli(capsys, "train", "--qat", "w4a4", "--init", out, "--out", bad)
+    code, _, err = run(capsys, "train", "--qat", "w4a4", "--init", out, "--out", bad)
     assert code != 0 and "expected an FP32 model" in err
