@@ -169,16 +169,32 @@ def cmd_quantize(args) -> int:
 
 # Defaults of ``microcnn train`` that differ between training from scratch (the recipe of the bundled
 # data/lenet.raw) and QAT fine-tuning from a trained model (--qat; the recipe of data/lenet-w2a2-qat).
-TRAIN_DEFAULTS = {"epochs": 240, "lr": 3e-3, "optimizer": "adamw", "schedule": "onecycle",
-                  "label_smoothing": 0.1, "augmentation": "elastic"}
+# The parser's defaults are the from-scratch ones, marked by their type so --qat can tell them from
+# values the user typed.
+class _DefaultInt(int):
+    pass
+
+
+class _DefaultFloat(float):
+    pass
+
+
+class _DefaultStr(str):
+    pass
+
+
+TRAIN_DEFAULTS = {"epochs": _DefaultInt(240), "lr": _DefaultFloat(3e-3), "optimizer": _DefaultStr("adamw"),
+                  "schedule": _DefaultStr("onecycle"), "label_smoothing": _DefaultFloat(0.1),
+                  "augmentation": _DefaultStr("elastic")}
 QAT_DEFAULTS = {"epochs": 8, "lr": 1e-3, "optimizer": "adam", "schedule": "cosine", "label_smoothing": 0.0,
                 "augmentation": "shift"}
 
 
 def cmd_train(args) -> int:
-    for key, value in (QAT_DEFAULTS if args.qat else TRAIN_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    if args.qat:
+        for key, value in QAT_DEFAULTS.items():
+            if isinstance(getattr(args, key), _DefaultInt | _DefaultFloat | _DefaultStr):
+                setattr(args, key, value)
     augment = args.augmentation if args.augment else False
     if args.qat:
         return _train_qat(args, augment)
@@ -269,21 +285,23 @@ def train_arguments(parser) -> None:
     parser.add_argument("--model", choices=MODELS, default="lenet")
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
     # The defaults are the recipe of the bundled data/lenet.raw (see README).
-    parser.add_argument("--epochs", type=epoch_count, default=None, help="default 240 (--qat: 8)")
+    d = TRAIN_DEFAULTS
+    parser.add_argument("--epochs", type=epoch_count, default=d["epochs"], help="default 240 (--qat: 8)")
     parser.add_argument("--batch-size", type=int_in(1, 65536, "a batch size"), default=64)
-    parser.add_argument("--lr", type=float_in(0, None, "a learning rate", low_open=True), default=None,
+    parser.add_argument("--lr", type=float_in(0, None, "a learning rate", low_open=True), default=d["lr"],
                         help="peak learning rate (default 3e-3; --qat: 1e-3)")
     parser.add_argument("--weight-decay", type=float_in(0, None, "a weight decay"), default=None,
                         help="default: 0 for adam/sgd, 1e-2 for adamw")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default adamw (--qat: adam)")
-    parser.add_argument("--schedule", choices=SCHEDULES, default=None,
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"],
+                        help="default adamw (--qat: adam)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"],
                         help="default onecycle (--qat: cosine)")
     parser.add_argument("--label-smoothing", type=float_in(0, 1, "a label smoothing", high_open=True),
-                        default=None, help="default 0.1 (--qat: 0)")
+                        default=d["label_smoothing"], help="default 0.1 (--qat: 0)")
     parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="augment the training images (default on; --no-augment to disable)")
-    parser.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), default=None,
+    parser.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), default=d["augmentation"],
                         help="shift: +-2 px; affine: also +-10 degrees and +-10%% scale; elastic: "
                         "affine plus a 1 px elastic distortion (default; --qat: shift)")
     parser.add_argument("--holdout", type=int_in(0, 59999, "a holdout size"), default=0,

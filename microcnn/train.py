@@ -29,6 +29,9 @@ from .losses import cross_entropy
 
 if TYPE_CHECKING:  # annotations only (built inside the functions that need them)
     from .network import Sequential
+    from .quant.qat import QATNetwork
+
+    Trainable = Sequential | QATNetwork  # what fit trains: a network, or one with fake quantizers
 
 # An augmentation: a batch (N, C, H, W) and the training run's generator -> a new batch of that shape.
 Augmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -208,7 +211,7 @@ AUGMENTATIONS: dict[str, Augmentation] = {
 }
 
 
-def _check_training_data(net: Sequential, images: ArrayLike, labels: ArrayLike,
+def _check_training_data(net: Trainable, images: ArrayLike, labels: ArrayLike,
                          name: str = "labels") -> tuple[np.ndarray, np.ndarray]:
     """Validated (images, int64 labels). Every label is checked against the network's class count
     before any training step, so a bad label late in the data never leaves a half-trained network."""
@@ -228,7 +231,7 @@ def _check_training_data(net: Sequential, images: ArrayLike, labels: ArrayLike,
     return images, labels.astype(np.int64)
 
 
-def evaluate(net: Sequential, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
+def evaluate(net: Trainable, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
     """Accuracy through the training (autograd) path under no_grad: the math ``fit`` optimises."""
     correct = 0
     with no_grad():
@@ -238,7 +241,7 @@ def evaluate(net: Sequential, images: np.ndarray, labels: np.ndarray, batch_size
     return correct / len(images)
 
 
-def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10, batch_size: int = 64,
+def fit(net: Trainable, images: ArrayLike, labels: ArrayLike, epochs: int = 10, batch_size: int = 64,
         optimizer: str | optim.Optimizer = "adam", lr: float = 3e-3, weight_decay: float | None = None,
         schedule: str | optim.Schedule | None = "onecycle", seed: int = 0,
         augment: bool | str | Augmentation = False, progress: bool = True,

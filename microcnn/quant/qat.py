@@ -131,7 +131,7 @@ class QATNetwork:
             cal = calibrate(net, images, method="mse", samples=len(images), progress=False)
             steps = {i: cal.act_quant(self.tensor_name(i), self.act_bits).scale for i in self.weighted}
         else:
-            steps = {i: lsq_init(inputs[i], self.aq[1]) for i in self.weighted}
+            steps = {i: float(lsq_init(inputs[i], self.aq[1])) for i in self.weighted}
         self.act_steps = {i: Tensor(np.float32(steps[i]), requires_grad=True) for i in self.weighted}
 
     def tensor_name(self, i: int) -> str:
@@ -183,7 +183,7 @@ class QATNetwork:
     def quantized(self, requant: str = "fixedpoint"):
         """The integer model (a ``QuantizedSequential``): ``quantize``'s stages, with the learned
         activation steps and each weighted stage rebuilt from the learned weight codes and steps."""
-        from .qlayers import QConv2d, QWeighted
+        from .qlayers import QConv2d, QLinear, QWeighted
         from .quantize import quantize, quantize_bias
 
         qnet = quantize(self.net, self.calibration(), self.weight_bits, self.act_bits, per_channel=True,
@@ -196,14 +196,16 @@ class QATNetwork:
             codes = np.clip(np.rint(layer.weight.data / step.reshape(-1, *[1] * (layer.weight.ndim - 1))),
                             -self.wq[0], self.wq[1]).astype(np.int8)
             bias = layer.bias.data if layer.bias is not None else np.zeros(len(step), np.float32)
-            bias_q = quantize_bias(bias, stage.in_act.scale, step)
-            args = (stage.layers, codes, self.weight_bits, step, bias_q, stage.in_act, stage.out_act,
-                    stage.relu)
+            in_act = stage.in_act
+            if in_act is None:  # quantize() gives every weighted stage an integer input
+                raise InputError(f"qat: stage of layer {i} has no input quantization")
+            bias_q = quantize_bias(bias, in_act.scale, step)
+            args = (stage.layers, codes, self.weight_bits, step, bias_q, in_act, stage.out_act, stage.relu)
             if isinstance(stage, QConv2d):
                 qnet.stages[k] = QConv2d(*args, stride=stage.stride, padding=stage.padding, pool=stage.pool,
                                          requant=stage.requant)
             else:
-                qnet.stages[k] = type(stage)(*args, requant=stage.requant)
+                qnet.stages[k] = QLinear(*args, requant=stage.requant)
         qnet.settings.update({"weight_clipping": "lsq", "rounding": "qat", "calibration": "lsq"})
         return qnet
 
