@@ -8,6 +8,7 @@ order whatever the thread count, so a seed reproduces the weights bit for bit.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -28,9 +29,14 @@ from .losses import cross_entropy
 
 if TYPE_CHECKING:  # annotations only (built inside the functions that need them)
     from .network import Sequential
+    from .quant.qat import QATNetwork
+
+    Trainable = Sequential | QATNetwork  # what fit trains: a network, or one with fake quantizers
 
 # An augmentation: a batch (N, C, H, W) and the training run's generator -> a new batch of that shape.
 Augmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# A training loss: the batch's logits, labels and (augmented) images -> a scalar Tensor.
+LossFunction = Callable[[Tensor, np.ndarray, np.ndarray], Tensor]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
@@ -205,7 +211,7 @@ AUGMENTATIONS: dict[str, Augmentation] = {
 }
 
 
-def _check_training_data(net: Sequential, images: ArrayLike, labels: ArrayLike,
+def _check_training_data(net: Trainable, images: ArrayLike, labels: ArrayLike,
                          name: str = "labels") -> tuple[np.ndarray, np.ndarray]:
     """Validated (images, int64 labels). Every label is checked against the network's class count
     before any training step, so a bad label late in the data never leaves a half-trained network."""
@@ -225,7 +231,7 @@ def _check_training_data(net: Sequential, images: ArrayLike, labels: ArrayLike,
     return images, labels.astype(np.int64)
 
 
-def evaluate(net: Sequential, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
+def evaluate(net: Trainable, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
     """Accuracy through the training (autograd) path under no_grad: the math ``fit`` optimises. Sets
     eval mode (BatchNorm's running statistics, no dropout)."""
     correct = 0
@@ -237,11 +243,12 @@ def evaluate(net: Sequential, images: np.ndarray, labels: np.ndarray, batch_size
     return correct / len(images)
 
 
-def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10, batch_size: int = 64,
+def fit(net: Trainable, images: ArrayLike, labels: ArrayLike, epochs: int = 10, batch_size: int = 64,
         optimizer: str | optim.Optimizer = "adam", lr: float = 3e-3, weight_decay: float | None = None,
         schedule: str | optim.Schedule | None = "onecycle", seed: int = 0,
         augment: bool | str | Augmentation = False, progress: bool = True,
-        eval_data: tuple[ArrayLike, ArrayLike] | None = None, label_smoothing: float = 0.0) -> pd.DataFrame:
+        eval_data: tuple[ArrayLike, ArrayLike] | None = None, label_smoothing: float = 0.0,
+        loss_fn: LossFunction | None = None) -> pd.DataFrame:
     """Train ``net`` in place with mini-batch softmax cross-entropy on its logits; return one row per epoch.
 
     Everything random (shuffling, augmentation) comes from ``seed``, and the kernels sum in a fixed
@@ -264,6 +271,8 @@ def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10,
         progress: tqdm bars and a line per epoch.
         eval_data: ``(images, labels)`` scored after each epoch (else test_acc is NaN).
         label_smoothing: passed to ``cross_entropy``.
+        loss_fn: ``(logits, labels, images) -> loss`` replacing the cross-entropy (distillation needs the
+            batch's images, augmented as the network saw them).
 
     Returns:
         A DataFrame with columns epoch, loss, train_acc, test_acc, lr, seconds; ``loss`` and
@@ -331,7 +340,8 @@ def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10,
                 if transform is not None:
                     x = transform(x, rng)
                 logits = net.logits(Tensor(x))
-                loss = cross_entropy(logits, y, label_smoothing=label_smoothing)
+                loss = loss_fn(logits, y, x) if loss_fn is not None else \
+                    cross_entropy(logits, y, label_smoothing=label_smoothing)
                 value = float(loss.data)
                 step += 1
                 if not math.isfinite(value):
@@ -360,6 +370,93 @@ def fit(net: Sequential, images: ArrayLike, labels: ArrayLike, epochs: int = 10,
     finally:
         net.eval()
     return pd.DataFrame(rows, columns=["epoch", "loss", "train_acc", "test_acc", "lr", "seconds"])
+
+
+# -- quantization-aware training (microcnn.quant.qat) ---------------------------------------------
+
+def qat_fit(net, images: np.ndarray, labels: np.ndarray, weight_bits: int, act_bits: int, *, epochs: int = 8,
+            batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam", schedule: str = "cosine",
+            weight_decay: float | None = None, seed: int = 0, augment: str | bool = False,
+            distill: float = 0.0, temperature: float = 4.0, label_smoothing: float = 0.0, init: str = "lsq",
+            init_samples: int = 256, eval_data=None, progress: bool = True):
+    """Quantization-aware fine-tuning of ``net`` (changed in place) with ``train.fit``.
+
+    ``distill`` > 0 mixes in the KL divergence to a frozen copy of the FP32 ``net`` (weight ``distill``,
+    temperature ``temperature``). The activation steps start from the first ``init_samples`` images of a
+    seeded permutation. Returns (QATNetwork, per-epoch DataFrame).
+    """
+    from .checks import as_image_batch
+    from .quant.qat import QATNetwork, distillation_loss
+
+    if not 0.0 <= distill <= 1.0:
+        raise InputError(f"distill: expected a weight in [0, 1], found {distill}")
+    if not temperature > 0:
+        raise InputError(f"temperature: expected a number > 0, found {temperature}")
+    images = as_image_batch(images, net.input_shape)
+    start = images[np.random.default_rng(seed).permutation(len(images))[:init_samples]]
+    teacher = copy.deepcopy(net)
+    qat = QATNetwork(net, weight_bits, act_bits, start, init=init)
+
+    def hard(logits, y):
+        return cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+    loss_fn = None
+    if distill > 0:
+        def loss_fn(logits, y, x):
+            return distillation_loss(logits, teacher.logits(x), y, temperature, distill, hard)
+
+    history = fit(qat, images, labels, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                  weight_decay=weight_decay, schedule=schedule, seed=seed, augment=augment,
+                  label_smoothing=label_smoothing, progress=progress, eval_data=eval_data, loss_fn=loss_fn)
+    return qat, history
+
+
+def run_qat(net, precision: str, out, *, dataset: str = "mnist", data_dir=None, force: bool = False,
+            train_images: int | None = None, threads: int = 1, progress: bool = True, **options) -> int:
+    """``microcnn train --qat wXaY --init MODEL``: fine-tune ``net`` with fake quantization on the training
+    split of ``dataset`` (its first ``train_images`` images, default all), convert, check that the integer
+    model scores what the fake-quantized one does, and save it to ``out`` (a .safetensors model that
+    ``microcnn eval`` runs at its own precision). ``options`` go to ``qat_fit``. ``out`` is checked before
+    any work and again before writing; an existing file is replaced only with ``force``."""
+    import numba
+
+    from .datasets import load_dataset
+    from .fileutil import check_destination
+    from .network import Sequential
+    from .quant.params import check_bits
+    from .quant.precision import parse_precision
+
+    if not isinstance(net, Sequential):
+        raise InputError(f"--init: expected an FP32 model (bundled, lenet, fashion, a .raw or FP32 "
+                         f".safetensors file), found a {type(net).__name__}")
+    p = parse_precision(precision)
+    if p.is_float:
+        raise InputError(f"--qat: expected a quantized precision wXaY (X, Y in 2..8), found {precision!r}")
+    check_bits(p.weight_bits, "--qat weight bits")
+    check_bits(p.act_bits, "--qat activation bits")
+    check_destination(out, overwrite=force)
+    numba.set_num_threads(threads)
+    images, labels = load_dataset(dataset, "train", data_dir=data_dir)
+    test = load_dataset(dataset, "test", data_dir=data_dir)
+    if train_images is not None:
+        images, labels = images[:train_images], labels[:train_images]
+    fp32 = net.accuracy(*test)
+    print(f"QAT {p.label} of a {fp32 * 100:.2f}% FP32 model on {len(images)} {dataset} images for "
+          f"{options.get('epochs', 8)} epoch(s); output: {out}", flush=True)
+    t0 = time.perf_counter()
+    qat, history = qat_fit(net, images, labels, p.weight_bits, p.act_bits, eval_data=test, progress=progress,
+                           **options)
+    seconds = time.perf_counter() - t0
+    fake = evaluate(qat, *test)
+    qnet = qat.quantized()
+    integer = qnet.accuracy(*test)
+    check_destination(out, overwrite=force)
+    qnet.save(out)
+    if not progress:
+        print(history.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"QAT {p.label} in {seconds:.1f} s: fake-quant test accuracy {fake * 100:.2f}%, integer model "
+          f"{integer * 100:.2f}% (FP32 {fp32 * 100:.2f}%); saved {out} ({qnet.nbytes} bytes)")
+    return 0
 
 
 # -- throughput ----------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ backward kernels, pooling with padding and ceil mode, ReLU6/LeakyReLU/Tanh/Dropo
 Raised again (issue 14, post-training side): quant 2,050 -> 2,450 for AdaRound (quant/adaround.py, the
 rounding registry), cross-layer equalization (quant/cle.py) and weights of any width 2..8, symmetric
 or asymmetric (+~230 lines, quant at 2,273).
+
+Raised (issue 14, qat14): quant 2,050 -> 2,300 for quantization-aware training (quant/qat.py: LSQ fake
+quantization on the tape, the QAT network, conversion to integer stages, distillation: about +190 lines).
 """
 
 from pathlib import Path
@@ -41,11 +44,12 @@ TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "s
 # Graph with its checks, plans and files), about +500 lines; tools stay bound by the 0.55 ratio.
 # engine +800 (issue 13, onnx13): ONNX import/export and the PyTorch converter (onnx_io, torch_io:
 # +750 lines; the exporter and converter moved out of compare, -110 tools lines).
-# quant 2,450 (docstring) + 100 for quant/explain.py (the notebooks' worked requantization example, issue 16).
+# quant 2,450 + 250 (docstring) + 100 for quant/explain.py (the notebooks' worked requantization
+# example, issue 16).
 # engine +450 (issue 15, +414 lines): the u8 x s8 integer micro-kernels in three instruction
 # forms (VNNI, pmaddwd, portable IR; kernels/qdot.py), the small-batch dense kernel, weight repacking,
 # and the integer ops of the compiled program -- what makes quantized inference faster than FP32.
-BUDGET = {"engine": 9150, "quant": 2550, "tools": 3300}  # engine: 5,900 + the five raises above
+BUDGET = {"engine": 9150, "quant": 2800, "tools": 3300}  # engine: 5,900 + the five raises above
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 
