@@ -18,8 +18,8 @@ from .kernels.elementwise import same_bits
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
 from .model import INPUT, LayerNode, LayerTrace, Model
 
-__all__ = ["BATCHNORM_TYPES", "PROGRAM_MAX_BATCH", "CompiledProgram", "FloatModel", "FoldedPair", "FusedGroup",
-           "LayerTrace", "Sequential", "fold_pair", "folds_into", "fuse_chain", "layer_names"]
+__all__ = ["BATCHNORM_TYPES", "PROGRAM_MAX_BATCH", "CompiledProgram", "FloatModel", "FoldedPair",
+           "FusedGroup", "LayerTrace", "Sequential", "fold_pair", "folds_into", "fuse_chain", "layer_names"]
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
@@ -80,7 +80,8 @@ class FoldedPair:
 
     def get(self, layer, bn) -> Layer:
         # Not ``Layer.edits``: that counts every assignment anywhere, the new folded layers' included.
-        arrays, key = self._arrays(layer, bn), (str(layer.config()), getattr(layer, "algorithm", None), bn.eps)
+        key = (str(layer.config()), getattr(layer, "algorithm", None), bn.eps)
+        arrays = self._arrays(layer, bn)
         if (self.folded is None or self.key != key or len(arrays) != len(self.sources)
                 or not all(_same_values(a, s) for a, s in zip(arrays, self.sources, strict=True))):
             self.folded = fold_pair(layer, bn)

@@ -15,8 +15,17 @@ import pytest
 from microcnn import optim
 from microcnn.autograd import Tensor
 from microcnn.graph import Add, Graph
-from microcnn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d,
-                             ReLU, Softmax)
+from microcnn.layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Softmax,
+)
 from microcnn.losses import cross_entropy
 from microcnn.network import Sequential
 

@@ -199,18 +199,22 @@ def _phases_into(x, i, ph, pw, sh, sw, buf):
     hq, wq = buf.shape[1], buf.shape[2]
     for a in range(sh):
         for e in range(sw):
+            # Phase columns q read input column q*sw + e - pw: inside the image for q0 <= q < q1.
+            q0 = min(wq, max(0, -(-(pw - e) // sw)))
+            q1 = max(q0, min(wq, -(-(wd + pw - e) // sw)))
             for ch in range(c):
                 d = buf[(a * sw + e) * c + ch]
                 for r in range(hq):
                     y = r * sh + a - ph
+                    dr = d[r]
                     if y < 0 or y >= h:
-                        d[r, :] = 0.0
+                        dr[:] = 0.0
                         continue
                     s = x[i, ch, y]
-                    dr = d[r]
-                    for q in range(wq):
-                        col = q * sw + e - pw
-                        dr[q] = s[col] if 0 <= col < wd else np.float32(0.0)
+                    dr[:q0] = 0.0
+                    dr[q1:] = 0.0
+                    for q in range(q0, q1):  # no branch: LLVM vectorises the copy (a gather for sw > 1)
+                        dr[q] = s[q * sw + e - pw]
 
 
 @njit(cache=True)
