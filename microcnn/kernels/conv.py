@@ -12,8 +12,9 @@ im2col    ``conv2d_im2col`` / ``im2col_runner``: ``y (O, pixels) = w.reshape(O, 
           the patch matrix is implicit: GEMM column j = r*Wp + q (Wp the padded width) reads tap
           (c, u, v) at element c*Hp*Wp + u*Wp + v + j of the (padded) image, so every patch row is a
           window of the image itself -- no copy beyond the zero border, at the price of computing
-          and dropping the Wp - OW columns past each output row. Other strides fill an explicit
-          patch matrix. Max pooling (with a fused ReLU) can run on the GEMM's output before it is
+          and dropping the Wp - OW columns past each output row. Other strides split the padded
+          image into its stride phases, in which every tap is again a window (``im2col_images``).
+          Max pooling (with a fused ReLU) can run on the GEMM's output before it is
           stored. A 1x1 output whose kernel covers the whole unpadded input (LeNet's conv3) is a
           dense layer: dot products on ``x.reshape(N, K)`` itself. ``im2col`` (any dtype) is the
           public, explicit patch matrix for other kernels.
