@@ -52,9 +52,12 @@ class Add(Layer):
                              f"{[tuple(s) for s in shapes]}")
         return tuple(shapes[0])
 
-    def forward(self, *xs):
+    def forward(self, *xs, into: int | None = None):
+        """The sum, in the inputs' order (same bits on every run): a new array, or with ``into`` (0 or
+        1) written over ``xs[into]``, an intermediate the caller owns and reads nowhere else (a Graph
+        passes it to save an allocation and its page faults)."""
         self.output_shape(*(x.shape for x in xs))
-        out = np.add(xs[0], xs[1])  # a new array, in the inputs' order (same bits on every run)
+        out = np.add(xs[0], xs[1], out=None if into is None else xs[into])
         for x in xs[2:]:
             np.add(out, x, out=out)
         return out
@@ -142,11 +145,14 @@ class _Step:
     groups: tuple[FusedGroup, ...]
     layer: Layer | None
     free: tuple[str, ...]
+    into: int | None = None  # an Add's input (0 or 1) it may overwrite (see ``Graph.plan``)
 
     def run(self, env: dict, programs: dict, key):
         """The step's result. A chain runs as its compiled program (``network.CompiledProgram``, kept in
         ``programs`` under ``key``) when it may, as Sequential does, else group by group."""
         if self.layer is not None:
+            if self.into is not None:
+                return self.layer.forward(*(env[i] for i in self.inputs), into=self.into)
             return self.layer.forward(*(env[i] for i in self.inputs))
         x = env[self.inputs[0]]
         prog = programs.get(key)
@@ -327,13 +333,19 @@ class Graph(FloatModel):
             if single:
                 tail_of[node.name] = chain
         steps, remaining = [], dict(readers)
+        made = set()  # results that are arrays of their own (no view of another live tensor)
         for chain in chains:
             head, last = chain[0], chain[-1].name
             for i in head.inputs:
                 remaining[i] -= 1
             free = tuple(i for i in dict.fromkeys(head.inputs) if remaining[i] == 0)
             if type(head.layer) in GRAPH_LAYER_TYPES.values():
-                steps.append(_Step(head.inputs, last, [], (), head.layer, free))
+                # An Add may write over its first or second input when this is that input's last
+                # reader, the graph made it and it is not read twice by this Add.
+                into = next((k for k, i in enumerate(head.inputs[:2]) if i in free and i in made
+                             and head.inputs.count(i) == 1), None) if type(head.layer) is Add else None
+                steps.append(_Step(head.inputs, last, [], (), head.layer, free, into))
+                made.add(last)
             else:
                 # The head's input may be overwritten only if this chain is its one reader and the
                 # graph made it (an Add/Concat result: never the caller's array, never a view).
@@ -341,6 +353,8 @@ class Graph(FloatModel):
                 layers = [n.layer for n in chain]
                 groups = tuple(fuse_chain(layers, owned))
                 steps.append(_Step(head.inputs, last, layers, groups, None, free))
+                if not all(layer.passes_input for layer in layers):
+                    made.add(last)
         self._plans[target] = steps
         return steps
 

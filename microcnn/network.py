@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -15,11 +15,12 @@ from .autograd import Tensor
 from .checks import check_array_batch
 from .errors import InputError
 from .kernels import program
+from .kernels.elementwise import same_bits
 from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
 from .model import INPUT, LayerNode, LayerTrace, Model
 
-__all__ = ["BATCHNORM_TYPES", "PROGRAM_MAX_BATCH", "CompiledProgram", "FloatModel", "FusedGroup",
-           "LayerTrace", "Sequential", "fold_pair", "folds_into", "fuse_chain", "layer_names"]
+__all__ = ["BATCHNORM_TYPES", "PROGRAM_MAX_BATCH", "CompiledProgram", "FloatModel", "FoldedPair",
+           "FusedGroup", "LayerTrace", "Sequential", "fold_pair", "folds_into", "fuse_chain", "layer_names"]
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
@@ -61,21 +62,61 @@ _F32 = np.dtype(np.float32)
 PROGRAM_MAX_BATCH = 32
 
 
+class FoldedPair:
+    """The folded Conv2d/Linear (``fold_pair``) of a (layer, BatchNorm) pair, made once and reused while
+    its sources stay as they were: the same layer settings (configuration, conv algorithm, eps) and
+    the bits of every source array (weights, bias, gamma, beta, running statistics) equal to the copies
+    taken when it was made -- compared per call, so in-place edits (an optimizer step, a running
+    statistic updated in training mode) refold it. The same fold as ``fold_batchnorm()``: same bits."""
+
+    def __init__(self):
+        self.folded: Layer | None = None
+        self.key: tuple | None = None
+        self.sources: list[np.ndarray] = []
+
+    @staticmethod
+    def _arrays(layer, bn) -> list[np.ndarray]:
+        return [*(p.data for p in layer.parameters()), *(p.data for p in bn.parameters()),
+                *(arr for _, arr in bn.named_state())]
+
+    def get(self, layer, bn) -> Layer:
+        # Not ``Layer.edits``: that counts every assignment anywhere, the new folded layers' included.
+        key = (str(layer.config()), getattr(layer, "algorithm", None), bn.eps)
+        arrays = self._arrays(layer, bn)
+        if (self.folded is None or self.key != key or len(arrays) != len(self.sources)
+                or not all(_same_values(a, s) for a, s in zip(arrays, self.sources, strict=True))):
+            self.folded = fold_pair(layer, bn)
+            self.key, self.sources = key, [np.array(a, copy=True) for a in arrays]
+        return self.folded
+
+
+def _same_values(a: np.ndarray, snapshot: np.ndarray) -> bool:
+    """Whether ``a`` holds the bits of ``snapshot`` (a C-contiguous copy of an earlier ``a``)."""
+    if a.dtype != snapshot.dtype or a.shape != snapshot.shape:
+        return False
+    if a.dtype == _F32 and a.flags.c_contiguous:
+        return same_bits(a, snapshot)
+    return np.ascontiguousarray(a).tobytes() == snapshot.tobytes()
+
+
 @dataclass(frozen=True)
 class FusedGroup:
     """One inference call of a chain of layers (``fuse_chain``): ``layer`` alone; a Conv2d or Linear
-    followed by a ReLU (``relu``) and, for Conv2d, the MaxPool2d ``pool``; or a MaxPool2d whose input
-    passes a ReLU first (``relu``).
+    followed by a BatchNorm it folds (``bn``: the call uses the folded layer, ``FoldedPair``), a ReLU
+    (``relu``) and, for Conv2d, the MaxPool2d ``pool``; or a MaxPool2d whose input passes a ReLU
+    first (``relu``).
     ``owned``: the input is an intermediate the network made, so a lone ReLU may overwrite it."""
 
     layer: Layer
     pool: MaxPool2d | None
     relu: bool
     owned: bool
+    bn: Layer | None = None
+    fold: FoldedPair = field(default_factory=FoldedPair, compare=False, repr=False)
 
     def run(self, x):
         """The checked call (the layers validate x)."""
-        layer = self.layer
+        layer = self.layer if self.bn is None else self.fold.get(self.layer, self.bn)
         if isinstance(layer, Conv2d):
             return layer.forward(x, pool=self.pool, relu=self.relu)
         if isinstance(layer, Linear | MaxPool2d):
@@ -85,13 +126,15 @@ class FusedGroup:
         return layer.forward(x)
 
     def output_shape(self, chw):
-        chw = self.layer.output_shape(chw)
+        chw = self.layer.output_shape(chw)  # a BatchNorm keeps the shape
         return chw if self.pool is None else self.pool.output_shape(chw)
 
     def compilable(self) -> bool:
         """Whether ``kernels.program`` has ops for this group (im2col convolutions only). Exact types:
         a subclass may compute something else in its ``forward``."""
         layer = self.layer
+        if self.bn is not None:  # the program points at the layers' own arrays, not folded copies
+            return False
         if self.pool is not None and not _plain_pool(self.pool):
             return False
         if type(layer) is Conv2d:
@@ -143,24 +186,33 @@ def _plain_pool(layer) -> bool:
     return type(layer) is MaxPool2d and layer.padding == (0, 0) and not layer.ceil_mode
 
 
+def _fused_fold(layer, bn) -> bool:
+    """Whether inference runs ``layer`` and ``bn`` as one folded layer: exact types only (a subclass
+    may compute something else in its ``forward``), the pairs ``fold_pair`` takes."""
+    return {Conv2d: "BatchNorm2d", Linear: "BatchNorm1d"}.get(type(layer)) == type(bn).__name__
+
+
 def fuse_chain(layers, owned: bool = False) -> list[FusedGroup]:
     """A chain of layers (each reading the previous one's output) as inference calls, with exact
-    rewrites that save memory passes: Conv2d [ReLU] [MaxPool2d] and Linear [ReLU] are one call each
-    (the kernel applies them as it stores its output), ReLU MaxPool2d one pooling pass with a floor of
+    rewrites that save memory passes: Conv2d [BatchNorm] [ReLU] [MaxPool2d] and Linear [BatchNorm]
+    [ReLU] are one call each (the BatchNorm folded into the weights, as ``fold_batchnorm``; the kernel
+    applies ReLU and pooling as it stores its output), ReLU MaxPool2d one pooling pass with a floor of
     0 (max and relu commute), and other ReLUs overwrite intermediates the chain made. ``owned``: the
     chain's input is an intermediate nothing else reads, so it may be overwritten too. Sequential and
     Graph both lower their chains here."""
     groups, i = [], 0
     while i < len(layers):
-        layer, after = layers[i], layers[i + 1:i + 3]
+        layer = layers[i]
+        bn = layers[i + 1] if i + 1 < len(layers) and _fused_fold(layer, layers[i + 1]) else None
+        after = layers[i + 1 + (bn is not None):i + 3 + (bn is not None)]
         relu = bool(after) and isinstance(after[0], ReLU)
         pool = after[relu] if len(after) > relu and isinstance(after[relu], MaxPool2d) else None
         if isinstance(layer, Conv2d):
-            groups.append(FusedGroup(layer, pool, relu, owned))
-            i += 1 + relu + (pool is not None)
+            groups.append(FusedGroup(layer, pool, relu, owned, bn))
+            i += 1 + (bn is not None) + relu + (pool is not None)
         elif isinstance(layer, Linear):
-            groups.append(FusedGroup(layer, None, relu, owned))
-            i += 1 + relu
+            groups.append(FusedGroup(layer, None, relu, owned, bn))
+            i += 1 + (bn is not None) + relu
         elif isinstance(layer, ReLU) and after and isinstance(after[0], MaxPool2d):
             groups.append(FusedGroup(after[0], None, True, owned))
             i += 2

@@ -12,8 +12,9 @@ im2col    ``conv2d_im2col`` / ``im2col_runner``: ``y (O, pixels) = w.reshape(O, 
           the patch matrix is implicit: GEMM column j = r*Wp + q (Wp the padded width) reads tap
           (c, u, v) at element c*Hp*Wp + u*Wp + v + j of the (padded) image, so every patch row is a
           window of the image itself -- no copy beyond the zero border, at the price of computing
-          and dropping the Wp - OW columns past each output row. Other strides fill an explicit
-          patch matrix. Max pooling (with a fused ReLU) can run on the GEMM's output before it is
+          and dropping the Wp - OW columns past each output row. Other strides split the padded
+          image into its stride phases, in which every tap is again a window (``im2col_images``).
+          Max pooling (with a fused ReLU) can run on the GEMM's output before it is
           stored. A 1x1 output whose kernel covers the whole unpadded input (LeNet's conv3) is a
           dense layer: dot products on ``x.reshape(N, K)`` itself. ``im2col`` (any dtype) is the
           public, explicit patch matrix for other kernels.
@@ -194,30 +195,60 @@ def use_packed(o, groups) -> bool:
 
 
 @njit(cache=True)
+def _phases_into(x, i, ph, pw, sh, sw, buf):
+    """Image i of x, zero-padded by (ph, pw), as its sh*sw phases: buf[(a*sw + e)*C + c, r, q] =
+    padded[c, r*sh + a, q*sw + e], 0 outside the padded image (every cell is written)."""
+    c, h, wd = x.shape[1], x.shape[2], x.shape[3]
+    hq, wq = buf.shape[1], buf.shape[2]
+    for a in range(sh):
+        for e in range(sw):
+            # Phase columns q read input column q*sw + e - pw: inside the image for q0 <= q < q1.
+            q0 = min(wq, max(0, -(-(pw - e) // sw)))
+            q1 = max(q0, min(wq, -(-(wd + pw - e) // sw)))
+            for ch in range(c):
+                d = buf[(a * sw + e) * c + ch]
+                for r in range(hq):
+                    y = r * sh + a - ph
+                    dr = d[r]
+                    if y < 0 or y >= h:
+                        dr[:] = 0.0
+                        continue
+                    s = x[i, ch, y]
+                    dr[:q0] = 0.0
+                    dr[q1:] = 0.0
+                    for q in range(q0, q1):  # no branch: LLVM vectorises the copy (a gather for sw > 1)
+                        dr[q] = s[q * sw + e - pw]
+
+
+@njit(cache=True)
 def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     """y[n] = conv(x[n]) + b for n0 <= n < n1, one GEMM per image and group, then ReLU when ``relu``,
     then max pooling when ``pool`` (a ``pool.PoolGeometry``) has a window (kh > 0) -- both on the GEMM's
     output as it is stored. ``w2``: the weights as (O, K) = w.reshape(O, C/groups*KH*KW); ``packed``:
     ``pack_group_rows(w2, groups)`` when ``use_packed`` (else unused).
 
-    Stride 1 needs no patch matrix at all: with GEMM columns j = r*Wp + q (Wp the padded width), tap
-    (c, u, v) of column j is the padded image's element c*Hp*Wp + u*dh*Wp + v*dw + j, so each patch
-    row is a window of the image itself and the GEMM reads the image (or its zero-bordered copy) in
-    place; group g reads from channel g*C/groups on. The columns q >= OW of each row are computed and
-    dropped -- (Wp - OW)/Wp extra work, less than writing a patch matrix costs at LeNet's sizes.
-    Other strides fill an explicit patch matrix (all groups' rows, once per image).
+    No patch matrix is written: with GEMM columns j = r*Wq + q, tap (c, u, v) of column j is element
+    j + offs[t] of the image (stride 1, Wq = the padded width Wp), so each patch row is a window of the
+    image itself and the GEMM reads it (or its zero-bordered copy) in place. A stride (sh, sw) is
+    made stride 1 by splitting the padded image into its sh*sw phases (rows = phase_row mod sh,
+    columns mod sw; each C x Hq x Wq, Hq = ceil(Hp / sh)): tap (c, u, v) reads phase
+    ((u*dh) % sh, (v*dw) % sw) shifted by ((u*dh) // sh, (v*dw) // sw), again a window. The copy costs
+    one pass over the input instead of KH*KW/(sh*sw) for a patch matrix, and the GEMM's windows
+    overlap in cache. The columns q >= OW of each row are computed and dropped -- (Wq - OW)/Wq extra
+    work. The taps are summed in the same order whatever the layout: same bits.
     """
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     o = b.shape[0]
     groups = geom.groups
     cg, og = c // groups, o // groups
-    ph, pw = geom.ph, geom.pw
+    ph, pw, sh, sw = geom.ph, geom.pw, geom.sh, geom.sw
     hp, wp = h + 2 * ph, wd + 2 * pw
-    oh = conv_output_size(hp, geom.kh, geom.sh, 0, geom.dh)
-    ow = conv_output_size(wp, geom.kw, geom.sw, 0, geom.dw)
+    oh = conv_output_size(hp, geom.kh, sh, 0, geom.dh)
+    ow = conv_output_size(wp, geom.kw, sw, 0, geom.dw)
+    hq, wq = -(-hp // sh), -(-wp // sw)  # one phase's size
+    plane = hq * wq
     k = cg * geom.kh * geom.kw
-    window = geom.sh == 1 and geom.sw == 1
-    row = wp if window else ow  # GEMM columns per output row
+    row = wq  # GEMM columns per output row
     ncol = (oh - 1) * row + ow
     ncol_run = max(ncol, LANES)  # the GEMM works on whole vectors; extra columns read zeros
     offs = np.empty(k, np.int64)
@@ -225,10 +256,11 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
         for u in range(geom.kh):
             for v in range(geom.kw):
                 t = (ch * geom.kh + u) * geom.kw + v
-                offs[t] = ch * hp * wp + u * geom.dh * wp + v * geom.dw if window else t * ncol_run
-    in_place = window and ph == 0 and pw == 0 and ncol >= LANES
-    padded = np.zeros(0 if in_place else c * hp * wp + LANES, np.float32)
-    patch = np.zeros(0 if window else groups * k * ncol_run, np.float32)
+                du, dv = u * geom.dh, v * geom.dw
+                phase = (du % sh) * sw + dv % sw
+                offs[t] = (phase * c + ch) * plane + (du // sh) * wq + dv // sw
+    in_place = sh == 1 and sw == 1 and ph == 0 and pw == 0 and ncol >= LANES
+    phases = np.zeros(0 if in_place else sh * sw * c * plane + LANES, np.float32)
     # Output rows of the GEMM, row stride ``row``; the pooling and the copy read only q < OW.
     acc = np.empty((1, o, max(oh, -(-ncol_run // row)), row), np.float32)
     out = acc.reshape(o, -1)
@@ -242,14 +274,10 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
         if in_place:
             data, base = flat, i * c * h * wd
         else:
-            pad_into(x, i, ph, pw, padded[:c * hp * wp].reshape(c, hp, wp))
-            data, base = padded, 0
-            if not window:  # all groups' patch rows at once: group g's are rows g*K.. of the matrix
-                _im2col_fill(padded[:c * hp * wp].reshape(c, hp, wp), geom, oh, ow,
-                             patch.reshape(groups * k, ncol_run), 0, ow)
-                data = patch
+            _phases_into(x, i, ph, pw, sh, sw, phases[:sh * sw * c * plane].reshape(sh * sw * c, hq, wq))
+            data, base = phases, 0
         for g in range(groups):
-            gbase = base + g * (cg * hp * wp if window else k * ncol_run)
+            gbase = base + g * cg * plane
             rows = out[g * og:(g + 1) * og]
             if packed_ok:
                 gemm_packed(packed[g * blocks:(g + 1) * blocks], b[g * og:(g + 1) * og], data, gbase, offs,
