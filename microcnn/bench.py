@@ -30,7 +30,10 @@ def headline_table(models: dict, images, labels, repeats: int = 5, threads: int 
     rows = []
     with pinned_threads(threads):
         for name, model in models.items():
-            t = median_time(lambda m=model: m.predict(images, batch_size=len(images)), repeats)
+            # mypy cannot infer a lambda whose only parameter has a default against Callable[[], Any]
+            # (it is one); the default binds this iteration's model.
+            t = median_time(lambda m=model: m.predict(images, batch_size=len(images)),  # type: ignore[misc]
+                            repeats)
             lat = batch1_latency(model, images, latency_samples, repeats=3)
             acc = float((model.predict(images).argmax(1) == labels).mean())
             rows.append({"Precision": name.upper(), "Inference Time (ms)": t * 1e3,
@@ -52,7 +55,9 @@ def threads_table(models: dict, images, threads: list[int], repeats: int = 5) ->
         first = None
         for t in threads:
             with pinned_threads(t):
-                seconds = median_time(lambda m=model: m.predict(images, batch_size=len(images)), repeats)
+                # mypy cannot type this defaulted-parameter lambda (see headline_table)
+                seconds = median_time(lambda m=model: m.predict(images, batch_size=len(images)),  # type: ignore[misc]
+                                      repeats)
             first = first or seconds
             rows.append({"Precision": name.upper(), "Threads": t, "Time (ms)": seconds * 1e3,
                          "Scaling": first / seconds})
@@ -135,8 +140,8 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
     threads = thread_counts[0]
     images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
     net = load_model_spec(model)
-    stored = stored_precision(net)
-    stored = stored.name if stored is not None else None
+    stored_as = stored_precision(net)
+    stored = stored_as.name if stored_as is not None else None
     if stored is None:
         precisions = precisions or list(PRECISIONS)
     elif precisions in (None, [stored]):  # a quantized file is timed as stored, under its own name

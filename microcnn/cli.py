@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupted(exc: BaseException) -> bool:
+def _interrupted(exc: BaseException | None) -> bool:
     """Whether ``exc`` is, or was caused by, Ctrl-C. An interrupt that arrives while compiled (Numba)
     code runs can surface as ``SystemError: ... returned a result with an exception set`` whose
     context is the KeyboardInterrupt."""

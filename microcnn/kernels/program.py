@@ -73,8 +73,9 @@ def pointable(values, shape: tuple) -> bool:
             and values.shape == tuple(shape))
 
 
-def op_row(code: int, relu_after=False, weight=0, bias=0, out=0, kernel=(0, 0), stride=(0, 0),
-           padding=(0, 0), pool=(0, 0, 0, 0)) -> list[int]:
+def op_row(code: int, relu_after=False, weight=0, bias=0, out=0, kernel: tuple[int, int] = (0, 0),
+           stride: tuple[int, int] = (0, 0), padding: tuple[int, int] = (0, 0),
+           pool=(0, 0, 0, 0)) -> list[int]:
     """One row of the table (``weight``/``bias``: addresses of arrays that are ``pointable``)."""
     row = [0] * FIELDS
     row[CODE], row[RELU], row[WEIGHT], row[BIAS], row[OUT] = code, int(relu_after), weight, bias, out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU
+from ..layers import AvgPool2d, Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU
 
 HOMOGENEOUS = (ReLU, MaxPool2d, AvgPool2d, Flatten)  # f(s x) = s f(x) per channel, for s > 0
 
@@ -46,6 +46,11 @@ def _input_groups(w2: np.ndarray, channels: int) -> np.ndarray:
     return w2.reshape(o2, channels, -1)
 
 
+def _weighted(layer: Layer) -> Conv2d | Linear:
+    assert isinstance(layer, Conv2d | Linear)  # equalization_pairs pairs weighted layers only
+    return layer
+
+
 def equalize(net, iterations: int = 20, tol: float = 1e-6):
     """A copy of ``net`` (a Sequential) with cross-layer equalized weights; ``net`` is not changed.
 
@@ -59,9 +64,9 @@ def equalize(net, iterations: int = 20, tol: float = 1e-6):
     out = Sequential.from_config(net.config())
     out.load_state_dict(net.state_dict())
     pairs = equalization_pairs(out)
-    weights = {k: out.layers[k].weight.data.astype(np.float64) for pair in pairs for k in pair}
-    biases = {k: out.layers[k].bias.data.astype(np.float64) for k in weights
-              if out.layers[k].bias is not None}
+    chain = {k: _weighted(out.layers[k]) for pair in pairs for k in pair}
+    weights = {k: layer.weight.data.astype(np.float64) for k, layer in chain.items()}
+    biases = {k: layer.bias.data.astype(np.float64) for k, layer in chain.items() if layer.bias is not None}
     for _ in range(iterations):
         worst = 0.0
         for i, j in pairs:

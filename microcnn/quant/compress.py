@@ -93,7 +93,7 @@ def _arch_json(net) -> str:
 
 
 def _expected(net, fmt) -> dict:
-    out = {}
+    out: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}  # name -> (dtype, shape)
     for name, p in net.named_parameters():
         if fmt == "fp16":
             out[name] = (np.dtype(np.float16), p.data.shape)

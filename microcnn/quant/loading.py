@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import FileFormatError, InputError
 from ..fileutil import StrPath
-from ..graph import is_graph_config, load_graph
+from ..graph import Graph, is_graph_config, load_graph
 from ..io import (
     SafetensorsFile,
     architecture_of,
@@ -31,7 +31,7 @@ from .serialize import (
 )
 
 
-def load_model(path: StrPath) -> Sequential | QuantizedSequential | CompressedModel:
+def load_model(path: StrPath) -> Sequential | Graph | QuantizedSequential | CompressedModel:
     """Rebuild a network (FP32, quantized or storage-compressed) from a self-describing file. The header
     and the architecture it carries are checked (sizes, activations) before any layer is built and
     before any tensor byte is read.
@@ -41,7 +41,8 @@ def load_model(path: StrPath) -> Sequential | QuantizedSequential | CompressedMo
             quantize`` (a ``.raw`` file has no architecture: use ``lenet(weights=path)``).
 
     Returns:
-        A ``Sequential`` (FP32), ``QuantizedSequential`` or ``CompressedModel``, each with ``predict``.
+        A ``Sequential`` or ``Graph`` (FP32), ``QuantizedSequential`` or ``CompressedModel``, each with
+        ``predict``.
 
     Raises:
         FileFormatError: naming the file, what was expected and what was found.

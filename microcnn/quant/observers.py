@@ -26,6 +26,8 @@ class Observer:
     """Base class. ``observe(x)`` any number of times, then ``range(bits)``."""
 
     kind = "observer"
+    min_val: float  # smallest and largest value observed, set by every subclass
+    max_val: float
 
     def __init__(self, tensor: str = "tensor"):
         self.tensor = tensor  # name used in error messages
@@ -52,6 +54,14 @@ class Observer:
                              "scale needs varied calibration data")
         lo, hi = self._range(bits)
         return float(min(lo, 0.0)), float(max(hi, 0.0))
+
+    def _observe(self, x: np.ndarray) -> None:
+        """Add the flat float32 values ``x`` (checked by ``observe``) to the statistics."""
+        raise NotImplementedError
+
+    def _range(self, bits: int) -> tuple[float, float]:
+        """The range for ``bits`` from the statistics (``range`` checks and widens it to contain 0)."""
+        raise NotImplementedError
 
     def qparams(self, bits: int = 8):
         lo, hi = self.range(bits)

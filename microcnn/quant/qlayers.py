@@ -141,6 +141,7 @@ class QWeighted(Stage):
     ReLU clamp and the requantization parameters. ``out_act`` None means float output (logits)."""
 
     stores_act = True
+    in_act: ActQuant  # never None here: the weighted stages read integer input
 
     def __init__(self, layers, weight_q: np.ndarray, weight_bits: int, weight_scale, bias_q, in_act: ActQuant,
                  out_act: ActQuant | None, relu: bool, requant: str = "fixedpoint", weight_zero_point=None):
@@ -276,6 +277,10 @@ class QWeighted(Stage):
 
     def run(self, x):
         return self._run(x, self.requant_run)
+
+    def _run(self, x, rq) -> np.ndarray:
+        """The layer on uint8 input ``x`` with the epilogue ``rq`` (QConv2d and QLinear define it)."""
+        raise NotImplementedError
 
     def preactivation(self, x) -> np.ndarray:
         """Real value of the integer accumulators (bias included, no clamp); bias correction uses it."""

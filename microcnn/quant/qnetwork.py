@@ -83,7 +83,9 @@ class QuantizedSequential(Model):
         or the network does not end in float32 (the interpreter returns its float buffer)."""
         if len(sample_shape) != 3:
             return None
-        rows, keep, chw = [], [], sample_shape
+        rows: list[list[int]] = []
+        keep: list[object] = []  # what the rows point at, kept alive
+        chw = sample_shape
         for stage in self.stages:
             built = stage.program_ops(chw, keep)
             if built is None:

@@ -225,6 +225,7 @@ class _Builder:
         if self.act is None:
             self._append(QuantizeStage(self.cal.act_quant(self._tensor_before(i), self.act_bits)))
         in_act = self.act
+        assert in_act is not None  # a QuantizeStage was just appended if the input was float
         relu = i + 1 < len(self.layers) and isinstance(self.layers[i + 1], ReLU)
         end = i + 1 if relu else i
         pool = None

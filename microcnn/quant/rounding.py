@@ -27,7 +27,7 @@ class RoundingJob:
     network (``x_float``), whether a ReLU is fused, and the run's ``options`` / ``seed`` / ``progress``."""
 
     name: str
-    layer: object
+    layer: Conv2d | Linear
     nearest: np.ndarray
     scale: np.ndarray
     zero_point: np.ndarray
@@ -45,6 +45,8 @@ def _nearest(job: RoundingJob) -> np.ndarray:
 
 
 def _gptq(job: RoundingJob) -> np.ndarray:
+    # gptq is in NEEDS_DATA: quantize always passes it the calibration images
+    assert job.x_quant is not None
     return gptq_round(job.layer.weight.data, job.scale, job.bits, input_gram(job.layer, job.x_quant),
                       zero_point=job.zero_point)
 
@@ -52,6 +54,8 @@ def _gptq(job: RoundingJob) -> np.ndarray:
 def _adaround(job: RoundingJob) -> np.ndarray:
     from .adaround import AdaRoundSettings, adaround
 
+    # adaround is in NEEDS_DATA: quantize always passes it the calibration images
+    assert job.x_quant is not None and job.x_float is not None
     target = job.layer.forward(job.x_float)
     if job.relu:
         target = np.maximum(target, np.float32(0.0))

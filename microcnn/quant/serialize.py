@@ -96,7 +96,7 @@ class _Reader:
 
 # FP32 layer types each stage kind may implement, in order (a weighted stage fuses a following ReLU and,
 # for convolutions, a following MaxPool2d). A "float" stage runs any one layer.
-STAGE_LAYERS = {
+STAGE_LAYERS: dict[str, list[list[str]]] = {
     "quantize": [[]], "dequantize": [[]],
     "qconv2d": [["Conv2d"], ["Conv2d", "ReLU"], ["Conv2d", "MaxPool2d"], ["Conv2d", "ReLU", "MaxPool2d"]],
     "qlinear": [["Linear"], ["Linear", "ReLU"]],
