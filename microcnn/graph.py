@@ -152,6 +152,7 @@ class _Step:
         ``programs`` under ``key``) when it may, as Sequential does, else group by group."""
         if self.layer is not None:
             if self.into is not None:
+                assert isinstance(self.layer, Add)  # Graph.plan sets ``into`` on Add steps only
                 return self.layer.forward(*(env[i] for i in self.inputs), into=self.into)
             return self.layer.forward(*(env[i] for i in self.inputs))
         x = env[self.inputs[0]]
