@@ -239,7 +239,7 @@ def test_predictions_are_byte_identical_across_numba_targets_and_simd_widths(tmp
 def test_each_lowered_simd_width_gets_its_own_numba_cache(tmp_path):
     """Numba's cache index does not know MICROCNN_SIMD: a lowered width must not load (or overwrite) code
     compiled for another width, whose block layouts differ."""
-    from microcnn.kernels.simd import _hardware_simd
+    from microcnn.kernels.simd import _hardware_simd, host_vnni
 
     code = "from numba.core import config; import microcnn.kernels.simd as s; print(s.SIMD, config.CACHE_DIR)"
     seen = {}
@@ -258,7 +258,9 @@ def test_each_lowered_simd_width_gets_its_own_numba_cache(tmp_path):
     for requested in ("0", "8"):
         width, cache = seen[requested]
         assert width == min(natural, int(requested))
-        assert cache.endswith(f"-simd{width}") and (cache == seen[""][1]) == (width == natural)
+        # VNNI code (u8 x s8 dot products) gets a folder of its own too: "-simd8-vnni"
+        assert cache.endswith(f"-simd{width}" + "-vnni" * host_vnni(width))
+        assert (cache == seen[""][1]) == (width == natural)
 
 
 def test_numba_cache_folder_follows_every_kernel_source(tmp_path):
