@@ -143,6 +143,11 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
             raise InputError(f"layer_bits: {name!r} is not a layer with weights; expected one of "
                              f"{list(bits)}")
         bits[name] = check_bits(b, f"layer_bits[{name!r}]", (*KERNEL_BITS, 32))
+    for name, layer in zip(net.names, net.layers, strict=True):
+        if isinstance(layer, Conv2d) and bits[name] != 32 and (layer.groups != 1 or layer.dilation != (1, 1)):
+            raise InputError(f"quantize: {name} is a grouped or dilated Conv2d (groups={layer.groups}, "
+                             f"dilation={layer.dilation}); the integer kernels have none yet: keep it in "
+                             f"FP32 with layer_bits={{{name!r}: 32}}")
     settings = {"weight_bits": weight_bits, "act_bits": act_bits, "per_channel": bool(per_channel),
                 "weight_clipping": weight_clipping, "bias_correction": bool(bias_correction),
                 "requant": requant, "rounding": rounding, "layer_bits": bits, "symmetric": bool(symmetric),
@@ -191,7 +196,10 @@ class _Builder:
         """Quantization of the tensor the next quantized weighted layer reads, if integer-only layers
         (pooling, flatten, ReLU) lead to it; None means the output leaves the integer domain."""
         j = end + 1
-        while j < len(self.layers) and isinstance(self.layers[j], MaxPool2d | Flatten | ReLU):
+        def integer_only(layer) -> bool:
+            return _integer_pool(layer) or isinstance(layer, Flatten | ReLU)
+
+        while j < len(self.layers) and integer_only(self.layers[j]):
             j += 1
         if j < len(self.layers) and self._quantized(j):
             return self.cal.act_quant(self.names[j - 1], self.act_bits)
@@ -204,7 +212,7 @@ class _Builder:
             if self._quantized(i):
                 i = self._weighted(i)
                 continue
-            if self.act is not None and isinstance(layer, MaxPool2d):
+            if self.act is not None and _integer_pool(layer):
                 self._append(QMaxPool2d((i,), self.act, layer.kernel_size, layer.stride))
             elif self.act is not None and isinstance(layer, ReLU):
                 self._append(QReLU((i,), self.act))
@@ -229,8 +237,7 @@ class _Builder:
         relu = i + 1 < len(self.layers) and isinstance(self.layers[i + 1], ReLU)
         end = i + 1 if relu else i
         pool = None
-        if isinstance(layer, Conv2d) and end + 1 < len(self.layers) and \
-                isinstance(self.layers[end + 1], MaxPool2d):
+        if isinstance(layer, Conv2d) and end + 1 < len(self.layers) and _integer_pool(self.layers[end + 1]):
             end += 1
             pool = (self.layers[end].kernel_size, self.layers[end].stride)
         out_act = self._output_quant(end)
@@ -266,6 +273,12 @@ class _Builder:
         for j in covered:
             self._advance_float(j)
         return end + 1
+
+
+def _integer_pool(layer) -> bool:
+    """A max pool the integer stages run: they take kernel and stride only, so a padded or ceil-mode
+    pool runs in FP32 (between a dequantize and a quantize) rather than wrongly in integers."""
+    return isinstance(layer, MaxPool2d) and layer.padding == (0, 0) and not layer.ceil_mode
 
 
 def _copy_layer(layer):
