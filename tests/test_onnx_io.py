@@ -351,3 +351,16 @@ def test_reduce_mean_over_h_and_w_is_global_average_pooling(ort, tmp_path, opset
     bad = write(tmp_path, [helper.make_node("ReduceMean", ["x"], ["y"], name="r", axes=[1])], name="bad.onnx")
     with pytest.raises(InputError, match=r"node 'r' \(ReduceMean\): axes \[1\]: expected the mean over H"):
         load_onnx(bad)
+
+
+def test_widget_upload_takes_onnx_files_with_the_files_checks(tmp_path, bundled):
+    from microcnn.widgets import load_model_bytes
+
+    path = tmp_path / "l.onnx"
+    export_onnx(bundled, path)
+    x = np.random.default_rng(3).random((5, 1, 28, 28), dtype=np.float32)
+    model = load_model_bytes("mine.onnx", path.read_bytes())
+    assert np.array_equal(model.predict(x), bundled.predict(x)) and len(model.trace(x[:1])) == len(bundled)
+    with pytest.raises(microcnn.MicrocnnError, match="mine.onnx") as info:
+        load_model_bytes("mine.onnx", path.read_bytes()[:-40])  # truncated: the file's error, its name
+    assert "microcnn-upload-" not in str(info.value)
