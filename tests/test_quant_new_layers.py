@@ -4,7 +4,7 @@ in FP32, never run wrongly (the integer max pool takes kernel and stride only)."
 import numpy as np
 import pytest
 
-from microcnn import Conv2d, Flatten, InputError, Linear, MaxPool2d, ReLU, Sequential
+from microcnn import BatchNorm2d, Conv2d, Flatten, InputError, Linear, MaxPool2d, ReLU, Sequential
 from microcnn.quant import calibrate, quantize
 
 
@@ -53,5 +53,21 @@ def test_grouped_and_dilated_convs_are_refused_unless_kept_in_fp32(conv2):
     q = quantize(net, cal, layer_bits={"conv2": 32})
     kept = [s for s in q.stages if s.kind == "float" and s.layers == (3,)]
     assert len(kept) == 1
+    ref = net.logits(x)
+    assert np.abs(q.logits(x) - ref).max() <= 0.03 * np.ptp(ref)
+
+
+def test_batchnorm_is_refused_and_its_folded_net_quantizes():
+    rng = np.random.default_rng(2)
+    bn = BatchNorm2d(4)
+    bn.running_mean[:], bn.running_var[:] = rng.random(4), rng.random(4) + 0.5
+    net = Sequential(Conv2d(1, 4, 3, rng=rng), bn, ReLU(), MaxPool2d(2), Flatten(), Linear(100, 10, rng=rng),
+                     input_shape=(1, 12, 12))
+    x = _images()
+    with pytest.raises(InputError, match=r"batchnorm2d1 is a BatchNorm2d; fold it .*fold_batchnorm\(\)"):
+        quantize(net, calibrate(net, x, progress=False))
+    folded = net.fold_batchnorm()
+    q = quantize(folded, calibrate(folded, x, progress=False))
+    assert [s.kind for s in q.stages] == ["quantize", "qconv2d", "flatten", "qlinear"]
     ref = net.logits(x)
     assert np.abs(q.logits(x) - ref).max() <= 0.03 * np.ptp(ref)

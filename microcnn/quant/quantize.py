@@ -144,6 +144,9 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
                              f"{list(bits)}")
         bits[name] = check_bits(b, f"layer_bits[{name!r}]", (*KERNEL_BITS, 32))
     for name, layer in zip(net.names, net.layers, strict=True):
+        if layer.buffers():  # BatchNorm: its running statistics belong in the layer before it
+            raise InputError(f"quantize: {name} is a {layer.type}; fold it into the layer before it first "
+                             "(net = net.fold_batchnorm(); then calibrate the folded net)")
         if isinstance(layer, Conv2d) and bits[name] != 32 and (layer.groups != 1 or layer.dilation != (1, 1)):
             raise InputError(f"quantize: {name} is a grouped or dilated Conv2d (groups={layer.groups}, "
                              f"dilation={layer.dilation}); the integer kernels have none yet: keep it in "
@@ -284,6 +287,6 @@ def _integer_pool(layer) -> bool:
 def _copy_layer(layer):
     """A detached copy of an FP32 layer (the quantized network must not change when the FP32 one does)."""
     copy = layer_from_config({"type": layer.type, **layer.config()})
-    for dst, src in zip(copy.parameters(), layer.parameters(), strict=True):
-        dst.data[...] = src.data
+    for (_, dst), (_, src) in zip(copy.named_state(), layer.named_state(), strict=True):
+        dst[...] = src
     return copy
