@@ -750,7 +750,7 @@ def test_mutated_calibration_files_load_cleanly_or_not_at_all(files, net, tmp_pa
                 body = body[:at] + raw + body[at + 8:]
         meta["observers"] = json.dumps(observers)
         path = write(tmp_path, assemble(header, body), "fuzz.safetensors")
-        start = time.perf_counter()
+        start = time.process_time()  # CPU time: a loaded machine must not fail the test, a huge loop must
         try:
             cal = Calibration.load(path, net)
         except FileFormatError as err:
@@ -765,7 +765,7 @@ def test_mutated_calibration_files_load_cleanly_or_not_at_all(files, net, tmp_pa
                 except InputError:  # e.g. every observed value 0: no scale, and the error says so
                     continue
                 assert np.isfinite([lo, hi]).all() and lo <= 0 <= hi
-        assert time.perf_counter() - start < 5
+        assert time.process_time() - start < 5
 
     run()
     print(f"\ncalibration fuzzing: {outcomes}")
