@@ -33,7 +33,8 @@ def layer_names(layers) -> list[str]:
     for layer in layers:
         short = _SHORT_NAMES.get(layer.type, layer.type.lower())
         counts[short] = counts.get(short, 0) + 1
-        names.append(f"{short}{counts[short]}")
+        sep = "_" if short[-1].isdigit() else ""  # relu6_1, not relu61
+        names.append(f"{short}{sep}{counts[short]}")
     for short in ("flatten", "softmax"):  # singletons read better without a number
         if counts.get(short) == 1:
             names[names.index(f"{short}1")] = short

@@ -5,7 +5,9 @@ Conv (groups, dilation), Gemm, MatMul [+ Add of a constant bias], Relu, Clip(0, 
 Sigmoid, Tanh, MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape to (batch, features),
 BatchNormalization (kept as a layer: the model folds it for inference and quantization), Add, Concat
 along channels, ReduceMean over H and W (global average pooling), Identity, Dropout (the identity at
-inference: no layer) and Softmax. Only image inputs (batch, C, H, W) are read. The small integer
+inference: no layer) and Softmax. The input is images (batch, C, H, W), or features (batch, F) for a
+model that starts from flattened images (an MLP): those get a leading Flatten and record the image
+shape ``image_shape`` (default: one channel of √F × √F when F is a square, else (F, 1, 1)). The small integer
 arithmetic exporters write to compute a Reshape's target (Shape, Gather, Unsqueeze, Concat, Cast,
 Constant, ...) is evaluated here, with the batch dimension as a marker that must end up as the first
 entry of the target. The result is a ``Sequential`` when the nodes form a chain, a ``Graph`` otherwise.
@@ -76,8 +78,11 @@ def _onnx():
 
 
 # -- import -------------------------------------------------------------------------------------------
-def load_onnx(path):
+def load_onnx(path, image_shape: tuple | None = None):
     """The model an ONNX file describes: a ``Sequential`` for a chain of nodes, else a ``Graph``.
+
+    ``image_shape`` (C, H, W) is used only when the file's input is flat features (batch, F): the images
+    the model is fed, whose C·H·W must be F (see the module docstring for the default).
 
     Example::
 
@@ -94,7 +99,7 @@ def load_onnx(path):
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and assorted others on corrupt bytes
         raise InputError(f"{path}: not an ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
-    return _Importer(path, model).run()
+    return _Importer(path, model, image_shape).run()
 
 
 def _attrs(node) -> dict:
@@ -106,8 +111,9 @@ def _attrs(node) -> dict:
 class _Importer:
     """One ONNX graph translated to our layers (see the module docstring)."""
 
-    def __init__(self, path, model):
+    def __init__(self, path, model, image_shape=None):
         self.path, self.model, self.graph = str(path), model, model.graph
+        self.image_shape = image_shape
         self.node = None  # the ONNX node being translated, named in errors
         self.consts: dict[str, np.ndarray] = {}  # initializers, Constant nodes, folded shape arithmetic
         self.shapes: dict[str, tuple] = {}  # a computed tensor -> its sample shape (no batch axis)
@@ -193,8 +199,10 @@ class _Importer:
         if not value.type.HasField("tensor_type") or tensor.elem_type != 1:
             self.fail(f"input {value.name!r}: expected a float32 tensor")
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if len(dims) == 2 and tensor.HasField("shape"):
+            return self.read_flat_input(value.name, dims)
         if len(dims) != 4 or not tensor.HasField("shape"):
-            self.fail(f"input {value.name!r}: expected images (batch, C, H, W), found "
+            self.fail(f"input {value.name!r}: expected images (batch, C, H, W) or features (batch, F), found "
                       f"{dims if tensor.HasField('shape') else 'no shape'}")
         self.batch = dims[0]
         if None in dims[1:] or min(dims[1:]) < 1 or max(dims[1:]) > MAX_DIM:
@@ -206,6 +214,22 @@ class _Importer:
                       f"{MAX_SAMPLE_ELEMENTS}")
         self.input_shape = tuple(dims[1:])
         self.set(value.name, "input", self.input_shape)
+
+    def read_flat_input(self, name, dims):
+        """Features (batch, F): the model is fed images of ``image_shape`` through a leading Flatten."""
+        features = dims[1]
+        if features is None or not 1 <= features <= MAX_SAMPLE_ELEMENTS:
+            self.fail(f"input {name!r}: expected a fixed feature count in 1..{MAX_SAMPLE_ELEMENTS}, found "
+                      f"{features or '?'}")
+        side = math.isqrt(features)
+        shape = self.image_shape or ((1, side, side) if side * side == features else (features, 1, 1))
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != 3 or min(shape) < 1 or math.prod(shape) != features:
+            self.fail(f"input {name!r} takes {features} features; expected an image_shape (C, H, W) with "
+                      f"C·H·W = {features}, found {self.image_shape}")
+        self.batch, self.input_shape = dims[0], shape
+        self.set(f"{name}/image", "input", shape)
+        self.add(Flatten(), [f"{name}/image"], name)
 
     def check_declared(self, value, shape):
         """A declared output of another rank is refused. Other sizes than the nodes compute are only

@@ -174,12 +174,42 @@ def test_unsupported_operator_names_node_op_and_file(tmp_path):
 @pytest.mark.parametrize("dims, match", [
     (("N", 1, "h", "w"), r"only the batch axis may be symbolic"),
     (("N", 1, 1 << 20, 1 << 20), rf"expected fixed C, H, W in 1\.\.{MAX_DIM}"),
-    (("N", 784), r"expected images \(batch, C, H, W\)"),
+    (("N", 2, 8, 8, 1), r"expected images \(batch, C, H, W\) or features \(batch, F\)"),
+    (("N", "f"), r"input 'x': expected a fixed feature count"),
     (("N", 64, 4096, 4096), r"input 'x' holds 1073741824 values per image; expected at most"),
 ])
 def test_unresolvable_or_absurd_input_dims(tmp_path, dims, match):
     with pytest.raises(InputError, match=match):
         load_onnx(write(tmp_path, [relu()], in_dims=dims))
+
+
+def test_flat_feature_inputs_get_a_leading_flatten_and_an_image_shape(ort, tmp_path):
+    """An MLP exported from (batch, F): fed images whose C·H·W = F; 784 reads as 1×28×28, a non-square F
+    as (F, 1, 1), and ``image_shape`` chooses another layout of the same F."""
+    w, b = rand(10, 784), rand(10, seed=2)
+    path = write(tmp_path, [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], {"w": w, "b": b},
+                 in_dims=("N", 784))
+    net = load_onnx(path)
+    assert net.input_shape == (1, 28, 28) and [layer.type for layer in net] == ["Flatten", "Linear"]
+    x = images(3, (1, 28, 28))
+    expected = ort_run(ort, path, x.reshape(3, 784))
+    # logits of O(20) here (784 unit-normal weights): a few ulps relative
+    np.testing.assert_allclose(net.logits(x), expected, atol=LOGIT_ATOL, rtol=1e-5)
+    wide = load_onnx(path, image_shape=(4, 7, 28))
+    assert wide.input_shape == (4, 7, 28)
+    np.testing.assert_allclose(wide.logits(x.reshape(3, 4, 7, 28)), expected, atol=LOGIT_ATOL, rtol=1e-5)
+    with pytest.raises(InputError, match=r"takes 784 features; expected an image_shape .* \(3, 16, 16\)"):
+        load_onnx(path, image_shape=(3, 16, 16))
+    odd = write(tmp_path, [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)],
+                {"w": rand(10, 30), "b": b}, in_dims=("N", 30), name="odd.onnx")
+    assert load_onnx(odd).input_shape == (30, 1, 1)
+
+
+def test_numbered_kinds_ending_in_a_digit_keep_their_numbers_apart(tmp_path):
+    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["a"]),
+             helper.make_node("Clip", ["a", "lo", "hi"], ["y"])]
+    path = write(tmp_path, nodes, {"lo": np.array(0, np.float32), "hi": np.array(6, np.float32)})
+    assert load_onnx(path).names == ["relu6_1", "relu6_2"]
 
 
 def test_external_data_is_refused_without_opening_the_named_path(tmp_path):
