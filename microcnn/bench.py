@@ -122,10 +122,11 @@ def _records(df: pd.DataFrame, columns: dict) -> list[dict]:
 def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000, threads: int | list = 1,
         repeats: int = 5, calibration: int = 100, method: str = "mse", precisions=None, conv: bool = False,
         per_layer: bool = False, train: bool = False, compare: str | None = None, startup: bool = True,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, dataset: str | None = None) -> dict:
     """``microcnn bench``: build every requested table, print them (unless ``quiet``), return the report.
 
     ``model``: a spec of ``microcnn.resolve.load_model_spec``; ``data``: the dataset directory;
+    ``dataset``: mnist, fashion-mnist or an .npz path (default: the model's own dataset);
     ``precisions``: names of ``microcnn.quant.precision.PRECISIONS`` (default: all for an FP32 model, the
     file's own for a quantized one); ``compare``: None, "torch", "onnxruntime" or "all"; ``threads``: a
     count, or a list of counts -- the tables use the first, and a ``threads`` scaling table (batched
@@ -133,13 +134,22 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
     import numba
 
     from .errors import InputError
-    from .resolve import data_dir, dataset_of, load_calibration_images, load_model_spec, load_test_images
+    from .resolve import (
+        check_data_fits,
+        data_dir,
+        dataset_of,
+        load_calibration_images,
+        load_model_spec,
+        load_test_images,
+    )
 
     say = (lambda *a: None) if quiet else print
     thread_counts = [int(t) for t in threads] if isinstance(threads, list | tuple) else [int(threads)]
     threads = thread_counts[0]
-    images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
+    dataset = dataset or dataset_of(model)
+    images, labels = load_test_images(samples, data, "--samples", dataset)
     net = load_model_spec(model)
+    check_data_fits(net, images, labels, f"--dataset {dataset}")
     stored_as = stored_precision(net)
     stored = stored_as.name if stored_as is not None else None
     if stored is None:
@@ -157,7 +167,7 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
     if stored is None and any(p != "fp32" for p in precisions):
         from .quant import calibrate
 
-        images_cal = load_calibration_images(calibration, data, "--calibration", dataset_of(model))
+        images_cal = load_calibration_images(calibration, data, "--calibration", dataset)
         calibration_stats = calibrate(fp32, images_cal, samples=calibration, method=method,
                                       progress=not quiet)
     built = [net if stored is not None or p == "fp32" else build_precision(fp32, p, calibration_stats)
@@ -229,7 +239,7 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
         from .compare import compare_table
 
         table = compare_table(fp32, images, labels, calibration_images=load_calibration_images(
-            calibration, data, "--calibration"), threads=threads, repeats=repeats,
+            calibration, data, "--calibration", dataset), threads=threads, repeats=repeats,
             systems=compare, method=method)
         say("\nComparison:\n" + format_table(table, ".3f"))
         report["compare"] = _records(table, {"System": "system", "Precision": "precision",

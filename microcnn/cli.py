@@ -196,7 +196,8 @@ def cmd_bench(args) -> int:
     report = bench.run(args.model, data=args.data, samples=args.samples, threads=args.threads,
                        repeats=args.repeats, calibration=args.calibration, method=args.method,
                        precisions=args.precisions, conv=args.conv, per_layer=args.per_layer, train=args.train,
-                       compare=args.compare, startup=not args.no_startup, quiet=args.json)
+                       compare=args.compare, startup=not args.no_startup, quiet=args.json,
+                       dataset=args.dataset)
     if args.json:
         print(json.dumps(report))
     return 0
@@ -291,7 +292,8 @@ def cmd_compare(args) -> int:
     return run_compare(args.model, data=args.data, samples=args.samples, threads=args.threads,
                        repeats=args.repeats, calibration=args.calibration, method=args.method,
                        systems=args.systems, precisions=args.precisions, torch_compile=not args.no_compile,
-                       output="json" if args.json else "markdown" if args.markdown else "table")
+                       output="json" if args.json else "markdown" if args.markdown else "table",
+                       dataset=args.dataset)
 
 
 def cmd_sweep(args) -> int:
@@ -391,14 +393,19 @@ def train_arguments(parser) -> None:
                      help="fine-tune on the first N training images (default all)")
 
 
+DATASET_HELP = ("mnist, fashion-mnist or an .npz file with images (N, C, H, W) uint8/float32 and labels "
+                "(default: the model's own dataset)")
+
+
 def compare_arguments(parser) -> None:
     """Options of ``microcnn compare`` (``--data`` is added by ``command``)."""
-    from .cliargs import image_count, repeat_count, thread_count
+    from .cliargs import dataset_spec, image_count, repeat_count, thread_count
     from .compare import SYSTEMS
 
     parser.add_argument("--model", default="bundled",
                         help="'bundled', a LeNet-5 .raw file, a .safetensors model, an .onnx file, or a "
                              "PyTorch .pt state_dict of LeNet-5 (default: bundled)")
+    parser.add_argument("--dataset", type=dataset_spec, default=None, help=DATASET_HELP)
     parser.add_argument("--samples", type=image_count, default=1000,
                         help="first N test images (default 1000)")
     parser.add_argument("--threads", type=thread_count, default=1,
@@ -484,9 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Fashion-MNIST CNN), a LeNet-5 .raw file, a .safetensors model or an .onnx file "
                         "(default: bundled)")
         if dataset:
-            sp.add_argument("--dataset", type=dataset_spec, default=None,
-                            help="mnist, fashion-mnist or an .npz file with images (N, C, H, W) "
-                            "uint8/float32 and labels (default: the model's own dataset)")
+            sp.add_argument("--dataset", type=dataset_spec, default=None, help=DATASET_HELP)
         if precision:
             sp.add_argument("--precision", type=precision_name, default=None,
                             help=f"{', '.join(PRECISIONS)} or wXaY (X, Y in 2..8; int4 means W4A4); default: "
@@ -513,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
 
     sp = command("bench", cmd_bench, "speed tables (headline, per-layer, conv algorithms, training)")
-    model_options(sp, precision=False, dataset=False)
+    model_options(sp, precision=False)
     sp.add_argument("--samples", type=image_count, default=1000)
     sp.add_argument("--threads", type=thread_counts, default=[1],
                     help="thread count, or a list (1,2) for a scaling table; the other tables use the first")

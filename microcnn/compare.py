@@ -848,11 +848,12 @@ def load_any_model(spec: str) -> Sequential:
 def run_compare(model: str = "bundled", *, data: str | None = None, samples: int = 1000, threads: int = 1,
                 repeats: int = 5, calibration: int = 100, method: str = "mse", systems: str = "all",
                 precisions: str = "fp32,int8,w4a8,w4a4", torch_compile: bool = True,
-                output: str = "table") -> int:
+                output: str = "table", dataset: str | None = None) -> int:
     """``microcnn compare``: print the table (``output``: "table", "json" or "markdown"); 2 with a
     message if an extra is missing. ``model`` is a spec of ``load_any_model``; ``data`` the dataset
-    directory (``microcnn.resolve.data_dir``)."""
-    from .resolve import dataset_of, load_calibration_images, load_test_images
+    directory (``microcnn.resolve.data_dir``); ``dataset`` mnist, fashion-mnist or an .npz path (default:
+    the model's own)."""
+    from .resolve import check_data_fits, dataset_of, load_calibration_images, load_test_images
 
     try:
         needed = systems_modules(systems)
@@ -865,9 +866,11 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
         return 2
     net = load_any_model(model)
     onnx_file = Path(model).read_bytes() if onnx else None  # read after load_any_model checked it
-    images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
-    df = compare_table(net, images, labels, load_calibration_images(calibration, data, "--calibration",
-                                                                   dataset_of(model)),
+    dataset = dataset or dataset_of(model)
+    images, labels = load_test_images(samples, data, "--samples", dataset)
+    check_data_fits(net, images, labels, f"--dataset {dataset}")
+    calibration_images = load_calibration_images(calibration, data, "--calibration", dataset)
+    df = compare_table(net, images, labels, calibration_images,
                        threads=threads, repeats=repeats, systems=systems, method=method,
                        precisions=parse_precisions(precisions), torch_compile=torch_compile,
                        progress=output == "table", onnx_file=onnx_file)

@@ -87,6 +87,27 @@ def test_float32_npz_any_shape_and_the_model_check(capsys, tmp_path):
     assert code == 2 and "labels reach 7, the model has 5 classes" in err
 
 
+def test_bench_takes_the_dataset_and_measures_on_it(capsys, tmp_path):
+    """A 3x8x8 graph benched on an .npz of 3x8x8 images: the accuracy is the model's on those images."""
+    rng = np.random.default_rng(1)
+    x = rng.random((9, 3, 8, 8), dtype=np.float32)
+    labels = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3])
+    path = tmp_path / "rgb9.npz"
+    np.savez(path, images=x, labels=labels)
+    g = block()
+    model = tmp_path / "block.safetensors"
+    g.save(model)
+    code, out, _ = run(capsys, "bench", "--model", str(model), "--dataset", str(path), "--precisions", "fp32",
+                       "--samples", "7", "--repeats", "1", "--no-startup", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["samples"] == 7
+    assert report["headline"][0]["accuracy"] == round(g.accuracy(x[:7], labels[:7]), 6)  # as the JSON rounds
+    code, _, err = run(capsys, "bench", "--model", str(model), "--precisions", "fp32", "--samples", "7",
+                       "--repeats", "1", "--no-startup", "--json")  # the model's own data set is MNIST
+    assert code == 2 and "(1, 28, 28)" in err
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"images": np.zeros((2, 1, 4, 4), np.uint8)}, "no labels array"),
     ({"images": np.zeros((2, 4, 4), np.uint8), "labels": np.zeros(2, np.int64)}, r"\(N, C, H, W\)"),
