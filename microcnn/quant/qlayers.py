@@ -291,16 +291,17 @@ class QWeighted(Stage):
         w = self.weight_codes.reshape(self.weight_shape[0], -1)
         return ki.pack_linear(w, self.bias_q, self.in_act.zero_point, self.in_act.qmax)
 
-    def _check_input(self, x, ndim: int):
+    def _check_input(self, x, ndim: int, channels: int | None = None):
         # The kernels index the weights by the input's sizes and have no bounds checks: an input that
         # does not fit would make them read past the weight buffer.
         if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != ndim:
             raise InputError(f"{self.kind} {self.layers}: expected a uint8 array of {ndim} dimensions, found "
                              f"{type(x).__name__} {getattr(x, 'dtype', '')} {np.shape(x)}")
-        if x.shape[1] != self.weight_shape[1]:
+        channels = self.weight_shape[1] if channels is None else channels
+        if x.shape[1] != channels:
             raise InputError(f"{self.kind} {self.layers}: input has {x.shape[1]} "
                              f"{'channels' if ndim == 4 else 'features'}, the weights expect "
-                             f"{self.weight_shape[1]} (found shape {x.shape})")
+                             f"{channels} (found shape {x.shape})")
 
     @staticmethod
     def _outputs(shape, mode):
@@ -316,11 +317,16 @@ class QConv2d(QWeighted):
     kind = "qconv2d"
 
     def __init__(self, layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu,
-                 stride=(1, 1), padding=(0, 0), pool=None, requant="fixedpoint", weight_zero_point=None):
+                 stride=(1, 1), padding=(0, 0), pool=None, requant="fixedpoint", weight_zero_point=None,
+                 groups: int = 1):
         super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant,
                          weight_zero_point)
         if len(self.weight_shape) != 4:
             raise InputError(f"conv weight: expected (O, C, KH, KW), found {self.weight_shape}")
+        if type(groups) is not int or groups < 1 or self.weight_shape[0] % groups:
+            raise InputError(f"qconv2d: groups must be a positive integer dividing the {self.weight_shape[0]} "
+                             f"output channels, found {groups!r}")
+        self.groups = groups
         self.stride, self.padding = int_pair(stride, "stride"), int_pair(padding, "padding")
         if min(self.stride) < 1 or min(self.padding) < 0:
             raise InputError(f"qconv2d: expected stride >= 1 and padding >= 0, found {self.stride}, "
@@ -336,11 +342,17 @@ class QConv2d(QWeighted):
         # covers its whole unpadded input runs as a dense layer (see _run).
         self.packed = ki.pack_conv(self.weight_codes.reshape(self.weight_shape), self.bias_q, self.stride[0],
                                    in_act.zero_point, in_act.qmax)
-        self.packed_dense = self._pack_dense() if self.pool is None and self.padding == (0, 0) else None
+        self.packed_dense = (self._pack_dense() if self.pool is None and self.padding == (0, 0) and groups == 1
+                             else None)
+        # A grouped (depthwise too) convolution runs group by group through the same integer kernel: its
+        # own output channels, weights and per-channel epilogue each (``grouped_parts``), exact.
+        self.parts = grouped_parts(self.weight_codes.reshape(self.weight_shape), self.bias_q, groups,
+                                   self.stride[0], in_act) if groups > 1 else None
 
     def spec(self):
         return {**super().spec(), "stride": list(self.stride), "padding": list(self.padding),
-                "pool": None if self.pool is None else [list(self.pool[0]), list(self.pool[1])]}
+                "pool": None if self.pool is None else [list(self.pool[0]), list(self.pool[1])],
+                **({"groups": self.groups} if self.groups > 1 else {})}
 
     def geometry(self) -> ki.QConvGeometry:
         pool = (1, 1, 1, 1) if self.pool is None else (*self.pool[0], *self.pool[1])
@@ -348,6 +360,8 @@ class QConv2d(QWeighted):
 
     def program_ops(self, chw, keep):
         o = self.weight_shape[0]
+        if self.groups > 1:
+            return None  # the program has no grouped op: the stage runs as a call of its own
         if self.packed_dense is not None and tuple(chw[1:]) == self.weight_shape[2:]:
             row = program.integer_row(program.OP_QLINEAR, self.packed_dense, self.requant_run, o)
             return [row], (o, 1, 1)
@@ -361,7 +375,7 @@ class QConv2d(QWeighted):
                                     geo[4:6], geo[6:])], out
 
     def _run(self, x, rq):
-        self._check_input(x, 4)
+        self._check_input(x, 4, self.weight_shape[1] * self.groups)
         n, c, h, w = x.shape
         o, _, kh, kw = self.weight_shape
         (sh, sw), (ph, pw) = self.stride, self.padding
@@ -379,8 +393,32 @@ class QConv2d(QWeighted):
         geo = self.geometry()
         oh, ow = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
         q, f = self._outputs((n, o, oh, ow), rq.mode)
-        ki.conv2d_packed(np.ascontiguousarray(x), self.packed, geo, rq, q, f)
+        if self.parts is None:
+            ki.conv2d_packed(np.ascontiguousarray(x), self.packed, geo, rq, q, f)
+        else:
+            run_grouped(x, self.parts, geo, rq, q, f)
         return f if rq.mode == ki.MODE_DEQUANT else q
+
+
+def grouped_parts(codes: np.ndarray, bias_q: np.ndarray, groups: int, stride_h: int, in_act: ActQuant) -> list:
+    """Per group of a grouped convolution: (its input channels, its output channels, its weights packed
+    for ``ki.conv2d_packed``); the per-channel epilogue is sliced per call (``run_grouped``)."""
+    o, c = codes.shape[0] // groups, codes.shape[1]
+    return [(slice(g * c, (g + 1) * c), slice(g * o, (g + 1) * o),
+             ki.pack_conv(codes[g * o:(g + 1) * o], bias_q[g * o:(g + 1) * o], stride_h, in_act.zero_point,
+                          in_act.qmax)) for g in range(len(codes) // o)]
+
+
+def run_grouped(x, parts: list, geo, rq, out_q, out_f) -> None:
+    """A grouped convolution as one ``ki.conv2d_packed`` call per group, each on its input channels with
+    its channels' multipliers, into its slice of the output: the integer arithmetic of a dense conv."""
+    dequant = rq.mode == ki.MODE_DEQUANT
+    for cin, cout, packed in parts:
+        part_rq = rq._replace(m0=rq.m0[cout].copy(), shift=rq.shift[cout].copy(), fmult=rq.fmult[cout].copy())
+        shape = (len(x), cout.stop - cout.start, *(out_f if dequant else out_q).shape[2:])
+        q, f = QWeighted._outputs(shape, rq.mode)
+        ki.conv2d_packed(np.ascontiguousarray(x[:, cin]), packed, geo, part_rq, q, f)
+        (out_f if dequant else out_q)[:, cout] = f if dequant else q
 
 
 class QLinear(QWeighted):

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, layer_from_config
+from ..network import fold_pair, folds_into
 from .calibrate import INPUT, Calibration
 from .params import KERNEL_BITS, ActQuant, check_bits, qparams_from_range, qrange, quantize_values
 from .qlayers import (
@@ -143,14 +144,7 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
             raise InputError(f"layer_bits: {name!r} is not a layer with weights; expected one of "
                              f"{list(bits)}")
         bits[name] = check_bits(b, f"layer_bits[{name!r}]", (*KERNEL_BITS, 32))
-    for name, layer in zip(net.names, net.layers, strict=True):
-        if layer.buffers():  # BatchNorm: its running statistics belong in the layer before it
-            raise InputError(f"quantize: {name} is a {layer.type}; fold it into the layer before it first "
-                             "(net = net.fold_batchnorm(); then calibrate the folded net)")
-        if isinstance(layer, Conv2d) and bits[name] != 32 and (layer.groups != 1 or layer.dilation != (1, 1)):
-            raise InputError(f"quantize: {name} is a grouped or dilated Conv2d (groups={layer.groups}, "
-                             f"dilation={layer.dilation}); the integer kernels have none yet: keep it in "
-                             f"FP32 with layer_bits={{{name!r}: 32}}")
+    check_layers(net.names, net.layers, [INPUT, *net.names[:-1]], bits)
     settings = {"weight_bits": weight_bits, "act_bits": act_bits, "per_channel": bool(per_channel),
                 "weight_clipping": weight_clipping, "bias_correction": bool(bias_correction),
                 "requant": requant, "rounding": rounding, "layer_bits": bits, "symmetric": bool(symmetric),
@@ -161,6 +155,26 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
                        bias_correction, rounding, symmetric,
                        dict(options=dict(rounding_options or {}), seed=seed, progress=progress))
     return QuantizedSequential(builder.build(), net.config(), settings)
+
+
+def check_layers(names, layers, sources, bits) -> None:
+    """InputError for a layer the quantized network cannot run: a BatchNorm that does not follow a
+    Conv2d/Linear (``sources``: the name of the tensor each layer reads; the BN's running statistics are
+    folded into that layer, so it must read it alone) or a dilated convolution kept in integers."""
+    by_name = dict(zip(names, layers, strict=True))
+    for name, layer, src in zip(names, layers, sources, strict=True):
+        if layer.buffers() and not folds_into(by_name.get(src), layer):
+            raise InputError(f"quantize: {name} is a {layer.type} that does not follow a Conv2d/Linear it "
+                             "can be folded into; the quantized network has no BatchNorm stage of its own")
+        if isinstance(layer, Conv2d) and bits.get(name) != 32 and layer.dilation != (1, 1):
+            raise InputError(f"quantize: {name} is a dilated Conv2d (dilation={layer.dilation}); the integer "
+                             f"kernels have no dilation: keep it in FP32 with layer_bits={{{name!r}: 32}}")
+
+
+def folded_weighted(layer, bn):
+    """The Conv2d/Linear ``layer`` with the BatchNorm ``bn`` after it folded in (``layer`` itself when
+    ``bn`` is None): quantization, bias correction and rounding all see the folded weights."""
+    return layer if bn is None else fold_pair(layer, bn)
 
 
 class _Builder:
@@ -224,21 +238,32 @@ class _Builder:
             else:
                 if self.act is not None:
                     self._append(DequantizeStage(self.act))
-                self._append(FloatStage((i,), _copy_layer(layer)))
+                if self._bn_after(i):  # a weighted layer kept in FP32: its BatchNorm folded in, one stage
+                    self._append(FloatStage((i, i + 1), fold_pair(layer, self.layers[i + 1])))
+                    self._advance_float(i)
+                    i += 1
+                else:
+                    self._append(FloatStage((i,), _copy_layer(layer)))
             self._advance_float(i)
             i += 1
         if self.act is not None:
             self._append(DequantizeStage(self.act))
         return self.stages
 
+    def _bn_after(self, i) -> bool:
+        return i + 1 < len(self.layers) and folds_into(self.layers[i], self.layers[i + 1])
+
     def _weighted(self, i) -> int:
-        layer, name = self.layers[i], self.names[i]
+        name = self.names[i]
+        bn = self._bn_after(i)
+        layer = folded_weighted(self.layers[i], self.layers[i + 1] if bn else None)
         if self.act is None:
             self._append(QuantizeStage(self.cal.act_quant(self._tensor_before(i), self.act_bits)))
         in_act = self.act
         assert in_act is not None  # a QuantizeStage was just appended if the input was float
-        relu = i + 1 < len(self.layers) and isinstance(self.layers[i + 1], ReLU)
-        end = i + 1 if relu else i
+        i_last = i + 1 if bn else i  # the BatchNorm is part of this stage
+        relu = i_last + 1 < len(self.layers) and isinstance(self.layers[i_last + 1], ReLU)
+        end = i_last + 1 if relu else i_last
         pool = None
         if isinstance(layer, Conv2d) and end + 1 < len(self.layers) and _integer_pool(self.layers[end + 1]):
             end += 1
@@ -262,7 +287,8 @@ class _Builder:
                     in_act, out_act, relu and fused)
             if isinstance(layer, Conv2d):
                 return QConv2d(*args, stride=layer.stride, padding=layer.padding,
-                               pool=pool if fused else None, requant=self.requant, weight_zero_point=wzp)
+                               pool=pool if fused else None, requant=self.requant, weight_zero_point=wzp,
+                               groups=layer.groups)
             return QLinear(*args, requant=self.requant, weight_zero_point=wzp)
 
         if self.bias_correction:

@@ -96,12 +96,15 @@ class _Reader:
 
 # FP32 layer types each stage kind may implement, in order (a weighted stage fuses a following ReLU and,
 # for convolutions, a following MaxPool2d). A "float" stage runs any one layer.
+# A BatchNorm after the weighted layer is folded into its weights and covered by the same stage.
 STAGE_LAYERS: dict[str, list[list[str]]] = {
     "quantize": [[]], "dequantize": [[]],
-    "qconv2d": [["Conv2d"], ["Conv2d", "ReLU"], ["Conv2d", "MaxPool2d"], ["Conv2d", "ReLU", "MaxPool2d"]],
-    "qlinear": [["Linear"], ["Linear", "ReLU"]],
+    "qconv2d": [["Conv2d", *bn, *tail] for bn in ([], ["BatchNorm2d"])
+                for tail in ([], ["ReLU"], ["MaxPool2d"], ["ReLU", "MaxPool2d"])],
+    "qlinear": [["Linear", *bn, *tail] for bn in ([], ["BatchNorm1d"]) for tail in ([], ["ReLU"])],
     "qmaxpool2d": [["MaxPool2d"]], "qrelu": [["ReLU"]], "flatten": [["Flatten"]],
 }
+FOLDED_FLOAT = (["Conv2d", "BatchNorm2d"], ["Linear", "BatchNorm1d"])  # an FP32 stage of a folded pair
 INTEGER_INPUT = ("dequantize", "qconv2d", "qlinear", "qmaxpool2d", "qrelu")  # need a quantized input
 FLOAT_INPUT = ("quantize", "float")  # need a real-valued input
 
@@ -137,7 +140,7 @@ def read_quantized(tensors: dict, metadata: dict, arch: dict, path) -> tuple[lis
                 raise FileFormatError(path, f"stage {i} refers to layers beyond the architecture",
                                       f"< {len(layers_cfg)}", covered)
             types = [layers_cfg[j].get("type") for j in covered]
-            if types not in STAGE_LAYERS.get(kind, [types] if len(types) == 1 else []):
+            if types not in STAGE_LAYERS.get(kind, [types] if len(types) == 1 else FOLDED_FLOAT):
                 raise FileFormatError(path, f"stage {i} ({kind}) does not match layers {covered}",
                                       STAGE_LAYERS.get(kind, "one layer"), types)
             next_layer += len(covered)
@@ -207,6 +210,7 @@ def _agree(path, i, spec, key, expected):
 def _stage(kind, spec, covered, layers, act, reader, i, path):
     """Stage ``i`` of a file, built from its spec and the architecture's ``layers`` it covers (already
     checked to be the types ``kind`` implements, with an input in the domain it needs)."""
+    from ..network import fold_pair
     from .qlayers import (
         DequantizeStage,
         FlattenStage,
@@ -231,7 +235,8 @@ def _stage(kind, spec, covered, layers, act, reader, i, path):
     if kind == "flatten":
         return FlattenStage(covered, act)
     if kind == "float":
-        layer = layers[0]
+        # a folded pair: the weighted layer with a bias (the fold's shapes; the file holds the values)
+        layer = fold_pair(*layers) if len(layers) == 2 else layers[0]
         for pname, p in zip(("weight", "bias"), layer.parameters(), strict=False):
             p.data[...] = reader.get(f"{i}.{pname}", np.float32, p.data.shape)
         return FloatStage(covered, layer)
@@ -266,8 +271,9 @@ def _stage(kind, spec, covered, layers, act, reader, i, path):
     _agree(path, i, spec, "stride", list(layer.stride))
     _agree(path, i, spec, "padding", list(layer.padding))
     _agree(path, i, spec, "pool", None if pool is None else [list(pool[0]), list(pool[1])])
+    _agree(path, i, spec, "groups", layer.groups if layer.groups > 1 else None)
     return QConv2d(*common, stride=layer.stride, padding=layer.padding, pool=pool,
-                   requant=spec.get("requant"), weight_zero_point=wzp)
+                   requant=spec.get("requant"), weight_zero_point=wzp, groups=layer.groups)
 
 
 def _weight_codes(reader, key, shape, bits: int) -> np.ndarray:
