@@ -17,7 +17,7 @@ from ..kernels import pool, program
 from ..kernels.elementwise import all_finite
 from ..kernels.packing import pack_bits, unpack_bits
 from ..kernels.shapes import conv_output_size
-from ..layers import MaxPool2d
+from ..layers import MaxPool2d, layer_from_config
 from .params import ActQuant, check_bits, fixed_point_multiplier, qrange
 
 REQUANT_MODES = {"fixedpoint": ki.MODE_FIXEDPOINT, "float": ki.MODE_FLOAT}
@@ -84,6 +84,14 @@ def refuse_nonfinite(x: np.ndarray) -> None:
     first = int(np.flatnonzero(bad.any(axis=1))[0])
     raise InputError(f"images: expected finite float32 values, found {int(bad.sum())} NaN/Inf entering a "
                      f"quantized layer (first in image {first}); integer codes cannot represent them")
+
+
+def refuse_nonfinite_input(x) -> None:
+    """NaN/Inf input gets no answer at any precision. Checked at the input because an FP32 first layer
+    of a mixed network can hide it (ReLU and max pooling drop NaN); each quantize stage checks again
+    for values that overflow inside the network."""
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f" and not all_finite(x.reshape(-1)):
+        refuse_nonfinite(x)
 
 
 class QuantizeStage(Stage):
@@ -521,3 +529,17 @@ class FloatStage(Stage):
     @property
     def precision(self):
         return "FP32" if self.layer.parameters() else "-"
+
+
+def integer_pool(layer) -> bool:
+    """A max pool the integer stages run: they take kernel and stride only, so a padded or ceil-mode
+    pool runs in FP32 (between a dequantize and a quantize) rather than wrongly in integers."""
+    return isinstance(layer, MaxPool2d) and layer.padding == (0, 0) and not layer.ceil_mode
+
+
+def copy_layer(layer):
+    """A detached copy of an FP32 layer (the quantized network must not change when the FP32 one does)."""
+    copy = layer_from_config({"type": layer.type, **layer.config()})
+    for (_, dst), (_, src) in zip(copy.named_state(), layer.named_state(), strict=True):
+        dst[...] = src
+    return copy

@@ -31,7 +31,10 @@ from .qlayers import (
     QMaxPool2d,
     QReLU,
     QuantizeStage,
+    copy_layer,
+    integer_pool,
 )
+from .qgraph import GraphBuilder, QuantizedGraph
 from .qnetwork import QuantizedSequential
 from .rounding import NEEDS_DATA, ROUNDINGS, RoundingJob
 
@@ -97,8 +100,10 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
              weight_clipping: str = "mse", bias_correction: bool = True, requant: str = "fixedpoint",
              layer_bits: dict | None = None, rounding: str = "nearest", symmetric: bool = True,
              rounding_options: dict | None = None, seed: int = 0, progress: bool = False
-             ) -> QuantizedSequential:
-    """Quantize ``net`` with activation ranges from ``calibration``.
+             ) -> QuantizedSequential | QuantizedGraph:
+    """Quantize ``net`` (a Sequential, or a Graph: ``qgraph``) with activation ranges from ``calibration``.
+    A BatchNorm after a Conv2d/Linear is folded into it first; its stage covers both (names, traces and
+    error tables name the conv). Grouped (depthwise too) convolutions run in integers group by group.
 
     weight_bits / act_bits: any width in 2..8, independently (W8A8, W4A8, W3A3, W2A4, ...).
     per_channel: one weight scale per output channel (else per tensor). symmetric: weights on a grid
@@ -116,10 +121,11 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
     with FP32 more often at W8A8, W4A8 and W4A4 (100.00 / 99.96 / 99.91 % vs 99.97 / 99.84 / 99.87 %
     for GPTQ, bundled LeNet-5); AdaRound pays off below 4 bits.
     """
+    from ..graph import Graph
     from ..network import Sequential
 
-    if not isinstance(net, Sequential):
-        raise InputError(f"net: expected a microcnn Sequential, found {type(net).__name__}")
+    if not isinstance(net, Sequential | Graph):
+        raise InputError(f"net: expected a microcnn Sequential or Graph, found {type(net).__name__}")
     if not isinstance(calibration, Calibration):
         raise InputError(f"calibration: expected the result of calibrate(), found "
                          f"{type(calibration).__name__}")
@@ -144,16 +150,22 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
             raise InputError(f"layer_bits: {name!r} is not a layer with weights; expected one of "
                              f"{list(bits)}")
         bits[name] = check_bits(b, f"layer_bits[{name!r}]", (*KERNEL_BITS, 32))
-    check_layers(net.names, net.layers, [INPUT, *net.names[:-1]], bits)
+    graph = isinstance(net, Graph)
+    check_layers(net.names, net.layers, [n.inputs[0] for n in net.nodes] if graph else [INPUT, *net.names[:-1]],
+                 bits)
     settings = {"weight_bits": weight_bits, "act_bits": act_bits, "per_channel": bool(per_channel),
                 "weight_clipping": weight_clipping, "bias_correction": bool(bias_correction),
                 "requant": requant, "rounding": rounding, "layer_bits": bits, "symmetric": bool(symmetric),
                 "calibration": calibration.method,
                 "calibration_samples": calibration.samples}
-    builder = _Builder(net, calibration, bits, act_bits, per_channel, weight_clipping, requant,
-                       calibration.images if bias_correction or rounding in NEEDS_DATA else None,
+    images = calibration.images if bias_correction or rounding in NEEDS_DATA else None
+    builder = _Builder(net, calibration, bits, act_bits, per_channel, weight_clipping, requant, images,
                        bias_correction, rounding, symmetric,
                        dict(options=dict(rounding_options or {}), seed=seed, progress=progress))
+    if graph:  # the same weighted stages, wired by tensor name; residual Add and Concat in integers
+        steps, output, logits = GraphBuilder(net, calibration, bits, act_bits, builder.weighted_stage,
+                                             images).build()
+        return QuantizedGraph(steps, net.config(), settings, output, logits)
     return QuantizedSequential(builder.build(), net.config(), settings)
 
 
@@ -214,7 +226,7 @@ class _Builder:
         (pooling, flatten, ReLU) lead to it; None means the output leaves the integer domain."""
         j = end + 1
         def integer_only(layer) -> bool:
-            return _integer_pool(layer) or isinstance(layer, Flatten | ReLU)
+            return integer_pool(layer) or isinstance(layer, Flatten | ReLU)
 
         while j < len(self.layers) and integer_only(self.layers[j]):
             j += 1
@@ -229,7 +241,7 @@ class _Builder:
             if self._quantized(i):
                 i = self._weighted(i)
                 continue
-            if self.act is not None and _integer_pool(layer):
+            if self.act is not None and integer_pool(layer):
                 self._append(QMaxPool2d((i,), self.act, layer.kernel_size, layer.stride))
             elif self.act is not None and isinstance(layer, ReLU):
                 self._append(QReLU((i,), self.act))
@@ -243,7 +255,7 @@ class _Builder:
                     self._advance_float(i)
                     i += 1
                 else:
-                    self._append(FloatStage((i,), _copy_layer(layer)))
+                    self._append(FloatStage((i,), copy_layer(layer)))
             self._advance_float(i)
             i += 1
         if self.act is not None:
@@ -265,18 +277,28 @@ class _Builder:
         relu = i_last + 1 < len(self.layers) and isinstance(self.layers[i_last + 1], ReLU)
         end = i_last + 1 if relu else i_last
         pool = None
-        if isinstance(layer, Conv2d) and end + 1 < len(self.layers) and _integer_pool(self.layers[end + 1]):
+        if isinstance(layer, Conv2d) and end + 1 < len(self.layers) and integer_pool(self.layers[end + 1]):
             end += 1
             pool = (self.layers[end].kernel_size, self.layers[end].stride)
         out_act = self._output_quant(end)
         covered = tuple(range(i, end + 1))
+        self._append(self.weighted_stage(name, layer, covered, in_act, out_act, relu, pool, self.x_quant,
+                                         self.x_float))
+        for j in covered:
+            self._advance_float(j)
+        return end + 1
+
+    def weighted_stage(self, name, layer, covered, in_act, out_act, relu, pool, x_quant, x_float):
+        """The QConv2d/QLinear of the (BN-folded) ``layer`` covering ``covered``, reading ``in_act``:
+        weights rounded by the chosen method, the bias corrected on the calibration images (``x_quant``
+        the quantized input, ``x_float`` the FP32 one; None without images)."""
         wq, wscale, wzp = quantize_weight(layer.weight.data, self.bits[name], self.per_channel, self.clipping,
                                           self.symmetric)
         if self.rounding != "nearest":
-            x_in = (self.x_quant.astype(np.float32) - in_act.zero_point) * np.float32(in_act.scale)
+            x_in = (x_quant.astype(np.float32) - in_act.zero_point) * np.float32(in_act.scale)
             per_row = (np.broadcast_to(wscale, (len(wq),)),
                        np.broadcast_to(0 if wzp is None else wzp, (len(wq),)))
-            job = RoundingJob(name, layer, wq, *per_row, self.bits[name], x_in, self.x_float, relu,
+            job = RoundingJob(name, layer, wq, *per_row, self.bits[name], x_in, x_float, relu,
                               **self.rounding_run)
             wq = np.asarray(ROUNDINGS[self.rounding](job), np.int8).reshape(wq.shape)
         bias = layer.bias.data.astype(np.float64) if layer.bias is not None else np.zeros(len(wq))
@@ -294,25 +316,8 @@ class _Builder:
         if self.bias_correction:
             # Empirical bias correction: the mean per-channel gap between the FP32 layer's output on FP32
             # inputs and the quantized layer's accumulators on the quantized network's inputs.
-            reference = layer.forward(self.x_float)
+            reference = layer.forward(x_float)
             axes = (0, 2, 3) if reference.ndim == 4 else (0,)
-            quantized = make(bias, fused=False).preactivation(self.x_quant)
+            quantized = make(bias, fused=False).preactivation(x_quant)
             bias = bias + (reference.astype(np.float64) - quantized).mean(axis=axes)
-        self._append(make(bias))
-        for j in covered:
-            self._advance_float(j)
-        return end + 1
-
-
-def _integer_pool(layer) -> bool:
-    """A max pool the integer stages run: they take kernel and stride only, so a padded or ceil-mode
-    pool runs in FP32 (between a dequantize and a quantize) rather than wrongly in integers."""
-    return isinstance(layer, MaxPool2d) and layer.padding == (0, 0) and not layer.ceil_mode
-
-
-def _copy_layer(layer):
-    """A detached copy of an FP32 layer (the quantized network must not change when the FP32 one does)."""
-    copy = layer_from_config({"type": layer.type, **layer.config()})
-    for (_, dst), (_, src) in zip(copy.named_state(), layer.named_state(), strict=True):
-        dst[...] = src
-    return copy
+        return make(bias)
