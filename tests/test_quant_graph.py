@@ -179,6 +179,10 @@ def test_residual_graph_with_concat_quantizes_close_to_fp32(bits):
     assert np.abs(out - ref).max() <= tol * np.ptp(ref)
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
     assert q.predict(x).shape == (64, 10) and q.nbytes < g.nbytes
+    table = layer_error_table(g, q, x[:16])  # one row per stage with layers, local errors from the FP32 inputs
+    assert list(table["Layer"]) == ["stem+stem_bn+stem_relu", "a+a_bn+a_relu", "b+b_bn", "sum+sum_relu",
+                                    "dw+dw_relu", "pw", "cat", "pool", "gap", "flat", "fc"]
+    assert (table["Local SQNR (dB)"][:7] > (30 if bits[0] == 8 else 15)).all()
 
 
 def test_graph_add_stage_agrees_with_the_reference_on_the_graphs_own_tensors():

@@ -61,6 +61,10 @@ class _Merge(Stage):
         mult = np.array([a.scale / out_act.scale for a in in_acts], np.float64) * 2.0 ** self.extra_bits
         self.m0, self.shift = fixed_point_multiplier(mult)
 
+    @property
+    def input_acts(self) -> tuple:
+        return self.in_acts
+
     def _check(self, xs) -> None:
         if len(xs) != len(self.in_acts) or not all(isinstance(x, np.ndarray) and x.dtype == np.uint8
                                                    for x in xs):
@@ -176,6 +180,12 @@ class QuantizedGraph(Model):
 
         self._run(self.check_input(x), self.output_key, record)
         return [records[i] for i in range(len(self.names))]
+
+    def stage_inputs(self, stage: Stage) -> list[str]:
+        """The FP32 graph's tensors ``stage`` reads (in either domain)."""
+        ins = next(ins for s, ins, _ in self.steps if s is stage)
+        # "t:q" / "t:f": the tensor t quantized / dequantized by a conversion step
+        return [key[:-2] if key.endswith((":q", ":f")) else key for key in ins]
 
     def layer_nodes(self) -> list[LayerNode]:
         return Graph.from_config(self.architecture).layer_nodes()

@@ -63,6 +63,11 @@ class Stage:
     def precision(self) -> str:
         return "-"
 
+    @property
+    def input_acts(self) -> tuple:
+        """The quantization of each input (None: a real-valued input)."""
+        return (self.in_act,)
+
     def dequantize(self, y: np.ndarray) -> np.ndarray:
         """This stage's output as float32 real values."""
         if self.out_act is None:

@@ -120,6 +120,11 @@ class QuantizedSequential(Model):
         records[-1].seconds += pending
         return records
 
+    def stage_inputs(self, stage: Stage) -> list[str]:
+        """The FP32 network's tensor ``stage`` reads: the output of the layer before its first."""
+        first = stage.layers[0]
+        return [self.names[first - 1] if first > 0 else self.input_name]
+
     # -- memory and description ------------------------------------------------------------------
     def layer_nodes(self) -> list[LayerNode]:
         """The FP32 layers this model quantizes (rebuilt from ``architecture``: types and shapes)."""
