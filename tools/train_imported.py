@@ -47,7 +47,7 @@ def resnet():
 
 
 # name -> (builder, dataset, epochs)
-MODELS = {"fmnist-bn-cnn": (bn_cnn, "fashion-mnist", 3), "mnist-mlp": (mlp, "mnist", 5),
+MODELS = {"fmnist-bn-cnn": (bn_cnn, "fashion-mnist", 3), "mnist-mlp": (mlp, "mnist", 20),
           "fmnist-resnet": (resnet, "fashion-mnist", 3)}
 
 
