@@ -5,6 +5,7 @@ References: a plain-NumPy integer model of the Add/Concat rule (Python integers,
 convolution with block-diagonal weights for the grouped one (bit-identical), and the FP32 network
 (error bounded relative to the logits' range)."""
 
+import json
 import os
 import tempfile
 
@@ -16,6 +17,7 @@ from microcnn import (
     BatchNorm2d,
     Concat,
     Conv2d,
+    FileFormatError,
     Flatten,
     GlobalAvgPool2d,
     Graph,
@@ -196,5 +198,46 @@ def test_graph_add_stage_agrees_with_the_reference_on_the_graphs_own_tensors():
         if stage.kind == "qadd":
             want = _add_reference([env[i] for i in ins], list(stage.in_acts), stage.out_act, stage.relu)
             np.testing.assert_array_equal(env[out], want)
-    with pytest.raises(InputError, match="quantized graphs .* have no file format yet"):
-        q.save("never-written.safetensors")
+    with tempfile.TemporaryDirectory() as folder:  # the file reads back to the same bits
+        path = os.path.join(folder, "graph-int8.safetensors")
+        q.save(path)
+        back = load(path)
+        assert isinstance(back, QuantizedGraph) and np.array_equal(back.logits(x), q.logits(x))
+        assert back.layer_precisions() == q.layer_precisions() and back.nbytes == q.nbytes
+
+
+def _tampered(path, out, change):
+    from microcnn.io import SafetensorsFile, write_safetensors
+
+    with SafetensorsFile(path) as st:
+        metadata, tensors = dict(st.metadata), st.read()
+    specs = json.loads(metadata["stages"])
+    change(specs)
+    metadata["stages"] = json.dumps(specs)
+    write_safetensors(out, tensors, metadata)
+    return out
+
+
+def test_a_quantized_graph_file_whose_steps_do_not_fit_the_graph_is_refused():
+    g, x = _residual_graph(), _images(16)
+    q = quantize(g, calibrate(g, x, progress=False), 4, 8, layer_bits={"pw": 32})
+    add = next(k for k, s in enumerate(q.stages) if s.kind == "qadd")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "g.safetensors")
+        q.save(path)
+        assert np.array_equal(load(path).logits(x), q.logits(x))  # mixed W4A8 + an FP32 node reads back
+
+        def rewire(specs):
+            specs[add]["inputs"] = specs[add]["inputs"][::-1] + ["b_bn"]
+
+        def float_input(specs):
+            specs[add]["inputs"] = [k + ":f" if k == "b_bn" else k for k in specs[add]["inputs"]]
+
+        def unknown(specs):
+            specs[add]["kind"] = "qmul"
+
+        for change, message in ((rewire, "reads or writes other tensors than its nodes"),
+                                (float_input, "layers, inputs or output do not fit the graph"),
+                                (unknown, "unknown stage kind")):
+            with pytest.raises(FileFormatError, match=message):
+                load(_tampered(path, os.path.join(folder, f"{change.__name__}.safetensors"), change))

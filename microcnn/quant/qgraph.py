@@ -25,6 +25,7 @@ from ..graph import Add, Concat, Graph
 from ..layers import Conv2d, Flatten, Linear, ReLU
 from ..model import LayerNode, LayerTrace, Model
 from ..network import fold_pair, folds_into
+from .serialize import save_quantized
 from .params import KERNEL_BITS, ActQuant, fixed_point_multiplier
 from .qlayers import (
     DequantizeStage,
@@ -72,7 +73,7 @@ class _Merge(Stage):
                              f"{[getattr(x, 'dtype', type(x).__name__) for x in xs]}")
 
     def spec(self):
-        return {**super().spec(), "inputs": len(self.in_acts)}
+        return {**super().spec(), "bits": self.out_act.bits}
 
     @property
     def precision(self):
@@ -208,8 +209,10 @@ class QuantizedGraph(Model):
                              for s, ins, _ in self.steps])
 
     def save(self, path) -> None:
-        raise InputError(f"save {path}: quantized graphs (residual Add/Concat) have no file format yet; keep "
-                         "the FP32 file and quantize it when loaded")
+        """Write a self-describing file (``microcnn.load`` reads it back): each stage's description with
+        the tensors it reads and writes, and the output and logits tensors."""
+        specs = [{**s.spec(), "inputs": list(ins), "output": out} for s, ins, out in self.steps]
+        save_quantized(self, path, specs, outputs=[self.output_key, self.logits_key])
 
 
 class GraphBuilder:
