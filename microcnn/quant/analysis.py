@@ -35,7 +35,7 @@ def _groups(qnet):
 
 
 def _local_output(stage, xs_float: list) -> np.ndarray:
-    """The stage fed the FP32 network's inputs to it (each quantized to the stage's grid for it if integer)."""
+    """The stage fed the FP32 network's inputs to it (each quantized to the stage's grid if integer)."""
     xs = []
     for x_float, a in zip(xs_float, stage.input_acts, strict=True):
         if a is not None:
@@ -56,7 +56,7 @@ def layer_error_table(net, qnet, images) -> pd.DataFrame:
     quantized = qnet.trace(x)
     values = {net.input_name: x, **{r.name: r.output for r in reference}}  # every FP32 tensor by name
     rows = []
-    for stage, first, last in _groups(qnet):
+    for stage, _, last in _groups(qnet):
         ref = reference[last].output
         cum = quantized[last].output
         local = _local_output(stage, [values[t] for t in qnet.stage_inputs(stage)])

@@ -70,7 +70,8 @@ def load_model(path: StrPath) -> Sequential | Graph | QuantizedSequential | Quan
         arch = architecture_of(path, metadata, allow_graph=True)
         if is_graph_config(arch) and metadata.get("kind") == KIND_QUANTIZED:
             tensors = st.read()  # checked stage by stage against the graph, which is built first
-            return read_quantized_graph(tensors, metadata, arch, path)
+            steps, settings, outputs = read_quantized_graph(tensors, metadata, arch, path)
+            return QuantizedGraph(steps, arch, settings, *outputs)
         if is_graph_config(arch):
             return load_graph(path, st)
         kind = metadata.get("kind", "fp32")

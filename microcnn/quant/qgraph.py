@@ -18,19 +18,18 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
-
 from ..errors import InputError
 from ..graph import Add, Concat, Graph
 from ..layers import Conv2d, Flatten, Linear, ReLU
 from ..model import LayerNode, LayerTrace, Model
 from ..network import fold_pair, folds_into
-from .serialize import save_quantized
-from .params import KERNEL_BITS, ActQuant, fixed_point_multiplier
+from .params import KERNEL_BITS, ActQuant
 from .qlayers import (
     DequantizeStage,
     FlattenStage,
     FloatStage,
+    QAdd,
+    QConcat,
     QMaxPool2d,
     QReLU,
     QuantizeStage,
@@ -40,83 +39,7 @@ from .qlayers import (
     integer_pool,
     refuse_nonfinite_input,
 )
-
-ADD_FRACTION_BITS = 16
-
-
-def rescale(q: np.ndarray, act: ActQuant, m0: int, shift: int) -> np.ndarray:
-    """(q - zero_point) * m0 * 2**-shift as int64, rounded half up (``kernels.integer``'s rule)."""
-    return ((q.astype(np.int64) - act.zero_point) * np.int64(m0) + (np.int64(1) << (shift - 1))) >> shift
-
-
-class _Merge(Stage):
-    """Shared part of QAdd and QConcat: inputs of their own quantizations, one output quantization, a
-    fixed-point multiplier per input (``2**extra_bits * scale_in / scale_out``)."""
-
-    stores_act = True
-    extra_bits = 0
-
-    def __init__(self, layers, in_acts: list[ActQuant], out_act: ActQuant):
-        super().__init__(layers, in_acts[0], out_act)
-        self.in_acts = tuple(in_acts)
-        mult = np.array([a.scale / out_act.scale for a in in_acts], np.float64) * 2.0 ** self.extra_bits
-        self.m0, self.shift = fixed_point_multiplier(mult)
-
-    @property
-    def input_acts(self) -> tuple:
-        return self.in_acts
-
-    def _check(self, xs) -> None:
-        if len(xs) != len(self.in_acts) or not all(isinstance(x, np.ndarray) and x.dtype == np.uint8
-                                                   for x in xs):
-            raise InputError(f"{self.kind} {self.layers}: expected {len(self.in_acts)} uint8 arrays, found "
-                             f"{[getattr(x, 'dtype', type(x).__name__) for x in xs]}")
-
-    def spec(self):
-        return {**super().spec(), "bits": self.out_act.bits}
-
-    @property
-    def precision(self):
-        return f"A{self.out_act.bits}"
-
-
-class QAdd(_Merge):
-    """Integer residual addition; ``relu`` fuses a following ReLU as the clamp at the zero point."""
-
-    kind = "qadd"
-    extra_bits = ADD_FRACTION_BITS
-
-    def __init__(self, layers, in_acts, out_act, relu: bool = False):
-        super().__init__(layers, in_acts, out_act)
-        self.relu = bool(relu)
-        self.lo = out_act.zero_point if relu else 0
-
-    def run(self, *xs):
-        self._check(xs)
-        Add().output_shape(*(x.shape for x in xs))
-        total = rescale(xs[0], self.in_acts[0], self.m0[0], self.shift[0])
-        for x, act, m0, shift in zip(xs[1:], self.in_acts[1:], self.m0[1:], self.shift[1:], strict=True):
-            total += rescale(x, act, m0, shift)
-        half = np.int64(1) << (ADD_FRACTION_BITS - 1)
-        y = ((total + half) >> ADD_FRACTION_BITS) + self.out_act.zero_point
-        return np.clip(y, self.lo, self.out_act.qmax).astype(np.uint8)
-
-
-class QConcat(_Merge):
-    """Integer concatenation along ``axis``: each input requantized to the output's grid."""
-
-    kind = "qconcat"
-
-    def __init__(self, layers, in_acts, out_act, axis: int = 1):
-        super().__init__(layers, in_acts, out_act)
-        self.layer = Concat(axis)
-
-    def run(self, *xs):
-        self._check(xs)
-        parts = [np.clip(rescale(x, act, m0, shift) + self.out_act.zero_point, 0, self.out_act.qmax
-                         ).astype(np.uint8) for x, act, m0, shift in zip(xs, self.in_acts, self.m0, self.shift,
-                                                                        strict=True)]
-        return self.layer.forward(*parts)
+from .serialize import save_quantized
 
 
 class QuantizedGraph(Model):
@@ -221,7 +144,8 @@ class GraphBuilder:
     each tensor's FP32 values and each step's output on them."""
 
     def __init__(self, graph: Graph, calibration, bits: dict, act_bits: int, weighted, images):
-        self.graph, self.cal, self.bits, self.act_bits, self.weighted = graph, calibration, bits, act_bits, weighted
+        self.graph, self.cal, self.bits, self.act_bits = graph, calibration, bits, act_bits
+        self.weighted = weighted
         self.index = {n.name: k for k, n in enumerate(graph.nodes)}
         self.readers: dict[str, list] = {}
         for n in graph.nodes:
@@ -295,8 +219,9 @@ class GraphBuilder:
                 bn = self._chain(node)[1]  # an FP32 weighted node: its BatchNorm folded in, one stage
                 if folds_into(layer, bn.layer):
                     done.add(bn.name)
-                    self._add(FloatStage((self.index[node.name], self.index[bn.name]), fold_pair(layer, bn.layer)),
-                              [self.real(node.inputs[0])], bn.name, bn.name)
+                    pair = (self.index[node.name], self.index[bn.name])
+                    source = self.real(node.inputs[0])
+                    self._add(FloatStage(pair, fold_pair(layer, bn.layer)), [source], bn.name, bn.name)
                 else:
                     self._single(node)
             elif isinstance(layer, Add | Concat):

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..checks import int_pair
 from ..errors import InputError
+from ..graph import Add, Concat
 from ..kernels import integer as ki
 from ..kernels import pool, program
 from ..kernels.elementwise import all_finite
@@ -22,6 +23,7 @@ from .params import ActQuant, check_bits, fixed_point_multiplier, qrange
 
 REQUANT_MODES = {"fixedpoint": ki.MODE_FIXEDPOINT, "float": ki.MODE_FLOAT}
 ACC_LIMIT = 2**31 - 1
+ADD_FRACTION_BITS = 16  # fractional bits QAdd keeps of each rescaled input before its final rounding
 
 
 class Stage:
@@ -337,7 +339,8 @@ class QConv2d(QWeighted):
         if len(self.weight_shape) != 4:
             raise InputError(f"conv weight: expected (O, C, KH, KW), found {self.weight_shape}")
         if type(groups) is not int or groups < 1 or self.weight_shape[0] % groups:
-            raise InputError(f"qconv2d: groups must be a positive integer dividing the {self.weight_shape[0]} "
+            raise InputError(f"qconv2d: groups must be a positive integer dividing the {self.weight_shape[0]}"
+                             " "
                              f"output channels, found {groups!r}")
         self.groups = groups
         self.stride, self.padding = int_pair(stride, "stride"), int_pair(padding, "padding")
@@ -355,8 +358,8 @@ class QConv2d(QWeighted):
         # covers its whole unpadded input runs as a dense layer (see _run).
         self.packed = ki.pack_conv(self.weight_codes.reshape(self.weight_shape), self.bias_q, self.stride[0],
                                    in_act.zero_point, in_act.qmax)
-        self.packed_dense = (self._pack_dense() if self.pool is None and self.padding == (0, 0) and groups == 1
-                             else None)
+        whole = self.pool is None and self.padding == (0, 0) and groups == 1
+        self.packed_dense = self._pack_dense() if whole else None
         # A grouped (depthwise too) convolution runs group by group through the same integer kernel: its
         # own output channels, weights and per-channel epilogue each (``grouped_parts``), exact.
         self.parts = grouped_parts(self.weight_codes.reshape(self.weight_shape), self.bias_q, groups,
@@ -369,7 +372,8 @@ class QConv2d(QWeighted):
 
     def geometry(self) -> ki.QConvGeometry:
         pool = (1, 1, 1, 1) if self.pool is None else (*self.pool[0], *self.pool[1])
-        return ki.QConvGeometry(*self.weight_shape[2:], *self.stride, *self.padding, *pool)
+        kh, kw = self.weight_shape[2:]
+        return ki.QConvGeometry(kh, kw, *self.stride, *self.padding, *pool)
 
     def program_ops(self, chw, keep):
         o = self.weight_shape[0]
@@ -413,7 +417,8 @@ class QConv2d(QWeighted):
         return f if rq.mode == ki.MODE_DEQUANT else q
 
 
-def grouped_parts(codes: np.ndarray, bias_q: np.ndarray, groups: int, stride_h: int, in_act: ActQuant) -> list:
+def grouped_parts(codes: np.ndarray, bias_q: np.ndarray, groups: int, stride_h: int,
+                  in_act: ActQuant) -> list:
     """Per group of a grouped convolution: (its input channels, its output channels, its weights packed
     for ``ki.conv2d_packed``); the per-channel epilogue is sliced per call (``run_grouped``)."""
     o, c = codes.shape[0] // groups, codes.shape[1]
@@ -432,6 +437,81 @@ def run_grouped(x, parts: list, geo, rq, out_q, out_f) -> None:
         q, f = QWeighted._outputs(shape, rq.mode)
         ki.conv2d_packed(np.ascontiguousarray(x[:, cin]), packed, geo, part_rq, q, f)
         (out_f if dequant else out_q)[:, cout] = f if dequant else q
+
+
+def rescale(q: np.ndarray, act: ActQuant, m0: int, shift: int) -> np.ndarray:
+    """(q - zero_point) * m0 * 2**-shift as int64, rounded half up (``kernels.integer``'s rule)."""
+    return ((q.astype(np.int64) - act.zero_point) * np.int64(m0) + (np.int64(1) << (shift - 1))) >> shift
+
+
+class _Merge(Stage):
+    """Shared part of QAdd and QConcat: inputs of their own quantizations, one output quantization, a
+    fixed-point multiplier per input (``2**extra_bits * scale_in / scale_out``)."""
+
+    stores_act = True
+    extra_bits = 0
+
+    def __init__(self, layers, in_acts: list[ActQuant], out_act: ActQuant):
+        super().__init__(layers, in_acts[0], out_act)
+        self.in_acts = tuple(in_acts)
+        mult = np.array([a.scale / out_act.scale for a in in_acts], np.float64) * 2.0 ** self.extra_bits
+        self.m0, self.shift = fixed_point_multiplier(mult)
+
+    @property
+    def input_acts(self) -> tuple:
+        return self.in_acts
+
+    def _check(self, xs) -> None:
+        if len(xs) != len(self.in_acts) or not all(isinstance(x, np.ndarray) and x.dtype == np.uint8
+                                                   for x in xs):
+            raise InputError(f"{self.kind} {self.layers}: expected {len(self.in_acts)} uint8 arrays, found "
+                             f"{[getattr(x, 'dtype', type(x).__name__) for x in xs]}")
+
+    def spec(self):
+        return {**super().spec(), "bits": self.out_act.bits}
+
+    @property
+    def precision(self):
+        return f"A{self.out_act.bits}"
+
+
+class QAdd(_Merge):
+    """Integer residual addition; ``relu`` fuses a following ReLU as the clamp at the zero point."""
+
+    kind = "qadd"
+    extra_bits = ADD_FRACTION_BITS
+
+    def __init__(self, layers, in_acts, out_act, relu: bool = False):
+        super().__init__(layers, in_acts, out_act)
+        self.relu = bool(relu)
+        self.lo = out_act.zero_point if relu else 0
+
+    def run(self, *xs):
+        self._check(xs)
+        Add().output_shape(*(x.shape for x in xs))
+        total = rescale(xs[0], self.in_acts[0], self.m0[0], self.shift[0])
+        for x, act, m0, shift in zip(xs[1:], self.in_acts[1:], self.m0[1:], self.shift[1:], strict=True):
+            total += rescale(x, act, m0, shift)
+        half = np.int64(1) << (ADD_FRACTION_BITS - 1)
+        y = ((total + half) >> ADD_FRACTION_BITS) + self.out_act.zero_point
+        return np.clip(y, self.lo, self.out_act.qmax).astype(np.uint8)
+
+
+class QConcat(_Merge):
+    """Integer concatenation along ``axis``: each input requantized to the output's grid."""
+
+    kind = "qconcat"
+
+    def __init__(self, layers, in_acts, out_act, axis: int = 1):
+        super().__init__(layers, in_acts, out_act)
+        self.layer = Concat(axis)
+
+    def run(self, *xs):
+        self._check(xs)
+        zp, qmax = self.out_act.zero_point, self.out_act.qmax
+        parts = [np.clip(rescale(x, act, m0, shift) + zp, 0, qmax).astype(np.uint8)
+                 for x, act, m0, shift in zip(xs, self.in_acts, self.m0, self.shift, strict=True)]
+        return self.layer.forward(*parts)
 
 
 class QLinear(QWeighted):

@@ -9,7 +9,6 @@ import numpy as np
 
 from ..errors import InputError
 from ..kernels import program
-from ..kernels.elementwise import all_finite
 from ..model import LayerNode, LayerTrace, Model
 from ..network import PROGRAM_MAX_BATCH, Sequential
 from .qlayers import FloatStage, QWeighted, Stage, refuse_nonfinite_input

@@ -16,10 +16,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, layer_from_config
+from ..layers import Conv2d, Flatten, Linear, ReLU
 from ..network import fold_pair, folds_into
 from .calibrate import INPUT, Calibration
 from .params import KERNEL_BITS, ActQuant, check_bits, qparams_from_range, qrange, quantize_values
+from .qgraph import GraphBuilder, QuantizedGraph
 from .qlayers import (
     ACC_LIMIT,
     REQUANT_MODES,
@@ -34,7 +35,6 @@ from .qlayers import (
     copy_layer,
     integer_pool,
 )
-from .qgraph import GraphBuilder, QuantizedGraph
 from .qnetwork import QuantizedSequential
 from .rounding import NEEDS_DATA, ROUNDINGS, RoundingJob
 
@@ -150,9 +150,7 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
             raise InputError(f"layer_bits: {name!r} is not a layer with weights; expected one of "
                              f"{list(bits)}")
         bits[name] = check_bits(b, f"layer_bits[{name!r}]", (*KERNEL_BITS, 32))
-    graph = isinstance(net, Graph)
-    check_layers(net.names, net.layers, [n.inputs[0] for n in net.nodes] if graph else [INPUT, *net.names[:-1]],
-                 bits)
+    check_layers(net.names, net.layers, [n.inputs[0] for n in net.layer_nodes()], bits)
     settings = {"weight_bits": weight_bits, "act_bits": act_bits, "per_channel": bool(per_channel),
                 "weight_clipping": weight_clipping, "bias_correction": bool(bias_correction),
                 "requant": requant, "rounding": rounding, "layer_bits": bits, "symmetric": bool(symmetric),
@@ -162,7 +160,7 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
     builder = _Builder(net, calibration, bits, act_bits, per_channel, weight_clipping, requant, images,
                        bias_correction, rounding, symmetric,
                        dict(options=dict(rounding_options or {}), seed=seed, progress=progress))
-    if graph:  # the same weighted stages, wired by tensor name; residual Add and Concat in integers
+    if isinstance(net, Graph):  # the same weighted stages wired by tensor name; Add and Concat in integers
         steps, output, logits = GraphBuilder(net, calibration, bits, act_bits, builder.weighted_stage,
                                              images).build()
         return QuantizedGraph(steps, net.config(), settings, output, logits)

@@ -180,11 +180,12 @@ def _strip(key: str) -> str:
     return key[:-2] if key.endswith((":q", ":f")) else key
 
 
-def read_quantized_graph(tensors: dict, metadata: dict, arch: dict, path):
-    """The ``QuantizedGraph`` of a quantized file whose architecture is a graph: every step checked against
-    the graph (node types, which tensors it reads and writes, the domain of each) and the tensors."""
+def read_quantized_graph(tensors: dict, metadata: dict, arch: dict, path) -> tuple[list, dict, list]:
+    """The steps, settings and (output, logits) keys of a quantized file whose architecture is a graph
+    (``QuantizedGraph(steps, arch, settings, *outputs)`` is the model): every step checked against the
+    graph (node types, which tensors it reads and writes, the domain of each) and the tensors."""
     from ..graph import Graph
-    from .qgraph import QAdd, QConcat, QuantizedGraph
+    from .qlayers import QAdd, QConcat
 
     specs, settings, outputs = (_json(path, metadata, k) for k in ("stages", "settings", "outputs"))
     if not (isinstance(specs, list) and isinstance(settings, dict) and isinstance(outputs, list)
@@ -197,12 +198,15 @@ def read_quantized_graph(tensors: dict, metadata: dict, arch: dict, path):
         raise FileFormatError(path, f"architecture is invalid ({exc})") from None
     nodes = graph.nodes
     layers_cfg = [{"type": n.layer.type, **n.layer.config()} for n in nodes]
-    reader, domains, seen, steps, where = _Reader(tensors, path), {graph.input_name: None}, set(), [], "the stages"
+    domains: dict[str, ActQuant | None] = {graph.input_name: None}  # each tensor key: its quantization
+    reader, seen, steps = _Reader(tensors, path), set(), []
+    where = "the stages"
     try:
         for i, spec in enumerate(specs):
             where = f"stage {i}"
             if not isinstance(spec, dict):
-                raise FileFormatError(path, f"stage {i} is not an object", "a JSON object", type(spec).__name__)
+                raise FileFormatError(path, f"stage {i} is not an object", "a JSON object",
+                                      type(spec).__name__)
             kind, covered, ins, out = (spec.get(k) for k in ("kind", "layers", "inputs", "output"))
             allowed = {**STAGE_LAYERS, **MERGE_LAYERS}
             if not isinstance(kind, str) or (kind not in allowed and kind != "float"):
@@ -219,11 +223,14 @@ def read_quantized_graph(tensors: dict, metadata: dict, arch: dict, path):
                 raise FileFormatError(path, f"stage {i} ({kind}) does not match nodes {covered}",
                                       allowed.get(kind, "one node"), types)
             chain = [nodes[j] for j in covered]
-            wired = ([_strip(k) for k in ins] == list(chain[0].inputs) and out == chain[-1].name
-                     and all(b.inputs == (a.name,) for a, b in zip(chain, chain[1:], strict=False))) if chain \
-                else len(ins) == 1 and out == _strip(ins[0]) + (":q" if kind == "quantize" else ":f")
+            if chain:  # reads its first node's inputs, writes its last one's output, each reads the last
+                wired = ([_strip(k) for k in ins] == list(chain[0].inputs) and out == chain[-1].name
+                         and all(b.inputs == (a.name,) for a, b in zip(chain, chain[1:], strict=False)))
+            else:  # a conversion writes its input's tensor in the other domain
+                wired = len(ins) == 1 and out == _strip(ins[0]) + (":q" if kind == "quantize" else ":f")
             if not wired:
-                raise FileFormatError(path, f"stage {i} ({kind}) reads or writes other tensors than its nodes",
+                raise FileFormatError(path, f"stage {i} ({kind}) reads or writes other tensors than its "
+                                      "nodes",
                                       [n.inputs for n in chain], [ins, out])
             acts = [domains[k] for k in ins]
             if (kind in (*INTEGER_INPUT, *MERGE_LAYERS) and None in acts) or (
@@ -234,7 +241,7 @@ def read_quantized_graph(tensors: dict, metadata: dict, arch: dict, path):
             if kind in MERGE_LAYERS:
                 out_act = reader.act(str(i), check_bits(spec.get("bits"), "bits"))
                 stage = (QAdd(covered, acts, out_act, relu=len(covered) == 2) if kind == "qadd"
-                         else QConcat(covered, acts, out_act, chain[0].layer.axis))
+                         else QConcat(covered, acts, out_act, layers_cfg[covered[0]]["axis"]))
             else:
                 stage = _stage(kind, spec, covered, [n.layer for n in chain], acts[0], reader, i, path)
             steps.append((stage, tuple(ins), out))
@@ -245,7 +252,7 @@ def read_quantized_graph(tensors: dict, metadata: dict, arch: dict, path):
                                   outputs)
         reader.finish()
         _check_settings(path, settings, [s for s, _, _ in steps], layers_cfg, graph.names)
-        return QuantizedGraph(steps, arch, settings, *outputs)
+        return steps, settings, outputs
     except (KeyError, IndexError, TypeError, ValueError, ArithmeticError, InputError) as exc:
         if isinstance(exc, FileFormatError):
             raise
