@@ -101,11 +101,23 @@ def refuse_nonfinite_input(x) -> None:
         refuse_nonfinite(x)
 
 
-class QuantizeStage(Stage):
+class _StoredAct(Stage):
+    """A stage that stores its output quantization and has no weights: its precision is A<bits>."""
+
+    stores_act = True
+
+    def spec(self):
+        return {**super().spec(), "bits": self.out_act.bits}
+
+    @property
+    def precision(self):
+        return f"A{self.out_act.bits}"
+
+
+class QuantizeStage(_StoredAct):
     """float32 -> uint8 at the network input (or after an FP32 layer)."""
 
     kind = "quantize"
-    stores_act = True
 
     def __init__(self, act: ActQuant):
         super().__init__((), None, act)
@@ -123,13 +135,6 @@ class QuantizeStage(Stage):
         keep.append(scale)
         row = program.integer_row(program.OP_QUANTIZE, scale=scale, zero_point=a.zero_point, qmax=a.qmax)
         return [row], chw
-
-    def spec(self):
-        return {**super().spec(), "bits": self.out_act.bits}
-
-    @property
-    def precision(self):
-        return f"A{self.out_act.bits}"
 
 
 class DequantizeStage(Stage):
@@ -444,11 +449,10 @@ def rescale(q: np.ndarray, act: ActQuant, m0: int, shift: int) -> np.ndarray:
     return ((q.astype(np.int64) - act.zero_point) * np.int64(m0) + (np.int64(1) << (shift - 1))) >> shift
 
 
-class _Merge(Stage):
+class _Merge(_StoredAct):
     """Shared part of QAdd and QConcat: inputs of their own quantizations, one output quantization, a
     fixed-point multiplier per input (``2**extra_bits * scale_in / scale_out``)."""
 
-    stores_act = True
     extra_bits = 0
 
     def __init__(self, layers, in_acts: list[ActQuant], out_act: ActQuant):
@@ -466,14 +470,6 @@ class _Merge(Stage):
                                                    for x in xs):
             raise InputError(f"{self.kind} {self.layers}: expected {len(self.in_acts)} uint8 arrays, found "
                              f"{[getattr(x, 'dtype', type(x).__name__) for x in xs]}")
-
-    def spec(self):
-        return {**super().spec(), "bits": self.out_act.bits}
-
-    @property
-    def precision(self):
-        return f"A{self.out_act.bits}"
-
 
 class QAdd(_Merge):
     """Integer residual addition; ``relu`` fuses a following ReLU as the clamp at the zero point."""

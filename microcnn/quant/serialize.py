@@ -129,12 +129,7 @@ def read_quantized(tensors: dict, metadata: dict, arch: dict, path) -> tuple[lis
     try:
         for i, spec in enumerate(specs):
             where = f"stage {i}"
-            if not isinstance(spec, dict):
-                raise FileFormatError(path, f"stage {i} is not an object", "a JSON object",
-                                      type(spec).__name__)
-            kind, covered = spec.get("kind"), spec.get("layers")
-            if not isinstance(kind, str) or (kind not in STAGE_LAYERS and kind != "float"):
-                raise FileFormatError(path, f"stage {i}: unknown stage kind", [*STAGE_LAYERS, "float"], kind)
+            kind, covered = _stage_kind(path, i, spec, STAGE_LAYERS), spec.get("layers")
             if not (isinstance(covered, list) and all(type(j) is int for j in covered)
                     and covered == list(range(next_layer, next_layer + len(covered)))):
                 raise FileFormatError(path, f"stage {i} does not continue the layer sequence",
@@ -204,13 +199,9 @@ def read_quantized_graph(tensors: dict, metadata: dict, arch: dict, path) -> tup
     try:
         for i, spec in enumerate(specs):
             where = f"stage {i}"
-            if not isinstance(spec, dict):
-                raise FileFormatError(path, f"stage {i} is not an object", "a JSON object",
-                                      type(spec).__name__)
-            kind, covered, ins, out = (spec.get(k) for k in ("kind", "layers", "inputs", "output"))
             allowed = {**STAGE_LAYERS, **MERGE_LAYERS}
-            if not isinstance(kind, str) or (kind not in allowed and kind != "float"):
-                raise FileFormatError(path, f"stage {i}: unknown stage kind", [*allowed, "float"], kind)
+            kind = _stage_kind(path, i, spec, allowed)
+            covered, ins, out = (spec.get(k) for k in ("layers", "inputs", "output"))
             if not (isinstance(covered, list) and all(type(j) is int and 0 <= j < len(nodes) and j not in seen
                                                       for j in covered) and isinstance(ins, list) and ins
                     and all(isinstance(k, str) and k in domains for k in ins)
@@ -258,6 +249,16 @@ def read_quantized_graph(tensors: dict, metadata: dict, arch: dict, path) -> tup
             raise
         raise FileFormatError(path, f"quantized graph does not describe a valid network ({where}: {exc})"
                               ) from None
+
+
+def _stage_kind(path, i: int, spec, allowed: dict) -> str:
+    """The kind of stage ``i``'s description: a known one (``allowed`` or "float") of a JSON object."""
+    if not isinstance(spec, dict):
+        raise FileFormatError(path, f"stage {i} is not an object", "a JSON object", type(spec).__name__)
+    kind = spec.get("kind")
+    if not isinstance(kind, str) or (kind not in allowed and kind != "float"):
+        raise FileFormatError(path, f"stage {i}: unknown stage kind", [*allowed, "float"], kind)
+    return kind
 
 
 def _check_settings(path, settings: dict, stages, layers_cfg, names=None) -> None:
