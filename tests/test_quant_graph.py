@@ -243,3 +243,14 @@ def test_a_quantized_graph_file_whose_steps_do_not_fit_the_graph_is_refused():
                                 (unknown, "unknown stage kind")):
             with pytest.raises(FileFormatError, match=message):
                 load(_tampered(path, os.path.join(folder, f"{change.__name__}.safetensors"), change))
+
+
+def test_gptq_rounds_each_group_of_a_grouped_conv_and_adaround_refuses_them():
+    g, x = _residual_graph(), _images(64)
+    cal = calibrate(g, x, progress=False)
+    ref = g.logits(x)
+    errors = {r: np.abs(quantize(g, cal, 4, 8, rounding=r).logits(x) - ref).max()
+              for r in ("nearest", "gptq")}
+    assert errors["gptq"] <= 0.06 * np.ptp(ref) and errors["gptq"] < 1.5 * errors["nearest"]
+    with pytest.raises(InputError, match="dw is a grouped convolution .*use 'gptq' or 'nearest'"):
+        quantize(g, cal, 4, 8, rounding="adaround", rounding_options={"iterations": 10})

@@ -106,7 +106,9 @@ def measure(name, build, batch, repeats, folder) -> dict:
 
 # The trained networks of issue 13's accuracy targets (tools/train_imported.py) and their datasets.
 IMPORTED = {"fmnist-bn-cnn": "fashion-mnist", "mnist-mlp": "mnist", "fmnist-resnet": "fashion-mnist"}
-W4A8_OPTIONS = {"per_channel": True, "weight_clipping": "mse", "rounding": "nearest"}
+# W4A8 rounds with GPTQ: on 3,000 held-out TRAINING images (not the test set) of the residual network
+# nearest rounding lost 1.53 pt, GPTQ 0.00 (AdaRound 0.00, 15x slower); per channel, MSE clipping.
+W4A8_OPTIONS = {"per_channel": True, "weight_clipping": "mse", "rounding": "gptq"}
 
 
 def imported_accuracy(folder="data", samples=None, calibration=100, method="mse", w4a8=None,
