@@ -159,12 +159,19 @@ def test_batchnorm_is_folded_inside_quantize_and_the_stages_keep_the_conv_names(
             assert np.array_equal(load(path).logits(x), model.logits(x))
 
 
-def test_a_bn_that_follows_no_weighted_layer_is_refused():
+def test_a_bn_that_cannot_be_folded_is_refused():
     rng = np.random.default_rng(4)
     net = Sequential(Conv2d(1, 4, 3, rng=rng), ReLU(), _bn(4, rng), Flatten(), Linear(400, 10, rng=rng),
                      input_shape=(1, 12, 12))
     with pytest.raises(InputError, match="batchnorm2d1 is a BatchNorm2d that does not follow a Conv2d"):
         quantize(net, calibrate(net, _images(), progress=False))
+    # the conv's output is read by the BN and by the residual Add: folding would change the Add's input
+    g = Graph([("c", Conv2d(1, 1, 3, padding=1, rng=rng), ["x"]), ("bn", _bn(1, rng), ["c"]),
+               ("sum", Add(), ["bn", "c"]), ("flat", Flatten(), ["sum"]),
+               ("fc", Linear(144, 10, rng=rng), ["flat"])],
+              "x", "fc", input_shape=(1, 12, 12))
+    with pytest.raises(InputError, match=r"bn is a BatchNorm2d .*\(as that layer's only reader\)"):
+        quantize(g, calibrate(g, _images(), progress=False))
 
 
 @pytest.mark.parametrize("bits", [(8, 8), (4, 8)])

@@ -58,6 +58,11 @@ class QuantizedGraph(Model):
         self.types = [layer.type for layer in reference.layers]
         self.input_shape, self.input_name = reference.input_shape, reference.input_name
         self.output_key, self.logits_key = output, logits
+        last_read = {key: k for k, (_, ins, _) in enumerate(self.steps) for key in ins}
+        # per step: the tensors no later step reads, dropped after it (the results are never dropped)
+        self._free = [tuple(key for key in dict.fromkeys(ins)
+                            if last_read[key] == k and key not in (output, logits))
+                      for k, (_, ins, _) in enumerate(self.steps)]
         covered = sorted(i for stage, _, _ in self.steps for i in stage.layers)
         if covered != list(range(len(self.names))):
             raise InputError(f"steps must cover nodes 0..{len(self.names) - 1} once each, found {covered}")
@@ -73,11 +78,13 @@ class QuantizedGraph(Model):
     def _run(self, x, key: str, record=None):
         refuse_nonfinite_input(x)
         env = {self.input_name: x}
-        for stage, ins, out in self.steps:
+        for (stage, ins, out), free in zip(self.steps, self._free, strict=True):
             t0 = time.perf_counter()
             env[out] = stage.run(*(env[i] for i in ins))
             if record is not None:
                 record(stage, env[out], time.perf_counter() - t0)
+            for name in free:
+                del env[name]
         return env[key]
 
     def forward(self, x):

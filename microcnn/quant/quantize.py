@@ -150,7 +150,7 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
             raise InputError(f"layer_bits: {name!r} is not a layer with weights; expected one of "
                              f"{list(bits)}")
         bits[name] = check_bits(b, f"layer_bits[{name!r}]", (*KERNEL_BITS, 32))
-    check_layers(net.names, net.layers, [n.inputs[0] for n in net.layer_nodes()], bits)
+    check_layers(net.layer_nodes(), bits)
     settings = {"weight_bits": weight_bits, "act_bits": act_bits, "per_channel": bool(per_channel),
                 "weight_clipping": weight_clipping, "bias_correction": bool(bias_correction),
                 "requant": requant, "rounding": rounding, "layer_bits": bits, "symmetric": bool(symmetric),
@@ -167,15 +167,21 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
     return QuantizedSequential(builder.build(), net.config(), settings)
 
 
-def check_layers(names, layers, sources, bits) -> None:
-    """InputError for a layer the quantized network cannot run: a BatchNorm that does not follow a
-    Conv2d/Linear (``sources``: the name of the tensor each layer reads; the BN's running statistics are
-    folded into that layer, so it must read it alone) or a dilated convolution kept in integers."""
-    by_name = dict(zip(names, layers, strict=True))
-    for name, layer, src in zip(names, layers, sources, strict=True):
-        if layer.buffers() and not folds_into(by_name.get(src), layer):
+def check_layers(nodes, bits) -> None:
+    """InputError for a layer (of ``nodes``, the model's ``layer_nodes()``) the quantized network cannot
+    run: a BatchNorm that is not the only reader of a Conv2d/Linear (its running statistics are folded
+    into that layer) or a dilated convolution kept in integers."""
+    by_name = {n.name: n.layer for n in nodes}
+    readers: dict = {}
+    for n in nodes:
+        for i in n.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    for node in nodes:
+        name, layer, src = node.name, node.layer, node.inputs[0]
+        if layer.buffers() and not (folds_into(by_name.get(src), layer) and readers[src] == 1):
             raise InputError(f"quantize: {name} is a {layer.type} that does not follow a Conv2d/Linear it "
-                             "can be folded into; the quantized network has no BatchNorm stage of its own")
+                             "can be folded into (as that layer's only reader); the quantized network has no "
+                             "BatchNorm stage of its own")
         if isinstance(layer, Conv2d) and bits.get(name) != 32 and layer.dilation != (1, 1):
             raise InputError(f"quantize: {name} is a dilated Conv2d (dilation={layer.dilation}); the integer "
                              f"kernels have no dilation: keep it in FP32 with layer_bits={{{name!r}: 32}}")
