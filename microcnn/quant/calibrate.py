@@ -92,7 +92,8 @@ def _layer_types(arch: dict) -> list:
 
 def calibrate(net, images, method: str = "mse", samples: int = 100, progress: bool = True, seed: int = 0,
               batch_size: int = 10, **observer_options) -> Calibration:
-    """Collect activation statistics of ``net`` on up to ``samples`` of ``images``.
+    """Collect activation statistics of ``net`` (a Sequential or a Graph: one observer for the input and
+    one per layer / node output, by name) on up to ``samples`` of ``images``.
 
     ``images`` must not be the evaluation set (use the training split). When there are more images than
     ``samples``, a seeded random subset is taken. Layers run one at a time on batches of ``batch_size``
