@@ -1,10 +1,11 @@
 """Quantizing networks with the issue-13 layers: what the integer stages cannot run is refused or kept
-in FP32, never run wrongly (the integer max pool takes kernel and stride only)."""
+in FP32, never run wrongly (the integer max pool takes kernel and stride only; dilation has no integer
+kernel). BatchNorm folding and grouped convolutions: tests/test_quant_graph.py."""
 
 import numpy as np
 import pytest
 
-from microcnn import BatchNorm2d, Conv2d, Flatten, InputError, Linear, MaxPool2d, ReLU, Sequential
+from microcnn import Conv2d, Flatten, InputError, Linear, MaxPool2d, ReLU, Sequential
 from microcnn.quant import calibrate, quantize
 
 
@@ -42,12 +43,12 @@ def test_plain_pools_stay_integer():
     assert [s.pool for s in q.stages if s.kind == "qconv2d"][0] is not None  # conv1+relu+pool fused
 
 
-@pytest.mark.parametrize("conv2", [Conv2d(4, 4, 3, padding=1, groups=2), Conv2d(4, 4, 3, padding=1, groups=4),
-                                   Conv2d(4, 4, 3, padding=2, dilation=2)])
-def test_grouped_and_dilated_convs_are_refused_unless_kept_in_fp32(conv2):
+@pytest.mark.parametrize("conv2", [Conv2d(4, 4, 3, padding=2, dilation=2),
+                                   Conv2d(4, 4, 3, padding=2, dilation=2, groups=2)])
+def test_dilated_convs_are_refused_unless_kept_in_fp32(conv2):
     net, x = _net(MaxPool2d(2), conv2), _images()
     cal = calibrate(net, x, progress=False)
-    refusal = r"conv2 is a grouped or dilated Conv2d .*layer_bits=\{'conv2': 32\}"
+    refusal = r"conv2 is a dilated Conv2d .*layer_bits=\{'conv2': 32\}"
     with pytest.raises(InputError, match=refusal):
         quantize(net, cal)
     q = quantize(net, cal, layer_bits={"conv2": 32})
@@ -57,17 +58,10 @@ def test_grouped_and_dilated_convs_are_refused_unless_kept_in_fp32(conv2):
     assert np.abs(q.logits(x) - ref).max() <= 0.03 * np.ptp(ref)
 
 
-def test_batchnorm_is_refused_and_its_folded_net_quantizes():
-    rng = np.random.default_rng(2)
-    bn = BatchNorm2d(4)
-    bn.running_mean[:], bn.running_var[:] = rng.random(4), rng.random(4) + 0.5
-    net = Sequential(Conv2d(1, 4, 3, rng=rng), bn, ReLU(), MaxPool2d(2), Flatten(), Linear(100, 10, rng=rng),
-                     input_shape=(1, 12, 12))
-    x = _images()
-    with pytest.raises(InputError, match=r"batchnorm2d1 is a BatchNorm2d; fold it .*fold_batchnorm\(\)"):
-        quantize(net, calibrate(net, x, progress=False))
-    folded = net.fold_batchnorm()
-    q = quantize(folded, calibrate(folded, x, progress=False))
-    assert [s.kind for s in q.stages] == ["quantize", "qconv2d", "flatten", "qlinear"]
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_convs_run_in_integers(groups):
+    net, x = _net(MaxPool2d(2), Conv2d(4, 4, 3, padding=1, groups=groups)), _images()
+    q = quantize(net, calibrate(net, x, progress=False))
+    assert [s.groups for s in q.stages if s.kind == "qconv2d"] == [1, groups]
     ref = net.logits(x)
     assert np.abs(q.logits(x) - ref).max() <= 0.03 * np.ptp(ref)

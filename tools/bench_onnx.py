@@ -11,6 +11,9 @@ the two systems' probabilities on the timed batch.
 
 Usage: ``python tools/bench_onnx.py [--batch 256] [--repeats 5]`` (needs the ``compare`` extra).
 Prints a pandas table: per-batch median time of each system and ORT/microcnn (> 1: microcnn faster).
+
+``--accuracy [--samples N]``: instead, ``imported_accuracy``: issue 13's accuracy targets (FP32 vs ONNX
+Runtime, INT8 and W4A8 drops) on the trained files ``tools/train_imported.py`` wrote to data/.
 """
 
 import argparse
@@ -101,11 +104,57 @@ def measure(name, build, batch, repeats, folder) -> dict:
             "ORT / microcnn": theirs / ours, "ORT / folded": theirs / ours_folded, "max |dp|": agree}
 
 
+# The trained networks of issue 13's accuracy targets (tools/train_imported.py) and their datasets.
+IMPORTED = {"fmnist-bn-cnn": "fashion-mnist", "mnist-mlp": "mnist", "fmnist-resnet": "fashion-mnist"}
+# W4A8 rounds with GPTQ: on 3,000 held-out TRAINING images (not the test set) of the residual network
+# nearest rounding lost 1.53 pt, GPTQ 0.00 (AdaRound 0.00, 15x slower); per channel, MSE clipping.
+W4A8_OPTIONS = {"per_channel": True, "weight_clipping": "mse", "rounding": "gptq"}
+
+
+def imported_accuracy(folder="data", samples=None, calibration=100, method="mse", w4a8=None,
+                      names=tuple(IMPORTED)) -> pd.DataFrame:
+    """Issue 13's targets on the trained ONNX files of ``folder``: test accuracy of microcnn's import
+    (FP32) and of ONNX Runtime on the same file, their largest probability difference, and the accuracy
+    of microcnn's INT8 and W4A8 quantizations (``w4a8``: options of ``quantize``, default
+    ``W4A8_OPTIONS``), calibrated (``method``) on ``calibration`` images of the training split.
+
+    ``samples``: the first N test images (None: the whole test split). One row per model; accuracies in
+    %, drops in points (FP32 minus quantized)."""
+    from microcnn.datasets import load_dataset
+    from microcnn.quant import calibrate, quantize
+
+    rows = []
+    for name in names:
+        path, dataset = os.path.join(folder, f"{name}.onnx"), IMPORTED[name]
+        net, ort = load_onnx(path), ort_predictor(path)
+        x, y = load_dataset(dataset, "test", samples=samples, progress=False)
+        train, _ = load_dataset(dataset, "train", samples=5000, progress=False)
+        cal = calibrate(net, train, method=method, samples=calibration, progress=False)
+        ours, theirs = net.predict(x), np.concatenate([ort(x[s:s + 1000]) for s in range(0, len(x), 1000)])
+        acc = {"FP32": (ours.argmax(1) == y).mean() * 100, "ORT": (theirs.argmax(1) == y).mean() * 100}
+        for label, bits, options in (("INT8", 8, {}), ("W4A8", 4, w4a8 or W4A8_OPTIONS)):
+            acc[label] = quantize(net, cal, bits, 8, **options).accuracy(x, y) * 100
+        rows.append({"Model": name, "Type": type(net).__name__, "Test images": len(y),
+                     "Calibration images": cal.samples, "FP32 %": acc["FP32"], "ORT %": acc["ORT"],
+                     "|FP32 - ORT| pt": abs(acc["FP32"] - acc["ORT"]),
+                     "max |dp|": float(np.abs(softmax(ours) - softmax(theirs)).max()),
+                     "INT8 %": acc["INT8"], "INT8 drop pt": acc["FP32"] - acc["INT8"],
+                     "W4A8 %": acc["W4A8"], "W4A8 drop pt": acc["FP32"] - acc["W4A8"]})
+    return pd.DataFrame(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--accuracy", action="store_true",
+                        help="instead: issue 13's accuracy targets on the trained files in data/")
+    parser.add_argument("--samples", type=int, default=None, help="with --accuracy: first N test images")
     args = parser.parse_args()
+    if args.accuracy:
+        table = imported_accuracy(samples=args.samples)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        return
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(name, build, args.batch, args.repeats, tmp)

@@ -75,7 +75,8 @@ MODULES = {
                               "read_calibration"}), []),
     # empirical bias correction and the weighted stages it corrects (quant/quantize.py)
     "bias-correction": ("microcnn/quant/quantize.py", ["tests/test_bias_correction_exact.py"],
-                        ("<module>", "quantize_weight", "quantize", "_copy_layer", "_Builder.__init__",
+                        ("<module>", "quantize_weight", "quantize", "check_layers", "folded_weighted",
+                         "_Builder.__init__",
                          "_Builder._tensor_before", "_Builder._quantized", "_Builder._output_quant",
                          "_Builder.build"), []),
     # the network-level GPTQ test (a minute: calibrates and quantizes LeNet-5) is left out of each mutant

@@ -26,13 +26,15 @@ from .observers import (
 )
 from .params import ActQuant, fixed_point_multiplier, qparams_from_range
 from .precision import PRECISIONS, Precision, build_precision, parse_precision
+from .qgraph import QuantizedGraph
 from .qnetwork import QuantizedSequential
 from .quantize import quantize
 
 __all__ = [
     "PRECISIONS", "ActQuant", "Calibration", "CompressedModel", "EntropyObserver", "HistogramObserver",
     "MSEObserver", "MinMaxObserver", "MixedPrecisionResult", "MovingAverageMinMaxObserver", "Observer",
-    "PercentileObserver", "Precision", "QuantizedSequential", "build_precision", "calibrate", "compress",
+    "PercentileObserver", "Precision", "QuantizedGraph", "QuantizedSequential", "build_precision",
+    "calibrate", "compress",
     "fixed_point_multiplier", "layer_error_table", "load_calibration", "load_model", "make_observer",
     "mixed_precision", "parse_precision", "per_layer_table", "qparams_from_range", "quantize", "sqnr_db",
 ]

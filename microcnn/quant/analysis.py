@@ -34,15 +34,15 @@ def _groups(qnet):
     return [(s, s.layers[0], s.layers[-1]) for s in qnet.stages if s.layers]
 
 
-def _local_output(stage, x_float: np.ndarray) -> np.ndarray:
-    """The stage fed the FP32 network's input to it (quantized to the stage's input grid if integer)."""
-    if stage.in_act is not None:
-        a = stage.in_act
-        x = ki.quantize_u8(np.ascontiguousarray(x_float).reshape(-1), a.scale, a.zero_point, a.qmax)
-        x = x.reshape(x_float.shape)
-    else:
-        x = x_float
-    return stage.dequantize(stage.run(x))
+def _local_output(stage, xs_float: list) -> np.ndarray:
+    """The stage fed the FP32 network's inputs to it (each quantized to the stage's grid if integer)."""
+    xs = []
+    for x_float, a in zip(xs_float, stage.input_acts, strict=True):
+        if a is not None:
+            x = ki.quantize_u8(np.ascontiguousarray(x_float).reshape(-1), a.scale, a.zero_point, a.qmax)
+            x_float = x.reshape(x_float.shape)
+        xs.append(x_float)
+    return stage.dequantize(stage.run(*xs))
 
 
 def layer_error_table(net, qnet, images) -> pd.DataFrame:
@@ -54,13 +54,14 @@ def layer_error_table(net, qnet, images) -> pd.DataFrame:
     x = net.check_input(images)
     reference = net.trace(x)
     quantized = qnet.trace(x)
+    values = {net.input_name: x, **{r.name: r.output for r in reference}}  # every FP32 tensor by name
     rows = []
-    for stage, first, last in _groups(qnet):
+    for stage, _, last in _groups(qnet):
         ref = reference[last].output
         cum = quantized[last].output
-        local = _local_output(stage, reference[first - 1].output if first > 0 else x)
-        rows.append({"Layer": "+".join(qnet.names[first:last + 1]),
-                     "Type": "+".join(qnet.types[first:last + 1]), "Precision": stage.precision,
+        local = _local_output(stage, [values[t] for t in qnet.stage_inputs(stage)])
+        rows.append({"Layer": "+".join(qnet.names[i] for i in stage.layers),
+                     "Type": "+".join(qnet.types[i] for i in stage.layers), "Precision": stage.precision,
                      "MSE": mse(ref, cum), "SQNR (dB)": sqnr_db(ref, cum),
                      "Local MSE": mse(ref, local), "Local SQNR (dB)": sqnr_db(ref, local)})
     return pd.DataFrame(rows)

@@ -55,7 +55,8 @@ class Calibration:
 
     def check_network(self, net) -> None:
         """InputError unless this calibration was made on a network of ``net``'s architecture."""
-        if self.architecture.get("layers") != net.config().get("layers"):
+        key = "nodes" if "nodes" in self.architecture else "layers"
+        if self.architecture.get(key) != net.config().get(key):
             raise InputError(f"calibration was made for another architecture "
                              f"({_layer_types(self.architecture)}) than the network "
                              f"({_layer_types(net.config())})")
@@ -91,17 +92,19 @@ def _layer_types(arch: dict) -> list:
 
 def calibrate(net, images, method: str = "mse", samples: int = 100, progress: bool = True, seed: int = 0,
               batch_size: int = 10, **observer_options) -> Calibration:
-    """Collect activation statistics of ``net`` on up to ``samples`` of ``images``.
+    """Collect activation statistics of ``net`` (a Sequential or a Graph: one observer for the input and
+    one per layer / node output, by name) on up to ``samples`` of ``images``.
 
     ``images`` must not be the evaluation set (use the training split). When there are more images than
     ``samples``, a seeded random subset is taken. Layers run one at a time on batches of ``batch_size``
     (the unit of the moving-average observer). ``method``: "mse" | "minmax" | "ema" | "percentile" |
     "entropy"; ``observer_options`` go to the observer (e.g. ``percentile=99.9``, ``bins=2048``).
     """
+    from ..graph import Graph
     from ..network import Sequential
 
-    if not isinstance(net, Sequential):
-        raise InputError(f"net: expected a microcnn Sequential, found {type(net).__name__}")
+    if not isinstance(net, Sequential | Graph):
+        raise InputError(f"net: expected a microcnn Sequential or Graph, found {type(net).__name__}")
     if method not in OBSERVERS:
         raise InputError(f"method: expected one of {sorted(OBSERVERS)}, found {method!r}")
     if not isinstance(samples, int | np.integer) or samples < 1:
@@ -116,19 +119,21 @@ def calibrate(net, images, method: str = "mse", samples: int = 100, progress: bo
     if lo == hi:
         raise InputError(f"calibration images: all {len(x)} images are constant (every value {lo:g}); "
                          "a zero range gives no quantization scale: calibrate on real samples")
-    tensors = [INPUT, *net.names]
-    observers = OrderedDict((t, make_observer(method, t, **observer_options)) for t in tensors)
+    # the input tensor, then every layer's (node's) output; a Graph's nodes read tensors by name
+    source = net.input_name if isinstance(net, Graph) else INPUT
+    nodes = [(n.name, n.layer, n.inputs) for n in net.layer_nodes()]
+    observers = OrderedDict((t, make_observer(method, t, **observer_options)) for t in [source, *net.names])
     starts = range(0, len(x), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"calibrate ({method})", unit="batch")
     for s in starts:
-        a = x[s:s + batch_size]
-        observers[INPUT].observe(a)
-        for name, layer in zip(net.names, net.layers, strict=True):
-            a = layer.forward(a)
-            observers[name].observe(a)
+        env = {source: x[s:s + batch_size]}
+        observers[source].observe(env[source])
+        for name, layer, inputs in nodes:
+            env[name] = layer.forward(*(env[i] for i in inputs))
+            observers[name].observe(env[name])
     return Calibration(method, observers, json.loads(json.dumps(net.config())), x.copy(), seed)
 
 

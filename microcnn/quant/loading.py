@@ -20,6 +20,7 @@ from ..io import (
 )
 from ..network import Sequential
 from .compress import CompressedModel
+from .qgraph import QuantizedGraph
 from .qnetwork import QuantizedSequential
 from .serialize import (
     COMPRESSED_KINDS,
@@ -27,11 +28,12 @@ from .serialize import (
     KIND_QUANTIZED,
     MODEL_KINDS,
     read_quantized,
+    read_quantized_graph,
     refuse_kind,
 )
 
 
-def load_model(path: StrPath) -> Sequential | Graph | QuantizedSequential | CompressedModel:
+def load_model(path: StrPath) -> Sequential | Graph | QuantizedSequential | QuantizedGraph | CompressedModel:
     """Rebuild a network (FP32, quantized or storage-compressed) from a self-describing file. The header
     and the architecture it carries are checked (sizes, activations) before any layer is built and
     before any tensor byte is read.
@@ -41,7 +43,8 @@ def load_model(path: StrPath) -> Sequential | Graph | QuantizedSequential | Comp
             quantize`` (a ``.raw`` file has no architecture: use ``lenet(weights=path)``).
 
     Returns:
-        A ``Sequential`` or ``Graph`` (FP32), ``QuantizedSequential`` or ``CompressedModel``, each with
+        A ``Sequential`` or ``Graph`` (FP32), ``QuantizedSequential``, ``QuantizedGraph`` or
+        ``CompressedModel``, each with
         ``predict``.
 
     Raises:
@@ -65,6 +68,10 @@ def load_model(path: StrPath) -> Sequential | Graph | QuantizedSequential | Comp
     with SafetensorsFile(path) as st:
         metadata = st.metadata
         arch = architecture_of(path, metadata, allow_graph=True)
+        if is_graph_config(arch) and metadata.get("kind") == KIND_QUANTIZED:
+            tensors = st.read()  # checked stage by stage against the graph, which is built first
+            steps, settings, outputs = read_quantized_graph(tensors, metadata, arch, path)
+            return QuantizedGraph(steps, arch, settings, *outputs)
         if is_graph_config(arch):
             return load_graph(path, st)
         kind = metadata.get("kind", "fp32")

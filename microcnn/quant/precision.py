@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputError
 
 if TYPE_CHECKING:  # annotations only
+    from ..graph import Graph
     from ..network import Sequential
     from .calibrate import Calibration
+    from .qgraph import QuantizedGraph
     from .qnetwork import QuantizedSequential
 
 FLOAT_BITS = 32
@@ -125,8 +127,9 @@ def precision_of(model: Any) -> Precision:
     return stored_precision(model) or FP32
 
 
-def build_precision(net: Sequential, precision: str | Precision, calibration: Calibration | None = None,
-                    **options: Any) -> Sequential | QuantizedSequential:
+def build_precision(net: Sequential | Graph, precision: str | Precision,
+                    calibration: Calibration | None = None,
+                    **options: Any) -> Sequential | Graph | QuantizedSequential | QuantizedGraph:
     """The model that runs ``precision``: the FP32 ``net`` itself, or a copy quantized with
     ``calibration`` (a ``microcnn.quant.Calibration``) at the precision's bit widths (``options``: the
     other arguments of ``quantize``, e.g. ``rounding="adaround"``).
@@ -137,7 +140,7 @@ def build_precision(net: Sequential, precision: str | Precision, calibration: Ca
         calibration: activation ranges of ``net`` (``microcnn.quant.calibrate``); needed unless FP32.
 
     Returns:
-        ``net`` itself for FP32, else a ``QuantizedSequential``.
+        ``net`` itself for FP32, else a ``QuantizedSequential`` (``QuantizedGraph`` for a Graph).
 
     Example::
 

@@ -12,16 +12,18 @@ import numpy as np
 
 from ..checks import int_pair
 from ..errors import InputError
+from ..graph import Add, Concat
 from ..kernels import integer as ki
 from ..kernels import pool, program
 from ..kernels.elementwise import all_finite
 from ..kernels.packing import pack_bits, unpack_bits
 from ..kernels.shapes import conv_output_size
-from ..layers import MaxPool2d
+from ..layers import MaxPool2d, layer_from_config
 from .params import ActQuant, check_bits, fixed_point_multiplier, qrange
 
 REQUANT_MODES = {"fixedpoint": ki.MODE_FIXEDPOINT, "float": ki.MODE_FLOAT}
 ACC_LIMIT = 2**31 - 1
+ADD_FRACTION_BITS = 16  # fractional bits QAdd keeps of each rescaled input before its final rounding
 
 
 class Stage:
@@ -63,6 +65,11 @@ class Stage:
     def precision(self) -> str:
         return "-"
 
+    @property
+    def input_acts(self) -> tuple:
+        """The quantization of each input (None: a real-valued input)."""
+        return (self.in_act,)
+
     def dequantize(self, y: np.ndarray) -> np.ndarray:
         """This stage's output as float32 real values."""
         if self.out_act is None:
@@ -86,11 +93,31 @@ def refuse_nonfinite(x: np.ndarray) -> None:
                      f"quantized layer (first in image {first}); integer codes cannot represent them")
 
 
-class QuantizeStage(Stage):
+def refuse_nonfinite_input(x) -> None:
+    """NaN/Inf input gets no answer at any precision. Checked at the input because an FP32 first layer
+    of a mixed network can hide it (ReLU and max pooling drop NaN); each quantize stage checks again
+    for values that overflow inside the network."""
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f" and not all_finite(x.reshape(-1)):
+        refuse_nonfinite(x)
+
+
+class _StoredAct(Stage):
+    """A stage that stores its output quantization and has no weights: its precision is A<bits>."""
+
+    stores_act = True
+
+    def spec(self):
+        return {**super().spec(), "bits": self.out_act.bits}
+
+    @property
+    def precision(self):
+        return f"A{self.out_act.bits}"
+
+
+class QuantizeStage(_StoredAct):
     """float32 -> uint8 at the network input (or after an FP32 layer)."""
 
     kind = "quantize"
-    stores_act = True
 
     def __init__(self, act: ActQuant):
         super().__init__((), None, act)
@@ -108,13 +135,6 @@ class QuantizeStage(Stage):
         keep.append(scale)
         row = program.integer_row(program.OP_QUANTIZE, scale=scale, zero_point=a.zero_point, qmax=a.qmax)
         return [row], chw
-
-    def spec(self):
-        return {**super().spec(), "bits": self.out_act.bits}
-
-    @property
-    def precision(self):
-        return f"A{self.out_act.bits}"
 
 
 class DequantizeStage(Stage):
@@ -291,16 +311,17 @@ class QWeighted(Stage):
         w = self.weight_codes.reshape(self.weight_shape[0], -1)
         return ki.pack_linear(w, self.bias_q, self.in_act.zero_point, self.in_act.qmax)
 
-    def _check_input(self, x, ndim: int):
+    def _check_input(self, x, ndim: int, channels: int | None = None):
         # The kernels index the weights by the input's sizes and have no bounds checks: an input that
         # does not fit would make them read past the weight buffer.
         if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != ndim:
             raise InputError(f"{self.kind} {self.layers}: expected a uint8 array of {ndim} dimensions, found "
                              f"{type(x).__name__} {getattr(x, 'dtype', '')} {np.shape(x)}")
-        if x.shape[1] != self.weight_shape[1]:
+        channels = self.weight_shape[1] if channels is None else channels
+        if x.shape[1] != channels:
             raise InputError(f"{self.kind} {self.layers}: input has {x.shape[1]} "
                              f"{'channels' if ndim == 4 else 'features'}, the weights expect "
-                             f"{self.weight_shape[1]} (found shape {x.shape})")
+                             f"{channels} (found shape {x.shape})")
 
     @staticmethod
     def _outputs(shape, mode):
@@ -316,11 +337,17 @@ class QConv2d(QWeighted):
     kind = "qconv2d"
 
     def __init__(self, layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu,
-                 stride=(1, 1), padding=(0, 0), pool=None, requant="fixedpoint", weight_zero_point=None):
+                 stride=(1, 1), padding=(0, 0), pool=None, requant="fixedpoint", weight_zero_point=None,
+                 groups: int = 1):
         super().__init__(layers, weight_q, weight_bits, weight_scale, bias_q, in_act, out_act, relu, requant,
                          weight_zero_point)
         if len(self.weight_shape) != 4:
             raise InputError(f"conv weight: expected (O, C, KH, KW), found {self.weight_shape}")
+        if type(groups) is not int or groups < 1 or self.weight_shape[0] % groups:
+            raise InputError(f"qconv2d: groups must be a positive integer dividing the {self.weight_shape[0]}"
+                             " "
+                             f"output channels, found {groups!r}")
+        self.groups = groups
         self.stride, self.padding = int_pair(stride, "stride"), int_pair(padding, "padding")
         if min(self.stride) < 1 or min(self.padding) < 0:
             raise InputError(f"qconv2d: expected stride >= 1 and padding >= 0, found {self.stride}, "
@@ -336,18 +363,27 @@ class QConv2d(QWeighted):
         # covers its whole unpadded input runs as a dense layer (see _run).
         self.packed = ki.pack_conv(self.weight_codes.reshape(self.weight_shape), self.bias_q, self.stride[0],
                                    in_act.zero_point, in_act.qmax)
-        self.packed_dense = self._pack_dense() if self.pool is None and self.padding == (0, 0) else None
+        whole = self.pool is None and self.padding == (0, 0) and groups == 1
+        self.packed_dense = self._pack_dense() if whole else None
+        # A grouped (depthwise too) convolution runs group by group through the same integer kernel: its
+        # own output channels, weights and per-channel epilogue each (``grouped_parts``), exact.
+        self.parts = grouped_parts(self.weight_codes.reshape(self.weight_shape), self.bias_q, groups,
+                                   self.stride[0], in_act) if groups > 1 else None
 
     def spec(self):
         return {**super().spec(), "stride": list(self.stride), "padding": list(self.padding),
-                "pool": None if self.pool is None else [list(self.pool[0]), list(self.pool[1])]}
+                "pool": None if self.pool is None else [list(self.pool[0]), list(self.pool[1])],
+                **({"groups": self.groups} if self.groups > 1 else {})}
 
     def geometry(self) -> ki.QConvGeometry:
         pool = (1, 1, 1, 1) if self.pool is None else (*self.pool[0], *self.pool[1])
-        return ki.QConvGeometry(*self.weight_shape[2:], *self.stride, *self.padding, *pool)
+        kh, kw = self.weight_shape[2:]
+        return ki.QConvGeometry(kh, kw, *self.stride, *self.padding, *pool)
 
     def program_ops(self, chw, keep):
         o = self.weight_shape[0]
+        if self.groups > 1:
+            return None  # the program has no grouped op: the stage runs as a call of its own
         if self.packed_dense is not None and tuple(chw[1:]) == self.weight_shape[2:]:
             row = program.integer_row(program.OP_QLINEAR, self.packed_dense, self.requant_run, o)
             return [row], (o, 1, 1)
@@ -361,7 +397,7 @@ class QConv2d(QWeighted):
                                     geo[4:6], geo[6:])], out
 
     def _run(self, x, rq):
-        self._check_input(x, 4)
+        self._check_input(x, 4, self.weight_shape[1] * self.groups)
         n, c, h, w = x.shape
         o, _, kh, kw = self.weight_shape
         (sh, sw), (ph, pw) = self.stride, self.padding
@@ -379,8 +415,99 @@ class QConv2d(QWeighted):
         geo = self.geometry()
         oh, ow = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
         q, f = self._outputs((n, o, oh, ow), rq.mode)
-        ki.conv2d_packed(np.ascontiguousarray(x), self.packed, geo, rq, q, f)
+        if self.parts is None:
+            ki.conv2d_packed(np.ascontiguousarray(x), self.packed, geo, rq, q, f)
+        else:
+            run_grouped(x, self.parts, geo, rq, q, f)
         return f if rq.mode == ki.MODE_DEQUANT else q
+
+
+def grouped_parts(codes: np.ndarray, bias_q: np.ndarray, groups: int, stride_h: int,
+                  in_act: ActQuant) -> list:
+    """Per group of a grouped convolution: (its input channels, its output channels, its weights packed
+    for ``ki.conv2d_packed``); the per-channel epilogue is sliced per call (``run_grouped``)."""
+    o, c = codes.shape[0] // groups, codes.shape[1]
+    return [(slice(g * c, (g + 1) * c), slice(g * o, (g + 1) * o),
+             ki.pack_conv(codes[g * o:(g + 1) * o], bias_q[g * o:(g + 1) * o], stride_h, in_act.zero_point,
+                          in_act.qmax)) for g in range(len(codes) // o)]
+
+
+def run_grouped(x, parts: list, geo, rq, out_q, out_f) -> None:
+    """A grouped convolution as one ``ki.conv2d_packed`` call per group, each on its input channels with
+    its channels' multipliers, into its slice of the output: the integer arithmetic of a dense conv."""
+    dequant = rq.mode == ki.MODE_DEQUANT
+    for cin, cout, packed in parts:
+        part_rq = rq._replace(m0=rq.m0[cout].copy(), shift=rq.shift[cout].copy(), fmult=rq.fmult[cout].copy())
+        shape = (len(x), cout.stop - cout.start, *(out_f if dequant else out_q).shape[2:])
+        q, f = QWeighted._outputs(shape, rq.mode)
+        ki.conv2d_packed(np.ascontiguousarray(x[:, cin]), packed, geo, part_rq, q, f)
+        (out_f if dequant else out_q)[:, cout] = f if dequant else q
+
+
+def rescale(q: np.ndarray, act: ActQuant, m0: int, shift: int) -> np.ndarray:
+    """(q - zero_point) * m0 * 2**-shift as int64, rounded half up (``kernels.integer``'s rule)."""
+    return ((q.astype(np.int64) - act.zero_point) * np.int64(m0) + (np.int64(1) << (shift - 1))) >> shift
+
+
+class _Merge(_StoredAct):
+    """Shared part of QAdd and QConcat: inputs of their own quantizations, one output quantization, a
+    fixed-point multiplier per input (``2**extra_bits * scale_in / scale_out``)."""
+
+    extra_bits = 0
+
+    def __init__(self, layers, in_acts: list[ActQuant], out_act: ActQuant):
+        super().__init__(layers, in_acts[0], out_act)
+        self.in_acts = tuple(in_acts)
+        mult = np.array([a.scale / out_act.scale for a in in_acts], np.float64) * 2.0 ** self.extra_bits
+        self.m0, self.shift = fixed_point_multiplier(mult)
+
+    @property
+    def input_acts(self) -> tuple:
+        return self.in_acts
+
+    def _check(self, xs) -> None:
+        if len(xs) != len(self.in_acts) or not all(isinstance(x, np.ndarray) and x.dtype == np.uint8
+                                                   for x in xs):
+            raise InputError(f"{self.kind} {self.layers}: expected {len(self.in_acts)} uint8 arrays, found "
+                             f"{[getattr(x, 'dtype', type(x).__name__) for x in xs]}")
+
+class QAdd(_Merge):
+    """Integer residual addition; ``relu`` fuses a following ReLU as the clamp at the zero point."""
+
+    kind = "qadd"
+    extra_bits = ADD_FRACTION_BITS
+
+    def __init__(self, layers, in_acts, out_act, relu: bool = False):
+        super().__init__(layers, in_acts, out_act)
+        self.relu = bool(relu)
+        self.lo = out_act.zero_point if relu else 0
+
+    def run(self, *xs):
+        self._check(xs)
+        Add().output_shape(*(x.shape for x in xs))
+        total = rescale(xs[0], self.in_acts[0], self.m0[0], self.shift[0])
+        for x, act, m0, shift in zip(xs[1:], self.in_acts[1:], self.m0[1:], self.shift[1:], strict=True):
+            total += rescale(x, act, m0, shift)
+        half = np.int64(1) << (ADD_FRACTION_BITS - 1)
+        y = ((total + half) >> ADD_FRACTION_BITS) + self.out_act.zero_point
+        return np.clip(y, self.lo, self.out_act.qmax).astype(np.uint8)
+
+
+class QConcat(_Merge):
+    """Integer concatenation along ``axis``: each input requantized to the output's grid."""
+
+    kind = "qconcat"
+
+    def __init__(self, layers, in_acts, out_act, axis: int = 1):
+        super().__init__(layers, in_acts, out_act)
+        self.layer = Concat(axis)
+
+    def run(self, *xs):
+        self._check(xs)
+        zp, qmax = self.out_act.zero_point, self.out_act.qmax
+        parts = [np.clip(rescale(x, act, m0, shift) + zp, 0, qmax).astype(np.uint8)
+                 for x, act, m0, shift in zip(xs, self.in_acts, self.m0, self.shift, strict=True)]
+        return self.layer.forward(*parts)
 
 
 class QLinear(QWeighted):
@@ -483,3 +610,17 @@ class FloatStage(Stage):
     @property
     def precision(self):
         return "FP32" if self.layer.parameters() else "-"
+
+
+def integer_pool(layer) -> bool:
+    """A max pool the integer stages run: they take kernel and stride only, so a padded or ceil-mode
+    pool runs in FP32 (between a dequantize and a quantize) rather than wrongly in integers."""
+    return isinstance(layer, MaxPool2d) and layer.padding == (0, 0) and not layer.ceil_mode
+
+
+def copy_layer(layer):
+    """A detached copy of an FP32 layer (the quantized network must not change when the FP32 one does)."""
+    copy = layer_from_config({"type": layer.type, **layer.config()})
+    for (_, dst), (_, src) in zip(copy.named_state(), layer.named_state(), strict=True):
+        dst[...] = src
+    return copy

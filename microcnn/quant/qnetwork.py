@@ -9,19 +9,10 @@ import numpy as np
 
 from ..errors import InputError
 from ..kernels import program
-from ..kernels.elementwise import all_finite
 from ..model import LayerNode, LayerTrace, Model
 from ..network import PROGRAM_MAX_BATCH, Sequential
-from .qlayers import FloatStage, QWeighted, Stage, refuse_nonfinite
+from .qlayers import FloatStage, QWeighted, Stage, refuse_nonfinite_input
 from .serialize import save_quantized
-
-
-def _refuse_nonfinite_input(x) -> None:
-    """NaN/Inf input gets no answer at any precision. Checked at the input because an FP32 first layer
-    of a mixed network can hide it (ReLU and max pooling drop NaN); each quantize stage checks again
-    for values that overflow inside the network."""
-    if isinstance(x, np.ndarray) and x.dtype.kind == "f" and not all_finite(x.reshape(-1)):
-        refuse_nonfinite(x)
 
 
 class QuantizedSequential(Model):
@@ -68,9 +59,9 @@ class QuantizedSequential(Model):
         if (prog is not None and type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 4
                 and x.shape[1:] == prog[1] and 0 < x.shape[0] < PROGRAM_MAX_BATCH and x.flags.c_contiguous
                 and x.flags.writeable and prog[0] == self.stages):
-            _refuse_nonfinite_input(x)
+            refuse_nonfinite_input(x)
             return program.run_program(x, prog[3]).reshape(x.shape[0], *prog[2])
-        _refuse_nonfinite_input(x)
+        refuse_nonfinite_input(x)
         sample_shape = x.shape[1:] if isinstance(x, np.ndarray) else None
         for stage in self.stages:
             x = stage.run(x)
@@ -103,7 +94,7 @@ class QuantizedSequential(Model):
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         stages = self.stages[:-1] if self._ends_in_softmax() else self.stages
-        _refuse_nonfinite_input(x)
+        refuse_nonfinite_input(x)
         for stage in stages:
             x = stage.run(x)
         return x
@@ -127,6 +118,11 @@ class QuantizedSequential(Model):
             pending = 0.0
         records[-1].seconds += pending
         return records
+
+    def stage_inputs(self, stage: Stage) -> list[str]:
+        """The FP32 network's tensor ``stage`` reads: the output of the layer before its first."""
+        first = stage.layers[0]
+        return [self.names[first - 1] if first > 0 else self.input_name]
 
     # -- memory and description ------------------------------------------------------------------
     def layer_nodes(self) -> list[LayerNode]:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, layer_from_config
+from ..layers import Conv2d, Flatten, Linear, ReLU
+from ..network import fold_pair, folds_into
 from .calibrate import INPUT, Calibration
 from .params import KERNEL_BITS, ActQuant, check_bits, qparams_from_range, qrange, quantize_values
+from .qgraph import GraphBuilder, QuantizedGraph
 from .qlayers import (
     ACC_LIMIT,
     REQUANT_MODES,
@@ -30,6 +32,8 @@ from .qlayers import (
     QMaxPool2d,
     QReLU,
     QuantizeStage,
+    copy_layer,
+    integer_pool,
 )
 from .qnetwork import QuantizedSequential
 from .rounding import NEEDS_DATA, ROUNDINGS, RoundingJob
@@ -96,8 +100,10 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
              weight_clipping: str = "mse", bias_correction: bool = True, requant: str = "fixedpoint",
              layer_bits: dict | None = None, rounding: str = "nearest", symmetric: bool = True,
              rounding_options: dict | None = None, seed: int = 0, progress: bool = False
-             ) -> QuantizedSequential:
-    """Quantize ``net`` with activation ranges from ``calibration``.
+             ) -> QuantizedSequential | QuantizedGraph:
+    """Quantize ``net`` (a Sequential, or a Graph: ``qgraph``) with activation ranges from ``calibration``.
+    A BatchNorm after a Conv2d/Linear is folded into it first; its stage covers both (names, traces and
+    error tables name the conv). Grouped (depthwise too) convolutions run in integers group by group.
 
     weight_bits / act_bits: any width in 2..8, independently (W8A8, W4A8, W3A3, W2A4, ...).
     per_channel: one weight scale per output channel (else per tensor). symmetric: weights on a grid
@@ -115,10 +121,11 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
     with FP32 more often at W8A8, W4A8 and W4A4 (100.00 / 99.96 / 99.91 % vs 99.97 / 99.84 / 99.87 %
     for GPTQ, bundled LeNet-5); AdaRound pays off below 4 bits.
     """
+    from ..graph import Graph
     from ..network import Sequential
 
-    if not isinstance(net, Sequential):
-        raise InputError(f"net: expected a microcnn Sequential, found {type(net).__name__}")
+    if not isinstance(net, Sequential | Graph):
+        raise InputError(f"net: expected a microcnn Sequential or Graph, found {type(net).__name__}")
     if not isinstance(calibration, Calibration):
         raise InputError(f"calibration: expected the result of calibrate(), found "
                          f"{type(calibration).__name__}")
@@ -143,24 +150,47 @@ def quantize(net, calibration: Calibration, weight_bits: int = 8, act_bits: int 
             raise InputError(f"layer_bits: {name!r} is not a layer with weights; expected one of "
                              f"{list(bits)}")
         bits[name] = check_bits(b, f"layer_bits[{name!r}]", (*KERNEL_BITS, 32))
-    for name, layer in zip(net.names, net.layers, strict=True):
-        if layer.buffers():  # BatchNorm: its running statistics belong in the layer before it
-            raise InputError(f"quantize: {name} is a {layer.type}; fold it into the layer before it first "
-                             "(net = net.fold_batchnorm(); then calibrate the folded net)")
-        if isinstance(layer, Conv2d) and bits[name] != 32 and (layer.groups != 1 or layer.dilation != (1, 1)):
-            raise InputError(f"quantize: {name} is a grouped or dilated Conv2d (groups={layer.groups}, "
-                             f"dilation={layer.dilation}); the integer kernels have none yet: keep it in "
-                             f"FP32 with layer_bits={{{name!r}: 32}}")
+    check_layers(net.layer_nodes(), bits)
     settings = {"weight_bits": weight_bits, "act_bits": act_bits, "per_channel": bool(per_channel),
                 "weight_clipping": weight_clipping, "bias_correction": bool(bias_correction),
                 "requant": requant, "rounding": rounding, "layer_bits": bits, "symmetric": bool(symmetric),
                 "calibration": calibration.method,
                 "calibration_samples": calibration.samples}
-    builder = _Builder(net, calibration, bits, act_bits, per_channel, weight_clipping, requant,
-                       calibration.images if bias_correction or rounding in NEEDS_DATA else None,
+    images = calibration.images if bias_correction or rounding in NEEDS_DATA else None
+    builder = _Builder(net, calibration, bits, act_bits, per_channel, weight_clipping, requant, images,
                        bias_correction, rounding, symmetric,
                        dict(options=dict(rounding_options or {}), seed=seed, progress=progress))
+    if isinstance(net, Graph):  # the same weighted stages wired by tensor name; Add and Concat in integers
+        steps, output, logits = GraphBuilder(net, calibration, bits, act_bits, builder.weighted_stage,
+                                             images).build()
+        return QuantizedGraph(steps, net.config(), settings, output, logits)
     return QuantizedSequential(builder.build(), net.config(), settings)
+
+
+def check_layers(nodes, bits) -> None:
+    """InputError for a layer (of ``nodes``, the model's ``layer_nodes()``) the quantized network cannot
+    run: a BatchNorm that is not the only reader of a Conv2d/Linear (its running statistics are folded
+    into that layer) or a dilated convolution kept in integers."""
+    by_name = {n.name: n.layer for n in nodes}
+    readers: dict = {}
+    for n in nodes:
+        for i in n.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    for node in nodes:
+        name, layer, src = node.name, node.layer, node.inputs[0]
+        if layer.buffers() and not (folds_into(by_name.get(src), layer) and readers[src] == 1):
+            raise InputError(f"quantize: {name} is a {layer.type} that does not follow a Conv2d/Linear it "
+                             "can be folded into (as that layer's only reader); the quantized network has no "
+                             "BatchNorm stage of its own")
+        if isinstance(layer, Conv2d) and bits.get(name) != 32 and layer.dilation != (1, 1):
+            raise InputError(f"quantize: {name} is a dilated Conv2d (dilation={layer.dilation}); the integer "
+                             f"kernels have no dilation: keep it in FP32 with layer_bits={{{name!r}: 32}}")
+
+
+def folded_weighted(layer, bn):
+    """The Conv2d/Linear ``layer`` with the BatchNorm ``bn`` after it folded in (``layer`` itself when
+    ``bn`` is None): quantization, bias correction and rounding all see the folded weights."""
+    return layer if bn is None else fold_pair(layer, bn)
 
 
 class _Builder:
@@ -200,7 +230,7 @@ class _Builder:
         (pooling, flatten, ReLU) lead to it; None means the output leaves the integer domain."""
         j = end + 1
         def integer_only(layer) -> bool:
-            return _integer_pool(layer) or isinstance(layer, Flatten | ReLU)
+            return integer_pool(layer) or isinstance(layer, Flatten | ReLU)
 
         while j < len(self.layers) and integer_only(self.layers[j]):
             j += 1
@@ -215,7 +245,7 @@ class _Builder:
             if self._quantized(i):
                 i = self._weighted(i)
                 continue
-            if self.act is not None and _integer_pool(layer):
+            if self.act is not None and integer_pool(layer):
                 self._append(QMaxPool2d((i,), self.act, layer.kernel_size, layer.stride))
             elif self.act is not None and isinstance(layer, ReLU):
                 self._append(QReLU((i,), self.act))
@@ -224,34 +254,55 @@ class _Builder:
             else:
                 if self.act is not None:
                     self._append(DequantizeStage(self.act))
-                self._append(FloatStage((i,), _copy_layer(layer)))
+                if self._bn_after(i):  # a weighted layer kept in FP32: its BatchNorm folded in, one stage
+                    self._append(FloatStage((i, i + 1), fold_pair(layer, self.layers[i + 1])))
+                    self._advance_float(i)
+                    i += 1
+                else:
+                    self._append(FloatStage((i,), copy_layer(layer)))
             self._advance_float(i)
             i += 1
         if self.act is not None:
             self._append(DequantizeStage(self.act))
         return self.stages
 
+    def _bn_after(self, i) -> bool:
+        return i + 1 < len(self.layers) and folds_into(self.layers[i], self.layers[i + 1])
+
     def _weighted(self, i) -> int:
-        layer, name = self.layers[i], self.names[i]
+        name = self.names[i]
+        bn = self._bn_after(i)
+        layer = folded_weighted(self.layers[i], self.layers[i + 1] if bn else None)
         if self.act is None:
             self._append(QuantizeStage(self.cal.act_quant(self._tensor_before(i), self.act_bits)))
         in_act = self.act
         assert in_act is not None  # a QuantizeStage was just appended if the input was float
-        relu = i + 1 < len(self.layers) and isinstance(self.layers[i + 1], ReLU)
-        end = i + 1 if relu else i
+        i_last = i + 1 if bn else i  # the BatchNorm is part of this stage
+        relu = i_last + 1 < len(self.layers) and isinstance(self.layers[i_last + 1], ReLU)
+        end = i_last + 1 if relu else i_last
         pool = None
-        if isinstance(layer, Conv2d) and end + 1 < len(self.layers) and _integer_pool(self.layers[end + 1]):
+        if isinstance(layer, Conv2d) and end + 1 < len(self.layers) and integer_pool(self.layers[end + 1]):
             end += 1
             pool = (self.layers[end].kernel_size, self.layers[end].stride)
         out_act = self._output_quant(end)
         covered = tuple(range(i, end + 1))
+        self._append(self.weighted_stage(name, layer, covered, in_act, out_act, relu, pool, self.x_quant,
+                                         self.x_float))
+        for j in covered:
+            self._advance_float(j)
+        return end + 1
+
+    def weighted_stage(self, name, layer, covered, in_act, out_act, relu, pool, x_quant, x_float):
+        """The QConv2d/QLinear of the (BN-folded) ``layer`` covering ``covered``, reading ``in_act``:
+        weights rounded by the chosen method, the bias corrected on the calibration images (``x_quant``
+        the quantized input, ``x_float`` the FP32 one; None without images)."""
         wq, wscale, wzp = quantize_weight(layer.weight.data, self.bits[name], self.per_channel, self.clipping,
                                           self.symmetric)
         if self.rounding != "nearest":
-            x_in = (self.x_quant.astype(np.float32) - in_act.zero_point) * np.float32(in_act.scale)
+            x_in = (x_quant.astype(np.float32) - in_act.zero_point) * np.float32(in_act.scale)
             per_row = (np.broadcast_to(wscale, (len(wq),)),
                        np.broadcast_to(0 if wzp is None else wzp, (len(wq),)))
-            job = RoundingJob(name, layer, wq, *per_row, self.bits[name], x_in, self.x_float, relu,
+            job = RoundingJob(name, layer, wq, *per_row, self.bits[name], x_in, x_float, relu,
                               **self.rounding_run)
             wq = np.asarray(ROUNDINGS[self.rounding](job), np.int8).reshape(wq.shape)
         bias = layer.bias.data.astype(np.float64) if layer.bias is not None else np.zeros(len(wq))
@@ -262,31 +313,15 @@ class _Builder:
                     in_act, out_act, relu and fused)
             if isinstance(layer, Conv2d):
                 return QConv2d(*args, stride=layer.stride, padding=layer.padding,
-                               pool=pool if fused else None, requant=self.requant, weight_zero_point=wzp)
+                               pool=pool if fused else None, requant=self.requant, weight_zero_point=wzp,
+                               groups=layer.groups)
             return QLinear(*args, requant=self.requant, weight_zero_point=wzp)
 
         if self.bias_correction:
             # Empirical bias correction: the mean per-channel gap between the FP32 layer's output on FP32
             # inputs and the quantized layer's accumulators on the quantized network's inputs.
-            reference = layer.forward(self.x_float)
+            reference = layer.forward(x_float)
             axes = (0, 2, 3) if reference.ndim == 4 else (0,)
-            quantized = make(bias, fused=False).preactivation(self.x_quant)
+            quantized = make(bias, fused=False).preactivation(x_quant)
             bias = bias + (reference.astype(np.float64) - quantized).mean(axis=axes)
-        self._append(make(bias))
-        for j in covered:
-            self._advance_float(j)
-        return end + 1
-
-
-def _integer_pool(layer) -> bool:
-    """A max pool the integer stages run: they take kernel and stride only, so a padded or ceil-mode
-    pool runs in FP32 (between a dequantize and a quantize) rather than wrongly in integers."""
-    return isinstance(layer, MaxPool2d) and layer.padding == (0, 0) and not layer.ceil_mode
-
-
-def _copy_layer(layer):
-    """A detached copy of an FP32 layer (the quantized network must not change when the FP32 one does)."""
-    copy = layer_from_config({"type": layer.type, **layer.config()})
-    for (_, dst), (_, src) in zip(copy.named_state(), layer.named_state(), strict=True):
-        dst[...] = src
-    return copy
+        return make(bias)

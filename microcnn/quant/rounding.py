@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import InputError
 from ..kernels.linalg import cholesky_lower, gram, inverse_spd
 from ..layers import Conv2d, Linear
 from .params import qrange
@@ -47,8 +48,16 @@ def _nearest(job: RoundingJob) -> np.ndarray:
 def _gptq(job: RoundingJob) -> np.ndarray:
     # gptq is in NEEDS_DATA: quantize always passes it the calibration images
     assert job.x_quant is not None
-    return gptq_round(job.layer.weight.data, job.scale, job.bits, input_gram(job.layer, job.x_quant),
-                      zero_point=job.zero_point)
+    groups = _groups(job.layer)
+    o, c = len(job.nearest) // groups, job.layer.weight.data.shape[1]
+    # A grouped convolution's groups are independent layers: each its own rows, input channels, Hessian.
+    return np.concatenate([gptq_round(job.layer.weight.data[g * o:(g + 1) * o], job.scale[g * o:(g + 1) * o],
+                                      job.bits, input_gram(job.layer, job.x_quant[:, g * c:(g + 1) * c]),
+                                      zero_point=job.zero_point[g * o:(g + 1) * o]) for g in range(groups)])
+
+
+def _groups(layer) -> int:
+    return layer.groups if isinstance(layer, Conv2d) else 1
 
 
 def _adaround(job: RoundingJob) -> np.ndarray:
@@ -56,6 +65,10 @@ def _adaround(job: RoundingJob) -> np.ndarray:
 
     # adaround is in NEEDS_DATA: quantize always passes it the calibration images
     assert job.x_quant is not None and job.x_float is not None
+    if _groups(job.layer) > 1:
+        raise InputError(f"rounding='adaround': {job.name} is a grouped convolution (groups="
+                         f"{_groups(job.layer)}), which AdaRound does not reconstruct; use 'gptq' or "
+                         "'nearest'")
     target = job.layer.forward(job.x_float)
     if job.relu:
         target = np.maximum(target, np.float32(0.0))

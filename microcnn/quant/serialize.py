@@ -39,13 +39,16 @@ def _json(path, metadata, key):
 
 
 # -- quantized networks ------------------------------------------------------------------------------
-def save_quantized(qnet, path) -> None:
+def save_quantized(qnet, path, specs: list | None = None, **extra) -> None:
+    """Write ``qnet``'s stages (``specs``: their descriptions, default each stage's ``spec()``; ``extra``:
+    more metadata, e.g. a graph's outputs)."""
     tensors = {}
     for i, stage in enumerate(qnet.stages):
         for name, arr in stage.tensors().items():
             tensors[f"{i}.{name}"] = arr
     write_safetensors(path, tensors, _meta(KIND_QUANTIZED, qnet.architecture,
-                                           stages=[s.spec() for s in qnet.stages], settings=qnet.settings))
+                                           stages=specs or [s.spec() for s in qnet.stages],
+                                           settings=qnet.settings, **extra))
 
 
 def refuse_kind(path, kind):
@@ -96,12 +99,15 @@ class _Reader:
 
 # FP32 layer types each stage kind may implement, in order (a weighted stage fuses a following ReLU and,
 # for convolutions, a following MaxPool2d). A "float" stage runs any one layer.
+# A BatchNorm after the weighted layer is folded into its weights and covered by the same stage.
 STAGE_LAYERS: dict[str, list[list[str]]] = {
     "quantize": [[]], "dequantize": [[]],
-    "qconv2d": [["Conv2d"], ["Conv2d", "ReLU"], ["Conv2d", "MaxPool2d"], ["Conv2d", "ReLU", "MaxPool2d"]],
-    "qlinear": [["Linear"], ["Linear", "ReLU"]],
+    "qconv2d": [["Conv2d", *bn, *tail] for bn in ([], ["BatchNorm2d"])
+                for tail in ([], ["ReLU"], ["MaxPool2d"], ["ReLU", "MaxPool2d"])],
+    "qlinear": [["Linear", *bn, *tail] for bn in ([], ["BatchNorm1d"]) for tail in ([], ["ReLU"])],
     "qmaxpool2d": [["MaxPool2d"]], "qrelu": [["ReLU"]], "flatten": [["Flatten"]],
 }
+FOLDED_FLOAT = (["Conv2d", "BatchNorm2d"], ["Linear", "BatchNorm1d"])  # an FP32 stage of a folded pair
 INTEGER_INPUT = ("dequantize", "qconv2d", "qlinear", "qmaxpool2d", "qrelu")  # need a quantized input
 FLOAT_INPUT = ("quantize", "float")  # need a real-valued input
 
@@ -123,12 +129,7 @@ def read_quantized(tensors: dict, metadata: dict, arch: dict, path) -> tuple[lis
     try:
         for i, spec in enumerate(specs):
             where = f"stage {i}"
-            if not isinstance(spec, dict):
-                raise FileFormatError(path, f"stage {i} is not an object", "a JSON object",
-                                      type(spec).__name__)
-            kind, covered = spec.get("kind"), spec.get("layers")
-            if not isinstance(kind, str) or (kind not in STAGE_LAYERS and kind != "float"):
-                raise FileFormatError(path, f"stage {i}: unknown stage kind", [*STAGE_LAYERS, "float"], kind)
+            kind, covered = _stage_kind(path, i, spec, STAGE_LAYERS), spec.get("layers")
             if not (isinstance(covered, list) and all(type(j) is int for j in covered)
                     and covered == list(range(next_layer, next_layer + len(covered)))):
                 raise FileFormatError(path, f"stage {i} does not continue the layer sequence",
@@ -137,7 +138,7 @@ def read_quantized(tensors: dict, metadata: dict, arch: dict, path) -> tuple[lis
                 raise FileFormatError(path, f"stage {i} refers to layers beyond the architecture",
                                       f"< {len(layers_cfg)}", covered)
             types = [layers_cfg[j].get("type") for j in covered]
-            if types not in STAGE_LAYERS.get(kind, [types] if len(types) == 1 else []):
+            if types not in STAGE_LAYERS.get(kind, [types] if len(types) == 1 else FOLDED_FLOAT):
                 raise FileFormatError(path, f"stage {i} ({kind}) does not match layers {covered}",
                                       STAGE_LAYERS.get(kind, "one layer"), types)
             next_layer += len(covered)
@@ -166,7 +167,101 @@ def read_quantized(tensors: dict, metadata: dict, arch: dict, path) -> tuple[lis
                               ) from None
 
 
-def _check_settings(path, settings: dict, stages, layers_cfg) -> None:
+MERGE_LAYERS = {"qadd": [["Add"], ["Add", "ReLU"]], "qconcat": [["Concat"]]}  # a graph's integer merges
+
+
+def _strip(key: str) -> str:
+    """The graph tensor a step's key holds: "t:q" / "t:f" are t quantized / dequantized."""
+    return key[:-2] if key.endswith((":q", ":f")) else key
+
+
+def read_quantized_graph(tensors: dict, metadata: dict, arch: dict, path) -> tuple[list, dict, list]:
+    """The steps, settings and (output, logits) keys of a quantized file whose architecture is a graph
+    (``QuantizedGraph(steps, arch, settings, *outputs)`` is the model): every step checked against the
+    graph (node types, which tensors it reads and writes, the domain of each) and the tensors."""
+    from ..graph import Graph
+    from .qlayers import QAdd, QConcat
+
+    specs, settings, outputs = (_json(path, metadata, k) for k in ("stages", "settings", "outputs"))
+    if not (isinstance(specs, list) and isinstance(settings, dict) and isinstance(outputs, list)
+            and len(outputs) == 2 and all(isinstance(o, str) for o in outputs)):
+        raise FileFormatError(path, "stages/settings/outputs metadata malformed",
+                              "a list, an object and two tensor names", str(outputs)[:80])
+    try:
+        graph = Graph.from_config(arch)
+    except InputError as exc:
+        raise FileFormatError(path, f"architecture is invalid ({exc})") from None
+    nodes = graph.nodes
+    layers_cfg = [{"type": n.layer.type, **n.layer.config()} for n in nodes]
+    domains: dict[str, ActQuant | None] = {graph.input_name: None}  # each tensor key: its quantization
+    reader, seen, steps = _Reader(tensors, path), set(), []
+    where = "the stages"
+    try:
+        for i, spec in enumerate(specs):
+            where = f"stage {i}"
+            allowed = {**STAGE_LAYERS, **MERGE_LAYERS}
+            kind = _stage_kind(path, i, spec, allowed)
+            covered, ins, out = (spec.get(k) for k in ("layers", "inputs", "output"))
+            if not (isinstance(covered, list) and all(type(j) is int and 0 <= j < len(nodes) and j not in seen
+                                                      for j in covered) and isinstance(ins, list) and ins
+                    and all(isinstance(k, str) and k in domains for k in ins)
+                    and isinstance(out, str) and out not in domains):
+                raise FileFormatError(path, f"stage {i}: layers, inputs or output do not fit the graph",
+                                      "new node indices, earlier tensors, a new name", [covered, ins, out])
+            seen.update(covered)
+            types = [layers_cfg[j]["type"] for j in covered]
+            if types not in allowed.get(kind, [types] if len(types) == 1 else FOLDED_FLOAT):
+                raise FileFormatError(path, f"stage {i} ({kind}) does not match nodes {covered}",
+                                      allowed.get(kind, "one node"), types)
+            chain = [nodes[j] for j in covered]
+            if chain:  # reads its first node's inputs, writes its last one's output, each reads the last
+                wired = ([_strip(k) for k in ins] == list(chain[0].inputs) and out == chain[-1].name
+                         and all(b.inputs == (a.name,) for a, b in zip(chain, chain[1:], strict=False)))
+            else:  # a conversion writes its input's tensor in the other domain
+                wired = len(ins) == 1 and out == _strip(ins[0]) + (":q" if kind == "quantize" else ":f")
+            if not wired:
+                raise FileFormatError(path, f"stage {i} ({kind}) reads or writes other tensors than its "
+                                      "nodes",
+                                      [n.inputs for n in chain], [ins, out])
+            acts = [domains[k] for k in ins]
+            if (kind in (*INTEGER_INPUT, *MERGE_LAYERS) and None in acts) or (
+                    kind in FLOAT_INPUT and acts[0] is not None):
+                raise FileFormatError(path, f"stage {i} ({kind}) gets its input in the wrong domain",
+                                      "integers" if kind not in FLOAT_INPUT else "real values",
+                                      ["real" if a is None else "integer" for a in acts])
+            if kind in MERGE_LAYERS:
+                out_act = reader.act(str(i), check_bits(spec.get("bits"), "bits"))
+                stage = (QAdd(covered, acts, out_act, relu=len(covered) == 2) if kind == "qadd"
+                         else QConcat(covered, acts, out_act, layers_cfg[covered[0]]["axis"]))
+            else:
+                stage = _stage(kind, spec, covered, [n.layer for n in chain], acts[0], reader, i, path)
+            steps.append((stage, tuple(ins), out))
+            domains[out] = stage.out_act
+        where = "the network"
+        if not all(domains.get(o, 0) is None for o in outputs):
+            raise FileFormatError(path, "the outputs are not real-valued tensors of the steps", "dequantized",
+                                  outputs)
+        reader.finish()
+        _check_settings(path, settings, [s for s, _, _ in steps], layers_cfg, graph.names)
+        return steps, settings, outputs
+    except (KeyError, IndexError, TypeError, ValueError, ArithmeticError, InputError) as exc:
+        if isinstance(exc, FileFormatError):
+            raise
+        raise FileFormatError(path, f"quantized graph does not describe a valid network ({where}: {exc})"
+                              ) from None
+
+
+def _stage_kind(path, i: int, spec, allowed: dict) -> str:
+    """The kind of stage ``i``'s description: a known one (``allowed`` or "float") of a JSON object."""
+    if not isinstance(spec, dict):
+        raise FileFormatError(path, f"stage {i} is not an object", "a JSON object", type(spec).__name__)
+    kind = spec.get("kind")
+    if not isinstance(kind, str) or (kind not in allowed and kind != "float"):
+        raise FileFormatError(path, f"stage {i}: unknown stage kind", [*allowed, "float"], kind)
+    return kind
+
+
+def _check_settings(path, settings: dict, stages, layers_cfg, names=None) -> None:
     """The bit widths ``settings`` reports (and the command line prints as the precision) must be the
     ones the stages compute with: per weighted layer in ``layer_bits`` (32 for a layer left in FP32),
     ``weight_bits`` when every layer has the same width, ``act_bits`` for every integer stage."""
@@ -175,7 +270,7 @@ def _check_settings(path, settings: dict, stages, layers_cfg) -> None:
     from ..network import layer_names
     from .qlayers import FloatStage, QWeighted
 
-    names = layer_names([SimpleNamespace(type=c.get("type")) for c in layers_cfg])
+    names = names or layer_names([SimpleNamespace(type=c.get("type")) for c in layers_cfg])
     used = {}
     for stage in stages:
         if isinstance(stage, QWeighted):
@@ -207,6 +302,7 @@ def _agree(path, i, spec, key, expected):
 def _stage(kind, spec, covered, layers, act, reader, i, path):
     """Stage ``i`` of a file, built from its spec and the architecture's ``layers`` it covers (already
     checked to be the types ``kind`` implements, with an input in the domain it needs)."""
+    from ..network import fold_pair
     from .qlayers import (
         DequantizeStage,
         FlattenStage,
@@ -231,7 +327,8 @@ def _stage(kind, spec, covered, layers, act, reader, i, path):
     if kind == "flatten":
         return FlattenStage(covered, act)
     if kind == "float":
-        layer = layers[0]
+        # a folded pair: the weighted layer with a bias (the fold's shapes; the file holds the values)
+        layer = fold_pair(*layers) if len(layers) == 2 else layers[0]
         for pname, p in zip(("weight", "bias"), layer.parameters(), strict=False):
             p.data[...] = reader.get(f"{i}.{pname}", np.float32, p.data.shape)
         return FloatStage(covered, layer)
@@ -266,8 +363,9 @@ def _stage(kind, spec, covered, layers, act, reader, i, path):
     _agree(path, i, spec, "stride", list(layer.stride))
     _agree(path, i, spec, "padding", list(layer.padding))
     _agree(path, i, spec, "pool", None if pool is None else [list(pool[0]), list(pool[1])])
+    _agree(path, i, spec, "groups", layer.groups if layer.groups > 1 else None)
     return QConv2d(*common, stride=layer.stride, padding=layer.padding, pool=pool,
-                   requant=spec.get("requant"), weight_zero_point=wzp)
+                   requant=spec.get("requant"), weight_zero_point=wzp, groups=layer.groups)
 
 
 def _weight_codes(reader, key, shape, bits: int) -> np.ndarray:
