@@ -715,6 +715,91 @@ def _compiled_torch(net: Sequential, images: np.ndarray, notes: list):
     return runner, _torch_bytes(module)
 
 
+# -- accuracy at the points other systems offer --------------------------------------------------------
+ACCURACY_COLUMNS = ["system", "precision", "calibration", "accuracy", "ours", "delta"]
+TORCH_OBSERVERS = ("histogram", "minmax")
+_PREDICT_BATCH = 1000  # images per call: ORT's FP32 intermediates of 10,000 Fashion images would take GBs
+
+
+def _other_points(net: Sequential, precisions, systems: str, ort_calibrations) -> list:
+    """(system, precision label, build) of every point where PyTorch or ONNX Runtime offers a precision;
+    ``build(images)`` quantizes on those calibration images and returns a ``predict`` function."""
+    modules = systems_modules(systems)
+    points = []
+    if "INT8" in precisions and "torch" in modules and isinstance(net, Sequential):
+        for obs in TORCH_OBSERVERS:
+            points.append((f"PyTorch eager x86 ({obs})", "INT8",
+                           lambda x, obs=obs: _torch_runner(torch_int8(net, x, obs)).predict))
+    if "onnxruntime" in modules:
+        for label in precisions:
+            weight_bits = 8 if label == "INT8" else 4
+            act_bits = 4 if label == "W4A4" else 8
+            level = "basic" if act_bits == 4 else "all"  # see compare_table's note on int4 and MaxPool
+            for m in ort_calibrations if label == "INT8" else ("MinMax",):
+                system = f"ONNX Runtime QDQ ({m})" if label == "INT8" else f"ONNX Runtime QDQ QInt4 ({m})"
+                points.append((system, label, lambda x, m=m, w=weight_bits, a=act_bits, level=level: _ort_runner(
+                    _ort_session(ort_quantize(net, x, m, w, a), 1, level)).predict))
+    return points
+
+
+def _batched_accuracy(predict, images: np.ndarray, labels: np.ndarray) -> float:
+    hits = sum(int((np.asarray(predict(images[s:s + _PREDICT_BATCH])).argmax(axis=1)
+                    == labels[s:s + _PREDICT_BATCH]).sum()) for s in range(0, len(images), _PREDICT_BATCH))
+    return hits / len(images)
+
+
+def quantized_accuracy(net: Sequential, images, labels, train_images, *, seeds=(0, 1, 2), calibration: int = 100,
+                       precisions=("INT8", "W4A8", "W4A4"), systems: str = "all", method: str = "mse",
+                       ort_calibrations=ORT_CALIBRATIONS, progress: bool = False) -> pd.DataFrame:
+    """Accuracy at every point where PyTorch or ONNX Runtime offers a quantized precision, next to
+    microcnn's default quantization of the same weights on the same calibration images.
+
+    For each seed, ``calibrate(net, train_images, method, samples=calibration, seed=seed)`` draws the
+    calibration images (a seeded subset of the training split) and every system is calibrated on exactly
+    those. Ours: ``build_precision(net, precision, calibration)`` with its defaults (what ``microcnn eval
+    --precision`` runs). Points: INT8 -- ONNX Runtime QDQ per ``ort_calibrations`` and PyTorch eager x86
+    (histogram and min-max observers; Sequential only); W4A8 and W4A4 -- ONNX Runtime QInt4 QDQ (MinMax:
+    its only 4-bit calibration that runs here). PyTorch has no 4-bit Conv2d/Linear path, so no point.
+
+    Returns one row per (point, seed) with ``ACCURACY_COLUMNS``: accuracy (theirs) and ours as fractions
+    of ``labels`` predicted, delta = ours - theirs; ``df.attrs`` holds samples, calibration and seeds.
+    """
+    from .quant import calibrate
+
+    modules = systems_modules(systems)
+    require(*modules)
+    images = as_image_batch(images, net.input_shape)
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),):
+        raise InputError(f"labels: expected shape ({len(images)},), found {labels.shape}")
+    unknown = [p for p in precisions if p not in MICROCNN_PRECISIONS or p == "FP32"]
+    if unknown or not precisions:
+        raise InputError(f"precisions: expected a non-empty subset of INT8, W4A8, W4A4, found {list(precisions)}")
+    points = _other_points(net, precisions, systems, ort_calibrations)
+    jobs = [(seed, label) for seed in seeds for label in precisions]
+    if progress:
+        from tqdm.auto import tqdm
+
+        jobs = tqdm(jobs, desc="quantized accuracy", unit="precision")
+    rows = []
+    with _all_threads_pinned(1, require("torch") if "torch" in modules else None), _quiet_logging():
+        cal = None
+        for seed, label in jobs:
+            if cal is None or cal.seed != seed:
+                cal = calibrate(net, train_images, method=method, samples=calibration, seed=seed, progress=False)
+            model = build_precision(net, MICROCNN_PRECISIONS[label], cal)
+            ours = _batched_accuracy(lambda x: model.predict(x, batch_size=len(x)), images, labels)
+            for system, precision, build in points:
+                if precision == label:
+                    theirs = _batched_accuracy(build(cal.images), images, labels)
+                    rows.append({"system": system, "precision": label,
+                                 "calibration": f"seed {seed}, {cal.samples} images", "accuracy": theirs,
+                                 "ours": ours, "delta": ours - theirs})
+    df = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+    df.attrs.update(samples=len(images), calibration=calibration, seeds=list(seeds), method=method)
+    return df
+
+
 # -- PyTorch training throughput ----------------------------------------------------------------------
 def torch_train_throughput(images, labels, batch_size: int = 64, threads: int = 1, seconds: float = 3.0,
                            optimizer: str = "sgd", lr: float = 0.01, seed: int = 0) -> float:
@@ -848,10 +933,11 @@ def load_any_model(spec: str) -> Sequential:
 def run_compare(model: str = "bundled", *, data: str | None = None, samples: int = 1000, threads: int = 1,
                 repeats: int = 5, calibration: int = 100, method: str = "mse", systems: str = "all",
                 precisions: str = "fp32,int8,w4a8,w4a4", torch_compile: bool = True,
-                output: str = "table") -> int:
+                output: str = "table", seeds=None) -> int:
     """``microcnn compare``: print the table (``output``: "table", "json" or "markdown"); 2 with a
     message if an extra is missing. ``model`` is a spec of ``load_any_model``; ``data`` the dataset
-    directory (``microcnn.resolve.data_dir``)."""
+    directory (``microcnn.resolve.data_dir``). With ``seeds`` (``--quantized-accuracy``) the table is
+    ``quantized_accuracy``'s instead, over those calibration seeds (no timing)."""
     from .resolve import dataset_of, load_calibration_images, load_test_images
 
     try:
@@ -866,6 +952,9 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
     net = load_any_model(model)
     onnx_file = Path(model).read_bytes() if onnx else None  # read after load_any_model checked it
     images, labels = load_test_images(samples, data, "--samples", dataset_of(model))
+    if seeds is not None:
+        return _print_quantized_accuracy(net, images, labels, data, dataset_of(model), seeds, calibration,
+                                         method, systems, precisions, output)
     df = compare_table(net, images, labels, load_calibration_images(calibration, data, "--calibration",
                                                                    dataset_of(model)),
                        threads=threads, repeats=repeats, systems=systems, method=method,
@@ -887,4 +976,32 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
         print(format_compare(df))
         print("\nNotes:")
         print("\n".join(f"- {n}" for n in notes))
+    return 0
+
+
+def _print_quantized_accuracy(net, images, labels, data, dataset, seeds, calibration, method, systems,
+                              precisions, output) -> int:
+    from .datasets import load_dataset
+    from .resolve import data_dir
+
+    train = load_dataset(dataset, "train", data_dir=data_dir(data), progress=False)[0]
+    wanted = tuple(p for p in parse_precisions(precisions) if p != "FP32")
+    df = quantized_accuracy(net, images, labels, train, seeds=seeds, calibration=calibration,
+                            precisions=wanted, systems=systems, method=method, progress=output == "table")
+    if output == "json":
+        print(json.dumps({"rows": df.to_dict("records"), **df.attrs}))
+        return 0
+    shown = df.assign(**{c: df[c].map(lambda v: f"{v * 100:.2f}%") for c in ("accuracy", "ours")},
+                      delta=df["delta"].map(lambda v: f"{v * 100:+.2f}"))
+    if output == "markdown":
+        lines = ["| " + " | ".join(ACCURACY_COLUMNS) + " |", "|:---|:---|:---|---:|---:|---:|"]
+        lines += ["| " + " | ".join(map(str, r)) + " |" for r in shown.itertuples(index=False)]
+        print("\n".join(lines))
+    else:
+        print(f"{len(images)} test images; microcnn ({method} calibration, default quantization) against each "
+              f"other system on the same {calibration} calibration images per seed; delta in points")
+        print(shown.to_string(index=False))
+    behind = df[df["delta"] < 0]
+    if len(behind):
+        print(f"\nmicrocnn is behind at {len(behind)} of {len(df)} points (delta < 0)")
     return 0
