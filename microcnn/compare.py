@@ -716,7 +716,7 @@ def _compiled_torch(net: Sequential, images: np.ndarray, notes: list):
 
 
 # -- accuracy at the points other systems offer --------------------------------------------------------
-ACCURACY_COLUMNS = ["system", "precision", "calibration", "accuracy", "ours", "delta"]
+ACCURACY_COLUMNS = ["system", "precision", "calibration", "accuracy", "ours", "delta", "flips", "ours_flips"]
 TORCH_OBSERVERS = ("histogram", "minmax")
 _PREDICT_BATCH = 1000  # images per call: ORT's FP32 intermediates of 10,000 Fashion images would take GBs
 
@@ -742,10 +742,9 @@ def _other_points(net: Sequential, precisions, systems: str, ort_calibrations) -
     return points
 
 
-def _batched_accuracy(predict, images: np.ndarray, labels: np.ndarray) -> float:
-    hits = sum(int((np.asarray(predict(images[s:s + _PREDICT_BATCH])).argmax(axis=1)
-                    == labels[s:s + _PREDICT_BATCH]).sum()) for s in range(0, len(images), _PREDICT_BATCH))
-    return hits / len(images)
+def _top1(predict, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(predict(images[s:s + _PREDICT_BATCH])).argmax(axis=1)
+                           for s in range(0, len(images), _PREDICT_BATCH)])
 
 
 def quantized_accuracy(net: Sequential, images, labels, train_images, *, seeds=(0, 1, 2), calibration: int = 100,
@@ -762,7 +761,10 @@ def quantized_accuracy(net: Sequential, images, labels, train_images, *, seeds=(
     its only 4-bit calibration that runs here). PyTorch has no 4-bit Conv2d/Linear path, so no point.
 
     Returns one row per (point, seed) with ``ACCURACY_COLUMNS``: accuracy (theirs) and ours as fractions
-    of ``labels`` predicted, delta = ours - theirs; ``df.attrs`` holds samples, calibration and seeds.
+    of ``labels`` predicted, delta = ours - theirs, and flips / ours_flips: how many images each
+    quantized model classifies differently from the FP32 model (a test set of 10,000 images decides
+    ties of a few images by chance; the flips say which model is closer to the network it quantizes).
+    ``df.attrs`` holds samples, calibration, seeds and fp32 (the FP32 model's accuracy).
     """
     from .quant import calibrate
 
@@ -783,20 +785,24 @@ def quantized_accuracy(net: Sequential, images, labels, train_images, *, seeds=(
         jobs = tqdm(jobs, desc="quantized accuracy", unit="precision")
     rows = []
     with _all_threads_pinned(1, require("torch") if "torch" in modules else None), _quiet_logging():
+        fp32 = _top1(net.predict, images)
         cal = None
         for seed, label in jobs:
             if cal is None or cal.seed != seed:
                 cal = calibrate(net, train_images, method=method, samples=calibration, seed=seed, progress=False)
             model = build_precision(net, MICROCNN_PRECISIONS[label], cal)
-            ours = _batched_accuracy(lambda x: model.predict(x, batch_size=len(x)), images, labels)
+            ours = _top1(lambda x: model.predict(x, batch_size=len(x)), images)
             for system, precision, build in points:
                 if precision == label:
-                    theirs = _batched_accuracy(build(cal.images), images, labels)
+                    theirs = _top1(build(cal.images), images)
+                    acc, our_acc = float((theirs == labels).mean()), float((ours == labels).mean())
                     rows.append({"system": system, "precision": label,
-                                 "calibration": f"seed {seed}, {cal.samples} images", "accuracy": theirs,
-                                 "ours": ours, "delta": ours - theirs})
+                                 "calibration": f"seed {seed}, {cal.samples} images", "accuracy": acc,
+                                 "ours": our_acc, "delta": our_acc - acc, "flips": int((theirs != fp32).sum()),
+                                 "ours_flips": int((ours != fp32).sum())})
     df = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
-    df.attrs.update(samples=len(images), calibration=calibration, seeds=list(seeds), method=method)
+    df.attrs.update(samples=len(images), calibration=calibration, seeds=list(seeds), method=method,
+                    fp32=float((fp32 == labels).mean()))
     return df
 
 
@@ -994,12 +1000,13 @@ def _print_quantized_accuracy(net, images, labels, data, dataset, seeds, calibra
     shown = df.assign(**{c: df[c].map(lambda v: f"{v * 100:.2f}%") for c in ("accuracy", "ours")},
                       delta=df["delta"].map(lambda v: f"{v * 100:+.2f}"))
     if output == "markdown":
-        lines = ["| " + " | ".join(ACCURACY_COLUMNS) + " |", "|:---|:---|:---|---:|---:|---:|"]
+        lines = ["| " + " | ".join(ACCURACY_COLUMNS) + " |", "|:---|:---|:---" + "|---:" * 5 + "|"]
         lines += ["| " + " | ".join(map(str, r)) + " |" for r in shown.itertuples(index=False)]
         print("\n".join(lines))
     else:
-        print(f"{len(images)} test images; microcnn ({method} calibration, default quantization) against each "
-              f"other system on the same {calibration} calibration images per seed; delta in points")
+        print(f"{len(images)} test images (FP32 {df.attrs['fp32'] * 100:.2f}%); microcnn ({method} calibration, "
+              f"default quantization) against each other system on the same {calibration} calibration images "
+              "per seed; delta in points; flips: images classified otherwise than by the FP32 model")
         print(shown.to_string(index=False))
     behind = df[df["delta"] < 0]
     if len(behind):
