@@ -16,6 +16,7 @@ only, so ``import microcnn.compare`` works without them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io as _io
 import json
 import logging
@@ -724,21 +725,24 @@ _PREDICT_BATCH = 1000  # images per call: ORT's FP32 intermediates of 10,000 Fas
 def _other_points(net: Sequential, precisions, systems: str, ort_calibrations) -> list:
     """(system, precision label, build) of every point where PyTorch or ONNX Runtime offers a precision;
     ``build(images)`` quantizes on those calibration images and returns a ``predict`` function."""
+    def torch_point(obs):
+        return lambda x: _torch_runner(torch_int8(net, x, obs)).predict
+
+    def ort_point(method, weight_bits, act_bits):
+        level = "basic" if act_bits == 4 else "all"  # see compare_table's note on int4 and MaxPool
+        return lambda x: _ort_runner(_ort_session(ort_quantize(net, x, method, weight_bits, act_bits), 1,
+                                                  level)).predict
+
     modules = systems_modules(systems)
     points = []
     if "INT8" in precisions and "torch" in modules and isinstance(net, Sequential):
-        for obs in TORCH_OBSERVERS:
-            points.append((f"PyTorch eager x86 ({obs})", "INT8",
-                           lambda x, obs=obs: _torch_runner(torch_int8(net, x, obs)).predict))
+        points += [(f"PyTorch eager x86 ({obs})", "INT8", torch_point(obs)) for obs in TORCH_OBSERVERS]
     if "onnxruntime" in modules:
         for label in precisions:
-            weight_bits = 8 if label == "INT8" else 4
-            act_bits = 4 if label == "W4A4" else 8
-            level = "basic" if act_bits == 4 else "all"  # see compare_table's note on int4 and MaxPool
+            bits = (8, 8) if label == "INT8" else (4, 4 if label == "W4A4" else 8)
             for m in ort_calibrations if label == "INT8" else ("MinMax",):
                 system = f"ONNX Runtime QDQ ({m})" if label == "INT8" else f"ONNX Runtime QDQ QInt4 ({m})"
-                points.append((system, label, lambda x, m=m, w=weight_bits, a=act_bits, level=level: _ort_runner(
-                    _ort_session(ort_quantize(net, x, m, w, a), 1, level)).predict))
+                points.append((system, label, ort_point(m, *bits)))
     return points
 
 
@@ -747,8 +751,9 @@ def _top1(predict, images: np.ndarray) -> np.ndarray:
                            for s in range(0, len(images), _PREDICT_BATCH)])
 
 
-def quantized_accuracy(net: Sequential, images, labels, train_images, *, seeds=(0, 1, 2), calibration: int = 100,
-                       precisions=("INT8", "W4A8", "W4A4"), systems: str = "all", method: str = "mse",
+def quantized_accuracy(net: Sequential, images, labels, train_images, *, seeds=(0, 1, 2),
+                       calibration: int = 100, precisions=("INT8", "W4A8", "W4A4"), systems: str = "all",
+                       method: str = "mse",
                        ort_calibrations=ORT_CALIBRATIONS, progress: bool = False) -> pd.DataFrame:
     """Accuracy at every point where PyTorch or ONNX Runtime offers a quantized precision, next to
     microcnn's default quantization of the same weights on the same calibration images.
@@ -776,7 +781,8 @@ def quantized_accuracy(net: Sequential, images, labels, train_images, *, seeds=(
         raise InputError(f"labels: expected shape ({len(images)},), found {labels.shape}")
     unknown = [p for p in precisions if p not in MICROCNN_PRECISIONS or p == "FP32"]
     if unknown or not precisions:
-        raise InputError(f"precisions: expected a non-empty subset of INT8, W4A8, W4A4, found {list(precisions)}")
+        raise InputError(f"precisions: expected a non-empty subset of INT8, W4A8, W4A4, found "
+                         f"{list(precisions)}")
     points = _other_points(net, precisions, systems, ort_calibrations)
     jobs = [(seed, label) for seed in seeds for label in precisions]
     if progress:
@@ -789,16 +795,18 @@ def quantized_accuracy(net: Sequential, images, labels, train_images, *, seeds=(
         cal = None
         for seed, label in jobs:
             if cal is None or cal.seed != seed:
-                cal = calibrate(net, train_images, method=method, samples=calibration, seed=seed, progress=False)
+                cal = calibrate(net, train_images, method=method, samples=calibration, seed=seed,
+                                progress=False)
             model = build_precision(net, MICROCNN_PRECISIONS[label], cal)
-            ours = _top1(lambda x: model.predict(x, batch_size=len(x)), images)
+            ours = _top1(functools.partial(model.predict, batch_size=_PREDICT_BATCH), images)
             for system, precision, build in points:
                 if precision == label:
                     theirs = _top1(build(cal.images), images)
                     acc, our_acc = float((theirs == labels).mean()), float((ours == labels).mean())
                     rows.append({"system": system, "precision": label,
                                  "calibration": f"seed {seed}, {cal.samples} images", "accuracy": acc,
-                                 "ours": our_acc, "delta": our_acc - acc, "flips": int((theirs != fp32).sum()),
+                                 "ours": our_acc, "delta": our_acc - acc,
+                                 "flips": int((theirs != fp32).sum()),
                                  "ours_flips": int((ours != fp32).sum())})
     df = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
     df.attrs.update(samples=len(images), calibration=calibration, seeds=list(seeds), method=method,
@@ -1004,9 +1012,10 @@ def _print_quantized_accuracy(net, images, labels, data, dataset, seeds, calibra
         lines += ["| " + " | ".join(map(str, r)) + " |" for r in shown.itertuples(index=False)]
         print("\n".join(lines))
     else:
-        print(f"{len(images)} test images (FP32 {df.attrs['fp32'] * 100:.2f}%); microcnn ({method} calibration, "
-              f"default quantization) against each other system on the same {calibration} calibration images "
-              "per seed; delta in points; flips: images classified otherwise than by the FP32 model")
+        print(f"{len(images)} test images (FP32 {df.attrs['fp32'] * 100:.2f}%); microcnn ({method} "
+              f"calibration, default quantization) against each other system on the same {calibration} "
+              "calibration images per seed; delta in points; flips: images classified otherwise than by the "
+              "FP32 model")
         print(shown.to_string(index=False))
     behind = df[df["delta"] < 0]
     if len(behind):

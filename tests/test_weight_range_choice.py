@@ -68,7 +68,8 @@ def test_each_channel_takes_the_range_with_the_smaller_output_error(bits, per_ch
                 x_float = prev.forward(x_float)
             reference = layer.forward(x_float).astype(np.float64)
             x_quant = simulate(qnet.stages[:k], cal.images)
-            bias = layer.bias.data.astype(np.float64) if layer.bias is not None else np.zeros(len(stage.bias_q))
+            bias = (layer.bias.data.astype(np.float64) if layer.bias is not None
+                    else np.zeros(len(stage.bias_q)))
             candidates, errors = [], []
             for clipping in ("mse", "full"):
                 q, scale, _ = quantize_weight(layer.weight.data, bits[0], per_channel, clipping)

@@ -36,7 +36,7 @@ from .qnetwork import QuantizedSequential
 from .rounding import NEEDS_DATA, ROUNDINGS, RoundingJob
 
 WEIGHT_RANGES = ("mse", "minmax", "full")  # what quantize_weight computes from the weights alone
-CLIPPING = ("output", *WEIGHT_RANGES)  # "output": per channel, "mse" or "full" by the layer's output error
+CLIPPING = ("output", *WEIGHT_RANGES)  # "output": per channel "mse" or "full", by the layer's output error
 ROUNDING = tuple(ROUNDINGS)
 _ALPHAS = np.linspace(1.0, 0.3, 71)  # candidate fractions of |w|max for the MSE weight-range search
 
@@ -50,7 +50,8 @@ def quantize_weight(w: np.ndarray, bits: int, per_channel: bool = True, clipping
     [min w, max w] (stretched to include 0) over the whole grid, which gains a level when a channel's
     weights are skewed. ``clipping="mse"`` picks alpha in 0.3..1, per channel, for the least squared
     error; "minmax" uses alpha = 1; "full" uses the whole signed grid -(qmax+1)..qmax, symmetric with
-    scale max|w| / (qmax + 1/2) (ONNX Runtime's 4-bit weights; asymmetric: as "minmax"). All-zero channels get the tensor's range (their weights stay 0).
+    scale max|w| / (qmax + 1/2) (ONNX Runtime's 4-bit weights; asymmetric: as "minmax"). All-zero
+    channels get the tensor's range (their weights stay 0).
     """
     bits = check_bits(bits, "weight bits")
     if clipping not in WEIGHT_RANGES:
@@ -261,8 +262,9 @@ class _Builder:
         out_act = self._output_quant(end)
         covered = tuple(range(i, end + 1))
         by_output = self.clipping == "output" and self.rounding == "nearest"
-        wq, wscale, wzp = quantize_weight(layer.weight.data, self.bits[name], self.per_channel,
-                                          "mse" if self.clipping == "output" else self.clipping, self.symmetric)
+        weight, bits = layer.weight.data, self.bits[name]
+        own = "mse" if self.clipping == "output" else self.clipping  # "output" starts from the MSE range
+        wq, wscale, wzp = quantize_weight(weight, bits, self.per_channel, own, self.symmetric)
         if self.rounding != "nearest":
             x_in = (self.x_quant.astype(np.float32) - in_act.zero_point) * np.float32(in_act.scale)
             per_row = (np.broadcast_to(wscale, (len(wq),)),
@@ -286,9 +288,9 @@ class _Builder:
             reference = layer.forward(self.x_float).astype(np.float64)  # FP32 layer on FP32 inputs
             axes = (0, 2, 3) if reference.ndim == 4 else (0,)
         if by_output:
-            full = quantize_weight(layer.weight.data, self.bits[name], self.per_channel, "full", self.symmetric)
-            errors = [self._output_error(reference, make(bias, False, w).preactivation(self.x_quant), axes, relu)
-                      for w in ((wq, wscale, wzp), full)]
+            full = quantize_weight(weight, bits, self.per_channel, "full", self.symmetric)
+            errors = [self._output_error(reference, make(bias, False, w).preactivation(self.x_quant), axes,
+                                         relu) for w in ((wq, wscale, wzp), full)]
             wq, wscale, wzp = _closer((wq, wscale, wzp), full, errors, self.per_channel)
         if self.bias_correction:
             # Empirical bias correction: the mean per-channel gap between the FP32 layer's output on FP32
