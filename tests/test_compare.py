@@ -410,3 +410,20 @@ def test_quantized_accuracy_rejects_bad_arguments(bundled):
         compare.quantized_accuracy(bundled, images, np.zeros(2), images, precisions=("FP32",))
     with pytest.raises(InputError, match=r"labels: expected shape \(2,\), found \(3,\)"):
         compare.quantized_accuracy(bundled, images, np.zeros(3), images)
+
+
+def test_cli_quantized_accuracy_json_matches_the_function(ort, bundled, mnist_test, mnist_train, capsys):
+    assert cli.main(["compare", "--quantized-accuracy", "--samples", "300", "--seeds", "4", "--systems",
+                     "onnxruntime", "--precisions", "int8,w4a4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == 300 and report["seeds"] == [4] and report["calibration"] == 100
+    df = compare.quantized_accuracy(bundled, mnist_test[0][:300], mnist_test[1][:300], mnist_train[0],
+                                    seeds=(4,), precisions=("INT8", "W4A4"), systems="onnxruntime")
+    assert report["rows"] == df.to_dict("records")
+    assert [r["system"] for r in report["rows"]] == [
+        "ONNX Runtime QDQ (MinMax)", "ONNX Runtime QDQ (Entropy)", "ONNX Runtime QDQ (Percentile)",
+        "ONNX Runtime QDQ QInt4 (MinMax)"]
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it before any work
+        cli.main(["compare", "--quantized-accuracy", "--seeds", ","])
+    assert exit_info.value.code == 2
+    assert "argument --seeds: expected comma-separated seeds, found ','" in capsys.readouterr().err
