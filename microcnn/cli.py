@@ -293,7 +293,7 @@ def cmd_compare(args) -> int:
                        repeats=args.repeats, calibration=args.calibration, method=args.method,
                        systems=args.systems, precisions=args.precisions, torch_compile=not args.no_compile,
                        output="json" if args.json else "markdown" if args.markdown else "table",
-                       dataset=args.dataset)
+                       dataset=args.dataset, seeds=args.seeds if args.quantized_accuracy else None)
 
 
 def cmd_sweep(args) -> int:
@@ -399,8 +399,14 @@ DATASET_HELP = ("mnist, fashion-mnist or an .npz file with images (N, C, H, W) u
 
 def compare_arguments(parser) -> None:
     """Options of ``microcnn compare`` (``--data`` is added by ``command``)."""
-    from .cliargs import dataset_spec, image_count, repeat_count, thread_count
+    from .cliargs import dataset_spec, image_count, int_in, repeat_count, thread_count
     from .compare import SYSTEMS
+
+    def seed_list(text):
+        seeds = [int_in(0, None, "a seed")(v.strip()) for v in text.split(",") if v.strip()]
+        if not seeds:
+            raise argparse.ArgumentTypeError(f"expected comma-separated seeds, found {text!r}")
+        return seeds
 
     parser.add_argument("--model", default="bundled",
                         help="'bundled', a LeNet-5 .raw file, a .safetensors model, an .onnx file, or a "
@@ -422,6 +428,11 @@ def compare_arguments(parser) -> None:
     parser.add_argument("--precisions", default=labels,
                         help=f"comma-separated subset of {labels} (int4 = w4a4)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--quantized-accuracy", action="store_true",
+                        help="instead of the timing table: accuracy at every quantized point PyTorch or ONNX "
+                             "Runtime offers, next to microcnn's on the same calibration images, per --seeds")
+    parser.add_argument("--seeds", type=seed_list, default="0,1,2",
+                        help="with --quantized-accuracy: calibration-subset seeds (default 0,1,2)")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     out.add_argument("--markdown", action="store_true", help="a markdown table (for the README)")

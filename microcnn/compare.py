@@ -16,6 +16,7 @@ only, so ``import microcnn.compare`` works without them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io as _io
 import json
 import logging
@@ -715,6 +716,104 @@ def _compiled_torch(net: Sequential, images: np.ndarray, notes: list):
     return runner, _torch_bytes(module)
 
 
+# -- accuracy at the points other systems offer --------------------------------------------------------
+ACCURACY_COLUMNS = ["system", "precision", "calibration", "accuracy", "ours", "delta", "flips", "ours_flips"]
+TORCH_OBSERVERS = ("histogram", "minmax")
+_PREDICT_BATCH = 1000  # images per call: ORT's FP32 intermediates of 10,000 Fashion images would take GBs
+
+
+def _other_points(net: Sequential, precisions, systems: str, ort_calibrations) -> list:
+    """(system, precision label, build) of every point where PyTorch or ONNX Runtime offers a precision;
+    ``build(images)`` quantizes on those calibration images and returns a ``predict`` function."""
+    def torch_point(obs):
+        return lambda x: _torch_runner(torch_int8(net, x, obs)).predict
+
+    def ort_point(method, weight_bits, act_bits):
+        level = "basic" if act_bits == 4 else "all"  # see compare_table's note on int4 and MaxPool
+        return lambda x: _ort_runner(_ort_session(ort_quantize(net, x, method, weight_bits, act_bits), 1,
+                                                  level)).predict
+
+    modules = systems_modules(systems)
+    points = []
+    if "INT8" in precisions and "torch" in modules and isinstance(net, Sequential):
+        points += [(f"PyTorch eager x86 ({obs})", "INT8", torch_point(obs)) for obs in TORCH_OBSERVERS]
+    if "onnxruntime" in modules:
+        for label in precisions:
+            bits = (8, 8) if label == "INT8" else (4, 4 if label == "W4A4" else 8)
+            for m in ort_calibrations if label == "INT8" else ("MinMax",):
+                system = f"ONNX Runtime QDQ ({m})" if label == "INT8" else f"ONNX Runtime QDQ QInt4 ({m})"
+                points.append((system, label, ort_point(m, *bits)))
+    return points
+
+
+def _top1(predict, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(predict(images[s:s + _PREDICT_BATCH])).argmax(axis=1)
+                           for s in range(0, len(images), _PREDICT_BATCH)])
+
+
+def quantized_accuracy(net: Sequential, images, labels, train_images, *, seeds=(0, 1, 2),
+                       calibration: int = 100, precisions=("INT8", "W4A8", "W4A4"), systems: str = "all",
+                       method: str = "mse",
+                       ort_calibrations=ORT_CALIBRATIONS, progress: bool = False) -> pd.DataFrame:
+    """Accuracy at every point where PyTorch or ONNX Runtime offers a quantized precision, next to
+    microcnn's default quantization of the same weights on the same calibration images.
+
+    For each seed, ``calibrate(net, train_images, method, samples=calibration, seed=seed)`` draws the
+    calibration images (a seeded subset of the training split) and every system is calibrated on exactly
+    those. Ours: ``build_precision(net, precision, calibration)`` with its defaults (what ``microcnn eval
+    --precision`` runs). Points: INT8 -- ONNX Runtime QDQ per ``ort_calibrations`` and PyTorch eager x86
+    (histogram and min-max observers; Sequential only); W4A8 and W4A4 -- ONNX Runtime QInt4 QDQ (MinMax:
+    its only 4-bit calibration that runs here). PyTorch has no 4-bit Conv2d/Linear path, so no point.
+
+    Returns one row per (point, seed) with ``ACCURACY_COLUMNS``: accuracy (theirs) and ours as fractions
+    of ``labels`` predicted, delta = ours - theirs, and flips / ours_flips: how many images each
+    quantized model classifies differently from the FP32 model (a test set of 10,000 images decides
+    ties of a few images by chance; the flips say which model is closer to the network it quantizes).
+    ``df.attrs`` holds samples, calibration, seeds and fp32 (the FP32 model's accuracy).
+    """
+    from .quant import calibrate
+
+    modules = systems_modules(systems)
+    require(*modules)
+    images = as_image_batch(images, net.input_shape)
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),):
+        raise InputError(f"labels: expected shape ({len(images)},), found {labels.shape}")
+    unknown = [p for p in precisions if p not in MICROCNN_PRECISIONS or p == "FP32"]
+    if unknown or not precisions:
+        raise InputError(f"precisions: expected a non-empty subset of INT8, W4A8, W4A4, found "
+                         f"{list(precisions)}")
+    points = _other_points(net, precisions, systems, ort_calibrations)
+    jobs = [(seed, label) for seed in seeds for label in precisions]
+    if progress:
+        from tqdm.auto import tqdm
+
+        jobs = tqdm(jobs, desc="quantized accuracy", unit="precision")
+    rows = []
+    with _all_threads_pinned(1, require("torch") if "torch" in modules else None), _quiet_logging():
+        fp32 = _top1(net.predict, images)
+        cal = None
+        for seed, label in jobs:
+            if cal is None or cal.seed != seed:
+                cal = calibrate(net, train_images, method=method, samples=calibration, seed=seed,
+                                progress=False)
+            model = build_precision(net, MICROCNN_PRECISIONS[label], cal)
+            ours = _top1(functools.partial(model.predict, batch_size=_PREDICT_BATCH), images)
+            for system, precision, build in points:
+                if precision == label:
+                    theirs = _top1(build(cal.images), images)
+                    acc, our_acc = float((theirs == labels).mean()), float((ours == labels).mean())
+                    rows.append({"system": system, "precision": label,
+                                 "calibration": f"seed {seed}, {cal.samples} images", "accuracy": acc,
+                                 "ours": our_acc, "delta": our_acc - acc,
+                                 "flips": int((theirs != fp32).sum()),
+                                 "ours_flips": int((ours != fp32).sum())})
+    df = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+    df.attrs.update(samples=len(images), calibration=calibration, seeds=list(seeds), method=method,
+                    fp32=float((fp32 == labels).mean()))
+    return df
+
+
 # -- PyTorch training throughput ----------------------------------------------------------------------
 def torch_train_throughput(images, labels, batch_size: int = 64, threads: int = 1, seconds: float = 3.0,
                            optimizer: str = "sgd", lr: float = 0.01, seed: int = 0) -> float:
@@ -848,11 +947,12 @@ def load_any_model(spec: str) -> Sequential:
 def run_compare(model: str = "bundled", *, data: str | None = None, samples: int = 1000, threads: int = 1,
                 repeats: int = 5, calibration: int = 100, method: str = "mse", systems: str = "all",
                 precisions: str = "fp32,int8,w4a8,w4a4", torch_compile: bool = True,
-                output: str = "table", dataset: str | None = None) -> int:
+                output: str = "table", dataset: str | None = None, seeds=None) -> int:
     """``microcnn compare``: print the table (``output``: "table", "json" or "markdown"); 2 with a
     message if an extra is missing. ``model`` is a spec of ``load_any_model``; ``data`` the dataset
     directory (``microcnn.resolve.data_dir``); ``dataset`` mnist, fashion-mnist or an .npz path (default:
-    the model's own)."""
+    the model's own). With ``seeds`` (``--quantized-accuracy``) the table is ``quantized_accuracy``'s
+    instead, over those calibration seeds (no timing)."""
     from .resolve import check_data_fits, dataset_of, load_calibration_images, load_test_images
 
     try:
@@ -869,6 +969,9 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
     dataset = dataset or dataset_of(model)
     images, labels = load_test_images(samples, data, "--samples", dataset)
     check_data_fits(net, images, labels, f"--dataset {dataset}")
+    if seeds is not None:
+        return _print_quantized_accuracy(net, images, labels, data, dataset, seeds, calibration,
+                                         method, systems, precisions, output)
     calibration_images = load_calibration_images(calibration, data, "--calibration", dataset)
     df = compare_table(net, images, labels, calibration_images,
                        threads=threads, repeats=repeats, systems=systems, method=method,
@@ -890,4 +993,34 @@ def run_compare(model: str = "bundled", *, data: str | None = None, samples: int
         print(format_compare(df))
         print("\nNotes:")
         print("\n".join(f"- {n}" for n in notes))
+    return 0
+
+
+def _print_quantized_accuracy(net, images, labels, data, dataset, seeds, calibration, method, systems,
+                              precisions, output) -> int:
+    from .datasets import load_dataset
+    from .resolve import data_dir
+
+    train = load_dataset(dataset, "train", data_dir=data_dir(data), progress=False)[0]
+    wanted = tuple(p for p in parse_precisions(precisions) if p != "FP32")
+    df = quantized_accuracy(net, images, labels, train, seeds=seeds, calibration=calibration,
+                            precisions=wanted, systems=systems, method=method, progress=output == "table")
+    if output == "json":
+        print(json.dumps({"rows": df.to_dict("records"), **df.attrs}))
+        return 0
+    shown = df.assign(**{c: df[c].map(lambda v: f"{v * 100:.2f}%") for c in ("accuracy", "ours")},
+                      delta=df["delta"].map(lambda v: f"{v * 100:+.2f}"))
+    if output == "markdown":
+        lines = ["| " + " | ".join(ACCURACY_COLUMNS) + " |", "|:---|:---|:---" + "|---:" * 5 + "|"]
+        lines += ["| " + " | ".join(map(str, r)) + " |" for r in shown.itertuples(index=False)]
+        print("\n".join(lines))
+    else:
+        print(f"{len(images)} test images (FP32 {df.attrs['fp32'] * 100:.2f}%); microcnn ({method} "
+              f"calibration, default quantization) against each other system on the same {calibration} "
+              "calibration images per seed; delta in points; flips: images classified otherwise than by the "
+              "FP32 model")
+        print(shown.to_string(index=False))
+    behind = df[df["delta"] < 0]
+    if len(behind):
+        print(f"\nmicrocnn is behind at {len(behind)} of {len(df)} points (delta < 0)")
     return 0
