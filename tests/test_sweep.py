@@ -15,8 +15,16 @@ import pytest
 
 from microcnn.cli import build_parser
 from microcnn.errors import InputError
-from microcnn.sweep import COLUMNS, LATER_COLUMNS, SweepError, grid, parse_precision, read_table, run_configuration, \
-    run_sweep
+from microcnn.sweep import (
+    COLUMNS,
+    LATER_COLUMNS,
+    SweepError,
+    grid,
+    parse_precision,
+    read_table,
+    run_configuration,
+    run_sweep,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(models=["lenet"], precisions=["int8", "w4a4"], methods=["minmax"], roundings=["nearest"])
@@ -88,8 +96,8 @@ def test_cle_and_granularity_are_dimensions_of_the_grid():
                                             (["--cle", "off,on"], [False, True]),
                                             (["--cle", "on, off"], [True, False])])
 def test_cli_cle_switches(argv, expected):
-    args = build_parser().parse_args(["sweep", "--models", "lenet", "--precisions", "w4a4", "--out", "t.parquet",
-                                      "--granularity", "channel,tensor", *argv])
+    args = build_parser().parse_args(["sweep", "--models", "lenet", "--precisions", "w4a4", "--out",
+                                      "t.parquet", "--granularity", "channel,tensor", *argv])
     assert args.cle == expected and args.granularity == ["channel", "tensor"]
 
 
@@ -134,7 +142,8 @@ def test_bad_precisions_are_refused_by_name(name, message):
     ("seeds", [-1], "seeds: expected non-negative integers"),
     ("cle", [], "cle: expected at least one value"),
     ("cle", ["on"], r"cle: expected True \(equalize\) or False, found \['on'\]"),
-    ("granularities", ["layer"], r"granularities: expected names from \['channel', 'tensor'\], found \['layer'\]"),
+    ("granularities", ["layer"],
+     r"granularities: expected names from \['channel', 'tensor'\], found \['layer'\]"),
 ])
 def test_bad_grids_are_refused_before_any_work(tmp_path, field, value, message):
     args = {**SMALL, "seeds": [0], field: value}
