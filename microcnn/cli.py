@@ -301,7 +301,8 @@ def cmd_sweep(args) -> int:
 
     table = run_sweep(args.models, args.precisions, args.methods, args.rounding, args.seeds, args.out,
                       scheduler=args.scheduler, calibration=args.calibration, samples=args.samples,
-                      progress=not args.json, workers=args.workers, data_dir=data_dir(args.data))
+                      progress=not args.json, workers=args.workers, data_dir=data_dir(args.data),
+                      cle=args.cle, granularities=args.granularity)
     if args.json:
         print(table.assign(finished=table["finished"].astype(str)).to_json(orient="records"))
     else:
@@ -581,12 +582,23 @@ def build_parser() -> argparse.ArgumentParser:
     def seeds(text):
         return [int_in(0, None, "a seed")(v) for v in names(text)]
 
+    def switches(text):
+        values = {"off": False, "on": True}
+        unknown = [v for v in names(text) if v not in values]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"expected off, on or off,on, found {','.join(unknown)}")
+        return [values[v] for v in names(text)]
+
     sp = command("sweep", cmd_sweep, "accuracy over a grid of models x precisions x methods x roundings "
-                 "x seeds, on Dask, into a resumable Parquet table")
+                 "x CLE x granularity x seeds, on Dask, into a resumable Parquet table")
     sp.add_argument("--models", type=names, required=True, help="comma-separated: lenet, fashion")
     sp.add_argument("--precisions", type=names, required=True, help="comma-separated wXaY, int8, int4")
     sp.add_argument("--methods", type=names, default=["mse"], help="calibration observers (default mse)")
     sp.add_argument("--rounding", type=names, default=["nearest"], help="rounding methods (default nearest)")
+    sp.add_argument("--cle", type=switches, default=[False], metavar="off,on",
+                    help="cross-layer equalization of the FP32 weights first: off (default), on, or both")
+    sp.add_argument("--granularity", type=names, default=["channel"], metavar="channel,tensor",
+                    help="weight scales per output channel (default), per tensor, or both")
     sp.add_argument("--seeds", type=seeds, default=[0], help="calibration-subset seeds (default 0)")
     sp.add_argument("--out", required=True, help="Parquet table; an existing sweep table is resumed")
     sp.add_argument("--scheduler", default=None, help="address of a running Dask scheduler "

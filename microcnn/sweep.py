@@ -1,4 +1,5 @@
-"""Quantization sweeps on Dask: every (model, precision, method, rounding, seed) of a grid, one row each.
+"""Quantization sweeps on Dask: every (model, precision, method, rounding, cle, granularity, seed) of a grid,
+one row each.
 
 ``run_sweep`` sends one task per configuration to ``dask.distributed`` (an embedded LocalCluster of
 single-threaded worker processes, or an existing cluster given by address) and writes the table to
@@ -8,7 +9,9 @@ and a rerun with the same ``out`` skips it.
 What a seed changes: the ``calibration`` images, drawn at random from the model's TRAINING split with
 that seed, and AdaRound's batches (nearest and GPTQ rounding are deterministic). Accuracy is on the first
 ``samples`` images of the TEST split, and ``drop`` is the FP32 model's accuracy on those same images
-minus the quantized one's (both fractions of 1). Workers find the datasets by the same search as
+minus the quantized one's (both fractions of 1). ``cle``: the FP32 weights cross-layer equalized
+(``quant.cle.equalize``) before calibrating; ``granularity``: one weight scale per output "channel" or
+per "tensor" (CLE matters most for the latter). Workers find the datasets by the same search as
 ``load_dataset`` (``data_dir`` passed on, else $MICROCNN_DATA and the defaults on the worker's machine).
 """
 
@@ -23,7 +26,10 @@ from .errors import InputError, MicrocnnError
 
 # Named models a sweep can load on any worker, and the dataset each was trained on.
 MODEL_DATASETS = {"lenet": "mnist", "fashion": "fashion-mnist"}
-KEY = ("model", "precision", "method", "rounding", "seed", "calibration", "samples")
+KEY = ("model", "precision", "method", "rounding", "cle", "granularity", "seed", "calibration", "samples")
+# Columns added after the first tables were written, with the value those tables' rows were computed with.
+LATER_COLUMNS = {"cle": False, "granularity": "channel"}
+GRANULARITIES = ("channel", "tensor")
 COLUMNS = (*KEY, "accuracy", "fp32_accuracy", "drop", "model_bytes", "seconds", "finished")
 CONNECT_TIMEOUT = 10.0  # seconds to reach an existing scheduler before giving up
 
@@ -54,10 +60,11 @@ def _names(what: str, values, known=None) -> list:
     return values
 
 
-def grid(models, precisions, methods, roundings, seeds, calibration: int = 100,
-         samples: int | None = None) -> list[dict]:
+def grid(models, precisions, methods, roundings, seeds, calibration: int = 100, samples: int | None = None,
+         cle=(False,), granularities=("channel",)) -> list[dict]:
     """The configurations of a sweep, validated against the registries (names are checked before any
-    work). ``fp32`` among the precisions is skipped: it is the reference every row's ``drop`` uses."""
+    work). ``fp32`` among the precisions is skipped: it is the reference every row's ``drop`` uses.
+    ``cle``: booleans (False: as trained, True: cross-layer equalized first)."""
     from .quant.observers import OBSERVERS
     from .quant.rounding import ROUNDINGS
 
@@ -69,15 +76,20 @@ def grid(models, precisions, methods, roundings, seeds, calibration: int = 100,
     precisions = list(dict.fromkeys(f"w{w}a{a}" for w, a in map(parse_precision, precisions)))
     methods = _names("methods", methods, OBSERVERS)
     roundings = _names("roundings", roundings, ROUNDINGS)
+    cle = _names("cle", cle)
+    if any(not isinstance(c, bool) for c in cle):
+        raise InputError(f"cle: expected True (equalize) or False, found {cle}")
+    granularities = _names("granularities", granularities, GRANULARITIES)
     seeds = _names("seeds", seeds)
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise InputError(f"seeds: expected non-negative integers, found {seeds}")
     for what, n in (("calibration", calibration), ("samples", samples)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise InputError(f"{what}: expected a positive number of images, found {n!r}")
-    return [dict(model=m, precision=p, method=me, rounding=r, seed=s, calibration=calibration,
-                 samples=-1 if samples is None else samples)  # -1: the whole test split (Parquet has no None)
-            for m in models for p in precisions for me in methods for r in roundings for s in seeds]
+    return [dict(model=m, precision=p, method=me, rounding=r, cle=c, granularity=g, seed=s,
+                 calibration=calibration, samples=-1 if samples is None else samples)  # -1: whole test split
+            for m in models for p in precisions for me in methods for r in roundings for c in cle
+            for g in granularities for s in seeds]
 
 
 @functools.lru_cache(maxsize=4)
@@ -94,6 +106,14 @@ def _model_and_data(model: str, samples: int, data_dir):
     return net, train, test, labels, net.accuracy(test, labels)
 
 
+@functools.lru_cache(maxsize=4)
+def _equalized(model: str):
+    from .lenet import fashion_cnn, lenet
+    from .quant.cle import equalize
+
+    return equalize((lenet if model == "lenet" else fashion_cnn)(weights="bundled"))
+
+
 def run_configuration(config: dict, data_dir=None) -> dict:
     """One row of the table: calibrate on ``calibration`` training images drawn with ``seed``, quantize,
     score on the test images. Runs on a worker (also usable in-process)."""
@@ -103,10 +123,13 @@ def run_configuration(config: dict, data_dir=None) -> dict:
     with pinned_threads(1):  # one task per worker thread: Numba must not oversubscribe the machine
         net, train, test, labels, fp32 = _model_and_data(config["model"], config["samples"], data_dir)
         t0 = time.perf_counter()
+        if config["cle"]:  # before calibrating: equalization changes the activation ranges
+            net = _equalized(config["model"])
         cal = calibrate(net, train, method=config["method"], samples=config["calibration"],
                         seed=config["seed"], progress=False)
         w, a = parse_precision(config["precision"])
-        qnet = quantize(net, cal, weight_bits=w, act_bits=a, rounding=config["rounding"], seed=config["seed"])
+        qnet = quantize(net, cal, weight_bits=w, act_bits=a, rounding=config["rounding"], seed=config["seed"],
+                        per_channel=config["granularity"] == "channel")
         acc = qnet.accuracy(test, labels)
         seconds = time.perf_counter() - t0
     return {**config, "accuracy": acc, "fp32_accuracy": fp32, "drop": fp32 - acc,
@@ -127,11 +150,15 @@ def read_table(path):
     except (pa.ArrowException, OSError) as exc:
         raise SweepError(f"{path}: not a sweep table (expected a Parquet file written by microcnn sweep; "
                          f"{exc}); not replaced: choose another --out") from None
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in COLUMNS if c not in table.column_names and c not in LATER_COLUMNS]
     if missing:
         raise SweepError(f"{path}: not a sweep table (expected the columns {list(COLUMNS)}, missing "
                          f"{missing}); not replaced: choose another --out")
-    return pd.DataFrame(table.to_pandas(), columns=list(COLUMNS))
+    df = table.to_pandas()
+    for column, value in LATER_COLUMNS.items():  # a table from before the column: its rows had this value
+        if column not in df:
+            df[column] = value
+    return pd.DataFrame(df, columns=list(COLUMNS))
 
 
 def _write_table(rows, path) -> None:
@@ -168,7 +195,8 @@ def _client(scheduler, workers: int):
 
 
 def run_sweep(models, precisions, methods, roundings, seeds, out, scheduler=None, calibration: int = 100,
-              samples: int | None = None, progress: bool = True, workers: int | None = None, data_dir=None):
+              samples: int | None = None, progress: bool = True, workers: int | None = None, data_dir=None,
+              cle=(False,), granularities=("channel",)):
     """Run the grid (see ``grid``) on Dask and return the whole table of ``out`` as a DataFrame, one
     row per configuration with the columns ``COLUMNS`` (model_bytes: what the quantized model stores;
     seconds: calibrate + quantize + score on the worker; finished: UTC time the row was computed).
@@ -184,7 +212,7 @@ def run_sweep(models, precisions, methods, roundings, seeds, out, scheduler=None
 
     from .fileutil import check_destination
 
-    configs = grid(models, precisions, methods, roundings, seeds, calibration, samples)
+    configs = grid(models, precisions, methods, roundings, seeds, calibration, samples, cle, granularities)
     if scheduler is not None:
         _check_address(scheduler)
     check_destination(out)  # unwritable: refused before any work

@@ -234,16 +234,17 @@ def feature_maps_figure(net, image, layer, max_maps: int = 16) -> Figure:
     shown = min(max_maps, out.shape[0])
     cols = min(shown, 8)
     rows = -(-shown // cols)
-    # A fixed layout: constrained layout would more than double the render time of a slider step.
-    width, height = 1.1 * (cols + 1) + 1.0, 1.1 * rows + 0.7
+    # A fixed layout: constrained layout would more than double the render time of a slider step. An
+    # empty gap column between the input and the maps holds the maps' "y (px)" label, which the narrow
+    # space between two panels cannot (it ran into the input image).
+    gap = 0.35
+    width, height = 1.1 * (cols + 1 + gap) + 1.0, 1.1 * rows + 0.7
     fig = Figure(figsize=(width, height))
-    fig.subplots_adjust(left=0.35 / width, right=1 - 0.95 / width, bottom=0.3 / height,
-                        top=1 - 0.55 / height, wspace=0.1, hspace=0.3)
-    grid = fig.subplots(rows, cols + 1, squeeze=False)
-    for ax in grid[1:, 0]:  # the first column holds only the input
-        ax.set_axis_off()
-    _show_input(grid[0, 0], x)
-    axes = grid[:, 1:]
+    spec = fig.add_gridspec(rows, cols + 2, width_ratios=(1, gap, *[1] * cols), left=0.35 / width,
+                            right=1 - 0.95 / width, bottom=0.3 / height, top=1 - 0.55 / height,
+                            wspace=0.1, hspace=0.3)
+    _show_input(fig.add_subplot(spec[0, 0]), x)
+    axes = np.array([[fig.add_subplot(spec[r, c + 2]) for c in range(cols)] for r in range(rows)])
     colours = _map_colours(out[:shown])
     image_artist = None
     for k, ax in enumerate(axes.flat):

@@ -115,6 +115,25 @@ def test_probability_figure_draws_every_probability(mnist):
 
 
 # ------------------------------------------------------------------------------------ feature maps
+@pytest.mark.parametrize("layer, max_maps", [("conv1", 16), ("conv2", 16), ("pool2", 3)])
+def test_feature_map_axis_labels_clear_every_panel(mnist, net, layer, max_maps):
+    """The maps' "x (px)" / "y (px)" labels, drawn, overlap no panel: the input image and the other
+    maps (issue 16: "y (px)" ran into the input image)."""
+    import io
+
+    fig = W.feature_maps_figure(net, mnist[0][3], layer, max_maps=max_maps)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).print_png(io.BytesIO())  # lays the text out
+    labelled = [ax for ax in fig.axes if ax.get_ylabel() == "y (px)"]  # (the colour bar's is "activation")
+    assert len(labelled) == 1 and labelled[0].get_xlabel() == "x (px)"
+    renderer = fig.canvas.get_renderer()
+    for text in (labelled[0].yaxis.label, labelled[0].xaxis.label):
+        box = text.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), (text.get_text(), ax.get_title())
+
+
 def test_feature_maps_show_the_layer_outputs(mnist, net):
     image = mnist[0][3]
     records = net.trace(image[None])
