@@ -49,12 +49,16 @@ from .packing import unpack_bits
 from .qdot import (
     DENSE_VECTORS,
     PAIR_WORDS,
+    REQUANT_VALUES,
     STRIP,
     dense_kernel,
     microkernel1,
     microkernel2,
     microkernel4,
+    microkernel6,
     microkernel8,
+    requant_row,
+    requant_row_pool2,
 )
 from .shapes import conv_output_size
 from .simd import LANES
@@ -79,16 +83,15 @@ Requant = namedtuple("Requant", ["m0", "shift", "fmult", "mode", "zero_point", "
 
 @njit(cache=True)
 def quantize_u8(x, scale, zero_point, qmax):
-    """float32 -> uint8: clamp(rint(x / scale) + zero_point, 0, qmax); x is a flat float32 array."""
+    """float32 -> uint8: clamp(rint(x / scale) + zero_point, 0, qmax); x is a flat float32 array.
+
+    The clamp runs on rint(x / scale) against [-zero_point, qmax - zero_point] in float32 -- integers
+    there, so the same codes as clamping the sum -- which keeps the loop in float32 vectors."""
     out = np.empty(x.size, np.uint8)
     s = np.float32(scale)
+    lo, hi, zp = np.float32(-zero_point), np.float32(qmax - zero_point), np.int32(zero_point)
     for i in range(x.size):
-        v = np.rint(x[i] / s) + zero_point
-        if v < 0:
-            v = 0
-        elif v > qmax:
-            v = qmax
-        out[i] = np.uint8(v)
+        out[i] = np.uint8(np.int32(min(max(np.rint(x[i] / s), lo), hi)) + zp)
     return out
 
 
@@ -176,10 +179,12 @@ def conv_taps(c, kh, kw, sh):
 
 @njit(cache=True)
 def _block_size(remaining):
-    """Micro-kernel width for the next ``remaining`` output channels: 8 (padded with zero-weight channels
-    when fewer than 8 remain but more than 4: one pass over the words beats a 4 + 2 split), 4, 2, 1."""
-    if remaining > 4:
+    """Micro-kernel width for the next ``remaining`` output channels: 8, 6 (padded with zero-weight channels
+    when 7 or 5 remain: one pass over the words beats a 4 + 2 split), 4, 2, 1."""
+    if remaining > 6:
         return 8
+    if remaining > 4:
+        return 6
     if remaining > 2:
         return 4
     return remaining
@@ -315,6 +320,8 @@ def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc)
         wa, aa = w_addr + 4 * j0, a_addr + 4 * j0
         if width == 8:
             microkernel8(wa, o_addr, n_words, b_addr, aa, stride)
+        elif width == 6:
+            microkernel6(wa, o_addr, n_words, b_addr, aa, stride)
         elif width == 4:
             microkernel4(wa, o_addr, n_words, b_addr, aa, stride)
         elif width == 2:
@@ -377,6 +384,35 @@ def _max_pool_acc(acc, rs, geo, qh, qw, pooled):
 
 
 @njit(cache=True)
+def _requant_rows(acc, channels, o0, qh, qw, rs, pool2, scratch, rq, dst_q):
+    """The fixed-point epilogue of ``channels`` accumulator rows (output row qy at qy * rs, or with
+    ``pool2`` the 2x2 / stride 2 maxima of rows 2qy, 2qy + 1) into the uint8 planes of one image, 16
+    outputs per ``qdot.requant_row*`` call. Those read up to 31 values past a row's last output (acc has
+    a spare row: see ``qconv_images``) and store 16 bytes: bytes past an output row are rewritten by the
+    rows after it, and a store that would pass the image's end goes through ``scratch`` (16 bytes)."""
+    step = 2 if pool2 else 1
+    width = acc.shape[1]
+    a_addr, d_addr, s_addr = acc.ctypes.data, dst_q.ctypes.data, scratch.ctypes.data
+    zero_point, lo, hi = rq.zero_point, rq.lo, rq.hi
+    for c in range(channels):
+        o = o0 + c
+        m, sh = np.int64(rq.m0[o]), np.int64(rq.shift[o])
+        for qy in range(qh):
+            src = a_addr + 4 * (c * width + step * qy * rs)
+            at = (o * qh + qy) * qw
+            for q0 in range(0, qw, REQUANT_VALUES):
+                direct = at + q0 + REQUANT_VALUES <= dst_q.shape[0]
+                dst = d_addr + at + q0 if direct else s_addr
+                if pool2:
+                    requant_row_pool2(src + 8 * q0, rs, m, sh, zero_point, lo, hi, dst)
+                else:
+                    requant_row(src + 4 * q0, rs, m, sh, zero_point, lo, hi, dst)
+                if not direct:
+                    for j in range(min(REQUANT_VALUES, qw - q0)):
+                        dst_q[at + q0 + j] = scratch[j]
+
+
+@njit(cache=True)
 def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f):
     """Write ``channels`` accumulator rows of one image (optionally max-pooled) into its output planes; output
     row oy of an accumulator row starts at oy * rs (rs >= ow: the wide layout computes extra columns).
@@ -386,23 +422,8 @@ def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f)
     plain = geo.pkh == 1 and geo.pkw == 1 and geo.psh == 1 and geo.psw == 1
     pool2 = geo.pkh == 2 and geo.pkw == 2 and geo.psh == 2 and geo.psw == 2
     qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
-    if pool2 and rq.mode == MODE_FIXEDPOINT:  # the hot path in one loop nest: calls cost refcounting
-        m0, shift, zero_point, lo, hi = rq.m0, rq.shift, rq.zero_point, rq.lo, rq.hi
-        for c in range(channels):
-            o = o0 + c
-            m, sh = np.int64(m0[o]), np.int64(shift[o])
-            rounding = np.int64(1) << (sh - 1)
-            row = acc[c]
-            for qy in range(qh):
-                r0 = row[2 * qy * rs:2 * qy * rs + 2 * qw]
-                r1 = row[(2 * qy + 1) * rs:(2 * qy + 1) * rs + 2 * qw]
-                dst = pooled[qy * qw:(qy + 1) * qw]
-                for qx in range(qw):
-                    dst[qx] = max(max(r0[2 * qx], r0[2 * qx + 1]), max(r1[2 * qx], r1[2 * qx + 1]))
-            out = dst_q[o * qh * qw:(o + 1) * qh * qw]
-            for j in range(qh * qw):  # separate loop: this one vectorises
-                y = ((np.int64(pooled[j]) * m + rounding) >> sh) + zero_point
-                out[j] = np.uint8(min(max(y, lo), hi))
+    if rq.mode == MODE_FIXEDPOINT and (pool2 or plain):  # the hot path: 16 outputs per vector call
+        _requant_rows(acc, channels, o0, qh, qw, rs, pool2, pooled.view(np.uint8), rq, dst_q)
         return
     for c in range(channels):
         o = o0 + c
@@ -414,44 +435,49 @@ def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f)
                 _finish(row[oy * rs:oy * rs + ow], o, rq, dst_q, dst_f, (o * oh + oy) * ow, 1)
         else:
             _max_pool_acc(row, rs, geo, qh, qw, pooled)
-            _finish(pooled, o, rq, dst_q, dst_f, o * qh * qw, 1)
+            _finish(pooled[:qh * qw], o, rq, dst_q, dst_f, o * qh * qw, 1)
 
 
 # -- convolution ------------------------------------------------------------------------------------
 @njit(cache=True)
 def _fill_padded(src, qmax, padded, ph, pw):
     """padded[:, ph:ph+h, pw:pw+w] = min(src, qmax) for one image src (C, H, W); padded keeps the zero
-    point elsewhere."""
+    point elsewhere. (Without padding each channel is one flat loop: rows as short as 14 would leave a
+    vectorised loop nothing but its scalar remainder.)"""
     c, h, w = src.shape
+    q = np.uint8(min(qmax, 255))
     for ch in range(c):
+        if ph == 0 and pw == 0:
+            s, d = src[ch].reshape(-1), padded[ch].reshape(-1)[:h * w]
+            for j in range(h * w):
+                d[j] = min(s[j], q)
+            continue
         for y in range(h):
             s = src[ch, y]
             d = padded[ch, y + ph, pw:pw + w]
-            if qmax >= 255:
-                for xx in range(w):
-                    d[xx] = s[xx]
-            else:
-                for xx in range(w):
-                    d[xx] = min(s[xx], qmax)
+            for xx in range(w):
+                d[xx] = min(s[xx], q)
 
 
 @njit(cache=True)
 def _fill_wide(group, padded, hp, words):
     """The wide implicit im2col (stride 1): words[cg, y, xx] byte r*G + g = padded[cg*G + g, y + r, xx]
     for y < hp and every column xx; tap (kq, kx) of output (oy, ox) is word (cg, oy + kq*R, ox + kx), so
-    one word per input pixel serves every kx (the outputs are computed with row stride wp)."""
+    one word per input pixel serves every kx (the outputs are computed with row stride wp). Each channel
+    group is one flat loop over the hp * wp pixels (row y + r is wp * r further)."""
     g_ = group
     wp = padded.shape[2]
+    n = hp * wp
     for cg in range(padded.shape[0] // g_):
         c0 = cg * g_  # byte b reads channel c0 + b % G, row y + b // G
         c1, c2, c3 = c0 + 1 % g_, c0 + 2 % g_, c0 + 3 % g_
         y1, y2, y3 = 1 // g_, 2 // g_, 3 // g_
-        for y in range(hp):
-            d = words[cg, y]
-            a, b, e, f = padded[c0, y], padded[c1, y + y1], padded[c2, y + y2], padded[c3, y + y3]
-            for xx in range(wp):
-                d[xx] = (np.uint32(a[xx]) | (np.uint32(b[xx]) << 8) | (np.uint32(e[xx]) << 16)
-                         | (np.uint32(f[xx]) << 24))
+        d = words[cg].reshape(-1)
+        a, b = padded[c0].reshape(-1)[:n], padded[c1].reshape(-1)[y1 * wp:y1 * wp + n]
+        e, f = padded[c2].reshape(-1)[y2 * wp:y2 * wp + n], padded[c3].reshape(-1)[y3 * wp:y3 * wp + n]
+        for j in range(n):
+            d[j] = (np.uint32(a[j]) | (np.uint32(b[j]) << 8) | (np.uint32(e[j]) << 16)
+                    | (np.uint32(f[j]) << 24))
 
 
 @njit(cache=True)
@@ -532,9 +558,10 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     # the last strip reads up to STRIP words past the last position (kw more in the wide layout)
     words_flat = np.zeros(n_rows * row_len + kw + STRIP, np.uint32)
     words = words_flat[:n_rows * row_len].reshape(n_rows, row_len)
-    acc = np.empty((8, -(-n_pos // STRIP) * STRIP), np.int32)
+    # 8 rows for the micro-kernels and a spare one for the epilogue's vector reads past a row's end
+    acc = np.empty((9, max(-(-n_pos // STRIP) * STRIP, 2 * REQUANT_VALUES)), np.int32)
     qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
-    pooled = np.empty(qh * qw, np.int32)
+    pooled = np.empty(max(qh * qw, REQUANT_VALUES), np.int32)
     for i in range(n0, n1):
         _fill_padded(x[i], pk.qmax, padded, ph, pw)
         if group == 0:
