@@ -20,8 +20,10 @@ Number formats (see ``microcnn.quant`` for how the parameters are chosen):
 im2col: a uint32 word holds four activation codes of one output position, multiplied by a quad of
 weights. For vertical stride 1 the patch matrix is implicit, as in ``kernels.conv``: a word packs G
 channels x R = 4 / G consecutive input rows (G = 4, 2 or 1 as the channel count allows), one row of
-words per (channel group, kx), and tap rows ky..ky+R-1 are a window of it at offset ky*OW. Vertical
-stride > 1 builds explicit patch words of four consecutive taps (``conv_taps``).
+words per (channel group, kx), and tap rows ky..ky+R-1 are a window of it at offset ky*OW. Kernel rows
+that would fill a word only partly (the fifth row of a 5x5 kernel on one channel) go into horizontal words
+(G channels x R consecutive columns) when that takes fewer words. Vertical stride > 1 builds explicit patch
+words of four consecutive taps (``conv_taps``).
 
 Requantization (fixed point, the one rounding rule used everywhere and mirrored by the tests):
 
@@ -146,13 +148,27 @@ def _conv_group(c):
 
 
 @njit(cache=True)
+def _row_split(group, kh, kw):
+    """(row groups in vertical words, rows in horizontal words) of a group-G implicit im2col: the last
+    kh % R rows (R = 4 // G) fill a vertical word only partly; they go into horizontal words (G channels x
+    R consecutive columns of one row, ceil(kw / R) per row) when those are fewer than the kw vertical ones
+    (a 5x5 kernel on one channel: 2 words instead of 5 for its fifth row)."""
+    r_ = 4 // group
+    rem = kh % r_
+    if rem and rem * -(-kw // r_) < kw:
+        return kh // r_, rem
+    return -(-kh // r_), 0
+
+
+@njit(cache=True)
 def conv_taps(c, kh, kw, sh):
     """Which weight taps (of the flattened (C, KH, KW) kernel) each byte of a word multiplies.
 
     Returns (group, taps), taps int64 (W, 4) with -1 for a byte that meets no weight. group G > 0
-    (vertical stride 1): word w = (channel group cg, row group kq, kx), byte r*G + g is tap
-    (cg*G + g, kq*R + r, kx). group 0 (vertical stride > 1): explicit patches, word w holds taps
-    4w..4w+3."""
+    (vertical stride 1), per channel group cg: first the vertical words (row group kq, kx), byte r*G + g
+    tap (cg*G + g, kq*R + r, kx); then the horizontal words of the rows ``_row_split`` leaves over (row ky,
+    column group j), byte h*G + g tap (cg*G + g, ky, j*R + h). group 0 (vertical stride > 1): explicit
+    patches, word w holds taps 4w..4w+3."""
     k = c * kh * kw
     if sh != 1:
         n = (k + 3) // 4
@@ -162,8 +178,9 @@ def conv_taps(c, kh, kw, sh):
         return 0, taps
     g_ = _conv_group(c)
     r_ = 4 // g_
-    nq = (kh + r_ - 1) // r_
-    taps = np.full(((c // g_) * nq * kw, 4), -1, np.int64)
+    nq, hr = _row_split(g_, kh, kw)
+    nj = -(-kw // r_)
+    taps = np.full(((c // g_) * (nq * kw + hr * nj), 4), -1, np.int64)
     w = 0
     for cg in range(c // g_):
         for kq in range(nq):
@@ -173,6 +190,14 @@ def conv_taps(c, kh, kw, sh):
                     if ky < kh:
                         for g in range(g_):
                             taps[w, r * g_ + g] = ((cg * g_ + g) * kh + ky) * kw + kx
+                w += 1
+        for ky in range(nq * r_, nq * r_ + hr):
+            for j in range(nj):
+                for h in range(r_):
+                    kx = j * r_ + h
+                    if kx < kw:
+                        for g in range(g_):
+                            taps[w, h * g_ + g] = ((cg * g_ + g) * kh + ky) * kw + kx
                 w += 1
     return g_, taps
 
@@ -508,6 +533,38 @@ def _fill_words(group, padded, kw, sw, ow, hp, words):
 
 
 @njit(cache=True)
+def _fill_hwords(group, padded, hp, sw, hwords):
+    """Horizontal words: hwords[cg, j, y, ox] byte h*G + g = padded[cg*G + g, y, ox*sw + j*R + h]. The wide
+    layout has one plane (j = 0, sw = 1, every column: column group j is an offset of j*R words); the other
+    one a plane per j. A column past a row's end reads the next row (padded has 3 spare rows): those
+    bytes meet zero weights."""
+    g_ = group
+    wp = padded.shape[2]
+    r_ = 4 // g_
+    cols = hwords.shape[3]
+    n = hp * cols
+    for cg in range(hwords.shape[0]):
+        c0 = cg * g_  # byte b reads channel c0 + b % G, column + b // G
+        a, b = padded[c0].reshape(-1), padded[c0 + 1 % g_].reshape(-1)
+        e, f = padded[c0 + 2 % g_].reshape(-1), padded[c0 + 3 % g_].reshape(-1)
+        x1, x2, x3 = 1 // g_, 2 // g_, 3 // g_
+        for j in range(hwords.shape[1]):
+            d = hwords[cg, j].reshape(-1)
+            if sw == 1 and cols == wp:  # one flat loop: the plane is the padded image shifted by j*R
+                o = j * r_
+                a1, b1, e1, f1 = a[o:o + n], b[o + x1:o + x1 + n], e[o + x2:o + x2 + n], f[o + x3:o + x3 + n]
+                for t in range(n):
+                    d[t] = (np.uint32(a1[t]) | (np.uint32(b1[t]) << 8) | (np.uint32(e1[t]) << 16)
+                            | (np.uint32(f1[t]) << 24))
+            else:
+                for y in range(hp):
+                    for ox in range(cols):
+                        t = y * wp + ox * sw + j * r_
+                        d[y * cols + ox] = (np.uint32(a[t]) | (np.uint32(b[t + x1]) << 8)
+                                            | (np.uint32(e[t + x2]) << 16) | (np.uint32(f[t + x3]) << 24))
+
+
+@njit(cache=True)
 def _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, taps, words):
     """Explicit im2col words (group 0): words[w, oy*ow + ox] byte b = tap taps[w, b] (0 if none)."""
     per = kh * kw
@@ -539,25 +596,40 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     wide = group > 0 and sw == 1
     rs = wp if wide else ow  # accumulator row stride
     word_off = np.empty(n_words, np.int64)
+    ncg, nj, hr, h_planes = max(c // max(group, 1), 1), 1, 0, 1  # (hr: rows in horizontal words)
     if group == 0:
         n_rows, row_len = n_words, oh * ow
         word_off[:] = np.arange(n_words) * row_len
     else:
-        n_rows, row_len = ((c // group), hp * wp) if wide else ((c // group) * kw, hp * ow)
+        n_rows, row_len = (ncg, hp * wp) if wide else (ncg * kw, hp * ow)
         r_ = 4 // group
+        nq, hr = _row_split(group, kh, kw)
+        nj = -(-kw // r_)
+        h_planes = 1 if wide else nj
+        hbase = n_rows * row_len  # the horizontal words' planes follow the vertical ones
         i = 0
-        for cg in range(c // group):
-            for kq in range(-(-kh // r_)):
+        for cg in range(ncg):
+            for kq in range(nq):
                 for kx in range(kw):
                     if wide:
                         word_off[i] = cg * row_len + kq * r_ * wp + kx
                     else:
                         word_off[i] = (cg * kw + kx) * row_len + kq * r_ * ow
                     i += 1
+            for ky in range(nq * r_, nq * r_ + hr):
+                for j in range(nj):
+                    if wide:
+                        word_off[i] = hbase + cg * hp * wp + ky * wp + j * r_
+                    else:
+                        word_off[i] = hbase + (cg * nj + j) * hp * ow + ky * ow
+                    i += 1
+    h_cols = wp if wide else ow
+    n_h = ncg * h_planes * hp * h_cols if hr > 0 else 0
     n_pos = (oh - 1) * rs + ow
     # the last strip reads up to STRIP words past the last position (kw more in the wide layout)
-    words_flat = np.zeros(n_rows * row_len + kw + STRIP, np.uint32)
+    words_flat = np.zeros(n_rows * row_len + n_h + kw + STRIP, np.uint32)
     words = words_flat[:n_rows * row_len].reshape(n_rows, row_len)
+    hwords = words_flat[n_rows * row_len:n_rows * row_len + n_h].reshape(-1, h_planes, hp, h_cols)
     # 8 rows for the micro-kernels and a spare one for the epilogue's vector reads past a row's end
     acc = np.empty((9, max(-(-n_pos // STRIP) * STRIP, 2 * REQUANT_VALUES)), np.int32)
     qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
@@ -570,6 +642,8 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
             _fill_wide(group, padded, hp, words.reshape(n_rows, hp, wp))
         else:
             _fill_words(group, padded, kw, sw, ow, hp, words)
+        if hr > 0:
+            _fill_hwords(group, padded, hp, sw, hwords)
         dst_q = out_q[i].reshape(-1) if rq.mode != MODE_DEQUANT else out_q.reshape(-1)
         dst_f = out_f[i].reshape(-1) if rq.mode == MODE_DEQUANT else out_f.reshape(-1)
         o0 = 0
