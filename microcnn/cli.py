@@ -527,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=repeat_count, default=5)
     calibration_options(sp)
     sp.add_argument("--precisions", type=precision_list, default=None,
-                    help=f"comma-separated list of {','.join(PRECISIONS)} or wXaY (default: all for an FP32 model, "
-                    "the file's own precision for a quantized one)")
+                    help=f"comma-separated list of {','.join(PRECISIONS)} or wXaY (default: all for an FP32 "
+                    "model, the file's own precision for a quantized one)")
     sp.add_argument("--conv", action="store_true", help="add the conv algorithm table")
     sp.add_argument("--per-layer", action="store_true", help="add the per-layer table")
     sp.add_argument("--train", action="store_true", help="add training throughput")

@@ -269,8 +269,9 @@ def _make_requant_row(pool: bool):
             y = builder.ashr(builder.add(y, splat64(rounding)), splat64(shift))
             y = builder.add(y, splat64(zero_point))
             y = vmin(vmax(y, splat64(lo)), splat64(hi))
-            dst = builder.bitcast(builder.inttoptr(dst_addr, i8.as_pointer()), ir.VectorType(i8, n).as_pointer())
-            builder.store(builder.trunc(y, ir.VectorType(i8, n)), dst, align=1)
+            v8 = ir.VectorType(i8, n)
+            dst = builder.bitcast(builder.inttoptr(dst_addr, i8.as_pointer()), v8.as_pointer())
+            builder.store(builder.trunc(y, v8), dst, align=1)
             return context.get_dummy_value()
 
         return sig, codegen

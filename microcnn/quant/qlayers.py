@@ -283,9 +283,9 @@ class QWeighted(Stage):
     @property
     def kernel_nbytes(self):
         # the unpacked int8 codes and their repacked copies (words, lanes, corrected bias) for each layout
-        packs = [p for p in (getattr(self, "packed", None), getattr(self, "packed_dense", None)) if p is not None]
+        packs = [getattr(self, name, None) for name in ("packed", "packed_dense")]
         return int(self.weight_codes.nbytes) + sum(int(p.quads.nbytes + p.bias.nbytes + p.lanes.nbytes)
-                                                   for p in packs)
+                                                   for p in packs if p is not None)
 
     def run(self, x):
         return self._run(x, self.requant_run)
