@@ -328,14 +328,10 @@ def cmd_report(args) -> int:
 def precision_list(text: str) -> list[str]:
     """argparse type of ``bench --precisions``: a non-empty comma-separated list of precision names or
     wXaY spellings (``w2a4``), as canonical names (``w4a4`` is ``int4``), no repeats."""
-    from .quant.precision import parse_precision
+    from .quant.precision import parse_precision_list
 
-    names, unknown = [], []
-    for p in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            names.append(parse_precision(p).name)
-        except InputError:
-            unknown.append(p)
+    found, unknown = parse_precision_list(text)
+    names = [p.name for p in found]
     if not names or unknown or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of distinct precisions from "
                                          f"{','.join(PRECISIONS)} or wXaY, found {text!r}")

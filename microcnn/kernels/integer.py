@@ -161,6 +161,17 @@ def _row_split(group, kh, kw):
 
 
 @njit(cache=True)
+def _word_taps(word, cg, g_, kh, kw, ky, kx, dy, dx):
+    """The taps of one word of channel group cg: byte s*G + g is tap (cg*G + g, ky + s*dy, kx + s*dx) for
+    s < R (vertical words step down the rows, horizontal ones along the columns); -1 outside the kernel."""
+    for s in range(4 // g_):
+        y, x = ky + s * dy, kx + s * dx
+        if y < kh and x < kw:
+            for g in range(g_):
+                word[s * g_ + g] = ((cg * g_ + g) * kh + y) * kw + x
+
+
+@njit(cache=True)
 def conv_taps(c, kh, kw, sh):
     """Which weight taps (of the flattened (C, KH, KW) kernel) each byte of a word multiplies.
 
@@ -185,19 +196,11 @@ def conv_taps(c, kh, kw, sh):
     for cg in range(c // g_):
         for kq in range(nq):
             for kx in range(kw):
-                for r in range(r_):
-                    ky = kq * r_ + r
-                    if ky < kh:
-                        for g in range(g_):
-                            taps[w, r * g_ + g] = ((cg * g_ + g) * kh + ky) * kw + kx
+                _word_taps(taps[w], cg, g_, kh, kw, kq * r_, kx, 1, 0)
                 w += 1
         for ky in range(nq * r_, nq * r_ + hr):
             for j in range(nj):
-                for h in range(r_):
-                    kx = j * r_ + h
-                    if kx < kw:
-                        for g in range(g_):
-                            taps[w, h * g_ + g] = ((cg * g_ + g) * kh + ky) * kw + kx
+                _word_taps(taps[w], cg, g_, kh, kw, ky, j * r_, 0, 1)
                 w += 1
     return g_, taps
 
