@@ -359,46 +359,25 @@ def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc)
 
 
 @njit(cache=True)
-def _finish(values, o, rq, dst_q, dst_f, start, step):
-    """Write one output channel: values[j] goes to index start + j*step of dst_q (requantized uint8) or of
-    dst_f (real value, MODE_DEQUANT: the accumulator clamped to [lo, hi] -- a fused ReLU is lo = 0 --
-    times the scale). (Hot loops index slices from 0: a computed signed index costs Numba's
-    negative-index check, which stops LLVM from vectorising.)"""
-    n = values.shape[0]
+def _finish(values, o, rq, dst_q, dst_f, start):
+    """Write one output channel's values from index start of dst_q (requantized uint8) or of dst_f (real
+    value, MODE_DEQUANT: the accumulator clamped to [lo, hi] -- a fused ReLU is lo = 0 -- times the
+    scale). The fixed-point mode of plain and 2x2-pooled outputs takes the vector path (_requant_rows)."""
     zero_point, lo, hi = rq.zero_point, rq.lo, rq.hi
-    if rq.mode == MODE_DEQUANT:
-        s = rq.fmult[o]
-        for j in range(n):
-            dst_f[start + j * step] = np.float32(min(max(values[j], lo), hi)) * s
-    elif rq.mode == MODE_FIXEDPOINT:
-        m, sh = np.int64(rq.m0[o]), np.int64(rq.shift[o])
-        rounding = np.int64(1) << (sh - 1)
-        if step == 1:  # contiguous: a vectorisable loop (the same rule as requantize_one)
-            out = dst_q[start:start + n]
-            for j in range(n):
-                y = ((np.int64(values[j]) * m + rounding) >> sh) + zero_point
-                out[j] = np.uint8(min(max(y, lo), hi))
+    m, sh, f = np.int64(rq.m0[o]), np.int64(rq.shift[o]), rq.fmult[o]
+    for j in range(values.shape[0]):
+        if rq.mode == MODE_DEQUANT:
+            dst_f[start + j] = np.float32(min(max(values[j], lo), hi)) * f
+        elif rq.mode == MODE_FIXEDPOINT:
+            dst_q[start + j] = requantize_one(values[j], m, sh, zero_point, lo, hi)
         else:
-            for j in range(n):
-                dst_q[start + j * step] = requantize_one(values[j], m, sh, zero_point, lo, hi)
-    else:
-        f = rq.fmult[o]
-        for j in range(n):
-            dst_q[start + j * step] = requantize_float_one(values[j], f, zero_point, lo, hi)
+            dst_q[start + j] = requantize_float_one(values[j], f, zero_point, lo, hi)
 
 
 @njit(cache=True)
 def _max_pool_acc(acc, rs, geo, qh, qw, pooled):
     """Max pooling of one channel's accumulators (output row oy at oy * rs) into pooled (qh * qw)."""
     pkh, pkw, psh, psw = geo.pkh, geo.pkw, geo.psh, geo.psw
-    if pkh == 2 and pkw == 2 and psh == 2 and psw == 2:  # the common case, branch-free
-        for qy in range(qh):
-            r0 = acc[2 * qy * rs:2 * qy * rs + 2 * qw]
-            r1 = acc[(2 * qy + 1) * rs:(2 * qy + 1) * rs + 2 * qw]
-            dst = pooled[qy * qw:(qy + 1) * qw]
-            for qx in range(qw):
-                dst[qx] = max(max(r0[2 * qx], r0[2 * qx + 1]), max(r1[2 * qx], r1[2 * qx + 1]))
-        return
     for qy in range(qh):
         for qx in range(qw):
             best = acc[(qy * psh) * rs + qx * psw]
@@ -457,13 +436,13 @@ def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f)
         o = o0 + c
         row = acc[c]
         if plain and rs == ow:
-            _finish(row[:oh * ow], o, rq, dst_q, dst_f, o * oh * ow, 1)
+            _finish(row[:oh * ow], o, rq, dst_q, dst_f, o * oh * ow)
         elif plain:
             for oy in range(oh):
-                _finish(row[oy * rs:oy * rs + ow], o, rq, dst_q, dst_f, (o * oh + oy) * ow, 1)
+                _finish(row[oy * rs:oy * rs + ow], o, rq, dst_q, dst_f, (o * oh + oy) * ow)
         else:
             _max_pool_acc(row, rs, geo, qh, qw, pooled)
-            _finish(pooled[:qh * qw], o, rq, dst_q, dst_f, o * qh * qw, 1)
+            _finish(pooled[:qh * qw], o, rq, dst_q, dst_f, o * qh * qw)
 
 
 # -- convolution ------------------------------------------------------------------------------------
