@@ -329,12 +329,15 @@ def cmd_report(args) -> int:
 
 # -- parser --------------------------------------------------------------------------------------
 def precision_list(text: str) -> list[str]:
-    """argparse type of ``bench --precisions``: a non-empty comma-separated list, no repeats."""
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PRECISIONS]
+    """argparse type of ``bench --precisions``: a non-empty comma-separated list of precision names or
+    wXaY spellings (``w2a4``), as canonical names (``w4a4`` is ``int4``), no repeats."""
+    from .quant.precision import parse_precision_list
+
+    found, unknown = parse_precision_list(text)
+    names = [p.name for p in found]
     if not names or unknown or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of distinct precisions from "
-                                         f"{','.join(PRECISIONS)}, found {text!r}")
+                                         f"{','.join(PRECISIONS)} or wXaY, found {text!r}")
     return names
 
 
@@ -537,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=repeat_count, default=5)
     calibration_options(sp)
     sp.add_argument("--precisions", type=precision_list, default=None,
-                    help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all for an FP32 model, "
-                    "the file's own precision for a quantized one)")
+                    help=f"comma-separated list of {','.join(PRECISIONS)} or wXaY (default: all for an FP32 "
+                    "model, the file's own precision for a quantized one)")
     sp.add_argument("--conv", action="store_true", help="add the conv algorithm table")
     sp.add_argument("--per-layer", action="store_true", help="add the per-layer table")
     sp.add_argument("--train", action="store_true", help="add training throughput")

@@ -39,7 +39,7 @@ from .errors import FileFormatError, InputError, MicrocnnError
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax
 from .network import Sequential
 from .onnx_io import MissingDependencyError, require
-from .quant.precision import PRECISIONS, build_precision, parse_precision
+from .quant.precision import PRECISIONS, build_precision, parse_precision_list
 from .timing import batch1_latency, median_time, pinned_threads
 
 INSTALL_HINT = 'pip install -e ".[compare]"'
@@ -920,13 +920,8 @@ def records(df: pd.DataFrame) -> list[dict]:
 def parse_precisions(text: str) -> tuple[str, ...]:
     """``"fp32,int8"`` -> ``("FP32", "INT8")``: any name or alias of ``microcnn.quant.precision``
     (``int4`` means W4A4, as in ``microcnn bench``), as the labels of this table."""
-    out, unknown = [], []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            out.append(parse_precision(part).label)
-        except InputError:
-            unknown.append(part)
-    labels = tuple(dict.fromkeys(out))
+    found, unknown = parse_precision_list(text)
+    labels = tuple(dict.fromkeys(p.label for p in found))
     unknown += [p for p in labels if p not in MICROCNN_PRECISIONS]
     if unknown or not labels:
         raise InputError(f"--precisions: expected a comma-separated subset of fp32,int8,w4a8,w4a4, "

@@ -51,12 +51,13 @@ def test_precision_is_read_from_the_models_settings(settings, expected):
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("fp32", ["fp32"]), ("int8,fp32", ["int8", "fp32"]), (" int4 , w4a8 ", ["int4", "w4a8"]),
-    ("int8,,fp32", ["int8", "fp32"])])
+    ("int8,,fp32", ["int8", "fp32"]), ("w4a4,w2a4,W3A4", ["int4", "w2a4", "w3a4"])])
 def test_precision_list_keeps_the_order_given(text, expected):
     assert cli.precision_list(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", " , ", "fp16", "int8,fp16", "int8,int8", "fp32, fp32"])
+@pytest.mark.parametrize("text", ["", " , ", "fp16", "int8,fp16", "int8,int8", "fp32, fp32", "int4,w4a4",
+                                  "w9a4"])
 def test_precision_list_refuses_empty_unknown_and_repeated_names(text):
     with pytest.raises(argparse.ArgumentTypeError, match="distinct precisions"):
         cli.precision_list(text)

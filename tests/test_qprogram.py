@@ -114,12 +114,17 @@ def test_dense_worst_case_accumulation_is_exact_in_both_layouts(n):
         np.testing.assert_array_equal(got, expected.astype(np.float32))
 
 
-# C, H, W, kernel, stride, padding, pool: groups G = 4, 2, 1 of the wide layout, the strided layouts
+# C, H, W, kernel, stride, padding, pool: groups G = 4, 2, 1 of the wide layout, the strided layouts;
+# horizontal words for the rows left over (kh % R) in the wide layout (G = 2 and, LeNet's first layer
+# with 17 pooled columns -- two vector epilogue calls per row -- G = 1) and in the strided one (G = 1, 2)
 GEOMETRIES = [(8, 9, 9, (3, 3), (1, 1), (1, 1), ((2, 2), (2, 2))),
               (2, 7, 10, (5, 2), (1, 1), (2, 0), None),
               (3, 11, 8, (4, 4), (1, 1), (0, 3), ((3, 2), (1, 2))),
               (4, 10, 11, (3, 3), (1, 2), (1, 1), ((2, 2), (2, 2))),
-              (5, 12, 12, (5, 5), (2, 1), (2, 2), None)]
+              (5, 12, 12, (5, 5), (2, 1), (2, 2), None),
+              (1, 30, 34, (5, 5), (1, 1), (2, 2), ((2, 2), (2, 2))),
+              (3, 9, 13, (5, 5), (1, 2), (1, 2), ((2, 2), (2, 2))),
+              (6, 8, 9, (3, 3), (1, 2), (0, 1), None)]
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)

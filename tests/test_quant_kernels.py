@@ -78,10 +78,14 @@ def test_requantize_saturates():
 
 
 def test_quantize_u8_matches_numpy():
-    x = np.concatenate([RNG.normal(0, 2, 5000), [-1e9, 1e9, 0.5, 1.5, 2.5]]).astype(np.float32)
     scale = np.float32(0.0371)
+    # the clamp runs before the zero point is added: -0.0 (rint of -0.4), and x / scale overflowing
+    # float32 to +-inf, must still give the codes of clamping the sum
+    x = np.concatenate([RNG.normal(0, 2, 5000), [-1e9, 1e9, 0.5, 1.5, 2.5, -0.4 * scale, 3e38, -3e38],
+                        np.arange(-300, 300) * scale]).astype(np.float32)
     for zp, qmax in [(0, 255), (100, 255), (7, 15)]:
-        ref = np.clip(np.rint(x / scale) + zp, 0, qmax).astype(np.uint8)
+        with np.errstate(over="ignore"):
+            ref = np.clip(np.rint(x / scale) + zp, 0, qmax).astype(np.uint8)
         np.testing.assert_array_equal(ki.quantize_u8(x, float(scale), zp, qmax), ref)
         back = ki.dequantize_u8(ref, float(scale), zp)
         np.testing.assert_array_equal(back, (ref.astype(np.float32) - zp) * scale)

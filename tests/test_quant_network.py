@@ -164,6 +164,21 @@ def test_nbytes_counts_what_is_stored(setup, tmp_path):
         assert sum(a.nbytes for a in tensors.values()) == qnet.nbytes
 
 
+def test_kernel_nbytes_counts_the_derived_copies_apart_from_nbytes(setup):
+    net, cal, _, _ = setup
+    weights = sum(p.data.size for n, p in net.named_parameters() if n.endswith("weight"))
+    channels = sum(p.data.size for n, p in net.named_parameters() if n.endswith("bias"))
+    sizes = {}
+    for wb in (8, 4, 2):
+        qnet = quantize(net, cal, wb, 8)
+        sizes[wb] = qnet.kernel_nbytes
+        assert qnet.kernel_nbytes == sum(s.kernel_nbytes for s in qnet.stages)
+        assert qnet.nbytes < qnet.kernel_nbytes  # stored at wb bits, run from int8 codes and repacked words
+    assert len(set(sizes.values())) == 1, sizes  # the kernels' copies do not depend on the stored width
+    # at least the int8 codes, one repacked copy of them and the corrected int32 biases
+    assert sizes[8] >= 2 * weights + 4 * channels
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_save_load_round_trip(setup, tmp_path, config):
     net, cal, x, _ = setup

@@ -20,8 +20,10 @@ Number formats (see ``microcnn.quant`` for how the parameters are chosen):
 im2col: a uint32 word holds four activation codes of one output position, multiplied by a quad of
 weights. For vertical stride 1 the patch matrix is implicit, as in ``kernels.conv``: a word packs G
 channels x R = 4 / G consecutive input rows (G = 4, 2 or 1 as the channel count allows), one row of
-words per (channel group, kx), and tap rows ky..ky+R-1 are a window of it at offset ky*OW. Vertical
-stride > 1 builds explicit patch words of four consecutive taps (``conv_taps``).
+words per (channel group, kx), and tap rows ky..ky+R-1 are a window of it at offset ky*OW. Kernel rows
+that would fill a word only partly (the fifth row of a 5x5 kernel on one channel) go into horizontal words
+(G channels x R consecutive columns) when that takes fewer words. Vertical stride > 1 builds explicit patch
+words of four consecutive taps (``conv_taps``).
 
 Requantization (fixed point, the one rounding rule used everywhere and mirrored by the tests):
 
@@ -49,12 +51,16 @@ from .packing import unpack_bits
 from .qdot import (
     DENSE_VECTORS,
     PAIR_WORDS,
+    REQUANT_VALUES,
     STRIP,
     dense_kernel,
     microkernel1,
     microkernel2,
     microkernel4,
+    microkernel6,
     microkernel8,
+    requant_row,
+    requant_row_pool2,
 )
 from .shapes import conv_output_size
 from .simd import LANES
@@ -79,16 +85,15 @@ Requant = namedtuple("Requant", ["m0", "shift", "fmult", "mode", "zero_point", "
 
 @njit(cache=True)
 def quantize_u8(x, scale, zero_point, qmax):
-    """float32 -> uint8: clamp(rint(x / scale) + zero_point, 0, qmax); x is a flat float32 array."""
+    """float32 -> uint8: clamp(rint(x / scale) + zero_point, 0, qmax); x is a flat float32 array.
+
+    The clamp runs on rint(x / scale) against [-zero_point, qmax - zero_point] in float32 -- integers
+    there, so the same codes as clamping the sum -- which keeps the loop in float32 vectors."""
     out = np.empty(x.size, np.uint8)
     s = np.float32(scale)
+    lo, hi, zp = np.float32(-zero_point), np.float32(qmax - zero_point), np.int32(zero_point)
     for i in range(x.size):
-        v = np.rint(x[i] / s) + zero_point
-        if v < 0:
-            v = 0
-        elif v > qmax:
-            v = qmax
-        out[i] = np.uint8(v)
+        out[i] = np.uint8(np.int32(min(max(np.rint(x[i] / s), lo), hi)) + zp)
     return out
 
 
@@ -143,13 +148,38 @@ def _conv_group(c):
 
 
 @njit(cache=True)
+def _row_split(group, kh, kw):
+    """(row groups in vertical words, rows in horizontal words) of a group-G implicit im2col: the last
+    kh % R rows (R = 4 // G) fill a vertical word only partly; they go into horizontal words (G channels x
+    R consecutive columns of one row, ceil(kw / R) per row) when those are fewer than the kw vertical ones
+    (a 5x5 kernel on one channel: 2 words instead of 5 for its fifth row)."""
+    r_ = 4 // group
+    rem = kh % r_
+    if rem and rem * -(-kw // r_) < kw:
+        return kh // r_, rem
+    return -(-kh // r_), 0
+
+
+@njit(cache=True)
+def _word_taps(word, cg, g_, kh, kw, ky, kx, dy, dx):
+    """The taps of one word of channel group cg: byte s*G + g is tap (cg*G + g, ky + s*dy, kx + s*dx) for
+    s < R (vertical words step down the rows, horizontal ones along the columns); -1 outside the kernel."""
+    for s in range(4 // g_):
+        y, x = ky + s * dy, kx + s * dx
+        if y < kh and x < kw:
+            for g in range(g_):
+                word[s * g_ + g] = ((cg * g_ + g) * kh + y) * kw + x
+
+
+@njit(cache=True)
 def conv_taps(c, kh, kw, sh):
     """Which weight taps (of the flattened (C, KH, KW) kernel) each byte of a word multiplies.
 
     Returns (group, taps), taps int64 (W, 4) with -1 for a byte that meets no weight. group G > 0
-    (vertical stride 1): word w = (channel group cg, row group kq, kx), byte r*G + g is tap
-    (cg*G + g, kq*R + r, kx). group 0 (vertical stride > 1): explicit patches, word w holds taps
-    4w..4w+3."""
+    (vertical stride 1), per channel group cg: first the vertical words (row group kq, kx), byte r*G + g
+    tap (cg*G + g, kq*R + r, kx); then the horizontal words of the rows ``_row_split`` leaves over (row ky,
+    column group j), byte h*G + g tap (cg*G + g, ky, j*R + h). group 0 (vertical stride > 1): explicit
+    patches, word w holds taps 4w..4w+3."""
     k = c * kh * kw
     if sh != 1:
         n = (k + 3) // 4
@@ -159,27 +189,30 @@ def conv_taps(c, kh, kw, sh):
         return 0, taps
     g_ = _conv_group(c)
     r_ = 4 // g_
-    nq = (kh + r_ - 1) // r_
-    taps = np.full(((c // g_) * nq * kw, 4), -1, np.int64)
+    nq, hr = _row_split(g_, kh, kw)
+    nj = -(-kw // r_)
+    taps = np.full(((c // g_) * (nq * kw + hr * nj), 4), -1, np.int64)
     w = 0
     for cg in range(c // g_):
         for kq in range(nq):
             for kx in range(kw):
-                for r in range(r_):
-                    ky = kq * r_ + r
-                    if ky < kh:
-                        for g in range(g_):
-                            taps[w, r * g_ + g] = ((cg * g_ + g) * kh + ky) * kw + kx
+                _word_taps(taps[w], cg, g_, kh, kw, kq * r_, kx, 1, 0)
+                w += 1
+        for ky in range(nq * r_, nq * r_ + hr):
+            for j in range(nj):
+                _word_taps(taps[w], cg, g_, kh, kw, ky, j * r_, 0, 1)
                 w += 1
     return g_, taps
 
 
 @njit(cache=True)
 def _block_size(remaining):
-    """Micro-kernel width for the next ``remaining`` output channels: 8 (padded with zero-weight channels
-    when fewer than 8 remain but more than 4: one pass over the words beats a 4 + 2 split), 4, 2, 1."""
-    if remaining > 4:
+    """Micro-kernel width for the next ``remaining`` output channels: 8, 6 (padded with zero-weight channels
+    when 7 or 5 remain: one pass over the words beats a 4 + 2 split), 4, 2, 1."""
+    if remaining > 6:
         return 8
+    if remaining > 4:
+        return 6
     if remaining > 2:
         return 4
     return remaining
@@ -315,6 +348,8 @@ def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc)
         wa, aa = w_addr + 4 * j0, a_addr + 4 * j0
         if width == 8:
             microkernel8(wa, o_addr, n_words, b_addr, aa, stride)
+        elif width == 6:
+            microkernel6(wa, o_addr, n_words, b_addr, aa, stride)
         elif width == 4:
             microkernel4(wa, o_addr, n_words, b_addr, aa, stride)
         elif width == 2:
@@ -324,46 +359,25 @@ def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc)
 
 
 @njit(cache=True)
-def _finish(values, o, rq, dst_q, dst_f, start, step):
-    """Write one output channel: values[j] goes to index start + j*step of dst_q (requantized uint8) or of
-    dst_f (real value, MODE_DEQUANT: the accumulator clamped to [lo, hi] -- a fused ReLU is lo = 0 --
-    times the scale). (Hot loops index slices from 0: a computed signed index costs Numba's
-    negative-index check, which stops LLVM from vectorising.)"""
-    n = values.shape[0]
+def _finish(values, o, rq, dst_q, dst_f, start):
+    """Write one output channel's values from index start of dst_q (requantized uint8) or of dst_f (real
+    value, MODE_DEQUANT: the accumulator clamped to [lo, hi] -- a fused ReLU is lo = 0 -- times the
+    scale). The fixed-point mode of plain and 2x2-pooled outputs takes the vector path (_requant_rows)."""
     zero_point, lo, hi = rq.zero_point, rq.lo, rq.hi
-    if rq.mode == MODE_DEQUANT:
-        s = rq.fmult[o]
-        for j in range(n):
-            dst_f[start + j * step] = np.float32(min(max(values[j], lo), hi)) * s
-    elif rq.mode == MODE_FIXEDPOINT:
-        m, sh = np.int64(rq.m0[o]), np.int64(rq.shift[o])
-        rounding = np.int64(1) << (sh - 1)
-        if step == 1:  # contiguous: a vectorisable loop (the same rule as requantize_one)
-            out = dst_q[start:start + n]
-            for j in range(n):
-                y = ((np.int64(values[j]) * m + rounding) >> sh) + zero_point
-                out[j] = np.uint8(min(max(y, lo), hi))
+    m, sh, f = np.int64(rq.m0[o]), np.int64(rq.shift[o]), rq.fmult[o]
+    for j in range(values.shape[0]):
+        if rq.mode == MODE_DEQUANT:
+            dst_f[start + j] = np.float32(min(max(values[j], lo), hi)) * f
+        elif rq.mode == MODE_FIXEDPOINT:
+            dst_q[start + j] = requantize_one(values[j], m, sh, zero_point, lo, hi)
         else:
-            for j in range(n):
-                dst_q[start + j * step] = requantize_one(values[j], m, sh, zero_point, lo, hi)
-    else:
-        f = rq.fmult[o]
-        for j in range(n):
-            dst_q[start + j * step] = requantize_float_one(values[j], f, zero_point, lo, hi)
+            dst_q[start + j] = requantize_float_one(values[j], f, zero_point, lo, hi)
 
 
 @njit(cache=True)
 def _max_pool_acc(acc, rs, geo, qh, qw, pooled):
     """Max pooling of one channel's accumulators (output row oy at oy * rs) into pooled (qh * qw)."""
     pkh, pkw, psh, psw = geo.pkh, geo.pkw, geo.psh, geo.psw
-    if pkh == 2 and pkw == 2 and psh == 2 and psw == 2:  # the common case, branch-free
-        for qy in range(qh):
-            r0 = acc[2 * qy * rs:2 * qy * rs + 2 * qw]
-            r1 = acc[(2 * qy + 1) * rs:(2 * qy + 1) * rs + 2 * qw]
-            dst = pooled[qy * qw:(qy + 1) * qw]
-            for qx in range(qw):
-                dst[qx] = max(max(r0[2 * qx], r0[2 * qx + 1]), max(r1[2 * qx], r1[2 * qx + 1]))
-        return
     for qy in range(qh):
         for qx in range(qw):
             best = acc[(qy * psh) * rs + qx * psw]
@@ -377,6 +391,35 @@ def _max_pool_acc(acc, rs, geo, qh, qw, pooled):
 
 
 @njit(cache=True)
+def _requant_rows(acc, channels, o0, qh, qw, rs, pool2, scratch, rq, dst_q):
+    """The fixed-point epilogue of ``channels`` accumulator rows (output row qy at qy * rs, or with
+    ``pool2`` the 2x2 / stride 2 maxima of rows 2qy, 2qy + 1) into the uint8 planes of one image, 16
+    outputs per ``qdot.requant_row*`` call. Those read up to 31 values past a row's last output (acc has
+    a spare row: see ``qconv_images``) and store 16 bytes: bytes past an output row are rewritten by the
+    rows after it, and a store that would pass the image's end goes through ``scratch`` (16 bytes)."""
+    step = 2 if pool2 else 1
+    width = acc.shape[1]
+    a_addr, d_addr, s_addr = acc.ctypes.data, dst_q.ctypes.data, scratch.ctypes.data
+    zero_point, lo, hi = rq.zero_point, rq.lo, rq.hi
+    for c in range(channels):
+        o = o0 + c
+        m, sh = np.int64(rq.m0[o]), np.int64(rq.shift[o])
+        for qy in range(qh):
+            src = a_addr + 4 * (c * width + step * qy * rs)
+            at = (o * qh + qy) * qw
+            for q0 in range(0, qw, REQUANT_VALUES):
+                direct = at + q0 + REQUANT_VALUES <= dst_q.shape[0]
+                dst = d_addr + at + q0 if direct else s_addr
+                if pool2:
+                    requant_row_pool2(src + 8 * q0, rs, m, sh, zero_point, lo, hi, dst)
+                else:
+                    requant_row(src + 4 * q0, rs, m, sh, zero_point, lo, hi, dst)
+                if not direct:
+                    for j in range(min(REQUANT_VALUES, qw - q0)):
+                        dst_q[at + q0 + j] = scratch[j]
+
+
+@njit(cache=True)
 def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f):
     """Write ``channels`` accumulator rows of one image (optionally max-pooled) into its output planes; output
     row oy of an accumulator row starts at oy * rs (rs >= ow: the wide layout computes extra columns).
@@ -386,72 +429,62 @@ def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f)
     plain = geo.pkh == 1 and geo.pkw == 1 and geo.psh == 1 and geo.psw == 1
     pool2 = geo.pkh == 2 and geo.pkw == 2 and geo.psh == 2 and geo.psw == 2
     qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
-    if pool2 and rq.mode == MODE_FIXEDPOINT:  # the hot path in one loop nest: calls cost refcounting
-        m0, shift, zero_point, lo, hi = rq.m0, rq.shift, rq.zero_point, rq.lo, rq.hi
-        for c in range(channels):
-            o = o0 + c
-            m, sh = np.int64(m0[o]), np.int64(shift[o])
-            rounding = np.int64(1) << (sh - 1)
-            row = acc[c]
-            for qy in range(qh):
-                r0 = row[2 * qy * rs:2 * qy * rs + 2 * qw]
-                r1 = row[(2 * qy + 1) * rs:(2 * qy + 1) * rs + 2 * qw]
-                dst = pooled[qy * qw:(qy + 1) * qw]
-                for qx in range(qw):
-                    dst[qx] = max(max(r0[2 * qx], r0[2 * qx + 1]), max(r1[2 * qx], r1[2 * qx + 1]))
-            out = dst_q[o * qh * qw:(o + 1) * qh * qw]
-            for j in range(qh * qw):  # separate loop: this one vectorises
-                y = ((np.int64(pooled[j]) * m + rounding) >> sh) + zero_point
-                out[j] = np.uint8(min(max(y, lo), hi))
+    if rq.mode == MODE_FIXEDPOINT and (pool2 or plain):  # the hot path: 16 outputs per vector call
+        _requant_rows(acc, channels, o0, qh, qw, rs, pool2, pooled.view(np.uint8), rq, dst_q)
         return
     for c in range(channels):
         o = o0 + c
         row = acc[c]
         if plain and rs == ow:
-            _finish(row[:oh * ow], o, rq, dst_q, dst_f, o * oh * ow, 1)
+            _finish(row[:oh * ow], o, rq, dst_q, dst_f, o * oh * ow)
         elif plain:
             for oy in range(oh):
-                _finish(row[oy * rs:oy * rs + ow], o, rq, dst_q, dst_f, (o * oh + oy) * ow, 1)
+                _finish(row[oy * rs:oy * rs + ow], o, rq, dst_q, dst_f, (o * oh + oy) * ow)
         else:
             _max_pool_acc(row, rs, geo, qh, qw, pooled)
-            _finish(pooled, o, rq, dst_q, dst_f, o * qh * qw, 1)
+            _finish(pooled[:qh * qw], o, rq, dst_q, dst_f, o * qh * qw)
 
 
 # -- convolution ------------------------------------------------------------------------------------
 @njit(cache=True)
 def _fill_padded(src, qmax, padded, ph, pw):
     """padded[:, ph:ph+h, pw:pw+w] = min(src, qmax) for one image src (C, H, W); padded keeps the zero
-    point elsewhere."""
+    point elsewhere. (Without padding each channel is one flat loop: rows as short as 14 would leave a
+    vectorised loop nothing but its scalar remainder.)"""
     c, h, w = src.shape
+    q = np.uint8(min(qmax, 255))
     for ch in range(c):
+        if ph == 0 and pw == 0:
+            s, d = src[ch].reshape(-1), padded[ch].reshape(-1)[:h * w]
+            for j in range(h * w):
+                d[j] = min(s[j], q)
+            continue
         for y in range(h):
             s = src[ch, y]
             d = padded[ch, y + ph, pw:pw + w]
-            if qmax >= 255:
-                for xx in range(w):
-                    d[xx] = s[xx]
-            else:
-                for xx in range(w):
-                    d[xx] = min(s[xx], qmax)
+            for xx in range(w):
+                d[xx] = min(s[xx], q)
 
 
 @njit(cache=True)
 def _fill_wide(group, padded, hp, words):
     """The wide implicit im2col (stride 1): words[cg, y, xx] byte r*G + g = padded[cg*G + g, y + r, xx]
     for y < hp and every column xx; tap (kq, kx) of output (oy, ox) is word (cg, oy + kq*R, ox + kx), so
-    one word per input pixel serves every kx (the outputs are computed with row stride wp)."""
+    one word per input pixel serves every kx (the outputs are computed with row stride wp). Each channel
+    group is one flat loop over the hp * wp pixels (row y + r is wp * r further)."""
     g_ = group
     wp = padded.shape[2]
+    n = hp * wp
     for cg in range(padded.shape[0] // g_):
         c0 = cg * g_  # byte b reads channel c0 + b % G, row y + b // G
         c1, c2, c3 = c0 + 1 % g_, c0 + 2 % g_, c0 + 3 % g_
         y1, y2, y3 = 1 // g_, 2 // g_, 3 // g_
-        for y in range(hp):
-            d = words[cg, y]
-            a, b, e, f = padded[c0, y], padded[c1, y + y1], padded[c2, y + y2], padded[c3, y + y3]
-            for xx in range(wp):
-                d[xx] = (np.uint32(a[xx]) | (np.uint32(b[xx]) << 8) | (np.uint32(e[xx]) << 16)
-                         | (np.uint32(f[xx]) << 24))
+        d = words[cg].reshape(-1)
+        a, b = padded[c0].reshape(-1)[:n], padded[c1].reshape(-1)[y1 * wp:y1 * wp + n]
+        e, f = padded[c2].reshape(-1)[y2 * wp:y2 * wp + n], padded[c3].reshape(-1)[y3 * wp:y3 * wp + n]
+        for j in range(n):
+            d[j] = (np.uint32(a[j]) | (np.uint32(b[j]) << 8) | (np.uint32(e[j]) << 16)
+                    | (np.uint32(f[j]) << 24))
 
 
 @njit(cache=True)
@@ -479,6 +512,38 @@ def _fill_words(group, padded, kw, sw, ow, hp, words):
                         t = ox * sw + kx
                         d[ox] = (np.uint32(a[t]) | (np.uint32(b[t]) << 8) | (np.uint32(e[t]) << 16)
                                  | (np.uint32(f[t]) << 24))
+
+
+@njit(cache=True)
+def _fill_hwords(group, padded, hp, sw, hwords):
+    """Horizontal words: hwords[cg, j, y, ox] byte h*G + g = padded[cg*G + g, y, ox*sw + j*R + h]. The wide
+    layout has one plane (j = 0, sw = 1, every column: column group j is an offset of j*R words); the other
+    one a plane per j. A column past a row's end reads the next row (padded has 3 spare rows): those
+    bytes meet zero weights."""
+    g_ = group
+    wp = padded.shape[2]
+    r_ = 4 // g_
+    cols = hwords.shape[3]
+    n = hp * cols
+    for cg in range(hwords.shape[0]):
+        c0 = cg * g_  # byte b reads channel c0 + b % G, column + b // G
+        a, b = padded[c0].reshape(-1), padded[c0 + 1 % g_].reshape(-1)
+        e, f = padded[c0 + 2 % g_].reshape(-1), padded[c0 + 3 % g_].reshape(-1)
+        x1, x2, x3 = 1 // g_, 2 // g_, 3 // g_
+        for j in range(hwords.shape[1]):
+            d = hwords[cg, j].reshape(-1)
+            if sw == 1 and cols == wp:  # one flat loop: the plane is the padded image shifted by j*R
+                o = j * r_
+                a1, b1, e1, f1 = a[o:o + n], b[o + x1:o + x1 + n], e[o + x2:o + x2 + n], f[o + x3:o + x3 + n]
+                for t in range(n):
+                    d[t] = (np.uint32(a1[t]) | (np.uint32(b1[t]) << 8) | (np.uint32(e1[t]) << 16)
+                            | (np.uint32(f1[t]) << 24))
+            else:
+                for y in range(hp):
+                    for ox in range(cols):
+                        t = y * wp + ox * sw + j * r_
+                        d[y * cols + ox] = (np.uint32(a[t]) | (np.uint32(b[t + x1]) << 8)
+                                            | (np.uint32(e[t + x2]) << 16) | (np.uint32(f[t + x3]) << 24))
 
 
 @njit(cache=True)
@@ -513,28 +578,44 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     wide = group > 0 and sw == 1
     rs = wp if wide else ow  # accumulator row stride
     word_off = np.empty(n_words, np.int64)
+    ncg, nj, hr, h_planes = max(c // max(group, 1), 1), 1, 0, 1  # (hr: rows in horizontal words)
     if group == 0:
         n_rows, row_len = n_words, oh * ow
         word_off[:] = np.arange(n_words) * row_len
     else:
-        n_rows, row_len = ((c // group), hp * wp) if wide else ((c // group) * kw, hp * ow)
+        n_rows, row_len = (ncg, hp * wp) if wide else (ncg * kw, hp * ow)
         r_ = 4 // group
+        nq, hr = _row_split(group, kh, kw)
+        nj = -(-kw // r_)
+        h_planes = 1 if wide else nj
+        hbase = n_rows * row_len  # the horizontal words' planes follow the vertical ones
         i = 0
-        for cg in range(c // group):
-            for kq in range(-(-kh // r_)):
+        for cg in range(ncg):
+            for kq in range(nq):
                 for kx in range(kw):
                     if wide:
                         word_off[i] = cg * row_len + kq * r_ * wp + kx
                     else:
                         word_off[i] = (cg * kw + kx) * row_len + kq * r_ * ow
                     i += 1
+            for ky in range(nq * r_, nq * r_ + hr):
+                for j in range(nj):
+                    if wide:
+                        word_off[i] = hbase + cg * hp * wp + ky * wp + j * r_
+                    else:
+                        word_off[i] = hbase + (cg * nj + j) * hp * ow + ky * ow
+                    i += 1
+    h_cols = wp if wide else ow
+    n_h = ncg * h_planes * hp * h_cols if hr > 0 else 0
     n_pos = (oh - 1) * rs + ow
     # the last strip reads up to STRIP words past the last position (kw more in the wide layout)
-    words_flat = np.zeros(n_rows * row_len + kw + STRIP, np.uint32)
+    words_flat = np.zeros(n_rows * row_len + n_h + kw + STRIP, np.uint32)
     words = words_flat[:n_rows * row_len].reshape(n_rows, row_len)
-    acc = np.empty((8, -(-n_pos // STRIP) * STRIP), np.int32)
+    hwords = words_flat[n_rows * row_len:n_rows * row_len + n_h].reshape(-1, h_planes, hp, h_cols)
+    # 8 rows for the micro-kernels and a spare one for the epilogue's vector reads past a row's end
+    acc = np.empty((9, max(-(-n_pos // STRIP) * STRIP, 2 * REQUANT_VALUES)), np.int32)
     qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
-    pooled = np.empty(qh * qw, np.int32)
+    pooled = np.empty(max(qh * qw, REQUANT_VALUES), np.int32)
     for i in range(n0, n1):
         _fill_padded(x[i], pk.qmax, padded, ph, pw)
         if group == 0:
@@ -543,6 +624,8 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
             _fill_wide(group, padded, hp, words.reshape(n_rows, hp, wp))
         else:
             _fill_words(group, padded, kw, sw, ow, hp, words)
+        if hr > 0:
+            _fill_hwords(group, padded, hp, sw, hwords)
         dst_q = out_q[i].reshape(-1) if rq.mode != MODE_DEQUANT else out_q.reshape(-1)
         dst_f = out_f[i].reshape(-1) if rq.mode == MODE_DEQUANT else out_f.reshape(-1)
         o0 = 0

@@ -137,6 +137,7 @@ def _make_microkernel(channels: int):
 
 
 microkernel8 = _make_microkernel(8)
+microkernel6 = _make_microkernel(6)
 microkernel4 = _make_microkernel(4)
 microkernel2 = _make_microkernel(2)
 microkernel1 = _make_microkernel(1)
@@ -212,3 +213,71 @@ def _make_dense_kernel():
 
 
 dense_kernel = _make_dense_kernel()
+
+
+REQUANT_VALUES = 16  # outputs per ``requant_row*`` call (generic LLVM vectors, split as the target needs)
+
+
+def _make_requant_row(pool: bool):
+    """``kernel(src_addr, row_stride, m0, shift, zero_point, lo, hi, dst_addr)``: 16 uint8 outputs of the
+    fixed-point epilogue (``integer``'s rule: ``clamp(((acc * m0 + 2**(shift-1)) >> shift) + zero_point,
+    lo, hi)`` in int64) from int32 accumulators: src[0..15], or with ``pool`` the 2x2 / stride 2 maxima
+    of src[0..31] and src[row_stride..row_stride+31]. Stores all 16 bytes at dst_addr (the caller gives
+    room); reads all 32 (64) values. The same integer operations as the scalar rule, lane by lane."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.core.extending import intrinsic
+
+    n = REQUANT_VALUES
+
+    @intrinsic
+    def kernel(typingctx, src_addr, row_stride, m0, shift, zero_point, lo, hi, dst_addr):
+        sig = types.void(*(types.int64,) * 8)
+
+        def codegen(context, builder, signature, args):
+            src_addr, row_stride, m0, shift, zero_point, lo, hi, dst_addr = args
+            i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+            v32, v64 = ir.VectorType(i32, n), ir.VectorType(i64, n)
+            src = builder.inttoptr(src_addr, i32.as_pointer())
+
+            def load(offset):  # 16 int32 from src + offset (elements)
+                return builder.load(builder.bitcast(builder.gep(src, [offset]), v32.as_pointer()), align=4)
+
+            def vmax(a, b):
+                return builder.select(builder.icmp_signed(">", a, b), a, b)
+
+            def vmin(a, b):
+                return builder.select(builder.icmp_signed("<", a, b), a, b)
+
+            if pool:
+                sixteen = ir.Constant(i64, n)  # column maxima of the two rows, columns 0..15 and 16..31
+                cols = [vmax(load(first), load(builder.add(row_stride, first)))
+                        for first in (ir.Constant(i64, 0), sixteen)]
+                pairs = [builder.shuffle_vector(cols[0], cols[1], ir.Constant(v32, order))
+                         for order in ([2 * j for j in range(n)], [2 * j + 1 for j in range(n)])]
+                acc = vmax(*pairs)
+            else:
+                acc = load(ir.Constant(i64, 0))
+
+            def splat64(value):
+                return builder.shuffle_vector(builder.insert_element(ir.Constant(v64, ir.Undefined), value,
+                                                                     ir.Constant(i32, 0)),
+                                              ir.Constant(v64, ir.Undefined), ir.Constant(v32, [0] * n))
+
+            rounding = builder.shl(ir.Constant(i64, 1), builder.sub(shift, ir.Constant(i64, 1)))
+            y = builder.mul(builder.sext(acc, v64), splat64(m0))
+            y = builder.ashr(builder.add(y, splat64(rounding)), splat64(shift))
+            y = builder.add(y, splat64(zero_point))
+            y = vmin(vmax(y, splat64(lo)), splat64(hi))
+            v8 = ir.VectorType(i8, n)
+            dst = builder.bitcast(builder.inttoptr(dst_addr, i8.as_pointer()), v8.as_pointer())
+            builder.store(builder.trunc(y, v8), dst, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
+
+
+requant_row = _make_requant_row(False)
+requant_row_pool2 = _make_requant_row(True)

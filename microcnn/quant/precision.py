@@ -113,6 +113,24 @@ def parse_precision(text: str) -> Precision:
                      f"{MIN_BITS}..{MAX_BITS}), found {text!r}")
 
 
+def parse_precision_list(text: str) -> tuple[list[Precision], list[str]]:
+    """The precisions of a comma-separated list (blank parts skipped, order and repeats kept), and the
+    parts ``parse_precision`` refuses.
+
+    Example::
+
+        >>> [p.name for p in parse_precision_list("int8, w4a4,,w2a4")[0]], parse_precision_list("fp16")[1]
+        (['int8', 'int4', 'w2a4'], ['fp16'])
+    """
+    found, unknown = [], []
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        try:
+            found.append(parse_precision(part))
+        except InputError:
+            unknown.append(part)
+    return found, unknown
+
+
 def stored_precision(model: Any) -> Precision | None:
     """The precision a quantized model (read from a file or built here) computes in, from its own
     ``settings``; None for a model that computes in FP32 (plain or storage-compressed)."""

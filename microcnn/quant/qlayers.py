@@ -62,6 +62,11 @@ class Stage:
         return sum(int(a.nbytes) for a in self.tensors().values())
 
     @property
+    def kernel_nbytes(self) -> int:
+        """Bytes of the arrays derived on construction for the kernels (not stored, not in ``nbytes``)."""
+        return 0
+
+    @property
     def precision(self) -> str:
         return "-"
 
@@ -294,6 +299,13 @@ class QWeighted(Stage):
     @property
     def precision(self):
         return f"W{self.weight_bits}A{self.in_act.bits}"
+
+    @property
+    def kernel_nbytes(self):
+        # the unpacked int8 codes and their repacked copies (words, lanes, corrected bias) for each layout
+        packs = [getattr(self, name, None) for name in ("packed", "packed_dense")]
+        return int(self.weight_codes.nbytes) + sum(int(p.quads.nbytes + p.bias.nbytes + p.lanes.nbytes)
+                                                   for p in packs if p is not None)
 
     def run(self, x):
         return self._run(x, self.requant_run)

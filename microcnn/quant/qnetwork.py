@@ -132,8 +132,15 @@ class QuantizedSequential(Model):
     @property
     def nbytes(self) -> int:
         """Bytes stored: integer weights (packed for 4 bits), scales, zero points, biases, and the
-        float32 parameters of layers kept in FP32."""
+        float32 parameters of layers kept in FP32. The copies the kernels read (``kernel_nbytes``) are
+        not counted: they are derived from these on loading."""
         return sum(s.nbytes for s in self.stages)
+
+    @property
+    def kernel_nbytes(self) -> int:
+        """Bytes held in memory beside ``nbytes`` while the model is loaded: the int8 weight codes and
+        their copies repacked for the integer kernels (one byte or more per weight at any bit width)."""
+        return sum(s.kernel_nbytes for s in self.stages)
 
     def layer_precisions(self) -> dict:
         """FP32-layer name -> "W8A8" / "W4A4" / "FP32" for the layers with weights."""
