@@ -39,6 +39,7 @@ from numba import njit, prange
 from numba.extending import register_jitable
 
 from ..errors import InputError
+from .conv_blocked import blocked_images, use_blocked
 from .elementwise import relu_inplace
 from .gemm import PACK_ROWS, gemm_acc, gemm_packed, linear_forward, pack_rows
 from .pool import NO_POOL, maxpool2d, maxpool_images, pool_geometry, pool_output_size, pooled_shape
@@ -245,6 +246,9 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     hp, wp = h + 2 * ph, wd + 2 * pw
     oh = conv_output_size(hp, geom.kh, sh, 0, geom.dh)
     ow = conv_output_size(wp, geom.kw, sw, 0, geom.dw)
+    if use_blocked(o, groups, w2.shape[1], oh * ow, sh * sw > 1, geom.dh, geom.dw, n1 - n0):  # same bits, faster
+        blocked_images(x, w2, b, geom, pool, relu, y, n0, n1)
+        return
     hq, wq = -(-hp // sh), -(-wp // sw)  # one phase's size
     plane = hq * wq
     k = cg * geom.kh * geom.kw
