@@ -37,7 +37,7 @@ BLOCK = 16  # output channels per block: one AVX-512 vector, two AVX2 ones
 # (plus the weight vectors and a broadcast).
 PIXELS = 12 if LANES == 16 else 6
 MIN_IMAGES = 4  # smaller batches keep im2col: packing the weights costs a pass over them per call
-MIN_TAPS = 32  # taps per output below which the kernel's per-tile transpose outweighs its gain
+MIN_TAPS = 16  # taps per output below which the kernel's per-tile transpose outweighs its gain
 
 
 @register_jitable
@@ -153,6 +153,39 @@ _SMALL = 4  # pixels per call on an image's last PIXELS - 1 or fewer: a tile of 
 _tile, _tile_small = _make_kernel(PIXELS), _make_kernel(_SMALL)
 
 
+def _make_move() -> Any:
+    """``move(dst_addr, src_addr, count)``: copy min(count, LANES) float32 values by one masked vector
+    load and store (a row of the padded image in a few instructions; a Numba loop indexing with a
+    possibly negative offset is not vectorised, and took a fifth of a stride-2 convolution)."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.core.extending import intrinsic
+
+    @intrinsic
+    def move(typingctx, dst_addr, src_addr, count):
+        def codegen(context, builder, signature, args):
+            dst_addr, src_addr, count = args
+            f32, i32, i1 = ir.FloatType(), ir.IntType(32), ir.IntType(1)
+            vf, vmask = ir.VectorType(f32, LANES), ir.VectorType(i1, LANES)
+            mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(ir.IntType(64), LANES), list(range(LANES))),
+                                       splat(builder, count, ir.VectorType(ir.IntType(64), LANES)))
+            load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                vf, [vf.as_pointer(), i32, vmask, vf]), f"llvm.masked.load.v{LANES}f32.p0")
+            store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                ir.VoidType(), [vf, vf.as_pointer(), i32, vmask]), f"llvm.masked.store.v{LANES}f32.p0")
+            src = builder.inttoptr(src_addr, vf.as_pointer())
+            value = builder.call(load, [src, ir.Constant(i32, 4), mask, ir.Constant(vf, ir.Undefined)])
+            builder.call(store, [value, builder.inttoptr(dst_addr, vf.as_pointer()), ir.Constant(i32, 4), mask])
+            return context.get_dummy_value()
+
+        return types.void(types.intp, types.intp, types.intp), codegen
+
+    return move
+
+
+_move = _make_move()
+
+
 @njit(cache=True)
 def pack_blocks(w2, bias):
     """Weights (O, K) and bias (O,) as ceil(O / BLOCK) blocks of BLOCK channels, k-major: (blocks, K,
@@ -200,12 +233,12 @@ def blocked_images(x, w2, b, geom, pool, relu, y, n0, n1):
     floor = np.float32(0.0) if relu else np.float32(-np.inf)
     for i in range(n0, n1):
         if padded:
-            for ch in range(c):  # explicit loops: a slice assignment per row costs more than its copy
+            data, src = image.ctypes.data, x[i].ctypes.data
+            for ch in range(c):
                 for r in range(h):
-                    src, dst = x[i, ch, r], image[ch, ph + r]
-                    for q in range(wd):
-                        dst[pw + q] = src[q]
-            data = image.ctypes.data
+                    row, to = src + 4 * (ch * h + r) * wd, data + 4 * ((ch * hp + ph + r) * wp + pw)
+                    for q in range(0, wd, LANES):
+                        _move(to + 4 * q, row + 4 * q, wd - q)
         else:
             data = x[i].ctypes.data
         dest = (acc[0] if pooled else y[i]).ctypes.data
