@@ -181,7 +181,8 @@ def test_blocked_convolution_is_byte_identical_across_targets_and_widths(tmp_pat
     if host_simd() >= 16:
         configs["simd8"] = {"MICROCNN_SIMD": "8"}
     with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(configs, pool.map(lambda item: _run(tmp_path, *item), configs.items()), strict=True))
+        runs = pool.map(lambda item: _run(tmp_path, *item), configs.items())
+        results = dict(zip(configs, runs, strict=True))
     assert results["haswell"]["cpu_name"] == "haswell" and results["haswell"]["lanes"] == 8
     assert results["skylake-avx512"]["cpu_name"] == "skylake-avx512"
     assert results["host"]["simd"] == host_simd()
@@ -193,3 +194,16 @@ def test_blocked_convolution_is_byte_identical_across_targets_and_widths(tmp_pat
         {label: reference for label in results}
     assert len(set(reference.values())) == len(keys)
     assert hashlib.sha256(b"").hexdigest() not in reference.values()
+
+
+def test_lenet_in_small_chunks_gives_the_bits_of_one_batch():
+    """LeNet's conv2 (16 channels, 150 taps) runs blocked in the compiled program at batches of 7: the
+    same bits as one batch of 1,000. (A tap-offset array freed before its last use by address crashed
+    exactly this sequence at random.)"""
+    import microcnn
+
+    net = microcnn.lenet(weights="bundled")
+    x = np.random.default_rng(6).random((1000, 1, 28, 28), dtype=np.float32)
+    whole = net.predict(x, batch_size=1000)
+    chunks = net.predict(x, batch_size=7)
+    np.testing.assert_array_equal(whole.view(np.uint32), chunks.view(np.uint32))

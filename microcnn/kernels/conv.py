@@ -246,7 +246,7 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     hp, wp = h + 2 * ph, wd + 2 * pw
     oh = conv_output_size(hp, geom.kh, sh, 0, geom.dh)
     ow = conv_output_size(wp, geom.kw, sw, 0, geom.dw)
-    if use_blocked(o, groups, w2.shape[1], oh * ow, sh * sw > 1, geom.dh, geom.dw, n1 - n0):  # same bits, faster
+    if use_blocked(o, groups, w2.shape[1], oh * ow, sh * sw > 1, geom.dh, geom.dw, n1 - n0):  # same bits
         blocked_images(x, w2, b, geom, pool, relu, y, n0, n1)
         return
     hq, wq = -(-hp // sh), -(-wp // sw)  # one phase's size

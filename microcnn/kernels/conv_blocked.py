@@ -70,6 +70,21 @@ def _transpose(builder: ir.IRBuilder, rows: list) -> list:
     return rows
 
 
+def _store_first(builder: ir.IRBuilder, vector: ir.Value, ptr: ir.Value, count: int) -> None:
+    """Store lanes 0 .. count-1 of ``vector`` at the float32 pointer ``ptr`` by plain stores of 16, 8, 4, 2,
+    1 lanes, nothing past them (no masked store: AVX2 has only the slow ``vmaskmovps``)."""
+    from llvmlite import ir
+
+    done = 0
+    for size in (16, 8, 4, 2, 1):
+        if count - done >= size and size <= vector.type.count:
+            lanes = ir.Constant(ir.VectorType(ir.IntType(32), size), list(range(done, done + size)))
+            part = builder.shuffle_vector(vector, ir.Constant(vector.type, ir.Undefined), lanes)
+            at = builder.gep(ptr, [ir.Constant(ir.IntType(64), done)])
+            builder.store(part, builder.bitcast(at, part.type.as_pointer()), align=4)
+            done += size
+
+
 def _make_kernel(pixels: int) -> Any:
     """``kernel(data_addr, off_addr, n_k, pix_addr, w_addr, bias_addr, out_addr, out_stride, channels,
     relu)``: for the ``pixels`` outputs p whose inputs start at ``data[pix[p]]`` and one block of BLOCK
@@ -81,11 +96,11 @@ def _make_kernel(pixels: int) -> Any:
     for f < ``channels`` (float32 addresses, int64 element offsets; ``w`` the block's packed (n_k, BLOCK)
     weights), each value v stored as ``v if v > 0 else 0`` when ``relu`` is not 0 -- im2col's ReLU, which
     also maps -0 and NaN to 0. The accumulators hold channels in lanes; they are transposed in registers
-    and each channel's ``pixels`` values written by one masked store, straight into the NCHW output (a
+    and each channel's ``pixels`` values written by plain vector stores, straight into the NCHW output (a
     transposing copy through memory took a sixth of the time). Two blocks per call, 24 accumulators,
     made LLVM spill them: one block keeps every multiply-add one instruction with its broadcast operand."""
     from llvmlite import ir
-    from numba.core import cgutils, types
+    from numba.core import types
     from numba.core.extending import intrinsic
 
     vectors = BLOCK // LANES
@@ -107,10 +122,6 @@ def _make_kernel(pixels: int) -> Any:
             bias_p = builder.inttoptr(bias_addr, vf.as_pointer())
             out_p = builder.inttoptr(out_addr, f32.as_pointer())
             fma = fmuladd(builder, vf)
-            masked_store = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [vf, vf.as_pointer(), ir.IntType(32),
-                                                                ir.VectorType(i1, LANES)]),
-                f"llvm.masked.store.v{LANES}f32.p0")
             starts = [builder.gep(data_p, [builder.load(builder.gep(pix_p, [ir.Constant(i64, p)]))])
                       for p in range(pixels)]
             bias = [builder.load(builder.gep(bias_p, [ir.Constant(i64, v)]), align=4) for v in range(vectors)]
@@ -123,7 +134,8 @@ def _make_kernel(pixels: int) -> Any:
                 new = []
                 for p in range(pixels):
                     value = splat(builder, builder.load(builder.gep(starts[p], [offset])), vf)
-                    new += [builder.call(fma, [weights[v], value, accs[p * vectors + v]]) for v in range(vectors)]
+                    new += [builder.call(fma, [weights[v], value, accs[p * vectors + v]])
+                            for v in range(vectors)]
                 return new
 
             finals = register_loop(builder, n_k, bias * pixels, step, "blockedconv")
@@ -132,7 +144,6 @@ def _make_kernel(pixels: int) -> Any:
                              ir.VectorType(i1, LANES))
             finals = [builder.select(builder.or_(builder.fcmp_ordered(">", v, zero), keep_all), v, zero)
                       for v in finals]
-            lanes = ir.Constant(ir.VectorType(i1, LANES), [1] * pixels + [0] * (LANES - pixels))
             for v in range(vectors):  # channels v * LANES .. v * LANES + LANES - 1
                 rows = _transpose(builder, [finals[p * vectors + v] for p in range(pixels)]
                                   + [zero] * (LANES - pixels))
@@ -140,8 +151,7 @@ def _make_kernel(pixels: int) -> Any:
                     f = ir.Constant(i64, v * LANES + lane)
                     with builder.if_then(builder.icmp_signed("<", f, channels)):
                         ptr = builder.gep(out_p, [builder.mul(out_stride, f)])
-                        builder.call(masked_store, [rows[lane], builder.bitcast(ptr, vf.as_pointer()),
-                                                    ir.Constant(ir.IntType(32), 4), lanes])
+                        _store_first(builder, rows[lane], ptr, pixels)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -154,31 +164,22 @@ _tile, _tile_small = _make_kernel(PIXELS), _make_kernel(_SMALL)
 
 
 def _make_move() -> Any:
-    """``move(dst_addr, src_addr, count)``: copy min(count, LANES) float32 values by one masked vector
-    load and store (a row of the padded image in a few instructions; a Numba loop indexing with a
-    possibly negative offset is not vectorised, and took a fifth of a stride-2 convolution)."""
+    """``move(dst_addr, src_addr)``: copy LANES float32 values by one vector load and store (rows of the
+    padded image in a few instructions; a Numba loop indexing with a possibly negative offset is not
+    vectorised, and took a fifth of a stride-2 convolution)."""
     from llvmlite import ir
-    from numba.core import cgutils, types
+    from numba.core import types
     from numba.core.extending import intrinsic
 
     @intrinsic
-    def move(typingctx, dst_addr, src_addr, count):
+    def move(typingctx, dst_addr, src_addr):
         def codegen(context, builder, signature, args):
-            dst_addr, src_addr, count = args
-            f32, i32, i1 = ir.FloatType(), ir.IntType(32), ir.IntType(1)
-            vf, vmask = ir.VectorType(f32, LANES), ir.VectorType(i1, LANES)
-            mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(ir.IntType(64), LANES), list(range(LANES))),
-                                       splat(builder, count, ir.VectorType(ir.IntType(64), LANES)))
-            load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-                vf, [vf.as_pointer(), i32, vmask, vf]), f"llvm.masked.load.v{LANES}f32.p0")
-            store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-                ir.VoidType(), [vf, vf.as_pointer(), i32, vmask]), f"llvm.masked.store.v{LANES}f32.p0")
-            src = builder.inttoptr(src_addr, vf.as_pointer())
-            value = builder.call(load, [src, ir.Constant(i32, 4), mask, ir.Constant(vf, ir.Undefined)])
-            builder.call(store, [value, builder.inttoptr(dst_addr, vf.as_pointer()), ir.Constant(i32, 4), mask])
+            vf = ir.VectorType(ir.FloatType(), LANES).as_pointer()
+            value = builder.load(builder.inttoptr(args[1], vf), align=4)
+            builder.store(value, builder.inttoptr(args[0], vf), align=4)
             return context.get_dummy_value()
 
-        return types.void(types.intp, types.intp, types.intp), codegen
+        return types.void(types.intp, types.intp), codegen
 
     return move
 
@@ -226,7 +227,6 @@ def blocked_images(x, w2, b, geom, pool, relu, y, n0, n1):
     padded = ph > 0 or pw > 0
     image = np.zeros((c, hp, wp) if padded else (0, 0, 0), np.float32)  # the border stays zero
     blocks = packed.shape[0]
-    off_addr = offs.ctypes.data
     pooled = pool.kh > 0
     relu_now = 1 if relu and not pooled else 0  # a ReLU before pooling becomes the pooling's floor
     acc = np.empty((1, o, oh, ow) if pooled else (0, 0, 0, 0), np.float32)
@@ -236,19 +236,26 @@ def blocked_images(x, w2, b, geom, pool, relu, y, n0, n1):
             data, src = image.ctypes.data, x[i].ctypes.data
             for ch in range(c):
                 for r in range(h):
-                    row, to = src + 4 * (ch * h + r) * wd, data + 4 * ((ch * hp + ph + r) * wp + pw)
-                    for q in range(0, wd, LANES):
-                        _move(to + 4 * q, row + 4 * q, wd - q)
+                    if wd >= LANES:  # whole vectors, the last one overlapping the one before
+                        row, to = src + 4 * (ch * h + r) * wd, data + 4 * ((ch * hp + ph + r) * wp + pw)
+                        for q in range(0, wd, LANES):
+                            q = min(q, wd - LANES)
+                            _move(to + 4 * q, row + 4 * q)
+                    else:
+                        for q in range(wd):
+                            image[ch, ph + r, pw + q] = x[i, ch, r, q]
         else:
             data = x[i].ctypes.data
-        dest = (acc[0] if pooled else y[i]).ctypes.data
+        dest = acc.ctypes.data if pooled else y[i].ctypes.data
         # Tiles outside, blocks inside: a tile's inputs stay in L1 while the weights stream past.
         j = 0
         while j < npix:
             small = npix - j < PIXELS
             at = min(j, npix - _SMALL) if small else j  # the last small tile overlaps the one before
             for blk in range(blocks):
-                args = (data, off_addr, k, pix.ctypes.data + 8 * at, packed[blk].ctypes.data,
+                # Addresses are taken here, not before the loop: Numba frees an array after the last
+                # statement naming it, and an address alone does not keep it alive.
+                args = (data, offs.ctypes.data, k, pix.ctypes.data + 8 * at, packed[blk].ctypes.data,
                         bias[blk].ctypes.data, dest + 4 * (blk * BLOCK * npix + at), npix,
                         min(BLOCK, o - blk * BLOCK), relu_now)
                 if small:
