@@ -7,12 +7,7 @@ sqrt(K) of it, far below the bound).
 """
 
 import hashlib
-import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +17,7 @@ from microcnn.kernels.conv import ConvGeometry, conv2d_im2col, conv_geometry, im
 from microcnn.kernels.pool import NO_POOL, PoolGeometry
 
 from . import reference as ref
-
-ROOT = Path(__file__).resolve().parent.parent
+from .test_portability import _run_predictions
 
 # (n, c, h, w, o, kh, kw, stride, padding): the benchmark networks' layers (stride 2, 1x1 projection, 16
 # channels), partial channel blocks (21, 40), 5x5 and non-square kernels and inputs, tiles that wrap rows
@@ -157,18 +151,6 @@ print(json.dumps(out))
 """
 
 
-def _run(tmp_path: Path, label: str, extra_env: dict) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "MICROCNN_SIMD", "NUMBA_CACHE_DIR")}
-    cache = tmp_path / f"numba-cache-{label}"
-    cache.mkdir()
-    env.update(PYTHONPATH=str(ROOT), NUMBA_CACHE_DIR=str(cache), NUMBA_NUM_THREADS="1", **extra_env)
-    done = subprocess.run([sys.executable, "-c", _SCRIPT % (SHAPES,)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, f"{label}: {done.stderr[-3000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_blocked_convolution_is_byte_identical_across_targets_and_widths(tmp_path):
     """Every shape above, compiled from scratch in its own Numba cache for the host, Haswell (AVX2: two
@@ -181,7 +163,7 @@ def test_blocked_convolution_is_byte_identical_across_targets_and_widths(tmp_pat
     if host_simd() >= 16:
         configs["simd8"] = {"MICROCNN_SIMD": "8"}
     with ThreadPoolExecutor(2) as pool:
-        runs = pool.map(lambda item: _run(tmp_path, *item), configs.items())
+        runs = pool.map(lambda item: _run_predictions(tmp_path, *item, _SCRIPT % (SHAPES,)), configs.items())
         results = dict(zip(configs, runs, strict=True))
     assert results["haswell"]["cpu_name"] == "haswell" and results["haswell"]["lanes"] == 8
     assert results["skylake-avx512"]["cpu_name"] == "skylake-avx512"

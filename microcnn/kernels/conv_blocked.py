@@ -115,12 +115,9 @@ def _make_kernel(pixels: int) -> Any:
             data_addr, off_addr, n_k, pix_addr, w_addr, bias_addr, out_addr, out_stride, channels, relu = args
             f32, i64, i1 = ir.FloatType(), ir.IntType(64), ir.IntType(1)
             vf = ir.VectorType(f32, LANES)
-            data_p = builder.inttoptr(data_addr, f32.as_pointer())
-            off_p = builder.inttoptr(off_addr, i64.as_pointer())
-            pix_p = builder.inttoptr(pix_addr, i64.as_pointer())
-            w_p = builder.inttoptr(w_addr, vf.as_pointer())
-            bias_p = builder.inttoptr(bias_addr, vf.as_pointer())
-            out_p = builder.inttoptr(out_addr, f32.as_pointer())
+            kinds = [(data_addr, f32), (off_addr, i64), (pix_addr, i64), (w_addr, vf), (bias_addr, vf),
+                     (out_addr, f32)]
+            data_p, off_p, pix_p, w_p, bias_p, out_p = (builder.inttoptr(a, t.as_pointer()) for a, t in kinds)
             fma = fmuladd(builder, vf)
             starts = [builder.gep(data_p, [builder.load(builder.gep(pix_p, [ir.Constant(i64, p)]))])
                       for p in range(pixels)]
