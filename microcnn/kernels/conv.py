@@ -236,7 +236,9 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     ((u*dh) % sh, (v*dw) % sw) shifted by ((u*dh) // sh, (v*dw) // sw), again a window. The copy costs
     one pass over the input instead of KH*KW/(sh*sw) for a patch matrix, and the GEMM's windows
     overlap in cache. The columns q >= OW of each row are computed and dropped -- (Wq - OW)/Wq extra
-    work. The taps are summed in the same order whatever the layout: same bits.
+    work. The taps are summed in the same order whatever the layout: same bits. Batches that
+    ``conv_blocked.use_blocked`` accepts run ``conv_blocked.blocked_images`` instead: output channels in
+    vector lanes, faster on strides and many channels, the same bits again.
     """
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     o = b.shape[0]
