@@ -201,3 +201,18 @@ def test_sequential_with_new_layers_never_overwrites_the_input():
     for _ in range(2):
         np.testing.assert_allclose(net.forward(x), want, atol=1e-5)
         np.testing.assert_array_equal(x, kept)
+
+
+def test_global_average_sums_each_channel_row_by_row_in_float32():
+    """The global fast path (four channels side by side) keeps each channel's order -- row by row from
+    0, in float32 -- so its bits are those of that loop, for a channel count that is not a multiple of four
+    and a strided input."""
+    x = np.random.default_rng(7).standard_normal((3, 6, 5, 14), dtype=np.float32)[:, :, :, ::2]
+    expected = np.zeros((3, 6), np.float32)
+    for yy in range(5):
+        for xx in range(7):
+            expected += x[:, :, yy, xx]
+    expected *= np.float32(1.0 / 35)
+    got = pool.avgpool2d(x, 5, 7, 1, 1)
+    assert got.shape == (3, 6, 1, 1)
+    np.testing.assert_array_equal(got[:, :, 0, 0].view(np.uint32), expected.view(np.uint32))

@@ -39,6 +39,7 @@ from numba import njit, prange
 from numba.extending import register_jitable
 
 from ..errors import InputError
+from .conv_blocked import blocked_images, use_blocked
 from .elementwise import relu_inplace
 from .gemm import PACK_ROWS, gemm_acc, gemm_packed, linear_forward, pack_rows
 from .pool import NO_POOL, maxpool2d, maxpool_images, pool_geometry, pool_output_size, pooled_shape
@@ -235,7 +236,9 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     ((u*dh) % sh, (v*dw) % sw) shifted by ((u*dh) // sh, (v*dw) // sw), again a window. The copy costs
     one pass over the input instead of KH*KW/(sh*sw) for a patch matrix, and the GEMM's windows
     overlap in cache. The columns q >= OW of each row are computed and dropped -- (Wq - OW)/Wq extra
-    work. The taps are summed in the same order whatever the layout: same bits.
+    work. The taps are summed in the same order whatever the layout: same bits. Batches that
+    ``conv_blocked.use_blocked`` accepts run ``conv_blocked.blocked_images`` instead: output channels in
+    vector lanes, faster on strides and many channels, the same bits again.
     """
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     o = b.shape[0]
@@ -245,6 +248,9 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     hp, wp = h + 2 * ph, wd + 2 * pw
     oh = conv_output_size(hp, geom.kh, sh, 0, geom.dh)
     ow = conv_output_size(wp, geom.kw, sw, 0, geom.dw)
+    if use_blocked(o, groups, w2.shape[1], oh * ow, sh * sw > 1, geom.dh, geom.dw, n1 - n0):  # same bits
+        blocked_images(x, w2, b, geom, pool, relu, y, n0, n1)
+        return
     hq, wq = -(-hp // sh), -(-wp // sw)  # one phase's size
     plane = hq * wq
     k = cg * geom.kh * geom.kw

@@ -40,7 +40,7 @@ from numba import njit
 from numba.extending import overload
 
 from ..errors import InputError
-from .simd import LANES, register_loop, splat
+from .simd import LANES, fmuladd, register_loop, splat
 
 if TYPE_CHECKING:
     from llvmlite import ir
@@ -148,15 +148,6 @@ PACK_ROWS = 8 if LANES == 16 else 4
 _STRIP_VECTORS = 2
 
 
-def _fmuladd(builder: ir.IRBuilder, vector_type: ir.VectorType) -> ir.Function:
-    """llvm.fmuladd on vectors: a fused multiply-add where the target has one, as ``contract`` allows."""
-    from llvmlite import ir
-    from numba.core import cgutils
-
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector_type, [vector_type] * 3),
-                                          f"llvm.fmuladd.v{vector_type.count}f32")
-
-
 def _real_row(builder: ir.IRBuilder, r: int, rows: ir.Value) -> ir.Value:
     """Row ``r`` of a block if it is one of the ``rows`` real ones, else the last real row: padding rows
     read memory that exists and compute values that are never stored."""
@@ -193,7 +184,7 @@ def _make_register_kernel(vectors: int) -> Any:
             w_p = builder.inttoptr(w_addr, f32.as_pointer())
             bias_p = builder.inttoptr(bias_addr, f32.as_pointer())
             out_p = builder.inttoptr(out_addr, f32.as_pointer())
-            fmuladd = _fmuladd(builder, vf)
+            fma = fmuladd(builder, vf)
             init = []
             for r in range(PACK_ROWS):
                 at = _real_row(builder, r, rows)
@@ -209,7 +200,7 @@ def _make_register_kernel(vectors: int) -> Any:
                 for r in range(PACK_ROWS):
                     at = builder.add(base, ir.Constant(i64, r))
                     weight = splat(builder, builder.load(builder.gep(w_p, [at])), vf)
-                    new += [builder.call(fmuladd, [weight, data[v], accs[r * vectors + v]])
+                    new += [builder.call(fma, [weight, data[v], accs[r * vectors + v]])
                             for v in range(vectors)]
                 return new
 
@@ -329,7 +320,7 @@ def _make_dot_kernel(rows: int, cols: int, accumulate: bool) -> Any:
             b_p = builder.inttoptr(b_addr, f32.as_pointer())
             off_p = builder.inttoptr(off_addr, i64.as_pointer())
             out_p = builder.inttoptr(out_addr, f32.as_pointer())
-            fmuladd = _fmuladd(builder, vf)
+            fma = fmuladd(builder, vf)
             fmuladd1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3),
                                                       "llvm.fmuladd.f32")
             a_rows = [builder.gep(a_p, [builder.mul(a_stride, ir.Constant(i64, r))]) for r in range(rows)]
@@ -345,7 +336,7 @@ def _make_dot_kernel(rows: int, cols: int, accumulate: bool) -> Any:
                       for p in a_rows]
                 ys = [builder.load(builder.bitcast(builder.gep(p, [at]), vf.as_pointer()), align=4)
                       for p in b_rows]
-                return [builder.call(fmuladd, [xs[r], ys[c], accs[r * cols + c]])
+                return [builder.call(fma, [xs[r], ys[c], accs[r * cols + c]])
                         for r in range(rows) for c in range(cols)]
 
             def tail_step(lane, accs):  # k = tail0 + lane goes to lane ``lane``, as in vector_step

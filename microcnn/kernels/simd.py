@@ -112,6 +112,15 @@ def splat(builder: ir.IRBuilder, value: ir.Value, vector_type: ir.VectorType) ->
     return builder.shuffle_vector(first, undef, zeros)
 
 
+def fmuladd(builder: ir.IRBuilder, vector_type: ir.VectorType) -> ir.Function:
+    """llvm.fmuladd on vectors: a fused multiply-add where the target has one, as ``contract`` allows."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector_type, [vector_type] * 3),
+                                          f"llvm.fmuladd.v{vector_type.count}f32")
+
+
 def register_loop(builder: ir.IRBuilder, count: ir.Value, init: Sequence[ir.Value],
                   body: Callable[[ir.Value, list[ir.Value]], list[ir.Value]], name: str) -> list[ir.Value]:
     """Emit ``for i in range(count): values = body(i, values)`` with ``values`` (a list of IR values,
