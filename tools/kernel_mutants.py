@@ -34,7 +34,7 @@ PMADD, PORTABLE, LANES8 = (("MICROCNN_VNNI", "0"),), (("MICROCNN_SIMD", "0"),), 
 
 T = "tests/"
 NS, TS = T + "test_pool_nonsquare.py", T + "test_ties_shapes_state.py"
-POOL_TESTS = (NS + "::test_maxpool_nonsquare_matches_reference", NS + "::test_integer_maxpool_nonsquare_matches_reference",
+POOL_TESTS = (T + "test_kernels_geometry_exact.py", NS + "::test_maxpool_nonsquare_matches_reference", NS + "::test_integer_maxpool_nonsquare_matches_reference",
               TS + "::test_maxpool_backward_with_ties_goes_to_the_first_maximum",
               TS + "::test_maxpool_argmax_with_ties_in_non_square_windows", TS + "::test_avgpool_backward_non_square",
               NS, T + "test_engine.py::test_pooling_matches_reference", T + "test_layers_pool_act.py")
@@ -49,7 +49,7 @@ QDOT_TESTS = (QP + "::test_dense_bit_exact_at_extreme_zero_points", QP + "::test
               QP + "::test_dense_worst_case_accumulation_is_exact_in_both_layouts", T + "test_quant_kernels.py", QP)
 PACK_TESTS = (T + "test_bits.py::test_packing_layouts_by_hand", T + "test_bits.py::test_packing_round_trips_and_matches_the_bit_stream",
               T + "test_bits.py")
-RELAX_TESTS = (T + "test_adaround.py",)
+RELAX_TESTS = (T + "test_relax_exact.py", T + "test_adaround.py")
 QPROG_TESTS = (QP, NS + "::test_qconv2d_pool_nonsquare", T + "test_quant_new_layers.py")
 ELEM_TESTS = (TS + "::test_softmax_rows_with_a_huge_score_in_any_position",
               TS + "::test_all_finite_sees_nan_and_both_infinities", TS + "::test_relu_backward_at_zero_passes_no_gradient",
