@@ -43,7 +43,7 @@ CONV_TESTS = (NS + "::test_fused_im2col_pool_nonsquare", NS + "::test_other_algo
               T + "test_layers_conv.py")
 INT_TESTS = (NS + "::test_requantize_one_half_way_cases", NS + "::test_conv_epilogues_round_half_way_cases_by_the_rule",
              NS + "::test_linear_epilogue_rounds_half_way_cases_by_the_rule", NS + "::test_qconv2d_pool_nonsquare",
-             T + "test_quant_kernels.py", NS, T + "test_qprogram.py")
+             T + "test_quant_kernels.py", NS, T + "test_qprogram.py", T + "test_integer_kernels_exact.py")
 QP = T + "test_qprogram.py"
 QDOT_TESTS = (QP + "::test_dense_bit_exact_at_extreme_zero_points", QP + "::test_conv_every_layout_bit_exact_at_extreme_zero_points",
               QP + "::test_dense_worst_case_accumulation_is_exact_in_both_layouts", T + "test_quant_kernels.py", QP)
