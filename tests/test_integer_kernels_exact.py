@@ -47,5 +47,6 @@ def test_conv_real_output_of_a_fused_relu_is_clamped_at_zero():
         geo = ki.QConvGeometry(3, 2, *stride, 1, 0, *flat_pool)
         out_f = np.empty(acc.shape, np.float32)
         rq = ki.requant_params(np.zeros(o), np.ones(o), scale, ki.MODE_DEQUANT, 0, 0, 2**31 - 1)
-        ki.conv2d_packed(x, ki.pack_conv(w, bias, stride[0], zp), geo, rq, np.empty((0,) * 4, np.uint8), out_f)
+        pk = ki.pack_conv(w, bias, stride[0], zp)
+        ki.conv2d_packed(x, pk, geo, rq, np.empty((0,) * 4, np.uint8), out_f)
         np.testing.assert_array_equal(out_f, _real(acc, 0, scale[None, :, None, None]))
