@@ -50,3 +50,19 @@ def test_conv_real_output_of_a_fused_relu_is_clamped_at_zero():
         pk = ki.pack_conv(w, bias, stride[0], zp)
         ki.conv2d_packed(x, pk, geo, rq, np.empty((0,) * 4, np.uint8), out_f)
         np.testing.assert_array_equal(out_f, _real(acc, 0, scale[None, :, None, None]))
+
+
+@pytest.mark.parametrize("c", [2, 3, 5])  # 2 or 1 channels per word: each word spans 2 or 4 kernel rows
+def test_conv_with_kernel_taller_than_a_word_and_horizontal_stride(c):
+    """Vertical stride 1, horizontal stride 2 (words built per kx), a kernel of 5 rows: the row groups
+    after the first start R = 4 / G input rows further down."""
+    o, zp = 9, 3
+    x = RNG.integers(0, 256, (2, c, 9, 11)).astype(np.uint8)
+    w = RNG.integers(-128, 128, (o, c, 5, 3)).astype(np.int8)
+    bias = RNG.integers(-5000, 5000, o).astype(np.int32)
+    acc = conv_acc_ref(x, zp, w, bias, (1, 2), (1, 1))
+    out_f = np.empty(acc.shape, np.float32)
+    rq = ki.requant_params(np.zeros(o), np.ones(o), np.ones(o), ki.MODE_DEQUANT, 0, -2**31, 2**31 - 1)
+    geo = ki.QConvGeometry(5, 3, 1, 2, 1, 1, 1, 1, 1, 1)
+    ki.conv2d_packed(x, ki.pack_conv(w, bias, 1, zp), geo, rq, np.empty((0,) * 4, np.uint8), out_f)
+    np.testing.assert_array_equal(out_f.astype(np.int64), acc)
