@@ -48,10 +48,11 @@ def snippet_count(mutant) -> int:
     return (ROOT / mutant.file).read_text().count(mutant.original)
 
 
-def run_tests(work: Path, cache: Path, tests, timeout: float) -> tuple[str, str, float]:
-    """(status, last output line, seconds) of pytest on ``tests`` in the copy ``work``."""
+def run_tests(work: Path, cache: Path, tests, timeout: float, extra_env=()) -> tuple[str, str, float]:
+    """(status, last output line, seconds) of pytest on ``tests`` in the copy ``work``, with the
+    environment variables ``extra_env`` ((name, value) pairs) on top of ours."""
     env = {**os.environ, "PYTHONPATH": str(work), "NUMBA_CACHE_DIR": str(cache),
-           "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS", "1")}
+           "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS", "1"), **dict(extra_env)}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
            "-m", "not slow", *tests]
     t0 = time.perf_counter()
@@ -75,8 +76,8 @@ def run_one(mutant, timeout: float, baseline: bool = False) -> dict:
             target = work / mutant.file
             text = target.read_text()
             target.write_text(text.replace(mutant.original, mutant.replacement, 1))
-        return dict(zip(("status", "detail", "seconds"), run_tests(work, cache, mutant.tests, timeout),
-                        strict=True))
+        return dict(zip(("status", "detail", "seconds"),
+                        run_tests(work, cache, mutant.tests, timeout, mutant.env), strict=True))
 
 
 def summarise(results: list[dict]) -> dict:
@@ -138,16 +139,22 @@ def main(argv=None) -> int:
 
     started = time.time()
     if not args.list and not args.no_baseline:
-        tests = list(dict.fromkeys(t for m in chosen if not m.equivalent for t in m.tests))
-        base = run_one(type(chosen[0])("baseline", "", "", "", tuple(tests), ""), args.timeout, baseline=True)
-        print(f"baseline: {base['status']} in {base['seconds']:.0f} s ({base['detail']})", flush=True)
-        if base["status"] != "survived":
-            sys.exit("the unmutated checkout fails these tests: fix that first")
+        # One baseline per environment: a mutant's tests must pass unmutated on the code path it runs.
+        live = [m for m in chosen if not m.equivalent]
+        for env in dict.fromkeys(m.env for m in live):
+            tests = list(dict.fromkeys(t for m in live if m.env == env for t in m.tests))
+            base = run_one(type(chosen[0])("baseline", "", "", "", tuple(tests), "", "", env), args.timeout,
+                           baseline=True)
+            label = " ".join(f"{k}={v}" for k, v in env) or "default environment"
+            print(f"baseline ({label}): {base['status']} in {base['seconds']:.0f} s ({base['detail']})",
+                  flush=True)
+            if base["status"] != "survived":
+                sys.exit("the unmutated checkout fails these tests: fix that first")
 
     results = []
     for m in chosen:
         row = {"id": m.id, "file": m.file, "original": m.original, "replacement": m.replacement,
-               "tests": list(m.tests), "why": m.why}
+               "tests": list(m.tests), "why": m.why, "env": dict(m.env)}
         count = snippet_count(m)
         if count == 0:
             row.update(status="stale", detail="original snippet not found", seconds=0.0)

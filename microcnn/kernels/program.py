@@ -97,7 +97,9 @@ def integer_row(code: int, packed=None, requant=None, out=0, kernel=(0, 0), stri
         row[M0], row[SHIFT], row[SCALE] = (a.ctypes.data for a in requant[:3])
         row[MODE], row[ZERO_POINT], row[LO], row[HI] = requant[3:]
     if scale is not None:
-        row[SCALE], row[ZERO_POINT], row[QMAX] = scale.ctypes.data, zero_point, qmax
+        row[SCALE], row[QMAX] = scale.ctypes.data, qmax
+    if requant is None:  # OP_QUANTIZE, OP_DEQUANTIZE, OP_QRELU (which has no scale): their zero point
+        row[ZERO_POINT] = zero_point
     return row
 
 

@@ -1,0 +1,68 @@
+"""Integer kernel behaviours the third kernel mutation round (issue 19) found unchecked, each against an
+independent NumPy int64 reference (``tests.test_quant_kernels``): results are exact.
+
+* A fused ReLU with real-valued output (MODE_DEQUANT with lo = 0: the last layer of a network whose
+  logits pass a ReLU, or an FP32 layer after an integer one) is never negative, in both dense layouts
+  (channels in lanes below 4 rows, rows in lanes from 4) and in the convolution.
+"""
+
+import numpy as np
+import pytest
+
+from microcnn.kernels import integer as ki
+from tests.test_quant_kernels import conv_acc_ref
+
+RNG = np.random.default_rng(1919)
+
+
+def _real(acc, lo, scale):
+    return np.clip(acc, lo, 2**31 - 1).astype(np.float32) * scale
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 21])
+def test_dense_real_output_of_a_fused_relu_is_clamped_at_zero(n):
+    f, o, zp = 37, 70, 9
+    x = RNG.integers(0, 256, (n, f)).astype(np.uint8)
+    w = RNG.integers(-128, 128, (o, f)).astype(np.int8)
+    bias = RNG.integers(-5000, 5000, o).astype(np.int32)
+    acc = (x.astype(np.int64) - zp) @ w.T.astype(np.int64) + bias
+    assert (acc < 0).any() and (acc > 0).any()
+    scale = RNG.uniform(1e-3, 1e-2, o).astype(np.float32)
+    out_f = np.empty((n, o), np.float32)
+    rq = ki.requant_params(np.zeros(o), np.ones(o), scale, ki.MODE_DEQUANT, 0, 0, 2**31 - 1)
+    ki.linear_packed(x, ki.pack_linear(w, bias, zp), rq, np.empty((0, 0), np.uint8), out_f)
+    np.testing.assert_array_equal(out_f, _real(acc, 0, scale))
+
+
+def test_conv_real_output_of_a_fused_relu_is_clamped_at_zero():
+    n, c, o, zp = 2, 3, 10, 4
+    x = RNG.integers(0, 256, (n, c, 7, 9)).astype(np.uint8)
+    w = RNG.integers(-128, 128, (o, c, 3, 2)).astype(np.int8)
+    bias = RNG.integers(-5000, 5000, o).astype(np.int32)
+    for stride, pool in [((1, 1), None), ((1, 2), ((2, 2), (2, 2))), ((2, 1), ((1, 2), (1, 2)))]:
+        acc = conv_acc_ref(x, zp, w, bias, stride, (1, 0), pool)
+        assert (acc < 0).any() and (acc > 0).any()
+        scale = RNG.uniform(1e-3, 1e-2, o).astype(np.float32)
+        flat_pool = (1, 1, 1, 1) if pool is None else (*pool[0], *pool[1])
+        geo = ki.QConvGeometry(3, 2, *stride, 1, 0, *flat_pool)
+        out_f = np.empty(acc.shape, np.float32)
+        rq = ki.requant_params(np.zeros(o), np.ones(o), scale, ki.MODE_DEQUANT, 0, 0, 2**31 - 1)
+        pk = ki.pack_conv(w, bias, stride[0], zp)
+        ki.conv2d_packed(x, pk, geo, rq, np.empty((0,) * 4, np.uint8), out_f)
+        np.testing.assert_array_equal(out_f, _real(acc, 0, scale[None, :, None, None]))
+
+
+@pytest.mark.parametrize("c", [2, 3, 5])  # 2 or 1 channels per word: each word spans 2 or 4 kernel rows
+def test_conv_with_kernel_taller_than_a_word_and_horizontal_stride(c):
+    """Vertical stride 1, horizontal stride 2 (words built per kx), a kernel of 5 rows: the row groups
+    after the first start R = 4 / G input rows further down."""
+    o, zp = 9, 3
+    x = RNG.integers(0, 256, (2, c, 9, 11)).astype(np.uint8)
+    w = RNG.integers(-128, 128, (o, c, 5, 3)).astype(np.int8)
+    bias = RNG.integers(-5000, 5000, o).astype(np.int32)
+    acc = conv_acc_ref(x, zp, w, bias, (1, 2), (1, 1))
+    out_f = np.empty(acc.shape, np.float32)
+    rq = ki.requant_params(np.zeros(o), np.ones(o), np.ones(o), ki.MODE_DEQUANT, 0, -2**31, 2**31 - 1)
+    geo = ki.QConvGeometry(5, 3, 1, 2, 1, 1, 1, 1, 1, 1)
+    ki.conv2d_packed(x, ki.pack_conv(w, bias, 1, zp), geo, rq, np.empty((0,) * 4, np.uint8), out_f)
+    np.testing.assert_array_equal(out_f.astype(np.int64), acc)
