@@ -81,7 +81,8 @@ MODULES = {
                          "_Builder.build"), []),
     # the network-level GPTQ test (a minute: calibrates and quantizes LeNet-5) is left out of each mutant
     "rounding": ("microcnn/quant/rounding.py",
-                 ["tests/test_gptq_exact.py", "tests/test_quant_rounding.py"], (),
+                 ["tests/test_rounding_jobs_exact.py", "tests/test_gptq_exact.py",
+                  "tests/test_quant_rounding.py"], (),
                  ["-k", "not improves_a_4bit_network"]),
     "jsonutil": ("microcnn/jsonutil.py", ["tests/test_jsonutil_exact.py"], (), []),
     # cli.py: only the functions that build what the commands report (results, precision)
@@ -148,6 +149,11 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             "Sequential.names and Sequential.layers always have the same length (names are made per layer)",
         "calibrate: Gt->GtE in len(x) > samples":
             "with len(x) == samples the sorted choice of all indices is the identity: the same images",
+    },
+    "rounding": {
+        "_adaround: And->Or in job.x_quant is not None and job.x_float is not None":
+            "the assert states quantize's contract (adaround is in NEEDS_DATA: both inputs are always "
+            "passed); with either one None both versions raise (the mutant a TypeError a line later)",
     },
     "losses": {
         "_elementwise: remove x = np.ascontiguousarray(x, np.float64)":
