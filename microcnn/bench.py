@@ -190,8 +190,10 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
         table = threads_table(models, images, thread_counts, repeats=repeats)
         say(f"\nThreads (batched, {len(images)} images; Scaling = time at {thread_counts[0]} / time):\n"
             + format_table(table))
-        report["threads_table"] = _records(table, {"Precision": "precision", "Threads": "threads",
-                                                   "Time (ms)": "time_ms", "Scaling": "scaling"})
+        records = _records(table, {"Precision": "precision", "Threads": "threads", "Time (ms)": "time_ms",
+                                   "Scaling": "scaling"})
+        # lower case, as the headline's rows and latency_us name the precisions
+        report["threads_table"] = [r | {"precision": r["precision"].lower()} for r in records]
 
     if startup:
         times = startup_times(model)

@@ -3,6 +3,8 @@ rendering and the report of ``bench.run`` with every optional table. The measure
 (timers, loaders, the other tables' producers) are replaced by fixed stand-ins, so every number in the
 result can be computed here by hand: the test checks the bookkeeping, not the clock."""
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,7 @@ import microcnn.quant
 import microcnn.resolve
 import microcnn.train
 from microcnn import bench
-from microcnn.errors import InputError
+from microcnn.errors import InputError, MicrocnnError
 
 LABELS = np.array([0, 1, 2, 1, 0])
 IMAGES = np.zeros((5, 1, 28, 28), np.float32)
@@ -284,3 +286,65 @@ def test_run_prints_every_optional_table(world, capsys):
                   "\nComparison:\n"):
         assert title in out
     assert "1234" in out and "naive" in out and "torch" in out
+
+
+@pytest.fixture()
+def thread_clock(monkeypatch, timers):
+    """pinned_threads records each count it is asked for; a model then takes ``seconds / SPEED[count]``."""
+    pinned = []
+
+    @contextlib.contextmanager
+    def pinned_threads(t):
+        pinned.append(t)
+        yield
+
+    def median_time(fn, repeats):
+        model = fn.__defaults__[0]
+        fn()
+        timers.append(("median", model, repeats, pinned[-1]))
+        return model.seconds / SPEED[pinned[-1]]
+
+    monkeypatch.setattr(bench, "pinned_threads", pinned_threads)
+    monkeypatch.setattr(bench, "median_time", median_time)
+    return pinned
+
+
+SPEED = {1: 1.0, 2: 1.6, 3: 2.5}
+
+
+def test_threads_table_times_each_precision_at_each_count_against_the_first(thread_clock, timers):
+    ms = models()
+    table = bench.threads_table({"fp32": ms["fp32"], "int8": ms["int8"]}, IMAGES[:4], [2, 1, 3], repeats=4)
+    assert list(table.columns) == ["Precision", "Threads", "Time (ms)", "Scaling"]
+    assert table["Precision"].tolist() == ["FP32"] * 3 + ["INT8"] * 3
+    assert table["Threads"].tolist() == [2, 1, 3, 2, 1, 3] and thread_clock == [2, 1, 3, 2, 1, 3]
+    seconds = [0.02] * 3 + [0.005] * 3
+    np.testing.assert_allclose(table["Time (ms)"],
+                               [s / SPEED[t] * 1e3 for s, t in zip(seconds, [2, 1, 3] * 2, strict=True)])
+    np.testing.assert_allclose(table["Scaling"], [SPEED[t] / SPEED[2] for t in [2, 1, 3] * 2])
+    assert {c[2] for c in timers if c[0] == "median"} == {4}
+    assert ms["fp32"].batch_sizes == [4, 4, 4]  # batched: the whole set in one call
+
+
+def test_run_with_a_thread_list_measures_the_tables_at_its_first_count(world, thread_clock):
+    report = bench.run("bundled", samples=5, threads=[2, 3], repeats=2, precisions=["fp32", "int8"],
+                       startup=False, quiet=True)
+    # the thread count query and the headline at 2, then the scaling table: each precision at 2 and at 3
+    assert thread_clock == [2, 2, 2, 3, 2, 3]
+    assert [r["precision"] for r in report["threads_table"]] == ["fp32", "fp32", "int8", "int8"]
+    assert [r["threads"] for r in report["threads_table"]] == [2, 3, 2, 3]
+    np.testing.assert_allclose([r["scaling"] for r in report["threads_table"]], [1, 2.5 / 1.6] * 2)
+    np.testing.assert_allclose([r["time_ms"] for r in report["threads_table"]],
+                               [20 / 1.6, 20 / 2.5, 5 / 1.6, 5 / 2.5])
+    assert "threads_table" not in bench.run("bundled", samples=5, threads=[2], precisions=["fp32"],
+                                            startup=False, quiet=True)
+
+
+def test_run_refuses_images_the_model_cannot_score_naming_the_dataset(world):
+    odd = Model([0] * 5, 4000, 0.02, 0.004)
+    odd.input_shape = (1, 32, 32)
+    world["stored"]["odd.safetensors"] = odd
+    with pytest.raises(MicrocnnError, match=r"^--dataset mnist: images are \(1, 28, 28\) \(C, H, W\), "
+                                            r"the model expects \(1, 32, 32\)$"):
+        bench.run("odd.safetensors", samples=5, dataset="mnist", precisions=["fp32"], startup=False,
+                  quiet=True)

@@ -12,7 +12,7 @@ from microcnn import io
 from microcnn.errors import FileFormatError
 from microcnn.layers import Conv2d, Flatten, Linear, ReLU
 from microcnn.network import Sequential
-from microcnn.quant import Calibration, calibrate
+from microcnn.quant import Calibration, calibrate, load_calibration
 from microcnn.quant.serialize import MAX_SEED, observer_state_layout
 
 NAMES = ["input", "conv1", "relu1", "flatten", "fc1"]
@@ -124,6 +124,26 @@ def test_without_an_input_shape_images_of_any_size_load(cals, tmp_path):
 
 
 # -- refusals of the metadata -----------------------------------------------------------------------------
+def test_a_calibration_of_one_image_saves_and_loads(tmp_path):
+    net = tiny()
+    one = np.random.default_rng(6).normal(size=(1, 1, 3, 3)).astype(np.float32)
+    cal = calibrate(net, one, method="minmax", progress=False)
+    back = Calibration.load(saved(tmp_path, cal), net)
+    assert back.images.shape == (1, 1, 3, 3) and back.range(NAMES[0], 8) == cal.range(NAMES[0], 8)
+
+
+def test_load_calibration_is_calibration_load(cals, tmp_path):
+    net, cal = cals[0], cals[1]["mse"]
+    path = saved(tmp_path, cal)
+    back = load_calibration(path, net)
+    assert isinstance(back, Calibration) and (back.method, back.names) == ("mse", NAMES)
+    np.testing.assert_array_equal(back.images, cal.images)
+    assert load_calibration(path).range(NAMES[1], 4) == cal.range(NAMES[1], 4)
+    other = Sequential(Conv2d(1, 2, (2, 1)), ReLU(), Flatten(), Linear(12, 4))
+    with pytest.raises(FileFormatError):  # the network is passed on: a mismatch is refused
+        load_calibration(path, other)
+
+
 def test_a_model_file_is_not_a_calibration(cals, tmp_path):
     io.save_model(cals[0], tmp_path / "m.safetensors")
     assert refusal(tmp_path / "m.safetensors") == ("not a calibration file", "kind=calibration", "kind=fp32")
@@ -153,6 +173,8 @@ def test_the_architecture_must_name_its_layers_and_match_the_network(cals, tmp_p
     ({"seed": True}, ("calibration field seed", f"an integer in 0..{MAX_SEED}", "True")),
     ({"seed": 1.0}, ("calibration field seed", f"an integer in 0..{MAX_SEED}", "1.0")),
     ({"observers": None}, ("metadata 'observers' missing", None, None)),
+    ({"method": "m" * 300}, ("calibration field method",  # a long value is cut at 120 characters
+                             "one of ['ema', 'entropy', 'minmax', 'mse', 'percentile']", "m" * 120)),
 ])
 def test_metadata_refusals(cals, tmp_path, meta, expected):
     path = rewrite(saved(tmp_path, cals[1]["minmax"]), meta)

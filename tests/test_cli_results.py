@@ -111,3 +111,12 @@ def test_a_quantized_model_runs_only_at_its_own_precision():
     fp32 = SimpleNamespace()
     for requested in (None, "fp32"):
         assert cli._model_at_precision(fp32, SimpleNamespace(precision=requested, model="bundled")) is fp32
+
+
+def test_eval_refuses_a_dataset_the_model_cannot_score_naming_it(capsys, tmp_path):
+    # 1x20x24 images for LeNet-5 (1x28x28): one error line naming the --dataset, no figures
+    npz = tmp_path / "small.npz"
+    np.savez(npz, images=np.zeros((3, 1, 20, 24), np.uint8), labels=np.array([0, 1, 2]))
+    code, out, err = run(capsys, "eval", "--dataset", str(npz), "--json")
+    assert code != 0 and out == ""
+    assert f"--dataset {npz}: images are (1, 20, 24) (C, H, W), the model expects (1, 28, 28)" in err

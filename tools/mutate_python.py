@@ -74,7 +74,10 @@ MODULES = {
                               "_calibration_field", "_observer_specs", "_check_observer_state",
                               "read_calibration"}), []),
     # empirical bias correction and the weighted stages it corrects (quant/quantize.py)
-    "bias-correction": ("microcnn/quant/quantize.py", ["tests/test_bias_correction_exact.py"],
+    # the output-chosen weight range (_closer, _output_error) and BatchNorm folding have their own files
+    "bias-correction": ("microcnn/quant/quantize.py", ["tests/test_bias_correction_exact.py",
+                                                       "tests/test_weight_range_choice.py",
+                                                       "tests/test_quant_graph.py"],
                         ("<module>", "quantize_weight", "quantize", "check_layers", "folded_weighted",
                          "_Builder.__init__",
                          "_Builder._tensor_before", "_Builder._quantized", "_Builder._output_quant",
@@ -119,6 +122,8 @@ MODULES = {
 # module -> {mutant key: why no input can tell the mutant from the original}
 _DEAD_ZP_GUARD = ("the zero point of a channel with scale <= 0 is never returned: any such scale raises "
                   "InputError two lines later, and the final astype(np.int32) does the conversion")
+_ZERO_BINS = ("the histogram total also takes the bins that hold 0: they add 0 (negative counts were refused "
+              "the line before)")
 _PARITY = ("only the parity of this value is ever used (``% 2``), and a - b has the parity of a + b "
            "(NumPy's remainder of a negative number by 2 is 0 or 1, as Python's)")
 EQUIVALENT: dict[str, dict[str, str]] = {
@@ -149,6 +154,10 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             "Sequential.names and Sequential.layers always have the same length (names are made per layer)",
         "calibrate: Gt->GtE in len(x) > samples":
             "with len(x) == samples the sorted choice of all indices is the identity: the same images",
+    },
+    "calibration-files": {
+        "_check_observer_state: Gt->GtE in pos > 0": _ZERO_BINS,
+        "_check_observer_state: Gt->GtE in neg > 0": _ZERO_BINS,
     },
     "rounding": {
         "_adaround: And->Or in job.x_quant is not None and job.x_float is not None":
