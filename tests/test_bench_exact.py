@@ -340,6 +340,16 @@ def test_run_with_a_thread_list_measures_the_tables_at_its_first_count(world, th
                                             startup=False, quiet=True)
 
 
+def test_run_prints_the_threads_table_and_its_default_repeats(world, thread_clock, timers, capsys):
+    bench.run("bundled", samples=5, threads=[2, 3], precisions=["fp32"], startup=False)
+    out = capsys.readouterr().out
+    assert "\nThreads (batched, 5 images; Scaling = time at 2 / time):\n" in out
+    assert out.rstrip().endswith("1.56")  # the last row: 2.5 / 1.6 at 3 threads
+    timers.clear()
+    bench.threads_table({"fp32": models()["fp32"]}, IMAGES, [1])
+    assert [c[2] for c in timers if c[0] == "median"] == [5]
+
+
 def test_run_refuses_images_the_model_cannot_score_naming_the_dataset(world):
     odd = Model([0] * 5, 4000, 0.02, 0.004)
     odd.input_shape = (1, 32, 32)

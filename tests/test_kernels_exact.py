@@ -125,6 +125,19 @@ def test_cache_folder_is_inside_numba_cache_dir_and_keyed_on_the_width(tmp_path,
         assert folder.startswith(str(tmp_path) + "/") and folder.endswith(f"-simd{width}")
 
 
+def test_cache_folder_is_keyed_on_vnni_use(tmp_path, monkeypatch):
+    # MICROCNN_VNNI=0 on VNNI hardware must not load the vpdpbusd code cached by a default run
+    from numba.core import config
+
+    folders = {}
+    for vnni in (False, True):
+        monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path))  # restored after the test
+        simd._cache_folder(16, vnni)
+        folders[vnni] = config.CACHE_DIR
+    assert folders[True].endswith("-simd16-vnni") and folders[False].endswith("-simd16")
+    assert folders[True] == folders[False] + "-vnni"
+
+
 @pytest.mark.parametrize(("hardware", "requested", "expected"),
                          [(8, "16", 8), (8, "0", 0), (16, "8", 8), (8, "", 8), (16, "12", 16), (0, "16", 0)])
 def test_microcnn_simd_can_only_lower_the_hardware_width(monkeypatch, hardware, requested, expected):

@@ -11,7 +11,7 @@ import pytest
 from microcnn.errors import InputError
 from microcnn.quant import calibrate, quantize
 from microcnn.quant.qlayers import QConv2d, QLinear
-from microcnn.quant.quantize import quantize_bias, quantize_weight
+from microcnn.quant.quantize import _closer, quantize_bias, quantize_weight
 from tests.test_bias_correction_exact import _nets
 from tests.test_quant_kernels import conv_acc_ref
 from tests.test_quant_network import simulate
@@ -103,3 +103,34 @@ def test_gptq_and_other_clippings_keep_their_own_range():
     with pytest.raises(InputError, match=r"weight_clipping: expected one of \('output', 'mse', 'minmax', "
                                          r"'full'\), found 'best'"):
         quantize(net, cal, 4, 8, weight_clipping="best")
+
+
+def _candidate(fill, zero_points):
+    """(codes (3, 2, 1, 2), per-row scale, per-row zero point or None) with recognisable values."""
+    zp = None if zero_points is None else np.asarray(zero_points, np.int32)
+    return np.full((3, 2, 1, 2), fill, np.int8), np.full(3, fill / 10, np.float32), zp
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_closer_takes_each_row_from_the_smaller_error_and_ties_keep_the_first(asymmetric):
+    first = _candidate(1, [4, 5, 6] if asymmetric else None)
+    second = _candidate(2, [-4, -5, -6] if asymmetric else None)
+    errors = [np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 1.0])]  # row 1 is a tie
+    codes, scale, zp = _closer(first, second, errors, per_channel=True)
+    assert codes.dtype == np.int8 and codes.shape == (3, 2, 1, 2)
+    np.testing.assert_array_equal(codes[:, 0, 0, 0], [1, 1, 2])
+    assert (codes == codes[:, :1, :1, :1]).all()  # whole rows, every position
+    np.testing.assert_array_equal(scale, np.float32([0.1, 0.1, 0.2]))
+    if asymmetric:
+        assert zp.dtype == np.int32
+        np.testing.assert_array_equal(zp, [4, 5, -6])
+    else:
+        assert zp is None
+
+
+def test_closer_per_tensor_takes_the_whole_quantization_with_the_smaller_sum_ties_keep_the_first():
+    first, second = _candidate(1, None), _candidate(2, None)
+    tie = [np.array([1.0, 3.0]), np.array([2.0, 2.0])]
+    assert _closer(first, second, tie, per_channel=False) is first
+    assert _closer(first, second, [np.array([1.0, 3.0]), np.array([2.0, 1.9])], per_channel=False) is second
+    assert _closer(first, second, [np.array([1.0, 0.0]), np.array([0.0, 1.5])], per_channel=False) is first

@@ -69,6 +69,7 @@ SAME_TESTS = (EXACT + "::test_same_bits_sees_a_difference_in_any_position",
               EXACT + "::test_same_bits_refuses_different_sizes_with_the_same_leading_dimension")
 LINALG_TESTS = (PORT + "::test_fixed_order_linear_algebra_matches_numpy", EXACT)
 SIMD_TESTS = (EXACT + "::test_cache_folder_is_inside_numba_cache_dir_and_keyed_on_the_width",
+              EXACT + "::test_cache_folder_is_keyed_on_vnni_use",
               EXACT + "::test_microcnn_simd_can_only_lower_the_hardware_width",
               PORT + "::test_numba_cache_folder_follows_every_kernel_source",
               PORT + "::test_each_lowered_simd_width_gets_its_own_numba_cache")
