@@ -390,3 +390,17 @@ def test_a_fitted_input_is_bounded_at_exactly_the_limit_before_the_layer_runs():
     net = Sequential(Conv2d(82_700, 1, (31, 1), padding=(1, 0), bias=False))
     assert 82_700 * 28 * 28 <= LIMIT
     assert default_refusal(net) == ("0 (Conv2d)", "[82700, 28, 28]", 82_700 * 29 * 28)
+
+
+def test_read_model_state_reads_a_graphs_file(tmp_path):
+    from microcnn.graph import Add, Graph
+
+    rng = np.random.default_rng(3)
+    g = Graph([("conv", Conv2d(1, 2, (3, 2), padding=(1, 0), rng=rng), ["x"]), ("relu", ReLU(), ["conv"]),
+               ("res", Add(), ["conv", "relu"]), ("flat", Flatten(), ["res"]),
+               ("fc", Linear(2 * 5 * 3, 3, rng=rng), ["flat"])],
+              inputs="x", outputs="fc", input_shape=(1, 5, 4))
+    io.save_model(g, tmp_path / "g.safetensors")
+    tensors = io.read_model_state(tmp_path / "g.safetensors")
+    assert sorted(tensors) == ["conv.bias", "conv.weight", "fc.bias", "fc.weight"]
+    np.testing.assert_array_equal(tensors["conv.weight"], g.state_dict()["conv.weight"])

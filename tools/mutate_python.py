@@ -122,6 +122,8 @@ MODULES = {
 # module -> {mutant key: why no input can tell the mutant from the original}
 _DEAD_ZP_GUARD = ("the zero point of a channel with scale <= 0 is never returned: any such scale raises "
                   "InputError two lines later, and the final astype(np.int32) does the conversion")
+_EVERY_LAYER_HAS_PADDING = ("the getattr default is never used: Conv2d, MaxPool2d and AvgPool2d, the only "
+                            "layers that reach it, all set self.padding")
 _ZERO_BINS = ("the histogram total also takes the bins that hold 0: they add 0 (negative counts were refused "
               "the line before)")
 _PARITY = ("only the parity of this value is ever used (``% 2``), and a - b has the parity of a + b "
@@ -242,6 +244,8 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             "below the bound",
     },
     "io-files": {
+        "_fit_input: 0->1 in (0, 0)": _EVERY_LAYER_HAS_PADDING,
+        "_fit_input: 0->1 in (0, 0) #2": _EVERY_LAYER_HAS_PADDING,
         "check_weights: And->Or in arr.dtype.itemsize > 4 and arr.dtype.kind == 'f' and arr.size":
             "its callers pass tensors read from safetensors (the dtypes of io._DTYPES): entering the range "
             "check for an F16/F32, integer or bool tensor cannot refuse it, since no such value exceeds "
