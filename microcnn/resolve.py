@@ -99,6 +99,8 @@ def _npz_headers(path) -> dict:
                                           "holds",
                                           f"<= {min(MAX_NPZ_BYTES, info.file_size)} bytes", f"{need} bytes")
                 out[info.filename[:-4]] = (tuple(shape), dtype)
+    except FileFormatError:  # a ValueError too: ours already names the array, not to be wrapped again
+        raise
     except (zipfile.BadZipFile, ValueError, EOFError) as exc:
         raise FileFormatError(path, f"not a readable .npz file ({exc})") from None
     return out
