@@ -47,20 +47,20 @@ def headline_table(models: dict, images, labels, repeats: int = 5, threads: int 
 
 
 def threads_table(models: dict, images, threads: list[int], repeats: int = 5) -> pd.DataFrame:
-    """Batched inference time per precision and thread count: Precision, Threads, Time (ms), and the
-    Scaling against the first thread count (time at threads[0] / time here), measured side by side.
-    Thread counts are capped by NUMBA_NUM_THREADS (the CLI refuses larger ones)."""
+    """Batched time per precision and thread count (at most NUMBA_NUM_THREADS): Precision, Threads, Time
+    (ms), Scaling (time at threads[0] / time). The counts take turns, a run untimed (waking idle cores) then
+    one timed per round; a time is the median of its rounds, so a slow spell hits all counts alike."""
     rows = []
     for name, model in models.items():
-        first = None
+        seconds: dict[int, list[float]] = {t: [] for t in threads}
+        for _ in range(max(1, repeats)):
+            for t in threads:
+                with pinned_threads(t):  # (mypy cannot type the defaulted lambda: see headline_table)
+                    seconds[t].append(median_time(lambda m=model: m.predict(images, batch_size=len(images)),  # type: ignore[misc]
+                                                  1, warmup=1))
         for t in threads:
-            with pinned_threads(t):
-                # mypy cannot type this defaulted-parameter lambda (see headline_table)
-                seconds = median_time(lambda m=model: m.predict(images, batch_size=len(images)),  # type: ignore[misc]
-                                      repeats)
-            first = first or seconds
-            rows.append({"Precision": name.upper(), "Threads": t, "Time (ms)": seconds * 1e3,
-                         "Scaling": first / seconds})
+            rows.append({"Precision": name.upper(), "Threads": t, "Time (ms)": np.median(seconds[t]) * 1e3,
+                         "Scaling": np.median(seconds[threads[0]]) / np.median(seconds[t])})
     return pd.DataFrame(rows)
 
 

@@ -6,29 +6,16 @@ duration (``threads``), so ratios measured side by side in one process are compa
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from .kernels.threads import pinned_threads
 
-@contextlib.contextmanager
-def pinned_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with Numba (and BLAS, via env for children) limited to ``threads``."""
-    import numba
-
-    if threads is None:
-        yield
-        return
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
+__all__ = ["batch1_latency", "median_time", "pinned_threads"]
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:

@@ -298,11 +298,11 @@ def thread_clock(monkeypatch, timers):
         pinned.append(t)
         yield
 
-    def median_time(fn, repeats):
+    def median_time(fn, repeats, warmup=1):
         model = fn.__defaults__[0]
         fn()
-        timers.append(("median", model, repeats, pinned[-1]))
-        return model.seconds / SPEED[pinned[-1]]
+        timers.append(("median", model, repeats, pinned[-1], warmup))
+        return model.seconds / SPEED[pinned[-1]] * SLOW_SPELL.get(len(timers), 1.0)
 
     monkeypatch.setattr(bench, "pinned_threads", pinned_threads)
     monkeypatch.setattr(bench, "median_time", median_time)
@@ -310,27 +310,41 @@ def thread_clock(monkeypatch, timers):
 
 
 SPEED = {1: 1.0, 2: 1.6, 3: 2.5}
+SLOW_SPELL: dict = {}  # timer call number -> a factor, for a slow spell of the machine
 
 
-def test_threads_table_times_each_precision_at_each_count_against_the_first(thread_clock, timers):
+def test_threads_table_times_each_count_in_turn_against_the_first(thread_clock, timers, monkeypatch):
     ms = models()
+    # the second round's run at 1 thread (call 5 of 12 for fp32) and the third round's at 3 (call 21:
+    # int8's 9th) come 10x slow: one run in a round of four, which the median over rounds drops
+    monkeypatch.setitem(SLOW_SPELL, 5, 10.0)
+    monkeypatch.setitem(SLOW_SPELL, 21, 10.0)
     table = bench.threads_table({"fp32": ms["fp32"], "int8": ms["int8"]}, IMAGES[:4], [2, 1, 3], repeats=4)
     assert list(table.columns) == ["Precision", "Threads", "Time (ms)", "Scaling"]
     assert table["Precision"].tolist() == ["FP32"] * 3 + ["INT8"] * 3
-    assert table["Threads"].tolist() == [2, 1, 3, 2, 1, 3] and thread_clock == [2, 1, 3, 2, 1, 3]
+    assert table["Threads"].tolist() == [2, 1, 3, 2, 1, 3]
+    assert thread_clock == [2, 1, 3] * 8  # the counts take turns, round by round, 4 rounds per model
     seconds = [0.02] * 3 + [0.005] * 3
     np.testing.assert_allclose(table["Time (ms)"],
                                [s / SPEED[t] * 1e3 for s, t in zip(seconds, [2, 1, 3] * 2, strict=True)])
     np.testing.assert_allclose(table["Scaling"], [SPEED[t] / SPEED[2] for t in [2, 1, 3] * 2])
-    assert {c[2] for c in timers if c[0] == "median"} == {4}
-    assert ms["fp32"].batch_sizes == [4, 4, 4]  # batched: the whole set in one call
+    calls = [c for c in timers if c[0] == "median"]
+    assert {c[2] for c in calls} == {1}  # one timed run per call
+    assert [c[4] for c in calls] == [1] * 24  # an untimed run before each timed one: idle cores are woken
+    assert ms["fp32"].batch_sizes == [4] * 12  # batched: the whole set in one call
+
+
+def test_threads_table_takes_one_round_at_least(thread_clock, timers):
+    table = bench.threads_table({"fp32": models()["fp32"]}, IMAGES[:4], [1, 2], repeats=0)
+    assert thread_clock == [1, 2] and [c[4] for c in timers if c[0] == "median"] == [1, 1]
+    np.testing.assert_allclose(table["Time (ms)"], [20, 20 / 1.6])
 
 
 def test_run_with_a_thread_list_measures_the_tables_at_its_first_count(world, thread_clock):
     report = bench.run("bundled", samples=5, threads=[2, 3], repeats=2, precisions=["fp32", "int8"],
                        startup=False, quiet=True)
-    # the thread count query and the headline at 2, then the scaling table: each precision at 2 and at 3
-    assert thread_clock == [2, 2, 2, 3, 2, 3]
+    # the thread count query and the headline at 2, then the scaling table: 2 rounds of (2, 3) per precision
+    assert thread_clock == [2, 2] + [2, 3] * 4
     assert [r["precision"] for r in report["threads_table"]] == ["fp32", "fp32", "int8", "int8"]
     assert [r["threads"] for r in report["threads_table"]] == [2, 3, 2, 3]
     np.testing.assert_allclose([r["scaling"] for r in report["threads_table"]], [1, 2.5 / 1.6] * 2)
@@ -347,7 +361,7 @@ def test_run_prints_the_threads_table_and_its_default_repeats(world, thread_cloc
     assert out.rstrip().endswith("1.56")  # the last row: 2.5 / 1.6 at 3 threads
     timers.clear()
     bench.threads_table({"fp32": models()["fp32"]}, IMAGES, [1])
-    assert [c[2] for c in timers if c[0] == "median"] == [5]
+    assert [c[2] for c in timers if c[0] == "median"] == [1] * 5  # 5 rounds by default
 
 
 def test_run_refuses_images_the_model_cannot_score_naming_the_dataset(world):

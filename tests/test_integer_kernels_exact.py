@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from microcnn.kernels import integer as ki
-from tests.test_quant_kernels import conv_acc_ref
+from tests.test_quant_kernels import conv_acc_ref, requant_ref
 
 RNG = np.random.default_rng(1919)
 
@@ -66,3 +66,27 @@ def test_conv_with_kernel_taller_than_a_word_and_horizontal_stride(c):
     geo = ki.QConvGeometry(5, 3, 1, 2, 1, 1, 1, 1, 1, 1)
     ki.conv2d_packed(x, ki.pack_conv(w, bias, 1, zp), geo, rq, np.empty((0,) * 4, np.uint8), out_f)
     np.testing.assert_array_equal(out_f.astype(np.int64), acc)
+
+
+@pytest.mark.parametrize("qw", [7, 8, 9, 16, 17])
+@pytest.mark.parametrize("qh", [1, 2, 3])
+def test_pooled_rows_requantized_two_at_a_time_or_one(qw, qh):
+    """Fixed-point output of a conv with a fused 2x2 pool: pooled rows of 8 outputs or fewer go two per
+    vector call (8 bytes each, the second stored over the first's spill), wider ones one per call; an
+    odd last row, and a pair whose 8-byte store would pass the image's end, take the one-row call."""
+    rng = np.random.default_rng(100 * qh + qw)
+    n, c, o, zp = 2, 2, 3, 5
+    x = rng.integers(0, 256, (n, c, 2 * qh + 2, 2 * qw + 2)).astype(np.uint8)  # 3x3 kernel, no padding
+    w = rng.integers(-128, 128, (o, c, 3, 3)).astype(np.int8)
+    bias = rng.integers(-5000, 5000, o).astype(np.int32)
+    acc = conv_acc_ref(x, zp, w, bias, (1, 1), (0, 0), ((2, 2), (2, 2)))
+    assert acc.shape == (n, o, qh, qw)
+    m0 = rng.integers(2**30, 2**31, o).astype(np.int32)
+    shift = np.full(o, 40, np.int32)
+    out_q = np.zeros(acc.shape, np.uint8)
+    rq = ki.requant_params(m0, shift, np.ones(o), ki.MODE_FIXEDPOINT, 128, 0, 255)
+    geo = ki.QConvGeometry(3, 3, 1, 1, 0, 0, 2, 2, 2, 2)
+    ki.conv2d_packed(x, ki.pack_conv(w, bias, 1, zp), geo, rq, out_q, np.empty((0,) * 4, np.float32))
+    ref = requant_ref(acc, m0[None, :, None, None], shift[None, :, None, None], 128, 0, 255)
+    assert len(np.unique(ref)) > 10  # the rule is exercised, not one clamped value
+    np.testing.assert_array_equal(out_q, ref)

@@ -153,7 +153,7 @@ def test_conv_every_layout_bit_exact_at_extreme_zero_points(geometry, zp):
 
 def test_codes_above_the_stage_range_are_clamped_to_it():
     """A 4-bit stage reads codes 0..15; anything above is clamped (so the int32 bound holds)."""
-    x = RNG.integers(0, 256, (2, 3, 6, 6)).astype(np.uint8)
+    x = RNG.integers(0, 256, (ki.SMALL_ROWS + 1, 3, 6, 6)).astype(np.uint8)
     w = RNG.integers(-8, 8, (4, 3, 3, 3)).astype(np.int8)
     bias = np.zeros(4, np.int32)
     acc = conv_acc_ref(np.minimum(x, 15), 7, w, bias, (1, 1), (1, 1))
@@ -162,9 +162,9 @@ def test_codes_above_the_stage_range_are_clamped_to_it():
                      ki.requant_params(np.zeros(4), np.ones(4), np.ones(4), ki.MODE_DEQUANT, 0, *NO_CLAMP),
                      np.empty((0,) * 4, np.uint8), out_f)
     np.testing.assert_array_equal(out_f.astype(np.int64), acc)
-    flat = x.reshape(2, -1)
+    flat = x.reshape(len(x), -1)
     wl = RNG.integers(-8, 8, (5, flat.shape[1])).astype(np.int8)
-    for n in (1, 2):  # both dense layouts
+    for n in (1, ki.SMALL_ROWS + 1):  # both dense layouts: one row at a time, and rows along the lanes
         got = _dense(flat[:n], 7, wl, np.zeros(5, np.int32), ki.MODE_DEQUANT, np.zeros(5), np.ones(5),
                      np.ones(5), 0, *NO_CLAMP, qmax=15)
         np.testing.assert_array_equal(got.astype(np.int64),

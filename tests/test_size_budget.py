@@ -57,7 +57,10 @@ TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "s
 # horizontal words of the integer convolution -- INT8 batched from ~0.8x to ~0.5x of FP32's time.
 # engine +250 (issue 13, batched FP32 speed): the channel-blocked convolution micro-kernel with its
 # in-register transpose (kernels/conv_blocked.py, +222) and the global average pooling fast path.
-BUDGET = {"engine": 9550, "quant": 3300, "tools": 3400}  # engine: 5,900 + the seven raises above
+# engine +100 (issue 15, threads15, +45 lines net): kernels/threads.py, the batch cut into one slice per
+# thread once per model call (the integer kernels' per-layer thread pool and pinned_threads moved into
+# it) -- two threads from 1.3-1.6x to 1.8-1.9x one thread on LeNet.
+BUDGET = {"engine": 9650, "quant": 3300, "tools": 3400}  # engine: 5,900 + the eight raises above
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 
 

@@ -418,6 +418,22 @@ def test_all_finite_sees_nan_and_both_infinities():
             assert not elementwise.all_finite(y)
 
 
+def test_all_finite_at_block_edges_and_the_extremes_of_float32():
+    """The check runs on the bits in blocks of 4,096: a bad value at either side of a block boundary or
+    in the short last block is seen; the largest finite magnitudes, subnormals and -0.0 are finite."""
+    info = np.finfo(np.float32)
+    x = np.zeros(3 * 4096 + 5, np.float32)
+    x[[1, 4095, 4096, 8191, 8192, len(x) - 1]] = [info.max, -info.max, info.tiny / 8, -0.0, info.tiny, -1.0]
+    assert elementwise.all_finite(x)
+    assert elementwise.all_finite(x[:0])
+    nan_payloads = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF], np.uint32).view(np.float32)
+    for bad in (np.inf, -np.inf, *nan_payloads):
+        for where in (0, 4095, 4096, 8191, 8192, len(x) - 1):
+            y = x.copy()
+            y[where] = bad
+            assert not elementwise.all_finite(y), (hex(np.float32(bad).view(np.uint32)), where)
+
+
 def test_relu_backward_at_zero_passes_no_gradient():
     x = np.array([-2.0, -0.0, 0.0, 1e-30, 3.0], np.float32)
     t = Tensor(x, True)

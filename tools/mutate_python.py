@@ -88,6 +88,8 @@ MODULES = {
                   "tests/test_quant_rounding.py"], (),
                  ["-k", "not improves_a_4bit_network"]),
     "jsonutil": ("microcnn/jsonutil.py", ["tests/test_jsonutil_exact.py"], (), []),
+    # kernels/threads.py: the batch split across threads and the thread pool of the integer kernels
+    "threads": ("microcnn/kernels/threads.py", ["tests/test_threads.py"], (), []),
     # cli.py: only the functions that build what the commands report (results, precision)
     "cli": ("microcnn/cli.py", ["tests/test_cli_results.py"],
             _all_but("microcnn/cli.py", {"_stored_precision", "_precision_of", "_model_at_precision",

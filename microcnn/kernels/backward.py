@@ -41,7 +41,7 @@ def window_offsets(c_in, kh, kw, hp, wp, dh=1, dw=1) -> np.ndarray:
     return ((c * hp + ky * dh) * wp + kx * dw).reshape(-1).astype(np.int64)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def window_scatter_acc(at, g, offs, dst):
     """dst[offs[r] + q] += sum_i at[r, i] * g[i, q]: the GEMM at @ g fused with col2im, which adds
     each column entry back onto the padded-image pixel it was read from."""
@@ -63,7 +63,7 @@ def window_scatter_acc(at, g, offs, dst):
                 d[q] += ai * gi[q]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _backward_images(x, w2t, dy, offs, geom, need_dx, n0, n1, dw, db, dx):
     """Add images n0..n1-1's weight and bias gradients into dw (O, K) and db (O,); write their dx.
     ``w2t`` (groups, K, O / groups): each group's weights transposed; group g's rows of dy read and
@@ -104,7 +104,7 @@ def _backward_images(x, w2t, dy, offs, geom, need_dx, n0, n1, dw, db, dx):
                         dst[xx] = src[xx + pw]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _backward_parallel(x, w2t, dy, offs, geom, need_dx, dw_parts, db_parts, dx):
     n, nchunks = x.shape[0], dw_parts.shape[0]
     for t in prange(nchunks):
@@ -143,7 +143,7 @@ def conv2d_backward(x, w, dy, geom, need_dx):
     return dx, dw.reshape(w.shape), db
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def linear_backward(dy, x, w, need_dx):
     """Gradients of y = x @ w.T + b: (dx (N, in) or an empty array, dw (out, in), db (out,)),
     as two GEMMs with the blocked inference kernel."""

@@ -82,7 +82,7 @@ def conv_output_shape(h, wd, geom) -> tuple[int, int]:
 # -- naive -------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _naive(x, w, b, geom):
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
@@ -118,7 +118,7 @@ def conv2d_naive(x, w, b, sh=1, sw=1, ph=0, pw=0, dilation=(1, 1), groups=1):
 # -- im2col ------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pad_into(x, i, ph, pw, buf):
     """Copy image i of x into the interior of buf (C, H + 2ph, W + 2pw); the border is left as is."""
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
@@ -130,7 +130,7 @@ def pad_into(x, i, ph, pw, buf):
                 d[q] = s[q]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _im2col_fill(src, geom, oh, ow, dst, col0, rstride):
     """dst[(c*kh + u)*kw + v, col0 + r*rstride + q] = src[c, r*sh + u*dh, q*sw + v*dw] for one (padded)
     image src (C, Hp, Wp), r < oh, q < ow. Any dtype; dst must have src's dtype."""
@@ -152,7 +152,7 @@ def _im2col_fill(src, geom, oh, ow, dst, col0, rstride):
                             d[q] = s_row[q * sw + v * dw]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def im2col(x, kh, kw, sh, sw, ph, pw, pad_value=0):
     """Patch matrix of a batch, for any dtype (float32, int8, uint8, ...).
 
@@ -195,7 +195,7 @@ def use_packed(o, groups) -> bool:
     return groups == 1 or o // groups >= PACK_ROWS
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _phases_into(x, i, ph, pw, sh, sw, buf):
     """Image i of x, zero-padded by (ph, pw), as its sh*sw phases: buf[(a*sw + e)*C + c, r, q] =
     padded[c, r*sh + a, q*sw + e], 0 outside the padded image (every cell is written)."""
@@ -221,7 +221,7 @@ def _phases_into(x, i, ph, pw, sh, sw, buf):
                         dr[q] = s[q * sw + e - pw]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     """y[n] = conv(x[n]) + b for n0 <= n < n1, one GEMM per image and group, then ReLU when ``relu``,
     then max pooling when ``pool`` (a ``pool.PoolGeometry``) has a window (kh > 0) -- both on the GEMM's
@@ -307,7 +307,7 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
                             dst[q] = src[q]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _im2col_batch(x, w2, packed, b, geom, pool, relu):
     """``im2col_images`` over the whole batch into a new array (allocated here: one dispatch less)."""
     n, h, wd = x.shape[0], x.shape[2], x.shape[3]
@@ -321,7 +321,7 @@ def _im2col_batch(x, w2, packed, b, geom, pool, relu):
     return y
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _im2col_parallel(x, w2, packed, b, geom, pool, relu, y, nchunks):
     n = x.shape[0]
     for t in prange(nchunks):
@@ -477,13 +477,13 @@ def winograd_group_size(c, o, h, wd, ph, pw, m, r) -> int:
     return int(max(1, _WINOGRAD_BUDGET // (per_column * tiles)))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _axpy(dst, coef, src):
     for t in range(dst.size):
         dst[t] += coef * src[t]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _winograd_images(x, u, b, ph, pw, m, at, bt, y, n0, n1, group):
     """y[n0:n1] by F(m x m, r x r), ``group`` images at a time.
 
@@ -570,7 +570,7 @@ def _winograd_images(x, u, b, ph, pw, m, at, bt, y, n0, n1, group):
                                 dst_row[j + tx * m] = seg[tx]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _winograd_parallel(x, u, b, ph, pw, m, at, bt, y, group, nchunks):
     n = x.shape[0]
     for t in prange(nchunks):
@@ -639,7 +639,7 @@ def fft_weights(w, shape) -> np.ndarray:
     return np.ascontiguousarray(wf.reshape(o, c, -1), dtype=np.complex64)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _spectral_products(xf, wf, yf):
     """yf[n, o, :] = sum_c xf[n, c, :] * wf[o, c, :] (complex64; frequencies innermost).
 

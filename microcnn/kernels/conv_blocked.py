@@ -184,7 +184,7 @@ def _make_move() -> Any:
 _move = _make_move()
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pack_blocks(w2, bias):
     """Weights (O, K) and bias (O,) as ceil(O / BLOCK) blocks of BLOCK channels, k-major: (blocks, K,
     BLOCK) and (blocks, BLOCK), channels past O zero. The layout the micro-kernel reads."""
@@ -200,7 +200,7 @@ def pack_blocks(w2, bias):
     return packed, padded
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def blocked_images(x, w2, b, geom, pool, relu, y, n0, n1):
     """y[n] = conv(x[n]) + b for n0 <= n < n1 (``geom`` a ``conv.ConvGeometry`` that ``use_blocked``
     accepts), then ReLU when ``relu``, then max pooling when ``pool`` (a ``pool.PoolGeometry``) has a

@@ -4,17 +4,26 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def all_finite(x) -> bool:
-    """Whether no value is NaN or +-Inf; one pass with no temporary (np.isfinite(x).all() allocates a
-    mask, which costs more than the whole check at batch 1)."""
-    for i in range(x.size):
-        if not np.isfinite(x[i]):
+    """Whether no value of the flat float32 array x is NaN or +-Inf, one pass with no temporary.
+
+    A float32 is NaN or Inf exactly when its 8 exponent bits are all ones; adding 1 to the exponent
+    field then carries into bit 31, and nowhere else does. OR-ing those sums is an integer reduction
+    that vectorises, unlike a float test with an early exit (5x slower on MNIST batches); blocks of
+    4,096 keep an early answer for a bad value near the start."""
+    bits = x.view(np.uint32)
+    for start in range(0, bits.size, 4096):
+        block = bits[start:start + 4096]
+        carry = np.uint32(0)
+        for i in range(block.size):
+            carry |= (block[i] & np.uint32(0x7F800000)) + np.uint32(0x00800000)
+        if carry >= np.uint32(0x80000000):
             return False
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def relu(x):
     out = np.empty_like(x)
     for i in range(x.size):
@@ -23,7 +32,7 @@ def relu(x):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def relu_inplace(x):
     for i in range(x.size):
         if x[i] < 0:
@@ -31,7 +40,7 @@ def relu_inplace(x):
     return x
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def relu_backward(dy, y):
     dx = np.empty_like(dy)
     for i in range(dy.size):
@@ -43,7 +52,7 @@ def relu_backward(dy, y):
 CLAMP, LEAKY_RELU, TANH = 0, 1, 2
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def activation(x, kind, a, b):
     """Elementwise ``kind``: CLAMP min(max(x, a), b) (ReLU6: a = 0, b = 6), LEAKY_RELU x or a * x for
     x <= 0, TANH one C-library tanhf per value (NumPy's own SIMD loops give other last bits on other
@@ -61,7 +70,7 @@ def activation(x, kind, a, b):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def activation_backward(dy, saved, kind, a, b):
     """The gradient of ``activation``: ``saved`` is its input for CLAMP (dy where a < x < b, as PyTorch's
     hardtanh_backward) and LEAKY_RELU, its output y for TANH (dy * (1 - y^2))."""
@@ -77,7 +86,7 @@ def activation_backward(dy, saved, kind, a, b):
     return dx
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def channel_affine(x, scale, shift):
     """y[i, c, t] = x[i, c, t] * scale[c] + shift[c] for (N, C, L) float32 x, in one pass: a product and
     a sum, each rounded (no fused multiply-add), as ``x * scale + shift`` in NumPy."""
@@ -92,7 +101,7 @@ def channel_affine(x, scale, shift):
     return y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def channel_moments(x):
     """Per-channel mean and biased variance of x (N, C, L) in float64, summed in a fixed order (images,
     then positions) and in two passes (the variance sums squared deviations: no cancellation)."""
@@ -114,7 +123,7 @@ def channel_moments(x):
     return mean, var
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def channel_sums(a, b):
     """Per-channel sum(a) and sum(a * b) of (N, C, L) arrays, in float64 and a fixed order: the
     batch norm's gradients of beta and gamma."""
@@ -130,7 +139,7 @@ def channel_sums(a, b):
     return sa, sab
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sigmoid(x):
     # Branch on the sign so exp never overflows: 1/(1+e^-x) for x>=0, e^x/(1+e^x) otherwise.
     out = np.empty_like(x)
@@ -144,7 +153,7 @@ def sigmoid(x):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sigmoid_backward(dy, y):
     dx = np.empty_like(dy)
     for i in range(dy.size):
@@ -152,7 +161,7 @@ def sigmoid_backward(dy, y):
     return dx
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def softmax_rows(x):
     """Softmax over the last axis of a 2-D array, max-shifted so exp never overflows."""
     n, k = x.shape
@@ -172,7 +181,7 @@ def softmax_rows(x):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def log_softmax_rows(x):
     n, k = x.shape
     out = np.empty_like(x)
@@ -189,7 +198,7 @@ def log_softmax_rows(x):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def softmax_rows_backward(dy, y):
     """Gradient through softmax: dx = y * (dy - sum(dy*y)) row by row."""
     n, k = y.shape
@@ -203,7 +212,7 @@ def softmax_rows_backward(dy, y):
     return dx
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def same_bits(a, b) -> bool:
     """Whether the C-contiguous float32 arrays a and b hold the same bits (signed zeros and NaN payloads
     included): how caches of values derived from an array (packed or transformed weights) check that
@@ -223,7 +232,7 @@ def same_bits(a, b) -> bool:
 # across machines). Flat contiguous float64 arrays in, new arrays out.
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def libm_exp(x):
     out = np.empty_like(x)
     for i in range(x.size):
@@ -231,7 +240,7 @@ def libm_exp(x):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def libm_log(x):
     out = np.empty_like(x)
     for i in range(x.size):
@@ -239,7 +248,7 @@ def libm_log(x):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def libm_log1p(x):
     out = np.empty_like(x)
     for i in range(x.size):

@@ -52,7 +52,7 @@ _COL_BLOCK = 1024  # columns of c per pass; long rows amortise each pass's set-u
 _K_BLOCK = 256  # rows of b per pass: a 256 x 1024 block of b (1 MiB) stays in L2
 
 
-@njit(cache=True, fastmath=_CONTRACT)
+@njit(cache=True, nogil=True, fastmath=_CONTRACT)
 def _gemm_acc(a, b, rows, offs, col0, c, ccol0, n, k0, k1):
     """c[i, ccol0:ccol0+n] += sum_{k0<=k<k1} a[i, k] * b[rows[k], offs[k]+col0 : ...+n] for all i.
 
@@ -238,7 +238,7 @@ def pack_rows(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(blocks, PACK_ROWS, kdim).transpose(0, 2, 1))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gemm_packed(packed, b, data, base, offs, out, ncol):
     """out[i, j] = b[i] + sum_k a[i, k] * data[base + offs[k] + j] for i < out.shape[0], j < ncol,
     where ``packed = pack_rows(a)``; the same indirection as ``gemm_acc`` (implicit im2col windows),
@@ -271,7 +271,7 @@ def _gemm_packed(packed, b, data, base, offs, out, ncol):
             j += LANES
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sgemm(a, b):
     """C = A @ B for float32 C-contiguous A (M, K) and B (K, N); our blocked kernel, no BLAS.
 
@@ -394,7 +394,7 @@ _dot_one_set = _make_dot_kernel(1, 1, False)
 _dot_one_add = _make_dot_kernel(1, 1, True)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _window_dots(a, b, offs, c, accumulate):
     """c[i, j] = a[i, :] . b[offs[j] : offs[j] + K] (or += with ``accumulate``) for a (M, K) with
     contiguous rows, b 1-D, c (M, len(offs)) with contiguous rows; each dot product summed in the
@@ -437,14 +437,14 @@ def _window_dots(a, b, offs, c, accumulate):
         i += rows
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gemm_nt(a, bt, c):
     """c[i, j] = a[i, :] . bt[j, :] for a (M, K), bt (N, K), c (M, N), all C-contiguous."""
     kdim = bt.shape[1]
     window_dots(a, bt.reshape(-1), np.arange(bt.shape[0]) * kdim, c, False)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _linear_forward(x, w, b, relu=False):
     """y = x @ w.T + b for x (N, in), w (out, in) in PyTorch layout, b (out,); float32 contiguous;
     with ``relu``, max(y, 0) in the same pass.

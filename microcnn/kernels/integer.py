@@ -42,7 +42,6 @@ any njit code reads raw addresses.
 
 from collections import namedtuple
 
-import numba
 import numpy as np
 from numba import njit
 
@@ -61,9 +60,11 @@ from .qdot import (
     microkernel8,
     requant_row,
     requant_row_pool2,
+    requant_rows_pool2,
 )
 from .shapes import conv_output_size
 from .simd import LANES
+from .threads import in_threads
 
 MODE_FIXEDPOINT = 0  # uint8 output, integer multiplier and shift
 MODE_FLOAT = 1  # uint8 output, float32 multiplier
@@ -83,7 +84,7 @@ QConvGeometry = namedtuple("QConvGeometry", ["kh", "kw", "sh", "sw", "ph", "pw",
 Requant = namedtuple("Requant", ["m0", "shift", "fmult", "mode", "zero_point", "lo", "hi"])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def quantize_u8(x, scale, zero_point, qmax):
     """float32 -> uint8: clamp(rint(x / scale) + zero_point, 0, qmax); x is a flat float32 array.
 
@@ -97,7 +98,7 @@ def quantize_u8(x, scale, zero_point, qmax):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def dequantize_u8(q, scale, zero_point):
     """uint8 -> float32: (q - zero_point) * scale; q is flat."""
     out = np.empty(q.size, np.float32)
@@ -107,7 +108,7 @@ def dequantize_u8(q, scale, zero_point):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def requantize_one(acc, m0, shift, zero_point, lo, hi):
     """Fixed-point requantization of one int32 accumulator (the rule in the module docstring)."""
     y = (np.int64(acc) * np.int64(m0) + (np.int64(1) << (shift - 1))) >> shift
@@ -119,7 +120,7 @@ def requantize_one(acc, m0, shift, zero_point, lo, hi):
     return y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def requantize_float_one(acc, multiplier, zero_point, lo, hi):
     y = np.int64(np.rint(np.float32(acc) * np.float32(multiplier))) + zero_point
     if y < lo:
@@ -129,7 +130,7 @@ def requantize_float_one(acc, multiplier, zero_point, lo, hi):
     return y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def requantize(acc, m0, shift, zero_point, lo, hi):
     """Requantize an (N, O) int32 array with per-column multipliers (m0, shift); returns uint8."""
     n, o = acc.shape
@@ -141,13 +142,13 @@ def requantize(acc, m0, shift, zero_point, lo, hi):
 
 
 # -- weight repacking ---------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _conv_group(c):
     """Channels per word in the implicit im2col (4, 2 or 1); R = 4 // G input rows complete the word."""
     return 4 if c % 4 == 0 else (2 if c % 2 == 0 else 1)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _row_split(group, kh, kw):
     """(row groups in vertical words, rows in horizontal words) of a group-G implicit im2col: the last
     kh % R rows (R = 4 // G) fill a vertical word only partly; they go into horizontal words (G channels x
@@ -160,7 +161,7 @@ def _row_split(group, kh, kw):
     return -(-kh // r_), 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _word_taps(word, cg, g_, kh, kw, ky, kx, dy, dx):
     """The taps of one word of channel group cg: byte s*G + g is tap (cg*G + g, ky + s*dy, kx + s*dx) for
     s < R (vertical words step down the rows, horizontal ones along the columns); -1 outside the kernel."""
@@ -171,7 +172,7 @@ def _word_taps(word, cg, g_, kh, kw, ky, kx, dy, dx):
                 word[s * g_ + g] = ((cg * g_ + g) * kh + y) * kw + x
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def conv_taps(c, kh, kw, sh):
     """Which weight taps (of the flattened (C, KH, KW) kernel) each byte of a word multiplies.
 
@@ -205,7 +206,7 @@ def conv_taps(c, kh, kw, sh):
     return g_, taps
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _block_size(remaining):
     """Micro-kernel width for the next ``remaining`` output channels: 8, 6 (padded with zero-weight channels
     when 7 or 5 remain: one pass over the words beats a 4 + 2 split), 4, 2, 1."""
@@ -218,7 +219,7 @@ def _block_size(remaining):
     return remaining
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def packed_channels(o):
     """Output channels including the zero channels padding the last block (every other block is full)."""
     o0 = 0
@@ -227,7 +228,7 @@ def packed_channels(o):
     return o0 + _block_size(o - o0)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pack_quads(w, taps):
     """The (O, K) int8 weights in micro-kernel order: blocks of ``_block_size`` channels, the block of
     channels o0.. at o0 * W * PAIR_WORDS, inside it [word, channel, PAIR_WORDS] (see ``qdot``)."""
@@ -255,7 +256,7 @@ def pack_quads(w, taps):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pack_lanes(w, taps):
     """The (O, K) int8 weights for ``qdot.dense_kernel``: blocks of DENSE_BLOCK channels (the last padded
     with zero channels), each (W, DENSE_VECTORS, PAIR_WORDS, LANES) -- lane l of vector v is channel
@@ -281,7 +282,7 @@ def pack_lanes(w, taps):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def corrected_bias(w, bias, zero_point):
     """bias[o] - zero_point * sum_k w[o, k], wrapped to int32 (exact modulo 2**32; see the docstring)."""
     o, k = w.shape
@@ -330,7 +331,7 @@ def pack_linear(w, bias, zero_point: int, qmax: int = 255) -> PackedWeights:
 
 
 # -- GEMM and epilogues -----------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc):
     """acc[c, :n] = bias[o0 + c] + sum over words for the ``width`` channels of the block at quads[q0:]
     (channels past the bias are padding: start at 0, computed, never read); position j's words are
@@ -338,9 +339,10 @@ def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc)
 
     acc rows must hold n rounded up to STRIP, and words_flat extend STRIP words past the last word
     read: the last strip computes (and drops) a few positions beyond n."""
-    w_addr = words_flat.ctypes.data + 4 * start
-    o_addr, b_addr = word_off.ctypes.data, quads.ctypes.data + 4 * q0
-    a_addr, stride = acc.ctypes.data, acc.shape[1]
+    # ctypes.data is unsigned: int64 keeps the sums below integers (uint64 + int64 is float64 in Numba)
+    w_addr = np.int64(words_flat.ctypes.data) + 4 * start
+    o_addr, b_addr = np.int64(word_off.ctypes.data), np.int64(quads.ctypes.data) + 4 * q0
+    a_addr, stride = np.int64(acc.ctypes.data), acc.shape[1]
     n_words = word_off.shape[0]
     for c in range(width):
         acc[c, :] = bias[o0 + c] if o0 + c < bias.shape[0] else 0
@@ -358,7 +360,7 @@ def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc)
             microkernel1(wa, o_addr, n_words, b_addr, aa, stride)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _finish(values, o, rq, dst_q, dst_f, start):
     """Write one output channel's values from index start of dst_q (requantized uint8) or of dst_f (real
     value, MODE_DEQUANT: the accumulator clamped to [lo, hi] -- a fused ReLU is lo = 0 -- times the
@@ -374,7 +376,7 @@ def _finish(values, o, rq, dst_q, dst_f, start):
             dst_q[start + j] = requantize_float_one(values[j], f, zero_point, lo, hi)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _max_pool_acc(acc, rs, geo, qh, qw, pooled):
     """Max pooling of one channel's accumulators (output row oy at oy * rs) into pooled (qh * qw)."""
     pkh, pkw, psh, psw = geo.pkh, geo.pkw, geo.psh, geo.psw
@@ -390,36 +392,45 @@ def _max_pool_acc(acc, rs, geo, qh, qw, pooled):
             pooled[qy * qw + qx] = best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _requant_rows(acc, channels, o0, qh, qw, rs, pool2, scratch, rq, dst_q):
     """The fixed-point epilogue of ``channels`` accumulator rows (output row qy at qy * rs, or with
     ``pool2`` the 2x2 / stride 2 maxima of rows 2qy, 2qy + 1) into the uint8 planes of one image, 16
-    outputs per ``qdot.requant_row*`` call. Those read up to 31 values past a row's last output (acc has
-    a spare row: see ``qconv_images``) and store 16 bytes: bytes past an output row are rewritten by the
-    rows after it, and a store that would pass the image's end goes through ``scratch`` (16 bytes)."""
+    outputs per ``qdot.requant_row*`` call (pooled rows of 8 outputs or fewer: two rows per call, 8 bytes
+    each). Those read up to 31 values past a row's last output (acc has a spare row: see
+    ``qconv_images``) and store 16 bytes: bytes past an output row are rewritten by the rows after it,
+    and a store that would pass the image's end goes through ``scratch`` (16 bytes)."""
     step = 2 if pool2 else 1
     width = acc.shape[1]
-    a_addr, d_addr, s_addr = acc.ctypes.data, dst_q.ctypes.data, scratch.ctypes.data
+    # int64, as in _gemm_block: the sums stay integers
+    a_addr, d_addr = np.int64(acc.ctypes.data), np.int64(dst_q.ctypes.data)
+    s_addr = np.int64(scratch.ctypes.data)
     zero_point, lo, hi = rq.zero_point, rq.lo, rq.hi
     for c in range(channels):
         o = o0 + c
         m, sh = np.int64(rq.m0[o]), np.int64(rq.shift[o])
-        for qy in range(qh):
+        qy = 0
+        while qy < qh:
             src = a_addr + 4 * (c * width + step * qy * rs)
             at = (o * qh + qy) * qw
+            if pool2 and 2 * qw <= REQUANT_VALUES and qy + 1 < qh and at + qw + 8 <= dst_q.shape[0]:
+                requant_rows_pool2(src, rs, m, sh, zero_point, lo, hi, d_addr + at, d_addr + at + qw)
+                qy += 2
+                continue
             for q0 in range(0, qw, REQUANT_VALUES):
                 direct = at + q0 + REQUANT_VALUES <= dst_q.shape[0]
                 dst = d_addr + at + q0 if direct else s_addr
                 if pool2:
-                    requant_row_pool2(src + 8 * q0, rs, m, sh, zero_point, lo, hi, dst)
+                    requant_row_pool2(src + 8 * q0, rs, m, sh, zero_point, lo, hi, dst, dst)
                 else:
-                    requant_row(src + 4 * q0, rs, m, sh, zero_point, lo, hi, dst)
+                    requant_row(src + 4 * q0, rs, m, sh, zero_point, lo, hi, dst, dst)
                 if not direct:
                     for j in range(min(REQUANT_VALUES, qw - q0)):
                         dst_q[at + q0 + j] = scratch[j]
+            qy += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f):
     """Write ``channels`` accumulator rows of one image (optionally max-pooled) into its output planes; output
     row oy of an accumulator row starts at oy * rs (rs >= ow: the wide layout computes extra columns).
@@ -446,7 +457,7 @@ def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f)
 
 
 # -- convolution ------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fill_padded(src, qmax, padded, ph, pw):
     """padded[:, ph:ph+h, pw:pw+w] = min(src, qmax) for one image src (C, H, W); padded keeps the zero
     point elsewhere. (Without padding each channel is one flat loop: rows as short as 14 would leave a
@@ -466,7 +477,7 @@ def _fill_padded(src, qmax, padded, ph, pw):
                 d[xx] = min(s[xx], q)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fill_wide(group, padded, hp, words):
     """The wide implicit im2col (stride 1): words[cg, y, xx] byte r*G + g = padded[cg*G + g, y + r, xx]
     for y < hp and every column xx; tap (kq, kx) of output (oy, ox) is word (cg, oy + kq*R, ox + kx), so
@@ -487,7 +498,7 @@ def _fill_wide(group, padded, hp, words):
                     | (np.uint32(f[j]) << 24))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fill_words(group, padded, kw, sw, ow, hp, words):
     """Implicit im2col: words[cg*kw + kx, y*ow + ox] byte r*G + g = padded[cg*G + g, y + r, ox*sw + kx]
     for y < hp (padded has R - 1 extra rows; they meet zero weights)."""
@@ -514,7 +525,7 @@ def _fill_words(group, padded, kw, sw, ow, hp, words):
                                  | (np.uint32(f[t]) << 24))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fill_hwords(group, padded, hp, sw, hwords):
     """Horizontal words: hwords[cg, j, y, ox] byte h*G + g = padded[cg*G + g, y, ox*sw + j*R + h]. The wide
     layout has one plane (j = 0, sw = 1, every column: column group j is an offset of j*R words); the other
@@ -546,7 +557,7 @@ def _fill_hwords(group, padded, hp, sw, hwords):
                                             | (np.uint32(e[t + x2]) << 16) | (np.uint32(f[t + x3]) << 24))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, taps, words):
     """Explicit im2col words (group 0): words[w, oy*ow + ox] byte b = tap taps[w, b] (0 if none)."""
     per = kh * kw
@@ -637,28 +648,6 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
             o0 += min(width, n_out - o0)
 
 
-_pools: dict = {}
-
-
-def _in_threads(kernel, args, n: int, min_per_thread: int) -> None:
-    """kernel(*args, start, stop) over [0, n), split across numba.get_num_threads() threads.
-
-    The kernels release the GIL (nogil), so plain Python threads run them in parallel; unlike
-    ``parallel=True`` this compiles nothing twice."""
-    threads = max(1, min(numba.get_num_threads(), n // min_per_thread))
-    if threads == 1:
-        kernel(*args, 0, n)
-        return
-    if threads not in _pools:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="microcnn-int")
-    bounds = [t * n // threads for t in range(threads + 1)]
-    futures = [_pools[threads].submit(kernel, *args, bounds[t], bounds[t + 1]) for t in range(threads)]
-    for f in futures:
-        f.result()
-
-
 def _check_array(a, name: str, dtype, shape: tuple | None) -> None:
     """a is a C-contiguous array of that dtype and shape (any shape if None)."""
     if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous
@@ -702,11 +691,11 @@ def conv2d_packed(x, pk: PackedWeights, geo: QConvGeometry, rq: Requant, out_q, 
     qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
     shape = (n, pk.bias.shape[0], qh, qw)
     _check_call(pk, taps.shape[0], rq, shape, out_q, out_f)
-    _in_threads(qconv_images, (x, pk, geo, rq, out_q, out_f), n, 4)
+    in_threads(qconv_images, (x, pk, geo, rq, out_q, out_f), n, 4)
 
 
 # -- dense ------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _linear_epilogue(acc, channels, o0, m, rq, out_q, out_f, base):
     """out[base + r * O + o0 + c] for rows r < m and the block's channels c: requantized into out_q, or
     real values (MODE_DEQUANT) into out_f; one call per block, scalars only inside (a call per channel
@@ -726,7 +715,7 @@ def _linear_epilogue(acc, channels, o0, m, rq, out_q, out_f, base):
                 out_q[at] = requantize_float_one(acc[c, r], f, zero_point, lo, hi)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _dense_small(x, pk, rq, out_q, out_f, r0, r1):
     """Rows r0..r1 of the dense layer one at a time, the channels in the vector lanes (``pk.lanes``)."""
     f = x.shape[1]
@@ -739,8 +728,9 @@ def _dense_small(x, pk, rq, out_q, out_f, r0, r1):
     block_words = n_words * DENSE_BLOCK * PAIR_WORDS
     qmax = np.uint8(pk.qmax)
     for r in range(r0, r1):
+        row = x[r]
         for kk in range(f):
-            codes[kk] = min(x[r, kk], qmax)
+            codes[kk] = min(row[kk], qmax)
         acc[:n_out] = pk.bias
         acc[n_out:] = 0
         for blk in range(blocks):
@@ -767,15 +757,16 @@ def qlinear_rows(x, pk, rq, out_q, out_f, r0, r1):
     word_off = np.arange(n_words) * tile
     acc = np.empty((8, tile), np.int32)
     codes = np.zeros(4 * n_words, np.uint8)  # one row, clamped, with a zero tail (zero weights)
+    code_words = codes.view(np.uint32)  # little-endian: byte b of word w is feature 4w + b
     xf = x.reshape(-1)
     for t0 in range(r0, r1, tile):
         m = min(r1, t0 + tile) - t0
         for r in range(m):
+            row = xf[(t0 + r) * f:(t0 + r + 1) * f]  # a slice indexed from 0: the clamp vectorises (3x)
             for kk in range(f):
-                codes[kk] = min(xf[(t0 + r) * f + kk], qmax)
+                codes[kk] = min(row[kk], qmax)
             for kk in range(n_words):
-                words[kk, r] = (np.uint32(codes[4 * kk]) | (np.uint32(codes[4 * kk + 1]) << 8)
-                                | (np.uint32(codes[4 * kk + 2]) << 16) | (np.uint32(codes[4 * kk + 3]) << 24))
+                words[kk, r] = code_words[kk]
         o0 = 0
         while o0 < n_out:
             width = _block_size(n_out - o0)
@@ -797,7 +788,7 @@ def linear_packed(x, pk: PackedWeights, rq: Requant, out_q, out_f) -> None:
     _check_call(pk, (f + 3) // 4, rq, (n, o), out_q, out_f)
     _check_array(pk.lanes, "packed weights (lanes)", np.uint32,
                  (-(-o // DENSE_BLOCK) * DENSE_BLOCK * ((f + 3) // 4) * PAIR_WORDS,))
-    _in_threads(qlinear_rows, (x, pk, rq, out_q.reshape(-1), out_f.reshape(-1)), n, LINEAR_ROWS)
+    in_threads(qlinear_rows, (x, pk, rq, out_q.reshape(-1), out_f.reshape(-1)), n, LINEAR_ROWS)
 
 
 # -- the unpacked-weights entry points (tests, one-off calls) -----------------------------------------

@@ -13,7 +13,7 @@ from numba import njit
 # Annotations document the Python-side types; Numba ignores them and types each call from its arguments.
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, nogil=True, fastmath={"contract"})
 def gram(x: np.ndarray) -> np.ndarray:
     """x.T @ x (float64, K x K) for x (P, K), rows added in order p = 0, 1, ... (rank-1 updates that
     vectorise along the row without reordering any sum). Rows' zero entries are skipped: they add
@@ -41,7 +41,7 @@ def gram(x: np.ndarray) -> np.ndarray:
     return g
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def cholesky_lower(a: np.ndarray) -> np.ndarray:
     """L with L @ L.T = a for a symmetric positive definite a (float64); sums in increasing k.
 
@@ -69,7 +69,7 @@ def cholesky_lower(a: np.ndarray) -> np.ndarray:
     return lo
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def inverse_spd(a: np.ndarray) -> np.ndarray:
     """a^-1 for a symmetric positive definite a, as L^-T L^-1 from its Cholesky factor."""
     lo = cholesky_lower(a)
@@ -93,7 +93,7 @@ def inverse_spd(a: np.ndarray) -> np.ndarray:
     return inv
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def kl_sum(p: np.ndarray, q: np.ndarray) -> float:
     """sum p * log(p / q) over the entries with p > 0 (q > 0 there), in index order."""
     s = 0.0
@@ -103,7 +103,7 @@ def kl_sum(p: np.ndarray, q: np.ndarray) -> float:
     return s
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, nogil=True, fastmath={"contract"})
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b for float64 2-D arrays, every entry summed over k in increasing order (rank-1 updates
     along the rows of b, which vectorise without reordering any sum).

@@ -18,7 +18,7 @@ def packed_size(n: int, bits: int) -> int:
     return (int(n) * int(bits) + 7) // 8
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pack_bits(values, bits):
     """Flat int8 (signed) or uint8 (unsigned) codes -> the packed bytes (the low ``bits`` of each)."""
     n = values.size
@@ -41,7 +41,7 @@ def unpack_bits(packed, bits: int, n: int, signed: bool) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _unpack_into(packed, bits, signed, out):
     n = out.size
     mask = (1 << bits) - 1

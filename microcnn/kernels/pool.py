@@ -68,7 +68,7 @@ def check_pool_geometry(pool, name="pool") -> None:
                          f"{(pool.ph, pool.pw)} for kernel {(pool.kh, pool.kw)}")
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def maxpool_images(x, out, pool, floor, n0, n1):
     """Max pooling of images n0..n1-1 of x into ``out`` (whose shape gives OH, OW), never below
     ``floor`` (a fused ReLU when floor is 0). Padding cells are skipped (they are -inf)."""
@@ -96,7 +96,7 @@ def maxpool_images(x, out, pool, floor, n0, n1):
                     out[i, ch, oy, ox] = m
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _maxpool_parallel(x, out, pool, floor, nchunks):
     n = x.shape[0]
     for t in prange(nchunks):
@@ -123,7 +123,7 @@ def maxpool2d(x, kh, kw, sh, sw, ph=0, pw=0, ceil=0, floor=None):
     return out
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _maxpool_argmax(x, pool, oh, ow):
     n, c, h, w = x.shape
     out = np.empty((n, c, oh, ow), dtype=x.dtype)
@@ -153,7 +153,7 @@ def maxpool2d_argmax(x, kh, kw, sh, sw, ph=0, pw=0, ceil=0):
     return _maxpool_argmax(x, pool, *pooled_shape(x.shape[2], x.shape[3], pool))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def maxpool2d_backward(dy, arg, h, w):
     n, c, oh, ow = dy.shape
     dx = np.zeros((n, c, h, w), dtype=dy.dtype)
@@ -177,7 +177,7 @@ def _avg_window(pool, oy, ox, h, w, count_include_pad):
     return y0, y1, x0, x1, size if count_include_pad else (y1 - y0) * (x1 - x0)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _avgpool(x, pool, count_include_pad, oh, ow):
     n, c, h, w = x.shape
     out = np.empty((n, c, oh, ow), dtype=np.float32)
@@ -221,7 +221,7 @@ def avgpool2d(x, kh, kw, sh, sw, ph=0, pw=0, ceil=0, count_include_pad=True):
     return _avgpool(x, pool, bool(count_include_pad), *pooled_shape(x.shape[2], x.shape[3], pool))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def avgpool2d_backward(dy, pool, count_include_pad, h, w):
     """Gradient of ``avgpool2d`` with the same geometry, for an input of h x w."""
     n, c, oh, ow = dy.shape

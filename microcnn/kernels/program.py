@@ -120,7 +120,7 @@ _int_pointer = _pointer(types.int32)
 _word_pointer = _pointer(types.uint32)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _integer_args(op, o):
     """The PackedWeights and Requant an OP_QCONV / OP_QLINEAR row points at."""
     n_words = op[WORDS]
@@ -133,7 +133,7 @@ def _integer_args(op, o):
     return pk, rq
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pack_weights(w, out):
     """``gemm.pack_rows(w)`` into ``out`` (ceil(O / PACK_ROWS), K, PACK_ROWS) for w (O, K), without
     allocating: the layout the register kernel reads, padding rows zero."""
@@ -151,7 +151,7 @@ def pack_weights(w, out):
                     dst[t, r] = np.float32(0.0)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def run_program(x, ops):
     """Run ``ops`` on the C-contiguous float32 batch x (N, C, H, W); returns the last op's output as
     a flat array of N * C' * H' * W' values (the caller knows the shape)."""

@@ -218,12 +218,15 @@ dense_kernel = _make_dense_kernel()
 REQUANT_VALUES = 16  # outputs per ``requant_row*`` call (generic LLVM vectors, split as the target needs)
 
 
-def _make_requant_row(pool: bool):
-    """``kernel(src_addr, row_stride, m0, shift, zero_point, lo, hi, dst_addr)``: 16 uint8 outputs of the
-    fixed-point epilogue (``integer``'s rule: ``clamp(((acc * m0 + 2**(shift-1)) >> shift) + zero_point,
-    lo, hi)`` in int64) from int32 accumulators: src[0..15], or with ``pool`` the 2x2 / stride 2 maxima
-    of src[0..31] and src[row_stride..row_stride+31]. Stores all 16 bytes at dst_addr (the caller gives
-    room); reads all 32 (64) values. The same integer operations as the scalar rule, lane by lane."""
+def _make_requant_row(pool: bool, pair: bool = False):
+    """``kernel(src_addr, row_stride, m0, shift, zero_point, lo, hi, dst_addr, dst2_addr)``: 16 uint8
+    outputs of the fixed-point epilogue (``integer``'s rule: ``clamp(((acc * m0 + 2**(shift-1)) >> shift)
+    + zero_point, lo, hi)`` in int64) from int32 accumulators: src[0..15], or with ``pool`` the 2x2 /
+    stride 2 maxima of src[0..31] and src[row_stride..row_stride+31]. Stores all 16 bytes at dst_addr
+    (the caller gives room); reads all 32 (64) values. With ``pair`` (and ``pool``), two pooled rows of at
+    most 8 outputs instead: the maxima of columns 0..15 of rows 0, 1 (8 bytes at dst_addr) and of rows 2,
+    3 (8 bytes at dst2_addr, stored second); dst2_addr is ignored otherwise. The same integer operations as
+    the scalar rule, lane by lane."""
     from llvmlite import ir
     from numba.core import types
     from numba.core.extending import intrinsic
@@ -231,11 +234,11 @@ def _make_requant_row(pool: bool):
     n = REQUANT_VALUES
 
     @intrinsic
-    def kernel(typingctx, src_addr, row_stride, m0, shift, zero_point, lo, hi, dst_addr):
-        sig = types.void(*(types.int64,) * 8)
+    def kernel(typingctx, src_addr, row_stride, m0, shift, zero_point, lo, hi, dst_addr, dst2_addr):
+        sig = types.void(*(types.int64,) * 9)
 
         def codegen(context, builder, signature, args):
-            src_addr, row_stride, m0, shift, zero_point, lo, hi, dst_addr = args
+            src_addr, row_stride, m0, shift, zero_point, lo, hi, dst_addr, dst2_addr = args
             i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
             v32, v64 = ir.VectorType(i32, n), ir.VectorType(i64, n)
             src = builder.inttoptr(src_addr, i32.as_pointer())
@@ -249,10 +252,10 @@ def _make_requant_row(pool: bool):
             def vmin(a, b):
                 return builder.select(builder.icmp_signed("<", a, b), a, b)
 
-            if pool:
-                sixteen = ir.Constant(i64, n)  # column maxima of the two rows, columns 0..15 and 16..31
-                cols = [vmax(load(first), load(builder.add(row_stride, first)))
-                        for first in (ir.Constant(i64, 0), sixteen)]
+            if pool:  # column maxima of two rows: columns 0..15 and 16..31, or (pair) of two row pairs
+                firsts = ((ir.Constant(i64, 0), builder.mul(row_stride, ir.Constant(i64, 2))) if pair
+                          else (ir.Constant(i64, 0), ir.Constant(i64, n)))
+                cols = [vmax(load(first), load(builder.add(row_stride, first))) for first in firsts]
                 pairs = [builder.shuffle_vector(cols[0], cols[1], ir.Constant(v32, order))
                          for order in ([2 * j for j in range(n)], [2 * j + 1 for j in range(n)])]
                 acc = vmax(*pairs)
@@ -268,10 +271,19 @@ def _make_requant_row(pool: bool):
             y = builder.mul(builder.sext(acc, v64), splat64(m0))
             y = builder.ashr(builder.add(y, splat64(rounding)), splat64(shift))
             y = builder.add(y, splat64(zero_point))
-            y = vmin(vmax(y, splat64(lo)), splat64(hi))
-            v8 = ir.VectorType(i8, n)
-            dst = builder.bitcast(builder.inttoptr(dst_addr, i8.as_pointer()), v8.as_pointer())
-            builder.store(builder.trunc(y, v8), dst, align=1)
+            y = builder.trunc(vmin(vmax(y, splat64(lo)), splat64(hi)), ir.VectorType(i8, n))
+
+            def store(lanes, addr):  # those lanes of y, as bytes from addr
+                value = y if len(lanes) == n else builder.shuffle_vector(
+                    y, y, ir.Constant(ir.VectorType(i32, len(lanes)), list(lanes)))
+                ptr = builder.inttoptr(addr, ir.VectorType(i8, len(lanes)).as_pointer())
+                builder.store(value, ptr, align=1)
+
+            if pair:
+                store(range(n // 2), dst_addr)
+                store(range(n // 2, n), dst2_addr)
+            else:
+                store(range(n), dst_addr)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -281,3 +293,4 @@ def _make_requant_row(pool: bool):
 
 requant_row = _make_requant_row(False)
 requant_row_pool2 = _make_requant_row(True)
+requant_rows_pool2 = _make_requant_row(True, pair=True)

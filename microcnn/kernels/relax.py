@@ -16,7 +16,7 @@ from numba import njit
 ZETA, GAMMA = 1.1, -0.1  # the stretch of the rectified sigmoid (the paper's values)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sigmoid(v):
     if v >= 0:
         return 1.0 / (1.0 + math.exp(-v))
@@ -24,7 +24,7 @@ def _sigmoid(v):
     return e / (1.0 + e)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rectified_sigmoid(v):
     """h(V) for a float64 array (any shape), as float64."""
     flat = v.reshape(-1)
@@ -34,7 +34,7 @@ def rectified_sigmoid(v):
     return out.reshape(v.shape)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def initial_v(rest):
     """V with h(V) = rest (the fractional part of W / s, in [0, 1)): AdaRound starts at the FP32 weights."""
     flat = rest.reshape(-1)
@@ -44,7 +44,7 @@ def initial_v(rest):
     return out.reshape(rest.shape)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def regularizer(v, beta):
     """sum over V of 1 - |2 h(V) - 1| ** beta (float64, summed in index order)."""
     flat = v.reshape(-1)
@@ -55,7 +55,7 @@ def regularizer(v, beta):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def soft_weights(v, base, scale, zero_point, qmin, qmax):
     """Real soft-quantized weights (float32, shape of ``v`` = (O, K)): scale[o] * (clip(base + h(V), qmin,
     qmax) - zero_point[o]), where base = floor(W / s) + zp (float64, (O, K))."""
@@ -69,7 +69,7 @@ def soft_weights(v, base, scale, zero_point, qmin, qmax):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def hard_codes(v, base, qmin, qmax):
     """The final integer codes: base + (h(V) >= 0.5), i.e. round up where V >= 0, clipped (int8)."""
     o, k = v.shape
@@ -81,7 +81,7 @@ def hard_codes(v, base, qmin, qmax):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def adam_step(v, grad_w, base, scale, qmin, qmax, beta, lam, lr, t, m, u):
     """One Adam step (b1 = 0.9, b2 = 0.999, eps = 1e-8) on V, in place, for the loss
     reconstruction + lam * regularizer(V, beta) (lam = 0: no regularizer, the warm-up).

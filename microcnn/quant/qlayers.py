@@ -102,7 +102,9 @@ def refuse_nonfinite_input(x) -> None:
     """NaN/Inf input gets no answer at any precision. Checked at the input because an FP32 first layer
     of a mixed network can hide it (ReLU and max pooling drop NaN); each quantize stage checks again
     for values that overflow inside the network."""
-    if isinstance(x, np.ndarray) and x.dtype.kind == "f" and not all_finite(x.reshape(-1)):
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        return
+    if not (all_finite(x.reshape(-1)) if x.dtype == np.float32 else np.isfinite(x).all()):
         refuse_nonfinite(x)
 
 
@@ -129,10 +131,8 @@ class QuantizeStage(_StoredAct):
 
     def run(self, x):
         a = self.out_act
-        flat = x.reshape(-1)
-        if not all_finite(flat):
-            refuse_nonfinite(x)
-        return ki.quantize_u8(flat, a.scale, a.zero_point, a.qmax).reshape(x.shape)
+        refuse_nonfinite_input(x)
+        return ki.quantize_u8(x.reshape(-1), a.scale, a.zero_point, a.qmax).reshape(x.shape)
 
     def program_ops(self, chw, keep):
         a = self.out_act
