@@ -180,7 +180,7 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
         report["calibration_samples"] = calibration_stats.samples
 
     head = headline_table(models, images, labels, repeats=repeats, threads=threads)
-    say(f"Headline: LeNet-5, {len(images)} test images batched, {used_threads} thread(s), "
+    say(f"Headline: {model} on {dataset}, {len(images)} test images batched, {used_threads} thread(s), "
         f"median of {repeats}")
     say(format_table(head))
     report["headline"] = headline_records(head)

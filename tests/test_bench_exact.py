@@ -202,7 +202,8 @@ def test_run_reports_every_precision_with_the_calibration_it_used(world, capsys)
 def test_run_prints_the_tables_unless_quiet(world, capsys):
     bench.run("fashion", samples=4, precisions=["fp32"], startup=False)
     out = capsys.readouterr().out
-    assert out.startswith("Headline: LeNet-5, 4 test images batched, 1 thread(s), median of 5\n")
+    assert out.startswith("Headline: fashion on fashion-mnist, 4 test images batched, 1 thread(s), "
+                          "median of 5\n")
     assert "FP32" in out and "model_bytes" not in out
     assert world["test"] == (4, None, "--samples", "fashion-mnist")
     assert "calibration" not in world and "calibrate" not in world and "startup" not in world

@@ -90,3 +90,27 @@ def test_pooled_rows_requantized_two_at_a_time_or_one(qw, qh):
     ref = requant_ref(acc, m0[None, :, None, None], shift[None, :, None, None], 128, 0, 255)
     assert len(np.unique(ref)) > 10  # the rule is exercised, not one clamped value
     np.testing.assert_array_equal(out_q, ref)
+
+
+@pytest.mark.parametrize("c", [4, 8, 3, 6])  # words of 4 channels (C % 4 == 0) or of 4 consecutive taps
+@pytest.mark.parametrize(("kernel", "stride", "padding"),
+                         [((3, 3), (2, 2), (1, 1)), ((1, 1), (2, 2), (0, 0)), ((3, 2), (2, 1), (0, 1)),
+                          ((2, 3), (3, 2), (1, 0))])
+def test_vertical_stride_convolutions_are_exact(c, kernel, stride, padding):
+    """Vertical stride > 1 builds explicit patch words: 4 channels of one tap when C is a multiple of 4,
+    else 4 consecutive taps of the flattened kernel; both exact against the int64 reference on
+    non-square images, with codes at 0 and 255 and the extreme weights."""
+    rng = np.random.default_rng(c * 100 + stride[0] * 10 + kernel[1])
+    n, o, zp = 3, 11, 200
+    x = rng.integers(0, 256, (n, c, 9, 12)).astype(np.uint8)
+    x[0, :, 0, :] = 255
+    x[1, :, :, 0] = 0
+    w = rng.integers(-128, 128, (o, c, *kernel)).astype(np.int8)
+    w[0] = -128
+    bias = rng.integers(-5000, 5000, o).astype(np.int32)
+    acc = conv_acc_ref(x, zp, w, bias, stride, padding)
+    out_f = np.empty(acc.shape, np.float32)
+    rq = ki.requant_params(np.zeros(o), np.ones(o), np.ones(o), ki.MODE_DEQUANT, 0, -2**31, 2**31 - 1)
+    geo = ki.QConvGeometry(*kernel, *stride, *padding, 1, 1, 1, 1)
+    ki.conv2d_packed(x, ki.pack_conv(w, bias, stride[0], zp), geo, rq, np.empty((0,) * 4, np.uint8), out_f)
+    np.testing.assert_array_equal(out_f.astype(np.int64), acc)

@@ -82,6 +82,9 @@ def test_qadd_matches_the_integer_reference_and_the_real_sum(relu):
     xs = [rng.integers(0, 256, (5, 3, 7, 6), dtype=np.uint8) for _ in acts]
     got = QAdd((0,), acts, out, relu).run(*xs)
     np.testing.assert_array_equal(got, _add_reference(xs, acts, out, relu))
+    views = [xs[0][:, :, :, ::-1][:, :, :, ::-1], np.broadcast_to(xs[1], xs[1].shape), xs[2]]  # odd layouts
+    assert not views[1].flags.writeable
+    np.testing.assert_array_equal(QAdd((0,), acts, out, relu).run(*views), got)
     real = sum(a.scale * (x.astype(np.float64) - a.zero_point) for x, a in zip(xs, acts, strict=True))
     exact = real / out.scale
     want = np.clip(np.floor(exact + 0.5) + out.zero_point, out.zero_point if relu else 0, 255)

@@ -141,6 +141,23 @@ def requantize(acc, m0, shift, zero_point, lo, hi):
     return out
 
 
+@njit(cache=True, nogil=True)
+def rescaled_sum(xs, zero_points, m0, shift, frac_bits, zero_point, lo, hi, out):
+    """out[i] = clamp(((sum_k r_k(xs[k][i]) + 2**(frac_bits-1)) >> frac_bits) + zero_point, lo, hi), with
+    r_k(q) = ((q - zero_points[k]) * m0[k] + 2**(shift[k]-1)) >> shift[k] in int64: each input rescaled to
+    the output grid with frac_bits extra fractional bits, rounded half up, summed, rounded once more
+    (no final rounding when frac_bits is 0). xs: a tuple of flat uint8 arrays of out's size."""
+    rounding = np.empty(len(xs), np.int64)
+    for k in range(len(xs)):
+        rounding[k] = np.int64(1) << (shift[k] - 1)
+    half = (np.int64(1) << (frac_bits - 1)) if frac_bits > 0 else np.int64(0)
+    for i in range(out.size):
+        total = np.int64(0)
+        for k in range(len(xs)):
+            total += ((np.int64(xs[k][i]) - zero_points[k]) * m0[k] + rounding[k]) >> shift[k]
+        out[i] = min(max(((total + half) >> frac_bits) + zero_point, lo), hi)
+
+
 # -- weight repacking ---------------------------------------------------------------------------------
 @njit(cache=True, nogil=True)
 def _conv_group(c):
@@ -180,13 +197,17 @@ def conv_taps(c, kh, kw, sh):
     (vertical stride 1), per channel group cg: first the vertical words (row group kq, kx), byte r*G + g
     tap (cg*G + g, kq*R + r, kx); then the horizontal words of the rows ``_row_split`` leaves over (row ky,
     column group j), byte h*G + g tap (cg*G + g, ky, j*R + h). group 0 (vertical stride > 1): explicit
-    patches, word w holds taps 4w..4w+3."""
+    patches; with C a multiple of 4, word (cg, ky, kx) holds tap (ky, kx) of channels 4cg..4cg+3 (the
+    ``_fill_channel_words`` layout), else word w holds taps 4w..4w+3."""
     k = c * kh * kw
     if sh != 1:
         n = (k + 3) // 4
         taps = np.full((n, 4), -1, np.int64)
         for t in range(k):
-            taps[t // 4, t % 4] = t
+            if c % 4 == 0:  # t = (channel, ky, kx) flattened: word (channel // 4, ky, kx), byte channel % 4
+                taps[(t // (4 * kh * kw)) * kh * kw + t % (kh * kw), (t // (kh * kw)) % 4] = t
+            else:
+                taps[t // 4, t % 4] = t
         return 0, taps
     g_ = _conv_group(c)
     r_ = 4 // g_
@@ -558,6 +579,22 @@ def _fill_hwords(group, padded, hp, sw, hwords):
 
 
 @njit(cache=True, nogil=True)
+def _fill_channel_words(pixels, kh, kw, sh, sw, oh, ow, words):
+    """Explicit im2col of words of 4 channels (group 0, C a multiple of 4): words[(cg*kh + ky)*kw + kx,
+    oy*ow + ox] = pixels[cg, oy*sh + ky, ox*sw + kx], pixels holding channels 4cg..4cg+3 of each padded
+    pixel in one word (``_fill_wide`` with G = 4). Copies of whole words, no per-byte index arithmetic."""
+    for cg in range(pixels.shape[0]):
+        for ky in range(kh):
+            for kx in range(kw):
+                dst = words[(cg * kh + ky) * kw + kx]
+                for oy in range(oh):
+                    src = pixels[cg, oy * sh + ky]
+                    d = dst[oy * ow:(oy + 1) * ow]
+                    for ox in range(ow):
+                        d[ox] = src[ox * sw + kx]
+
+
+@njit(cache=True, nogil=True)
 def _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, taps, words):
     """Explicit im2col words (group 0): words[w, oy*ow + ox] byte b = tap taps[w, b] (0 if none)."""
     per = kh * kw
@@ -586,6 +623,7 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     n_words = taps.shape[0]
     hp, wp = h + 2 * ph, w + 2 * pw
     padded = np.full((c, hp + 3, wp), np.uint8(pk.zero_point))
+    pixels = np.zeros((c // 4 if group == 0 and c % 4 == 0 else 0, hp, wp), np.uint32)  # 4 channels a word
     wide = group > 0 and sw == 1
     rs = wp if wide else ow  # accumulator row stride
     word_off = np.empty(n_words, np.int64)
@@ -629,7 +667,10 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     pooled = np.empty(max(qh * qw, REQUANT_VALUES), np.int32)
     for i in range(n0, n1):
         _fill_padded(x[i], pk.qmax, padded, ph, pw)
-        if group == 0:
+        if group == 0 and c % 4 == 0:
+            _fill_wide(4, padded, hp, pixels)
+            _fill_channel_words(pixels, kh, kw, sh, sw, oh, ow, words)
+        elif group == 0:
             _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, taps, words)
         elif wide:
             _fill_wide(group, padded, hp, words.reshape(n_rows, hp, wp))

@@ -456,11 +456,6 @@ def run_grouped(x, parts: list, geo, rq, out_q, out_f) -> None:
         (out_f if dequant else out_q)[:, cout] = f if dequant else q
 
 
-def rescale(q: np.ndarray, act: ActQuant, m0: int, shift: int) -> np.ndarray:
-    """(q - zero_point) * m0 * 2**-shift as int64, rounded half up (``kernels.integer``'s rule)."""
-    return ((q.astype(np.int64) - act.zero_point) * np.int64(m0) + (np.int64(1) << (shift - 1))) >> shift
-
-
 class _Merge(_StoredAct):
     """Shared part of QAdd and QConcat: inputs of their own quantizations, one output quantization, a
     fixed-point multiplier per input (``2**extra_bits * scale_in / scale_out``)."""
@@ -483,6 +478,20 @@ class _Merge(_StoredAct):
             raise InputError(f"{self.kind} {self.layers}: expected {len(self.in_acts)} uint8 arrays, found "
                              f"{[getattr(x, 'dtype', type(x).__name__) for x in xs]}")
 
+    def _rescaled(self, xs, at: slice, lo: int) -> np.ndarray:
+        """The inputs ``xs[at]`` (one shape) rescaled to the output grid, summed, rounded and clamped to
+        [lo, qmax] (``kernels.integer.rescaled_sum``)."""
+        act = self.out_act
+        assert act is not None  # a merge always has its own output quantization (_Merge.__init__)
+        out = np.empty(xs[0].shape, np.uint8)
+        # one array type for the kernel's tuple: C-contiguous and writeable (Numba types read-only apart)
+        flat = tuple(np.require(x, requirements=["C", "W"]).reshape(-1) for x in xs)
+        ki.rescaled_sum(flat, np.array([a.zero_point for a in self.in_acts[at]], np.int64),
+                        self.m0[at].astype(np.int64), self.shift[at].astype(np.int64), self.extra_bits,
+                        act.zero_point, lo, act.qmax, out.reshape(-1))
+        return out
+
+
 class QAdd(_Merge):
     """Integer residual addition; ``relu`` fuses a following ReLU as the clamp at the zero point."""
 
@@ -497,12 +506,7 @@ class QAdd(_Merge):
     def run(self, *xs):
         self._check(xs)
         Add().output_shape(*(x.shape for x in xs))
-        total = rescale(xs[0], self.in_acts[0], self.m0[0], self.shift[0])
-        for x, act, m0, shift in zip(xs[1:], self.in_acts[1:], self.m0[1:], self.shift[1:], strict=True):
-            total += rescale(x, act, m0, shift)
-        half = np.int64(1) << (ADD_FRACTION_BITS - 1)
-        y = ((total + half) >> ADD_FRACTION_BITS) + self.out_act.zero_point
-        return np.clip(y, self.lo, self.out_act.qmax).astype(np.uint8)
+        return self._rescaled(xs, slice(None), self.lo)
 
 
 class QConcat(_Merge):
@@ -516,10 +520,7 @@ class QConcat(_Merge):
 
     def run(self, *xs):
         self._check(xs)
-        zp, qmax = self.out_act.zero_point, self.out_act.qmax
-        parts = [np.clip(rescale(x, act, m0, shift) + zp, 0, qmax).astype(np.uint8)
-                 for x, act, m0, shift in zip(xs, self.in_acts, self.m0, self.shift, strict=True)]
-        return self.layer.forward(*parts)
+        return self.layer.forward(*(self._rescaled((x,), slice(k, k + 1), 0) for k, x in enumerate(xs)))
 
 
 class QLinear(QWeighted):
