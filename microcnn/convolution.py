@@ -203,11 +203,12 @@ def _resolve(algorithm, x, w, b, stride, padding, state, dilation, groups):
 
 
 def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", state=None, pool=None,
-                   relu=False, dilation=(1, 1), groups=1):
+                   relu=False, dilation=(1, 1), groups=1, out=None):
     """y (N, O, OH, OW) float32 = conv2d(x, w) + b by ``algorithm`` ("auto", one of ``ALGORITHMS``,
     or a variant in ``ALGORITHM_VARIANTS``); then ReLU when ``relu``, then max pooling when ``pool`` =
     (kh, kw, sh, sw[, ph, pw, ceil]) or a ``kernels.pool.PoolGeometry`` -- which im2col does in the
     convolution's own pass. ``dilation`` and ``groups`` as PyTorch's (w is (O, C / groups, KH, KW)).
+    ``out``: an array y may be written into (see ``kernels.conv.im2col_runner``); y is returned.
 
     ``state``: a dict owned by the calling layer (see the module docstring). A requested algorithm
     that cannot run this shape (Winograd with stride 2 or a 7x7 kernel, Winograd and FFT with dilation
@@ -237,7 +238,7 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", sta
         and b.shape == memo[5]
         and same_bits(w, state["weights"])
     ):
-        return memo[6](x, b, pool, relu)
+        return memo[6](x, b, pool, relu, out)
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     x, w2, b = _check(x, w, b, stride, padding, dilation, groups)
     seen = state.get("weights")
@@ -252,7 +253,7 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), algorithm="auto", sta
     # Only a float32 contiguous weight array may be remembered by identity (others are converted copies).
     memo = (w, x.shape, algorithm, stride, padding, b.shape, run, dilation, groups)
     state["memo"] = memo if w2 is w else None
-    return run(x, b, pool, relu)
+    return run(x, b, pool, relu, out)
 
 
 # -- benchmarks --------------------------------------------------------------------------------

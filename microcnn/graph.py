@@ -23,7 +23,7 @@ from .errors import FileFormatError, InputError
 from .io import MAX_ACTIVATION_ELEMENTS
 from .layers import Layer, Softmax, layer_from_config, state_shapes
 from .model import INPUT, LayerNode, LayerTrace, sample_output_shape
-from .network import CompiledProgram, FloatModel, FusedGroup, fold_pair, folds_into, fuse_chain
+from .network import CompiledProgram, FloatModel, FusedGroup, fold_pair, folds_into, fuse_chain, run_groups
 
 
 def _same_rank(op: str, shapes) -> None:
@@ -147,9 +147,10 @@ class _Step:
     free: tuple[str, ...]
     into: int | None = None  # an Add's input (0 or 1) it may overwrite (see ``Graph.plan``)
 
-    def run(self, env: dict, programs: dict, key):
+    def run(self, env: dict, programs: dict, key, workspace=None):
         """The step's result. A chain runs as its compiled program (``network.CompiledProgram``, kept in
-        ``programs`` under ``key``) when it may, as Sequential does, else group by group."""
+        ``programs`` under ``key``) when it may, as Sequential does, else group by group, its large
+        convolution outputs in ``workspace`` arrays (``network.Workspace``)."""
         if self.layer is not None:
             if self.into is not None:
                 assert isinstance(self.layer, Add)  # Graph.plan sets ``into`` on Add steps only
@@ -160,8 +161,7 @@ class _Step:
         if prog is not None and prog.runs(x, self.chain):
             return prog.run(x)
         sample_shape = x.shape[1:]
-        for group in self.groups:
-            x = group.run(x)
+        x = run_groups(self.groups, x, workspace, key)
         if len(sample_shape) == 3:  # the program takes NCHW inputs
             programs[key] = CompiledProgram.refreshed(prog, self.chain, lambda: list(self.groups),
                                                       sample_shape)
@@ -287,9 +287,10 @@ class Graph(FloatModel):
         check_array_batch(x)
         env = {self.input_name: x}
         for k, step in enumerate(self.plan(target)):
-            env[step.output] = step.run(env, self._programs, (target, k))
+            env[step.output] = step.run(env, self._programs, (target, k), self.workspace)
             for name in step.free:
                 del env[name]
+        self.workspace.release(env[target])
         return env[target]
 
     def _run_tensor(self, x, target: str):

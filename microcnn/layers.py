@@ -231,16 +231,17 @@ class Conv2d(Layer):
             raise InputError(f"{self!r}: input {tuple(x.shape)} is smaller than the kernel (dilated by "
                              f"{self.dilation})")
 
-    def forward(self, x, pool: MaxPool2d | None = None, relu: bool = False):
+    def forward(self, x, pool: MaxPool2d | None = None, relu: bool = False, out: np.ndarray | None = None):
         """Inference. ``relu`` (a ReLU after this layer) and ``pool`` (the MaxPool2d after that) are
-        applied in the same pass: Sequential fuses Conv2d [ReLU] [MaxPool2d] this way."""
+        applied in the same pass: Sequential fuses Conv2d [ReLU] [MaxPool2d] this way. ``out``: an
+        array the result may be written into (``convolution.conv2d_forward``); the result is returned."""
         self._check_input(x)
         geom = None
         if pool is not None:
             pool.check_shape(self.output_shape(x.shape[1:]))
             geom = pool.geometry()
         return conv2d_forward(x, self.weight.data, bias_or_zeros(self), self.stride, self.padding,
-                              self.algorithm, self.conv_state, geom, relu, self.dilation, self.groups)
+                              self.algorithm, self.conv_state, geom, relu, self.dilation, self.groups, out)
 
     def forward_tensor(self, x):
         self._check_input(x.data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -16,11 +17,23 @@ from .checks import check_array_batch
 from .errors import InputError
 from .kernels import program
 from .kernels.elementwise import same_bits
-from .layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU, Softmax, bias_or_zeros, layer_from_config
+from .layers import (
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Layer,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Softmax,
+    bias_or_zeros,
+    layer_from_config,
+)
 from .model import INPUT, LayerNode, LayerTrace, Model
 
 __all__ = ["BATCHNORM_TYPES", "PROGRAM_MAX_BATCH", "CompiledProgram", "FloatModel", "FoldedPair",
-           "FusedGroup", "LayerTrace", "Sequential", "fold_pair", "folds_into", "fuse_chain", "layer_names"]
+           "FusedGroup", "LayerTrace", "Sequential", "Workspace", "fold_pair", "folds_into", "fuse_chain",
+           "layer_names", "run_groups"]
 
 _SHORT_NAMES = {"Conv2d": "conv", "Linear": "fc", "MaxPool2d": "pool", "AvgPool2d": "pool",
                 "ReLU": "relu", "Sigmoid": "sigmoid", "Flatten": "flatten", "Softmax": "softmax"}
@@ -115,10 +128,13 @@ class FusedGroup:
     bn: Layer | None = None
     fold: FoldedPair = field(default_factory=FoldedPair, compare=False, repr=False)
 
-    def run(self, x):
-        """The checked call (the layers validate x)."""
+    def run(self, x, out: np.ndarray | None = None):
+        """The checked call (the layers validate x); ``out``: an array a convolution may write its result
+        into (only given where ``writes_into``)."""
         layer = self.layer if self.bn is None else self.fold.get(self.layer, self.bn)
         if isinstance(layer, Conv2d):
+            if out is not None:
+                return layer.forward(x, pool=self.pool, relu=self.relu, out=out)
             return layer.forward(x, pool=self.pool, relu=self.relu)
         if isinstance(layer, Linear | MaxPool2d):
             return layer.forward(x, relu=self.relu)
@@ -126,31 +142,37 @@ class FusedGroup:
             return layer.forward(x, inplace=self.owned)
         return layer.forward(x)
 
+    @property
+    def writes_into(self) -> bool:
+        """Whether ``run`` takes an ``out`` array: convolutions of the exact type (a subclass may define
+        its own ``forward``)."""
+        return type(self.layer) is Conv2d
+
     def output_shape(self, chw):
         chw = self.layer.output_shape(chw)  # a BatchNorm keeps the shape
         return chw if self.pool is None else self.pool.output_shape(chw)
 
     def compilable(self) -> bool:
-        """Whether ``kernels.program`` has ops for this group (im2col convolutions only). Exact types:
-        a subclass may compute something else in its ``forward``."""
+        """Whether ``kernels.program`` has ops for this group (im2col convolutions only; with a BatchNorm,
+        those of the folded layer). Exact types: a subclass may compute something else in ``forward``."""
         layer = self.layer
-        if self.bn is not None:  # the program points at the layers' own arrays, not folded copies
-            return False
         if self.pool is not None and not _plain_pool(self.pool):
             return False
         if type(layer) is Conv2d:
             return layer.algorithm == "im2col" and layer.groups == 1 and layer.dilation == (1, 1)
         if type(layer) is MaxPool2d:
             return _plain_pool(layer)
-        return type(layer) in (Linear, ReLU, Flatten, Softmax)
+        return type(layer) in (Linear, ReLU, Flatten, Softmax, GlobalAvgPool2d)
 
     def program_ops(self, chw, keep: list) -> list[list[int]] | None:
         """The ``kernels.program`` rows for this compilable group on inputs of sample shape ``chw``, or
         None when a parameter is not what a row may point to (a float32 C-contiguous array of the
         layer's shape; e.g. a float64 array assigned to ``.data`` takes the layer path). The rows point
-        at the layer's own arrays; a zero bias made for a layer without one goes to ``keep``, which must
-        outlive them."""
+        at the layer's own arrays, or at the folded layer's (``FoldedPair``; ``CompiledProgram`` holds
+        it); a zero bias made for a layer without one goes to ``keep``, which must outlive them."""
         layer, relu = self.layer, self.relu
+        if self.bn is not None:
+            layer = self.fold.get(layer, self.bn)
         if isinstance(layer, Conv2d | Linear):
             if isinstance(layer, Conv2d):
                 out = layer.out_channels
@@ -179,7 +201,70 @@ class FusedGroup:
         if isinstance(layer, MaxPool2d):
             return [program.op_row(program.OP_MAXPOOL, relu, kernel=layer.kernel_size, stride=layer.stride)]
         return {ReLU: [program.op_row(program.OP_RELU)], Flatten: [],
-                Softmax: [program.op_row(program.OP_SOFTMAX)]}[type(layer)]
+                Softmax: [program.op_row(program.OP_SOFTMAX)],
+                GlobalAvgPool2d: [program.op_row(program.OP_GLOBALAVG)]}[type(layer)]
+
+
+class Workspace:
+    """The float32 arrays a model's inference writes its large convolution outputs into, kept from call
+    to call (one set per thread, as ``predict`` runs slices of a batch on several). A new array of
+    megabytes costs a page fault per 4 KiB page on every call once the C allocator has handed freed
+    memory back to the system: a third of a residual CNN's time at batch 256 here. ONNX Runtime's arena
+    keeps its activations the same way. The arrays of the last and largest batch stay allocated while
+    the model lives (``clear`` drops them); an array a call returns is never reused (``release``)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __getstate__(self):  # a copy starts empty
+        return {}
+
+    def __setstate__(self, state):
+        self._local = threading.local()
+
+    def _slots(self) -> dict:
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = {}
+        return slots
+
+    def take(self, key, shape: tuple) -> np.ndarray:
+        """A C-contiguous float32 array of ``shape`` for the call site ``key``: the first ``shape[0]``
+        samples of the one kept there when its samples have this shape and it holds enough of them."""
+        slots = self._slots()
+        buf = slots.get(key)
+        if buf is None or buf.shape[1:] != shape[1:] or len(buf) < shape[0]:
+            buf = slots[key] = np.empty(shape, np.float32)
+        return buf[:shape[0]]
+
+    def release(self, result: np.ndarray) -> None:
+        """Drop the kept arrays ``result`` may share memory with: it goes to the caller."""
+        slots = self._slots()
+        for key in [k for k, buf in slots.items() if np.may_share_memory(buf, result)]:
+            del slots[key]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes kept for the calling thread."""
+        return sum(buf.nbytes for buf in self._slots().values())
+
+    def clear(self) -> None:
+        """Drop the arrays of every thread."""
+        self._local = threading.local()
+
+
+_WORKSPACE_MIN = 1 << 16  # input elements below which a group allocates its output: the heap reuses them
+
+
+def run_groups(groups, x, workspace: Workspace | None, key=None):
+    """``x`` through the fused ``groups`` in order; with a ``workspace``, a convolution reading at least
+    ``_WORKSPACE_MIN`` values writes into the workspace's array for the call site (``key``, group)."""
+    for j, group in enumerate(groups):
+        out = None
+        if workspace is not None and group.writes_into and x.size >= _WORKSPACE_MIN:
+            out = workspace.take((key, j), (len(x), *group.output_shape(x.shape[1:])))
+        x = group.run(x, out)
+    return x
 
 
 def _plain_pool(layer) -> bool:
@@ -228,15 +313,19 @@ class CompiledProgram:
     """A network compiled for one sample shape (see ``kernels.program``). Its rows read the layers'
     parameter arrays at every call, so in-place edits need nothing; it is valid while the layer list,
     every layer's attributes (``Layer.edits`` counts assignments: a replaced Tensor, stride, algorithm)
-    and every parameter's ``data`` array stay the same objects."""
+    and every parameter's ``data`` array stay the same objects, and every folded BatchNorm pair still
+    folds to the same layer (its rows point at the fold's arrays: a changed source value refolds)."""
 
-    def __init__(self, layers, sample_shape, out_shape, ops, keep):
+    def __init__(self, layers, sample_shape, out_shape, ops, keep, folds=()):
         self.layers, self.sample_shape, self.out_shape = list(layers), sample_shape, out_shape
         self.ops = ops
         self.edits = Layer.edits
         # The arrays the rows point at: held here so they stay alive, compared by identity per call.
         self.arrays = [(p, p.data) for layer in layers for p in layer.parameters()]
         self.keep = keep
+        # (group, folded layer) of each folded BatchNorm: the rows point at that fold's arrays, valid while
+        # the group's FoldedPair gives the same fold (it refolds when a source value changed).
+        self.folds = list(folds)
 
     @classmethod
     def build(cls, layers, groups, sample_shape) -> CompiledProgram | None:
@@ -253,7 +342,8 @@ class CompiledProgram:
             rows += ops
             chw = group.output_shape(chw)
         table = np.array(rows, np.int64).reshape(len(rows), program.FIELDS)
-        return cls(layers, tuple(sample_shape), chw, table, keep)
+        folds = [(group, group.fold.folded) for group in groups if group.bn is not None]
+        return cls(layers, tuple(sample_shape), chw, table, keep, folds)
 
     @classmethod
     def refreshed(cls, prog, layers, groups_fn, sample_shape) -> CompiledProgram | None:
@@ -279,7 +369,7 @@ class CompiledProgram:
         for tensor, data in self.arrays:
             if tensor.data is not data:
                 return False
-        return True
+        return all(group.fold.get(group.layer, group.bn) is folded for group, folded in self.folds)
 
 
 def _finite_float32(values: np.ndarray, name: str) -> np.ndarray:
@@ -312,6 +402,14 @@ class FloatModel(Model):
 
     def config(self) -> dict:
         raise NotImplementedError
+
+    @property
+    def workspace(self) -> Workspace:
+        """The arrays inference reuses from call to call (``Workspace``)."""
+        ws = self.__dict__.get("_workspace")
+        if ws is None:
+            ws = self.__dict__["_workspace"] = Workspace()
+        return ws
 
     def named_parameters(self) -> list[tuple[str, Tensor]]:
         return [(f"{prefix}.{pname}", p) for prefix, layer in self.prefixed_layers()
@@ -486,8 +584,8 @@ class Sequential(FloatModel):
             return prog.run(x)
         check_array_batch(x)
         sample_shape = x.shape[1:]
-        for group in self.inference_groups():
-            x = group.run(x)
+        x = run_groups(self.inference_groups(), x, self.workspace)
+        self.workspace.release(x)
         self._program = CompiledProgram.refreshed(prog, self.layers, self.inference_groups, sample_shape)
         return x
 

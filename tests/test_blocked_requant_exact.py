@@ -45,7 +45,7 @@ def test_blocked_conv_with_unequal_paddings_on_wide_rows(shape, relu):
     if relu:
         expected = np.maximum(expected, 0)
     npix = expected.shape[2] * expected.shape[3]
-    assert CB.use_blocked(o, 1, wt[0].size, npix, stride[0] * stride[1] > 1, 1, 1, n)
+    assert CB.use_blocked(o, 1, wt[0].size, npix, stride[0] * stride[1] > 1, 1, 1)
     y = np.full(expected.shape, np.nan, np.float32)
     CB.blocked_images(x, np.ascontiguousarray(wt.reshape(o, -1)), b, geom, NO_POOL, relu, y, 0, n)
     np.testing.assert_array_equal(y, expected.astype(np.float32))

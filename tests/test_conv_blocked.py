@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from microcnn.kernels import conv_blocked as CB
-from microcnn.kernels.conv import ConvGeometry, conv2d_im2col, conv_geometry, im2col_images, pack_group_rows
+from microcnn.kernels.conv import ConvGeometry, conv2d_im2col, conv_geometry, gemm_images, pack_group_rows
 from microcnn.kernels.pool import NO_POOL, PoolGeometry
 
 from . import reference as ref
@@ -45,10 +45,10 @@ def _case(shape, seed=0):
 
 
 def _im2col_one_by_one(x, wt, b, geom, pool, relu, y):
-    """im2col_images one image per call, where ``use_blocked`` refuses (a batch of 1): the GEMM path."""
+    """im2col's GEMM path (``gemm_images``), one image per call."""
     w2 = np.ascontiguousarray(wt.reshape(wt.shape[0], -1))
     for i in range(len(x)):
-        im2col_images(x, w2, pack_group_rows(w2, 1), b, geom, pool, relu, y, i, i + 1)
+        gemm_images(x, w2, pack_group_rows(w2, 1), b, geom, pool, relu, y, i, i + 1)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -58,8 +58,7 @@ def test_blocked_gives_im2cols_bits(shape, relu):
     o, npix = wt.shape[0], None
     blocked = conv2d_im2col(x, wt, b, *geom[2:6])
     npix = blocked.shape[2] * blocked.shape[3]
-    assert CB.use_blocked(o, 1, wt[0].size, npix, geom.sh * geom.sw > 1, 1, 1, len(x))  # the batch runs it
-    assert not CB.use_blocked(o, 1, wt[0].size, npix, geom.sh * geom.sw > 1, 1, 1, 1)
+    assert CB.use_blocked(o, 1, wt[0].size, npix, geom.sh * geom.sw > 1, 1, 1)  # the layer runs it
     y = np.empty_like(blocked)
     w2 = np.ascontiguousarray(wt.reshape(o, -1))
     CB.blocked_images(x, w2, b, geom, NO_POOL, relu, y, 0, len(x))
@@ -107,25 +106,29 @@ def test_nan_and_infinity_propagate_as_in_im2col():
         assert np.isnan(y).any() != relu
 
 
-def test_the_network_path_runs_the_blocked_kernel_with_the_same_bits_as_batch_one():
-    """A Conv2d layer at batch 8 (blocked) and image by image (GEMM) gives the same bits: the choice is
-    a matter of speed only."""
+def test_the_network_path_runs_the_blocked_kernel_with_the_same_bits_as_the_gemm_path():
+    """A Conv2d layer at batch 8 and image by image (both blocked) gives the GEMM path's bits: the choice
+    is a matter of speed only."""
     from microcnn.layers import Conv2d
 
     layer = Conv2d(8, 16, 3, stride=2, padding=1, rng=np.random.default_rng(4))
     x = np.random.default_rng(5).standard_normal((8, 8, 15, 15), dtype=np.float32)
     batched = layer.forward(x, relu=True)
     single = np.concatenate([layer.forward(x[i:i + 1], relu=True) for i in range(8)])
-    np.testing.assert_array_equal(batched.view(np.uint32), single.view(np.uint32))
+    gemm = np.empty_like(batched)
+    geom = conv_geometry(layer.weight.data.shape, (2, 2), (1, 1))
+    _im2col_one_by_one(x, layer.weight.data, layer.bias.data, geom, NO_POOL, True, gemm)
+    np.testing.assert_array_equal(batched.view(np.uint32), gemm.view(np.uint32))
+    np.testing.assert_array_equal(single.view(np.uint32), gemm.view(np.uint32))
 
 
 def test_ineligible_convolutions_stay_on_im2col():
-    assert not CB.use_blocked(16, 2, 72, 64, False, 1, 1, 8)  # groups
-    assert not CB.use_blocked(16, 1, 72, 64, False, 2, 2, 8)  # dilation
-    assert not CB.use_blocked(6, 1, 150, 64, False, 1, 1, 8)  # fewer channels than half a block
-    assert not CB.use_blocked(32, 1, 9, 784, False, 1, 1, 8)  # 9 taps at stride 1 (a 1-channel stem)
-    assert not CB.use_blocked(32, 1, 72, CB.PIXELS - 1, False, 1, 1, 8)  # fewer pixels than a tile
-    assert CB.use_blocked(32, 1, 9, 196, True, 1, 1, 8)
+    assert not CB.use_blocked(16, 2, 72, 64, False, 1, 1)  # groups
+    assert not CB.use_blocked(16, 1, 72, 64, False, 2, 2)  # dilation
+    assert not CB.use_blocked(6, 1, 150, 64, False, 1, 1)  # fewer channels than half a block
+    assert not CB.use_blocked(32, 1, 9, 784, False, 1, 1)  # 9 taps at stride 1 (a 1-channel stem)
+    assert not CB.use_blocked(32, 1, 72, CB.PIXELS - 1, False, 1, 1)  # fewer pixels than a tile
+    assert CB.use_blocked(32, 1, 9, 196, True, 1, 1)
 
 
 # -- the same bits on every CPU target ------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 from microcnn import optim
 from microcnn.autograd import Tensor
 from microcnn.graph import Add, Graph
+from microcnn.kernels import program
 from microcnn.layers import (
     BatchNorm1d,
     BatchNorm2d,
@@ -81,6 +82,47 @@ def test_inference_runs_conv_bn_relu_pool_and_linear_bn_as_one_folded_call_each(
     _assert_folded(net)
     ref = _layer_by_layer(net, IMAGES)  # BatchNorm as its own affine: equal up to float32 rounding
     np.testing.assert_allclose(net.predict(IMAGES), ref, rtol=1e-5, atol=1e-6)
+    # Small batches ran as one compiled program whose rows point at the folded layers' arrays.
+    assert net._program is not None
+    assert [int(row[program.CODE]) for row in net._program.ops] == [
+        program.OP_CONV, program.OP_CONV, program.OP_LINEAR, program.OP_LINEAR, program.OP_SOFTMAX]
+    folded = [g.fold.folded for g in net.inference_groups() if g.bn is not None]
+    assert [int(row[program.WEIGHT]) for row in net._program.ops[:3]] == [
+        f.weight.data.ctypes.data for f in folded]
+
+
+def test_the_compiled_program_refolds_after_an_in_place_change_of_a_source():
+    """Small batches run the compiled program, whose rows point at the fold's arrays. An in-place edit of
+    a BatchNorm statistic or of the weights creates no layer (``Layer.edits`` stays): the program must
+    still see it, before any call that folds (``fold_batchnorm``) has run."""
+    net = _net()
+    x = IMAGES[:7]
+    net.predict(x)
+    before = net.predict(x)  # from the program
+    assert net._program is not None
+    edits = (lambda: net[1].running_mean.__iadd__(np.float32(0.5)),
+             lambda: net[4].weight.data.__imul__(np.float32(-0.5)),
+             lambda: net[9].running_var.__setitem__(2, np.float32(5.0)))
+    for edit in edits:
+        edit()
+        got = net.predict(x)
+        assert not np.array_equal(got, before)
+        assert np.array_equal(got, net.fold_batchnorm().predict(x))
+        before = got
+
+
+def test_global_average_pooling_runs_in_the_program_with_the_layer_paths_bits():
+    x = RNG.standard_normal((40, 3, 10, 14), dtype=np.float32)  # non-square; 40: the layer path
+    net = Sequential(Conv2d(3, 16, 3, padding=1, bias=False), _bn(16, 6), ReLU(), GlobalAvgPool2d(),
+                     Flatten(), Linear(16, 10), input_shape=(3, 10, 14))
+    whole = net.forward(x)
+    small = np.concatenate([net.forward(x[i:i + 5]) for i in range(0, 40, 5)])
+    assert [int(row[program.CODE]) for row in net._program.ops] == [
+        program.OP_CONV, program.OP_GLOBALAVG, program.OP_LINEAR]
+    assert np.array_equal(small.view(np.uint32), whole.view(np.uint32))
+    feats = np.maximum(_layer_by_layer(Sequential(*net.layers[:3]), x), 0).mean(axis=(2, 3), dtype=np.float64)
+    want = feats @ net[5].weight.data.T.astype(np.float64) + net[5].bias.data
+    np.testing.assert_allclose(small, want, rtol=1e-4, atol=1e-5)
 
 
 def test_the_fold_is_made_once_while_nothing_changes():

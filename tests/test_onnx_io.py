@@ -71,8 +71,12 @@ def test_lenet_round_trip_is_bit_identical_and_agrees_with_onnx_runtime(ort, tmp
     np.testing.assert_allclose(ort_run(ort, path, x), bundled.predict(x), atol=PROB_ATOL, rtol=0)
     np.testing.assert_allclose(bundled.predict(x), ref.lenet_forward(bundled.state_dict(), x),
                                atol=PROB_ATOL, rtol=0)
-    # the command line's model specs take the file too
+    # the command line's model specs and microcnn.load take the file too (any case of the suffix)
     np.testing.assert_array_equal(load_model_spec(str(path)).predict(x), bundled.predict(x))
+    upper = path.rename(tmp_path / "LENET.ONNX")
+    loaded = microcnn.load(upper)
+    assert isinstance(loaded, Sequential) and loaded.config() == bundled.config()
+    np.testing.assert_array_equal(loaded.predict(x), bundled.predict(x))
 
 
 def test_matmul_add_gemm_variants_and_shape_arithmetic_reshape(ort, tmp_path):
@@ -296,6 +300,8 @@ def test_corrupt_missing_and_non_finite_files(tmp_path):
     bad.write_bytes(b"\xff\xfe not protobuf" * 10)
     with pytest.raises(InputError, match=r"bad\.onnx: not an ONNX model"):
         load_onnx(bad)
+    with pytest.raises(InputError, match=r"bad\.onnx: not an ONNX model"):  # not a safetensors header error
+        microcnn.load(bad)
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         load_onnx(tmp_path / "missing.onnx")
     w = rand(4, 64)

@@ -48,6 +48,28 @@ def test_program_matches_stage_path_bit_for_bit_and_numpy_simulation(lenet_cal, 
     assert qnet.predict(images[:1]).shape == (1, 10)
 
 
+def test_program_runs_global_average_pooling_between_integer_layers(mnist_train):
+    """An imported CNN's tail (conv, BatchNorm, ReLU, global average pooling, linear) compiles too: the
+    pooling runs in float32 on the last convolution's real output, with the float stage's kernel."""
+    from microcnn.kernels import program
+    from microcnn.layers import BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, ReLU
+
+    images = mnist_train[0][:140, :, 3:24, 5:27]  # non-square 21 x 22
+    bn = BatchNorm2d(8)
+    bn.running_mean[...] = RNG.normal(0, 0.2, 8)
+    net = microcnn.Sequential(Conv2d(1, 8, 3, stride=2, padding=1, rng=np.random.default_rng(3)), bn, ReLU(),
+                              GlobalAvgPool2d(), Flatten(), Linear(8, 10, rng=np.random.default_rng(4)),
+                              input_shape=(1, 21, 22))
+    qnet = quantize(net, calibrate(net, images[:100], progress=False), 8, 8)
+    x = np.ascontiguousarray(images[100:140])
+    layered = qnet.forward(x)  # 40 images: stage by stage
+    small = np.concatenate([qnet.forward(x[i:i + 8]) for i in range(0, 40, 8)])
+    assert qnet._program is not None
+    assert program.OP_GLOBALAVG in qnet._program[3][:, program.CODE]
+    np.testing.assert_array_equal(small.view(np.uint32), layered.view(np.uint32))
+    np.testing.assert_allclose(small, simulate(qnet.stages, x), rtol=1e-6, atol=1e-6)
+
+
 def test_program_is_rebuilt_when_stages_change_and_skipped_for_fp32_layers(lenet_cal):
     net, cal, images = lenet_cal
     qnet = quantize(net, cal, 8, 8)

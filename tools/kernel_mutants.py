@@ -59,6 +59,8 @@ ELEM_TESTS = (TS + "::test_softmax_rows_with_a_huge_score_in_any_position",
               T + "test_autograd.py")
 PROG_TESTS = (NS + "::test_sequential_paths_pool_nonsquare", NS + "::test_program_relu_maxpool_op_nonsquare",
               NS + "::test_program_never_overwrites_the_callers_input", T + "test_engine.py")
+GAP_TESTS = (T + "test_fold_inference.py::test_global_average_pooling_runs_in_the_program_with_the_layer_paths_bits",
+             QP + "::test_program_runs_global_average_pooling_between_integer_layers") + PROG_TESTS
 BACK_TESTS = (TS + "::test_conv_gradients_non_square", T + "test_autograd.py")
 GEMM_TESTS = (T + "test_gemm.py",)
 PORT, EXACT = T + "test_portability.py", T + "test_kernels_exact.py"
@@ -122,6 +124,9 @@ MUTANTS = [
            "count_include_pad=False ignored: the padding is always counted"),
     Mutant("pool-19", POOL, "if 2 * pool.ph > pool.kh or 2 * pool.pw > pool.kw:", "if 2 * pool.ph > pool.kh or 2 * pool.pw > pool.kh:",
            POOL_TESTS, "padding check compares the horizontal padding with the kernel height"),
+    Mutant("pool-20", POOL, "p0, p1, p2, p3 = x[i, ch], x[i, c1], x[i, c2], x[i, c3]",
+           "p0, p1, p2, p3 = x[i, ch], x[i, c1], x[i, c2], x[i, c2]", POOL_TESTS + GAP_TESTS,
+           "global average pooling sums the third channel of four twice (copy-paste)"),
     # -- conv.py -------------------------------------------------------------------------------------------
     Mutant("conv-01", CONV, "ix = q * geom.sw + v * geom.dw - geom.pw", "ix = q * geom.sw + v * geom.dw - geom.ph", CONV_TESTS,
            "naive conv: vertical padding used horizontally"),
@@ -350,6 +355,10 @@ MUTANTS = [
     Mutant("prog-09", PROG, "oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)",
            "oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, ph)", PROG_TESTS,
            "OP_CONV output width with the vertical padding"),
+    Mutant("prog-10", PROG, "scale = np.float32(1.0 / (h * w))", "scale = np.float32(1.0 / (h * h))", GAP_TESTS,
+           "OP_GLOBALAVG divides by the height squared (square inputs hide it)"),
+    Mutant("prog-11", PROG, "if OP_QUANTIZE <= code <= OP_QRELU:", "if code >= OP_QUANTIZE:", GAP_TESTS,
+           "a float op numbered after the integer ones is dispatched as an integer op"),
     # -- backward.py (lines outside the fastmath reductions the portability work may rewrite) ------------
     Mutant("back-01", BACK, "            db[a] += s", "            db[a] = s", BACK_TESTS,
            "bias gradient of a chunk keeps only its last image"),

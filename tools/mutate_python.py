@@ -90,6 +90,9 @@ MODULES = {
     "jsonutil": ("microcnn/jsonutil.py", ["tests/test_jsonutil_exact.py"], (), []),
     # kernels/threads.py: the batch split across threads and the thread pool of the integer kernels
     "threads": ("microcnn/kernels/threads.py", ["tests/test_threads.py"], (), []),
+    # network.py: only the arrays inference reuses from call to call (Workspace, run_groups)
+    "workspace": ("microcnn/network.py", ["tests/test_workspace.py"],
+                  _all_but("microcnn/network.py", {"Workspace", "run_groups"}), []),
     # cli.py: only the functions that build what the commands report (results, precision)
     "cli": ("microcnn/cli.py", ["tests/test_cli_results.py"],
             _all_but("microcnn/cli.py", {"_stored_precision", "_precision_of", "_model_at_precision",
@@ -241,6 +244,10 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "_depth: Add->Sub in index - last_other + np.where(last_other < 0, run, 0)": _PARITY,
         "_depth: Sub->Add in index - last_other": _PARITY,
         "_depth: Add->Sub in inside + np.cumsum(quotes)": _PARITY,
+    },
+    "workspace": {
+        "Workspace.release: swap args of np.may_share_memory(buf, result)":
+            "may_share_memory is symmetric: whether the bounds of a and b overlap",
     },
     "cli": {
         "_model_at_precision: False->True in getattr(args, 'json', False)":

@@ -236,10 +236,24 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     ((u*dh) % sh, (v*dw) % sw) shifted by ((u*dh) // sh, (v*dw) // sw), again a window. The copy costs
     one pass over the input instead of KH*KW/(sh*sw) for a patch matrix, and the GEMM's windows
     overlap in cache. The columns q >= OW of each row are computed and dropped -- (Wq - OW)/Wq extra
-    work. The taps are summed in the same order whatever the layout: same bits. Batches that
+    work. The taps are summed in the same order whatever the layout: same bits. Convolutions that
     ``conv_blocked.use_blocked`` accepts run ``conv_blocked.blocked_images`` instead: output channels in
-    vector lanes, faster on strides and many channels, the same bits again.
+    vector lanes, faster on strides and many channels, the same bits again (``gemm_images`` is the
+    GEMM path alone).
     """
+    h, wd = x.shape[2], x.shape[3]
+    hp, wp = h + 2 * geom.ph, wd + 2 * geom.pw
+    oh = conv_output_size(hp, geom.kh, geom.sh, 0, geom.dh)
+    ow = conv_output_size(wp, geom.kw, geom.sw, 0, geom.dw)
+    if use_blocked(b.shape[0], geom.groups, w2.shape[1], oh * ow, geom.sh * geom.sw > 1, geom.dh, geom.dw):
+        blocked_images(x, w2, b, geom, pool, relu, y, n0, n1)
+    else:
+        gemm_images(x, w2, packed, b, geom, pool, relu, y, n0, n1)
+
+
+@njit(cache=True, nogil=True)
+def gemm_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
+    """``im2col_images`` by its GEMM path, whatever ``use_blocked`` says (the blocked kernel's reference)."""
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     o = b.shape[0]
     groups = geom.groups
@@ -248,9 +262,6 @@ def im2col_images(x, w2, packed, b, geom, pool, relu, y, n0, n1):
     hp, wp = h + 2 * ph, wd + 2 * pw
     oh = conv_output_size(hp, geom.kh, sh, 0, geom.dh)
     ow = conv_output_size(wp, geom.kw, sw, 0, geom.dw)
-    if use_blocked(o, groups, w2.shape[1], oh * ow, sh * sw > 1, geom.dh, geom.dw, n1 - n0):  # same bits
-        blocked_images(x, w2, b, geom, pool, relu, y, n0, n1)
-        return
     hq, wq = -(-hp // sh), -(-wp // sw)  # one phase's size
     plane = hq * wq
     k = cg * geom.kh * geom.kw
@@ -340,7 +351,7 @@ def with_pool(run):
     """``run(x, b)`` extended to the runner signature ``(x, b, pool=None, relu=False)`` by separate
     passes, for the algorithms that do not apply ReLU and pooling in their own epilogue."""
 
-    def run_then_pool(x, b, pool=None, relu=False):
+    def run_then_pool(x, b, pool=None, relu=False, out=None):  # ``out`` is only a hint (see im2col_runner)
         y = run(x, b)
         if pool is not None:
             return maxpool2d(y, *pool_geometry(pool), floor=0 if relu else None)
@@ -350,10 +361,12 @@ def with_pool(run):
 
 
 def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0, dilation=(1, 1), groups=1):
-    """A function ``run(x, b, pool=None, relu=False) -> y`` for inputs of shape (any N, C, H, W) =
-    x_shape[1:], with the weight layout decided once, so a repeated call costs one kernel dispatch.
+    """A function ``run(x, b, pool=None, relu=False, out=None) -> y`` for inputs of shape (any N, C, H, W)
+    = x_shape[1:], with the weight layout decided once, so a repeated call costs one kernel dispatch.
     ``relu`` and ``pool`` (a ``PoolGeometry`` or (kh, kw, sh, sw[, ph, pw, ceil])) apply ReLU and max
-    pooling to the result in the same pass."""
+    pooling to the result in the same pass. ``out``: a C-contiguous float32 array that y may be written
+    into when it has y's shape (a model's reused buffer, see ``network.Workspace``); y is returned
+    either way, and the runners that cannot use it ignore it."""
     _, c, h, wd = x_shape
     o = w.shape[0]
     geom = conv_geometry(w.shape, (sh, sw), (ph, pw), dilation, groups)
@@ -363,21 +376,27 @@ def im2col_runner(x_shape, w, sh=1, sw=1, ph=0, pw=0, dilation=(1, 1), groups=1)
     if (oh == 1 and ow == 1 and geom.kh == h and geom.kw == wd and ph == 0 and pw == 0 and groups == 1
             and geom.dh == 1 and geom.dw == 1):
         # The patch matrix is x itself: a dense layer.
-        def run_dense(x, b, pool=None, relu=False):
+        def run_dense(x, b, pool=None, relu=False, out=None):
             y = linear_forward(x.reshape(x.shape[0], k), w2, b, relu).reshape(x.shape[0], o, 1, 1)
             return y if pool is None else maxpool2d(y, *pool_geometry(pool))
 
         return run_dense
     packed = pack_group_rows(w2, groups) if use_packed(o, groups) else np.zeros((0, k, PACK_ROWS), np.float32)
 
-    def run(x, b, pool=None, relu=False):
+    def run(x, b, pool=None, relu=False, out=None):
         pool = NO_POOL if pool is None else pool_geometry(pool)
         n = x.shape[0]
-        if not _use_parallel(n, _PARALLEL_IMAGES):
+        parallel = _use_parallel(n, _PARALLEL_IMAGES)
+        if out is None and not parallel:
             return _im2col_batch(x, w2, packed, b, geom, pool, relu)
         oh, ow = conv_output_shape(x.shape[2], x.shape[3], geom)
-        y = np.empty((n, o, *(pooled_shape(oh, ow, pool) if pool.kh > 0 else (oh, ow))), np.float32)
-        _im2col_parallel(x, w2, packed, b, geom, pool, relu, y, numba.get_num_threads())
+        shape = (n, o, *(pooled_shape(oh, ow, pool) if pool.kh > 0 else (oh, ow)))
+        usable = out is not None and out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous
+        y = out if usable else np.empty(shape, np.float32)
+        if parallel:
+            _im2col_parallel(x, w2, packed, b, geom, pool, relu, y, numba.get_num_threads())
+        else:
+            im2col_images(x, w2, packed, b, geom, pool, relu, y, 0, n)
         return y
 
     return run

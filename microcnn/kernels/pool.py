@@ -177,30 +177,38 @@ def _avg_window(pool, oy, ox, h, w, count_include_pad):
     return y0, y1, x0, x1, size if count_include_pad else (y1 - y0) * (x1 - x0)
 
 
+@register_jitable
+def global_avg_image(x, i, out, scale):
+    """out[i, :, 0, 0] = each channel's sum over image i of x (N, C, H, W) times ``scale`` (float32 1 / the
+    divisor). Each channel is summed in the same order (row by row, from 0), four channels side by side
+    -- four independent chains of additions instead of one (a chain is latency-bound). ``avgpool2d``
+    with the whole image as its window and ``kernels.program`` run this same code."""
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    for ch in range(0, c, 4):
+        c1, c2, c3 = min(ch + 1, c - 1), min(ch + 2, c - 1), min(ch + 3, c - 1)
+        p0, p1, p2, p3 = x[i, ch], x[i, c1], x[i, c2], x[i, c3]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for yy in range(h):
+            for xx in range(w):
+                a0 += p0[yy, xx]
+                a1 += p1[yy, xx]
+                a2 += p2[yy, xx]
+                a3 += p3[yy, xx]
+        out[i, ch, 0, 0] = a0 * scale
+        out[i, c1, 0, 0] = a1 * scale
+        out[i, c2, 0, 0] = a2 * scale
+        out[i, c3, 0, 0] = a3 * scale
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _avgpool(x, pool, count_include_pad, oh, ow):
     n, c, h, w = x.shape
     out = np.empty((n, c, oh, ow), dtype=np.float32)
     y0, y1, x0, x1, size = _avg_window(pool, 0, 0, h, w, count_include_pad)
     if oh == 1 and ow == 1 and y0 == 0 and x0 == 0 and y1 == h and x1 == w:
-        # Global average: each channel summed in the same order (row by row, from 0), four channels side
-        # by side -- four independent chains of additions instead of one (a chain is latency-bound).
         scale = np.float32(1.0 / size)
         for i in prange(n):
-            for ch in range(0, c, 4):
-                c1, c2, c3 = min(ch + 1, c - 1), min(ch + 2, c - 1), min(ch + 3, c - 1)
-                p0, p1, p2, p3 = x[i, ch], x[i, c1], x[i, c2], x[i, c3]
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for yy in range(h):
-                    for xx in range(w):
-                        a0 += p0[yy, xx]
-                        a1 += p1[yy, xx]
-                        a2 += p2[yy, xx]
-                        a3 += p3[yy, xx]
-                out[i, ch, 0, 0] = a0 * scale
-                out[i, c1, 0, 0] = a1 * scale
-                out[i, c2, 0, 0] = a2 * scale
-                out[i, c3, 0, 0] = a3 * scale
+            global_avg_image(x, i, out, scale)
         return out
     for i in prange(n):
         for ch in range(c):

@@ -40,11 +40,12 @@ from .integer import (
     qlinear_rows,
     quantize_u8,
 )
-from .pool import PoolGeometry, maxpool_images
+from .pool import PoolGeometry, global_avg_image, maxpool_images
 from .shapes import conv_output_size
 
 OP_CONV, OP_LINEAR, OP_RELU, OP_MAXPOOL, OP_SOFTMAX = 1, 2, 3, 4, 5
 OP_QUANTIZE, OP_DEQUANTIZE, OP_QCONV, OP_QLINEAR, OP_QMAXPOOL, OP_QRELU = 6, 7, 8, 9, 10, 11
+OP_GLOBALAVG = 12  # float32 global average pooling: (C, H, W) -> (C, 1, 1)
 
 # Fields of an op row.
 CODE = 0
@@ -163,7 +164,7 @@ def run_program(x, ops):
     for t in range(ops.shape[0]):
         op = ops[t]
         code = op[CODE]
-        if code >= OP_QUANTIZE:
+        if OP_QUANTIZE <= code <= OP_QRELU:
             if code == OP_QUANTIZE:
                 qbuf = quantize_u8(buf, _float_pointer(op[SCALE])[0], op[ZERO_POINT], op[QMAX])
             elif code == OP_DEQUANTIZE:
@@ -233,5 +234,11 @@ def run_program(x, ops):
             buf, h, w = y.reshape(-1), oh, ow
         elif code == OP_SOFTMAX:
             buf = softmax_rows(buf.reshape(n, c * h * w)).reshape(-1)
+        elif code == OP_GLOBALAVG:
+            y = np.empty((n, c, 1, 1), np.float32)
+            scale = np.float32(1.0 / (h * w))
+            for i in range(n):
+                global_avg_image(buf.reshape(n, c, h, w), i, y, scale)
+            buf, h, w = y.reshape(-1), 1, 1
         owned = True
     return buf

@@ -40,7 +40,8 @@ def load_model(path: StrPath) -> Sequential | Graph | QuantizedSequential | Quan
 
     Args:
         path: a ``.safetensors`` file written by ``net.save``, ``microcnn.save_model`` or ``microcnn
-            quantize`` (a ``.raw`` file has no architecture: use ``lenet(weights=path)``).
+            quantize``, or an ``.onnx`` file (``onnx_io.load_onnx``: the optional ``onnx`` package).
+            A ``.raw`` file has no architecture: use ``lenet(weights=path)``.
 
     Returns:
         A ``Sequential`` or ``Graph`` (FP32), ``QuantizedSequential``, ``QuantizedGraph`` or
@@ -65,6 +66,10 @@ def load_model(path: StrPath) -> Sequential | Graph | QuantizedSequential | Quan
     if path.suffix == ".raw":
         raise FileFormatError(path, "a .raw file has no architecture; build the network and call "
                               "net.load(path) (e.g. microcnn.lenet(weights=path))")
+    if path.suffix.lower() == ".onnx":  # not read as safetensors: its first bytes are no header length
+        from ..onnx_io import load_onnx
+
+        return load_onnx(path)
     with SafetensorsFile(path) as st:
         metadata = st.metadata
         arch = architecture_of(path, metadata, allow_graph=True)

@@ -613,9 +613,11 @@ class FloatStage(Stage):
         return self.layer.forward(x)
 
     def program_ops(self, chw, keep):
-        if self.layer.type != "Softmax":
-            return None
-        return [program.op_row(program.OP_SOFTMAX)], chw
+        if self.layer.type == "Softmax":
+            return [program.op_row(program.OP_SOFTMAX)], chw
+        if self.layer.type == "GlobalAvgPool2d":  # the same kernel as the layer's forward: same bits
+            return [program.op_row(program.OP_GLOBALAVG)], (chw[0], 1, 1)
+        return None
 
     def tensors(self):
         return {pname: p.data for pname, p in zip(("weight", "bias"), self.layer.parameters(), strict=False)}
