@@ -96,13 +96,14 @@ def test_pooled_rows_requantized_two_at_a_time_or_one(qw, qh):
 @pytest.mark.parametrize(("kernel", "stride", "padding"),
                          [((3, 3), (2, 2), (1, 1)), ((1, 1), (2, 2), (0, 0)), ((3, 2), (2, 1), (0, 1)),
                           ((2, 3), (3, 2), (1, 0))])
-def test_vertical_stride_convolutions_are_exact(c, kernel, stride, padding):
-    """Vertical stride > 1 builds explicit patch words: 4 channels of one tap when C is a multiple of 4,
-    else 4 consecutive taps of the flattened kernel; both exact against the int64 reference on
-    non-square images, with codes at 0 and 255 and the extreme weights."""
-    rng = np.random.default_rng(c * 100 + stride[0] * 10 + kernel[1])
+@pytest.mark.parametrize("size", [(9, 12), (11, 13)])  # 11 x 13: the last padded row and column are read
+def test_vertical_stride_convolutions_are_exact(c, kernel, stride, padding, size):
+    """Vertical stride > 1: with C a multiple of 4, words of 4 channels split into the stride's phases;
+    else explicit patches of 4 consecutive taps of the flattened kernel; both exact against the int64
+    reference on non-square images, with codes at 0 and 255 and the extreme weights."""
+    rng = np.random.default_rng(c * 100 + stride[0] * 10 + kernel[1] + size[0])
     n, o, zp = 3, 11, 200
-    x = rng.integers(0, 256, (n, c, 9, 12)).astype(np.uint8)
+    x = rng.integers(0, 256, (n, c, *size)).astype(np.uint8)
     x[0, :, 0, :] = 255
     x[1, :, :, 0] = 0
     w = rng.integers(-128, 128, (o, c, *kernel)).astype(np.int8)
@@ -114,3 +115,21 @@ def test_vertical_stride_convolutions_are_exact(c, kernel, stride, padding):
     geo = ki.QConvGeometry(*kernel, *stride, *padding, 1, 1, 1, 1)
     ki.conv2d_packed(x, ki.pack_conv(w, bias, stride[0], zp), geo, rq, np.empty((0,) * 4, np.uint8), out_f)
     np.testing.assert_array_equal(out_f.astype(np.int64), acc)
+
+
+@pytest.mark.parametrize("w", [5, 7, 8, 9, 14, 15, 16, 17, 28, 33])
+@pytest.mark.parametrize("qmax", [15, 255])
+@pytest.mark.parametrize(("ph", "pw"), [(1, 1), (0, 2), (2, 0)])
+def test_padded_copy_of_every_row_width_clamps_and_keeps_the_border(w, qmax, ph, pw):
+    """The convolution's padded input: rows copied by whole vectors of 16 or 8 bytes, the last overlapping
+    the one before (scalar below 8 bytes), each code clamped to the stage's qmax; the border keeps the
+    zero point. Exact against NumPy for every width around the vector sizes."""
+    rng = np.random.default_rng(w * 1000 + qmax + 10 * ph + pw)
+    c, h, zp = 3, 4, 7
+    src = rng.integers(0, 256, (c, h, w)).astype(np.uint8)
+    src[0, 0, -1] = 255  # the last byte of a row, written by the overlapping vector
+    padded = np.full((c, h + 2 * ph + 3, w + 2 * pw), zp, np.uint8)
+    want = padded.copy()
+    want[:, ph:ph + h, pw:pw + w] = np.minimum(src, qmax)
+    ki._fill_padded(src, qmax, padded, ph, pw)
+    np.testing.assert_array_equal(padded, want)

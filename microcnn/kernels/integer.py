@@ -52,6 +52,8 @@ from .qdot import (
     PAIR_WORDS,
     REQUANT_VALUES,
     STRIP,
+    clamped_move8,
+    clamped_move16,
     dense_kernel,
     microkernel1,
     microkernel2,
@@ -197,8 +199,8 @@ def conv_taps(c, kh, kw, sh):
     (vertical stride 1), per channel group cg: first the vertical words (row group kq, kx), byte r*G + g
     tap (cg*G + g, kq*R + r, kx); then the horizontal words of the rows ``_row_split`` leaves over (row ky,
     column group j), byte h*G + g tap (cg*G + g, ky, j*R + h). group 0 (vertical stride > 1): explicit
-    patches; with C a multiple of 4, word (cg, ky, kx) holds tap (ky, kx) of channels 4cg..4cg+3 (the
-    ``_fill_channel_words`` layout), else word w holds taps 4w..4w+3."""
+    patches; with C a multiple of 4, word (cg, ky, kx) holds tap (ky, kx) of channels 4cg..4cg+3 (read
+    from the phase planes of ``_fill_phase_words``), else word w holds taps 4w..4w+3."""
     k = c * kh * kw
     if sh != 1:
         n = (k + 3) // 4
@@ -491,6 +493,17 @@ def _fill_padded(src, qmax, padded, ph, pw):
             for j in range(h * w):
                 d[j] = min(s[j], q)
             continue
+        if w >= 8:  # rows by whole vectors of 16 (or 8) bytes, the last one overlapping the one before
+            step, qi = 16 if w >= 16 else 8, np.intp(q)
+            for y in range(h):
+                row, to = src[ch, y].ctypes.data, padded[ch, y + ph].ctypes.data + pw
+                for x0 in range(0, w, step):
+                    at = min(x0, w - step)
+                    if step == 16:
+                        clamped_move16(to + at, row + at, qi)
+                    else:
+                        clamped_move8(to + at, row + at, qi)
+            continue
         for y in range(h):
             s = src[ch, y]
             d = padded[ch, y + ph, pw:pw + w]
@@ -579,19 +592,25 @@ def _fill_hwords(group, padded, hp, sw, hwords):
 
 
 @njit(cache=True, nogil=True)
-def _fill_channel_words(pixels, kh, kw, sh, sw, oh, ow, words):
-    """Explicit im2col of words of 4 channels (group 0, C a multiple of 4): words[(cg*kh + ky)*kw + kx,
-    oy*ow + ox] = pixels[cg, oy*sh + ky, ox*sw + kx], pixels holding channels 4cg..4cg+3 of each padded
-    pixel in one word (``_fill_wide`` with G = 4). Copies of whole words, no per-byte index arithmetic."""
+def _fill_phase_words(pixels, sh, sw, words):
+    """The words of 4 channels (group 0, C a multiple of 4) split into the sh x sw phases of the stride:
+    words[(cg*sh + py)*sw + px, r*wq + q] = pixels[cg, r*sh + py, q*sw + px] (``_fill_wide`` with G = 4
+    holds channels 4cg..4cg+3 of each padded pixel in one word). Tap (ky, kx) of output (oy, ox) is then
+    word (oy + ky // sh)*wq + ox + kx // sw of phase (ky % sh, kx % sw): each pixel word is copied once,
+    where explicit patches copied it for every tap that reads it (up to 9). Words past the image (a phase
+    one row or column shorter) are left alone: only the dropped columns of the wide rows read them."""
+    hp, wp = pixels.shape[1], pixels.shape[2]
+    hq, wq = -(-hp // sh), -(-wp // sw)
     for cg in range(pixels.shape[0]):
-        for ky in range(kh):
-            for kx in range(kw):
-                dst = words[(cg * kh + ky) * kw + kx]
-                for oy in range(oh):
-                    src = pixels[cg, oy * sh + ky]
-                    d = dst[oy * ow:(oy + 1) * ow]
-                    for ox in range(ow):
-                        d[ox] = src[ox * sw + kx]
+        for py in range(sh):
+            for px in range(sw):
+                dst = words[(cg * sh + py) * sw + px]
+                for r in range(hq):
+                    y = r * sh + py
+                    if y < hp:
+                        src, d = pixels[cg, y], dst[r * wq:(r + 1) * wq]
+                        for q in range(-(-(wp - px) // sw)):
+                            d[q] = src[q * sw + px]
 
 
 @njit(cache=True, nogil=True)
@@ -625,10 +644,19 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     padded = np.full((c, hp + 3, wp), np.uint8(pk.zero_point))
     pixels = np.zeros((c // 4 if group == 0 and c % 4 == 0 else 0, hp, wp), np.uint32)  # 4 channels a word
     wide = group > 0 and sw == 1
-    rs = wp if wide else ow  # accumulator row stride
+    phased = group == 0 and c % 4 == 0
+    hq, wq = -(-hp // sh), -(-wp // sw)  # one phase of the stride (``_fill_phase_words``)
+    rs = wp if wide else wq if phased else ow  # accumulator row stride
     word_off = np.empty(n_words, np.int64)
     ncg, nj, hr, h_planes = max(c // max(group, 1), 1), 1, 0, 1  # (hr: rows in horizontal words)
-    if group == 0:
+    if phased:  # word (cg, ky, kx), as conv_taps orders them, in its phase plane
+        n_rows, row_len = (c // 4) * sh * sw, hq * wq
+        for cg in range(c // 4):
+            for ky in range(kh):
+                for kx in range(kw):
+                    plane = (cg * sh + ky % sh) * sw + kx % sw
+                    word_off[(cg * kh + ky) * kw + kx] = plane * row_len + (ky // sh) * wq + kx // sw
+    elif group == 0:
         n_rows, row_len = n_words, oh * ow
         word_off[:] = np.arange(n_words) * row_len
     else:
@@ -667,9 +695,9 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     pooled = np.empty(max(qh * qw, REQUANT_VALUES), np.int32)
     for i in range(n0, n1):
         _fill_padded(x[i], pk.qmax, padded, ph, pw)
-        if group == 0 and c % 4 == 0:
+        if phased:
             _fill_wide(4, padded, hp, pixels)
-            _fill_channel_words(pixels, kh, kw, sh, sw, oh, ow, words)
+            _fill_phase_words(pixels, sh, sw, words)
         elif group == 0:
             _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, taps, words)
         elif wide:

@@ -294,3 +294,29 @@ def _make_requant_row(pool: bool, pair: bool = False):
 requant_row = _make_requant_row(False)
 requant_row_pool2 = _make_requant_row(True)
 requant_rows_pool2 = _make_requant_row(True, pair=True)
+
+
+def _make_clamped_move(width: int):
+    """``move(dst_addr, src_addr, qmax)``: dst[t] = min(src[t], qmax) for ``width`` uint8 values, one vector
+    load, unsigned min and store (a padded image's rows; a Numba loop over a row of 14 or 28 bytes spends
+    most of its time in the scalar remainder)."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.core.extending import intrinsic
+
+    @intrinsic
+    def move(typingctx, dst_addr, src_addr, qmax):
+        def codegen(context, builder, signature, args):
+            vb = ir.VectorType(ir.IntType(8), width)
+            value = builder.load(builder.inttoptr(args[1], vb.as_pointer()), align=1)
+            q = splat(builder, builder.trunc(args[2], ir.IntType(8)), vb)
+            clamped = builder.select(builder.icmp_unsigned("<", value, q), value, q)
+            builder.store(clamped, builder.inttoptr(args[0], vb.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return types.void(types.intp, types.intp, types.intp), codegen
+
+    return move
+
+
+clamped_move16, clamped_move8 = _make_clamped_move(16), _make_clamped_move(8)
