@@ -38,11 +38,7 @@ def load_model_spec(spec: str):
         return fashion_cnn(weights="bundled")
     if Path(spec).suffix == ".raw":
         return lenet(weights=spec)
-    if Path(spec).suffix == ".onnx":
-        from .onnx_io import load_onnx
-
-        return load_onnx(spec)
-    from .quant.loading import load_model  # only here: a LeNet-5 needs no quantization package
+    from .quant.loading import load_model  # only here: a LeNet-5 needs no quantization package (.onnx too)
 
     return load_model(spec)
 
