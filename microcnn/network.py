@@ -603,9 +603,22 @@ class Sequential(FloatModel):
         return self.layers
 
     def logits(self, x):
-        """Scores before the final Softmax; accepts ndarrays (inference) or Tensors (training)."""
-        for layer in self.body:
-            x = layer(x)
+        """Scores before the final Softmax; accepts ndarrays (inference, through the fused groups as
+        ``forward``) or Tensors (training)."""
+        if isinstance(x, Tensor):
+            for layer in self.body:
+                x = layer(x)
+            return x
+        if len(self.body) == len(self.layers):
+            return self.forward(x)
+        groups = self.inference_groups()
+        if groups[-1].layer is not self.layers[-1]:  # the Softmax fused with what precedes it
+            for layer in self.body:
+                x = layer(x)
+            return x
+        check_array_batch(x)
+        x = run_groups(groups[:-1], x, self.workspace)
+        self.workspace.release(x)
         return x
 
     def trace(self, x) -> list[LayerTrace]:

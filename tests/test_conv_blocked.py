@@ -21,7 +21,8 @@ from .test_portability import _run_predictions
 
 # (n, c, h, w, o, kh, kw, stride, padding): the benchmark networks' layers (stride 2, 1x1 projection, 16
 # channels), partial channel blocks (21, 40), 5x5 and non-square kernels and inputs, tiles that wrap rows
-# and end on the small tile.
+# and end on the small tile or on a whole tile overlapping the one before (npix 196, 130), two-block calls
+# (o > 16) with a zero-padded last block (40, 48), a 1-channel 9-tap stem.
 SHAPES = [
     (5, 32, 14, 14, 64, 3, 3, (1, 1), (1, 1)),
     (4, 32, 28, 28, 32, 3, 3, (2, 2), (1, 1)),
@@ -30,6 +31,8 @@ SHAPES = [
     (4, 7, 9, 11, 21, 3, 3, (2, 2), (1, 1)),
     (4, 6, 8, 8, 40, 5, 5, (1, 1), (2, 2)),
     (6, 5, 10, 7, 24, 3, 2, (1, 2), (0, 1)),
+    (3, 1, 10, 13, 16, 3, 3, (1, 1), (1, 1)),
+    (3, 8, 9, 9, 48, 3, 3, (1, 1), (1, 1)),
 ]
 
 
@@ -126,7 +129,8 @@ def test_ineligible_convolutions_stay_on_im2col():
     assert not CB.use_blocked(16, 2, 72, 64, False, 1, 1)  # groups
     assert not CB.use_blocked(16, 1, 72, 64, False, 2, 2)  # dilation
     assert not CB.use_blocked(6, 1, 150, 64, False, 1, 1)  # fewer channels than half a block
-    assert not CB.use_blocked(32, 1, 9, 784, False, 1, 1)  # 9 taps at stride 1 (a 1-channel stem)
+    assert not CB.use_blocked(32, 1, 4, 784, False, 1, 1)  # 4 taps at stride 1 (1x1, 4 channels)
+    assert CB.use_blocked(32, 1, 9, 784, False, 1, 1)  # a 1-channel 3x3 stem
     assert not CB.use_blocked(32, 1, 72, CB.PIXELS - 1, False, 1, 1)  # fewer pixels than a tile
     assert CB.use_blocked(32, 1, 9, 196, True, 1, 1)
 

@@ -91,6 +91,24 @@ def test_inference_runs_conv_bn_relu_pool_and_linear_bn_as_one_folded_call_each(
         f.weight.data.ctypes.data for f in folded]
 
 
+def test_array_logits_run_the_folded_groups_without_the_softmax():
+    """``logits`` of an array is inference: the fused, folded groups (a fresh fold's bits, which the layers
+    one by one match only up to float32 rounding), stopping before the Softmax, from any state."""
+    net = _net()
+    fresh = net.fold_batchnorm()
+    head = Sequential(*fresh.layers[:-1], input_shape=fresh.input_shape)
+    refs = {n: _layer_by_layer(Sequential(*net.layers[:-1]), IMAGES[:n]) for n in (3, 40)}
+    for bn in (net[1], net[5], net[9]):  # folded into the call before: never run on their own
+        bn.forward = lambda *a, **k: pytest.fail("a BatchNorm ran on its own")
+    for n in (40, 3, 40):
+        got = net.logits(IMAGES[:n])
+        assert np.array_equal(got, head.predict(IMAGES[:n])), f"batch {n}"
+        np.testing.assert_allclose(got, refs[n], rtol=1e-5, atol=1e-6)
+        assert got.shape == (n, 10) and not np.allclose(got.sum(axis=1), 1)
+    without_softmax = Sequential(*net.layers[:-1], input_shape=net.input_shape)
+    assert np.array_equal(without_softmax.logits(IMAGES), without_softmax.predict(IMAGES))
+
+
 def test_the_compiled_program_refolds_after_an_in_place_change_of_a_source():
     """Small batches run the compiled program, whose rows point at the fold's arrays. An in-place edit of
     a BatchNorm statistic or of the weights creates no layer (``Layer.edits`` stays): the program must

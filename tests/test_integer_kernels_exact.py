@@ -133,3 +133,32 @@ def test_padded_copy_of_every_row_width_clamps_and_keeps_the_border(w, qmax, ph,
     want[:, ph:ph + h, pw:pw + w] = np.minimum(src, qmax)
     ki._fill_padded(src, qmax, padded, ph, pw)
     np.testing.assert_array_equal(padded, want)
+
+
+@pytest.mark.parametrize("c, h, w, stride, o", [(8, 14, 14, (2, 2), 12), (4, 6, 19, (1, 1), 9),
+                                                (3, 5, 40, (1, 2), 5)])
+def test_conv_real_output_by_vectors_rounds_clamps_and_stops_at_the_image_end(c, h, w, stride, o):
+    """The plain MODE_DEQUANT epilogue (``qdot.dequant_row``, 16 values a call): accumulators beyond 2**24
+    round to float32 as NumPy's conversion does, both clamps bite, rows of 7 (stride 2: accumulator rows
+    8 apart), 19 and 20 outputs (two calls per row) are written whole and nothing past each image's
+    planes (the last rows go through the scratch buffer)."""
+    n, zp = 3, 5
+    x = RNG.integers(0, 256, (n, c, h, w)).astype(np.uint8)
+    x[0, :, :3] = 255  # large accumulators: beyond 2**24 with the big weights below
+    wt = RNG.integers(-128, 128, (o, c, 3, 3)).astype(np.int8)
+    wt[0], wt[-1] = 127, -128
+    bias = RNG.integers(-2**23, 2**23, o).astype(np.int32)
+    bias[0], bias[-1] = 2**24, -2**23  # channel 0 above 2**24 (odd values round), the last one low
+    acc = conv_acc_ref(x, zp, wt, bias, stride, (1, 1))
+    lo, hi = -2**23 - 1001, int(np.median(acc[:, 0])) | 1  # half of channel 0 above hi
+    inside = (acc > lo) & (acc < hi)
+    assert (acc < lo).any() and (acc > hi).any() and (inside & (acc > 2**24) & (acc % 2 == 1)).any()
+    scale = RNG.uniform(1e-3, 1e-2, o).astype(np.float32)
+    geo = ki.QConvGeometry(3, 3, *stride, 1, 1, 1, 1, 1, 1)
+    out_f = np.full((n + 1, *acc.shape[1:]), -7.0, np.float32)  # one image more: must stay untouched
+    rq = ki.requant_params(np.zeros(o), np.ones(o), scale, ki.MODE_DEQUANT, 0, lo, hi)
+    ki.conv2d_packed(x, ki.pack_conv(wt, bias, stride[0], zp), geo, rq, np.empty((0,) * 4, np.uint8),
+                     out_f[:n])
+    want = np.clip(acc, lo, hi).astype(np.float32) * scale[None, :, None, None]
+    np.testing.assert_array_equal(out_f[:n], want)
+    assert (out_f[n] == -7.0).all()

@@ -5,11 +5,11 @@ batches, where ``im2col``'s pixel-vectorised GEMM loses time to strides, padding
 stride of 2 first splits the image into its four phases, padding costs a zero-bordered copy plus the
 Wp - OW wasted columns of every row, and each 8-channel block re-reads the image. Here a vector holds
 ``BLOCK`` (16) output channels of one pixel instead: the micro-kernel keeps ``PIXELS`` output pixels
-x 16 channels in registers for the whole reduction over the taps k = (c, u, v) and, per tap, loads the
-16 weights as vectors and broadcasts each pixel's input value -- any stride or dilation is only an
-address, and no column is computed to be dropped. Pixels are numbered along the whole output image,
-so a tile may wrap from one output row to the next; the last tile of an image overlaps the one
-before (it is recomputed, with the same values).
+x 16 channels (or ``PAIR_PIXELS`` x 32) in registers for the whole reduction over the taps k = (c, u,
+v) and, per tap, loads the weights as vectors and broadcasts each pixel's input value -- any stride
+or dilation is only an address, and no column is computed to be dropped. Pixels are numbered along the
+whole output image, so a tile may wrap from one output row to the next; the last tile of an image
+overlaps the one before (it is recomputed, with the same values).
 
 Same bits as ``im2col_images`` (tested): every output is ``fma(w[K-1], x[K-1], ... fma(w[0], x[0],
 bias))`` -- one fused multiply-add per tap in tap order from the bias, zero-padding taps included, as
@@ -36,7 +36,14 @@ BLOCK = 16  # output channels per block: one AVX-512 vector, two AVX2 ones
 # Output pixels per micro-kernel call: 12 x 1 accumulators of AVX-512's 32 registers, 6 x 2 of AVX2's 16
 # (plus the weight vectors and a broadcast).
 PIXELS = 12 if LANES == 16 else 6
-MIN_TAPS = 16  # taps per output below which the kernel's per-tile transpose outweighs its gain
+# With two blocks or more, AVX-512 calls take two blocks (32 channels) x 10 pixels: 20 accumulators, and
+# per tap 2 weight loads + 10 broadcasts for 20 multiply-adds instead of 1 + 12 for 12. On a core with two
+# 512-bit FMA units (an Intel Xeon here) the single block is bound by those loads: 32- and 64-channel
+# layers ran 19-33 % faster. 12 x 2 spills; AVX2 has no registers to spare (0: no pairs).
+PAIR_PIXELS = 10 if LANES == 16 else 0
+# Taps per output below which the kernel's per-tile transpose outweighs its gain. At 8, a 9-tap stem
+# (1 channel, 3x3) and 1x1 convolutions of 8-12 channels ran 15-35 % faster than im2col (Intel, 256 images).
+MIN_TAPS = 8
 
 
 @register_jitable
@@ -86,25 +93,27 @@ def _store_first(builder: ir.IRBuilder, vector: ir.Value, ptr: ir.Value, count: 
             done += size
 
 
-def _make_kernel(pixels: int) -> Any:
+def _make_kernel(pixels: int, nblk: int = 1) -> Any:
     """``kernel(data_addr, off_addr, n_k, pix_addr, w_addr, bias_addr, out_addr, out_stride, channels,
-    relu)``: for the ``pixels`` outputs p whose inputs start at ``data[pix[p]]`` and one block of BLOCK
-    channels,
+    relu)``: for the ``pixels`` outputs p whose inputs start at ``data[pix[p]]`` and ``nblk`` consecutive
+    blocks of BLOCK channels,
 
         out[f * out_stride + p] = fma(w[n_k-1, f], data[pix[p] + off[n_k-1]], ... fma(w[0, f],
                                       data[pix[p] + off[0]], bias[f]))
 
-    for f < ``channels`` (float32 addresses, int64 element offsets; ``w`` the block's packed (n_k, BLOCK)
-    weights), each value v stored as ``v if v > 0 else 0`` when ``relu`` is not 0 -- im2col's ReLU, which
-    also maps -0 and NaN to 0. The accumulators hold channels in lanes; they are transposed in registers
-    and each channel's ``pixels`` values written by plain vector stores, straight into the NCHW output (a
-    transposing copy through memory took a sixth of the time). Two blocks per call, 24 accumulators,
-    made LLVM spill them: one block keeps every multiply-add one instruction with its broadcast operand."""
+    for f < ``channels`` (float32 addresses, int64 element offsets; ``w`` the blocks' packed (nblk, n_k,
+    BLOCK) weights, ``bias`` their (nblk, BLOCK) biases), each value v stored as ``v if v > 0 else 0``
+    when ``relu`` is not 0 -- im2col's ReLU, which also maps -0 and NaN to 0. The accumulators hold
+    channels in lanes; they are transposed in registers and each channel's ``pixels`` values written by
+    plain vector stores, straight into the NCHW output (a transposing copy through memory took a sixth of
+    the time). Up to 20 accumulators keep every multiply-add one instruction with its broadcast operand;
+    24 (two blocks x 12 pixels) made LLVM spill."""
     from llvmlite import ir
     from numba.core import types
     from numba.core.extending import intrinsic
 
     vectors = BLOCK // LANES
+    per_k = nblk * vectors
     assert pixels <= LANES  # a pixel per lane of the transposed rows
 
     @intrinsic
@@ -122,18 +131,22 @@ def _make_kernel(pixels: int) -> Any:
             fma = fmuladd(builder, vf)
             starts = [builder.gep(data_p, [builder.load(builder.gep(pix_p, [ir.Constant(i64, p)]))])
                       for p in range(pixels)]
-            bias = [builder.load(builder.gep(bias_p, [ir.Constant(i64, v)]), align=4) for v in range(vectors)]
+            bias = [builder.load(builder.gep(bias_p, [ir.Constant(i64, v)]), align=4) for v in range(per_k)]
+            block_rows = builder.mul(n_k, ir.Constant(i64, vectors))
 
             def step(k, accs):
                 offset = builder.load(builder.gep(off_p, [k]))
                 row = builder.mul(k, ir.Constant(i64, vectors))
-                weights = [builder.load(builder.gep(w_p, [builder.add(row, ir.Constant(i64, v))]), align=4)
-                           for v in range(vectors)]
+                weights = []
+                for blk in range(nblk):
+                    at = builder.add(row, builder.mul(block_rows, ir.Constant(i64, blk)))
+                    weights += [builder.load(builder.gep(w_p, [builder.add(at, ir.Constant(i64, v))]),
+                                             align=4) for v in range(vectors)]
                 new = []
                 for p in range(pixels):
                     value = splat(builder, builder.load(builder.gep(starts[p], [offset])), vf)
-                    new += [builder.call(fma, [weights[v], value, accs[p * vectors + v]])
-                            for v in range(vectors)]
+                    new += [builder.call(fma, [weights[v], value, accs[p * per_k + v]])
+                            for v in range(per_k)]
                 return new
 
             finals = register_loop(builder, n_k, bias * pixels, step, "blockedconv")
@@ -142,8 +155,8 @@ def _make_kernel(pixels: int) -> Any:
                              ir.VectorType(i1, LANES))
             finals = [builder.select(builder.or_(builder.fcmp_ordered(">", v, zero), keep_all), v, zero)
                       for v in finals]
-            for v in range(vectors):  # channels v * LANES .. v * LANES + LANES - 1
-                rows = _transpose(builder, [finals[p * vectors + v] for p in range(pixels)]
+            for v in range(per_k):  # channels v * LANES .. v * LANES + LANES - 1
+                rows = _transpose(builder, [finals[p * per_k + v] for p in range(pixels)]
                                   + [zero] * (LANES - pixels))
                 for lane in range(LANES):
                     f = ir.Constant(i64, v * LANES + lane)
@@ -157,8 +170,9 @@ def _make_kernel(pixels: int) -> Any:
     return kernel
 
 
-_SMALL = 4  # pixels per call on an image's last PIXELS - 1 or fewer: a tile of 12 would redo up to 11
+_SMALL = 4  # pixels per call on an image's last 4 or fewer: a whole tile would redo up to 11
 _tile, _tile_small = _make_kernel(PIXELS), _make_kernel(_SMALL)
+_pair, _pair_small = _make_kernel(max(PAIR_PIXELS, 1), 2), _make_kernel(_SMALL, 2)  # (unused on AVX2)
 
 
 def _make_move() -> Any:
@@ -186,11 +200,12 @@ _move = _make_move()
 
 
 @njit(cache=True, nogil=True)
-def pack_blocks(w2, bias):
-    """Weights (O, K) and bias (O,) as ceil(O / BLOCK) blocks of BLOCK channels, k-major: (blocks, K,
-    BLOCK) and (blocks, BLOCK), channels past O zero. The layout the micro-kernel reads."""
+def pack_blocks(w2, bias, multiple=1):
+    """Weights (O, K) and bias (O,) as ceil(O / BLOCK) blocks of BLOCK channels, rounded up to a
+    ``multiple`` (the blocks per micro-kernel call), k-major: (blocks, K, BLOCK) and (blocks, BLOCK),
+    channels past O zero. The layout the micro-kernel reads."""
     o, k = w2.shape
-    blocks = -(-o // BLOCK)
+    blocks = -(-o // (BLOCK * multiple)) * multiple
     packed = np.zeros((blocks, k, BLOCK), np.float32)
     padded = np.zeros((blocks, BLOCK), np.float32)
     for f in range(o):
@@ -208,7 +223,9 @@ def blocked_images(x, w2, b, geom, pool, relu, y, n0, n1):
     window -- ``conv.im2col_images``'s contract and bits. ``w2``: the weights as (O, C*KH*KW)."""
     c, h, wd = x.shape[1], x.shape[2], x.shape[3]
     o, k = w2.shape
-    packed, bias = pack_blocks(w2, b)
+    step = 2 if PAIR_PIXELS > 0 and w2.shape[0] > BLOCK else 1  # blocks per micro-kernel call
+    tile = PAIR_PIXELS if step == 2 else PIXELS
+    packed, bias = pack_blocks(w2, b, step)
     ph, pw = geom.ph, geom.pw
     hp, wp = h + 2 * ph, wd + 2 * pw
     oh = conv_output_size(hp, geom.kh, geom.sh, 0, geom.dh)
@@ -248,18 +265,26 @@ def blocked_images(x, w2, b, geom, pool, relu, y, n0, n1):
         # Tiles outside, blocks inside: a tile's inputs stay in L1 while the weights stream past.
         j = 0
         while j < npix:
-            small = npix - j < PIXELS
-            at = min(j, npix - _SMALL) if small else j  # the last small tile overlaps the one before
-            for blk in range(blocks):
+            # The last pixels: one small tile when it covers them, else a whole tile overlapping the one
+            # before (small tiles use the core at half rate or less: three of them for 9 pixels took a
+            # third of a 7x7 output's time).
+            small = npix - j <= _SMALL
+            at = npix - _SMALL if small else min(j, npix - tile)
+            for blk in range(0, blocks, step):
                 # Addresses are taken here, not before the loop: Numba frees an array after the last
                 # statement naming it, and an address alone does not keep it alive.
                 args = (data, offs.ctypes.data, k, pix.ctypes.data + 8 * at, packed[blk].ctypes.data,
                         bias[blk].ctypes.data, dest + 4 * (blk * BLOCK * npix + at), npix,
-                        min(BLOCK, o - blk * BLOCK), relu_now)
-                if small:
-                    _tile_small(*args)
+                        min(step * BLOCK, o - blk * BLOCK), relu_now)
+                if step == 1:
+                    if small:
+                        _tile_small(*args)
+                    else:
+                        _tile(*args)
+                elif small:
+                    _pair_small(*args)
                 else:
-                    _tile(*args)
-            j = at + (_SMALL if small else PIXELS)
+                    _pair(*args)
+            j = at + (_SMALL if small else tile)
         if pooled:  # max and relu commute: a ReLU is a floor of 0 on the maxima
             maxpool_images(acc, y[i:i + 1], pool, floor, 0, 1)

@@ -55,6 +55,7 @@ from .qdot import (
     clamped_move8,
     clamped_move16,
     dense_kernel,
+    dequant_row,
     microkernel1,
     microkernel2,
     microkernel4,
@@ -454,6 +455,30 @@ def _requant_rows(acc, channels, o0, qh, qw, rs, pool2, scratch, rq, dst_q):
 
 
 @njit(cache=True, nogil=True)
+def _dequant_rows(acc, channels, o0, oh, ow, rs, scratch, rq, dst_f):
+    """MODE_DEQUANT's plain epilogue of ``channels`` accumulator rows (output row oy at oy * rs) into the
+    float32 planes of one image, 16 outputs per ``qdot.dequant_row`` call (``_finish``'s bits). Each call
+    reads up to 15 values past a row's last output and stores 16: the values past an output row are
+    rewritten by the rows after it, and a store that would pass the image's end goes through
+    ``scratch`` (16 float32)."""
+    width = acc.shape[1]
+    a_addr, d_addr = np.int64(acc.ctypes.data), np.int64(dst_f.ctypes.data)
+    s_addr = np.int64(scratch.ctypes.data)
+    lo, hi = max(rq.lo, -2 ** 31), min(rq.hi, 2 ** 31 - 1)  # the accumulators are int32
+    for c in range(channels):
+        o = o0 + c
+        scale = rq.fmult[o]
+        for oy in range(oh):
+            src, at = a_addr + 4 * (c * width + oy * rs), (o * oh + oy) * ow
+            for q0 in range(0, ow, REQUANT_VALUES):
+                direct = at + q0 + REQUANT_VALUES <= dst_f.shape[0]
+                dequant_row(src + 4 * q0, lo, hi, scale, d_addr + 4 * (at + q0) if direct else s_addr)
+                if not direct:
+                    for j in range(min(REQUANT_VALUES, ow - q0)):
+                        dst_f[at + q0 + j] = scratch[j]
+
+
+@njit(cache=True, nogil=True)
 def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f):
     """Write ``channels`` accumulator rows of one image (optionally max-pooled) into its output planes; output
     row oy of an accumulator row starts at oy * rs (rs >= ow: the wide layout computes extra columns).
@@ -465,6 +490,9 @@ def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f)
     qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
     if rq.mode == MODE_FIXEDPOINT and (pool2 or plain):  # the hot path: 16 outputs per vector call
         _requant_rows(acc, channels, o0, qh, qw, rs, pool2, pooled.view(np.uint8), rq, dst_q)
+        return
+    if rq.mode == MODE_DEQUANT and plain:  # features for a float stage (global average pooling)
+        _dequant_rows(acc, channels, o0, oh, ow, rs, pooled.view(np.float32), rq, dst_f)
         return
     for c in range(channels):
         o = o0 + c
@@ -495,8 +523,12 @@ def _fill_padded(src, qmax, padded, ph, pw):
             continue
         if w >= 8:  # rows by whole vectors of 16 (or 8) bytes, the last one overlapping the one before
             step, qi = 16 if w >= 16 else 8, np.intp(q)
+            # addresses by arithmetic (both C-contiguous): a row slice is a view whose reference count
+            # Numba updates atomically, two per row
+            s0 = np.int64(src.ctypes.data) + ch * h * w
+            d0 = np.int64(padded.ctypes.data) + (ch * padded.shape[1] + ph) * padded.shape[2] + pw
             for y in range(h):
-                row, to = src[ch, y].ctypes.data, padded[ch, y + ph].ctypes.data + pw
+                row, to = s0 + y * w, d0 + y * padded.shape[2]
                 for x0 in range(0, w, step):
                     at = min(x0, w - step)
                     if step == 16:
@@ -592,25 +624,27 @@ def _fill_hwords(group, padded, hp, sw, hwords):
 
 
 @njit(cache=True, nogil=True)
-def _fill_phase_words(pixels, sh, sw, words):
+def _fill_phase_words(pixels, sh, sw, kh, kw, words):
     """The words of 4 channels (group 0, C a multiple of 4) split into the sh x sw phases of the stride:
     words[(cg*sh + py)*sw + px, r*wq + q] = pixels[cg, r*sh + py, q*sw + px] (``_fill_wide`` with G = 4
     holds channels 4cg..4cg+3 of each padded pixel in one word). Tap (ky, kx) of output (oy, ox) is then
     word (oy + ky // sh)*wq + ox + kx // sw of phase (ky % sh, kx % sw): each pixel word is copied once,
     where explicit patches copied it for every tap that reads it (up to 9). Words past the image (a phase
-    one row or column shorter) are left alone: only the dropped columns of the wide rows read them."""
+    one row or column shorter) are left alone: only the dropped columns of the wide rows read them, and so
+    are the phases no tap reads (a 1x1 kernel at stride 2 reads one of the four)."""
     hp, wp = pixels.shape[1], pixels.shape[2]
     hq, wq = -(-hp // sh), -(-wp // sw)
+    # Plain indexing, no row slices: each slice is a view whose reference count Numba updates atomically,
+    # and two per row took three quarters of this copy's time.
     for cg in range(pixels.shape[0]):
-        for py in range(sh):
-            for px in range(sw):
-                dst = words[(cg * sh + py) * sw + px]
+        for py in range(min(sh, kh)):
+            for px in range(min(sw, kw)):
+                plane = (cg * sh + py) * sw + px
                 for r in range(hq):
                     y = r * sh + py
                     if y < hp:
-                        src, d = pixels[cg, y], dst[r * wq:(r + 1) * wq]
                         for q in range(-(-(wp - px) // sw)):
-                            d[q] = src[q * sw + px]
+                            words[plane, r * wq + q] = pixels[cg, y, q * sw + px]
 
 
 @njit(cache=True, nogil=True)
@@ -697,7 +731,7 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
         _fill_padded(x[i], pk.qmax, padded, ph, pw)
         if phased:
             _fill_wide(4, padded, hp, pixels)
-            _fill_phase_words(pixels, sh, sw, words)
+            _fill_phase_words(pixels, sh, sw, kh, kw, words)
         elif group == 0:
             _fill_patch_words(padded, kh, kw, sh, sw, oh, ow, taps, words)
         elif wide:

@@ -291,9 +291,43 @@ def _make_requant_row(pool: bool, pair: bool = False):
     return kernel
 
 
+def _make_dequant_row():
+    """``kernel(src_addr, lo, hi, scale, dst_addr)``: 16 float32 outputs of the dequantizing epilogue
+    (``integer.MODE_DEQUANT``: ``float32(clamp(acc, lo, hi)) * scale``, lo and hi within int32) from the
+    int32 accumulators src[0..15], all stored at dst_addr (the caller gives room). Integer to float32
+    conversion rounds to nearest even, as the scalar conversion does, and the product is one float32
+    multiply: the scalar rule's bits."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.core.extending import intrinsic
+
+    n = REQUANT_VALUES
+
+    @intrinsic
+    def kernel(typingctx, src_addr, lo, hi, scale, dst_addr):
+        sig = types.void(types.int64, types.int64, types.int64, types.float32, types.int64)
+
+        def codegen(context, builder, signature, args):
+            src_addr, lo, hi, scale, dst_addr = args
+            i32 = ir.IntType(32)
+            v32, vf = ir.VectorType(i32, n), ir.VectorType(ir.FloatType(), n)
+            acc = builder.load(builder.inttoptr(src_addr, v32.as_pointer()), align=4)
+            low, high = (splat(builder, builder.trunc(v, i32), v32) for v in (lo, hi))
+            acc = builder.select(builder.icmp_signed("<", acc, low), low, acc)
+            acc = builder.select(builder.icmp_signed(">", acc, high), high, acc)
+            value = builder.fmul(builder.sitofp(acc, vf), splat(builder, scale, vf))
+            builder.store(value, builder.inttoptr(dst_addr, vf.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
+
+
 requant_row = _make_requant_row(False)
 requant_row_pool2 = _make_requant_row(True)
 requant_rows_pool2 = _make_requant_row(True, pair=True)
+dequant_row = _make_dequant_row()
 
 
 def _make_clamped_move(width: int):

@@ -54,6 +54,8 @@ def _bounds(n: int, threads: int) -> list[int]:
 def thread_count(n: int, min_per_thread: int) -> int:
     """Threads for ``n`` items: Numba's count for this thread, fewer when a thread would get less
     than ``min_per_thread`` items (waking a core costs more than it saves)."""
+    if n < 2 * min_per_thread:  # one thread whatever Numba's count: skip asking (microseconds per layer)
+        return 1
     return max(1, min(numba.get_num_threads(), n // min_per_thread))
 
 
