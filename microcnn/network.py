@@ -612,10 +612,7 @@ class Sequential(FloatModel):
         if len(self.body) == len(self.layers):
             return self.forward(x)
         groups = self.inference_groups()
-        if groups[-1].layer is not self.layers[-1]:  # the Softmax fused with what precedes it
-            for layer in self.body:
-                x = layer(x)
-            return x
+        assert groups[-1].layer is self.layers[-1]  # fuse_chain keeps a Softmax a call of its own
         check_array_batch(x)
         x = run_groups(groups[:-1], x, self.workspace)
         self.workspace.release(x)
