@@ -199,10 +199,14 @@ def test_in_threads_covers_every_index_once_in_count_slices(monkeypatch):
     slices = []
     lock = threading.Lock()
 
+    callers = []
+
     def kernel(target, start, stop):
+        time.sleep(0.02)  # the call must wait for every slice, however late it ends
         with lock:
             target[start:stop] += 1
             slices.append((start, stop))
+            callers.append(threading.get_ident())
 
     threads.in_threads(kernel, (hits,), 17, 5)
     assert hits.tolist() == [1] * 17
@@ -210,6 +214,9 @@ def test_in_threads_covers_every_index_once_in_count_slices(monkeypatch):
     slices.clear()
     threads.in_threads(kernel, (hits,), 14, 5)  # 14 // 5: two threads
     assert sorted(slices) == [(0, 7), (7, 14)]
+    callers.clear()
+    threads.in_threads(kernel, (hits,), 9, 5)  # one slice: run by the calling thread, no pool
+    assert callers == [threading.get_ident()] and hits.tolist() == [3] * 9 + [2] * 5 + [1] * 3
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="predict's own split needs 2 Numba threads")

@@ -56,7 +56,7 @@ def thread_count(n: int, min_per_thread: int) -> int:
     than ``min_per_thread`` items (waking a core costs more than it saves)."""
     if n < 2 * min_per_thread:  # one thread whatever Numba's count: skip asking (microseconds per layer)
         return 1
-    return max(1, min(numba.get_num_threads(), n // min_per_thread))
+    return min(numba.get_num_threads(), n // min_per_thread)
 
 
 def in_threads(kernel: Callable[..., None], args: tuple, n: int, min_per_thread: int) -> None:
