@@ -555,6 +555,14 @@ MUTANTS = [
            "the lanes array viewed without the zero channels padding its last block",
            equivalent="the program reads the lanes array only through its address (ctypes.data, by the dense "
                       "kernel); the length of the carray view is never used, so a shorter view changes nothing"),
+    Mutant("qprog-10", PROG, "slot_chw[k, 0], slot_chw[k, 1], slot_chw[k, 2] = c, h, w",
+           "slot_chw[k, 0], slot_chw[k, 1], slot_chw[k, 2] = c, w, h", (T + "test_qgraph_program.py",),
+           "a quantized graph's saved tensor comes back with height and width swapped (non-square inputs)"),
+    Mutant("qprog-11", PROG, "rescaled_sum((qbuf, slots[k, :qbuf.size].copy()), zps,",
+           "rescaled_sum((slots[k, :qbuf.size].copy(), qbuf), zps,", (T + "test_qgraph_program.py",),
+           "OP_QADD pairs the current codes with the slot's zero point and multiplier"),
+    Mutant("qprog-12", PROG, "per_slot = max(per_slot, n * ops[t, WORDS])", "per_slot = max(per_slot, ops[t, WORDS])",
+           (T + "test_qgraph_program.py",), "slots sized for one image"),
     # -- conv_blocked.py (FP32 channels-in-lanes micro-kernel) and the vector requantize epilogue --------
     Mutant("cblk-01", "microcnn/kernels/conv_blocked.py", "return (groups == 1 and o >= BLOCK // 2", "return (o >= BLOCK // 2",
            (T + "test_conv_blocked.py::test_ineligible_convolutions_stay_on_im2col", T + "test_conv_blocked.py", T + "test_conv.py"),

@@ -39,6 +39,7 @@ from .integer import (
     qconv_images,
     qlinear_rows,
     quantize_u8,
+    rescaled_sum,
 )
 from .pool import PoolGeometry, global_avg_image, maxpool_images
 from .shapes import conv_output_size
@@ -46,6 +47,12 @@ from .shapes import conv_output_size
 OP_CONV, OP_LINEAR, OP_RELU, OP_MAXPOOL, OP_SOFTMAX = 1, 2, 3, 4, 5
 OP_QUANTIZE, OP_DEQUANTIZE, OP_QCONV, OP_QLINEAR, OP_QMAXPOOL, OP_QRELU = 6, 7, 8, 9, 10, 11
 OP_GLOBALAVG = 12  # float32 global average pooling: (C, H, W) -> (C, 1, 1)
+# A quantized graph's tensors read by a later step than the next: OP_QSAVE copies the codes into slot
+# SLOT, OP_QLOAD makes a copy of a slot the current codes, OP_QADD sums the current codes and a slot's
+# (``integer.rescaled_sum``: WEIGHT, M0 and SHIFT the addresses of int64 zero points, multipliers and
+# shifts of the two, current first; KH the fraction bits; ZERO_POINT, LO, HI the output's).
+OP_QSAVE, OP_QLOAD, OP_QADD = 13, 14, 15
+MAX_SLOTS = 4
 
 # Fields of an op row.
 CODE = 0
@@ -65,6 +72,7 @@ MODE, ZERO_POINT, LO, HI = 18, 19, 20, 21  # requantization mode, output zero po
 IN_ZERO_POINT, QMAX, WORDS = 22, 23, 24  # the input's zero point and largest code; quads per channel
 LANES_WEIGHT = 25  # address of the PackedWeights' uint32 ``lanes`` (dense layers: the small-batch layout)
 FIELDS = 26
+SLOT = OUT  # OP_QSAVE / OP_QLOAD / OP_QADD: the slot; an OP_QSAVE row's WORDS: codes per image
 
 
 def pointable(values, shape: tuple) -> bool:
@@ -119,6 +127,7 @@ def _pointer(element_type):
 _float_pointer = _pointer(types.float32)
 _int_pointer = _pointer(types.int32)
 _word_pointer = _pointer(types.uint32)
+_long_pointer = _pointer(types.int64)
 
 
 @njit(cache=True, nogil=True)
@@ -161,9 +170,32 @@ def run_program(x, ops):
     owned = False  # buf is x itself until the first op has made a new array
     qbuf = np.empty(0, np.uint8)  # the activations of integer ops (codes)
     empty_q, empty_f = np.empty((0, 0, 0, 0), np.uint8), np.empty((0, 0, 0, 0), np.float32)
+    per_slot = 0
+    for t in range(ops.shape[0]):
+        if ops[t, CODE] == OP_QSAVE:
+            per_slot = max(per_slot, n * ops[t, WORDS])
+    slots = np.empty((MAX_SLOTS if per_slot > 0 else 0, per_slot), np.uint8)
+    slot_chw = np.zeros((MAX_SLOTS, 3), np.int64)
     for t in range(ops.shape[0]):
         op = ops[t]
         code = op[CODE]
+        if code >= OP_QSAVE:  # a quantized graph's slots
+            k = op[SLOT]
+            if code == OP_QSAVE:
+                slots[k, :qbuf.size] = qbuf
+                slot_chw[k, 0], slot_chw[k, 1], slot_chw[k, 2] = c, h, w
+            elif code == OP_QLOAD:
+                c, h, w = slot_chw[k, 0], slot_chw[k, 1], slot_chw[k, 2]
+                qbuf = slots[k, :n * c * h * w].copy()
+            else:  # OP_QADD
+                summed = np.empty(qbuf.size, np.uint8)
+                zps, m0 = carray(_long_pointer(op[WEIGHT]), (2,)), carray(_long_pointer(op[M0]), (2,))
+                shift = carray(_long_pointer(op[SHIFT]), (2,))
+                rescaled_sum((qbuf, slots[k, :qbuf.size].copy()), zps, m0, shift, op[KH], op[ZERO_POINT],
+                             op[LO], op[HI], summed)
+                qbuf = summed
+            owned = True
+            continue
         if OP_QUANTIZE <= code <= OP_QRELU:
             if code == OP_QUANTIZE:
                 qbuf = quantize_u8(buf, _float_pointer(op[SCALE])[0], op[ZERO_POINT], op[QMAX])

@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
+
 from ..errors import InputError
 from ..graph import Add, Concat, Graph
+from ..kernels import program
 from ..layers import Conv2d, Flatten, Linear, ReLU
 from ..model import LayerNode, LayerTrace, Model
-from ..network import fold_pair, folds_into
+from ..network import PROGRAM_MAX_BATCH, fold_pair, folds_into
 from .params import KERNEL_BITS, ActQuant
 from .qlayers import (
     DequantizeStage,
@@ -38,6 +41,7 @@ from .qlayers import (
     copy_layer,
     integer_pool,
     refuse_nonfinite_input,
+    run_if_compiled,
 )
 from .serialize import save_quantized
 
@@ -71,6 +75,10 @@ class QuantizedGraph(Model):
     def stages(self) -> list[Stage]:
         return [stage for stage, _, _ in self.steps]
 
+    def __getstate__(self):
+        # A copy gets no compiled program: its rows hold the addresses of this network's arrays.
+        return {**self.__dict__, "_program": None}
+
     def __repr__(self):
         body = "\n".join(f"  {out} = {s.kind}({', '.join(ins)}) {s.precision}" for s, ins, out in self.steps)
         return f"QuantizedGraph(\n{body}\n)"
@@ -88,7 +96,75 @@ class QuantizedGraph(Model):
         return env[key]
 
     def forward(self, x):
-        return self._run(x, self.output_key)
+        """Inference step by step; a small batch (fewer than PROGRAM_MAX_BATCH images) of a float32
+        sample shape seen before runs as one compiled program (``kernels.program``, as
+        ``QuantizedSequential``: the same kernels and bits, a tensor read by a later step kept in a slot)."""
+        prog = getattr(self, "_program", None)
+        compiled = run_if_compiled(prog, x, self.stages, PROGRAM_MAX_BATCH)
+        if compiled is not None:
+            return compiled
+        out = self._run(x, self.output_key)
+        sample = x.shape[1:] if isinstance(x, np.ndarray) else None
+        if sample is not None and (prog is None or prog[1] != sample or prog[0] != self.stages):
+            self._program = self._build_program(tuple(sample), out.shape[1:])
+        return out
+
+    def _build_program(self, sample_shape: tuple, out_shape: tuple):
+        """(stages, sample shape, output shape, op table, kept arrays) of the steps as one program, or None
+        when a stage has no ops (a grouped convolution, a Concat), the output is not float32, or more
+        than ``program.MAX_SLOTS`` tensors wait at once for a later step."""
+        last, _, last_out = self.steps[-1]
+        if len(sample_shape) != 3 or last_out != self.output_key or last.out_act is not None:
+            return None
+        readers: dict = {}
+        for k, (_, ins, _) in enumerate(self.steps):
+            for key in ins:
+                readers.setdefault(key, []).append(k)
+        rows: list[list[int]] = []
+        keep: list[object] = []
+        slots: dict = {}  # tensor -> slot holding its codes
+        shapes = {self.input_name: tuple(sample_shape)}
+        current = self.input_name
+        for k, (stage, ins, out) in enumerate(self.steps):
+            if isinstance(stage, QAdd):
+                if len(ins) != 2 or ins[0] == ins[1]:
+                    return None
+                if current not in ins:  # bring the first input back
+                    if ins[0] not in slots:
+                        return None
+                    rows.append(program.op_row(program.OP_QLOAD, out=slots[ins[0]]))
+                    current = ins[0]
+                other = ins[1] if ins[0] == current else ins[0]
+                row = stage.program_row(slots[other], ins.index(current), keep) if other in slots else None
+                if row is None:
+                    return None
+                rows.append(row)
+                chw = shapes[current]
+            else:
+                if len(ins) != 1:
+                    return None
+                if ins[0] != current:
+                    if ins[0] not in slots:
+                        return None
+                    rows.append(program.op_row(program.OP_QLOAD, out=slots[ins[0]]))
+                built = stage.program_ops(shapes[ins[0]], keep)
+                if built is None:
+                    return None
+                ops, chw = built
+                rows += ops
+            current, shapes[out] = out, tuple(chw)
+            for key in [key for key in slots if max(readers[key]) <= k]:  # read by no later step
+                del slots[key]
+            if any(r > k + 1 for r in readers.get(out, [])):  # read again after the next step
+                free = sorted(set(range(program.MAX_SLOTS)) - set(slots.values()))
+                if not free:
+                    return None
+                slots[out] = free[0]
+                row = program.op_row(program.OP_QSAVE, out=free[0])
+                row[program.WORDS] = int(np.prod(chw))
+                rows.append(row)
+        table = np.array(rows, np.int64).reshape(len(rows), program.FIELDS)
+        return list(self.stages), sample_shape, out_shape, table, keep
 
     def logits(self, x):
         return self._run(x, self.logits_key)

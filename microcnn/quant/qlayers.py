@@ -108,6 +108,19 @@ def refuse_nonfinite_input(x) -> None:
         refuse_nonfinite(x)
 
 
+def run_if_compiled(prog, x, stages: list, max_batch: int):
+    """The output of the compiled program ``prog`` (stages, sample shape, output shape, op table, kept
+    arrays) of a quantized network on ``x``, or None when it does not apply: no program, a program built
+    for other stages or another sample shape, or not a small batch (1 .. max_batch - 1) of a C-contiguous,
+    writeable float32 array (read-only arrays take the stage path: one compiled program serves one type)."""
+    if not (prog is not None and type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 4
+            and x.shape[1:] == prog[1] and 0 < x.shape[0] < max_batch and x.flags.c_contiguous
+            and x.flags.writeable and prog[0] == stages):
+        return None
+    refuse_nonfinite_input(x)
+    return program.run_program(x, prog[3]).reshape(x.shape[0], *prog[2])
+
+
 class _StoredAct(Stage):
     """A stage that stores its output quantization and has no weights: its precision is A<bits>."""
 
@@ -507,6 +520,22 @@ class QAdd(_Merge):
         self._check(xs)
         Add().output_shape(*(x.shape for x in xs))
         return self._rescaled(xs, slice(None), self.lo)
+
+    def program_row(self, slot: int, current: int, keep: list) -> list[int] | None:
+        """The ``kernels.program`` row adding input ``current`` (0 or 1: the program's current codes) and
+        the other input, kept in ``slot``; None for more than two inputs."""
+        if len(self.in_acts) != 2:
+            return None
+        order = [current, 1 - current]
+        zps, m0, shift = (np.array(v, np.int64)[order] for v in
+                          ([a.zero_point for a in self.in_acts], self.m0, self.shift))
+        keep += [zps, m0, shift]
+        row = program.op_row(program.OP_QADD, out=slot, kernel=(self.extra_bits, 0))
+        row[program.WEIGHT], row[program.M0], row[program.SHIFT] = (a.ctypes.data for a in (zps, m0, shift))
+        act = self.out_act
+        assert act is not None  # a merge always has its own output quantization (_Merge.__init__)
+        row[program.ZERO_POINT], row[program.LO], row[program.HI] = act.zero_point, self.lo, act.qmax
+        return row
 
 
 class QConcat(_Merge):

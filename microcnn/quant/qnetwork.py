@@ -11,7 +11,7 @@ from ..errors import InputError
 from ..kernels import program
 from ..model import LayerNode, LayerTrace, Model
 from ..network import PROGRAM_MAX_BATCH, Sequential
-from .qlayers import FloatStage, QWeighted, Stage, refuse_nonfinite_input
+from .qlayers import FloatStage, QWeighted, Stage, refuse_nonfinite_input, run_if_compiled
 from .serialize import save_quantized
 
 
@@ -56,11 +56,9 @@ class QuantizedSequential(Model):
         sample shape seen before runs as one compiled program instead (``kernels.program``: the same
         kernels, so the same bits, without the per-stage checks and calls)."""
         prog = getattr(self, "_program", None)
-        if (prog is not None and type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 4
-                and x.shape[1:] == prog[1] and 0 < x.shape[0] < PROGRAM_MAX_BATCH and x.flags.c_contiguous
-                and x.flags.writeable and prog[0] == self.stages):
-            refuse_nonfinite_input(x)
-            return program.run_program(x, prog[3]).reshape(x.shape[0], *prog[2])
+        compiled = run_if_compiled(prog, x, self.stages, PROGRAM_MAX_BATCH)
+        if compiled is not None:
+            return compiled
         refuse_nonfinite_input(x)
         sample_shape = x.shape[1:] if isinstance(x, np.ndarray) else None
         for stage in self.stages:
