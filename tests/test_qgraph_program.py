@@ -3,7 +3,7 @@ later step than the next one reads waits in a slot (OP_QSAVE / OP_QLOAD), a resi
 codes with a slot's (OP_QADD). The reference is the same network run step by step (batches of 32 and
 more, or read-only arrays, take that path): the program must give its bits at every batch size, whichever
 Add input is current, with a fused ReLU; graphs it cannot express (Concat, grouped convolutions, more
-than ``MAX_SLOTS`` waiting tensors) keep the step path and its results."""
+than ``MAX_SLOTS`` waiting tensors, a float32 tensor read twice) keep the step path and its results."""
 
 import copy
 import pickle
@@ -98,8 +98,14 @@ def test_graphs_the_program_cannot_express_keep_the_step_path():
     nodes += [("gap", GlobalAvgPool2d(), [prev]), ("flat", Flatten(), ["gap"]),
               ("fc", Linear(2, 3, rng=rng), ["flat"])]
     deep = Graph(nodes, "x", "fc", input_shape=(2, 9, 11))
+    # a float32 tensor (global average pooling's input, dequantized once) read by two steps: slots hold codes
+    fan = Graph([("c", Conv2d(2, 4, 3, padding=1, rng=rng), ["x"]),
+                 ("g1", GlobalAvgPool2d(), ["c"]), ("g2", GlobalAvgPool2d(), ["c"]),
+                 ("f1", Flatten(), ["g1"]), ("f2", Flatten(), ["g2"]),
+                 ("s", Add(), ["f1", "f2"]), ("fc", Linear(4, 3, rng=rng), ["s"])], "x", "fc",
+                input_shape=(2, 9, 11))
     assert program.MAX_SLOTS == 4
-    for net in (concat, deep):
+    for net in (concat, deep, fan):
         q = _quantized(net)
         want = _step_path(q, X[:6])
         assert np.array_equal(q.forward(X[:6]), want)

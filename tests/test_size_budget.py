@@ -71,7 +71,7 @@ TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "s
 # (32- and 64-channel layers 19-33 % faster on a core with two FMA units), the vector dequantizing
 # epilogue of the integer convolution (qdot.dequant_row: a layer feeding global average pooling from 23
 # to 11 ms per 1,000 images), Sequential.logits through the fused groups, the program's slot ops.
-# quant +100 (issue 15, intel13, +79 lines): QuantizedGraph's compiled program (tensors that wait for a
+# quant +100 (issue 15, intel13, +91 lines): QuantizedGraph's compiled program (tensors that wait for a
 # later step kept in slots, QAdd as a program op): the residual network's INT8 batch-1 226 -> 106 us.
 BUDGET = {"engine": 9950, "quant": 3400, "tools": 3400}  # engine: 5,900 + the ten raises above
 MAX_TOOLS_PER_ENGINE_LINE = 0.55

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import InputError
 from ..graph import Add, Concat, Graph
 from ..kernels import program
+from ..kernels.integer import MODE_DEQUANT
 from ..layers import Conv2d, Flatten, Linear, ReLU
 from ..model import LayerNode, LayerTrace, Model
 from ..network import PROGRAM_MAX_BATCH, fold_pair, folds_into
@@ -44,6 +45,15 @@ from .qlayers import (
     run_if_compiled,
 )
 from .serialize import save_quantized
+
+
+def _writes_codes(row) -> bool:
+    """Whether the program op ``row`` leaves uint8 codes (else float32 values) as its output."""
+    code = row[program.CODE]
+    if code in (program.OP_QCONV, program.OP_QLINEAR):
+        return row[program.MODE] != MODE_DEQUANT
+    return code in (program.OP_QUANTIZE, program.OP_QMAXPOOL, program.OP_QRELU, program.OP_QADD,
+                    program.OP_QLOAD)
 
 
 class QuantizedGraph(Model):
@@ -124,8 +134,10 @@ class QuantizedGraph(Model):
         keep: list[object] = []
         slots: dict = {}  # tensor -> slot holding its codes
         shapes = {self.input_name: tuple(sample_shape)}
+        codes = {self.input_name: False}  # tensor -> whether the program holds it as codes (else float32)
         current = self.input_name
         for k, (stage, ins, out) in enumerate(self.steps):
+            first = len(rows)
             if isinstance(stage, QAdd):
                 if len(ins) != 2 or ins[0] == ins[1]:
                     return None
@@ -153,11 +165,12 @@ class QuantizedGraph(Model):
                 ops, chw = built
                 rows += ops
             current, shapes[out] = out, tuple(chw)
+            codes[out] = _writes_codes(rows[-1]) if len(rows) > first else codes[ins[0]]  # (flatten: none)
             for key in [key for key in slots if max(readers[key]) <= k]:  # read by no later step
                 del slots[key]
             if any(r > k + 1 for r in readers.get(out, [])):  # read again after the next step
                 free = sorted(set(range(program.MAX_SLOTS)) - set(slots.values()))
-                if not free:
+                if not free or not codes[out]:  # the slots hold codes only
                     return None
                 slots[out] = free[0]
                 row = program.op_row(program.OP_QSAVE, out=free[0])
