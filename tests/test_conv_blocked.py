@@ -144,7 +144,7 @@ import numba
 from microcnn.kernels import conv_blocked as CB, simd
 from microcnn.kernels.conv import conv2d_im2col
 shapes = %r
-out = {"cpu_name": numba.config.CPU_NAME, "simd": simd.SIMD, "lanes": simd.LANES}
+out = {"cpu_name": numba.config.CPU_NAME, "simd": simd.SIMD, "lanes": simd.LANES, "pairs": CB.PAIR_PIXELS}
 for k, (n, c, h, w, o, kh, kw, stride, padding) in enumerate(shapes):
     rng = np.random.default_rng(k)
     x = rng.standard_normal((n, c, h, w), dtype=np.float32)
@@ -162,19 +162,23 @@ print(json.dumps(out))
 def test_blocked_convolution_is_byte_identical_across_targets_and_widths(tmp_path):
     """Every shape above, compiled from scratch in its own Numba cache for the host, Haswell (AVX2: two
     8-lane vectors per block, 6 pixels a tile), Skylake-AVX512 and the host narrowed to 8 lanes and to
-    portable IR: the same bits everywhere, and in each the same bits as im2col one image at a time."""
+    portable IR, and on AVX-512 with two-block calls forced on and off (whichever the core picks): the
+    same bits everywhere, and in each the same bits as im2col one image at a time."""
     from microcnn.kernels.simd import host_simd
 
     configs = {"host": {}, "haswell": {"NUMBA_CPU_NAME": "haswell"},
                "skylake-avx512": {"NUMBA_CPU_NAME": "skylake-avx512"}, "simd0": {"MICROCNN_SIMD": "0"}}
     if host_simd() >= 16:
-        configs["simd8"] = {"MICROCNN_SIMD": "8"}
+        configs.update(simd8={"MICROCNN_SIMD": "8"}, pairs={"MICROCNN_PAIRS": "1"},
+                       single={"MICROCNN_PAIRS": "0"})
     with ThreadPoolExecutor(2) as pool:
         runs = pool.map(lambda item: _run_predictions(tmp_path, *item, _SCRIPT % (SHAPES,)), configs.items())
         results = dict(zip(configs, runs, strict=True))
     assert results["haswell"]["cpu_name"] == "haswell" and results["haswell"]["lanes"] == 8
     assert results["skylake-avx512"]["cpu_name"] == "skylake-avx512"
     assert results["host"]["simd"] == host_simd()
+    if host_simd() >= 16:
+        assert (results["pairs"]["pairs"], results["single"]["pairs"]) == (10, 0)
     keys = [str(k) for k in range(len(SHAPES))]
     for label, result in results.items():
         assert all(result[k][1] for k in keys), label  # blocked batch == im2col image by image

@@ -95,8 +95,10 @@ def test_pooled_rows_requantized_two_at_a_time_or_one(qw, qh):
 @pytest.mark.parametrize("c", [4, 8, 3, 6])  # words of 4 channels (C % 4 == 0) or of 4 consecutive taps
 @pytest.mark.parametrize(("kernel", "stride", "padding"),
                          [((3, 3), (2, 2), (1, 1)), ((1, 1), (2, 2), (0, 0)), ((3, 2), (2, 1), (0, 1)),
-                          ((2, 3), (3, 2), (1, 0))])
-@pytest.mark.parametrize("size", [(9, 12), (11, 13)])  # 11 x 13: the last padded row and column are read
+                          ((2, 3), (3, 2), (1, 0)), ((3, 3), (2, 3), (1, 1))])
+# 11 x 13: the last padded row and column are read; padded rows of 16 and more build the phase words of a
+# horizontal stride of 2 by vector calls: exactly one, an odd width's lone last pixel, an overlapping last one
+@pytest.mark.parametrize("size", [(9, 12), (11, 13), (6, 16), (7, 17), (5, 29)])
 def test_vertical_stride_convolutions_are_exact(c, kernel, stride, padding, size):
     """Vertical stride > 1: with C a multiple of 4, words of 4 channels split into the stride's phases;
     else explicit patches of 4 consecutive taps of the flattened kernel; both exact against the int64
@@ -115,6 +117,27 @@ def test_vertical_stride_convolutions_are_exact(c, kernel, stride, padding, size
     geo = ki.QConvGeometry(*kernel, *stride, *padding, 1, 1, 1, 1)
     ki.conv2d_packed(x, ki.pack_conv(w, bias, stride[0], zp), geo, rq, np.empty((0,) * 4, np.uint8), out_f)
     np.testing.assert_array_equal(out_f.astype(np.int64), acc)
+
+
+@pytest.mark.parametrize("wp", [16, 17, 18, 30, 31, 33, 47])
+@pytest.mark.parametrize(("sh", "kh"), [(2, 3), (2, 1), (3, 2), (3, 3)])
+def test_phase_words_by_vectors_equal_the_copy_through_all_words(wp, sh, kh):
+    """``_fill_phase_pairs`` (16 pixels a call, the last call overlapping from an even column, an odd
+    width's last pixel alone) writes the words ``_fill_wide`` + ``_fill_phase_words`` write for a
+    horizontal stride of 2, and no other word: every phase row a tap reads, every width around 16 and 32."""
+    rng = np.random.default_rng(wp * 100 + sh * 10 + kh)
+    c, hp = 8, 9
+    padded = rng.integers(0, 256, (c, hp + 3, wp)).astype(np.uint8)
+    hq, wq = -(-hp // sh), -(-wp // 2)
+    pixels = np.zeros((c // 4, hp, wp), np.uint32)
+    ki._fill_wide(4, padded, hp, pixels)
+    want = np.zeros(((c // 4) * sh * 2, hq * wq), np.uint32)
+    ki._fill_phase_words(pixels, sh, 2, kh, 3, want)
+    got = np.zeros_like(want)
+    ki._fill_phase_pairs(padded, sh, kh, hp, got)
+    np.testing.assert_array_equal(got, want)
+    rows = sum(y % sh < kh for y in range(hp))  # the rows the taps read: each pixel in one phase
+    assert (want != 0).sum() == (c // 4) * rows * wp
 
 
 @pytest.mark.parametrize("w", [5, 7, 8, 9, 14, 15, 16, 17, 28, 33])

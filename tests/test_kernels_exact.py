@@ -138,6 +138,32 @@ def test_cache_folder_is_keyed_on_vnni_use(tmp_path, monkeypatch):
     assert folders[True] == folders[False] + "-vnni"
 
 
+def test_cache_folder_is_keyed_on_block_pair_use(tmp_path, monkeypatch):
+    # MICROCNN_PAIRS=1 on a Zen 4 compiles conv_blocked with PAIR_PIXELS = 10: not the default's code
+    from numba.core import config
+
+    folders = {}
+    for pairs in (False, True):
+        monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path))  # restored after the test
+        simd._cache_folder(16, True, pairs)
+        folders[pairs] = config.CACHE_DIR
+    assert folders[True] == folders[False] + "-pairs" and folders[False].endswith("-simd16-vnni")
+
+
+@pytest.mark.parametrize(("width", "cpu", "requested", "expected"),
+                         [(16, "znver4", "", False), (16, "sapphirerapids", "", True),
+                          (16, "skylake-avx512", "", True), (16, "tigerlake", "", False),
+                          (16, "znver4", "1", True), (16, "sapphirerapids", "0", False),
+                          (8, "sapphirerapids", "", False), (8, "znver4", "1", False),
+                          (0, "sapphirerapids", "1", False)])
+def test_block_pairs_follow_the_core_and_the_override(monkeypatch, width, cpu, requested, expected):
+    from llvmlite import binding
+
+    monkeypatch.setattr(binding, "get_host_cpu_name", lambda: cpu)
+    monkeypatch.setenv("MICROCNN_PAIRS", requested)
+    assert simd.host_block_pairs(width) is expected
+
+
 @pytest.mark.parametrize(("hardware", "requested", "expected"),
                          [(8, "16", 8), (8, "0", 0), (16, "8", 8), (8, "", 8), (16, "12", 16), (0, "16", 0)])
 def test_microcnn_simd_can_only_lower_the_hardware_width(monkeypatch, hardware, requested, expected):

@@ -196,7 +196,8 @@ def _avx2_machine_numpy() -> dict:
 def _run_predictions(tmp_path: Path, label: str, extra_env: dict, script: str = _PREDICT) -> dict:
     """The JSON ``script`` prints last, run in a fresh process with its own empty Numba cache."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "MICROCNN_SIMD", "NUMBA_CACHE_DIR")}
+           if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "MICROCNN_SIMD", "MICROCNN_PAIRS",
+                         "NUMBA_CACHE_DIR")}
     cache = tmp_path / f"numba-cache-{label}"
     cache.mkdir()
     env.update(PYTHONPATH=str(ROOT), NUMBA_CACHE_DIR=str(cache), NUMBA_NUM_THREADS="1", **extra_env)

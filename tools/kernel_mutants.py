@@ -31,6 +31,7 @@ QDOT, PACKING, RELAX = "microcnn/kernels/qdot.py", "microcnn/kernels/packing.py"
 # Code paths of qdot this host does not take by default (it has VNNI at 16 lanes): the whole test process
 # of such a mutant runs on the path its bug is in.
 PMADD, PORTABLE, LANES8 = (("MICROCNN_VNNI", "0"),), (("MICROCNN_SIMD", "0"),), (("MICROCNN_SIMD", "8"),)
+PAIRS_ON = (("MICROCNN_PAIRS", "1"),)  # conv_blocked's two-block calls, off by default on AMD Zen 4
 
 T = "tests/"
 NS, TS = T + "test_pool_nonsquare.py", T + "test_ties_shapes_state.py"
@@ -45,6 +46,8 @@ INT_TESTS = (NS + "::test_requantize_one_half_way_cases", NS + "::test_conv_epil
              NS + "::test_linear_epilogue_rounds_half_way_cases_by_the_rule", NS + "::test_qconv2d_pool_nonsquare",
              T + "test_quant_kernels.py", NS, T + "test_qprogram.py", T + "test_integer_kernels_exact.py")
 QP = T + "test_qprogram.py"
+PH = T + "test_integer_kernels_exact.py::test_phase_words_by_vectors_equal_the_copy_through_all_words"
+VS = T + "test_integer_kernels_exact.py::test_vertical_stride_convolutions_are_exact"
 PAD_TESTS = (T + "test_integer_kernels_exact.py::test_padded_copy_of_every_row_width_clamps_and_keeps_the_border",) + INT_TESTS
 QUANTIZE_TEST = T + "test_quant_kernels.py::test_quantize_u8_matches_numpy"
 QDOT_TESTS = (QP + "::test_dense_bit_exact_at_extreme_zero_points", QP + "::test_conv_every_layout_bit_exact_at_extreme_zero_points",
@@ -74,6 +77,8 @@ SAME_TESTS = (EXACT + "::test_same_bits_sees_a_difference_in_any_position",
 LINALG_TESTS = (PORT + "::test_fixed_order_linear_algebra_matches_numpy", EXACT)
 SIMD_TESTS = (EXACT + "::test_cache_folder_is_inside_numba_cache_dir_and_keyed_on_the_width",
               EXACT + "::test_cache_folder_is_keyed_on_vnni_use",
+              EXACT + "::test_cache_folder_is_keyed_on_block_pair_use",
+              EXACT + "::test_block_pairs_follow_the_core_and_the_override",
               EXACT + "::test_microcnn_simd_can_only_lower_the_hardware_width",
               PORT + "::test_numba_cache_folder_follows_every_kernel_source",
               PORT + "::test_each_lowered_simd_width_gets_its_own_numba_cache")
@@ -282,13 +287,13 @@ MUTANTS = [
            "dense layer: the last partial word (F not a multiple of 4) is dropped"),
     Mutant("int-35", INT, "at = base + r * n_out + o", "at = base + r * channels + o", INT_TESTS,
            "dense output rows spaced by the block's channels instead of all outputs"),
-    Mutant("int-36", INT, "for xx in range(w):\n                d[xx] = min(s[xx], q)", "for xx in range(w):\n                d[xx] = s[xx]",
+    Mutant("int-36", INT, "padded[ch, y + ph, pw + xx] = min(src[ch, y, xx], q)", "padded[ch, y + ph, pw + xx] = src[ch, y, xx]",
            INT_TESTS, "_fill_padded, padded inputs: conv input codes above the stage's qmax are not clamped"),
-    Mutant("int-47", INT, "at = min(x0, w - step)", "at = x0", PAD_TESTS,
+    Mutant("int-47", INT, "at = min(x0, run - step)", "at = x0", PAD_TESTS,
            "_fill_padded: the last vector of a row is not pulled back: it writes over the right border"),
-    Mutant("int-48", INT, "step, qi = 16 if w >= 16 else 8, np.intp(q)", "step, qi = 16 if w >= 8 else 8, np.intp(q)",
+    Mutant("int-48", INT, "step = 16 if run >= 16 else 8", "step = 16 if run >= 8 else 8",
            PAD_TESTS, "_fill_padded: rows of 8..15 bytes copied by 16-byte vectors (past the row)"),
-    Mutant("int-49", INT, "if w >= 8:  # rows by whole vectors", "if w >= 7:  # rows by whole vectors", PAD_TESTS,
+    Mutant("int-49", INT, "    if run < 8:\n", "    if run < 7:\n", PAD_TESTS,
            "_fill_padded: a row of 7 bytes copied by an 8-byte vector"),
     Mutant("cmove-01", QDOT, 'clamped = builder.select(builder.icmp_unsigned("<", value, q), value, q)',
            "clamped = value", PAD_TESTS, "_fill_padded's vector copy forgets the clamp to the stage's qmax"),
@@ -462,7 +467,7 @@ MUTANTS = [
            "inner loop bound from the shared dimension instead of b's columns"),
     Mutant("lin-13", LINALG, "aik = a[i, k]", "aik = a[k, i]", LINALG_TESTS, "left operand read transposed"),
     # -- simd.py: the Numba cache folder ---------------------------------------------------------------------
-    Mutant("simd-01", SIMD, 'f"{_sources_digest()}-simd{width}{\'-vnni\' * vnni}")', 'f"{_sources_digest()}{\'-vnni\' * vnni}")',
+    Mutant("simd-01", SIMD, 'suffix = f"-simd{width}{', 'suffix = f"{',
            SIMD_TESTS, "cache folder not keyed on the width: a lowered width loads code built for another"),
     Mutant("simd-02", SIMD, "    base = config.CACHE_DIR\n", "    base = None\n", SIMD_TESTS,
            "NUMBA_CACHE_DIR ignored: the cache lands in the package folder"),
@@ -470,7 +475,7 @@ MUTANTS = [
            SIMD_TESTS, "digest of the file names only: an edited kernel keeps the stale cache"),
     Mutant("simd-04", SIMD, "width = min(width, int(requested))", "width = int(requested)", SIMD_TESTS,
            "MICROCNN_SIMD raises the width past the hardware (illegal instructions)"),
-    Mutant("simd-05", SIMD, 'f"{_sources_digest()}-simd{width}{\'-vnni\' * vnni}")', 'f"{_sources_digest()}-simd{width}")',
+    Mutant("simd-05", SIMD, "{'-vnni' * vnni}{'-pairs' * pairs}", "{'-pairs' * pairs}",
            SIMD_TESTS, "cache folder not keyed on VNNI use: MICROCNN_VNNI=0 loads vpdpbusd code built for the default"),
     Mutant("pack-01", PACKING, "out[byte + 1] |= np.uint8(v >> (8 - off))", "out[byte + 1] |= np.uint8(v >> off)", PACK_TESTS,
            "straddling code: the high part shifted by the offset instead of the bits already written"),
@@ -606,10 +611,10 @@ MUTANTS = [
                       "tile has at == j"),
     Mutant("cblk-12", "microcnn/kernels/conv_blocked.py", "at = builder.add(row, builder.mul(block_rows, ir.Constant(i64, blk)))",
            "at = row", (T + "test_conv_blocked.py", T + "test_conv.py"),
-           "two-block calls: the second block multiplies the first block's weights"),
+           "two-block calls: the second block multiplies the first block's weights", env=PAIRS_ON),
     Mutant("cblk-13", "microcnn/kernels/conv_blocked.py", "min(step * BLOCK, o - blk * BLOCK), relu_now)",
            "min(BLOCK, o - blk * BLOCK), relu_now)", (T + "test_conv_blocked.py", T + "test_conv.py"),
-           "two-block calls store only the first block's channels"),
+           "two-block calls store only the first block's channels", env=PAIRS_ON),
     Mutant("qreq-01", QDOT, "y = builder.mul(builder.sext(acc, v64), splat64(m0))", "y = builder.mul(builder.zext(acc, v64), splat64(m0))",
            (NS + "::test_conv_epilogues_round_half_way_cases_by_the_rule", NS + "::test_qconv2d_pool_nonsquare", T + "test_quant_kernels.py",
             T + "test_integer_kernels_exact.py", QP, T + "test_qprogram_stages_exact.py"),
@@ -696,7 +701,7 @@ MUTANTS = [
     Mutant("cw-08", INT, "        for py in range(min(sh, kh)):", "        for py in range(min(sh, kh) - 1):",
            (T + "test_integer_kernels_exact.py::test_vertical_stride_convolutions_are_exact", T + "test_integer_kernels_exact.py", QP),
            "phase words: the last row phase a tap reads is not filled"),
-    Mutant("int-50", INT, "row, to = s0 + y * w, d0 + y * padded.shape[2]", "row, to = s0 + y * w, d0 + y * w",
+    Mutant("int-50", INT, "row, to = s0 + y * run, d0 + y * wp", "row, to = s0 + y * run, d0 + y * run",
            (T + "test_integer_kernels_exact.py", QP, T + "test_quant_kernels.py"),
            "padded copy: destination rows stepped by the image width instead of the padded width"),
     Mutant("dq-01", QDOT, "acc = builder.select(builder.icmp_signed(\"<\", acc, low), low, acc)", "acc = acc",
@@ -709,4 +714,28 @@ MUTANTS = [
     Mutant("dq-03", INT, "    if rq.mode == MODE_DEQUANT and plain:", "    if rq.mode == MODE_DEQUANT and not plain:",
            (T + "test_integer_kernels_exact.py", QP, T + "test_quant_kernels.py", NS + "::test_qconv2d_pool_nonsquare"),
            "vector dequantizing epilogue taken for pooled outputs (it does not pool)"),
+    Mutant("simd-06", SIMD, "{'-vnni' * vnni}{'-pairs' * pairs}", "{'-vnni' * vnni}", SIMD_TESTS,
+           "cache folder not keyed on the FP32 block pairs: MICROCNN_PAIRS=1 loads the single-block code"),
+    Mutant("simd-07", SIMD, "return name not in _HALF_WIDTH_FMA512", "return True", SIMD_TESTS,
+           "two-block FP32 calls on every AVX-512 core, Zen 4 included (slower there, same bits)"),
+    Mutant("pw-01", QDOT, "pick = ir.Constant(half, list(range(parity, 16, 2)))", "pick = ir.Constant(half, list(range(0, 16, 2)))",
+           (PH, VS, QP), "phase words: the odd column phase gets the even pixels"),
+    Mutant("pw-02", QDOT, "part = builder.shl(part, ir.Constant(v32, [8 * g] * 16))",
+           "part = builder.shl(part, ir.Constant(v32, [8 * (g ^ 1)] * 16))", (PH, VS, QP, T + "test_quant_kernels.py"),
+           "packed words: bytes 0 and 1 (and 2 and 3) swapped"),
+    Mutant("pw-03", INT, "            t = min(t0, n - 16)\n", "            t = t0\n",
+           (T + "test_integer_kernels_exact.py", QP, T + "test_quant_kernels.py"),
+           "word runs: the last 16 words not pulled back (written past the run, its tail read past the plane)"),
+    Mutant("pw-04", INT, "a, b = c0 * plane, (c0 + 1 % g_) * plane + (1 // g_) * wp", "a, b = c0 * plane, (c0 + 1 % g_) * plane",
+           (T + "test_integer_kernels_exact.py", QP, T + "test_quant_kernels.py"),
+           "wide words: byte 1 read from row y instead of y + 1 when a word spans rows (G < 4)"),
+    Mutant("pw-05", INT, "    last = (wp - 16) - (wp - 16) % 2", "    last = wp - 16",
+           (PH, VS, QP), "phase words: an odd row's last call starts on an odd column (parities swapped)"),
+    Mutant("pw-06", INT, "            if last + 16 < wp:  # column wp - 1", "            if last + 17 < wp:  # column wp - 1",
+           (PH, VS, QP), "phase words: an odd row's last pixel, which no vector call covers, not packed"),
+    Mutant("pw-07", INT, "                _pack_run(flat, x, x + cs, x + 2 * cs, x + 3 * cs, out, d + (wp - 1) // 2, 1)",
+           "                _pack_run(flat, x, x + cs, x + 2 * cs, x + 3 * cs, out, d + row_len + (wp - 1) // 2, 1)",
+           (PH, VS, QP), "phase words: an odd row's last pixel written into the odd phase"),
+    Mutant("pw-08", INT, "    pairs = phased and sw == 2 and wp >= 16", "    pairs = phased and sw >= 2 and wp >= 16",
+           (VS, T + "test_integer_kernels_exact.py", QP), "phase words by vector calls for a horizontal stride of 3"),
 ]

@@ -27,7 +27,7 @@ from numba.extending import register_jitable
 
 from .pool import maxpool_images
 from .shapes import conv_output_size
-from .simd import LANES, fmuladd, register_loop, splat
+from .simd import LANES, PAIRS, fmuladd, register_loop, splat
 
 if TYPE_CHECKING:
     from llvmlite import ir
@@ -36,11 +36,12 @@ BLOCK = 16  # output channels per block: one AVX-512 vector, two AVX2 ones
 # Output pixels per micro-kernel call: 12 x 1 accumulators of AVX-512's 32 registers, 6 x 2 of AVX2's 16
 # (plus the weight vectors and a broadcast).
 PIXELS = 12 if LANES == 16 else 6
-# With two blocks or more, AVX-512 calls take two blocks (32 channels) x 10 pixels: 20 accumulators, and
-# per tap 2 weight loads + 10 broadcasts for 20 multiply-adds instead of 1 + 12 for 12. On a core with two
-# 512-bit FMA units (an Intel Xeon here) the single block is bound by those loads: 32- and 64-channel
-# layers ran 19-33 % faster. 12 x 2 spills; AVX2 has no registers to spare (0: no pairs).
-PAIR_PIXELS = 10 if LANES == 16 else 0
+# With two blocks or more, AVX-512 calls take two blocks (32 channels) x 10 pixels where ``simd.PAIRS``
+# (cores with two 512-bit FMA units): 20 accumulators, and per tap 2 weight loads + 10 broadcasts for 20
+# multiply-adds instead of 1 + 12 for 12. On an Intel Xeon the single block is bound by those loads: 32-
+# and 64-channel layers ran 19-33 % faster; on AMD Zen 4, which splits each 512-bit FMA, 15-20 % slower.
+# 12 x 2 spills; AVX2 has no registers to spare (0: no pairs).
+PAIR_PIXELS = 10 if PAIRS else 0
 # Taps per output below which the kernel's per-tile transpose outweighs its gain. At 8, a 9-tap stem
 # (1 channel, 3x3) and 1x1 convolutions of 8-12 channels ran 15-35 % faster than im2col (Intel, 256 images).
 MIN_TAPS = 8

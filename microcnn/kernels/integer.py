@@ -61,6 +61,8 @@ from .qdot import (
     microkernel4,
     microkernel6,
     microkernel8,
+    pack_words16,
+    phase_words16,
     requant_row,
     requant_row_pool2,
     requant_rows_pool2,
@@ -511,36 +513,48 @@ def _conv_epilogue(acc, channels, o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f)
 @njit(cache=True, nogil=True)
 def _fill_padded(src, qmax, padded, ph, pw):
     """padded[:, ph:ph+h, pw:pw+w] = min(src, qmax) for one image src (C, H, W); padded keeps the zero
-    point elsewhere. (Without padding each channel is one flat loop: rows as short as 14 would leave a
-    vectorised loop nothing but its scalar remainder.)"""
+    point elsewhere. Copied by whole vectors of 16 (or 8) bytes, the last one overlapping the one before:
+    without padding a channel is one run, else row by row (rows as short as 14 would leave a vectorised
+    loop nothing but its scalar remainder). Addresses by arithmetic (both C-contiguous): a row slice is a
+    view whose reference count Numba updates atomically."""
     c, h, w = src.shape
     q = np.uint8(min(qmax, 255))
-    for ch in range(c):
-        if ph == 0 and pw == 0:
-            s, d = src[ch].reshape(-1), padded[ch].reshape(-1)[:h * w]
-            for j in range(h * w):
-                d[j] = min(s[j], q)
-            continue
-        if w >= 8:  # rows by whole vectors of 16 (or 8) bytes, the last one overlapping the one before
-            step, qi = 16 if w >= 16 else 8, np.intp(q)
-            # addresses by arithmetic (both C-contiguous): a row slice is a view whose reference count
-            # Numba updates atomically, two per row
-            s0 = np.int64(src.ctypes.data) + ch * h * w
-            d0 = np.int64(padded.ctypes.data) + (ch * padded.shape[1] + ph) * padded.shape[2] + pw
+    qi, hpad, wp = np.intp(q), padded.shape[1], padded.shape[2]
+    runs, run = (1, h * w) if ph == 0 and pw == 0 else (h, w)  # per channel: runs of `run` bytes
+    if run < 8:
+        for ch in range(c):
             for y in range(h):
-                row, to = s0 + y * w, d0 + y * padded.shape[2]
-                for x0 in range(0, w, step):
-                    at = min(x0, w - step)
-                    if step == 16:
-                        clamped_move16(to + at, row + at, qi)
-                    else:
-                        clamped_move8(to + at, row + at, qi)
-            continue
-        for y in range(h):
-            s = src[ch, y]
-            d = padded[ch, y + ph, pw:pw + w]
-            for xx in range(w):
-                d[xx] = min(s[xx], q)
+                for xx in range(w):
+                    padded[ch, y + ph, pw + xx] = min(src[ch, y, xx], q)
+        return
+    step = 16 if run >= 16 else 8
+    for ch in range(c):
+        s0 = np.int64(src.ctypes.data) + ch * h * w
+        d0 = np.int64(padded.ctypes.data) + (ch * hpad + ph) * wp + pw
+        for y in range(runs):
+            row, to = s0 + y * run, d0 + y * wp
+            for x0 in range(0, run, step):
+                at = min(x0, run - step)
+                if step == 16:
+                    clamped_move16(to + at, row + at, qi)
+                else:
+                    clamped_move8(to + at, row + at, qi)
+
+
+@njit(cache=True, nogil=True)
+def _pack_run(src, a, b, e, f, dst, d, n):
+    """dst[d + t] = src[a + t] | src[b + t] << 8 | src[e + t] << 16 | src[f + t] << 24 for t < n (src flat
+    uint8, dst flat uint32): 16 words per ``qdot.pack_words16`` call, the last call overlapping the one
+    before; scalar below 16 words."""
+    if n >= 16:
+        s0, d0 = np.int64(src.ctypes.data), np.int64(dst.ctypes.data) + 4 * d
+        for t0 in range(0, n, 16):
+            t = min(t0, n - 16)
+            pack_words16(s0 + a + t, s0 + b + t, s0 + e + t, s0 + f + t, d0 + 4 * t, 0)
+        return
+    for t in range(n):
+        dst[d + t] = (np.uint32(src[a + t]) | (np.uint32(src[b + t]) << 8) | (np.uint32(src[e + t]) << 16)
+                      | (np.uint32(src[f + t]) << 24))
 
 
 @njit(cache=True, nogil=True)
@@ -548,20 +562,15 @@ def _fill_wide(group, padded, hp, words):
     """The wide implicit im2col (stride 1): words[cg, y, xx] byte r*G + g = padded[cg*G + g, y + r, xx]
     for y < hp and every column xx; tap (kq, kx) of output (oy, ox) is word (cg, oy + kq*R, ox + kx), so
     one word per input pixel serves every kx (the outputs are computed with row stride wp). Each channel
-    group is one flat loop over the hp * wp pixels (row y + r is wp * r further)."""
+    group is one run over its hp * wp pixels (row y + r is wp * r further)."""
     g_ = group
-    wp = padded.shape[2]
-    n = hp * wp
+    plane, wp = padded.shape[1] * padded.shape[2], padded.shape[2]
+    src, dst = padded.reshape(-1), words.reshape(-1)
     for cg in range(padded.shape[0] // g_):
         c0 = cg * g_  # byte b reads channel c0 + b % G, row y + b // G
-        c1, c2, c3 = c0 + 1 % g_, c0 + 2 % g_, c0 + 3 % g_
-        y1, y2, y3 = 1 // g_, 2 // g_, 3 // g_
-        d = words[cg].reshape(-1)
-        a, b = padded[c0].reshape(-1)[:n], padded[c1].reshape(-1)[y1 * wp:y1 * wp + n]
-        e, f = padded[c2].reshape(-1)[y2 * wp:y2 * wp + n], padded[c3].reshape(-1)[y3 * wp:y3 * wp + n]
-        for j in range(n):
-            d[j] = (np.uint32(a[j]) | (np.uint32(b[j]) << 8) | (np.uint32(e[j]) << 16)
-                    | (np.uint32(f[j]) << 24))
+        a, b = c0 * plane, (c0 + 1 % g_) * plane + (1 // g_) * wp
+        e, f = (c0 + 2 % g_) * plane + (2 // g_) * wp, (c0 + 3 % g_) * plane + (3 // g_) * wp
+        _pack_run(src, a, b, e, f, dst, cg * hp * wp, hp * wp)
 
 
 @njit(cache=True, nogil=True)
@@ -602,6 +611,14 @@ def _fill_hwords(group, padded, hp, sw, hwords):
     r_ = 4 // g_
     cols = hwords.shape[3]
     n = hp * cols
+    plane = padded.shape[1] * wp
+    if sw == 1 and cols == wp:  # the wide layout: its one plane is the padded image, a run per group
+        src, dst = padded.reshape(-1), hwords.reshape(-1)
+        for cg in range(hwords.shape[0]):
+            c0 = cg * g_  # byte b reads channel c0 + b % G, column + b // G
+            _pack_run(src, c0 * plane, (c0 + 1 % g_) * plane + 1 // g_, (c0 + 2 % g_) * plane + 2 // g_,
+                      (c0 + 3 % g_) * plane + 3 // g_, dst, cg * hwords.shape[1] * n, n)
+        return
     for cg in range(hwords.shape[0]):
         c0 = cg * g_  # byte b reads channel c0 + b % G, column + b // G
         a, b = padded[c0].reshape(-1), padded[c0 + 1 % g_].reshape(-1)
@@ -609,18 +626,11 @@ def _fill_hwords(group, padded, hp, sw, hwords):
         x1, x2, x3 = 1 // g_, 2 // g_, 3 // g_
         for j in range(hwords.shape[1]):
             d = hwords[cg, j].reshape(-1)
-            if sw == 1 and cols == wp:  # one flat loop: the plane is the padded image shifted by j*R
-                o = j * r_
-                a1, b1, e1, f1 = a[o:o + n], b[o + x1:o + x1 + n], e[o + x2:o + x2 + n], f[o + x3:o + x3 + n]
-                for t in range(n):
-                    d[t] = (np.uint32(a1[t]) | (np.uint32(b1[t]) << 8) | (np.uint32(e1[t]) << 16)
-                            | (np.uint32(f1[t]) << 24))
-            else:
-                for y in range(hp):
-                    for ox in range(cols):
-                        t = y * wp + ox * sw + j * r_
-                        d[y * cols + ox] = (np.uint32(a[t]) | (np.uint32(b[t + x1]) << 8)
-                                            | (np.uint32(e[t + x2]) << 16) | (np.uint32(f[t + x3]) << 24))
+            for y in range(hp):
+                for ox in range(cols):
+                    t = y * wp + ox * sw + j * r_
+                    d[y * cols + ox] = (np.uint32(a[t]) | (np.uint32(b[t + x1]) << 8)
+                                        | (np.uint32(e[t + x2]) << 16) | (np.uint32(f[t + x3]) << 24))
 
 
 @njit(cache=True, nogil=True)
@@ -645,6 +655,34 @@ def _fill_phase_words(pixels, sh, sw, kh, kw, words):
                     if y < hp:
                         for q in range(-(-(wp - px) // sw)):
                             words[plane, r * wq + q] = pixels[cg, y, q * sw + px]
+
+
+@njit(cache=True, nogil=True)
+def _fill_phase_pairs(padded, sh, kh, hp, words):
+    """``_fill_wide`` (G = 4) then ``_fill_phase_words`` at a horizontal stride of 2, in one pass over the
+    padded image (rows of 16 pixels or more): 16 pixels of a row of 4 channels per ``qdot.phase_words16``
+    call, the row's last call overlapping the one before from an even column; the last pixel of an odd
+    row length, which no call covers, is packed alone. Both column phases are filled (a 1x1 kernel reads
+    only the even one)."""
+    ch, wp = padded.shape[1], padded.shape[2]
+    wq, row_len = -(-wp // 2), words.shape[1]
+    last = (wp - 16) - (wp - 16) % 2  # the last call's first column: even, so parities stay in place
+    base, w_base, cs = np.int64(padded.ctypes.data), np.int64(words.ctypes.data), ch * wp
+    flat, out = padded.reshape(-1), words.reshape(-1)
+    for cg in range(padded.shape[0] // 4):
+        for y in range(hp):
+            py = y % sh
+            if py >= kh:  # a phase row no tap reads
+                continue
+            a = (4 * cg * ch + y) * wp  # channel 4cg's row y
+            d = (cg * sh + py) * 2 * row_len + (y // sh) * wq  # its row in the even phase
+            for x0 in range(0, wp, 16):
+                x = a + min(x0, last)
+                phase_words16(base + x, base + x + cs, base + x + 2 * cs, base + x + 3 * cs,
+                              w_base + 4 * (d + (x - a) // 2), w_base + 4 * (d + row_len + (x - a) // 2))
+            if last + 16 < wp:  # column wp - 1, in the even phase
+                x = a + wp - 1
+                _pack_run(flat, x, x + cs, x + 2 * cs, x + 3 * cs, out, d + (wp - 1) // 2, 1)
 
 
 @njit(cache=True, nogil=True)
@@ -676,9 +714,10 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     n_words = taps.shape[0]
     hp, wp = h + 2 * ph, w + 2 * pw
     padded = np.full((c, hp + 3, wp), np.uint8(pk.zero_point))
-    pixels = np.zeros((c // 4 if group == 0 and c % 4 == 0 else 0, hp, wp), np.uint32)  # 4 channels a word
     wide = group > 0 and sw == 1
     phased = group == 0 and c % 4 == 0
+    pairs = phased and sw == 2 and wp >= 16  # phase words straight from the padded rows
+    pixels = np.zeros((c // 4 if phased and not pairs else 0, hp, wp), np.uint32)  # 4 channels a word
     hq, wq = -(-hp // sh), -(-wp // sw)  # one phase of the stride (``_fill_phase_words``)
     rs = wp if wide else wq if phased else ow  # accumulator row stride
     word_off = np.empty(n_words, np.int64)
@@ -729,7 +768,9 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     pooled = np.empty(max(qh * qw, REQUANT_VALUES), np.int32)
     for i in range(n0, n1):
         _fill_padded(x[i], pk.qmax, padded, ph, pw)
-        if phased:
+        if pairs:
+            _fill_phase_pairs(padded, sh, kh, hp, words)
+        elif phased:
             _fill_wide(4, padded, hp, pixels)
             _fill_phase_words(pixels, sh, sw, kh, kw, words)
         elif group == 0:

@@ -60,6 +60,30 @@ def host_vnni(width: int) -> bool:
     return bool(features.get("avx512vnni", False) and (width == 16 or features.get("avx512vl", False)))
 
 
+def host_block_pairs(width: int) -> bool:
+    """Whether the FP32 blocked convolution runs two channel blocks per micro-kernel call
+    (``conv_blocked.PAIR_PIXELS``). Only at 16 lanes, and not on cores that split a 512-bit FMA into two
+    256-bit halves (AMD Zen 4: there the single block with 12 pixels was 15-20 % faster on the imported
+    CNNs; on an Intel Xeon with two 512-bit FMA units the pairs were 19-33 % faster). MICROCNN_PAIRS=0|1
+    overrides the choice (tests run both kernels on any AVX-512 machine). Either way the same bits."""
+    requested = os.environ.get("MICROCNN_PAIRS", "").strip()
+    if width < 16 or requested == "0":
+        return False
+    if requested == "1":
+        return True
+    from llvmlite import binding
+
+    try:
+        name = binding.get_host_cpu_name()
+    except Exception:  # unknown core: the single block, which no measured core ran badly
+        return False
+    return name not in _HALF_WIDTH_FMA512
+
+
+# Cores with AVX-512 whose 512-bit multiply-adds issue at one per cycle (two 256-bit halves, or one port).
+_HALF_WIDTH_FMA512 = frozenset({"znver4", "icelake-client", "tigerlake", "rocketlake", "cannonlake"})
+
+
 def _sources_digest() -> str:
     """A digest of every kernel source file. Numba validates a cached function against its own file's
     timestamp only, so a kernel inlined from another file (softmax into the program, the GEMM into a
@@ -74,10 +98,10 @@ def _sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_folder(width: int, vnni: bool = False) -> None:
+def _cache_folder(width: int, vnni: bool = False, pairs: bool = False) -> None:
     """Point Numba's cache at a folder keyed on the kernel sources and on the SIMD width (inside
     NUMBA_CACHE_DIR if set). Numba keys cached machine code on the target CPU and its features, not on
-    this width (nor on VNNI use), so a width lowered by MICROCNN_SIMD (or MICROCNN_VNNI=0) would
+    this width (nor on VNNI or block-pair use), so a width lowered by MICROCNN_SIMD (or MICROCNN_VNNI=0) would
     otherwise load code compiled for the full one (whose block layouts differ). Runs before any kernel
     is defined, which is when Numba picks where its cache lives. (The setting is process-wide: other
     packages' cached Numba functions land there too.)"""
@@ -94,12 +118,14 @@ def _cache_folder(width: int, vnni: bool = False) -> None:
         if not writable:
             user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             base = os.path.join(user_cache, "microcnn", "numba")
-    config.CACHE_DIR = os.path.join(base, f"{_sources_digest()}-simd{width}{'-vnni' * vnni}")
+    suffix = f"-simd{width}{'-vnni' * vnni}{'-pairs' * pairs}"
+    config.CACHE_DIR = os.path.join(base, _sources_digest() + suffix)
 
 
 SIMD = host_simd()
 VNNI = host_vnni(SIMD)
-_cache_folder(SIMD, VNNI)
+PAIRS = host_block_pairs(SIMD)
+_cache_folder(SIMD, VNNI, PAIRS)
 LANES = SIMD or 8  # 32-bit lanes per vector; the portable IR uses 8, which LLVM splits as the target needs
 
 
