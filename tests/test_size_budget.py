@@ -73,11 +73,11 @@ TOOLS = {"analysis", "bench", "cli", "cliargs", "compare", "plots", "report", "s
 # to 11 ms per 1,000 images), Sequential.logits through the fused groups, the program's slot ops.
 # quant +100 (issue 15, intel13, +91 lines): QuantizedGraph's compiled program (tensors that wait for a
 # later step kept in slots, QAdd as a program op): the residual network's INT8 batch-1 226 -> 106 us.
-# engine +50 (issue 15, amd15, +45 lines): the integer convolution's words built by a vector intrinsic
+# engine +50 (issue 15, amd15, +50 lines): the integer convolution's words built by a vector intrinsic
 # straight from the padded rows (qdot.pack_words16 / phase_words16: a stride-2 layer's phase words had
-# cost a Numba loop 1.75 ns a word on an AMD EPYC; the BatchNorm CNN's INT8 from 46 to 39 ms per 1,000
-# images), and the choice of the FP32 two-block calls by core (simd.host_block_pairs: 15-20 % slower on
-# AMD Zen 4, whose 512-bit FMAs are split in two).
+# cost a Numba loop 1.75 ns a word on an AMD EPYC) and the micro-kernel's biases broadcast in registers
+# (the BatchNorm CNN's INT8 from 47 to 37 ms per 1,000 images), and the choice of the FP32 two-block
+# calls by core (simd.host_block_pairs: 15-20 % slower on AMD Zen 4, whose 512-bit FMAs are split in two).
 BUDGET = {"engine": 10000, "quant": 3400, "tools": 3400}  # engine: 5,900 + the eleven raises above
 MAX_TOOLS_PER_ENGINE_LINE = 0.55
 

@@ -269,7 +269,7 @@ MUTANTS = [
     Mutant("int-30", INT, "v = padded[t // per, oy * sh + (t % per) // kw, ox * sw + t % kw]",
            "v = padded[t // per, oy * sh + (t % per) // kw, ox * sh + t % kw]", INT_TESTS,
            "explicit patch words: vertical stride used horizontally"),
-    Mutant("int-31", INT, "acc[c, :] = bias[o0 + c] if o0 + c < bias.shape[0] else 0", "acc[c, :] = bias[c] if o0 + c < bias.shape[0] else 0",
+    Mutant("int-31", INT, "np.int64(bias.ctypes.data) + 4 * o0\n", "np.int64(bias.ctypes.data)\n",
            INT_TESTS, "bias of the first block of 8 channels reused for the next block"),
     Mutant("int-32", INT, "if remaining > 6:\n        return 8", "if remaining >= 6:\n        return 8", INT_TESTS,
            "micro-kernel width choice off by one (8 / 6 / 4 / 2 / 1 widths: the boundary of the 8-wide block)",
@@ -738,4 +738,7 @@ MUTANTS = [
            (PH, VS, QP), "phase words: an odd row's last pixel written into the odd phase"),
     Mutant("pw-08", INT, "    pairs = phased and sw == 2 and wp >= 16", "    pairs = phased and sw >= 2 and wp >= 16",
            (VS, T + "test_integer_kernels_exact.py", QP), "phase words by vector calls for a horizontal stride of 3"),
+    Mutant("qmk-bias", QDOT, "init = [splat(builder, builder.load(builder.gep(bias_p, [ir.Constant(i64, c)])), vi)",
+           "init = [splat(builder, builder.load(builder.gep(bias_p, [ir.Constant(i64, 0)])), vi)",
+           INT_TESTS, "micro-kernel: every channel of a block starts from the first channel's bias"),
 ]

@@ -360,30 +360,28 @@ def pack_linear(w, bias, zero_point: int, qmax: int = 255) -> PackedWeights:
 @njit(cache=True, nogil=True)
 def _gemm_block(words_flat, start, word_off, quads, q0, width, bias, o0, n, acc):
     """acc[c, :n] = bias[o0 + c] + sum over words for the ``width`` channels of the block at quads[q0:]
-    (channels past the bias are padding: start at 0, computed, never read); position j's words are
-    words_flat[start + word_off[w] + j].
+    (``bias`` ends in 8 zeros: channels past the layer's are padding, start at 0, computed, never read);
+    position j's words are words_flat[start + word_off[w] + j].
 
     acc rows must hold n rounded up to STRIP, and words_flat extend STRIP words past the last word
     read: the last strip computes (and drops) a few positions beyond n."""
     # ctypes.data is unsigned: int64 keeps the sums below integers (uint64 + int64 is float64 in Numba)
     w_addr = np.int64(words_flat.ctypes.data) + 4 * start
     o_addr, b_addr = np.int64(word_off.ctypes.data), np.int64(quads.ctypes.data) + 4 * q0
-    a_addr, stride = np.int64(acc.ctypes.data), acc.shape[1]
+    a_addr, stride, c_addr = np.int64(acc.ctypes.data), acc.shape[1], np.int64(bias.ctypes.data) + 4 * o0
     n_words = word_off.shape[0]
-    for c in range(width):
-        acc[c, :] = bias[o0 + c] if o0 + c < bias.shape[0] else 0
     for j0 in range(0, n, STRIP):
         wa, aa = w_addr + 4 * j0, a_addr + 4 * j0
         if width == 8:
-            microkernel8(wa, o_addr, n_words, b_addr, aa, stride)
+            microkernel8(wa, o_addr, n_words, b_addr, c_addr, aa, stride)
         elif width == 6:
-            microkernel6(wa, o_addr, n_words, b_addr, aa, stride)
+            microkernel6(wa, o_addr, n_words, b_addr, c_addr, aa, stride)
         elif width == 4:
-            microkernel4(wa, o_addr, n_words, b_addr, aa, stride)
+            microkernel4(wa, o_addr, n_words, b_addr, c_addr, aa, stride)
         elif width == 2:
-            microkernel2(wa, o_addr, n_words, b_addr, aa, stride)
+            microkernel2(wa, o_addr, n_words, b_addr, c_addr, aa, stride)
         else:
-            microkernel1(wa, o_addr, n_words, b_addr, aa, stride)
+            microkernel1(wa, o_addr, n_words, b_addr, c_addr, aa, stride)
 
 
 @njit(cache=True, nogil=True)
@@ -766,6 +764,7 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
     acc = np.empty((9, max(-(-n_pos // STRIP) * STRIP, 2 * REQUANT_VALUES)), np.int32)
     qh, qw = conv_output_size(oh, geo.pkh, geo.psh), conv_output_size(ow, geo.pkw, geo.psw)
     pooled = np.empty(max(qh * qw, REQUANT_VALUES), np.int32)
+    bias = np.concatenate((pk.bias, np.zeros(8, np.int32)))  # a block's padding channels start at 0
     for i in range(n0, n1):
         _fill_padded(x[i], pk.qmax, padded, ph, pw)
         if pairs:
@@ -786,7 +785,7 @@ def qconv_images(x, pk, geo, rq, out_q, out_f, n0, n1):
         o0 = 0
         while o0 < n_out:
             width = _block_size(n_out - o0)
-            _gemm_block(words_flat, 0, word_off, pk.quads, o0 * n_words * PAIR_WORDS, width, pk.bias, o0,
+            _gemm_block(words_flat, 0, word_off, pk.quads, o0 * n_words * PAIR_WORDS, width, bias, o0,
                         n_pos, acc)
             _conv_epilogue(acc, min(width, n_out - o0), o0, oh, ow, rs, geo, pooled, rq, dst_q, dst_f)
             o0 += min(width, n_out - o0)
@@ -900,6 +899,7 @@ def qlinear_rows(x, pk, rq, out_q, out_f, r0, r1):
     words = words_flat[:n_words * tile].reshape(n_words, tile)
     word_off = np.arange(n_words) * tile
     acc = np.empty((8, tile), np.int32)
+    bias = np.concatenate((pk.bias, np.zeros(8, np.int32)))  # a block's padding channels start at 0
     codes = np.zeros(4 * n_words, np.uint8)  # one row, clamped, with a zero tail (zero weights)
     code_words = codes.view(np.uint32)  # little-endian: byte b of word w is feature 4w + b
     xf = x.reshape(-1)
@@ -914,7 +914,7 @@ def qlinear_rows(x, pk, rq, out_q, out_f, r0, r1):
         o0 = 0
         while o0 < n_out:
             width = _block_size(n_out - o0)
-            _gemm_block(words_flat, 0, word_off, pk.quads, o0 * n_words * PAIR_WORDS, width, pk.bias, o0, m,
+            _gemm_block(words_flat, 0, word_off, pk.quads, o0 * n_words * PAIR_WORDS, width, bias, o0, m,
                         acc)
             channels = min(width, n_out - o0)
             _linear_epilogue(acc, channels, o0, m, rq, out_q, out_f, t0 * n_out)
