@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .quant.precision import PRECISIONS, build_precision, precision_of, stored_precision
-from .timing import batch1_latency, median_time, pinned_threads
+from .timing import batch1_latency, machine_loop, median_time, pinned_threads
 
 __all__ = ["PRECISIONS", "batch1_latency", "build_precision", "format_table", "headline_records",
            "headline_table", "median_time", "pinned_threads", "random_images", "run", "startup_times",
@@ -48,19 +48,24 @@ def headline_table(models: dict, images, labels, repeats: int = 5, threads: int 
 
 def threads_table(models: dict, images, threads: list[int], repeats: int = 5) -> pd.DataFrame:
     """Batched time per precision and thread count (at most NUMBA_NUM_THREADS): Precision, Threads, Time
-    (ms), Scaling (time at threads[0] / time). The counts take turns, a run untimed (waking idle cores) then
-    one timed per round; a time is the median of its rounds, so a slow spell hits all counts alike."""
+    (ms), Scaling (time at threads[0] / time), Machine (the same ratio for ``timing.machine_loop``, timed
+    right after the model in each round: the scaling the cores themselves gave meanwhile). The counts take
+    turns, a run untimed (waking idle cores) then one timed per round; a time is the median of its rounds,
+    so a slow spell hits all counts alike."""
     rows = []
     for name, model in models.items():
         seconds: dict[int, list[float]] = {t: [] for t in threads}
+        machine: dict[int, list[float]] = {t: [] for t in threads}
         for _ in range(max(1, repeats)):
             for t in threads:
                 with pinned_threads(t):  # (mypy cannot type the defaulted lambda: see headline_table)
                     seconds[t].append(median_time(lambda m=model: m.predict(images, batch_size=len(images)),  # type: ignore[misc]
                                                   1, warmup=1))
+                    machine[t].append(median_time(machine_loop, 1, warmup=1))
         for t in threads:
             rows.append({"Precision": name.upper(), "Threads": t, "Time (ms)": np.median(seconds[t]) * 1e3,
-                         "Scaling": np.median(seconds[threads[0]]) / np.median(seconds[t])})
+                         "Scaling": np.median(seconds[threads[0]]) / np.median(seconds[t]),
+                         "Machine": np.median(machine[threads[0]]) / np.median(machine[t])})
     return pd.DataFrame(rows)
 
 
@@ -188,10 +193,10 @@ def run(model: str = "bundled", *, data: str | None = None, samples: int = 1000,
 
     if len(thread_counts) > 1:
         table = threads_table(models, images, thread_counts, repeats=repeats)
-        say(f"\nThreads (batched, {len(images)} images; Scaling = time at {thread_counts[0]} / time):\n"
-            + format_table(table))
+        say(f"\nThreads (batched, {len(images)} images; Scaling = time at {thread_counts[0]} / time; "
+            "Machine = the same for a compute-only loop timed in the same rounds):\n" + format_table(table))
         records = _records(table, {"Precision": "precision", "Threads": "threads", "Time (ms)": "time_ms",
-                                   "Scaling": "scaling"})
+                                   "Scaling": "scaling", "Machine": "machine_scaling"})
         # lower case, as the headline's rows and latency_us name the precisions
         report["threads_table"] = [r | {"precision": r["precision"].lower()} for r in records]
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
+from numba import njit
 
-from .kernels.threads import pinned_threads
+from .kernels.threads import pinned_threads, split_batch
 
-__all__ = ["batch1_latency", "median_time", "pinned_threads"]
+__all__ = ["batch1_latency", "machine_loop", "median_time", "pinned_threads"]
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
@@ -47,3 +49,22 @@ def batch1_latency(model: Any, images: np.ndarray, n: int = 200, repeats: int = 
             model.predict(x)
 
     return median_time(run, repeats) / len(singles)
+
+
+@njit(nogil=True, cache=True)
+def _stepped(rows: np.ndarray, steps: int) -> np.ndarray:
+    rows = rows.copy()  # each thread's own: rows written by two threads may share a cache line
+    for _ in range(steps):
+        rows *= np.float32(0.999)
+        rows += np.float32(0.001)
+    return rows
+
+
+_LOOP_ROWS = np.ones((16, 1024), np.float32)  # 64 KiB: half in each of two cores' L2
+
+
+def machine_loop(steps: int = 6000) -> np.ndarray:
+    """Fixed vector arithmetic in the cores' own caches (no Python between steps; about 5 ms on one
+    core of a 2-core AMD EPYC), split over Numba's thread count as ``split_batch`` splits a batch:
+    its scaling is what the machine gives at that moment (``bench.threads_table``). The stepped rows."""
+    return split_batch(partial(_stepped, steps=steps), _LOOP_ROWS, 1)

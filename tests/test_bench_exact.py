@@ -291,7 +291,8 @@ def test_run_prints_every_optional_table(world, capsys):
 
 @pytest.fixture()
 def thread_clock(monkeypatch, timers):
-    """pinned_threads records each count it is asked for; a model then takes ``seconds / SPEED[count]``."""
+    """pinned_threads records each count it is asked for; a model then takes ``seconds / SPEED[count]``,
+    the machine loop ``LOOP_SECONDS / LOOP_SPEED[count]``."""
     pinned = []
 
     @contextlib.contextmanager
@@ -300,6 +301,9 @@ def thread_clock(monkeypatch, timers):
         yield
 
     def median_time(fn, repeats, warmup=1):
+        if fn is bench.machine_loop:
+            timers.append(("machine", repeats, pinned[-1], warmup))
+            return LOOP_SECONDS / LOOP_SPEED[pinned[-1]]
         model = fn.__defaults__[0]
         fn()
         timers.append(("median", model, repeats, pinned[-1], warmup))
@@ -311,17 +315,19 @@ def thread_clock(monkeypatch, timers):
 
 
 SPEED = {1: 1.0, 2: 1.6, 3: 2.5}
+LOOP_SECONDS, LOOP_SPEED = 0.005, {1: 1.0, 2: 1.9, 3: 2.2}
 SLOW_SPELL: dict = {}  # timer call number -> a factor, for a slow spell of the machine
 
 
 def test_threads_table_times_each_count_in_turn_against_the_first(thread_clock, timers, monkeypatch):
     ms = models()
-    # the second round's run at 1 thread (call 5 of 12 for fp32) and the third round's at 3 (call 21:
-    # int8's 9th) come 10x slow: one run in a round of four, which the median over rounds drops
-    monkeypatch.setitem(SLOW_SPELL, 5, 10.0)
-    monkeypatch.setitem(SLOW_SPELL, 21, 10.0)
+    # the second round's run at 1 thread (timer call 9 of 24 for fp32: each model run is followed by the
+    # machine loop's) and the third round's at 3 (call 41: int8's 17th) come 10x slow: one run in a round
+    # of four, which the median over rounds drops
+    monkeypatch.setitem(SLOW_SPELL, 9, 10.0)
+    monkeypatch.setitem(SLOW_SPELL, 41, 10.0)
     table = bench.threads_table({"fp32": ms["fp32"], "int8": ms["int8"]}, IMAGES[:4], [2, 1, 3], repeats=4)
-    assert list(table.columns) == ["Precision", "Threads", "Time (ms)", "Scaling"]
+    assert list(table.columns) == ["Precision", "Threads", "Time (ms)", "Scaling", "Machine"]
     assert table["Precision"].tolist() == ["FP32"] * 3 + ["INT8"] * 3
     assert table["Threads"].tolist() == [2, 1, 3, 2, 1, 3]
     assert thread_clock == [2, 1, 3] * 8  # the counts take turns, round by round, 4 rounds per model
@@ -329,16 +335,20 @@ def test_threads_table_times_each_count_in_turn_against_the_first(thread_clock, 
     np.testing.assert_allclose(table["Time (ms)"],
                                [s / SPEED[t] * 1e3 for s, t in zip(seconds, [2, 1, 3] * 2, strict=True)])
     np.testing.assert_allclose(table["Scaling"], [SPEED[t] / SPEED[2] for t in [2, 1, 3] * 2])
-    calls = [c for c in timers if c[0] == "median"]
-    assert {c[2] for c in calls} == {1}  # one timed run per call
-    assert [c[4] for c in calls] == [1] * 24  # an untimed run before each timed one: idle cores are woken
+    np.testing.assert_allclose(table["Machine"], [LOOP_SPEED[t] / LOOP_SPEED[2] for t in [2, 1, 3] * 2])
+    # the loop runs right after the model, at the same count, in every round
+    expected = [(kind, t) for t in [2, 1, 3] * 8 for kind in ("median", "machine")]
+    assert [(c[0], c[-2]) for c in timers] == expected
+    assert {c[-3] for c in timers} == {1}  # one timed run per call
+    assert [c[-1] for c in timers] == [1] * 48  # an untimed run before each timed one: idle cores are woken
     assert ms["fp32"].batch_sizes == [4] * 12  # batched: the whole set in one call
 
 
 def test_threads_table_takes_one_round_at_least(thread_clock, timers):
     table = bench.threads_table({"fp32": models()["fp32"]}, IMAGES[:4], [1, 2], repeats=0)
-    assert thread_clock == [1, 2] and [c[4] for c in timers if c[0] == "median"] == [1, 1]
+    assert thread_clock == [1, 2] and [c[-1] for c in timers] == [1, 1, 1, 1]
     np.testing.assert_allclose(table["Time (ms)"], [20, 20 / 1.6])
+    np.testing.assert_allclose(table["Machine"], [1, 1.9])
 
 
 def test_run_with_a_thread_list_measures_the_tables_at_its_first_count(world, thread_clock):
@@ -349,6 +359,7 @@ def test_run_with_a_thread_list_measures_the_tables_at_its_first_count(world, th
     assert [r["precision"] for r in report["threads_table"]] == ["fp32", "fp32", "int8", "int8"]
     assert [r["threads"] for r in report["threads_table"]] == [2, 3, 2, 3]
     np.testing.assert_allclose([r["scaling"] for r in report["threads_table"]], [1, 2.5 / 1.6] * 2)
+    np.testing.assert_allclose([r["machine_scaling"] for r in report["threads_table"]], [1, 2.2 / 1.9] * 2)
     np.testing.assert_allclose([r["time_ms"] for r in report["threads_table"]],
                                [20 / 1.6, 20 / 2.5, 5 / 1.6, 5 / 2.5])
     assert "threads_table" not in bench.run("bundled", samples=5, threads=[2], precisions=["fp32"],
@@ -358,8 +369,9 @@ def test_run_with_a_thread_list_measures_the_tables_at_its_first_count(world, th
 def test_run_prints_the_threads_table_and_its_default_repeats(world, thread_clock, timers, capsys):
     bench.run("bundled", samples=5, threads=[2, 3], precisions=["fp32"], startup=False)
     out = capsys.readouterr().out
-    assert "\nThreads (batched, 5 images; Scaling = time at 2 / time):\n" in out
-    assert out.rstrip().endswith("1.56")  # the last row: 2.5 / 1.6 at 3 threads
+    assert ("\nThreads (batched, 5 images; Scaling = time at 2 / time; Machine = the same for a compute-only "
+            "loop timed in the same rounds):\n") in out
+    assert out.rstrip().endswith("1.56     1.16")  # the last row: 2.5 / 1.6 at 3 threads; loop 2.2 / 1.9
     timers.clear()
     bench.threads_table({"fp32": models()["fp32"]}, IMAGES, [1])
     assert [c[2] for c in timers if c[0] == "median"] == [1] * 5  # 5 rounds by default

@@ -259,6 +259,23 @@ def test_threads_table_times_every_precision_at_every_count():
     net = microcnn.lenet(seed=1)
     images = bench.random_images(16)
     table = bench.threads_table({"fp32": net, "again": net}, images, [1], repeats=1)
-    assert list(table.columns) == ["Precision", "Threads", "Time (ms)", "Scaling"]
+    assert list(table.columns) == ["Precision", "Threads", "Time (ms)", "Scaling", "Machine"]
     assert list(table["Precision"]) == ["FP32", "AGAIN"] and (table["Scaling"] == 1.0).all()
+    assert (table["Machine"] == 1.0).all()
     assert (table["Time (ms)"] > 0).all()
+
+
+def test_machine_loop_steps_every_row_once_per_step_whatever_the_thread_count(monkeypatch):
+    import microcnn.timing as timing
+    from microcnn.kernels.threads import pinned_threads
+
+    start = np.linspace(-2, 2, 16 * 128, dtype=np.float32).reshape(16, 128)
+    expected = start.copy()
+    for _ in range(3):
+        expected = expected * np.float32(0.999) + np.float32(0.001)
+    monkeypatch.setattr(timing, "_LOOP_ROWS", start)
+    for threads in (1, 2):
+        with pinned_threads(threads):
+            rows = timing.machine_loop(steps=3)
+        np.testing.assert_array_equal(rows, expected)  # the same float32 operations in the same order
+    assert timing._LOOP_ROWS is start and start[0, 0] == -2  # its input is left as it was
