@@ -63,8 +63,8 @@ def _stepped(rows: np.ndarray, steps: int) -> np.ndarray:
 _LOOP_ROWS = np.ones((16, 1024), np.float32)  # 64 KiB: half in each of two cores' L2
 
 
-def machine_loop(steps: int = 6000) -> np.ndarray:
-    """Fixed vector arithmetic in the cores' own caches (no Python between steps; about 5 ms on one
+def machine_loop(steps: int = 3000) -> np.ndarray:
+    """Fixed vector arithmetic in the cores' own caches (no Python between steps; 3.4-4 ms on one
     core of a 2-core AMD EPYC), split over Numba's thread count as ``split_batch`` splits a batch:
     its scaling is what the machine gives at that moment (``bench.threads_table``). The stepped rows."""
     return split_batch(partial(_stepped, steps=steps), _LOOP_ROWS, 1)
